@@ -1,0 +1,80 @@
+"""AsyncGradientClient: the asyncio twin of GradientClient."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from gradserve.client._client import channel_options
+from gradserve.client._errors import GradserveError
+from gradserve.client._job import (
+    DEFAULT_CHUNK_BYTES,
+    ComputeResult,
+    JobOptions,
+    ResultAssembler,
+    build_job,
+)
+from gradserve.client._models import normalize
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+
+class AsyncGradientClient:
+    """Asyncio gradserve client; same arguments and results as GradientClient.
+
+    Use as ``async with AsyncGradientClient(address) as client:``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        self.address = address
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self._stub = pb_grpc.GradientServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncGradientClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
+        try:
+            return await self._stub.GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=timeout or self.timeout
+            )
+        except grpc.RpcError as e:
+            raise GradserveError.from_rpc_error(e) from None
+
+    async def compute(
+        self,
+        model: Any,
+        inputs: Any,
+        targets: Any,
+        *,
+        sample_weights: Any = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> ComputeResult:
+        """See GradientClient.compute."""
+        job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
+        assembler = ResultAssembler(job)
+        call = self._stub.Compute(job.requests(self.chunk_bytes), timeout=timeout or self.timeout)
+        try:
+            async for response in call:
+                assembler.add(response)
+        except grpc.RpcError as e:
+            raise GradserveError.from_rpc_error(e) from None
+        finally:
+            call.cancel()
+        return assembler.result()

@@ -1,0 +1,116 @@
+"""GradientClient: the synchronous client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from gradserve.client._errors import GradserveError
+from gradserve.client._job import (
+    DEFAULT_CHUNK_BYTES,
+    ComputeResult,
+    JobOptions,
+    ResultAssembler,
+    build_job,
+)
+from gradserve.client._models import normalize
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+# Every message stays under this: chunks default to 1 MiB, and a header of many descriptors
+# is small. Raised from gRPC's 4 MiB default only to leave room for larger chunk settings.
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class GradientClient:
+    """Synchronous gradserve client.
+
+    Parameters
+    ----------
+    address : "host:port" of a gradserve server.
+    timeout : default deadline in seconds for each call (None: no deadline).
+    chunk_bytes : size of upload chunks (default 1 MiB).
+
+    Use as a context manager, or call close().
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        channel: grpc.Channel | None = None,
+    ):
+        self.address = address
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self._channel = channel or grpc.insecure_channel(address, options=channel_options())
+        self._stub = pb_grpc.GradientServiceStub(self._channel)
+
+    def __enter__(self) -> GradientClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
+        """The server's version, engines, supported options and limits."""
+        try:
+            return self._stub.GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=timeout or self.timeout
+            )
+        except grpc.RpcError as e:
+            raise GradserveError.from_rpc_error(e) from None
+
+    def compute(
+        self,
+        model: Any,
+        inputs: Any,
+        targets: Any,
+        *,
+        sample_weights: Any = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> ComputeResult:
+        """Loss and gradients of every model of an ensemble.
+
+        Parameters
+        ----------
+        model : nn.Sequential, list of nn.Sequential, or dict of stacked parameters
+            (``layers.{i}.weight`` [M, d_out, d_in] or a ``stack_module_state`` dict).
+        inputs : [M, N, d0], or [N, d0] shared by all models.
+        targets : [M, N, dL] / [N, dL]; class indices [M, N] / [N] for cross_entropy.
+        sample_weights : optional [M, N] / [N].
+        timeout : deadline in seconds for this call.
+        **options : fields of JobOptions: loss, reduction, huber_delta, hidden_activation,
+            output_activation, negative_slope, precision, backend, parameter_gradients,
+            input_gradients, per_sample_losses, forward_outputs, gradient_dtype,
+            allow_non_finite, tag.
+
+        Returns
+        -------
+        ComputeResult, with arrays of the kind the caller gave (numpy or torch).
+        """
+        job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
+        assembler = ResultAssembler(job)
+        call = self._stub.Compute(job.requests(self.chunk_bytes), timeout=timeout or self.timeout)
+        try:
+            for response in call:
+                assembler.add(response)
+        except grpc.RpcError as e:
+            raise GradserveError.from_rpc_error(e) from None
+        finally:
+            call.cancel()  # no-op when finished; frees the stream if we stopped early
+        return assembler.result()

@@ -1,0 +1,248 @@
+"""One job on the wire: the request messages it is sent as, and the reassembly of the
+response stream into result tensors. Shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from gradserve.client._errors import GradserveError
+from gradserve.client._models import Ensemble, as_array
+from gradserve.client._tensors import (
+    DTYPE_BY_NAME,
+    NUMPY_DTYPES,
+    from_wire,
+    is_torch,
+    to_wire,
+)
+from gradserve.v1 import gradserve_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+ACTIVATIONS = {
+    "identity": pb.ACTIVATION_KIND_IDENTITY,
+    "relu": pb.ACTIVATION_KIND_RELU,
+    "leaky_relu": pb.ACTIVATION_KIND_LEAKY_RELU,
+    "tanh": pb.ACTIVATION_KIND_TANH,
+    "sigmoid": pb.ACTIVATION_KIND_SIGMOID,
+    "gelu": pb.ACTIVATION_KIND_GELU,
+    "silu": pb.ACTIVATION_KIND_SILU,
+    "softplus": pb.ACTIVATION_KIND_SOFTPLUS,
+}
+LOSSES = {
+    "mse": pb.LOSS_KIND_MSE,
+    "l1": pb.LOSS_KIND_L1,
+    "huber": pb.LOSS_KIND_HUBER,
+    "bce_with_logits": pb.LOSS_KIND_BCE_WITH_LOGITS,
+    "cross_entropy": pb.LOSS_KIND_CROSS_ENTROPY,
+}
+REDUCTIONS = {"mean": pb.REDUCTION_MEAN, "sum": pb.REDUCTION_SUM}
+PRECISIONS = {
+    "float32": pb.PRECISION_FLOAT32,
+    "tf32": pb.PRECISION_TF32,
+    "bfloat16": pb.PRECISION_BFLOAT16,
+    "float16": pb.PRECISION_FLOAT16,
+    "float64": pb.PRECISION_FLOAT64,
+}
+BACKENDS = {"auto": pb.BACKEND_AUTO, "torch": pb.BACKEND_TORCH, "triton": pb.BACKEND_TRITON}
+
+
+def _choice(table: dict, value: str, what: str) -> int:
+    if value not in table:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {sorted(table)}")
+    return table[value]
+
+
+def _activation(spec: str | tuple[str, float]) -> pb.Activation:
+    name, slope = (spec, 0.0) if isinstance(spec, str) else spec
+    return pb.Activation(kind=_choice(ACTIVATIONS, name, "activation"), negative_slope=slope)
+
+
+@dataclass
+class JobOptions:
+    loss: str = "mse"
+    reduction: str = "mean"
+    huber_delta: float = 1.0
+    hidden_activation: str | tuple[str, float] | None = None
+    output_activation: str | tuple[str, float] | None = None
+    negative_slope: float = 0.01
+    precision: str = "float32"
+    backend: str = "auto"
+    parameter_gradients: bool = True
+    input_gradients: bool = False
+    per_sample_losses: bool = False
+    forward_outputs: bool = False
+    gradient_dtype: str | None = None
+    allow_non_finite: bool = False
+    tag: str = ""
+
+
+@dataclass
+class WireJob:
+    header: pb.JobHeader
+    payloads: list[tuple[str, memoryview]]
+    ensemble: Ensemble
+    as_torch: bool
+
+    def requests(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.ComputeRequest]:
+        yield pb.ComputeRequest(header=self.header)
+        for name, data in self.payloads:
+            for offset in range(0, len(data), chunk_bytes):
+                piece = data[offset : offset + chunk_bytes].tobytes()
+                yield pb.ComputeRequest(chunk=pb.TensorChunk(name=name, offset=offset, data=piece))
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(len(d) for _, d in self.payloads)
+
+
+def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOptions) -> WireJob:
+    hidden = opts.hidden_activation or ensemble.hidden_activation or "relu"
+    output = opts.output_activation or ensemble.output_activation or "identity"
+    if isinstance(hidden, str) and hidden == "leaky_relu":
+        hidden = (hidden, opts.negative_slope)
+    if isinstance(output, str) and output == "leaky_relu":
+        output = (output, opts.negative_slope)
+    grad_dtype = 0
+    if opts.gradient_dtype is not None:
+        grad_dtype = _choice(DTYPE_BY_NAME, opts.gradient_dtype, "gradient_dtype")
+    tensors = dict(ensemble.params)
+    tensors["inputs"] = as_array(inputs)
+    tensors["targets"] = as_array(targets)
+    if sample_weights is not None:
+        tensors["sample_weights"] = as_array(sample_weights)
+    descriptors, payloads = [], []
+    for name, value in tensors.items():
+        dtype, shape, data = to_wire(value)
+        descriptors.append(pb.TensorDescriptor(name=name, dtype=dtype, shape=shape))
+        payloads.append((name, data))
+    header = pb.JobHeader(
+        architecture=pb.Architecture(
+            layer_sizes=ensemble.layer_sizes,
+            hidden_activation=_activation(hidden),
+            output_activation=_activation(output),
+        ),
+        loss=pb.Loss(
+            kind=_choice(LOSSES, opts.loss, "loss"),
+            reduction=_choice(REDUCTIONS, opts.reduction, "reduction"),
+            huber_delta=opts.huber_delta,
+        ),
+        outputs=pb.Outputs(
+            skip_parameter_gradients=not opts.parameter_gradients,
+            input_gradients=opts.input_gradients,
+            per_sample_losses=opts.per_sample_losses,
+            forward_outputs=opts.forward_outputs,
+        ),
+        precision=_choice(PRECISIONS, opts.precision, "precision"),
+        backend=_choice(BACKENDS, opts.backend, "backend"),
+        gradient_dtype=grad_dtype,
+        tensors=descriptors,
+        allow_non_finite=opts.allow_non_finite,
+        client_tag=opts.tag,
+    )
+    as_torch = ensemble.as_torch or any(is_torch(v) for v in (inputs, targets))
+    return WireJob(header, payloads, ensemble, as_torch)
+
+
+@dataclass
+class ComputeResult:
+    """What a job returned, in the kind (numpy or torch) and form the caller gave.
+
+    loss: [M] per-model loss (a scalar for a single nn.Sequential).
+    gradients: parameter gradients keyed like the caller's parameters (a list of dicts for
+        a list of Sequentials), or None when not requested.
+    input_gradients [M, N, d0], per_sample_loss [M, N], outputs [M, N, dL]: when requested.
+    tensors: every result tensor by its wire name ("layers.0.weight.grad", ...).
+    """
+
+    loss: Any
+    gradients: Any
+    input_gradients: Any
+    per_sample_loss: Any
+    outputs: Any
+    tensors: dict[str, Any]
+    job_id: str
+    engine: str
+    device: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class ResultAssembler:
+    """Consumes ComputeResponse messages in order; `result()` once the summary arrived."""
+
+    def __init__(self, job: WireJob):
+        self.job = job
+        self.accepted: pb.JobAccepted | None = None
+        self.descriptors: dict[str, pb.TensorDescriptor] = {}
+        self.buffers: dict[str, bytearray] = {}
+        self.received: dict[str, int] = {}
+        self.summary: pb.JobSummary | None = None
+
+    def _protocol_error(self, message: str) -> GradserveError:
+        return GradserveError(grpc.StatusCode.INTERNAL, f"malformed response stream: {message}")
+
+    def add(self, response: pb.ComputeResponse) -> None:
+        kind = response.WhichOneof("payload")
+        if kind == "accepted":
+            self.accepted = response.accepted
+            for d in response.accepted.results:
+                size = NUMPY_DTYPES[d.dtype].itemsize
+                for dim in d.shape:
+                    size *= dim
+                self.descriptors[d.name] = d
+                self.buffers[d.name] = bytearray(size)
+                self.received[d.name] = 0
+        elif kind == "chunk":
+            c = response.chunk
+            if c.name not in self.buffers or c.offset != self.received[c.name]:
+                raise self._protocol_error(f"unexpected chunk {c.name!r} at {c.offset}")
+            end = c.offset + len(c.data)
+            if end > len(self.buffers[c.name]):
+                raise self._protocol_error(f"chunk of {c.name!r} past its end")
+            self.buffers[c.name][c.offset : end] = c.data
+            self.received[c.name] = end
+        elif kind == "summary":
+            self.summary = response.summary
+
+    def result(self) -> ComputeResult:
+        if self.accepted is None or self.summary is None:
+            raise self._protocol_error("the stream ended before the job summary")
+        short = [n for n, b in self.buffers.items() if self.received[n] != len(b)]
+        if short:
+            raise self._protocol_error(f"incomplete result tensors {short}")
+        as_torch = self.job.as_torch
+        tensors = {
+            name: from_wire(self.buffers[name], d.dtype, d.shape, as_torch)
+            for name, d in self.descriptors.items()
+        }
+        ensemble = self.job.ensemble
+        grads = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+        loss = tensors["loss"]
+        if ensemble.form == "sequential":
+            loss = loss[0]
+        s = self.summary
+        return ComputeResult(
+            loss=loss,
+            gradients=ensemble.gradients_back(grads) if grads else None,
+            input_gradients=tensors.get("inputs.grad"),
+            per_sample_loss=tensors.get("per_sample_loss"),
+            outputs=tensors.get("outputs"),
+            tensors=tensors,
+            job_id=self.accepted.job_id,
+            engine=self.accepted.engine,
+            device=self.accepted.device,
+            summary={
+                "upload_seconds": s.timings.upload_seconds,
+                "queue_seconds": s.timings.queue_seconds,
+                "compute_seconds": s.timings.compute_seconds,
+                "download_seconds": s.timings.download_seconds,
+                "flops": s.flops,
+                "bytes_received": s.bytes_received,
+                "bytes_sent": s.bytes_sent,
+                "jobs_in_launch": s.jobs_in_launch,
+                "models_in_launch": s.models_in_launch,
+            },
+        )

@@ -1,0 +1,161 @@
+"""The forms a caller may give an ensemble in, and the way back to the same form.
+
+Accepted: an `nn.Sequential` of Linear + activation modules (M = 1), a list of them (same
+architecture), or a dict of stacked parameters: gradserve's own `layers.{i}.weight` [M, ...]
+names or a `torch.func.stack_module_state` dict of a Sequential (`0.weight`, `2.weight`, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gradserve.client._tensors import is_torch
+
+_KEY = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)\.(?P<kind>weight|bias)$")
+
+
+@dataclass
+class Ensemble:
+    """Parameters in gradserve's layout, plus how to hand gradients back."""
+
+    params: dict[str, Any]  # "layers.{i}.weight" -> [M, d_out, d_in], "layers.{i}.bias"
+    layer_sizes: list[int]
+    hidden_activation: tuple[str, float] | None  # inferred from modules, else None
+    output_activation: tuple[str, float] | None
+    form: str  # "sequential" | "sequential_list" | "dict"
+    original_keys: dict[str, str]  # gradserve name -> caller's key
+    as_torch: bool
+
+    def gradients_back(self, grads: dict[str, Any]) -> Any:
+        """{"layers.0.weight": [M, ...]} -> the caller's form, keys and kind."""
+        named = {self.original_keys[k]: v for k, v in grads.items()}
+        if self.form == "dict":
+            return named
+        if self.form == "sequential":
+            return {k: v[0] for k, v in named.items()}
+        m = next(iter(named.values())).shape[0]
+        return [{k: v[i] for k, v in named.items()} for i in range(m)]
+
+
+def _activation_of(module) -> tuple[str, float] | None:
+    """Activation name (and leaky_relu slope) of a torch module; None if not one."""
+    from torch import nn
+
+    simple = {
+        nn.ReLU: "relu",
+        nn.Tanh: "tanh",
+        nn.Sigmoid: "sigmoid",
+        nn.SiLU: "silu",
+        nn.Identity: "identity",
+    }
+    for cls, name in simple.items():
+        if type(module) is cls:
+            return name, 0.01
+    if type(module) is nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    if type(module) is nn.GELU:
+        if module.approximate != "none":
+            raise ValueError("only exact GELU (approximate='none') is supported")
+        return "gelu", 0.01
+    if type(module) is nn.Softplus:
+        if module.beta != 1 or module.threshold != 20:
+            raise ValueError("only Softplus(beta=1, threshold=20) is supported")
+        return "softplus", 0.01
+    return None
+
+
+def _sequential_structure(seq) -> tuple[list, tuple | None, tuple | None]:
+    """Linear modules, hidden activation, output activation of an nn.Sequential."""
+    from torch import nn
+
+    linears, acts_after = [], []
+    for module in seq:
+        if isinstance(module, nn.Linear):
+            if module.bias is None:
+                raise ValueError("Linear layers without bias are not supported")
+            linears.append(module)
+            acts_after.append(None)
+            continue
+        act = _activation_of(module)
+        if act is None:
+            raise ValueError(f"unsupported module in Sequential: {type(module).__name__}")
+        if not linears or acts_after[-1] is not None:
+            raise ValueError("each activation must follow a Linear layer")
+        acts_after[-1] = act
+    if not linears:
+        raise ValueError("the Sequential has no Linear layer")
+    hidden = {a or ("identity", 0.01) for a in acts_after[:-1]}
+    if len(hidden) > 1:
+        raise ValueError(f"all hidden activations must be the same, got {sorted(hidden)}")
+    return linears, (hidden.pop() if hidden else None), acts_after[-1] or ("identity", 0.01)
+
+
+def _from_sequentials(seqs: list, form: str) -> Ensemble:
+    import torch
+
+    structures = [_sequential_structure(s) for s in seqs]
+    linears, hidden, output = structures[0]
+    sizes = [linears[0].in_features] + [lin.out_features for lin in linears]
+    for other, h, o in structures[1:]:
+        other_sizes = [other[0].in_features] + [lin.out_features for lin in other]
+        if other_sizes != sizes or h != hidden or o != output:
+            raise ValueError("every Sequential of an ensemble must have the same architecture")
+    names = {id(p): n for n, p in seqs[0].named_parameters()}
+    params, keys = {}, {}
+    for i, lin in enumerate(linears):
+        for kind in ("weight", "bias"):
+            params[f"layers.{i}.{kind}"] = torch.stack(
+                [getattr(st[0][i], kind).detach() for st in structures]
+            )
+            keys[f"layers.{i}.{kind}.grad"] = names[id(getattr(lin, kind))]
+    return Ensemble(params, sizes, hidden, output, form, keys, as_torch=True)
+
+
+def _from_dict(state: dict) -> Ensemble:
+    layers: dict[int, dict[str, tuple[str, Any]]] = {}
+    prefixes = set()
+    for key, value in state.items():
+        match = _KEY.match(key)
+        if not match:
+            raise ValueError(f"parameter key {key!r} is not '<prefix><index>.weight|bias'")
+        prefixes.add(match["prefix"])
+        layers.setdefault(int(match["index"]), {})[match["kind"]] = (key, value)
+    if len(prefixes) != 1:
+        raise ValueError(f"parameter keys must share one prefix, got {sorted(prefixes)}")
+    params, keys = {}, {}
+    for i, index in enumerate(sorted(layers)):
+        if set(layers[index]) != {"weight", "bias"}:
+            raise ValueError(f"layer {index} needs both a weight and a bias")
+        for kind, (key, value) in layers[index].items():
+            params[f"layers.{i}.{kind}"] = value
+            keys[f"layers.{i}.{kind}.grad"] = key
+    num_layers = len(layers)
+    w0 = params["layers.0.weight"]
+    if len(w0.shape) != 3:
+        raise ValueError("stacked weights must be [M, d_out, d_in]")
+    sizes = [int(w0.shape[2])] + [int(params[f"layers.{i}.weight"].shape[1])
+                                  for i in range(num_layers)]
+    as_torch = any(is_torch(v) for v in params.values())
+    return Ensemble(params, sizes, None, None, "dict", keys, as_torch)
+
+
+def normalize(model: Any) -> Ensemble:
+    if isinstance(model, dict):
+        return _from_dict(model)
+    if isinstance(model, (list, tuple)) and model and all(is_torch(s) for s in model):
+        return _from_sequentials(list(model), "sequential_list")
+    if is_torch(model) and type(model).__name__ == "Sequential":
+        return _from_sequentials([model], "sequential")
+    raise TypeError(
+        "model must be an nn.Sequential, a list of them, or a dict of stacked parameters "
+        f"(got {type(model).__name__})"
+    )
+
+
+def as_array(x: Any) -> Any:
+    """Leave torch tensors and numpy arrays alone; turn lists into numpy arrays."""
+    return x if is_torch(x) or isinstance(x, np.ndarray) else np.asarray(x)

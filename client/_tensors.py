@@ -1,0 +1,72 @@
+"""Array <-> wire conversion with numpy only; torch is used when (and only when) the caller
+passed torch tensors, and is imported lazily so the thin client never needs it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradserve.v1 import gradserve_pb2 as pb
+
+NUMPY_DTYPES = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_BFLOAT16: np.dtype("<u2"),  # bit pattern; widened to float32 for numpy callers
+}
+WIRE_DTYPES = {
+    np.dtype("float32"): pb.DTYPE_FLOAT32,
+    np.dtype("float64"): pb.DTYPE_FLOAT64,
+    np.dtype("float16"): pb.DTYPE_FLOAT16,
+    np.dtype("int64"): pb.DTYPE_INT64,
+    np.dtype("int32"): pb.DTYPE_INT32,
+}
+DTYPE_BY_NAME = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float64": pb.DTYPE_FLOAT64,
+    "float16": pb.DTYPE_FLOAT16,
+    "bfloat16": pb.DTYPE_BFLOAT16,
+}
+
+
+def is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def to_wire(x: Any) -> tuple[int, tuple[int, ...], memoryview]:
+    """(wire dtype, shape, raw bytes) of a numpy array, torch tensor or nested list."""
+    if is_torch(x):
+        import torch
+
+        t = x.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            return pb.DTYPE_BFLOAT16, tuple(t.shape), memoryview(t.view(torch.int16).numpy())
+        if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int32,
+                                                                                torch.int64)):
+            t = t.long()
+        x = t.numpy()
+    a = np.asarray(x)
+    if a.dtype.kind in "iub":
+        a = a.astype(np.int64, copy=False) if a.dtype not in WIRE_DTYPES else a
+    elif a.dtype not in WIRE_DTYPES:
+        a = a.astype(np.float64)
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">":  # the wire is little-endian
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return WIRE_DTYPES[a.dtype], tuple(a.shape), memoryview(a).cast("B")
+
+
+def from_wire(buffer: bytearray, dtype: int, shape, as_torch: bool):
+    """Decode received bytes to a numpy array (bfloat16 widened to float32) or torch tensor."""
+    raw = np.frombuffer(buffer, dtype=NUMPY_DTYPES[dtype]).reshape(tuple(shape))
+    if as_torch:
+        import torch
+
+        t = torch.from_numpy(raw.copy() if not raw.flags.writeable else raw)
+        return t.view(torch.bfloat16) if dtype == pb.DTYPE_BFLOAT16 else t
+    if dtype == pb.DTYPE_BFLOAT16:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw

@@ -1,0 +1,34 @@
+"""Compute engines for MLP-ensemble loss and gradients. No gRPC or protobuf here."""
+
+from gradserve.kernels.engines import EngineUnavailable, available_engines, run, select_engine
+from gradserve.kernels.spec import (
+    ACTIVATIONS,
+    LOSSES,
+    PRECISIONS,
+    REDUCTIONS,
+    Activation,
+    EnsembleJob,
+    EnsembleResult,
+    LossSpec,
+    MLPSpec,
+    OutputRequest,
+    flops,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "LOSSES",
+    "PRECISIONS",
+    "REDUCTIONS",
+    "Activation",
+    "EngineUnavailable",
+    "EnsembleJob",
+    "EnsembleResult",
+    "LossSpec",
+    "MLPSpec",
+    "OutputRequest",
+    "available_engines",
+    "flops",
+    "run",
+    "select_engine",
+]

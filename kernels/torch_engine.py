@@ -1,0 +1,112 @@
+"""The torch engine: the whole ensemble in one autograd graph of batched matmuls.
+
+Every layer is one `baddbmm` over the model axis M ([M, N, d_in] x [M, d_in, d_out]), so
+the cost is a handful of large kernels whatever M is, never a Python loop over models.
+Runs on CPU or CUDA, in float32, tf32 (CUDA), bfloat16/float16 operands with float32
+accumulation, or float64. This is the fallback engine and the reference the Triton
+engine is tested against (besides the independent float64 oracle in the tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from gradserve.kernels.functional import activate, per_sample_loss, reduce_loss
+from gradserve.kernels.spec import EnsembleJob, EnsembleResult
+
+LOW_PRECISION_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """dtype of activations, losses and gradients (matmul operands may be narrower)."""
+    return torch.float64 if precision == "float64" else torch.float32
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Allow TF32 for exactly the jobs that asked for it (the flag is process-global, so the
+    server runs one job at a time per device)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
+
+
+def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str):
+    """h [M, N, d_in] -> h @ W.T + b  [M, N, d_out], operands narrowed for bf16/fp16."""
+    narrow = LOW_PRECISION_DTYPES.get(precision)
+    if narrow is None:
+        return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+    out = torch.baddbmm(
+        bias.to(narrow).unsqueeze(1), h.to(narrow), weight.to(narrow).transpose(1, 2)
+    )
+    return out.to(h.dtype)
+
+
+def forward_loss(job: EnsembleJob, weights, biases, x, targets, sample_weights):
+    """Differentiable forward pass and loss: (loss [M], per-sample loss [M, N], y [M, N, dL])."""
+    h = x
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        h = activate(_linear(h, w, b, job.precision), job.mlp.activation_after(i))
+    per = per_sample_loss(h, targets, job.loss, sample_weights)
+    return reduce_loss(per, job.loss, job.mlp.layer_sizes[-1]), per, h
+
+
+def _leaf(t: torch.Tensor, device, dtype, requires_grad: bool) -> torch.Tensor:
+    return t.to(device, dtype).detach().requires_grad_(requires_grad)
+
+
+def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
+    """Forward, loss and backward for every model of the ensemble."""
+    device = torch.device(device)
+    dtype = compute_dtype(job.precision)
+    want = job.outputs
+    m, n = job.num_models, job.num_samples
+
+    # detach(): `.to` returns the caller's own tensor when nothing changes, and marking that
+    # tensor as requiring grad would leak into the caller.
+    weights = [_leaf(w, device, dtype, want.parameter_gradients) for w in job.weights]
+    biases = [_leaf(b, device, dtype, want.parameter_gradients) for b in job.biases]
+    x = job.inputs.to(device, dtype).detach()
+    if x.dim() == 2:
+        x = x.unsqueeze(0).expand(m, n, x.shape[-1])
+    if want.input_gradients:
+        x = x.contiguous().requires_grad_(True)
+    targets = job.targets.to(device)
+    targets = targets.long() if job.loss.name == "cross_entropy" else targets.to(dtype)
+    sample_weights = None
+    if job.sample_weights is not None:
+        sample_weights = job.sample_weights.to(device, dtype)
+
+    leaves: list[torch.Tensor] = []
+    if want.parameter_gradients:
+        for w, b in zip(weights, biases, strict=True):
+            leaves += [w, b]
+    if want.input_gradients:
+        leaves.append(x)
+
+    with torch.set_grad_enabled(bool(leaves)), matmul_precision(job.precision, device):
+        loss, per, y = forward_loss(job, weights, biases, x, targets, sample_weights)
+        # Models are independent, so d(sum of losses)/d(theta_m) = d(loss_m)/d(theta_m).
+        grads = torch.autograd.grad(loss.sum(), leaves) if leaves else []
+
+    result = EnsembleResult(loss=loss.detach(), engine="torch", device=str(device))
+    if want.parameter_gradients:
+        result.weight_grads = list(grads[0 : 2 * job.mlp.num_layers : 2])
+        result.bias_grads = list(grads[1 : 2 * job.mlp.num_layers : 2])
+    if want.input_gradients:
+        result.input_grads = grads[-1]
+    if want.per_sample_losses:
+        result.per_sample_loss = per.detach()
+    if want.forward_outputs:
+        result.outputs = y.detach()
+    return result

@@ -1,0 +1,286 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+
+class ActivationKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTIVATION_KIND_UNSPECIFIED: _ClassVar[ActivationKind]
+    ACTIVATION_KIND_IDENTITY: _ClassVar[ActivationKind]
+    ACTIVATION_KIND_RELU: _ClassVar[ActivationKind]
+    ACTIVATION_KIND_LEAKY_RELU: _ClassVar[ActivationKind]
+    ACTIVATION_KIND_TANH: _ClassVar[ActivationKind]
+    ACTIVATION_KIND_SIGMOID: _ClassVar[ActivationKind]
+    ACTIVATION_KIND_GELU: _ClassVar[ActivationKind]
+    ACTIVATION_KIND_SILU: _ClassVar[ActivationKind]
+    ACTIVATION_KIND_SOFTPLUS: _ClassVar[ActivationKind]
+
+class LossKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOSS_KIND_UNSPECIFIED: _ClassVar[LossKind]
+    LOSS_KIND_MSE: _ClassVar[LossKind]
+    LOSS_KIND_L1: _ClassVar[LossKind]
+    LOSS_KIND_HUBER: _ClassVar[LossKind]
+    LOSS_KIND_BCE_WITH_LOGITS: _ClassVar[LossKind]
+    LOSS_KIND_CROSS_ENTROPY: _ClassVar[LossKind]
+
+class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCTION_UNSPECIFIED: _ClassVar[Reduction]
+    REDUCTION_MEAN: _ClassVar[Reduction]
+    REDUCTION_SUM: _ClassVar[Reduction]
+
+class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRECISION_UNSPECIFIED: _ClassVar[Precision]
+    PRECISION_FLOAT32: _ClassVar[Precision]
+    PRECISION_TF32: _ClassVar[Precision]
+    PRECISION_BFLOAT16: _ClassVar[Precision]
+    PRECISION_FLOAT16: _ClassVar[Precision]
+    PRECISION_FLOAT64: _ClassVar[Precision]
+
+class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKEND_UNSPECIFIED: _ClassVar[Backend]
+    BACKEND_AUTO: _ClassVar[Backend]
+    BACKEND_TORCH: _ClassVar[Backend]
+    BACKEND_TRITON: _ClassVar[Backend]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_INT64: DType
+DTYPE_INT32: DType
+ACTIVATION_KIND_UNSPECIFIED: ActivationKind
+ACTIVATION_KIND_IDENTITY: ActivationKind
+ACTIVATION_KIND_RELU: ActivationKind
+ACTIVATION_KIND_LEAKY_RELU: ActivationKind
+ACTIVATION_KIND_TANH: ActivationKind
+ACTIVATION_KIND_SIGMOID: ActivationKind
+ACTIVATION_KIND_GELU: ActivationKind
+ACTIVATION_KIND_SILU: ActivationKind
+ACTIVATION_KIND_SOFTPLUS: ActivationKind
+LOSS_KIND_UNSPECIFIED: LossKind
+LOSS_KIND_MSE: LossKind
+LOSS_KIND_L1: LossKind
+LOSS_KIND_HUBER: LossKind
+LOSS_KIND_BCE_WITH_LOGITS: LossKind
+LOSS_KIND_CROSS_ENTROPY: LossKind
+REDUCTION_UNSPECIFIED: Reduction
+REDUCTION_MEAN: Reduction
+REDUCTION_SUM: Reduction
+PRECISION_UNSPECIFIED: Precision
+PRECISION_FLOAT32: Precision
+PRECISION_TF32: Precision
+PRECISION_BFLOAT16: Precision
+PRECISION_FLOAT16: Precision
+PRECISION_FLOAT64: Precision
+BACKEND_UNSPECIFIED: Backend
+BACKEND_AUTO: Backend
+BACKEND_TORCH: Backend
+BACKEND_TRITON: Backend
+
+class Activation(_message.Message):
+    __slots__ = ("kind", "negative_slope")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_SLOPE_FIELD_NUMBER: _ClassVar[int]
+    kind: ActivationKind
+    negative_slope: float
+    def __init__(self, kind: _Optional[_Union[ActivationKind, str]] = ..., negative_slope: _Optional[float] = ...) -> None: ...
+
+class Architecture(_message.Message):
+    __slots__ = ("layer_sizes", "hidden_activation", "output_activation")
+    LAYER_SIZES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    layer_sizes: _containers.RepeatedScalarFieldContainer[int]
+    hidden_activation: Activation
+    output_activation: Activation
+    def __init__(self, layer_sizes: _Optional[_Iterable[int]] = ..., hidden_activation: _Optional[_Union[Activation, _Mapping]] = ..., output_activation: _Optional[_Union[Activation, _Mapping]] = ...) -> None: ...
+
+class Loss(_message.Message):
+    __slots__ = ("kind", "reduction", "huber_delta")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    HUBER_DELTA_FIELD_NUMBER: _ClassVar[int]
+    kind: LossKind
+    reduction: Reduction
+    huber_delta: float
+    def __init__(self, kind: _Optional[_Union[LossKind, str]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., huber_delta: _Optional[float] = ...) -> None: ...
+
+class Outputs(_message.Message):
+    __slots__ = ("skip_parameter_gradients", "input_gradients", "per_sample_losses", "forward_outputs")
+    SKIP_PARAMETER_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    PER_SAMPLE_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    skip_parameter_gradients: bool
+    input_gradients: bool
+    per_sample_losses: bool
+    forward_outputs: bool
+    def __init__(self, skip_parameter_gradients: _Optional[bool] = ..., input_gradients: _Optional[bool] = ..., per_sample_losses: _Optional[bool] = ..., forward_outputs: _Optional[bool] = ...) -> None: ...
+
+class TensorDescriptor(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class JobHeader(_message.Message):
+    __slots__ = ("architecture", "loss", "outputs", "precision", "backend", "gradient_dtype", "tensors", "allow_non_finite", "response_chunk_bytes", "client_tag")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TAG_FIELD_NUMBER: _ClassVar[int]
+    architecture: Architecture
+    loss: Loss
+    outputs: Outputs
+    precision: Precision
+    backend: Backend
+    gradient_dtype: DType
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorDescriptor]
+    allow_non_finite: bool
+    response_chunk_bytes: int
+    client_tag: str
+    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., outputs: _Optional[_Union[Outputs, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., gradient_dtype: _Optional[_Union[DType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorDescriptor, _Mapping]]] = ..., allow_non_finite: _Optional[bool] = ..., response_chunk_bytes: _Optional[int] = ..., client_tag: _Optional[str] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "offset", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ComputeRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: JobHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[JobHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class JobAccepted(_message.Message):
+    __slots__ = ("job_id", "engine", "device", "results")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    engine: str
+    device: str
+    results: _containers.RepeatedCompositeFieldContainer[TensorDescriptor]
+    def __init__(self, job_id: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., results: _Optional[_Iterable[_Union[TensorDescriptor, _Mapping]]] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("upload_seconds", "queue_seconds", "compute_seconds", "download_seconds")
+    UPLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    upload_seconds: float
+    queue_seconds: float
+    compute_seconds: float
+    download_seconds: float
+    def __init__(self, upload_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ...) -> None: ...
+
+class JobSummary(_message.Message):
+    __slots__ = ("timings", "flops", "bytes_received", "bytes_sent", "jobs_in_launch", "models_in_launch")
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    JOBS_IN_LAUNCH_FIELD_NUMBER: _ClassVar[int]
+    MODELS_IN_LAUNCH_FIELD_NUMBER: _ClassVar[int]
+    timings: Timings
+    flops: int
+    bytes_received: int
+    bytes_sent: int
+    jobs_in_launch: int
+    models_in_launch: int
+    def __init__(self, timings: _Optional[_Union[Timings, _Mapping]] = ..., flops: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., jobs_in_launch: _Optional[int] = ..., models_in_launch: _Optional[int] = ...) -> None: ...
+
+class ComputeResponse(_message.Message):
+    __slots__ = ("accepted", "chunk", "summary")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    accepted: JobAccepted
+    chunk: TensorChunk
+    summary: JobSummary
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., summary: _Optional[_Union[JobSummary, _Mapping]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_job_bytes", "max_models", "max_samples", "max_width", "max_layers", "max_chunk_bytes", "default_chunk_bytes")
+    MAX_JOB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_job_bytes: int
+    max_models: int
+    max_samples: int
+    max_width: int
+    max_layers: int
+    max_chunk_bytes: int
+    default_chunk_bytes: int
+    def __init__(self, max_job_bytes: _Optional[int] = ..., max_models: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_width: _Optional[int] = ..., max_layers: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class EngineInfo(_message.Message):
+    __slots__ = ("name", "device", "precisions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    device: str
+    precisions: _containers.RepeatedScalarFieldContainer[Precision]
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precisions: _Optional[_Iterable[_Union[Precision, str]]] = ...) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "engines", "activations", "losses", "dtypes", "limits")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    engines: _containers.RepeatedCompositeFieldContainer[EngineInfo]
+    activations: _containers.RepeatedScalarFieldContainer[ActivationKind]
+    losses: _containers.RepeatedScalarFieldContainer[LossKind]
+    dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    limits: Limits
+    def __init__(self, version: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[ActivationKind, str]]] = ..., losses: _Optional[_Iterable[_Union[LossKind, str]]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...

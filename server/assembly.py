@@ -1,0 +1,89 @@
+"""Reassembles a job's tensors from its request chunks, then checks their values.
+
+Each tensor has one buffer of exactly its declared size. Its chunks must arrive in order
+and back to back, so a duplicate, overlapping, out-of-order or out-of-range chunk is
+caught by one comparison and nothing is ever written past a buffer's end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradserve.kernels import EnsembleJob
+from gradserve.server import codec
+from gradserve.server.errors import invalid
+from gradserve.server.validation import JobPlan
+from gradserve.v1 import gradserve_pb2 as pb
+
+
+class PayloadAssembler:
+    def __init__(self, plan: JobPlan):
+        self.plan = plan
+        self.buffers = {name: bytearray(t.nbytes) for name, t in plan.tensors.items()}
+        self.received = dict.fromkeys(plan.tensors, 0)
+        self.bytes_received = 0
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        name = chunk.name
+        if name not in self.buffers:
+            raise invalid(f"chunk for undeclared tensor {name!r}")
+        size = len(self.buffers[name])
+        expected = self.received[name]
+        if chunk.offset != expected:
+            raise invalid(
+                f"chunk of {name!r} at offset {chunk.offset}; expected offset {expected} "
+                "(chunks of a tensor must be in order, without gaps or overlaps)"
+            )
+        length = len(chunk.data)
+        if length == 0:
+            raise invalid(f"empty chunk for {name!r}")
+        if expected + length > size:
+            raise invalid(
+                f"chunk of {name!r} ends at byte {expected + length}, beyond its {size} bytes"
+            )
+        self.buffers[name][expected : expected + length] = chunk.data
+        self.received[name] = expected + length
+        self.bytes_received += length
+
+    def missing(self) -> list[str]:
+        return [n for n, got in self.received.items() if got != len(self.buffers[n])]
+
+    def finish(self) -> EnsembleJob:
+        """All bytes are in: build the engine job (zero-copy views) and check the values."""
+        missing = self.missing()
+        if missing:
+            detail = ", ".join(
+                f"{n} ({self.received[n]} of {len(self.buffers[n])} bytes)" for n in missing
+            )
+            raise invalid(f"request stream ended before all tensor bytes arrived: {detail}")
+        plan = self.plan
+        t = {
+            name: codec.tensor_from_bytes(self.buffers[name], spec.dtype, spec.shape)
+            for name, spec in plan.tensors.items()
+        }
+        if not plan.allow_non_finite:
+            for name, tensor in t.items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise invalid(
+                        f"tensor {name!r} contains NaN or Inf (set allow_non_finite to accept)"
+                    )
+        if plan.loss.name == "cross_entropy":
+            classes = plan.mlp.layer_sizes[-1]
+            targets = t["targets"]
+            if int(targets.min()) < 0 or int(targets.max()) >= classes:
+                raise invalid(
+                    f"cross_entropy targets must be class indices in [0, {classes}); got "
+                    f"values in [{int(targets.min())}, {int(targets.max())}]"
+                )
+        num_layers = plan.mlp.num_layers
+        return EnsembleJob(
+            mlp=plan.mlp,
+            loss=plan.loss,
+            weights=[t[f"layers.{i}.weight"] for i in range(num_layers)],
+            biases=[t[f"layers.{i}.bias"] for i in range(num_layers)],
+            inputs=t["inputs"],
+            targets=t["targets"],
+            sample_weights=t.get("sample_weights"),
+            precision=plan.precision,
+            outputs=plan.outputs,
+        )

@@ -1,0 +1,64 @@
+"""Wire tensors <-> torch tensors: dtype tables, raw little-endian bytes, chunking."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from gradserve.v1 import gradserve_pb2 as pb
+
+TORCH_DTYPES = {
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT64: torch.float64,
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+    pb.DTYPE_INT64: torch.int64,
+    pb.DTYPE_INT32: torch.int32,
+}
+ITEM_SIZES = {
+    pb.DTYPE_FLOAT32: 4,
+    pb.DTYPE_FLOAT64: 8,
+    pb.DTYPE_FLOAT16: 2,
+    pb.DTYPE_BFLOAT16: 2,
+    pb.DTYPE_INT64: 8,
+    pb.DTYPE_INT32: 4,
+}
+FLOAT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
+INT_DTYPES = (pb.DTYPE_INT64, pb.DTYPE_INT32)
+
+
+def nbytes(dtype: int, shape) -> int:
+    """Byte size of a tensor, in Python ints (no overflow for absurd declared shapes)."""
+    size = ITEM_SIZES[dtype]
+    for d in shape:
+        size *= d
+    return size
+
+
+def tensor_from_bytes(buffer: bytearray, dtype: int, shape) -> torch.Tensor:
+    """Zero-copy view of received bytes as a tensor."""
+    flat = torch.frombuffer(buffer, dtype=TORCH_DTYPES[dtype])
+    return flat.reshape(tuple(shape))
+
+
+def tensor_to_bytes(tensor: torch.Tensor, dtype: int) -> memoryview:
+    """Cast to the wire dtype, move to host, return its raw bytes."""
+    t = tensor.detach().to(TORCH_DTYPES[dtype]).contiguous().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship its bit pattern
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def chunks(name: str, data: memoryview, chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+    for offset in range(0, len(data), chunk_bytes):
+        piece = data[offset : offset + chunk_bytes]
+        yield pb.TensorChunk(name=name, offset=offset, data=piece.tobytes())
+
+
+def descriptor(name: str, dtype: int, shape) -> pb.TensorDescriptor:
+    return pb.TensorDescriptor(name=name, dtype=dtype, shape=list(shape))
+
+
+assert np.little_endian, "gradserve's wire format is little-endian; big-endian hosts unsupported"

@@ -1,0 +1,86 @@
+"""Server configuration: one dataclass, filled from flags, then GRADSERVE_* variables, then
+defaults (a flag wins over the environment)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Written with the bound port once listening (useful with --port 0).
+    port_file: str = ""
+    device: str = "auto"
+    # Result chunk size: 1 MiB keeps every message far below gRPC's 4 MiB default.
+    chunk_bytes: int = 1 * MiB
+    max_chunk_bytes: int = 4 * MiB
+    max_job_bytes: int = 2 * GiB
+    # Estimated engine working memory (activations and gradients) of one job.
+    max_work_bytes: int = 8 * GiB
+    # Payload bytes held at once across all jobs; more is refused with RESOURCE_EXHAUSTED.
+    max_inflight_bytes: int = 4 * GiB
+    max_models: int = 1 << 20
+    max_samples: int = 1 << 24
+    max_width: int = 8192
+    max_layers: int = 64
+    # A job whose request stream is silent this long is ended with DEADLINE_EXCEEDED.
+    upload_idle_timeout_s: float = 60.0
+    log_level: str = "INFO"
+
+    @property
+    def max_message_bytes(self) -> int:
+        # Room for a chunk plus its framing, or a header with many descriptors.
+        return self.max_chunk_bytes + 1 * MiB
+
+
+HELP = {
+    "host": "address to bind",
+    "port": "port to bind (0 picks a free one)",
+    "port_file": "write the bound port to this file once serving",
+    "device": "auto, cpu, cuda or cuda:N",
+    "chunk_bytes": "default size of result chunks",
+    "max_chunk_bytes": "largest accepted chunk",
+    "max_job_bytes": "largest total of declared tensor bytes per job",
+    "max_work_bytes": "largest estimated engine working memory per job",
+    "max_inflight_bytes": "largest total of payload bytes held across jobs",
+    "max_models": "largest ensemble size M",
+    "max_samples": "largest sample count N",
+    "max_width": "largest layer width",
+    "max_layers": "largest number of linear layers",
+    "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def env_name(field_name: str) -> str:
+    return "GRADSERVE_" + field_name.upper()
+
+
+def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="gradserve-server",
+        description="Serve loss and gradients of MLP ensembles over gRPC. Every flag can "
+        "also be set by the GRADSERVE_<FLAG> environment variable.",
+    )
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        default = getattr(defaults, f.name)
+        kind = type(default)
+        if env_name(f.name) in environ:
+            default = kind(environ[env_name(f.name)])
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=default,
+            help=f"{HELP[f.name]} (env {env_name(f.name)}; default %(default)s)",
+        )
+    args = parser.parse_args(argv)
+    return ServerConfig(**vars(args))

@@ -1,0 +1,261 @@
+"""Every rule that rejects a malformed or over-limit job, applied to the header alone,
+before any payload byte is stored.
+
+Malformed (shapes that disagree with the architecture, unknown enum values, missing or
+duplicate tensors) -> INVALID_ARGUMENT. Well-formed but over the configured limits ->
+RESOURCE_EXHAUSTED. Valid but not supported here -> UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gradserve.kernels import Activation, LossSpec, MLPSpec, OutputRequest
+from gradserve.server import codec
+from gradserve.server.config import ServerConfig
+from gradserve.server.errors import invalid, too_large
+from gradserve.v1 import gradserve_pb2 as pb
+
+ACTIVATION_NAMES = {
+    pb.ACTIVATION_KIND_UNSPECIFIED: "identity",
+    pb.ACTIVATION_KIND_IDENTITY: "identity",
+    pb.ACTIVATION_KIND_RELU: "relu",
+    pb.ACTIVATION_KIND_LEAKY_RELU: "leaky_relu",
+    pb.ACTIVATION_KIND_TANH: "tanh",
+    pb.ACTIVATION_KIND_SIGMOID: "sigmoid",
+    pb.ACTIVATION_KIND_GELU: "gelu",
+    pb.ACTIVATION_KIND_SILU: "silu",
+    pb.ACTIVATION_KIND_SOFTPLUS: "softplus",
+}
+LOSS_NAMES = {
+    pb.LOSS_KIND_UNSPECIFIED: "mse",
+    pb.LOSS_KIND_MSE: "mse",
+    pb.LOSS_KIND_L1: "l1",
+    pb.LOSS_KIND_HUBER: "huber",
+    pb.LOSS_KIND_BCE_WITH_LOGITS: "bce_with_logits",
+    pb.LOSS_KIND_CROSS_ENTROPY: "cross_entropy",
+}
+REDUCTION_NAMES = {
+    pb.REDUCTION_UNSPECIFIED: "mean",
+    pb.REDUCTION_MEAN: "mean",
+    pb.REDUCTION_SUM: "sum",
+}
+PRECISION_NAMES = {
+    pb.PRECISION_UNSPECIFIED: "float32",
+    pb.PRECISION_FLOAT32: "float32",
+    pb.PRECISION_TF32: "tf32",
+    pb.PRECISION_BFLOAT16: "bfloat16",
+    pb.PRECISION_FLOAT16: "float16",
+    pb.PRECISION_FLOAT64: "float64",
+}
+BACKEND_NAMES = {
+    pb.BACKEND_UNSPECIFIED: "auto",
+    pb.BACKEND_AUTO: "auto",
+    pb.BACKEND_TORCH: "torch",
+    pb.BACKEND_TRITON: "triton",
+}
+GRADIENT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: int
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class JobPlan:
+    """A validated header: what to receive, what to run, what to send back."""
+
+    mlp: MLPSpec
+    loss: LossSpec
+    outputs: OutputRequest
+    precision: str
+    backend: str
+    gradient_dtype: int
+    tensors: dict[str, TensorSpec]
+    num_models: int
+    num_samples: int
+    shared_inputs: bool
+    allow_non_finite: bool
+    response_chunk_bytes: int
+    work_bytes: int
+    client_tag: str
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def result_descriptors(self) -> list[pb.TensorDescriptor]:
+        """Result tensors in sending order: loss first, then gradients last layer first."""
+        m, n = self.num_models, self.num_samples
+        sizes = self.mlp.layer_sizes
+        float_out = pb.DTYPE_FLOAT64 if self.precision == "float64" else pb.DTYPE_FLOAT32
+        out = [codec.descriptor("loss", float_out, (m,))]
+        if self.outputs.per_sample_losses:
+            out.append(codec.descriptor("per_sample_loss", float_out, (m, n)))
+        if self.outputs.forward_outputs:
+            out.append(codec.descriptor("outputs", float_out, (m, n, sizes[-1])))
+        if self.outputs.parameter_gradients:
+            for i in reversed(range(self.mlp.num_layers)):
+                w = (m, sizes[i + 1], sizes[i])
+                out.append(codec.descriptor(f"layers.{i}.weight.grad", self.gradient_dtype, w))
+                b = (m, sizes[i + 1])
+                out.append(codec.descriptor(f"layers.{i}.bias.grad", self.gradient_dtype, b))
+        if self.outputs.input_gradients:
+            out.append(codec.descriptor("inputs.grad", self.gradient_dtype, (m, n, sizes[0])))
+        return out
+
+
+def _enum(value: int, names: dict[int, str], what: str) -> str:
+    if value not in names:
+        raise invalid(f"unknown {what} value {value}")
+    return names[value]
+
+
+def _activation(msg: pb.Activation, what: str) -> Activation:
+    name = _enum(msg.kind, ACTIVATION_NAMES, what)
+    slope = msg.negative_slope or 0.01
+    if not math.isfinite(slope):
+        raise invalid(f"{what}.negative_slope must be finite")
+    return Activation(name, slope)
+
+
+def _loss(msg: pb.Loss) -> LossSpec:
+    name = _enum(msg.kind, LOSS_NAMES, "loss.kind")
+    reduction = _enum(msg.reduction, REDUCTION_NAMES, "loss.reduction")
+    delta = msg.huber_delta or 1.0
+    if not (math.isfinite(delta) and delta > 0):
+        raise invalid("loss.huber_delta must be a positive finite number")
+    return LossSpec(name, reduction, delta)
+
+
+def _layer_sizes(arch: pb.Architecture, config: ServerConfig) -> tuple[int, ...]:
+    sizes = tuple(arch.layer_sizes)
+    if len(sizes) < 2:
+        raise invalid("architecture.layer_sizes needs at least two entries [d_in, d_out]")
+    if any(d < 1 for d in sizes):
+        raise invalid(f"architecture.layer_sizes must all be >= 1, got {list(sizes)}")
+    if len(sizes) - 1 > config.max_layers:
+        raise too_large(f"{len(sizes) - 1} layers exceed the limit of {config.max_layers}")
+    if max(sizes) > config.max_width:
+        raise too_large(f"layer width {max(sizes)} exceeds the limit of {config.max_width}")
+    return sizes
+
+
+def _expected_shapes(sizes, loss: str, m: int, n: int, shared: bool, has_weights: bool):
+    """name -> (allowed dtypes, expected shape) for every tensor the job must carry."""
+    lead = (n,) if shared else (m, n)
+    expected = {}
+    for i in range(len(sizes) - 1):
+        expected[f"layers.{i}.weight"] = (codec.FLOAT_DTYPES, (m, sizes[i + 1], sizes[i]))
+        expected[f"layers.{i}.bias"] = (codec.FLOAT_DTYPES, (m, sizes[i + 1]))
+    expected["inputs"] = (codec.FLOAT_DTYPES, (*lead, sizes[0]))
+    if loss == "cross_entropy":
+        expected["targets"] = (codec.INT_DTYPES, lead)
+    else:
+        expected["targets"] = (codec.FLOAT_DTYPES, (*lead, sizes[-1]))
+    if has_weights:
+        expected["sample_weights"] = (codec.FLOAT_DTYPES, lead)
+    return expected
+
+
+def _declared(header: pb.JobHeader) -> dict[str, pb.TensorDescriptor]:
+    declared: dict[str, pb.TensorDescriptor] = {}
+    for t in header.tensors:
+        if t.name in declared:
+            raise invalid(f"tensor {t.name!r} is declared twice")
+        if t.dtype not in codec.ITEM_SIZES:
+            raise invalid(f"tensor {t.name!r} has unknown dtype value {t.dtype}")
+        if any(d < 1 for d in t.shape):
+            raise invalid(f"tensor {t.name!r} has a dimension < 1: {list(t.shape)}")
+        declared[t.name] = t
+    for name in ("layers.0.weight", "inputs"):
+        if name not in declared:
+            raise invalid(f"tensor {name!r} is missing")
+    return declared
+
+
+def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
+    sizes = _layer_sizes(header.architecture, config)
+    hidden = _activation(header.architecture.hidden_activation, "hidden_activation")
+    output = _activation(header.architecture.output_activation, "output_activation")
+    loss = _loss(header.loss)
+    precision = _enum(header.precision, PRECISION_NAMES, "precision")
+    backend = _enum(header.backend, BACKEND_NAMES, "backend")
+    grad_dtype = header.gradient_dtype or (
+        pb.DTYPE_FLOAT64 if precision == "float64" else pb.DTYPE_FLOAT32
+    )
+    if grad_dtype not in GRADIENT_DTYPES:
+        raise invalid(f"gradient_dtype {grad_dtype} is not a floating-point dtype")
+    chunk = header.response_chunk_bytes or config.chunk_bytes
+    if not 0 < chunk <= config.max_chunk_bytes:
+        raise invalid(f"response_chunk_bytes must be in [1, {config.max_chunk_bytes}]")
+
+    declared = _declared(header)
+    w0_shape = tuple(declared["layers.0.weight"].shape)
+    in_shape = tuple(declared["inputs"].shape)
+    if len(w0_shape) != 3 or len(in_shape) not in (2, 3):
+        raise invalid(
+            f"layers.0.weight must be [M, d1, d0] and inputs [M, N, d0] or [N, d0]; got "
+            f"{list(w0_shape)} and {list(in_shape)}"
+        )
+    m, n, shared = w0_shape[0], in_shape[-2], len(in_shape) == 2
+    expected = _expected_shapes(sizes, loss.name, m, n, shared, "sample_weights" in declared)
+    for name in declared:
+        if name not in expected:
+            raise invalid(f"unexpected tensor {name!r} (expected {sorted(expected)})")
+    tensors: dict[str, TensorSpec] = {}
+    for name, (dtypes, shape) in expected.items():
+        if name not in declared:
+            raise invalid(f"tensor {name!r} is missing")
+        got = declared[name]
+        if got.dtype not in dtypes:
+            raise invalid(f"tensor {name!r} has dtype {pb.DType.Name(got.dtype)}, not allowed")
+        got_shape = tuple(got.shape)
+        if name == "targets" and not shared and len(got_shape) == len(shape) - 1:
+            shape = shape[1:]  # per-model inputs may share one set of targets
+        if name == "sample_weights" and len(got_shape) == 1 and not shared:
+            shape = (n,)  # one weight vector for every model
+        if got_shape != shape:
+            raise invalid(f"tensor {name!r} has shape {list(got_shape)}, expected {list(shape)}")
+        tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
+
+    if m > config.max_models:
+        raise too_large(f"M={m} models exceed the limit of {config.max_models}")
+    if n > config.max_samples:
+        raise too_large(f"N={n} samples exceed the limit of {config.max_samples}")
+    payload = sum(t.nbytes for t in tensors.values())
+    if payload > config.max_job_bytes:
+        raise too_large(f"job of {payload} bytes exceeds the limit of {config.max_job_bytes}")
+    # Activations, their gradients and autograd's saved tensors: about four float64-sized
+    # copies of every layer's [M, N, d] activations.
+    work = 4 * 8 * m * n * sum(sizes) + 2 * payload
+    if work > config.max_work_bytes:
+        raise too_large(
+            f"job needs about {work} bytes of working memory; the limit is {config.max_work_bytes}"
+        )
+    return JobPlan(
+        mlp=MLPSpec(sizes, hidden, output),
+        loss=loss,
+        outputs=OutputRequest(
+            parameter_gradients=not header.outputs.skip_parameter_gradients,
+            input_gradients=header.outputs.input_gradients,
+            per_sample_losses=header.outputs.per_sample_losses,
+            forward_outputs=header.outputs.forward_outputs,
+        ),
+        precision=precision,
+        backend=backend,
+        gradient_dtype=grad_dtype,
+        tensors=tensors,
+        num_models=m,
+        num_samples=n,
+        shared_inputs=shared,
+        allow_non_finite=header.allow_non_finite,
+        response_chunk_bytes=chunk,
+        work_bytes=work,
+        client_tag=header.client_tag[:200],
+    )

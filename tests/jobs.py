@@ -1,0 +1,63 @@
+"""Random jobs for tests: weights scaled like nn.Linear's init, never zeros."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_job(
+    layer_sizes,
+    m: int,
+    n: int,
+    *,
+    loss: str = "mse",
+    shared_inputs: bool = False,
+    sample_weights: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (d_in, d_out) in enumerate(zip(layer_sizes[:-1], layer_sizes[1:], strict=True)):
+        bound = d_in**-0.5
+        tensors[f"layers.{i}.weight"] = (torch.rand(m, d_out, d_in, generator=g) * 2 - 1) * bound
+        tensors[f"layers.{i}.bias"] = (torch.rand(m, d_out, generator=g) * 2 - 1) * bound
+    lead = (n,) if shared_inputs else (m, n)
+    tensors["inputs"] = torch.randn(*lead, layer_sizes[0], generator=g)
+    d_last = layer_sizes[-1]
+    if loss == "cross_entropy":
+        tensors["targets"] = torch.randint(0, d_last, lead, generator=g)
+    elif loss == "bce_with_logits":
+        tensors["targets"] = torch.rand(*lead, d_last, generator=g)
+    else:
+        tensors["targets"] = torch.randn(*lead, d_last, generator=g)
+    if sample_weights:
+        tensors["sample_weights"] = torch.rand(*lead, generator=g) + 0.5
+    for k, v in tensors.items():
+        if v.is_floating_point():
+            tensors[k] = v.to(dtype)
+    return tensors
+
+
+def ensemble_job(tensors, layer_sizes, *, hidden="relu", output="identity", loss="mse",
+                 reduction="mean", precision="float32", negative_slope=0.01, huber_delta=1.0,
+                 input_gradients=True, per_sample_losses=True, forward_outputs=True):
+    """An engine job (gradserve.kernels.EnsembleJob) over the tensors of random_job()."""
+    from gradserve import kernels as k
+
+    num_layers = len(layer_sizes) - 1
+    return k.EnsembleJob(
+        mlp=k.MLPSpec(
+            tuple(layer_sizes),
+            k.Activation(hidden, negative_slope),
+            k.Activation(output, negative_slope),
+        ),
+        loss=k.LossSpec(loss, reduction, huber_delta),
+        weights=[tensors[f"layers.{i}.weight"] for i in range(num_layers)],
+        biases=[tensors[f"layers.{i}.bias"] for i in range(num_layers)],
+        inputs=tensors["inputs"],
+        targets=tensors["targets"],
+        sample_weights=tensors.get("sample_weights"),
+        precision=precision,
+        outputs=k.OutputRequest(True, input_gradients, per_sample_losses, forward_outputs),
+    )

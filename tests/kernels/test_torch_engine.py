@@ -1,0 +1,118 @@
+"""The torch engine against the independent float64 oracle."""
+
+import pytest
+import torch
+
+from gradserve import kernels
+from gradserve.kernels import torch_engine
+from tests.jobs import ensemble_job, random_job
+from tests.oracle import assert_close_per_model, oracle
+
+ODD_SIZES = (5, 13, 7, 3)
+
+
+def check_against_oracle(layer_sizes, tensors, precision="float32", **options):
+    job = ensemble_job(tensors, layer_sizes, precision=precision, **options)
+    got = torch_engine.run(job, "cpu")
+    ref = oracle(
+        layer_sizes,
+        tensors,
+        tensors["inputs"],
+        tensors["targets"],
+        hidden=options.get("hidden", "relu"),
+        output=options.get("output", "identity"),
+        loss=options.get("loss", "mse"),
+        reduction=options.get("reduction", "mean"),
+        sample_weights=tensors.get("sample_weights"),
+    )
+    assert_close_per_model("loss", got.loss, ref.loss, precision)
+    for i in range(len(layer_sizes) - 1):
+        assert_close_per_model(f"w{i}", got.weight_grads[i], ref.grads[f"layers.{i}.weight.grad"],
+                               precision)
+        assert_close_per_model(f"b{i}", got.bias_grads[i], ref.grads[f"layers.{i}.bias.grad"],
+                               precision)
+    assert_close_per_model("inputs.grad", got.input_grads, ref.input_grads, precision)
+    assert_close_per_model("per_sample_loss", got.per_sample_loss, ref.per_sample_loss, precision)
+    assert_close_per_model("outputs", got.outputs, ref.outputs, precision)
+
+
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+@pytest.mark.parametrize("reduction", kernels.REDUCTIONS)
+@pytest.mark.parametrize("loss", kernels.LOSSES)
+@pytest.mark.parametrize("hidden", kernels.ACTIVATIONS)
+def test_matches_oracle_for_every_activation_and_loss(hidden, loss, reduction, shared, m):
+    tensors = random_job(ODD_SIZES, m, 11, loss=loss, shared_inputs=shared, seed=m)
+    check_against_oracle(ODD_SIZES, tensors, hidden=hidden, loss=loss, reduction=reduction)
+
+
+@pytest.mark.parametrize("output", kernels.ACTIVATIONS)
+def test_output_activation_matches_oracle(output):
+    tensors = random_job(ODD_SIZES, 3, 9, seed=4)
+    check_against_oracle(ODD_SIZES, tensors, hidden="tanh", output=output)
+
+
+@pytest.mark.parametrize(
+    "layer_sizes, m, n",
+    [((1, 1), 1, 1), ((2, 2, 1), 1, 1), ((7, 1, 9, 2), 5, 1), ((3, 17, 17, 17, 4), 2, 33)],
+)
+def test_awkward_shapes_match_oracle(layer_sizes, m, n):
+    tensors = random_job(layer_sizes, m, n, sample_weights=True, seed=n)
+    check_against_oracle(layer_sizes, tensors, hidden="silu")
+
+
+@pytest.mark.parametrize("loss", kernels.LOSSES)
+def test_sample_weights_match_oracle(loss):
+    tensors = random_job(ODD_SIZES, 4, 10, loss=loss, sample_weights=True, seed=7)
+    check_against_oracle(ODD_SIZES, tensors, loss=loss, reduction="mean")
+
+
+def test_float64_matches_oracle_to_round_off():
+    tensors = random_job(ODD_SIZES, 3, 8, dtype=torch.float64, seed=2)
+    check_against_oracle(ODD_SIZES, tensors, precision="float64", hidden="gelu")
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_narrow_operands_within_their_tolerance(precision):
+    tensors = random_job((16, 32, 8), 2, 64, seed=3)
+    check_against_oracle((16, 32, 8), tensors, precision=precision, hidden="tanh")
+
+
+def test_leaky_relu_slope_and_huber_delta_are_honoured():
+    tensors = random_job(ODD_SIZES, 2, 12, seed=5)
+    for slope, delta in [(0.3, 0.05), (0.01, 3.0)]:
+        job = ensemble_job(tensors, ODD_SIZES, hidden="leaky_relu", negative_slope=slope,
+                           loss="huber", huber_delta=delta)
+        got = torch_engine.run(job)
+        ref = oracle(ODD_SIZES, tensors, tensors["inputs"], tensors["targets"],
+                     hidden="leaky_relu", negative_slope=slope, loss="huber", huber_delta=delta)
+        assert_close_per_model("loss", got.loss, ref.loss, "float32")
+        assert_close_per_model("w0", got.weight_grads[0], ref.grads["layers.0.weight.grad"],
+                               "float32")
+
+
+def test_gradcheck_in_float64():
+    """Finite differences agree with autograd through the engine's own forward + loss."""
+    sizes = (3, 4, 2)
+    tensors = random_job(sizes, 2, 5, dtype=torch.float64, seed=11, sample_weights=True)
+    job = ensemble_job(tensors, sizes, hidden="tanh", loss="huber", precision="float64")
+
+    def loss_of(w0, b0, w1, b1, x):
+        loss, _, _ = torch_engine.forward_loss(
+            job, [w0, w1], [b0, b1], x, tensors["targets"], tensors["sample_weights"]
+        )
+        return loss
+
+    names = ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "inputs"]
+    leaves = [tensors[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(loss_of, leaves)
+
+
+def test_skipping_parameter_gradients_returns_only_the_loss():
+    tensors = random_job(ODD_SIZES, 2, 4)
+    job = ensemble_job(tensors, ODD_SIZES, input_gradients=False, per_sample_losses=False,
+                       forward_outputs=False)
+    job.outputs = kernels.OutputRequest(parameter_gradients=False)
+    got = torch_engine.run(job)
+    assert got.weight_grads is None and got.input_grads is None
+    assert got.loss.shape == (2,)

@@ -1,0 +1,116 @@
+"""The independent float64 oracle: a plain loop over models of torch.nn modules + autograd.
+
+Shares no code with the engines: it builds one nn.Sequential per model, applies torch.nn's
+own losses per sample, and reduces by the documented rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def activation_module(name: str, negative_slope: float = 0.01) -> nn.Module:
+    return {
+        "identity": nn.Identity,
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(negative_slope),
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "gelu": nn.GELU,
+        "silu": nn.SiLU,
+        "softplus": nn.Softplus,
+    }[name]()
+
+
+@dataclass
+class OracleResult:
+    loss: torch.Tensor  # [M]
+    grads: dict[str, torch.Tensor]  # "layers.{i}.weight.grad" etc, [M, ...]
+    input_grads: torch.Tensor  # [M, N, d0]
+    per_sample_loss: torch.Tensor  # [M, N]
+    outputs: torch.Tensor  # [M, N, dL]
+
+
+def oracle(
+    layer_sizes,
+    params: dict[str, torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    hidden: str = "relu",
+    output: str = "identity",
+    negative_slope: float = 0.01,
+    loss: str = "mse",
+    reduction: str = "mean",
+    huber_delta: float = 1.0,
+    sample_weights: torch.Tensor | None = None,
+) -> OracleResult:
+    num_layers = len(layer_sizes) - 1
+    m = params["layers.0.weight"].shape[0]
+    losses, per_samples, outs, in_grads = [], [], [], []
+    grads: dict[str, list[torch.Tensor]] = {}
+    for k in range(m):
+        mods: list[nn.Module] = []
+        for i in range(num_layers):
+            lin = nn.Linear(layer_sizes[i], layer_sizes[i + 1]).double()
+            with torch.no_grad():
+                lin.weight.copy_(params[f"layers.{i}.weight"][k].double())
+                lin.bias.copy_(params[f"layers.{i}.bias"][k].double())
+            mods.append(lin)
+            act = hidden if i < num_layers - 1 else output
+            mods.append(activation_module(act, negative_slope))
+        net = nn.Sequential(*mods)
+        x = (inputs if inputs.dim() == 2 else inputs[k]).double().clone().requires_grad_()
+        t = targets if targets.dim() == (1 if loss == "cross_entropy" else 2) else targets[k]
+        y = net(x)
+        if loss == "cross_entropy":
+            per = nn.CrossEntropyLoss(reduction="none")(y, t.long())
+            count = y.shape[0]
+        else:
+            fn = {
+                "mse": nn.MSELoss(reduction="none"),
+                "l1": nn.L1Loss(reduction="none"),
+                "huber": nn.HuberLoss(reduction="none", delta=huber_delta),
+                "bce_with_logits": nn.BCEWithLogitsLoss(reduction="none"),
+            }[loss]
+            per = fn(y, t.double()).sum(dim=1)
+            count = y.numel()
+        if sample_weights is not None:
+            w = sample_weights if sample_weights.dim() == 1 else sample_weights[k]
+            per = per * w.double()
+        total = per.sum() if reduction == "sum" else per.sum() / count
+        total.backward()
+        losses.append(total.detach())
+        per_samples.append(per.detach())
+        outs.append(y.detach())
+        in_grads.append(x.grad)
+        for i in range(num_layers):
+            lin = net[2 * i]
+            grads.setdefault(f"layers.{i}.weight.grad", []).append(lin.weight.grad)
+            grads.setdefault(f"layers.{i}.bias.grad", []).append(lin.bias.grad)
+    return OracleResult(
+        loss=torch.stack(losses),
+        grads={k: torch.stack(v) for k, v in grads.items()},
+        input_grads=torch.stack(in_grads),
+        per_sample_loss=torch.stack(per_samples),
+        outputs=torch.stack(outs),
+    )
+
+
+# Relative-error bounds ||g - ref|| / ||ref|| per precision (DESIGN.md section 2).
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "tf32": 1e-3, "bfloat16": 1e-2, "float16": 1e-2}
+
+
+def assert_close_per_model(name: str, got, ref: torch.Tensor, precision: str) -> None:
+    """Check every model's slice of `got` against the oracle by relative L2 error."""
+    got = torch.as_tensor(got).double()
+    ref = ref.double()
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    tol = TOLERANCE[precision]
+    for k in range(ref.shape[0]):
+        err = (got[k] - ref[k]).norm().item()
+        scale = max(ref[k].norm().item(), 1e-6)  # all-zero references: compare absolutely
+        assert err <= tol * scale, f"{name} model {k}: rel err {err / scale:.3g} > {tol}"
