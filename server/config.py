@@ -83,4 +83,6 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
             help=f"{HELP[f.name]} (env {env_name(f.name)}; default %(default)s)",
         )
     args = parser.parse_args(argv)
+    if args.chunk_bytes > args.max_chunk_bytes:
+        parser.error("--chunk-bytes must not exceed --max-chunk-bytes")
     return ServerConfig(**vars(args))

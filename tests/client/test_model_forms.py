@@ -1,0 +1,114 @@
+"""The client accepts each ensemble form and returns results in the same form and kind."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
+
+
+def make_net(seed, act=nn.Tanh):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 6), act(), nn.Linear(6, 6), act(), nn.Linear(6, 2))
+
+
+def torch_grads(net, x, y):
+    net.zero_grad()
+    nn.functional.mse_loss(net(x), y).backward()
+    return {k: p.grad.clone() for k, p in net.named_parameters()}
+
+
+def test_single_sequential_returns_scalar_loss_and_its_own_parameter_names(client):
+    net = make_net(0, nn.SiLU)
+    x, y = torch.randn(11, 3), torch.randn(11, 2)
+    result = client.compute(net, x, y)
+    assert isinstance(result.loss, torch.Tensor) and result.loss.dim() == 0
+    expected = torch_grads(net, x, y)
+    assert set(result.gradients) == set(expected)
+    for k, g in expected.items():
+        torch.testing.assert_close(result.gradients[k], g, rtol=1e-5, atol=1e-6)
+
+
+def test_list_of_sequentials_returns_a_list_of_gradient_dicts(client):
+    nets = [make_net(s) for s in range(3)]
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    result = client.compute(nets, x, y)
+    assert result.loss.shape == (3,)
+    assert isinstance(result.gradients, list) and len(result.gradients) == 3
+    for net, grads in zip(nets, result.gradients, strict=True):
+        for k, g in torch_grads(net, x, y).items():
+            torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6)
+
+
+def test_stack_module_state_dict_round_trips_its_keys(client):
+    nets = [make_net(s, nn.GELU) for s in range(4)]
+    params, _ = torch.func.stack_module_state(nets)
+    params = {k: v.detach() for k, v in params.items()}
+    x, y = torch.randn(4, 7, 3), torch.randn(4, 7, 2)
+    result = client.compute(params, x, y, hidden_activation="gelu")
+    assert set(result.gradients) == set(params)
+    for i, net in enumerate(nets):
+        for k, g in torch_grads(net, x[i], y[i]).items():
+            torch.testing.assert_close(result.gradients[k][i], g, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_in_numpy_out(client):
+    rng = np.random.default_rng(0)
+    params = {
+        "layers.0.weight": rng.standard_normal((2, 4, 3), dtype=np.float32),
+        "layers.0.bias": rng.standard_normal((2, 4), dtype=np.float32),
+        "layers.1.weight": rng.standard_normal((2, 1, 4), dtype=np.float32),
+        "layers.1.bias": rng.standard_normal((2, 1), dtype=np.float32),
+    }
+    result = client.compute(params, rng.standard_normal((5, 3)), rng.standard_normal((5, 1)))
+    assert all(isinstance(v, np.ndarray) for v in result.gradients.values())
+    assert result.gradients["layers.0.weight"].shape == (2, 4, 3)
+
+
+def test_unsupported_module_is_rejected_before_sending(client):
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 1))
+    with pytest.raises(ValueError, match="Dropout"):
+        client.compute(net, torch.randn(3, 2), torch.randn(3, 1))
+
+
+def test_mixed_hidden_activations_are_rejected(client):
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
+    with pytest.raises(ValueError, match="hidden activations"):
+        client.compute(net, torch.randn(3, 2), torch.randn(3, 1))
+
+
+def test_async_client_matches_sync_client(server, client):
+    net = make_net(5)
+    x, y = torch.randn(9, 3), torch.randn(9, 2)
+    sync = client.compute(net, x, y)
+
+    async def run():
+        async with AsyncGradientClient(server.address) as aclient:
+            return await asyncio.gather(*(aclient.compute(net, x, y) for _ in range(4)))
+
+    for result in asyncio.run(run()):
+        for k, g in sync.gradients.items():
+            torch.testing.assert_close(result.gradients[k], g, rtol=0, atol=0)
+
+
+def test_errors_carry_the_status_code(client):
+    import grpc
+
+    net = make_net(1)
+    with pytest.raises(GradserveError) as err:
+        client.compute(net, torch.randn(4, 5), torch.randn(4, 2))  # d0 is 3, not 5
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inputs" in err.value.details
+
+
+def test_deadline_exceeded_surfaces_as_its_code(server):
+    import grpc
+
+    net = make_net(2)
+    with GradientClient(server.address) as c:
+        with pytest.raises(GradserveError) as err:
+            c.compute(net, torch.randn(4, 3), torch.randn(4, 2), timeout=1e-4)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,0 +1,245 @@
+"""Every kind of malformed or over-limit job gets its status code; the server keeps serving."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from tests.servers import run_server
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED
+
+SIZES = [3, 5, 2]
+M, N = 2, 4
+MAX_CHUNK = 64 * 1024
+MAX_INFLIGHT = 200_000
+
+
+@pytest.fixture(scope="module")
+def limited_server():
+    with run_server(
+        "--upload-idle-timeout-s", "1",
+        "--max-chunk-bytes", str(MAX_CHUNK),
+        "--chunk-bytes", str(MAX_CHUNK),
+        "--max-inflight-bytes", str(MAX_INFLIGHT),
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(limited_server):
+    with grpc.insecure_channel(limited_server.address) as channel:
+        yield pb_grpc.GradientServiceStub(channel)
+
+
+def valid_tensors(loss: str = "mse") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    t = {}
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
+        t[f"layers.{i}.weight"] = rng.standard_normal((M, b, a)).astype(np.float32)
+        t[f"layers.{i}.bias"] = rng.standard_normal((M, b)).astype(np.float32)
+    t["inputs"] = rng.standard_normal((M, N, SIZES[0])).astype(np.float32)
+    if loss == "cross_entropy":
+        t["targets"] = rng.integers(0, SIZES[-1], (M, N)).astype(np.int64)
+    else:
+        t["targets"] = rng.standard_normal((M, N, SIZES[-1])).astype(np.float32)
+    return t
+
+
+WIRE = {np.dtype("float32"): pb.DTYPE_FLOAT32, np.dtype("int64"): pb.DTYPE_INT64,
+        np.dtype("float64"): pb.DTYPE_FLOAT64}
+
+
+def header_for(tensors, loss=pb.LOSS_KIND_MSE, **fields) -> pb.JobHeader:
+    h = pb.JobHeader(
+        architecture=pb.Architecture(
+            layer_sizes=SIZES, hidden_activation=pb.Activation(kind=pb.ACTIVATION_KIND_RELU)
+        ),
+        loss=pb.Loss(kind=loss),
+        tensors=[pb.TensorDescriptor(name=k, dtype=WIRE[v.dtype], shape=v.shape)
+                 for k, v in tensors.items()],
+    )
+    for k, v in fields.items():
+        setattr(h, k, v)
+    return h
+
+
+def chunks_for(tensors):
+    return [pb.ComputeRequest(chunk=pb.TensorChunk(name=k, offset=0, data=v.tobytes()))
+            for k, v in tensors.items()]
+
+
+def valid_stream(loss="mse"):
+    t = valid_tensors(loss)
+    lk = pb.LOSS_KIND_CROSS_ENTROPY if loss == "cross_entropy" else pb.LOSS_KIND_MSE
+    return [pb.ComputeRequest(header=header_for(t, loss=lk)), *chunks_for(t)]
+
+
+def with_header(mutate):
+    stream = valid_stream()
+    mutate(stream[0].header)
+    return stream
+
+
+def set_shape(name, shape):
+    def mutate(h):
+        for d in h.tensors:
+            if d.name == name:
+                del d.shape[:]
+                d.shape.extend(shape)
+    return mutate
+
+
+def split_chunk(stream, index, at):
+    c = stream[index].chunk
+    first = pb.ComputeRequest(chunk=pb.TensorChunk(name=c.name, offset=0, data=c.data[:at]))
+    rest = pb.ComputeRequest(chunk=pb.TensorChunk(name=c.name, offset=at, data=c.data[at:]))
+    return stream[:index] + [first, rest] + stream[index + 1 :]
+
+
+def drop_descriptor(name):
+    def mutate(h):
+        keep = [d for d in h.tensors if d.name != name]
+        del h.tensors[:]
+        h.tensors.extend(keep)
+    return mutate
+
+
+def nan_inputs():
+    t = valid_tensors()
+    t["inputs"][0, 1, 2] = np.nan
+    return [pb.ComputeRequest(header=header_for(t)), *chunks_for(t)]
+
+
+def ce_targets(values, dtype=np.int64):
+    t = valid_tensors("cross_entropy")
+    t["targets"] = np.full((M, N), values).astype(dtype)
+    return [pb.ComputeRequest(header=header_for(t, loss=pb.LOSS_KIND_CROSS_ENTROPY)),
+            *chunks_for(t)]
+
+
+def huge_declared_job():
+    big = 2**40
+    return with_header(lambda h: (set_shape("layers.0.weight", [big, 5, 3])(h),
+                                  set_shape("layers.0.bias", [big, 5])(h),
+                                  set_shape("layers.1.weight", [big, 2, 5])(h),
+                                  set_shape("layers.1.bias", [big, 2])(h),
+                                  set_shape("inputs", [big, N, 3])(h),
+                                  set_shape("targets", [big, N, 2])(h)))
+
+
+def overflowing_dims():
+    # Each dimension fits int64 but their product does not.
+    return with_header(lambda h: (set_shape("inputs", [M, 2**62, 3])(h),
+                                  set_shape("targets", [M, 2**62, 2])(h)))
+
+
+CASES = {
+    "no messages at all": ([], INVALID),
+    "chunk before header": (valid_stream()[1:], INVALID),
+    "empty request message": ([pb.ComputeRequest()], INVALID),
+    "one layer size": (with_header(lambda h: h.architecture.layer_sizes.pop()), INVALID),
+    "zero width": (with_header(lambda h: h.architecture.layer_sizes.__setitem__(1, 0)), INVALID),
+    "negative width": (with_header(lambda h: h.architecture.layer_sizes.__setitem__(1, -5)),
+                       INVALID),
+    "unknown activation": (with_header(
+        lambda h: setattr(h.architecture.hidden_activation, "kind", 99)), INVALID),
+    "unknown loss": (with_header(lambda h: setattr(h.loss, "kind", 42)), INVALID),
+    "unknown reduction": (with_header(lambda h: setattr(h.loss, "reduction", 7)), INVALID),
+    "unknown precision": (with_header(lambda h: setattr(h, "precision", 17)), INVALID),
+    "unknown backend": (with_header(lambda h: setattr(h, "backend", 9)), INVALID),
+    "non-float gradient dtype": (with_header(
+        lambda h: setattr(h, "gradient_dtype", pb.DTYPE_INT64)), INVALID),
+    "negative huber delta": (with_header(lambda h: setattr(h.loss, "huber_delta", -1.0)),
+                             INVALID),
+    "unknown tensor dtype": (with_header(lambda h: setattr(h.tensors[0], "dtype", 55)), INVALID),
+    "weight shape disagrees with layer sizes": (with_header(
+        set_shape("layers.1.weight", [M, 2, 4])), INVALID),
+    "zero-sized dimension": (with_header(set_shape("inputs", [M, 0, 3])), INVALID),
+    "targets missing": (with_header(drop_descriptor("targets"))[:-1], INVALID),
+    "duplicate descriptor": (with_header(lambda h: h.tensors.append(h.tensors[0])), INVALID),
+    "unexpected tensor": (with_header(lambda h: h.tensors.add(
+        name="extra", dtype=pb.DTYPE_FLOAT32, shape=[1])), INVALID),
+    "stream ends before all bytes": (valid_stream()[:-1], INVALID),
+    "duplicate chunk": (valid_stream() + [valid_stream()[2]], INVALID),
+    "chunks out of order": (split_chunk(valid_stream(), 1, 8)[:1]
+                            + split_chunk(valid_stream(), 1, 8)[2:3]
+                            + split_chunk(valid_stream(), 1, 8)[1:2]
+                            + split_chunk(valid_stream(), 1, 8)[3:], INVALID),
+    "chunk beyond declared size": (valid_stream()[:-1] + [pb.ComputeRequest(
+        chunk=pb.TensorChunk(name="targets", offset=0, data=b"\0" * (M * N * 2 * 4 + 4)))],
+        INVALID),
+    "chunk for undeclared tensor": (valid_stream() + [pb.ComputeRequest(
+        chunk=pb.TensorChunk(name="nope", offset=0, data=b"1234"))], INVALID),
+    "empty chunk": (valid_stream()[:2] + [pb.ComputeRequest(
+        chunk=pb.TensorChunk(name="layers.0.bias", offset=0, data=b""))], INVALID),
+    "second header": (valid_stream()[:2] + valid_stream()[:1], INVALID),
+    "NaN input under the reject policy": (nan_inputs(), INVALID),
+    "cross-entropy class out of range": (ce_targets(SIZES[-1]), INVALID),
+    "negative cross-entropy class": (ce_targets(-1), INVALID),
+    "float cross-entropy targets": (ce_targets(1, np.float32), INVALID),
+    "absurd M": (huge_declared_job(), EXHAUSTED),
+    "dimension product overflows int64": (overflowing_dims(), EXHAUSTED),
+    "width over the limit": (with_header(
+        lambda h: h.architecture.layer_sizes.__setitem__(1, 10**6)), EXHAUSTED),
+    "job over the in-flight byte bound": (with_header(lambda h: (
+        set_shape("inputs", [M, 9000, 3])(h), set_shape("targets", [M, 9000, 2])(h))),
+        EXHAUSTED),
+    "chunk over the message limit": (valid_stream()[:1] + [pb.ComputeRequest(
+        chunk=pb.TensorChunk(name="inputs", offset=0, data=b"\0" * (MAX_CHUNK + (2 << 20))))],
+        EXHAUSTED),
+    "float64 on an engine that lacks it": (with_header(lambda h: (
+        setattr(h, "precision", pb.PRECISION_FLOAT64),
+        setattr(h, "backend", pb.BACKEND_TRITON))), UNIMPLEMENTED),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_malformed_job_gets_its_status_code(stub, case):
+    stream, code = CASES[case]
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Compute(iter(stream), timeout=30))
+    assert err.value.code() == code, err.value.details()
+    assert err.value.details()
+
+
+def test_header_then_silence_hits_the_upload_idle_timeout(stub):
+    release = threading.Event()
+
+    def stream():
+        yield valid_stream()[0]
+        release.wait(30)
+
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Compute(stream(), timeout=30))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        release.set()
+
+
+def test_nan_inputs_are_accepted_when_allowed(stub):
+    stream = nan_inputs()
+    stream[0].header.allow_non_finite = True
+    responses = list(stub.Compute(iter(stream), timeout=30))
+    assert responses[-1].WhichOneof("payload") == "summary"
+
+
+def test_server_serves_a_valid_job_after_all_bad_ones(stub, limited_server):
+    for stream, _ in CASES.values():
+        try:
+            list(stub.Compute(iter(stream), timeout=30))
+        except grpc.RpcError:
+            pass
+    responses = list(stub.Compute(iter(valid_stream()), timeout=30))
+    kinds = [r.WhichOneof("payload") for r in responses]
+    assert kinds[0] == "accepted" and kinds[-1] == "summary"
+    assert limited_server.process.poll() is None
+    assert not any("Traceback" in line for line in limited_server.log)

@@ -1,0 +1,107 @@
+"""Gradients through a real server and the real client equal the float64 oracle."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradserve import kernels
+from tests.jobs import random_job
+from tests.oracle import assert_close_per_model, oracle
+
+ODD_SIZES = (5, 13, 7, 3)
+
+
+def params_of(tensors):
+    return {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+
+
+def check(client, layer_sizes, tensors, precision="float32", **opts):
+    result = client.compute(
+        params_of(tensors),
+        tensors["inputs"].numpy(),
+        tensors["targets"].numpy(),
+        sample_weights=tensors["sample_weights"].numpy() if "sample_weights" in tensors else None,
+        precision=precision,
+        input_gradients=True,
+        per_sample_losses=True,
+        forward_outputs=True,
+        **opts,
+    )
+    ref = oracle(
+        layer_sizes, tensors, tensors["inputs"], tensors["targets"],
+        hidden=opts.get("hidden_activation", "relu"),
+        output=opts.get("output_activation", "identity"),
+        loss=opts.get("loss", "mse"), reduction=opts.get("reduction", "mean"),
+        sample_weights=tensors.get("sample_weights"),
+    )
+    assert isinstance(result.loss, np.ndarray)
+    assert result.engine == "torch" and result.device == "cpu"
+    assert_close_per_model("loss", result.loss, ref.loss, precision)
+    for i in range(len(layer_sizes) - 1):
+        for kind in ("weight", "bias"):
+            name = f"layers.{i}.{kind}"
+            assert_close_per_model(name, result.gradients[name], ref.grads[name + ".grad"],
+                                   precision)
+    assert_close_per_model("inputs.grad", result.input_gradients, ref.input_grads, precision)
+    assert_close_per_model("per_sample_loss", result.per_sample_loss, ref.per_sample_loss,
+                           precision)
+    assert_close_per_model("outputs", result.outputs, ref.outputs, precision)
+    return result
+
+
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+@pytest.mark.parametrize("reduction", kernels.REDUCTIONS)
+@pytest.mark.parametrize("loss", kernels.LOSSES)
+@pytest.mark.parametrize("hidden", kernels.ACTIVATIONS)
+def test_server_matches_oracle_for_every_activation_and_loss(
+    client, hidden, loss, reduction, shared, m
+):
+    tensors = random_job(ODD_SIZES, m, 9, loss=loss, shared_inputs=shared, seed=m + 1)
+    check(client, ODD_SIZES, tensors, hidden_activation=hidden, loss=loss, reduction=reduction)
+
+
+@pytest.mark.parametrize(
+    "layer_sizes, m, n", [((1, 1), 1, 1), ((7, 1, 9, 2), 5, 1), ((3, 17, 17, 4), 2, 33)]
+)
+def test_server_awkward_shapes_with_sample_weights(client, layer_sizes, m, n):
+    tensors = random_job(layer_sizes, m, n, sample_weights=True, seed=3)
+    check(client, layer_sizes, tensors, hidden_activation="softplus", output_activation="sigmoid")
+
+
+def test_server_float64_job(client):
+    tensors = random_job(ODD_SIZES, 3, 6, dtype=torch.float64, seed=8)
+    result = check(client, ODD_SIZES, tensors, precision="float64", hidden_activation="gelu")
+    assert result.loss.dtype == np.float64
+
+
+def test_leaky_relu_slope_and_huber_delta_cross_the_wire(client):
+    tensors = random_job(ODD_SIZES, 2, 8, seed=12)
+    result = client.compute(params_of(tensors), tensors["inputs"].numpy(),
+                            tensors["targets"].numpy(), hidden_activation=("leaky_relu", 0.2),
+                            loss="huber", huber_delta=0.1)
+    ref = oracle(ODD_SIZES, tensors, tensors["inputs"], tensors["targets"],
+                 hidden="leaky_relu", negative_slope=0.2, loss="huber", huber_delta=0.1)
+    assert_close_per_model("loss", result.loss, ref.loss, "float32")
+    assert_close_per_model("w0", result.gradients["layers.0.weight"],
+                           ref.grads["layers.0.weight.grad"], "float32")
+
+
+def test_bfloat16_gradient_transport_is_within_bf16_tolerance(client):
+    tensors = random_job(ODD_SIZES, 3, 10, seed=4)
+    full = client.compute(params_of(tensors), tensors["inputs"].numpy(),
+                          tensors["targets"].numpy())
+    half = client.compute(params_of(tensors), tensors["inputs"].numpy(),
+                          tensors["targets"].numpy(), gradient_dtype="bfloat16")
+    grad_bytes = sum(v.nbytes for k, v in full.tensors.items() if k.endswith(".grad"))
+    assert half.summary["bytes_sent"] == full.summary["bytes_sent"] - grad_bytes // 2
+    for name, g in full.gradients.items():
+        assert_close_per_model(name, half.gradients[name], torch.from_numpy(g), "bfloat16")
+
+
+def test_loss_only_job_sends_no_gradients(client):
+    tensors = random_job(ODD_SIZES, 2, 5)
+    result = client.compute(params_of(tensors), tensors["inputs"].numpy(),
+                            tensors["targets"].numpy(), parameter_gradients=False)
+    assert result.gradients is None
+    assert list(result.tensors) == ["loss"]
