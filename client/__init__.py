@@ -1,10 +1,10 @@
 """The thin gradserve client: numpy + grpcio + protobuf; torch only if you pass torch.
 
-    from gradserve.client import GradientClient
+from gradserve.client import GradientClient
 
-    with GradientClient("localhost:50051") as client:
-        result = client.compute(model, inputs, targets, loss="mse")
-        result.loss, result.gradients
+with GradientClient("localhost:50051") as client:
+    result = client.compute(model, inputs, targets, loss="mse")
+    result.loss, result.gradients
 """
 
 from gradserve.client._aio import AsyncGradientClient

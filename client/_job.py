@@ -12,7 +12,7 @@ import grpc
 from gradserve.client._errors import GradserveError
 from gradserve.client._models import Ensemble, as_array
 from gradserve.client._tensors import (
-    DTYPE_BY_NAME,
+    DATA_TYPE_BY_NAME,
     NUMPY_DTYPES,
     from_wire,
     is_torch,
@@ -108,7 +108,7 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
         output = (output, opts.negative_slope)
     grad_dtype = 0
     if opts.gradient_dtype is not None:
-        grad_dtype = _choice(DTYPE_BY_NAME, opts.gradient_dtype, "gradient_dtype")
+        grad_dtype = _choice(DATA_TYPE_BY_NAME, opts.gradient_dtype, "gradient_dtype")
     tensors = dict(ensemble.params)
     tensors["inputs"] = as_array(inputs)
     tensors["targets"] = as_array(targets)

@@ -137,8 +137,9 @@ def _from_dict(state: dict) -> Ensemble:
     w0 = params["layers.0.weight"]
     if len(w0.shape) != 3:
         raise ValueError("stacked weights must be [M, d_out, d_in]")
-    sizes = [int(w0.shape[2])] + [int(params[f"layers.{i}.weight"].shape[1])
-                                  for i in range(num_layers)]
+    sizes = [int(w0.shape[2])] + [
+        int(params[f"layers.{i}.weight"].shape[1]) for i in range(num_layers)
+    ]
     as_torch = any(is_torch(v) for v in params.values())
     return Ensemble(params, sizes, None, None, "dict", keys, as_torch)
 

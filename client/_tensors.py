@@ -10,25 +10,25 @@ import numpy as np
 from gradserve.v1 import gradserve_pb2 as pb
 
 NUMPY_DTYPES = {
-    pb.DTYPE_FLOAT32: np.dtype("<f4"),
-    pb.DTYPE_FLOAT64: np.dtype("<f8"),
-    pb.DTYPE_FLOAT16: np.dtype("<f2"),
-    pb.DTYPE_INT64: np.dtype("<i8"),
-    pb.DTYPE_INT32: np.dtype("<i4"),
-    pb.DTYPE_BFLOAT16: np.dtype("<u2"),  # bit pattern; widened to float32 for numpy callers
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_BFLOAT16: np.dtype("<u2"),  # bit pattern; widened to float32 for numpy callers
 }
 WIRE_DTYPES = {
-    np.dtype("float32"): pb.DTYPE_FLOAT32,
-    np.dtype("float64"): pb.DTYPE_FLOAT64,
-    np.dtype("float16"): pb.DTYPE_FLOAT16,
-    np.dtype("int64"): pb.DTYPE_INT64,
-    np.dtype("int32"): pb.DTYPE_INT32,
+    np.dtype("float32"): pb.DATA_TYPE_FLOAT32,
+    np.dtype("float64"): pb.DATA_TYPE_FLOAT64,
+    np.dtype("float16"): pb.DATA_TYPE_FLOAT16,
+    np.dtype("int64"): pb.DATA_TYPE_INT64,
+    np.dtype("int32"): pb.DATA_TYPE_INT32,
 }
-DTYPE_BY_NAME = {
-    "float32": pb.DTYPE_FLOAT32,
-    "float64": pb.DTYPE_FLOAT64,
-    "float16": pb.DTYPE_FLOAT16,
-    "bfloat16": pb.DTYPE_BFLOAT16,
+DATA_TYPE_BY_NAME = {
+    "float32": pb.DATA_TYPE_FLOAT32,
+    "float64": pb.DATA_TYPE_FLOAT64,
+    "float16": pb.DATA_TYPE_FLOAT16,
+    "bfloat16": pb.DATA_TYPE_BFLOAT16,
 }
 
 
@@ -43,9 +43,10 @@ def to_wire(x: Any) -> tuple[int, tuple[int, ...], memoryview]:
 
         t = x.detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:
-            return pb.DTYPE_BFLOAT16, tuple(t.shape), memoryview(t.view(torch.int16).numpy())
-        if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int32,
-                                                                                torch.int64)):
+            return pb.DATA_TYPE_BFLOAT16, tuple(t.shape), memoryview(t.view(torch.int16).numpy())
+        if t.dtype == torch.bool or not (
+            t.is_floating_point() or t.dtype in (torch.int32, torch.int64)
+        ):
             t = t.long()
         x = t.numpy()
     a = np.asarray(x)
@@ -66,7 +67,7 @@ def from_wire(buffer: bytearray, dtype: int, shape, as_torch: bool):
         import torch
 
         t = torch.from_numpy(raw.copy() if not raw.flags.writeable else raw)
-        return t.view(torch.bfloat16) if dtype == pb.DTYPE_BFLOAT16 else t
-    if dtype == pb.DTYPE_BFLOAT16:
+        return t.view(torch.bfloat16) if dtype == pb.DATA_TYPE_BFLOAT16 else t
+    if dtype == pb.DATA_TYPE_BFLOAT16:
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw

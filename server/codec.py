@@ -10,23 +10,28 @@ import torch
 from gradserve.v1 import gradserve_pb2 as pb
 
 TORCH_DTYPES = {
-    pb.DTYPE_FLOAT32: torch.float32,
-    pb.DTYPE_FLOAT64: torch.float64,
-    pb.DTYPE_FLOAT16: torch.float16,
-    pb.DTYPE_BFLOAT16: torch.bfloat16,
-    pb.DTYPE_INT64: torch.int64,
-    pb.DTYPE_INT32: torch.int32,
+    pb.DATA_TYPE_FLOAT32: torch.float32,
+    pb.DATA_TYPE_FLOAT64: torch.float64,
+    pb.DATA_TYPE_FLOAT16: torch.float16,
+    pb.DATA_TYPE_BFLOAT16: torch.bfloat16,
+    pb.DATA_TYPE_INT64: torch.int64,
+    pb.DATA_TYPE_INT32: torch.int32,
 }
 ITEM_SIZES = {
-    pb.DTYPE_FLOAT32: 4,
-    pb.DTYPE_FLOAT64: 8,
-    pb.DTYPE_FLOAT16: 2,
-    pb.DTYPE_BFLOAT16: 2,
-    pb.DTYPE_INT64: 8,
-    pb.DTYPE_INT32: 4,
+    pb.DATA_TYPE_FLOAT32: 4,
+    pb.DATA_TYPE_FLOAT64: 8,
+    pb.DATA_TYPE_FLOAT16: 2,
+    pb.DATA_TYPE_BFLOAT16: 2,
+    pb.DATA_TYPE_INT64: 8,
+    pb.DATA_TYPE_INT32: 4,
 }
-FLOAT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
-INT_DTYPES = (pb.DTYPE_INT64, pb.DTYPE_INT32)
+FLOAT_DTYPES = (
+    pb.DATA_TYPE_FLOAT32,
+    pb.DATA_TYPE_FLOAT64,
+    pb.DATA_TYPE_FLOAT16,
+    pb.DATA_TYPE_BFLOAT16,
+)
+INT_DTYPES = (pb.DATA_TYPE_INT64, pb.DATA_TYPE_INT32)
 
 
 def nbytes(dtype: int, shape) -> int:

@@ -12,7 +12,7 @@ import torch
 
 import gradserve
 from gradserve import kernels
-from gradserve.kernels import EnsembleResult, EngineUnavailable
+from gradserve.kernels import EngineUnavailable, EnsembleResult
 from gradserve.server import codec
 from gradserve.server.admission import Admission
 from gradserve.server.assembly import PayloadAssembler
@@ -46,8 +46,7 @@ def encode_results(plan: JobPlan, result: EnsembleResult) -> list[tuple[str, mem
     if result.input_grads is not None:
         by_name["inputs.grad"] = result.input_grads
     return [
-        (d.name, codec.tensor_to_bytes(by_name[d.name], d.dtype))
-        for d in plan.result_descriptors()
+        (d.name, codec.tensor_to_bytes(by_name[d.name], d.dtype)) for d in plan.result_descriptors()
     ]
 
 
@@ -63,9 +62,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             pb.EngineInfo(
                 name=name,
                 device=str(self.device),
-                precisions=[
-                    k for k, v in PRECISION_NAMES.items() if v in precisions and k != 0
-                ],
+                precisions=[k for k, v in PRECISION_NAMES.items() if v in precisions and k != 0],
             )
             for name, precisions in kernels.available_engines(self.device).items()
         ]
@@ -107,8 +104,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
             outcome = "ok"
         except JobError as e:
             outcome = e.code.name
-            log.info("job=%s peer=%s outcome=%s message=%s", job_id, context.peer(), outcome,
-                     e.message)
+            log.info(
+                "job=%s peer=%s outcome=%s message=%s", job_id, context.peer(), outcome, e.message
+            )
             await context.abort(e.code, e.message)
         except asyncio.CancelledError:
             outcome = "CANCELLED"
@@ -116,8 +114,11 @@ class GradientService(pb_grpc.GradientServiceServicer):
         finally:
             if outcome in ("ok", "CANCELLED"):
                 log.info(
-                    "job=%s peer=%s outcome=%s seconds=%.4f %s", job_id, context.peer(),
-                    outcome, time.perf_counter() - started,
+                    "job=%s peer=%s outcome=%s seconds=%.4f %s",
+                    job_id,
+                    context.peer(),
+                    outcome,
+                    time.perf_counter() - started,
                     " ".join(f"{k}={v}" for k, v in info.items()),
                 )
 
@@ -133,8 +134,13 @@ class GradientService(pb_grpc.GradientServiceServicer):
             engine = kernels.select_engine(plan.backend, plan.precision, self.device)
         except EngineUnavailable as e:
             raise unsupported(str(e)) from None
-        info.update(engine=engine, M=plan.num_models, N=plan.num_samples,
-                    layers=list(plan.mlp.layer_sizes), tag=plan.client_tag)
+        info.update(
+            engine=engine,
+            M=plan.num_models,
+            N=plan.num_samples,
+            layers=list(plan.mlp.layer_sizes),
+            tag=plan.client_tag,
+        )
 
         with self.admission.reserve(plan.payload_bytes):
             descriptors = plan.result_descriptors()
@@ -173,7 +179,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     upload_seconds=uploaded - header_at,
                     queue_seconds=done.queue_seconds,
                     compute_seconds=done.compute_seconds,
-                    download_seconds=finished - uploaded - done.queue_seconds
+                    download_seconds=finished
+                    - uploaded
+                    - done.queue_seconds
                     - done.compute_seconds,
                 ),
                 flops=kernels.flops(plan.mlp, plan.num_models, plan.num_samples),
@@ -183,5 +191,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 models_in_launch=plan.num_models,
             )
             await context.write(pb.ComputeResponse(summary=summary))
-            info.update(bytes_in=plan.payload_bytes, bytes_out=sent,
-                        compute_s=round(done.compute_seconds, 4))
+            info.update(
+                bytes_in=plan.payload_bytes,
+                bytes_out=sent,
+                compute_s=round(done.compute_seconds, 4),
+            )

@@ -55,7 +55,12 @@ BACKEND_NAMES = {
     pb.BACKEND_TORCH: "torch",
     pb.BACKEND_TRITON: "triton",
 }
-GRADIENT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
+GRADIENT_DTYPES = (
+    pb.DATA_TYPE_FLOAT32,
+    pb.DATA_TYPE_FLOAT64,
+    pb.DATA_TYPE_FLOAT16,
+    pb.DATA_TYPE_BFLOAT16,
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class JobPlan:
         """Result tensors in sending order: loss first, then gradients last layer first."""
         m, n = self.num_models, self.num_samples
         sizes = self.mlp.layer_sizes
-        float_out = pb.DTYPE_FLOAT64 if self.precision == "float64" else pb.DTYPE_FLOAT32
+        float_out = pb.DATA_TYPE_FLOAT64 if self.precision == "float64" else pb.DATA_TYPE_FLOAT32
         out = [codec.descriptor("loss", float_out, (m,))]
         if self.outputs.per_sample_losses:
             out.append(codec.descriptor("per_sample_loss", float_out, (m, n)))
@@ -187,7 +192,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
     precision = _enum(header.precision, PRECISION_NAMES, "precision")
     backend = _enum(header.backend, BACKEND_NAMES, "backend")
     grad_dtype = header.gradient_dtype or (
-        pb.DTYPE_FLOAT64 if precision == "float64" else pb.DTYPE_FLOAT32
+        pb.DATA_TYPE_FLOAT64 if precision == "float64" else pb.DATA_TYPE_FLOAT32
     )
     if grad_dtype not in GRADIENT_DTYPES:
         raise invalid(f"gradient_dtype {grad_dtype} is not a floating-point dtype")
@@ -214,7 +219,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             raise invalid(f"tensor {name!r} is missing")
         got = declared[name]
         if got.dtype not in dtypes:
-            raise invalid(f"tensor {name!r} has dtype {pb.DType.Name(got.dtype)}, not allowed")
+            raise invalid(f"tensor {name!r} has dtype {pb.DataType.Name(got.dtype)}, not allowed")
         got_shape = tuple(got.shape)
         if name == "targets" and not shared and len(got_shape) == len(shape) - 1:
             shape = shape[1:]  # per-model inputs may share one set of targets

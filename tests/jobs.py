@@ -39,9 +39,21 @@ def random_job(
     return tensors
 
 
-def ensemble_job(tensors, layer_sizes, *, hidden="relu", output="identity", loss="mse",
-                 reduction="mean", precision="float32", negative_slope=0.01, huber_delta=1.0,
-                 input_gradients=True, per_sample_losses=True, forward_outputs=True):
+def ensemble_job(
+    tensors,
+    layer_sizes,
+    *,
+    hidden="relu",
+    output="identity",
+    loss="mse",
+    reduction="mean",
+    precision="float32",
+    negative_slope=0.01,
+    huber_delta=1.0,
+    input_gradients=True,
+    per_sample_losses=True,
+    forward_outputs=True,
+):
     """An engine job (gradserve.kernels.EnsembleJob) over the tensors of random_job()."""
     from gradserve import kernels as k
 

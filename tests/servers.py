@@ -25,12 +25,11 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def run_server(*flags: str, env: dict | None = None, ready_timeout: float = 60) -> Iterator[
-    RunningServer
-]:
+def run_server(
+    *flags: str, env: dict | None = None, ready_timeout: float = 60
+) -> Iterator[RunningServer]:
     """Start `python -m gradserve.server` on a free port; yield once it answers gRPC."""
-    cmd = [sys.executable, "-m", "gradserve.server", "--port", "0", "--log-level", "INFO",
-           *flags]
+    cmd = [sys.executable, "-m", "gradserve.server", "--port", "0", "--log-level", "INFO", *flags]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     log: list[str] = []
     address = None

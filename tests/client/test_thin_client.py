@@ -33,7 +33,8 @@ def test_client_runs_a_job_without_torch_or_triton(server):
         print("thin client ok")
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "thin client ok" in out.stdout

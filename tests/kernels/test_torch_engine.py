@@ -27,10 +27,12 @@ def check_against_oracle(layer_sizes, tensors, precision="float32", **options):
     )
     assert_close_per_model("loss", got.loss, ref.loss, precision)
     for i in range(len(layer_sizes) - 1):
-        assert_close_per_model(f"w{i}", got.weight_grads[i], ref.grads[f"layers.{i}.weight.grad"],
-                               precision)
-        assert_close_per_model(f"b{i}", got.bias_grads[i], ref.grads[f"layers.{i}.bias.grad"],
-                               precision)
+        assert_close_per_model(
+            f"w{i}", got.weight_grads[i], ref.grads[f"layers.{i}.weight.grad"], precision
+        )
+        assert_close_per_model(
+            f"b{i}", got.bias_grads[i], ref.grads[f"layers.{i}.bias.grad"], precision
+        )
     assert_close_per_model("inputs.grad", got.input_grads, ref.input_grads, precision)
     assert_close_per_model("per_sample_loss", got.per_sample_loss, ref.per_sample_loss, precision)
     assert_close_per_model("outputs", got.outputs, ref.outputs, precision)
@@ -81,14 +83,29 @@ def test_narrow_operands_within_their_tolerance(precision):
 def test_leaky_relu_slope_and_huber_delta_are_honoured():
     tensors = random_job(ODD_SIZES, 2, 12, seed=5)
     for slope, delta in [(0.3, 0.05), (0.01, 3.0)]:
-        job = ensemble_job(tensors, ODD_SIZES, hidden="leaky_relu", negative_slope=slope,
-                           loss="huber", huber_delta=delta)
+        job = ensemble_job(
+            tensors,
+            ODD_SIZES,
+            hidden="leaky_relu",
+            negative_slope=slope,
+            loss="huber",
+            huber_delta=delta,
+        )
         got = torch_engine.run(job)
-        ref = oracle(ODD_SIZES, tensors, tensors["inputs"], tensors["targets"],
-                     hidden="leaky_relu", negative_slope=slope, loss="huber", huber_delta=delta)
+        ref = oracle(
+            ODD_SIZES,
+            tensors,
+            tensors["inputs"],
+            tensors["targets"],
+            hidden="leaky_relu",
+            negative_slope=slope,
+            loss="huber",
+            huber_delta=delta,
+        )
         assert_close_per_model("loss", got.loss, ref.loss, "float32")
-        assert_close_per_model("w0", got.weight_grads[0], ref.grads["layers.0.weight.grad"],
-                               "float32")
+        assert_close_per_model(
+            "w0", got.weight_grads[0], ref.grads["layers.0.weight.grad"], "float32"
+        )
 
 
 def test_gradcheck_in_float64():
@@ -110,8 +127,9 @@ def test_gradcheck_in_float64():
 
 def test_skipping_parameter_gradients_returns_only_the_loss():
     tensors = random_job(ODD_SIZES, 2, 4)
-    job = ensemble_job(tensors, ODD_SIZES, input_gradients=False, per_sample_losses=False,
-                       forward_outputs=False)
+    job = ensemble_job(
+        tensors, ODD_SIZES, input_gradients=False, per_sample_losses=False, forward_outputs=False
+    )
     job.outputs = kernels.OutputRequest(parameter_gradients=False)
     got = torch_engine.run(job)
     assert got.weight_grads is None and got.input_grads is None

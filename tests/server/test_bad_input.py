@@ -25,10 +25,14 @@ MAX_INFLIGHT = 200_000
 @pytest.fixture(scope="module")
 def limited_server():
     with run_server(
-        "--upload-idle-timeout-s", "1",
-        "--max-chunk-bytes", str(MAX_CHUNK),
-        "--chunk-bytes", str(MAX_CHUNK),
-        "--max-inflight-bytes", str(MAX_INFLIGHT),
+        "--upload-idle-timeout-s",
+        "1",
+        "--max-chunk-bytes",
+        str(MAX_CHUNK),
+        "--chunk-bytes",
+        str(MAX_CHUNK),
+        "--max-inflight-bytes",
+        str(MAX_INFLIGHT),
     ) as running:
         yield running
 
@@ -53,8 +57,11 @@ def valid_tensors(loss: str = "mse") -> dict[str, np.ndarray]:
     return t
 
 
-WIRE = {np.dtype("float32"): pb.DTYPE_FLOAT32, np.dtype("int64"): pb.DTYPE_INT64,
-        np.dtype("float64"): pb.DTYPE_FLOAT64}
+WIRE = {
+    np.dtype("float32"): pb.DATA_TYPE_FLOAT32,
+    np.dtype("int64"): pb.DATA_TYPE_INT64,
+    np.dtype("float64"): pb.DATA_TYPE_FLOAT64,
+}
 
 
 def header_for(tensors, loss=pb.LOSS_KIND_MSE, **fields) -> pb.JobHeader:
@@ -63,8 +70,10 @@ def header_for(tensors, loss=pb.LOSS_KIND_MSE, **fields) -> pb.JobHeader:
             layer_sizes=SIZES, hidden_activation=pb.Activation(kind=pb.ACTIVATION_KIND_RELU)
         ),
         loss=pb.Loss(kind=loss),
-        tensors=[pb.TensorDescriptor(name=k, dtype=WIRE[v.dtype], shape=v.shape)
-                 for k, v in tensors.items()],
+        tensors=[
+            pb.TensorDescriptor(name=k, dtype=WIRE[v.dtype], shape=v.shape)
+            for k, v in tensors.items()
+        ],
     )
     for k, v in fields.items():
         setattr(h, k, v)
@@ -72,8 +81,10 @@ def header_for(tensors, loss=pb.LOSS_KIND_MSE, **fields) -> pb.JobHeader:
 
 
 def chunks_for(tensors):
-    return [pb.ComputeRequest(chunk=pb.TensorChunk(name=k, offset=0, data=v.tobytes()))
-            for k, v in tensors.items()]
+    return [
+        pb.ComputeRequest(chunk=pb.TensorChunk(name=k, offset=0, data=v.tobytes()))
+        for k, v in tensors.items()
+    ]
 
 
 def valid_stream(loss="mse"):
@@ -94,6 +105,7 @@ def set_shape(name, shape):
             if d.name == name:
                 del d.shape[:]
                 d.shape.extend(shape)
+
     return mutate
 
 
@@ -109,6 +121,7 @@ def drop_descriptor(name):
         keep = [d for d in h.tensors if d.name != name]
         del h.tensors[:]
         h.tensors.extend(keep)
+
     return mutate
 
 
@@ -121,24 +134,31 @@ def nan_inputs():
 def ce_targets(values, dtype=np.int64):
     t = valid_tensors("cross_entropy")
     t["targets"] = np.full((M, N), values).astype(dtype)
-    return [pb.ComputeRequest(header=header_for(t, loss=pb.LOSS_KIND_CROSS_ENTROPY)),
-            *chunks_for(t)]
+    return [
+        pb.ComputeRequest(header=header_for(t, loss=pb.LOSS_KIND_CROSS_ENTROPY)),
+        *chunks_for(t),
+    ]
 
 
 def huge_declared_job():
     big = 2**40
-    return with_header(lambda h: (set_shape("layers.0.weight", [big, 5, 3])(h),
-                                  set_shape("layers.0.bias", [big, 5])(h),
-                                  set_shape("layers.1.weight", [big, 2, 5])(h),
-                                  set_shape("layers.1.bias", [big, 2])(h),
-                                  set_shape("inputs", [big, N, 3])(h),
-                                  set_shape("targets", [big, N, 2])(h)))
+    return with_header(
+        lambda h: (
+            set_shape("layers.0.weight", [big, 5, 3])(h),
+            set_shape("layers.0.bias", [big, 5])(h),
+            set_shape("layers.1.weight", [big, 2, 5])(h),
+            set_shape("layers.1.bias", [big, 2])(h),
+            set_shape("inputs", [big, N, 3])(h),
+            set_shape("targets", [big, N, 2])(h),
+        )
+    )
 
 
 def overflowing_dims():
     # Each dimension fits int64 but their product does not.
-    return with_header(lambda h: (set_shape("inputs", [M, 2**62, 3])(h),
-                                  set_shape("targets", [M, 2**62, 2])(h)))
+    return with_header(
+        lambda h: (set_shape("inputs", [M, 2**62, 3])(h), set_shape("targets", [M, 2**62, 2])(h))
+    )
 
 
 CASES = {
@@ -147,39 +167,63 @@ CASES = {
     "empty request message": ([pb.ComputeRequest()], INVALID),
     "one layer size": (with_header(lambda h: h.architecture.layer_sizes.pop()), INVALID),
     "zero width": (with_header(lambda h: h.architecture.layer_sizes.__setitem__(1, 0)), INVALID),
-    "negative width": (with_header(lambda h: h.architecture.layer_sizes.__setitem__(1, -5)),
-                       INVALID),
-    "unknown activation": (with_header(
-        lambda h: setattr(h.architecture.hidden_activation, "kind", 99)), INVALID),
+    "negative width": (
+        with_header(lambda h: h.architecture.layer_sizes.__setitem__(1, -5)),
+        INVALID,
+    ),
+    "unknown activation": (
+        with_header(lambda h: setattr(h.architecture.hidden_activation, "kind", 99)),
+        INVALID,
+    ),
     "unknown loss": (with_header(lambda h: setattr(h.loss, "kind", 42)), INVALID),
     "unknown reduction": (with_header(lambda h: setattr(h.loss, "reduction", 7)), INVALID),
     "unknown precision": (with_header(lambda h: setattr(h, "precision", 17)), INVALID),
     "unknown backend": (with_header(lambda h: setattr(h, "backend", 9)), INVALID),
-    "non-float gradient dtype": (with_header(
-        lambda h: setattr(h, "gradient_dtype", pb.DTYPE_INT64)), INVALID),
-    "negative huber delta": (with_header(lambda h: setattr(h.loss, "huber_delta", -1.0)),
-                             INVALID),
+    "non-float gradient dtype": (
+        with_header(lambda h: setattr(h, "gradient_dtype", pb.DATA_TYPE_INT64)),
+        INVALID,
+    ),
+    "negative huber delta": (with_header(lambda h: setattr(h.loss, "huber_delta", -1.0)), INVALID),
     "unknown tensor dtype": (with_header(lambda h: setattr(h.tensors[0], "dtype", 55)), INVALID),
-    "weight shape disagrees with layer sizes": (with_header(
-        set_shape("layers.1.weight", [M, 2, 4])), INVALID),
+    "weight shape disagrees with layer sizes": (
+        with_header(set_shape("layers.1.weight", [M, 2, 4])),
+        INVALID,
+    ),
     "zero-sized dimension": (with_header(set_shape("inputs", [M, 0, 3])), INVALID),
     "targets missing": (with_header(drop_descriptor("targets"))[:-1], INVALID),
     "duplicate descriptor": (with_header(lambda h: h.tensors.append(h.tensors[0])), INVALID),
-    "unexpected tensor": (with_header(lambda h: h.tensors.add(
-        name="extra", dtype=pb.DTYPE_FLOAT32, shape=[1])), INVALID),
+    "unexpected tensor": (
+        with_header(lambda h: h.tensors.add(name="extra", dtype=pb.DATA_TYPE_FLOAT32, shape=[1])),
+        INVALID,
+    ),
     "stream ends before all bytes": (valid_stream()[:-1], INVALID),
     "duplicate chunk": (valid_stream() + [valid_stream()[2]], INVALID),
-    "chunks out of order": (split_chunk(valid_stream(), 1, 8)[:1]
-                            + split_chunk(valid_stream(), 1, 8)[2:3]
-                            + split_chunk(valid_stream(), 1, 8)[1:2]
-                            + split_chunk(valid_stream(), 1, 8)[3:], INVALID),
-    "chunk beyond declared size": (valid_stream()[:-1] + [pb.ComputeRequest(
-        chunk=pb.TensorChunk(name="targets", offset=0, data=b"\0" * (M * N * 2 * 4 + 4)))],
-        INVALID),
-    "chunk for undeclared tensor": (valid_stream() + [pb.ComputeRequest(
-        chunk=pb.TensorChunk(name="nope", offset=0, data=b"1234"))], INVALID),
-    "empty chunk": (valid_stream()[:2] + [pb.ComputeRequest(
-        chunk=pb.TensorChunk(name="layers.0.bias", offset=0, data=b""))], INVALID),
+    "chunks out of order": (
+        split_chunk(valid_stream(), 1, 8)[:1]
+        + split_chunk(valid_stream(), 1, 8)[2:3]
+        + split_chunk(valid_stream(), 1, 8)[1:2]
+        + split_chunk(valid_stream(), 1, 8)[3:],
+        INVALID,
+    ),
+    "chunk beyond declared size": (
+        valid_stream()[:-1]
+        + [
+            pb.ComputeRequest(
+                chunk=pb.TensorChunk(name="targets", offset=0, data=b"\0" * (M * N * 2 * 4 + 4))
+            )
+        ],
+        INVALID,
+    ),
+    "chunk for undeclared tensor": (
+        valid_stream()
+        + [pb.ComputeRequest(chunk=pb.TensorChunk(name="nope", offset=0, data=b"1234"))],
+        INVALID,
+    ),
+    "empty chunk": (
+        valid_stream()[:2]
+        + [pb.ComputeRequest(chunk=pb.TensorChunk(name="layers.0.bias", offset=0, data=b""))],
+        INVALID,
+    ),
     "second header": (valid_stream()[:2] + valid_stream()[:1], INVALID),
     "NaN input under the reject policy": (nan_inputs(), INVALID),
     "cross-entropy class out of range": (ce_targets(SIZES[-1]), INVALID),
@@ -187,17 +231,34 @@ CASES = {
     "float cross-entropy targets": (ce_targets(1, np.float32), INVALID),
     "absurd M": (huge_declared_job(), EXHAUSTED),
     "dimension product overflows int64": (overflowing_dims(), EXHAUSTED),
-    "width over the limit": (with_header(
-        lambda h: h.architecture.layer_sizes.__setitem__(1, 10**6)), EXHAUSTED),
-    "job over the in-flight byte bound": (with_header(lambda h: (
-        set_shape("inputs", [M, 9000, 3])(h), set_shape("targets", [M, 9000, 2])(h))),
-        EXHAUSTED),
-    "chunk over the message limit": (valid_stream()[:1] + [pb.ComputeRequest(
-        chunk=pb.TensorChunk(name="inputs", offset=0, data=b"\0" * (MAX_CHUNK + (2 << 20))))],
-        EXHAUSTED),
-    "float64 on an engine that lacks it": (with_header(lambda h: (
-        setattr(h, "precision", pb.PRECISION_FLOAT64),
-        setattr(h, "backend", pb.BACKEND_TRITON))), UNIMPLEMENTED),
+    "width over the limit": (
+        with_header(lambda h: h.architecture.layer_sizes.__setitem__(1, 10**6)),
+        EXHAUSTED,
+    ),
+    "job over the in-flight byte bound": (
+        with_header(
+            lambda h: (set_shape("inputs", [M, 9000, 3])(h), set_shape("targets", [M, 9000, 2])(h))
+        ),
+        EXHAUSTED,
+    ),
+    "chunk over the message limit": (
+        valid_stream()[:1]
+        + [
+            pb.ComputeRequest(
+                chunk=pb.TensorChunk(name="inputs", offset=0, data=b"\0" * (MAX_CHUNK + (2 << 20)))
+            )
+        ],
+        EXHAUSTED,
+    ),
+    "float64 on an engine that lacks it": (
+        with_header(
+            lambda h: (
+                setattr(h, "precision", pb.PRECISION_FLOAT64),
+                setattr(h, "backend", pb.BACKEND_TRITON),
+            )
+        ),
+        UNIMPLEMENTED,
+    ),
 }
 
 

@@ -22,12 +22,17 @@ def test_job_over_64_mib_round_trips_in_small_messages():
     # default 4 MiB: any larger message in either direction fails the call.
     with run_server("--max-chunk-bytes", str(3 << 20)) as server:
         channel = grpc.insecure_channel(
-            server.address, options=[("grpc.max_receive_message_length", FOUR_MIB),
-                                     ("grpc.max_send_message_length", FOUR_MIB)])
+            server.address,
+            options=[
+                ("grpc.max_receive_message_length", FOUR_MIB),
+                ("grpc.max_send_message_length", FOUR_MIB),
+            ],
+        )
         with GradientClient(server.address, channel=channel, timeout=300) as client:
             params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
-            result = client.compute(params, tensors["inputs"].numpy(),
-                                    tensors["targets"].numpy(), forward_outputs=True)
+            result = client.compute(
+                params, tensors["inputs"].numpy(), tensors["targets"].numpy(), forward_outputs=True
+            )
     assert result.summary["bytes_received"] == total
     grads_bytes = sum(g.nbytes for g in result.gradients.values())
     assert result.summary["bytes_sent"] >= grads_bytes > 64 << 20
@@ -35,7 +40,9 @@ def test_job_over_64_mib_round_trips_in_small_messages():
     local = torch_engine.run(ensemble_job(tensors, sizes))
     np.testing.assert_allclose(result.outputs, local.outputs.numpy(), rtol=1e-5, atol=1e-6)
     for i in range(2):
-        for name, ref in ((f"layers.{i}.weight", local.weight_grads[i]),
-                          (f"layers.{i}.bias", local.bias_grads[i])):
+        for name, ref in (
+            (f"layers.{i}.weight", local.weight_grads[i]),
+            (f"layers.{i}.bias", local.bias_grads[i]),
+        ):
             got = torch.from_numpy(result.gradients[name])
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)

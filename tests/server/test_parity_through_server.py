@@ -28,10 +28,14 @@ def check(client, layer_sizes, tensors, precision="float32", **opts):
         **opts,
     )
     ref = oracle(
-        layer_sizes, tensors, tensors["inputs"], tensors["targets"],
+        layer_sizes,
+        tensors,
+        tensors["inputs"],
+        tensors["targets"],
         hidden=opts.get("hidden_activation", "relu"),
         output=opts.get("output_activation", "identity"),
-        loss=opts.get("loss", "mse"), reduction=opts.get("reduction", "mean"),
+        loss=opts.get("loss", "mse"),
+        reduction=opts.get("reduction", "mean"),
         sample_weights=tensors.get("sample_weights"),
     )
     assert isinstance(result.loss, np.ndarray)
@@ -40,11 +44,13 @@ def check(client, layer_sizes, tensors, precision="float32", **opts):
     for i in range(len(layer_sizes) - 1):
         for kind in ("weight", "bias"):
             name = f"layers.{i}.{kind}"
-            assert_close_per_model(name, result.gradients[name], ref.grads[name + ".grad"],
-                                   precision)
+            assert_close_per_model(
+                name, result.gradients[name], ref.grads[name + ".grad"], precision
+            )
     assert_close_per_model("inputs.grad", result.input_gradients, ref.input_grads, precision)
-    assert_close_per_model("per_sample_loss", result.per_sample_loss, ref.per_sample_loss,
-                           precision)
+    assert_close_per_model(
+        "per_sample_loss", result.per_sample_loss, ref.per_sample_loss, precision
+    )
     assert_close_per_model("outputs", result.outputs, ref.outputs, precision)
     return result
 
@@ -77,22 +83,39 @@ def test_server_float64_job(client):
 
 def test_leaky_relu_slope_and_huber_delta_cross_the_wire(client):
     tensors = random_job(ODD_SIZES, 2, 8, seed=12)
-    result = client.compute(params_of(tensors), tensors["inputs"].numpy(),
-                            tensors["targets"].numpy(), hidden_activation=("leaky_relu", 0.2),
-                            loss="huber", huber_delta=0.1)
-    ref = oracle(ODD_SIZES, tensors, tensors["inputs"], tensors["targets"],
-                 hidden="leaky_relu", negative_slope=0.2, loss="huber", huber_delta=0.1)
+    result = client.compute(
+        params_of(tensors),
+        tensors["inputs"].numpy(),
+        tensors["targets"].numpy(),
+        hidden_activation=("leaky_relu", 0.2),
+        loss="huber",
+        huber_delta=0.1,
+    )
+    ref = oracle(
+        ODD_SIZES,
+        tensors,
+        tensors["inputs"],
+        tensors["targets"],
+        hidden="leaky_relu",
+        negative_slope=0.2,
+        loss="huber",
+        huber_delta=0.1,
+    )
     assert_close_per_model("loss", result.loss, ref.loss, "float32")
-    assert_close_per_model("w0", result.gradients["layers.0.weight"],
-                           ref.grads["layers.0.weight.grad"], "float32")
+    assert_close_per_model(
+        "w0", result.gradients["layers.0.weight"], ref.grads["layers.0.weight.grad"], "float32"
+    )
 
 
 def test_bfloat16_gradient_transport_is_within_bf16_tolerance(client):
     tensors = random_job(ODD_SIZES, 3, 10, seed=4)
-    full = client.compute(params_of(tensors), tensors["inputs"].numpy(),
-                          tensors["targets"].numpy())
-    half = client.compute(params_of(tensors), tensors["inputs"].numpy(),
-                          tensors["targets"].numpy(), gradient_dtype="bfloat16")
+    full = client.compute(params_of(tensors), tensors["inputs"].numpy(), tensors["targets"].numpy())
+    half = client.compute(
+        params_of(tensors),
+        tensors["inputs"].numpy(),
+        tensors["targets"].numpy(),
+        gradient_dtype="bfloat16",
+    )
     grad_bytes = sum(v.nbytes for k, v in full.tensors.items() if k.endswith(".grad"))
     assert half.summary["bytes_sent"] == full.summary["bytes_sent"] - grad_bytes // 2
     for name, g in full.gradients.items():
@@ -101,7 +124,11 @@ def test_bfloat16_gradient_transport_is_within_bf16_tolerance(client):
 
 def test_loss_only_job_sends_no_gradients(client):
     tensors = random_job(ODD_SIZES, 2, 5)
-    result = client.compute(params_of(tensors), tensors["inputs"].numpy(),
-                            tensors["targets"].numpy(), parameter_gradients=False)
+    result = client.compute(
+        params_of(tensors),
+        tensors["inputs"].numpy(),
+        tensors["targets"].numpy(),
+        parameter_gradients=False,
+    )
     assert result.gradients is None
     assert list(result.tensors) == ["loss"]

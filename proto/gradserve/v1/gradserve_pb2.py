@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgradserve/v1/gradserve.proto\x12\x0cgradserve.v1\"P\n\nActivation\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.gradserve.v1.ActivationKind\x12\x16\n\x0enegative_slope\x18\x02 \x01(\x01\"\x8d\x01\n\x0c\x41rchitecture\x12\x13\n\x0blayer_sizes\x18\x01 \x03(\x03\x12\x33\n\x11hidden_activation\x18\x02 \x01(\x0b\x32\x18.gradserve.v1.Activation\x12\x33\n\x11output_activation\x18\x03 \x01(\x0b\x32\x18.gradserve.v1.Activation\"m\n\x04Loss\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.gradserve.v1.LossKind\x12*\n\treduction\x18\x02 \x01(\x0e\x32\x17.gradserve.v1.Reduction\x12\x13\n\x0bhuber_delta\x18\x03 \x01(\x01\"x\n\x07Outputs\x12 \n\x18skip_parameter_gradients\x18\x01 \x01(\x08\x12\x17\n\x0finput_gradients\x18\x02 \x01(\x08\x12\x19\n\x11per_sample_losses\x18\x03 \x01(\x08\x12\x17\n\x0f\x66orward_outputs\x18\x04 \x01(\x08\"S\n\x10TensorDescriptor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x85\x03\n\tJobHeader\x12\x30\n\x0c\x61rchitecture\x18\x01 \x01(\x0b\x32\x1a.gradserve.v1.Architecture\x12 \n\x04loss\x18\x02 \x01(\x0b\x32\x12.gradserve.v1.Loss\x12&\n\x07outputs\x18\x03 \x01(\x0b\x32\x15.gradserve.v1.Outputs\x12*\n\tprecision\x18\x04 \x01(\x0e\x32\x17.gradserve.v1.Precision\x12&\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x15.gradserve.v1.Backend\x12+\n\x0egradient_dtype\x18\x06 \x01(\x0e\x32\x13.gradserve.v1.DType\x12/\n\x07tensors\x18\x07 \x03(\x0b\x32\x1e.gradserve.v1.TensorDescriptor\x12\x18\n\x10\x61llow_non_finite\x18\x08 \x01(\x08\x12\x1c\n\x14response_chunk_bytes\x18\t \x01(\x03\x12\x12\n\nclient_tag\x18\n \x01(\t\"9\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"r\n\x0e\x43omputeRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gradserve.v1.JobHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"n\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12/\n\x07results\x18\x04 \x03(\x0b\x32\x1e.gradserve.v1.TensorDescriptor\"k\n\x07Timings\x12\x16\n\x0eupload_seconds\x18\x01 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x18\n\x10\x64ownload_seconds\x18\x04 \x01(\x01\"\xa1\x01\n\nJobSummary\x12&\n\x07timings\x18\x01 \x01(\x0b\x32\x15.gradserve.v1.Timings\x12\r\n\x05\x66lops\x18\x02 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\x12\x12\n\nbytes_sent\x18\x04 \x01(\x03\x12\x16\n\x0ejobs_in_launch\x18\x05 \x01(\x05\x12\x18\n\x10models_in_launch\x18\x06 \x01(\x03\"\xa4\x01\n\x0f\x43omputeResponse\x12-\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x19.gradserve.v1.JobAcceptedH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x18.gradserve.v1.JobSummaryH\x00\x42\t\n\x07payload\"\x16\n\x14GetServerInfoRequest\"\xa5\x01\n\x06Limits\x12\x15\n\rmax_job_bytes\x18\x01 \x01(\x03\x12\x12\n\nmax_models\x18\x02 \x01(\x03\x12\x13\n\x0bmax_samples\x18\x03 \x01(\x03\x12\x11\n\tmax_width\x18\x04 \x01(\x03\x12\x12\n\nmax_layers\x18\x05 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x03\x12\x1b\n\x13\x64\x65\x66\x61ult_chunk_bytes\x18\x07 \x01(\x03\"W\n\nEngineInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12+\n\nprecisions\x18\x03 \x03(\x0e\x32\x17.gradserve.v1.Precision\"\xf9\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12)\n\x07\x65ngines\x18\x02 \x03(\x0b\x32\x18.gradserve.v1.EngineInfo\x12\x31\n\x0b\x61\x63tivations\x18\x03 \x03(\x0e\x32\x1c.gradserve.v1.ActivationKind\x12&\n\x06losses\x18\x04 \x03(\x0e\x32\x16.gradserve.v1.LossKind\x12#\n\x06\x64types\x18\x05 \x03(\x0e\x32\x13.gradserve.v1.DType\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.gradserve.v1.Limits*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06*\x92\x02\n\x0e\x41\x63tivationKind\x12\x1f\n\x1b\x41\x43TIVATION_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x43TIVATION_KIND_IDENTITY\x10\x01\x12\x18\n\x14\x41\x43TIVATION_KIND_RELU\x10\x02\x12\x1e\n\x1a\x41\x43TIVATION_KIND_LEAKY_RELU\x10\x03\x12\x18\n\x14\x41\x43TIVATION_KIND_TANH\x10\x04\x12\x1b\n\x17\x41\x43TIVATION_KIND_SIGMOID\x10\x05\x12\x18\n\x14\x41\x43TIVATION_KIND_GELU\x10\x06\x12\x18\n\x14\x41\x43TIVATION_KIND_SILU\x10\x07\x12\x1c\n\x18\x41\x43TIVATION_KIND_SOFTPLUS\x10\x08*\x9b\x01\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rLOSS_KIND_MSE\x10\x01\x12\x10\n\x0cLOSS_KIND_L1\x10\x02\x12\x13\n\x0fLOSS_KIND_HUBER\x10\x03\x12\x1d\n\x19LOSS_KIND_BCE_WITH_LOGITS\x10\x04\x12\x1b\n\x17LOSS_KIND_CROSS_ENTROPY\x10\x05*M\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_MEAN\x10\x01\x12\x11\n\rREDUCTION_SUM\x10\x02*\x97\x01\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x15\n\x11PRECISION_FLOAT32\x10\x01\x12\x12\n\x0ePRECISION_TF32\x10\x02\x12\x16\n\x12PRECISION_BFLOAT16\x10\x03\x12\x15\n\x11PRECISION_FLOAT16\x10\x04\x12\x15\n\x11PRECISION_FLOAT64\x10\x05*[\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x42\x41\x43KEND_AUTO\x10\x01\x12\x11\n\rBACKEND_TORCH\x10\x02\x12\x12\n\x0e\x42\x41\x43KEND_TRITON\x10\x03\x32\xb7\x01\n\x0fGradientService\x12J\n\x07\x43ompute\x12\x1c.gradserve.v1.ComputeRequest\x1a\x1d.gradserve.v1.ComputeResponse(\x01\x30\x01\x12X\n\rGetServerInfo\x12\".gradserve.v1.GetServerInfoRequest\x1a#.gradserve.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgradserve/v1/gradserve.proto\x12\x0cgradserve.v1\"P\n\nActivation\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.gradserve.v1.ActivationKind\x12\x16\n\x0enegative_slope\x18\x02 \x01(\x01\"\x8d\x01\n\x0c\x41rchitecture\x12\x13\n\x0blayer_sizes\x18\x01 \x03(\x03\x12\x33\n\x11hidden_activation\x18\x02 \x01(\x0b\x32\x18.gradserve.v1.Activation\x12\x33\n\x11output_activation\x18\x03 \x01(\x0b\x32\x18.gradserve.v1.Activation\"m\n\x04Loss\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.gradserve.v1.LossKind\x12*\n\treduction\x18\x02 \x01(\x0e\x32\x17.gradserve.v1.Reduction\x12\x13\n\x0bhuber_delta\x18\x03 \x01(\x01\"x\n\x07Outputs\x12 \n\x18skip_parameter_gradients\x18\x01 \x01(\x08\x12\x17\n\x0finput_gradients\x18\x02 \x01(\x08\x12\x19\n\x11per_sample_losses\x18\x03 \x01(\x08\x12\x17\n\x0f\x66orward_outputs\x18\x04 \x01(\x08\"V\n\x10TensorDescriptor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.gradserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x88\x03\n\tJobHeader\x12\x30\n\x0c\x61rchitecture\x18\x01 \x01(\x0b\x32\x1a.gradserve.v1.Architecture\x12 \n\x04loss\x18\x02 \x01(\x0b\x32\x12.gradserve.v1.Loss\x12&\n\x07outputs\x18\x03 \x01(\x0b\x32\x15.gradserve.v1.Outputs\x12*\n\tprecision\x18\x04 \x01(\x0e\x32\x17.gradserve.v1.Precision\x12&\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x15.gradserve.v1.Backend\x12.\n\x0egradient_dtype\x18\x06 \x01(\x0e\x32\x16.gradserve.v1.DataType\x12/\n\x07tensors\x18\x07 \x03(\x0b\x32\x1e.gradserve.v1.TensorDescriptor\x12\x18\n\x10\x61llow_non_finite\x18\x08 \x01(\x08\x12\x1c\n\x14response_chunk_bytes\x18\t \x01(\x03\x12\x12\n\nclient_tag\x18\n \x01(\t\"9\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"r\n\x0e\x43omputeRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gradserve.v1.JobHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"n\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12/\n\x07results\x18\x04 \x03(\x0b\x32\x1e.gradserve.v1.TensorDescriptor\"k\n\x07Timings\x12\x16\n\x0eupload_seconds\x18\x01 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x02 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x18\n\x10\x64ownload_seconds\x18\x04 \x01(\x01\"\xa1\x01\n\nJobSummary\x12&\n\x07timings\x18\x01 \x01(\x0b\x32\x15.gradserve.v1.Timings\x12\r\n\x05\x66lops\x18\x02 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\x12\x12\n\nbytes_sent\x18\x04 \x01(\x03\x12\x16\n\x0ejobs_in_launch\x18\x05 \x01(\x05\x12\x18\n\x10models_in_launch\x18\x06 \x01(\x03\"\xa4\x01\n\x0f\x43omputeResponse\x12-\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x19.gradserve.v1.JobAcceptedH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x18.gradserve.v1.JobSummaryH\x00\x42\t\n\x07payload\"\x16\n\x14GetServerInfoRequest\"\xa5\x01\n\x06Limits\x12\x15\n\rmax_job_bytes\x18\x01 \x01(\x03\x12\x12\n\nmax_models\x18\x02 \x01(\x03\x12\x13\n\x0bmax_samples\x18\x03 \x01(\x03\x12\x11\n\tmax_width\x18\x04 \x01(\x03\x12\x12\n\nmax_layers\x18\x05 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\x03\x12\x1b\n\x13\x64\x65\x66\x61ult_chunk_bytes\x18\x07 \x01(\x03\"W\n\nEngineInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12+\n\nprecisions\x18\x03 \x03(\x0e\x32\x17.gradserve.v1.Precision\"\xfc\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12)\n\x07\x65ngines\x18\x02 \x03(\x0b\x32\x18.gradserve.v1.EngineInfo\x12\x31\n\x0b\x61\x63tivations\x18\x03 \x03(\x0e\x32\x1c.gradserve.v1.ActivationKind\x12&\n\x06losses\x18\x04 \x03(\x0e\x32\x16.gradserve.v1.LossKind\x12&\n\x06\x64types\x18\x05 \x03(\x0e\x32\x16.gradserve.v1.DataType\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.gradserve.v1.Limits*\xac\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x06*\x92\x02\n\x0e\x41\x63tivationKind\x12\x1f\n\x1b\x41\x43TIVATION_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x43TIVATION_KIND_IDENTITY\x10\x01\x12\x18\n\x14\x41\x43TIVATION_KIND_RELU\x10\x02\x12\x1e\n\x1a\x41\x43TIVATION_KIND_LEAKY_RELU\x10\x03\x12\x18\n\x14\x41\x43TIVATION_KIND_TANH\x10\x04\x12\x1b\n\x17\x41\x43TIVATION_KIND_SIGMOID\x10\x05\x12\x18\n\x14\x41\x43TIVATION_KIND_GELU\x10\x06\x12\x18\n\x14\x41\x43TIVATION_KIND_SILU\x10\x07\x12\x1c\n\x18\x41\x43TIVATION_KIND_SOFTPLUS\x10\x08*\x9b\x01\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rLOSS_KIND_MSE\x10\x01\x12\x10\n\x0cLOSS_KIND_L1\x10\x02\x12\x13\n\x0fLOSS_KIND_HUBER\x10\x03\x12\x1d\n\x19LOSS_KIND_BCE_WITH_LOGITS\x10\x04\x12\x1b\n\x17LOSS_KIND_CROSS_ENTROPY\x10\x05*M\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_MEAN\x10\x01\x12\x11\n\rREDUCTION_SUM\x10\x02*\x97\x01\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x15\n\x11PRECISION_FLOAT32\x10\x01\x12\x12\n\x0ePRECISION_TF32\x10\x02\x12\x16\n\x12PRECISION_BFLOAT16\x10\x03\x12\x15\n\x11PRECISION_FLOAT16\x10\x04\x12\x15\n\x11PRECISION_FLOAT64\x10\x05*[\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x42\x41\x43KEND_AUTO\x10\x01\x12\x11\n\rBACKEND_TORCH\x10\x02\x12\x12\n\x0e\x42\x41\x43KEND_TRITON\x10\x03\x32\xb7\x01\n\x0fGradientService\x12J\n\x07\x43ompute\x12\x1c.gradserve.v1.ComputeRequest\x1a\x1d.gradserve.v1.ComputeResponse(\x01\x30\x01\x12X\n\rGetServerInfo\x12\".gradserve.v1.GetServerInfoRequest\x1a#.gradserve.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradserve.v1.gradserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2243
-  _globals['_DTYPE']._serialized_end=2384
-  _globals['_ACTIVATIONKIND']._serialized_start=2387
-  _globals['_ACTIVATIONKIND']._serialized_end=2661
-  _globals['_LOSSKIND']._serialized_start=2664
-  _globals['_LOSSKIND']._serialized_end=2819
-  _globals['_REDUCTION']._serialized_start=2821
-  _globals['_REDUCTION']._serialized_end=2898
-  _globals['_PRECISION']._serialized_start=2901
-  _globals['_PRECISION']._serialized_end=3052
-  _globals['_BACKEND']._serialized_start=3054
-  _globals['_BACKEND']._serialized_end=3145
+  _globals['_DATATYPE']._serialized_start=2252
+  _globals['_DATATYPE']._serialized_end=2424
+  _globals['_ACTIVATIONKIND']._serialized_start=2427
+  _globals['_ACTIVATIONKIND']._serialized_end=2701
+  _globals['_LOSSKIND']._serialized_start=2704
+  _globals['_LOSSKIND']._serialized_end=2859
+  _globals['_REDUCTION']._serialized_start=2861
+  _globals['_REDUCTION']._serialized_end=2938
+  _globals['_PRECISION']._serialized_start=2941
+  _globals['_PRECISION']._serialized_end=3092
+  _globals['_BACKEND']._serialized_start=3094
+  _globals['_BACKEND']._serialized_end=3185
   _globals['_ACTIVATION']._serialized_start=46
   _globals['_ACTIVATION']._serialized_end=126
   _globals['_ARCHITECTURE']._serialized_start=129
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OUTPUTS']._serialized_start=383
   _globals['_OUTPUTS']._serialized_end=503
   _globals['_TENSORDESCRIPTOR']._serialized_start=505
-  _globals['_TENSORDESCRIPTOR']._serialized_end=588
-  _globals['_JOBHEADER']._serialized_start=591
-  _globals['_JOBHEADER']._serialized_end=980
-  _globals['_TENSORCHUNK']._serialized_start=982
-  _globals['_TENSORCHUNK']._serialized_end=1039
-  _globals['_COMPUTEREQUEST']._serialized_start=1041
-  _globals['_COMPUTEREQUEST']._serialized_end=1155
-  _globals['_JOBACCEPTED']._serialized_start=1157
-  _globals['_JOBACCEPTED']._serialized_end=1267
-  _globals['_TIMINGS']._serialized_start=1269
-  _globals['_TIMINGS']._serialized_end=1376
-  _globals['_JOBSUMMARY']._serialized_start=1379
-  _globals['_JOBSUMMARY']._serialized_end=1540
-  _globals['_COMPUTERESPONSE']._serialized_start=1543
-  _globals['_COMPUTERESPONSE']._serialized_end=1707
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1709
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1731
-  _globals['_LIMITS']._serialized_start=1734
-  _globals['_LIMITS']._serialized_end=1899
-  _globals['_ENGINEINFO']._serialized_start=1901
-  _globals['_ENGINEINFO']._serialized_end=1988
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1991
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2240
-  _globals['_GRADIENTSERVICE']._serialized_start=3148
-  _globals['_GRADIENTSERVICE']._serialized_end=3331
+  _globals['_TENSORDESCRIPTOR']._serialized_end=591
+  _globals['_JOBHEADER']._serialized_start=594
+  _globals['_JOBHEADER']._serialized_end=986
+  _globals['_TENSORCHUNK']._serialized_start=988
+  _globals['_TENSORCHUNK']._serialized_end=1045
+  _globals['_COMPUTEREQUEST']._serialized_start=1047
+  _globals['_COMPUTEREQUEST']._serialized_end=1161
+  _globals['_JOBACCEPTED']._serialized_start=1163
+  _globals['_JOBACCEPTED']._serialized_end=1273
+  _globals['_TIMINGS']._serialized_start=1275
+  _globals['_TIMINGS']._serialized_end=1382
+  _globals['_JOBSUMMARY']._serialized_start=1385
+  _globals['_JOBSUMMARY']._serialized_end=1546
+  _globals['_COMPUTERESPONSE']._serialized_start=1549
+  _globals['_COMPUTERESPONSE']._serialized_end=1713
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1715
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1737
+  _globals['_LIMITS']._serialized_start=1740
+  _globals['_LIMITS']._serialized_end=1905
+  _globals['_ENGINEINFO']._serialized_start=1907
+  _globals['_ENGINEINFO']._serialized_end=1994
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1997
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2249
+  _globals['_GRADIENTSERVICE']._serialized_start=3188
+  _globals['_GRADIENTSERVICE']._serialized_end=3371
 # @@protoc_insertion_point(module_scope)

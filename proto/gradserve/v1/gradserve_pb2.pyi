@@ -7,15 +7,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    DTYPE_FLOAT32: _ClassVar[DType]
-    DTYPE_FLOAT64: _ClassVar[DType]
-    DTYPE_FLOAT16: _ClassVar[DType]
-    DTYPE_BFLOAT16: _ClassVar[DType]
-    DTYPE_INT64: _ClassVar[DType]
-    DTYPE_INT32: _ClassVar[DType]
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    DATA_TYPE_FLOAT32: _ClassVar[DataType]
+    DATA_TYPE_FLOAT64: _ClassVar[DataType]
+    DATA_TYPE_FLOAT16: _ClassVar[DataType]
+    DATA_TYPE_BFLOAT16: _ClassVar[DataType]
+    DATA_TYPE_INT64: _ClassVar[DataType]
+    DATA_TYPE_INT32: _ClassVar[DataType]
 
 class ActivationKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -59,13 +59,13 @@ class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_AUTO: _ClassVar[Backend]
     BACKEND_TORCH: _ClassVar[Backend]
     BACKEND_TRITON: _ClassVar[Backend]
-DTYPE_UNSPECIFIED: DType
-DTYPE_FLOAT32: DType
-DTYPE_FLOAT64: DType
-DTYPE_FLOAT16: DType
-DTYPE_BFLOAT16: DType
-DTYPE_INT64: DType
-DTYPE_INT32: DType
+DATA_TYPE_UNSPECIFIED: DataType
+DATA_TYPE_FLOAT32: DataType
+DATA_TYPE_FLOAT64: DataType
+DATA_TYPE_FLOAT16: DataType
+DATA_TYPE_BFLOAT16: DataType
+DATA_TYPE_INT64: DataType
+DATA_TYPE_INT32: DataType
 ACTIVATION_KIND_UNSPECIFIED: ActivationKind
 ACTIVATION_KIND_IDENTITY: ActivationKind
 ACTIVATION_KIND_RELU: ActivationKind
@@ -141,9 +141,9 @@ class TensorDescriptor(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     name: str
-    dtype: DType
+    dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JobHeader(_message.Message):
     __slots__ = ("architecture", "loss", "outputs", "precision", "backend", "gradient_dtype", "tensors", "allow_non_finite", "response_chunk_bytes", "client_tag")
@@ -162,12 +162,12 @@ class JobHeader(_message.Message):
     outputs: Outputs
     precision: Precision
     backend: Backend
-    gradient_dtype: DType
+    gradient_dtype: DataType
     tensors: _containers.RepeatedCompositeFieldContainer[TensorDescriptor]
     allow_non_finite: bool
     response_chunk_bytes: int
     client_tag: str
-    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., outputs: _Optional[_Union[Outputs, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., gradient_dtype: _Optional[_Union[DType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorDescriptor, _Mapping]]] = ..., allow_non_finite: _Optional[bool] = ..., response_chunk_bytes: _Optional[int] = ..., client_tag: _Optional[str] = ...) -> None: ...
+    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., outputs: _Optional[_Union[Outputs, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., gradient_dtype: _Optional[_Union[DataType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorDescriptor, _Mapping]]] = ..., allow_non_finite: _Optional[bool] = ..., response_chunk_bytes: _Optional[int] = ..., client_tag: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "offset", "data")
@@ -281,6 +281,6 @@ class GetServerInfoResponse(_message.Message):
     engines: _containers.RepeatedCompositeFieldContainer[EngineInfo]
     activations: _containers.RepeatedScalarFieldContainer[ActivationKind]
     losses: _containers.RepeatedScalarFieldContainer[LossKind]
-    dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    dtypes: _containers.RepeatedScalarFieldContainer[DataType]
     limits: Limits
-    def __init__(self, version: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[ActivationKind, str]]] = ..., losses: _Optional[_Iterable[_Union[LossKind, str]]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    def __init__(self, version: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[ActivationKind, str]]] = ..., losses: _Optional[_Iterable[_Union[LossKind, str]]] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...

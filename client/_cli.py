@@ -1,0 +1,187 @@
+"""`gradserve-client`: compute, info, health, example."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+import numpy as np
+
+from gradserve.client._client import GradientClient
+from gradserve.client._errors import GradserveError
+from gradserve.client._examples import ensemble_network, notebook_network
+from gradserve.client._job import JobOptions
+from gradserve.client._jobfile import load_job, save_job, save_results
+from gradserve.v1 import gradserve_pb2 as pb
+
+DEFAULT_ADDRESS = os.environ.get("GRADSERVE_ADDRESS", "127.0.0.1:50051")
+OPTION_NAMES = {f.name for f in fields(JobOptions)}
+
+
+def _compute(args) -> int:
+    tensors, job = load_job(args.job)
+    overrides = {k: v for k, v in vars(args).items() if k in OPTION_NAMES and v is not None}
+    options = {k: v for k, v in job.items() if k in OPTION_NAMES}
+    options.update(overrides)
+    for key in ("hidden_activation", "output_activation"):
+        if isinstance(options.get(key), list):  # ["leaky_relu", 0.2] from JSON
+            options[key] = tuple(options[key])
+    params = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    if "inputs" not in tensors or "targets" not in tensors:
+        raise SystemExit(f"{args.job}: the job needs 'inputs' and 'targets' tensors")
+    with GradientClient(args.address, timeout=args.timeout) as client:
+        result = client.compute(
+            params,
+            tensors["inputs"],
+            tensors["targets"],
+            sample_weights=tensors.get("sample_weights"),
+            **options,
+        )
+    summary = {
+        "job_id": result.job_id,
+        "engine": result.engine,
+        "device": result.device,
+        "loss": np.asarray(result.loss).tolist(),
+        **result.summary,
+    }
+    if args.out:
+        out = {k: np.ascontiguousarray(v) for k, v in result.tensors.items()}
+        save_results(args.out, out, summary)
+        summary["out"] = args.out
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        losses = summary["loss"]
+        shown = ", ".join(f"{v:.6g}" for v in losses[:8]) + (" ..." if len(losses) > 8 else "")
+        print(f"job {result.job_id} on {result.engine}/{result.device}: loss [{shown}]")
+        for name, value in result.tensors.items():
+            if name.endswith(".grad"):
+                print(f"  {name:<24} {list(value.shape)}  |g| = {np.linalg.norm(value):.6g}")
+        t = result.summary
+        print(
+            f"  upload {t['upload_seconds']:.4f}s  compute {t['compute_seconds']:.4f}s  "
+            f"download {t['download_seconds']:.4f}s"
+        )
+        if args.out:
+            print(f"results written to {args.out}")
+    return 0
+
+
+def _info(args) -> int:
+    with GradientClient(args.address, timeout=args.timeout) as client:
+        info = client.server_info()
+    data = {
+        "version": info.version,
+        "engines": [
+            {
+                "name": e.name,
+                "device": e.device,
+                "precisions": [
+                    pb.Precision.Name(p).removeprefix("PRECISION_").lower() for p in e.precisions
+                ],
+            }
+            for e in info.engines
+        ],
+        "activations": [
+            pb.ActivationKind.Name(a).removeprefix("ACTIVATION_KIND_").lower()
+            for a in info.activations
+        ],
+        "losses": [pb.LossKind.Name(k).removeprefix("LOSS_KIND_").lower() for k in info.losses],
+        "limits": {f.name: getattr(info.limits, f.name) for f in info.limits.DESCRIPTOR.fields},
+    }
+    if args.json:
+        print(json.dumps(data))
+    else:
+        for key, value in data.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _health(args) -> int:
+    try:
+        with GradientClient(args.address, timeout=args.timeout) as client:
+            client.server_info()
+    except GradserveError as e:
+        print(f"NOT_SERVING ({e.code.name}: {e.details})")
+        return 1
+    print("SERVING")
+    return 0
+
+
+def _example(args) -> int:
+    os.makedirs(args.directory, exist_ok=True)
+    written = []
+    for name, (tensors, job) in {
+        "notebook-2-2-1": notebook_network(),
+        "ensemble-64x16-32-32-1": ensemble_network(),
+    }.items():
+        path = os.path.join(args.directory, f"{name}.{args.format}")
+        save_job(path, tensors, job)
+        written.append(path)
+    print("\n".join(written))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradserve-client", description="Run jobs on a gradserve server."
+    )
+    parser.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help="server host:port (env GRADSERVE_ADDRESS; default %(default)s)",
+    )
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compute", help="run a job file, write the results as safetensors")
+    c.add_argument("job", help="job file (.safetensors or .npz)")
+    c.add_argument("out", nargs="?", help="results file (.safetensors)")
+    c.add_argument("--json", action="store_true", help="print a JSON summary")
+    c.add_argument("--loss")
+    c.add_argument("--reduction", choices=["mean", "sum"])
+    c.add_argument("--hidden-activation", dest="hidden_activation")
+    c.add_argument("--output-activation", dest="output_activation")
+    c.add_argument("--precision", choices=["float32", "tf32", "bfloat16", "float16", "float64"])
+    c.add_argument("--backend", choices=["auto", "torch", "triton"])
+    c.add_argument(
+        "--gradient-dtype",
+        dest="gradient_dtype",
+        choices=["float32", "float64", "bfloat16", "float16"],
+    )
+    c.add_argument("--input-gradients", dest="input_gradients", action="store_true", default=None)
+    c.add_argument(
+        "--per-sample-losses", dest="per_sample_losses", action="store_true", default=None
+    )
+    c.add_argument("--forward-outputs", dest="forward_outputs", action="store_true", default=None)
+    c.set_defaults(run=_compute)
+
+    i = sub.add_parser("info", help="show the server's engines, options and limits")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(run=_info)
+
+    h = sub.add_parser("health", help="exit 0 if the server answers, 1 otherwise")
+    h.set_defaults(run=_health)
+
+    e = sub.add_parser("example", help="write sample job files")
+    e.add_argument("directory", nargs="?", default=".")
+    e.add_argument("--format", choices=["safetensors", "npz"], default="safetensors")
+    e.set_defaults(run=_example)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "health" and args.timeout is None:
+        args.timeout = 5.0
+    try:
+        return args.run(args)
+    except GradserveError as e:
+        print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

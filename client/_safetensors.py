@@ -1,0 +1,79 @@
+"""Minimal safetensors reader/writer on numpy alone (no pickle, no extra dependency).
+
+Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+_TO_CODE = {
+    np.dtype("float32"): "F32",
+    np.dtype("float64"): "F64",
+    np.dtype("float16"): "F16",
+    np.dtype("int64"): "I64",
+    np.dtype("int32"): "I32",
+    np.dtype("uint8"): "U8",
+}
+_FROM_CODE = {v: k for k, v in _TO_CODE.items()}
+# Header sizes beyond this are refused rather than parsed (the reference library's bound).
+_MAX_HEADER = 100 << 20
+
+
+def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None):
+    header: dict = {}
+    offset = 0
+    arrays = []
+    for name, value in tensors.items():
+        a = np.ascontiguousarray(value)
+        if a.dtype not in _TO_CODE:
+            raise ValueError(f"{name}: dtype {a.dtype} cannot be stored")
+        header[name] = {
+            "dtype": _TO_CODE[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        offset += a.nbytes
+        arrays.append(a)
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays:
+            f.write(memoryview(a).cast("B"))
+
+
+def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata). bfloat16 tensors are widened to float32."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path}: not a safetensors file (too short)")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > min(_MAX_HEADER, len(data) - 8):
+        raise ValueError(f"{path}: not a safetensors file (bad header length)")
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.pop("__metadata__", {}) or {}
+    body = memoryview(data)[8 + length :]
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= len(body):
+            raise ValueError(f"{path}: tensor {name!r} lies outside the file")
+        code = info["dtype"]
+        shape = tuple(info["shape"])
+        if code == "BF16":
+            bits = np.frombuffer(body[begin:end], dtype="<u2").astype(np.uint32) << 16
+            tensors[name] = bits.view(np.float32).reshape(shape)
+            continue
+        if code not in _FROM_CODE:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {code}")
+        tensors[name] = np.frombuffer(body[begin:end], dtype=_FROM_CODE[code]).reshape(shape)
+    return tensors, metadata

@@ -1,0 +1,111 @@
+"""The gradserve-client CLI against a real server, run as a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import safetensors.numpy
+import torch
+
+from tests.oracle import assert_close_per_model, oracle
+
+
+def cli(*args, check=True):
+    out = subprocess.run(
+        [sys.executable, "-m", "gradserve.client", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz"])
+def test_example_jobs_compute_the_oracle_gradients(server, tmp_path, fmt):
+    cli("example", str(tmp_path), "--format", fmt)
+    from gradserve.client._jobfile import load_job
+
+    for name, hidden, output in [
+        ("notebook-2-2-1", "sigmoid", "sigmoid"),
+        ("ensemble-64x16-32-32-1", "tanh", "identity"),
+    ]:
+        job_path = tmp_path / f"{name}.{fmt}"
+        out_path = tmp_path / f"{name}.out.safetensors"
+        printed = cli(
+            "--address", server.address, "compute", str(job_path), str(out_path), "--json"
+        )
+        summary = json.loads(printed.stdout)
+        assert summary["engine"] == "torch"
+        results = safetensors.numpy.load_file(str(out_path))  # the reference reader
+        tensors, job = load_job(str(job_path))
+        t = {k: torch.from_numpy(v.copy()) for k, v in tensors.items()}
+        ref = oracle(job["layer_sizes"], t, t["inputs"], t["targets"], hidden=hidden, output=output)
+        assert_close_per_model("loss", results["loss"], ref.loss, "float32")
+        for k, g in ref.grads.items():
+            assert_close_per_model(k, results[k], g, "float32")
+
+
+def test_cli_flags_override_the_job_file(server, tmp_path):
+    cli("example", str(tmp_path))
+    job = tmp_path / "notebook-2-2-1.safetensors"
+    out = cli(
+        "--address",
+        server.address,
+        "compute",
+        str(job),
+        "--json",
+        "--loss",
+        "l1",
+        "--per-sample-losses",
+        "--precision",
+        "float64",
+    )
+    summary = json.loads(out.stdout)
+    base = json.loads(cli("--address", server.address, "compute", str(job), "--json").stdout)
+    assert summary["loss"] != base["loss"]
+
+
+def test_info_json_lists_engines_and_limits(server):
+    info = json.loads(cli("--address", server.address, "info", "--json").stdout)
+    assert info["engines"][0]["name"] == "torch"
+    assert "cross_entropy" in info["losses"] and "gelu" in info["activations"]
+    assert info["limits"]["default_chunk_bytes"] == 1 << 20
+
+
+def test_health_exit_codes(server):
+    assert cli("--address", server.address, "health").stdout.strip() == "SERVING"
+    down = cli("--address", "127.0.0.1:1", "--timeout", "2", "health", check=False)
+    assert down.returncode == 1 and "NOT_SERVING" in down.stdout
+
+
+def test_compute_reports_server_errors_with_their_code(server, tmp_path):
+    cli("example", str(tmp_path))
+    out = cli(
+        "--address",
+        server.address,
+        "compute",
+        str(tmp_path / "notebook-2-2-1.safetensors"),
+        "--loss",
+        "cross_entropy",
+        check=False,
+    )
+    assert out.returncode == 2 and "INVALID_ARGUMENT" in out.stderr
+
+
+def test_our_safetensors_files_are_read_by_the_reference_library(tmp_path):
+    import numpy as np
+
+    from gradserve.client import _safetensors
+
+    data = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], np.int64)}
+    _safetensors.save(data, str(tmp_path / "x.safetensors"), {"k": "v"})
+    back = safetensors.numpy.load_file(str(tmp_path / "x.safetensors"))
+    for k, v in data.items():
+        np.testing.assert_array_equal(back[k], v)
+    safetensors.numpy.save_file(data, str(tmp_path / "y.safetensors"))
+    ours, _ = _safetensors.load(str(tmp_path / "y.safetensors"))
+    for k, v in data.items():
+        np.testing.assert_array_equal(ours[k], v)
