@@ -93,14 +93,16 @@ def main():
     rows = []
     for m, n, sizes in SHAPES:
         t_loop, t_vmap, t_engine = run_shape(m, n, sizes, args.repeats)
-        rows.append([
-            f"M={m} N={n} {list(sizes)}",
-            f"{t_engine * 1e3:.2f}",
-            f"{t_vmap * 1e3:.2f}",
-            f"{t_loop * 1e3:.1f}",
-            f"{t_loop / t_engine:.1f}x",
-            f"{t_vmap / t_engine:.2f}x",
-        ])
+        rows.append(
+            [
+                f"M={m} N={n} {list(sizes)}",
+                f"{t_engine * 1e3:.2f}",
+                f"{t_vmap * 1e3:.2f}",
+                f"{t_loop * 1e3:.1f}",
+                f"{t_loop / t_engine:.1f}x",
+                f"{t_vmap / t_engine:.2f}x",
+            ]
+        )
     write_table(
         "engine_cpu.md",
         "Torch engine vs per-model loop vs vmap(grad), CPU (relu, mse, float32)",

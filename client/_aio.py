@@ -18,6 +18,7 @@ from gradserve.client._job import (
 from gradserve.client._models import normalize
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1 import wire
 
 
 class AsyncGradientClient:
@@ -38,6 +39,12 @@ class AsyncGradientClient:
         self.chunk_bytes = chunk_bytes
         self._channel = grpc.aio.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        # Compute through the copy-saving chunk codec (same wire format as the stub's).
+        self._compute = self._channel.stream_stream(
+            wire.COMPUTE_METHOD,
+            request_serializer=wire.encode_message,
+            response_deserializer=wire.decode_response,
+        )
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -69,7 +76,7 @@ class AsyncGradientClient:
         """See GradientClient.compute."""
         job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
         assembler = ResultAssembler(job)
-        call = self._stub.Compute(job.requests(self.chunk_bytes), timeout=timeout or self.timeout)
+        call = self._compute(job.requests(self.chunk_bytes), timeout=timeout or self.timeout)
         try:
             async for response in call:
                 assembler.add(response)

@@ -17,6 +17,7 @@ from gradserve.client._job import (
 from gradserve.client._models import normalize
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1 import wire
 
 # Every message stays under this: chunks default to 1 MiB, and a header of many descriptors
 # is small. Raised from gRPC's 4 MiB default only to leave room for larger chunk settings.
@@ -55,6 +56,12 @@ class GradientClient:
         self.chunk_bytes = chunk_bytes
         self._channel = channel or grpc.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        # Compute through the copy-saving chunk codec (same wire format as the stub's).
+        self._compute = self._channel.stream_stream(
+            wire.COMPUTE_METHOD,
+            request_serializer=wire.encode_message,
+            response_deserializer=wire.decode_response,
+        )
 
     def __enter__(self) -> GradientClient:
         return self
@@ -105,7 +112,7 @@ class GradientClient:
         """
         job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
         assembler = ResultAssembler(job)
-        call = self._stub.Compute(job.requests(self.chunk_bytes), timeout=timeout or self.timeout)
+        call = self._compute(job.requests(self.chunk_bytes), timeout=timeout or self.timeout)
         try:
             for response in call:
                 assembler.add(response)

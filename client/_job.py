@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 
 from gradserve.client._errors import GradserveError
 from gradserve.client._models import Ensemble, as_array
@@ -19,6 +20,7 @@ from gradserve.client._tensors import (
     to_wire,
 )
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import wire
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -87,12 +89,14 @@ class WireJob:
     ensemble: Ensemble
     as_torch: bool
 
-    def requests(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.ComputeRequest]:
+    def requests(
+        self, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> Iterator[pb.ComputeRequest | bytes]:
+        """The header message, then each tensor's chunks pre-encoded (gradserve.v1.wire)."""
         yield pb.ComputeRequest(header=self.header)
         for name, data in self.payloads:
             for offset in range(0, len(data), chunk_bytes):
-                piece = data[offset : offset + chunk_bytes].tobytes()
-                yield pb.ComputeRequest(chunk=pb.TensorChunk(name=name, offset=offset, data=piece))
+                yield wire.encode_chunk(name, offset, data[offset : offset + chunk_bytes])
 
     @property
     def payload_bytes(self) -> int:
@@ -177,7 +181,7 @@ class ResultAssembler:
         self.job = job
         self.accepted: pb.JobAccepted | None = None
         self.descriptors: dict[str, pb.TensorDescriptor] = {}
-        self.buffers: dict[str, bytearray] = {}
+        self.buffers: dict[str, np.ndarray] = {}  # uint8, filled chunk by chunk
         self.received: dict[str, int] = {}
         self.summary: pb.JobSummary | None = None
 
@@ -193,7 +197,7 @@ class ResultAssembler:
                 for dim in d.shape:
                     size *= dim
                 self.descriptors[d.name] = d
-                self.buffers[d.name] = bytearray(size)
+                self.buffers[d.name] = np.empty(size, dtype=np.uint8)  # no zero-fill
                 self.received[d.name] = 0
         elif kind == "chunk":
             c = response.chunk
@@ -202,7 +206,7 @@ class ResultAssembler:
             end = c.offset + len(c.data)
             if end > len(self.buffers[c.name]):
                 raise self._protocol_error(f"chunk of {c.name!r} past its end")
-            self.buffers[c.name][c.offset : end] = c.data
+            memoryview(self.buffers[c.name])[c.offset : end] = c.data
             self.received[c.name] = end
         elif kind == "summary":
             self.summary = response.summary

@@ -60,9 +60,10 @@ def to_wire(x: Any) -> tuple[int, tuple[int, ...], memoryview]:
     return WIRE_DTYPES[a.dtype], tuple(a.shape), memoryview(a).cast("B")
 
 
-def from_wire(buffer: bytearray, dtype: int, shape, as_torch: bool):
-    """Decode received bytes to a numpy array (bfloat16 widened to float32) or torch tensor."""
-    raw = np.frombuffer(buffer, dtype=NUMPY_DTYPES[dtype]).reshape(tuple(shape))
+def from_wire(buffer: np.ndarray, dtype: int, shape, as_torch: bool):
+    """Decode received bytes (uint8 array) to a numpy array (bfloat16 widened to float32) or
+    a torch tensor, without copying."""
+    raw = buffer.view(NUMPY_DTYPES[dtype]).reshape(tuple(shape))
     if as_torch:
         import torch
 

@@ -1,6 +1,5 @@
-"""The gradserve gRPC server: validation, assembly, engine dispatch, streaming results."""
+"""The gradserve gRPC server: validation, assembly, engine dispatch, streaming results.
 
-from gradserve.server.app import serve
-from gradserve.server.config import ServerConfig
-
-__all__ = ["ServerConfig", "serve"]
+Run it with `gradserve-server` / `python -m gradserve.server`; embed it with
+`gradserve.server.app.serve(ServerConfig(...))`.
+"""

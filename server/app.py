@@ -11,8 +11,7 @@ import grpc
 import torch
 
 from gradserve.server.config import ServerConfig
-from gradserve.server.service import GradientService
-from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.server.service import GradientService, handlers
 
 log = logging.getLogger("gradserve.server")
 
@@ -38,7 +37,7 @@ async def serve(config: ServerConfig) -> None:
         ]
     )
     service = GradientService(config, device)
-    pb_grpc.add_GradientServiceServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((handlers(service),))
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise SystemExit(f"could not bind {config.host}:{config.port}")

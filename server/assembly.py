@@ -16,10 +16,25 @@ from gradserve.server.validation import JobPlan
 from gradserve.v1 import gradserve_pb2 as pb
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf. A sum propagates both (NaN stays NaN, Inf + -Inf is NaN), so a finite
+    sum proves every element finite: one allocation-free pass, 1.5 ms against 47 ms for
+    torch.isfinite(t).all() on 64 MiB of float32 here. Only a non-finite sum (a real NaN/Inf
+    or an overflow of large finite values) needs the exact elementwise check."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 class PayloadAssembler:
     def __init__(self, plan: JobPlan):
         self.plan = plan
-        self.buffers = {name: bytearray(t.nbytes) for name, t in plan.tensors.items()}
+        # torch.empty, not bytearray: no zero-filling of memory that is overwritten anyway
+        # (a 64 MiB bytearray costs ~30 ms here).
+        self.buffers = {
+            name: torch.empty(t.nbytes, dtype=torch.uint8) for name, t in plan.tensors.items()
+        }
+        self._views = {name: memoryview(b.numpy()) for name, b in self.buffers.items()}
         self.received = dict.fromkeys(plan.tensors, 0)
         self.bytes_received = 0
 
@@ -41,7 +56,7 @@ class PayloadAssembler:
             raise invalid(
                 f"chunk of {name!r} ends at byte {expected + length}, beyond its {size} bytes"
             )
-        self.buffers[name][expected : expected + length] = chunk.data
+        self._views[name][expected : expected + length] = chunk.data
         self.received[name] = expected + length
         self.bytes_received += length
 
@@ -63,7 +78,7 @@ class PayloadAssembler:
         }
         if not plan.allow_non_finite:
             for name, tensor in t.items():
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                if tensor.is_floating_point() and not all_finite(tensor):
                     raise invalid(
                         f"tensor {name!r} contains NaN or Inf (set allow_non_finite to accept)"
                     )

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import wire
 
 TORCH_DTYPES = {
     pb.DATA_TYPE_FLOAT32: torch.float32,
@@ -42,10 +43,9 @@ def nbytes(dtype: int, shape) -> int:
     return size
 
 
-def tensor_from_bytes(buffer: bytearray, dtype: int, shape) -> torch.Tensor:
-    """Zero-copy view of received bytes as a tensor."""
-    flat = torch.frombuffer(buffer, dtype=TORCH_DTYPES[dtype])
-    return flat.reshape(tuple(shape))
+def tensor_from_bytes(buffer: torch.Tensor, dtype: int, shape) -> torch.Tensor:
+    """Zero-copy view of received bytes (a uint8 tensor) as a tensor of the wire dtype."""
+    return buffer.view(TORCH_DTYPES[dtype]).reshape(tuple(shape))
 
 
 def tensor_to_bytes(tensor: torch.Tensor, dtype: int) -> memoryview:
@@ -56,10 +56,10 @@ def tensor_to_bytes(tensor: torch.Tensor, dtype: int) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
-def chunks(name: str, data: memoryview, chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+def encoded_chunks(name: str, data: memoryview, chunk_bytes: int) -> Iterator[bytes]:
+    """Serialized ComputeResponse chunk messages of one result tensor."""
     for offset in range(0, len(data), chunk_bytes):
-        piece = data[offset : offset + chunk_bytes]
-        yield pb.TensorChunk(name=name, offset=offset, data=piece.tobytes())
+        yield wire.encode_chunk(name, offset, data[offset : offset + chunk_bytes])
 
 
 def descriptor(name: str, dtype: int, shape) -> pb.TensorDescriptor:

@@ -28,6 +28,7 @@ from gradserve.server.validation import (
 from gradserve.server.worker import DeviceWorker
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1 import wire
 
 log = logging.getLogger("gradserve.server")
 
@@ -48,6 +49,25 @@ def encode_results(plan: JobPlan, result: EnsembleResult) -> list[tuple[str, mem
     return [
         (d.name, codec.tensor_to_bytes(by_name[d.name], d.dtype)) for d in plan.result_descriptors()
     ]
+
+
+def handlers(service: GradientService) -> grpc.GenericRpcHandler:
+    """The service's RPCs; Compute uses the copy-saving chunk codec (gradserve.v1.wire)."""
+    return grpc.method_handlers_generic_handler(
+        "gradserve.v1.GradientService",
+        {
+            "Compute": grpc.stream_stream_rpc_method_handler(
+                service.Compute,
+                request_deserializer=wire.decode_request,
+                response_serializer=wire.encode_message,
+            ),
+            "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+                service.GetServerInfo,
+                request_deserializer=pb.GetServerInfoRequest.FromString,
+                response_serializer=pb.GetServerInfoResponse.SerializeToString,
+            ),
+        },
+    )
 
 
 class GradientService(pb_grpc.GradientServiceServicer):
@@ -127,6 +147,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
         first = await self._read(context)
         if first is None:
             raise invalid("request stream ended before the job header")
+        if first.WhichOneof("payload") == "malformed":
+            raise invalid("request message is not a valid ComputeRequest")
         if first.WhichOneof("payload") != "header":
             raise invalid("the first request message must be a header")
         plan = validate_header(first.header, self.config)
@@ -156,6 +178,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     assembler.add(msg.chunk)
                 elif kind == "header":
                     raise invalid("a job has exactly one header")
+                elif kind == "malformed":
+                    raise invalid("request message is not a valid ComputeRequest")
                 else:
                     raise invalid("request message carries neither header nor chunk")
             job = await self.worker.call(assembler.finish)
@@ -170,8 +194,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
             sent = 0
             for name, data in done.encoded:
-                for chunk in codec.chunks(name, data, plan.response_chunk_bytes):
-                    await context.write(pb.ComputeResponse(chunk=chunk))
+                for chunk in codec.encoded_chunks(name, data, plan.response_chunk_bytes):
+                    await context.write(chunk)
                 sent += len(data)
             finished = time.perf_counter()
             summary = pb.JobSummary(

@@ -1,0 +1,150 @@
+"""Copy-saving codec for the messages that carry tensor bytes.
+
+`ComputeRequest.chunk` and `ComputeResponse.chunk` hold almost every byte of a job. Going
+through the protobuf runtime costs three copies of each payload per side (building the
+message, serialising, and materialising `.data` after parsing). These helpers produce and
+read the exact protobuf encoding of a chunk message directly:
+
+- encode_chunk(): the same bytes as `ComputeRequest(chunk=TensorChunk(...)).SerializeToString()`
+  (tested), made with one join of a small prefix and the payload;
+- decode_request() / decode_response(): a chunk message in the canonical field order becomes
+  a RawChunkMessage whose `.chunk.data` is a zero-copy memoryview of the received bytes;
+  every other message (and any chunk encoded differently, e.g. by another language's
+  protobuf library with unknown fields) goes through the protobuf parser unchanged.
+
+Any client that speaks the .proto interoperates: this is only a faster route to the same
+wire format. Both request and response chunks are field 2 of their oneof, so one encoding
+serves both directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from gradserve.v1 import gradserve_pb2 as pb
+
+_CHUNK_TAG = 0x12  # field 2 (chunk), wire type 2 (length-delimited)
+_NAME_TAG = 0x0A  # TensorChunk.name: field 1, length-delimited
+_OFFSET_TAG = 0x10  # TensorChunk.offset: field 2, varint
+_DATA_TAG = 0x1A  # TensorChunk.data: field 3, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # int64 fields encode negatives as 10-byte two's complement
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def encode_chunk(name: str, offset: int, data) -> bytes:
+    """Serialized ComputeRequest/ComputeResponse holding one TensorChunk."""
+    name_bytes = name.encode()
+    inner_head = bytearray()
+    if name_bytes:
+        inner_head += bytes([_NAME_TAG]) + _varint(len(name_bytes)) + name_bytes
+    if offset:
+        inner_head += bytes([_OFFSET_TAG]) + _varint(offset)
+    size = len(data)
+    if size:
+        inner_head += bytes([_DATA_TAG]) + _varint(size)
+    head = bytes([_CHUNK_TAG]) + _varint(len(inner_head) + size) + bytes(inner_head)
+    return b"".join((head, data))
+
+
+@dataclass
+class RawChunk:
+    name: str
+    offset: int
+    data: memoryview
+
+
+@dataclass
+class RawChunkMessage:
+    """Stands in for a ComputeRequest/ComputeResponse whose payload is a chunk."""
+
+    chunk: RawChunk
+
+    def WhichOneof(self, _: str) -> str:  # noqa: N802 - mirrors the protobuf message API
+        return "chunk"
+
+
+def _decode_chunk(raw: bytes) -> RawChunkMessage | None:
+    """The canonical encoding of a chunk message, or None for anything else."""
+    buf = memoryview(raw)
+    if not buf or buf[0] != _CHUNK_TAG:
+        return None
+    try:
+        length, pos = _read_varint(buf, 1)
+        if pos + length != len(buf):
+            return None
+        name, offset, data = "", 0, buf[0:0]
+        if pos < len(buf) and buf[pos] == _NAME_TAG:
+            size, pos = _read_varint(buf, pos + 1)
+            name = bytes(buf[pos : pos + size]).decode()
+            pos += size
+        if pos < len(buf) and buf[pos] == _OFFSET_TAG:
+            offset, pos = _read_varint(buf, pos + 1)
+            if offset >= 1 << 63:
+                offset -= 1 << 64
+        if pos < len(buf) and buf[pos] == _DATA_TAG:
+            size, pos = _read_varint(buf, pos + 1)
+            data = buf[pos : pos + size]
+            pos += size
+        if pos != len(buf):
+            return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return RawChunkMessage(RawChunk(name, offset, data))
+
+
+class MalformedMessage:
+    """Stands in for bytes that are no valid message, so the server can answer
+    INVALID_ARGUMENT itself (a raising deserializer would make gRPC answer INTERNAL)."""
+
+    def WhichOneof(self, _: str) -> str:  # noqa: N802
+        return "malformed"
+
+
+def decode_request(raw: bytes):
+    chunk = _decode_chunk(raw)
+    if chunk is not None:
+        return chunk
+    try:
+        return pb.ComputeRequest.FromString(raw)
+    except DecodeError:
+        return MalformedMessage()
+
+
+def decode_response(raw: bytes):
+    return _decode_chunk(raw) or pb.ComputeResponse.FromString(raw)
+
+
+def encode_message(message) -> bytes:
+    """Serializer for both directions: pre-encoded chunks pass through untouched."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
+
+
+COMPUTE_METHOD = "/gradserve.v1.GradientService/Compute"
