@@ -28,7 +28,7 @@ def available_engines(device: torch.device) -> dict[str, tuple[str, ...]]:
     if triton_available():
         from gradserve.kernels import triton_engine
 
-        engines["triton"] = triton_engine.PRECISIONS
+        engines["triton"] = triton_engine.precisions()
     return engines
 
 

@@ -1,11 +1,120 @@
-"""Fused Triton engine (placeholder until the kernels land): reports itself unavailable."""
+"""The Triton engine: fused forward + loss + backward for MLP ensembles.
 
-PRECISIONS: tuple[str, ...] = ()
+Widths up to 128 take the fully fused kernel (triton_fused.py: one launch for the whole
+job, plus a fixed-order reduction of per-program partial gradients when samples are split
+across programs); wider networks take the per-layer GEMM path (triton_layered.py). Both
+compute in fp32 with matmul operands in the job's precision, and are bit-identical from
+run to run. Kernels are specialised per architecture (depth, padded width, activations,
+loss, precision are compile-time constants) and Triton caches each specialisation, so only
+the first job of a new architecture pays the compile.
+
+On a machine without CUDA the engine runs under Triton's interpreter when
+TRITON_INTERPRET=1 is set (that is how the tests exercise it on CPUs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gradserve.kernels.spec import EnsembleJob, EnsembleResult
+
+PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16", "float16")
+FUSED_MAX_WIDTH = 128
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def precisions() -> tuple[str, ...]:
+    """Precisions this engine runs here. Triton's interpreter computes bfloat16 dot products
+    wrongly (numpy has no bfloat16: a 16x16 product came out at 1e10), so not there."""
+    if interpreted():
+        return tuple(p for p in PRECISIONS if p != "bfloat16")
+    return PRECISIONS
 
 
 def available() -> bool:
-    return False
+    """Triton importable, and a GPU to run on (or the interpreter switched on)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or interpreted()
 
 
-def run(job, device):  # pragma: no cover - never selected while unavailable
-    raise NotImplementedError("the Triton engine is not available in this build")
+def _pad_parameters(weights, biases, dp: int):
+    """Zero-padded [M, L, DP, DP] weights and [M, L, DP] biases for the fused kernel."""
+    m, num_layers = weights[0].shape[0], len(weights)
+    device = weights[0].device
+    w_pad = torch.zeros(m, num_layers, dp, dp, device=device, dtype=torch.float32)
+    b_pad = torch.zeros(m, num_layers, dp, device=device, dtype=torch.float32)
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        w_pad[:, i, : w.shape[1], : w.shape[2]] = w
+        b_pad[:, i, : b.shape[1]] = b
+    return w_pad, b_pad
+
+
+def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
+    from gradserve.kernels import triton_fused, triton_layered
+    from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES, PRECISION_CODES
+
+    if job.precision not in precisions():
+        raise ValueError(f"the triton engine does not run precision {job.precision!r} here")
+    device = torch.device(device)
+    want = job.outputs
+    f32 = dict(device=device, dtype=torch.float32)
+    weights = [w.to(**f32).contiguous() for w in job.weights]
+    biases = [b.to(**f32).contiguous() for b in job.biases]
+    x = job.inputs.to(**f32).contiguous()
+    cross_entropy = job.loss.name == "cross_entropy"
+    targets = job.targets.to(device, torch.int64 if cross_entropy else torch.float32)
+    targets = targets.contiguous()
+    sample_weights = None
+    if job.sample_weights is not None:
+        sample_weights = job.sample_weights.to(**f32).contiguous()
+    sizes = job.mlp.layer_sizes
+    d_out = sizes[-1]
+    count = job.num_samples * (1 if cross_entropy else d_out)
+    scale = 1.0 / count if job.loss.reduction == "mean" else 1.0
+    options = dict(
+        hidden_act=ACTIVATION_CODES[job.mlp.hidden_activation.name],
+        output_act=ACTIVATION_CODES[job.mlp.output_activation.name],
+        slope=float(job.mlp.hidden_activation.negative_slope),
+        loss=LOSS_CODES[job.loss.name],
+        delta=float(job.loss.huber_delta),
+        scale=scale,
+        precision=PRECISION_CODES[job.precision],
+        want_param_grads=want.parameter_gradients,
+        want_dx=want.input_gradients,
+        want_y=want.forward_outputs,
+    )
+    if job.mlp.output_activation.name == "leaky_relu" != job.mlp.hidden_activation.name:
+        options["slope"] = float(job.mlp.output_activation.negative_slope)
+
+    if max(sizes) <= FUSED_MAX_WIDTH:
+        dp = triton_fused.padded_width(sizes)
+        w_pad, b_pad = _pad_parameters(weights, biases, dp)
+        (dw, db), dx, per, y = triton_fused.fused_mlp(
+            w_pad, b_pad, x, targets, sample_weights, d_out=d_out, **options
+        )
+        weight_grads = bias_grads = None
+        if dw is not None:
+            weight_grads = [dw[:, i, : w.shape[1], : w.shape[2]] for i, w in enumerate(weights)]
+            bias_grads = [db[:, i, : b.shape[1]] for i, b in enumerate(biases)]
+    else:
+        (weight_grads, bias_grads), dx, per, y = triton_layered.layered_mlp(
+            weights, biases, x, targets, sample_weights, **options
+        )
+    return EnsembleResult(
+        loss=per.sum(dim=1) * scale,
+        weight_grads=weight_grads,
+        bias_grads=bias_grads,
+        input_grads=dx,
+        per_sample_loss=per if want.per_sample_losses else None,
+        outputs=y,
+        engine="triton",
+        device=str(device),
+    )

@@ -39,7 +39,8 @@ def check(client, layer_sizes, tensors, precision="float32", **opts):
         sample_weights=tensors.get("sample_weights"),
     )
     assert isinstance(result.loss, np.ndarray)
-    assert result.engine == "torch" and result.device == "cpu"
+    assert result.engine == opts.get("backend", "torch").replace("auto", "torch")
+    assert result.device == "cpu"
     assert_close_per_model("loss", result.loss, ref.loss, precision)
     for i in range(len(layer_sizes) - 1):
         for kind in ("weight", "bias"):
@@ -132,3 +133,18 @@ def test_loss_only_job_sends_no_gradients(client):
     )
     assert result.gradients is None
     assert list(result.tensors) == ["loss"]
+
+
+@pytest.mark.parametrize("layer_sizes", [ODD_SIZES, (5, 150, 3)])
+def test_triton_engine_through_the_server(client, layer_sizes):
+    """backend="triton" runs the Triton engine (Triton's interpreter on CPU-only machines)."""
+    tensors = random_job(layer_sizes, 3, 37, loss="cross_entropy", shared_inputs=True, seed=6)
+    result = check(
+        client,
+        layer_sizes,
+        tensors,
+        loss="cross_entropy",
+        hidden_activation="tanh",
+        backend="triton",
+    )
+    assert result.engine == "triton"

@@ -1,0 +1,152 @@
+"""Triton building blocks shared by the fused and the per-layer paths: activations and
+their derivatives, the loss of a block of samples and its gradient, and a matmul that
+honours the job's precision.
+
+Each helper mirrors a torch function in kernels/functional.py (the reference the tests
+compare against); codes below are the constexpr selectors passed to the kernels.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {
+    "identity": 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "tanh": 3,
+    "sigmoid": 4,
+    "gelu": 5,
+    "silu": 6,
+    "softplus": 7,
+}
+LOSS_CODES = {"mse": 0, "l1": 1, "huber": 2, "bce_with_logits": 3, "cross_entropy": 4}
+# Matmul operand precision: IEEE fp32, TF32, bf16 or fp16 operands; fp32 accumulation always.
+PRECISION_CODES = {"float32": 0, "tf32": 1, "bfloat16": 2, "float16": 3}
+
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def activate(z, ACT: tl.constexpr, slope):
+    """activate() of functional.py, on an fp32 block."""
+    if ACT == 1:
+        out = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        out = tl.where(z > 0, z, z * slope)
+    elif ACT == 3:
+        out = 2.0 * _sigmoid(2.0 * z) - 1.0  # tanh; saturates correctly at both ends
+    elif ACT == 4:
+        out = _sigmoid(z)
+    elif ACT == 5:
+        out = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT2))
+    elif ACT == 6:
+        out = z * _sigmoid(z)
+    elif ACT == 7:
+        # torch's Softplus (beta 1, threshold 20), in the overflow-free form.
+        out = tl.where(z > 20.0, z, tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z))))
+    else:
+        out = z
+    return out
+
+
+@triton.jit
+def activation_grad(z, ACT: tl.constexpr, slope):
+    """d activate(z) / dz, matching torch autograd's choice at the kinks (relu'(0) = 0)."""
+    if ACT == 1:
+        d = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        d = tl.where(z > 0, 1.0, slope)
+    elif ACT == 3:
+        t = 2.0 * _sigmoid(2.0 * z) - 1.0
+        d = 1.0 - t * t
+    elif ACT == 4:
+        s = _sigmoid(z)
+        d = s * (1.0 - s)
+    elif ACT == 5:
+        d = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == 6:
+        s = _sigmoid(z)
+        d = s + z * s * (1.0 - s)
+    elif ACT == 7:
+        d = tl.where(z > 20.0, 1.0, _sigmoid(z))
+    else:
+        d = z * 0.0 + 1.0
+    return d
+
+
+@triton.jit
+def matmul(a, b, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation; operands narrowed to bf16/fp16 when asked."""
+    if PRECISION == 1:
+        out = tl.dot(a, b, input_precision="tf32")
+    elif PRECISION == 2:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    elif PRECISION == 3:
+        out = tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+    else:
+        out = tl.dot(a, b, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def loss_block(
+    y,  # [BLOCK_N, DP] fp32 network outputs (after the output activation)
+    t_ptr,  # targets of this model: float [N, dL] rows, or int class indices [N]
+    stride_tn,  # elements between consecutive samples' targets
+    w_ptr,  # sample weights of this model [N] (ignored unless HAS_WEIGHTS)
+    rn,  # [BLOCK_N] sample indices of the block
+    cols,  # [DP] output-feature indices
+    N,
+    d_out,  # real output width dL
+    scale,  # 1 / count for mean reduction, 1 for sum
+    delta,  # huber delta
+    LOSS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+):
+    """Per-sample losses [BLOCK_N] and dLoss/dy [BLOCK_N, DP] of one block of samples:
+    per_sample_loss() and reduce_loss() of functional.py, differentiated by hand."""
+    rmask = rn < N
+    cmask = cols < d_out
+    valid = rmask[:, None] & cmask[None, :]
+    if LOSS == 4:
+        target = tl.load(t_ptr + rn * stride_tn, mask=rmask, other=0)
+        logits = tl.where(cmask[None, :], y, float("-inf"))
+        peak = tl.max(logits, 1)
+        e = tl.exp(logits - peak[:, None])
+        total = tl.sum(e, 1)
+        onehot = cols[None, :] == target[:, None]
+        per = peak + tl.log(total) - tl.sum(tl.where(onehot, y, 0.0), 1)
+        dy = e / total[:, None] - tl.where(onehot, 1.0, 0.0)
+    else:
+        t = tl.load(t_ptr + rn[:, None] * stride_tn + cols[None, :], mask=valid, other=0.0)
+        r = y - t.to(tl.float32)
+        if LOSS == 0:
+            elem = r * r
+            dy = 2.0 * r
+        elif LOSS == 1:
+            elem = tl.abs(r)
+            dy = tl.where(r > 0, 1.0, tl.where(r < 0, -1.0, 0.0))
+        elif LOSS == 2:
+            small = tl.abs(r) < delta
+            elem = tl.where(small, 0.5 * r * r, delta * (tl.abs(r) - 0.5 * delta))
+            dy = tl.where(small, r, delta * tl.where(r > 0, 1.0, -1.0))
+        else:
+            t32 = t.to(tl.float32)
+            elem = tl.maximum(y, 0.0) - y * t32 + tl.log(1.0 + tl.exp(-tl.abs(y)))
+            dy = _sigmoid(y) - t32
+        per = tl.sum(tl.where(valid, elem, 0.0), 1)
+    if HAS_WEIGHTS:
+        weight = tl.load(w_ptr + rn, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        weight = tl.where(rmask, 1.0, 0.0)
+    per = tl.where(rmask, per * weight, 0.0)
+    dy = tl.where(valid, dy * (weight * scale)[:, None], 0.0)
+    return per, dy

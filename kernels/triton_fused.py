@@ -1,0 +1,273 @@
+"""Fused forward + loss + backward of an MLP ensemble in one Triton launch (widths <= 128).
+
+Shapes (M models, N samples, L layers, every width padded to DP = a power of two >= 16):
+  weights  [M, L, DP, DP]  zero-padded copy of the job's [M, d(i+1), d(i)] weights
+  biases   [M, L, DP]
+  inputs   [M, N, d0] or shared [N, d0] (read in place, stride 0 over M when shared)
+  partial weight/bias gradients  [M, S, L, DP, DP] / [M, S, L, DP]
+  scratch  [M, S, L, BLOCK_N, DP]  pre-activations of the block in flight
+
+grid = (M, S): program (m, s) owns model m and the s-th slice of its samples. It walks its
+slice BLOCK_N samples at a time: forward through all L layers (weights stay in L1/L2, the
+block's pre-activations go to the program's own small scratch, which stays in L2), loss
+and dLoss/dy in registers, then backward through the layers, accumulating the weight and
+bias gradients of its slice in its own partial buffer. No float atomics: a second kernel
+adds the S partials in a fixed order, so repeated runs give identical bits.
+
+The zero padding is harmless: padded weight rows and columns are 0, so padded features
+never reach a real one, and their gradients come out 0 and are sliced away.
+
+Torch twin: torch_engine.forward_loss (same math, autograd for the backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gradserve.kernels.triton_common import activate, activation_grad, loss_block, matmul
+
+
+@triton.jit
+def _fused_mlp_kernel(
+    # pointers
+    x_ptr,  # inputs, fp32, [M, N, d0] or [N, d0]
+    w_ptr,  # padded weights, fp32, [M, L, DP, DP]
+    b_ptr,  # padded biases, fp32, [M, L, DP]
+    t_ptr,  # targets: fp32 [M|-, N, dL] or int [M|-, N]
+    sw_ptr,  # sample weights, fp32 [M|-, N] (unused without HAS_WEIGHTS)
+    dw_ptr,  # partial weight gradients, fp32 [M, S, L, DP, DP]
+    db_ptr,  # partial bias gradients, fp32 [M, S, L, DP]
+    dx_ptr,  # input gradients, fp32 [M, N, d0] (unused without WANT_DX)
+    per_ptr,  # per-sample losses, fp32 [M, N]
+    y_ptr,  # outputs, fp32 [M, N, dL] (unused without WANT_Y)
+    z_ptr,  # scratch, fp32 [M, S, L, BLOCK_N, DP]
+    # sizes
+    N,
+    d_in,  # d0
+    d_out,  # dL
+    S,  # sample splits per model (grid axis 1)
+    blocks_per_split,
+    # strides (elements); 0 on the model axis for shared tensors
+    stride_xm,
+    stride_xn,
+    stride_tm,
+    stride_tn,
+    stride_swm,
+    # scalars
+    slope,  # leaky_relu negative slope
+    delta,  # huber delta
+    scale,  # 1 / count (mean) or 1 (sum)
+    # meta
+    L: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HIDDEN_ACT: tl.constexpr,
+    OUTPUT_ACT: tl.constexpr,
+    LOSS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    WANT_PARAM_GRADS: tl.constexpr,
+    WANT_DX: tl.constexpr,
+    WANT_Y: tl.constexpr,
+):
+    m = tl.program_id(0)
+    s = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, DP)
+    tile = rows[:, None] * DP + cols[None, :]  # offsets of a [BLOCK_N, DP] block
+    square = cols[:, None] * DP + cols[None, :]  # offsets of a [DP, DP] weight
+    w_model = w_ptr + m * (L * DP * DP)
+    b_model = b_ptr + m * (L * DP)
+    program = m * S + s
+    z_prog = z_ptr + program * (L * BLOCK_N * DP)
+    dw_prog = dw_ptr + program * (L * DP * DP)
+    db_prog = db_ptr + program * (L * DP)
+    x_model = x_ptr + m * stride_xm
+    in_cols = cols[None, :] < d_in
+
+    for blk in range(0, blocks_per_split):
+        rn = (s * blocks_per_split + blk) * BLOCK_N + rows
+        rmask = rn < N
+        x_offsets = rn[:, None] * stride_xn + cols[None, :]
+        h = tl.load(x_model + x_offsets, mask=rmask[:, None] & in_cols, other=0.0)
+
+        # forward: keep each layer's pre-activation in the scratch for the backward pass
+        for layer in tl.static_range(L):
+            w = tl.load(w_model + layer * DP * DP + square)
+            b = tl.load(b_model + layer * DP + cols)
+            z = matmul(h, tl.trans(w), PRECISION) + b[None, :]
+            tl.store(z_prog + layer * BLOCK_N * DP + tile, z)
+            if layer == L - 1:
+                h = activate(z, OUTPUT_ACT, slope)
+            else:
+                h = activate(z, HIDDEN_ACT, slope)
+
+        per, g = loss_block(
+            h,
+            t_ptr + m * stride_tm,
+            stride_tn,
+            sw_ptr + m * stride_swm,
+            rn,
+            cols,
+            N,
+            d_out,
+            scale,
+            delta,
+            LOSS,
+            HAS_WEIGHTS,
+        )
+        tl.store(per_ptr + m * N + rn, per, mask=rmask)
+        if WANT_Y:
+            y_offsets = m * N * d_out + rn[:, None] * d_out + cols[None, :]
+            tl.store(y_ptr + y_offsets, h, mask=rmask[:, None] & (cols[None, :] < d_out))
+        tl.debug_barrier()  # scratch writes visible to every thread of the program
+
+        # backward, last layer first
+        for step in tl.static_range(L):
+            layer = L - 1 - step
+            z = tl.load(z_prog + layer * BLOCK_N * DP + tile)
+            if layer == L - 1:
+                dz = g * activation_grad(z, OUTPUT_ACT, slope)
+            else:
+                dz = g * activation_grad(z, HIDDEN_ACT, slope)
+            if WANT_PARAM_GRADS:
+                if layer > 0:
+                    z_in = tl.load(z_prog + (layer - 1) * BLOCK_N * DP + tile)
+                    h_in = activate(z_in, HIDDEN_ACT, slope)
+                else:
+                    h_in = tl.load(x_model + x_offsets, mask=rmask[:, None] & in_cols, other=0.0)
+                dw = matmul(tl.trans(dz), h_in, PRECISION)
+                db = tl.sum(dz, 0)
+                if blk > 0:  # fixed order: this program's blocks, one after another
+                    dw += tl.load(dw_prog + layer * DP * DP + square)
+                    db += tl.load(db_prog + layer * DP + cols)
+                tl.store(dw_prog + layer * DP * DP + square, dw)
+                tl.store(db_prog + layer * DP + cols, db)
+            if layer > 0 or WANT_DX:
+                w = tl.load(w_model + layer * DP * DP + square)
+                g = matmul(dz, w, PRECISION)
+        if WANT_DX:
+            dx_offsets = m * N * d_in + rn[:, None] * d_in + cols[None, :]
+            tl.store(dx_ptr + dx_offsets, g, mask=rmask[:, None] & in_cols)
+        tl.debug_barrier()  # the next block overwrites the scratch
+
+
+@triton.jit
+def _sum_partials_kernel(
+    partial_ptr,  # [R, S, C] fp32
+    out_ptr,  # [R, C] fp32
+    S,
+    C,
+    BLOCK: tl.constexpr,
+):
+    """out[r] = sum over s of partial[r, s], s ascending: a fixed-order reduction."""
+    # grid = (R, cdiv(C, BLOCK))
+    r = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(partial_ptr + (r * S + s) * C + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + r * C + offs, acc, mask=mask)
+
+
+def sum_partials(partial: torch.Tensor) -> torch.Tensor:
+    """[R, S, ...] -> [R, ...] summed over S in a fixed order (no atomics)."""
+    r, s = partial.shape[:2]
+    if s == 1:
+        return partial[:, 0]
+    flat = partial.reshape(r, s, -1)
+    out = torch.empty(r, flat.shape[2], device=partial.device, dtype=torch.float32)
+    block = 1024
+    _sum_partials_kernel[(r, triton.cdiv(flat.shape[2], block))](
+        flat, out, s, flat.shape[2], BLOCK=block
+    )
+    return out.reshape(r, *partial.shape[2:])
+
+
+def padded_width(layer_sizes) -> int:
+    return max(16, triton.next_power_of_2(max(layer_sizes)))
+
+
+def launch_config(dp: int, n: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, S, blocks_per_split, num_warps) for a job.
+
+    BLOCK_N: 64 samples per block up to DP=64, 32 at DP=128, keeping the [BLOCK_N, DP]
+    fp32 blocks in registers. S: enough programs to fill the GPU (4 per SM) when M alone
+    does not; on the interpreter one split is enough.
+    """
+    block_n = 64 if dp <= 64 else 32
+    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    blocks = triton.cdiv(n, block_n)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, triton.cdiv(4 * sms, m))
+    else:
+        want = 1
+    splits = min(blocks, want)
+    per_split = triton.cdiv(blocks, splits)
+    splits = triton.cdiv(blocks, per_split)
+    num_warps = 4 if dp <= 64 else 8
+    return block_n, splits, per_split, num_warps
+
+
+def fused_mlp(
+    weights_padded: torch.Tensor,  # [M, L, DP, DP] fp32
+    biases_padded: torch.Tensor,  # [M, L, DP] fp32
+    x: torch.Tensor,  # [M, N, d0] or [N, d0] fp32, last dim contiguous
+    targets: torch.Tensor,  # [M|-, N, dL] fp32 or [M|-, N] int64
+    sample_weights: torch.Tensor | None,  # [M|-, N] fp32
+    *,
+    d_out: int,
+    hidden_act: int,
+    output_act: int,
+    slope: float,
+    loss: int,
+    delta: float,
+    scale: float,
+    precision: int,
+    want_param_grads: bool,
+    want_dx: bool,
+    want_y: bool,
+):
+    """Launcher: check -> allocate -> grid -> launch. Returns padded gradients
+    ([M, L, DP, DP], [M, L, DP]) or (None, None), dx [M, N, d0] or None, per-sample
+    losses [M, N], outputs [M, N, dL] or None."""
+    m, num_layers, dp, _ = weights_padded.shape
+    n, d_in = x.shape[-2], x.shape[-1]
+    assert weights_padded.dtype == torch.float32 and weights_padded.is_contiguous()
+    assert x.stride(-1) == 1 and targets.stride(-1) == 1 or targets.dim() == x.dim() - 1
+    device = x.device
+    block_n, splits, per_split, num_warps = launch_config(dp, n, m, device)
+
+    f32 = dict(device=device, dtype=torch.float32)
+    if want_param_grads:
+        dw = torch.empty(m, splits, num_layers, dp, dp, **f32)
+        db = torch.empty(m, splits, num_layers, dp, **f32)
+    else:
+        dw = db = torch.empty(1, **f32)
+    dx = torch.empty(m, n, d_in, **f32) if want_dx else torch.empty(1, **f32)
+    per = torch.empty(m, n, **f32)
+    y = torch.empty(m, n, d_out, **f32) if want_y else torch.empty(1, **f32)
+    scratch = torch.empty(m, splits, num_layers, block_n, dp, **f32)
+    shared_x = x.dim() == 2
+    shared_t = targets.dim() == (1 if loss == 4 else 2)
+    sw = sample_weights if sample_weights is not None else per
+    shared_w = sample_weights is not None and sample_weights.dim() == 1
+
+    _fused_mlp_kernel[(m, splits)](
+        x, weights_padded, biases_padded, targets, sw, dw, db, dx, per, y, scratch,
+        n, d_in, d_out, splits, per_split,
+        0 if shared_x else x.stride(0), x.stride(-2),
+        0 if shared_t else targets.stride(0), targets.stride(-2 if loss != 4 else -1),
+        0 if shared_w else n,
+        slope, delta, scale,
+        L=num_layers, DP=dp, BLOCK_N=block_n, HIDDEN_ACT=hidden_act, OUTPUT_ACT=output_act,
+        LOSS=loss, PRECISION=precision, HAS_WEIGHTS=sample_weights is not None,
+        WANT_PARAM_GRADS=want_param_grads, WANT_DX=want_dx, WANT_Y=want_y,
+        num_warps=num_warps,
+    )  # fmt: skip
+    grads = (sum_partials(dw), sum_partials(db)) if want_param_grads else (None, None)
+    return grads, (dx if want_dx else None), per, (y if want_y else None)

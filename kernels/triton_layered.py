@@ -1,0 +1,267 @@
+"""Per-layer Triton path for MLP ensembles of any width (used when a layer is wider than
+the fused kernel's 128): one batched GEMM launch per layer and direction, with the bias,
+activation and activation-derivative work fused into the GEMM epilogues.
+
+Forward, layer i:   Z_i = H_i @ W_i^T + b_i   (epilogue: store Z_i and H_{i+1} = act(Z_i))
+Loss:               dZ_L = dLoss/dY * act_out'(Z_L)   (one kernel over [M, N, dL])
+Backward, layer i:  dW_i = dZ_i^T @ H_i,  db_i = column sums of dZ_i,
+                    dZ_{i-1} = (dZ_i @ W_i) * act'(Z_{i-1})   (epilogue)
+Shapes: H_i [M, N, d_i] (H_0 may be shared: stride 0 over M), W_i [M, d_(i+1), d_i].
+Every reduction loops in a fixed order, so results are bit-identical run to run.
+
+Torch twin: torch_engine.forward_loss (same math, autograd for the backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gradserve.kernels.triton_common import activate, activation_grad, loss_block, matmul
+
+
+@triton.jit
+def _batched_matmul_kernel(
+    a_ptr,  # [B, P, K] (any strides)
+    b_ptr,  # [B, K, Q] (any strides)
+    c_ptr,  # [B, P, Q] contiguous output
+    bias_ptr,  # [B, Q] (EPILOGUE 1)
+    aux_ptr,  # [B, P, Q] contiguous: act(out) output (EPILOGUE 1) or Z for act' (EPILOGUE 2)
+    P,
+    Q,
+    K,
+    stride_ab,
+    stride_ap,
+    stride_ak,
+    stride_bb,
+    stride_bk,
+    stride_bq,
+    slope,
+    # 0: C = A @ B;  1: C = A @ B + bias, aux = act(C);  2: C = (A @ B) * act'(aux)
+    EPILOGUE: tl.constexpr,
+    ACT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # grid = (B, cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q))
+    batch = tl.program_id(0)
+    tiles_q = tl.cdiv(Q, BLOCK_Q)
+    tp = tl.program_id(1) // tiles_q
+    tq = tl.program_id(1) % tiles_q
+    rp = tp * BLOCK_P + tl.arange(0, BLOCK_P)
+    rq = tq * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rk = tl.arange(0, BLOCK_K)
+    a_base = a_ptr + batch * stride_ab + rp[:, None] * stride_ap
+    b_base = b_ptr + batch * stride_bb + rq[None, :] * stride_bq
+    acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(
+            a_base + kk[None, :] * stride_ak, mask=(rp[:, None] < P) & (kk[None, :] < K), other=0.0
+        )
+        b = tl.load(
+            b_base + kk[:, None] * stride_bk, mask=(kk[:, None] < K) & (rq[None, :] < Q), other=0.0
+        )
+        acc += matmul(a, b, PRECISION)
+    out_mask = (rp[:, None] < P) & (rq[None, :] < Q)
+    out_offsets = batch * P * Q + rp[:, None] * Q + rq[None, :]
+    if EPILOGUE == 1:
+        bias = tl.load(bias_ptr + batch * Q + rq, mask=rq < Q, other=0.0)
+        acc = acc + bias[None, :]
+        tl.store(aux_ptr + out_offsets, activate(acc, ACT, slope), mask=out_mask)
+    elif EPILOGUE == 2:
+        z = tl.load(aux_ptr + out_offsets, mask=out_mask, other=0.0)
+        acc = acc * activation_grad(z, ACT, slope)
+    tl.store(c_ptr + out_offsets, acc, mask=out_mask)
+
+
+@triton.jit
+def _loss_kernel(
+    y_ptr,  # [M, N, dL] outputs after the output activation
+    z_ptr,  # [M, N, dL] pre-activations of the last layer
+    t_ptr,  # targets
+    sw_ptr,  # sample weights
+    dz_ptr,  # [M, N, dL] out: dLoss/dZ_L
+    per_ptr,  # [M, N] out: per-sample losses
+    N,
+    d_out,
+    stride_tm,
+    stride_tn,
+    stride_swm,
+    slope,
+    delta,
+    scale,
+    OUTPUT_ACT: tl.constexpr,
+    LOSS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    DP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # grid = (M, cdiv(N, BLOCK_N))
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, DP)
+    mask = (rn[:, None] < N) & (cols[None, :] < d_out)
+    offsets = m * N * d_out + rn[:, None] * d_out + cols[None, :]
+    y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
+    per, dy = loss_block(
+        y,
+        t_ptr + m * stride_tm,
+        stride_tn,
+        sw_ptr + m * stride_swm,
+        rn,
+        cols,
+        N,
+        d_out,
+        scale,
+        delta,
+        LOSS,
+        HAS_WEIGHTS,
+    )
+    z = tl.load(z_ptr + offsets, mask=mask, other=0.0)
+    tl.store(dz_ptr + offsets, dy * activation_grad(z, OUTPUT_ACT, slope), mask=mask)
+    tl.store(per_ptr + m * N + rn, per, mask=rn < N)
+
+
+@triton.jit
+def _column_sum_kernel(
+    x_ptr,  # [B, R, C] contiguous
+    out_ptr,  # [B, C]
+    R,
+    C,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # grid = (B, cdiv(C, BLOCK_C)); rows are added block by block, in order
+    batch = tl.program_id(0)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        block = tl.load(
+            x_ptr + batch * R * C + rr[:, None] * C + rc[None, :],
+            mask=(rr[:, None] < R) & (rc[None, :] < C),
+            other=0.0,
+        )
+        acc += tl.sum(block, 0)
+    tl.store(out_ptr + batch * C + rc, acc, mask=rc < C)
+
+
+BLOCK_P, BLOCK_Q, BLOCK_K = 64, 64, 32
+
+
+def batched_matmul(
+    a, b, *, bias=None, aux=None, epilogue=0, act=0, slope=0.0, precision=0, batch: int, out=None
+):
+    """Launcher: C[i] = a[i] @ b[i] (+ epilogue). a [B|-, P, K], b [B|-, K, Q] (stride 0 over
+    a shared batch), C [B, P, Q] fp32 contiguous."""
+    p, k = a.shape[-2], a.shape[-1]
+    q = b.shape[-1]
+    assert b.shape[-2] == k, (a.shape, b.shape)
+    c = out if out is not None else torch.empty(batch, p, q, device=a.device, dtype=torch.float32)
+    grid = (batch, triton.cdiv(p, BLOCK_P) * triton.cdiv(q, BLOCK_Q))
+    _batched_matmul_kernel[grid](
+        a, b, c, bias if bias is not None else c, aux if aux is not None else c,
+        p, q, k,
+        a.stride(0) if a.dim() == 3 else 0, a.stride(-2), a.stride(-1),
+        b.stride(0) if b.dim() == 3 else 0, b.stride(-2), b.stride(-1),
+        slope,
+        EPILOGUE=epilogue, ACT=act, PRECISION=precision,
+        BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return c
+
+
+def column_sum(x: torch.Tensor) -> torch.Tensor:
+    """[B, R, C] -> [B, C], rows added in a fixed order."""
+    b, r, c = x.shape
+    out = torch.empty(b, c, device=x.device, dtype=torch.float32)
+    _column_sum_kernel[(b, triton.cdiv(c, 64))](x, out, r, c, BLOCK_R=32, BLOCK_C=64)
+    return out
+
+
+def layered_mlp(
+    weights,
+    biases,
+    x,
+    targets,
+    sample_weights,
+    *,
+    hidden_act,
+    output_act,
+    slope,
+    loss,
+    delta,
+    scale,
+    precision,
+    want_param_grads,
+    want_dx,
+    want_y,
+):
+    """Forward, loss and backward layer by layer. weights[i] [M, d(i+1), d(i)] fp32,
+    biases[i] [M, d(i+1)], x [M, N, d0] or [N, d0]. Returns (weight grads, bias grads) or
+    (None, None), dx or None, per-sample losses [M, N], outputs or None."""
+    m = weights[0].shape[0]
+    n = x.shape[-2]
+    num_layers = len(weights)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    hs, zs = [x], []
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        act = output_act if i == num_layers - 1 else hidden_act
+        z = torch.empty(m, n, w.shape[1], **f32)
+        h = torch.empty(m, n, w.shape[1], **f32)
+        # W^T as a [K=d_in, Q=d_out] operand: strides of W swapped, no copy
+        batched_matmul(
+            hs[-1],
+            w.transpose(1, 2),
+            bias=b,
+            aux=h,
+            epilogue=1,
+            act=act,
+            slope=slope,
+            precision=precision,
+            batch=m,
+            out=z,
+        )
+        zs.append(z)
+        hs.append(h)
+
+    d_out = weights[-1].shape[1]
+    dz = torch.empty(m, n, d_out, **f32)
+    per = torch.empty(m, n, **f32)
+    shared_t = targets.dim() == (1 if loss == 4 else 2)
+    sw = sample_weights if sample_weights is not None else per
+    shared_w = sample_weights is not None and sample_weights.dim() == 1
+    block_n = 32
+    _loss_kernel[(m, triton.cdiv(n, block_n))](
+        hs[-1], zs[-1], targets, sw, dz, per, n, d_out,
+        0 if shared_t else targets.stride(0), targets.stride(-1 if loss == 4 else -2),
+        0 if shared_w else n, slope, delta, scale,
+        OUTPUT_ACT=output_act, LOSS=loss, HAS_WEIGHTS=sample_weights is not None,
+        DP=max(16, triton.next_power_of_2(d_out)), BLOCK_N=block_n,
+    )  # fmt: skip
+
+    dws, dbs, dx = [None] * num_layers, [None] * num_layers, None
+    for i in reversed(range(num_layers)):
+        if want_param_grads:
+            # dW = dZ^T @ H: dZ^T as a [P=d_out, K=N] operand via swapped strides
+            dws[i] = batched_matmul(dz.transpose(1, 2), hs[i], precision=precision, batch=m)
+            dbs[i] = column_sum(dz)
+        if i > 0:
+            dz = batched_matmul(
+                dz,
+                weights[i],
+                aux=zs[i - 1],
+                epilogue=2,
+                act=hidden_act,
+                slope=slope,
+                precision=precision,
+                batch=m,
+            )
+        elif want_dx:
+            dx = batched_matmul(dz, weights[0], precision=precision, batch=m)
+    grads = (dws, dbs) if want_param_grads else (None, None)
+    return grads, dx, per, (hs[-1] if want_y else None)

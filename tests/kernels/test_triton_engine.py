@@ -1,0 +1,125 @@
+"""The Triton engine against the float64 oracle (on CPUs through Triton's interpreter).
+
+Shapes stay small: the interpreter runs every program in numpy.
+"""
+
+import pytest
+import torch
+
+from gradserve import kernels
+from gradserve.kernels import triton_engine
+from tests.jobs import ensemble_job, random_job
+from tests.oracle import assert_close_per_model, oracle
+
+ODD_SIZES = (5, 13, 7, 3)
+WIDE_SIZES = (5, 150, 3)  # a layer wider than 128 takes the per-layer GEMM path
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check(layer_sizes, tensors, precision="float32", **options):
+    job = ensemble_job(tensors, layer_sizes, precision=precision, **options)
+    got = triton_engine.run(job, DEVICE)
+    assert got.engine == "triton"
+    ref = oracle(
+        layer_sizes, tensors, tensors["inputs"], tensors["targets"],
+        hidden=options.get("hidden", "relu"), output=options.get("output", "identity"),
+        negative_slope=options.get("negative_slope", 0.01),
+        loss=options.get("loss", "mse"), reduction=options.get("reduction", "mean"),
+        huber_delta=options.get("huber_delta", 1.0),
+        sample_weights=tensors.get("sample_weights"),
+    )  # fmt: skip
+    assert_close_per_model("loss", got.loss.cpu(), ref.loss, precision)
+    for i in range(len(layer_sizes) - 1):
+        assert_close_per_model(
+            f"w{i}", got.weight_grads[i].cpu(), ref.grads[f"layers.{i}.weight.grad"], precision
+        )
+        assert_close_per_model(
+            f"b{i}", got.bias_grads[i].cpu(), ref.grads[f"layers.{i}.bias.grad"], precision
+        )
+    assert_close_per_model("inputs.grad", got.input_grads.cpu(), ref.input_grads, precision)
+    assert_close_per_model(
+        "per_sample_loss", got.per_sample_loss.cpu(), ref.per_sample_loss, precision
+    )
+    assert_close_per_model("outputs", got.outputs.cpu(), ref.outputs, precision)
+    return got
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+@pytest.mark.parametrize("loss", kernels.LOSSES)
+@pytest.mark.parametrize("hidden", kernels.ACTIVATIONS)
+def test_fused_matches_oracle_for_every_activation_and_loss(hidden, loss, shared):
+    tensors = random_job(ODD_SIZES, 3, 37, loss=loss, shared_inputs=shared, seed=3)
+    check(ODD_SIZES, tensors, hidden=hidden, loss=loss)
+
+
+@pytest.mark.parametrize("n", [1, 37])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+def test_fused_matches_oracle_for_ensemble_and_sample_counts(m, n, shared):
+    tensors = random_job(
+        ODD_SIZES, m, n, loss="cross_entropy", shared_inputs=shared, sample_weights=True, seed=m * n
+    )
+    check(ODD_SIZES, tensors, hidden="silu", loss="cross_entropy")
+
+
+@pytest.mark.parametrize("loss", kernels.LOSSES)
+def test_sum_reduction_and_sample_weights(loss):
+    tensors = random_job(ODD_SIZES, 2, 20, loss=loss, sample_weights=True, seed=9)
+    check(ODD_SIZES, tensors, hidden="tanh", loss=loss, reduction="sum")
+
+
+@pytest.mark.parametrize("output", kernels.ACTIVATIONS)
+def test_output_activations(output):
+    tensors = random_job((4, 9, 2), 2, 17, seed=5)
+    check((4, 9, 2), tensors, hidden="softplus", output=output)
+
+
+def test_leaky_relu_slope_and_huber_delta():
+    tensors = random_job(ODD_SIZES, 2, 21, seed=6)
+    check(
+        ODD_SIZES, tensors, hidden="leaky_relu", negative_slope=0.3, loss="huber", huber_delta=0.2
+    )
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+@pytest.mark.parametrize("m, n", [(1, 1), (3, 37)])
+def test_wide_layer_takes_the_per_layer_path(m, n, shared, loss):
+    tensors = random_job(
+        WIDE_SIZES, m, n, loss=loss, shared_inputs=shared, sample_weights=True, seed=n
+    )
+    check(WIDE_SIZES, tensors, hidden="gelu", output="tanh", loss=loss)
+
+
+def test_widest_fused_width_128():
+    tensors = random_job((128, 128, 2), 1, 33, seed=2)
+    check((128, 128, 2), tensors, hidden="relu")
+
+
+@pytest.mark.parametrize("sizes", [ODD_SIZES, WIDE_SIZES])
+@pytest.mark.parametrize("precision", ["tf32", "bfloat16", "float16"])
+def test_reduced_precisions_within_their_tolerance(precision, sizes):
+    if precision not in triton_engine.precisions():
+        pytest.skip("Triton's interpreter cannot compute bfloat16 dots; checked on GPU")
+    tensors = random_job(sizes, 2, 40, seed=4)
+    check(sizes, tensors, precision=precision, hidden="tanh")
+
+
+@pytest.mark.parametrize("sizes", [ODD_SIZES, WIDE_SIZES])
+def test_two_runs_give_identical_bits(sizes):
+    tensors = random_job(sizes, 3, 37, sample_weights=True, seed=8)
+    job = ensemble_job(tensors, sizes, hidden="gelu", loss="huber")
+    first = triton_engine.run(job, DEVICE)
+    second = triton_engine.run(job, DEVICE)
+    for a, b in zip(
+        first.weight_grads + first.bias_grads + [first.loss, first.input_grads],
+        second.weight_grads + second.bias_grads + [second.loss, second.input_grads],
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
+def test_float64_is_refused():
+    tensors = random_job(ODD_SIZES, 1, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        triton_engine.run(ensemble_job(tensors, ODD_SIZES, precision="float64"), DEVICE)
