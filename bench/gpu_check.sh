@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One-call GPU check (see the README's Benchmarks section): versions, GPU-marked tests,
+# kernel benchmark, and one job through a real server on the GPU. Writes under $OUT
+# (default out/gpu): env.txt, gpu_tests.log, kernels_gpu.md, server_job.txt, summary.txt.
+# Python packages missing on the machine can be carried as wheels in .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gradserve-site .whl/*.whl
+  export PYTHONPATH=/tmp/gradserve-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# Make the import names (gradserve.kernels -> kernels/, ...) resolve without installing.
+pkg=/tmp/gradserve-src/gradserve
+rm -rf /tmp/gradserve-src && mkdir -p "$pkg"
+cp proto/gradserve/__init__.py "$pkg/"
+ln -s "$PWD/proto/gradserve/v1" "$pkg/v1"
+for part in kernels server client; do ln -s "$PWD/$part" "$pkg/$part"; done
+export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+{
+  date -u
+  nvidia-smi -L
+  python3 -c "import torch, triton, grpc, google.protobuf as p; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, '| triton', triton.__version__, '| grpcio', grpc.__version__, \
+'| protobuf', p.__version__); print(torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== GPU tests"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/kernels/test_gpu.py \
+  2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+tests_status=${PIPESTATUS[0]}
+
+echo "== kernel benchmark"
+timeout 300 python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu.md" 2>&1 | tail -3
+
+echo "== one job through a real server on the GPU"
+rm -f /tmp/gradserve.port
+python3 -m gradserve.server --port 0 --port-file /tmp/gradserve.port --device cuda \
+  --log-level WARNING &
+server=$!
+for _ in $(seq 200); do [ -s /tmp/gradserve.port ] && break; sleep 0.1; done
+address=127.0.0.1:$(cat /tmp/gradserve.port)
+{
+  python3 -m gradserve.client --address "$address" --timeout 60 info
+  python3 -m gradserve.client example /tmp/gradserve-jobs >/dev/null
+  python3 -m gradserve.client --address "$address" --timeout 120 compute \
+    /tmp/gradserve-jobs/ensemble-64x16-32-32-1.safetensors --json
+} 2>&1 | tee "$OUT/server_job.txt" | tail -2
+kill "$server"; wait "$server" 2>/dev/null
+
+{
+  echo "GPU check $(date -u +%F) on $(python3 -c 'import torch; print(torch.cuda.get_device_name())')"
+  echo "tests: $(tail -1 "$OUT/gpu_tests.log") (exit $tests_status)"
+  echo "server job engine: $(grep -o '"engine": "[a-z]*"' "$OUT/server_job.txt")"
+  cat "$OUT/kernels_gpu.md" 2>/dev/null | grep '^|'
+} | tee "$OUT/summary.txt"

@@ -1,0 +1,165 @@
+"""Kernel benchmark on a GPU: the Triton engine vs what a PyTorch user would write.
+
+Peers, same inputs, same run: torch eager batched autograd (gradserve's torch engine),
+torch.func.vmap(grad(...)) over stacked parameters, and torch.compile of that vmap(grad).
+Each computes the loss and every parameter gradient of every model. Times are medians of
+triton.testing.do_bench; achieved TFLOP/s count 6 FLOPs per multiply-add per sample
+(forward + both backward products) and are set against the card's measured matmul peak
+for the precision; GB/s count the bytes that must cross HBM (inputs, targets, weights,
+gradients) against the measured copy bandwidth.
+
+Usage: python bench/kernels_gpu.py [--out FILE] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from gradserve import kernels  # noqa: E402
+from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
+
+CASES = [
+    # (M, N, layer_sizes, precision, compare with torch.compile)
+    (1024, 256, (32, 64, 64, 64, 1), "float32", True),
+    (1024, 256, (32, 64, 64, 64, 1), "tf32", True),
+    (1024, 256, (32, 64, 64, 64, 1), "bfloat16", True),
+    (4096, 256, (16, 64, 64, 64, 1), "tf32", False),
+    (256, 1024, (64, 128, 128, 128, 8), "bfloat16", False),
+    (8192, 64, (16, 32, 32, 1), "float32", False),
+    (16, 1024, (1024, 1024, 1024, 1), "float32", False),
+    (16, 1024, (1024, 1024, 1024, 1), "bfloat16", False),
+]
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]  # median ms
+
+
+def measured_peaks() -> dict[str, float]:
+    """Dense matmul TFLOP/s per precision and device copy GB/s, measured on this card."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda")
+    b = torch.randn(n, n, device="cuda")
+    peaks = {}
+    for precision in ("float32", "tf32", "bfloat16"):
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        x, y = (a.bfloat16(), b.bfloat16()) if precision == "bfloat16" else (a, b)
+        ms = bench(lambda x=x, y=y: x @ y)
+        peaks[precision] = 2 * n**3 / ms / 1e9
+    torch.backends.cuda.matmul.allow_tf32 = False
+    peaks["float16"] = peaks["bfloat16"]
+    src = torch.empty(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    peaks["copy_gbps"] = 2 * src.numel() * 4 / ms / 1e6
+    return peaks
+
+
+def make_job(m, n, sizes, precision):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights, biases = [], []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        weights.append(torch.randn(m, b, a, device="cuda", generator=g) * a**-0.5)
+        biases.append(torch.randn(m, b, device="cuda", generator=g) * 0.1)
+    x = torch.randn(m, n, sizes[0], device="cuda", generator=g)
+    y = torch.randn(m, n, sizes[-1], device="cuda", generator=g)
+    return kernels.EnsembleJob(
+        mlp=kernels.MLPSpec(tuple(sizes), kernels.Activation("relu")),
+        loss=kernels.LossSpec("mse"),
+        weights=weights, biases=biases, inputs=x, targets=y, precision=precision,
+    )  # fmt: skip
+
+
+def vmap_grad_fn(sizes, precision):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    base = nn.Sequential(*layers).to("cuda")
+
+    def loss_fn(params, x, y):
+        return nn.functional.mse_loss(functional_call(base, params, (x,)), y)
+
+    g = vmap(grad(loss_fn))
+
+    def run(params, x, y):
+        if precision in AUTOCAST:
+            with torch.autocast("cuda", dtype=AUTOCAST[precision]):
+                return g(params, x, y)
+        return g(params, x, y)
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels_gpu.md")
+    )
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    card = torch.cuda.get_device_name()
+    peaks = measured_peaks()
+    lines = [
+        f"# Triton engine vs PyTorch peers on {card}",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}. Measured peaks: "
+        + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in peaks.items() if k != "copy_gbps")
+        + f", copy {peaks['copy_gbps']:.0f} GB/s. Loss: mse, hidden relu. "
+        "Times: median ms of triton.testing.do_bench.",
+        "",
+        "| M | N | layer sizes | precision | triton ms | eager ms | vmap(grad) ms "
+        "| compile(vmap(grad)) ms | vs eager | vs vmap | vs compile | TFLOP/s (% peak) "
+        "| GB/s (% copy) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, n, sizes, precision, with_compile in CASES:
+        job = make_job(m, n, sizes, precision)
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        t_triton = bench(lambda job=job: triton_engine.run(job, "cuda"))
+        t_eager = bench(lambda job=job: torch_engine.run(job, "cuda"))
+        params = {}
+        for i in range(len(sizes) - 1):
+            params[f"{2 * i}.weight"] = job.weights[i]
+            params[f"{2 * i}.bias"] = job.biases[i]
+        fn = vmap_grad_fn(sizes, precision)
+        t_vmap = bench(lambda fn=fn, p=params, job=job: fn(p, job.inputs, job.targets))
+        t_compile = float("nan")
+        if with_compile and not args.no_compile:
+            compiled = torch.compile(fn)
+            compiled(params, job.inputs, job.targets)  # compile outside the timing
+            t_compile = bench(lambda c=compiled, p=params, job=job: c(p, job.inputs, job.targets))
+        torch.backends.cuda.matmul.allow_tf32 = False
+        flops = kernels.flops(job.mlp, m, n)
+        tflops = flops / t_triton / 1e9
+        param_bytes = (
+            sum(w.numel() + b.numel() for w, b in zip(job.weights, job.biases, strict=True)) * 4
+        )
+        moved = (job.inputs.numel() + job.targets.numel()) * 4 + 2 * param_bytes
+        gbps = moved / t_triton / 1e6
+        lines.append(
+            f"| {m} | {n} | {list(sizes)} | {precision} | {t_triton:.3f} | {t_eager:.3f} "
+            f"| {t_vmap:.3f} | {t_compile:.3f} | {t_eager / t_triton:.2f}x "
+            f"| {t_vmap / t_triton:.2f}x | {t_compile / t_triton:.2f}x "
+            f"| {tflops:.1f} ({100 * tflops / peaks[precision]:.0f}%) "
+            f"| {gbps:.0f} ({100 * gbps / peaks['copy_gbps']:.0f}%) |"
+        )
+        print(lines[-1], flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
