@@ -25,8 +25,9 @@ LOSS_CODES = {"mse": 0, "l1": 1, "huber": 2, "bce_with_logits": 3, "cross_entrop
 # Matmul operand precision: IEEE fp32, TF32, bf16 or fp16 operands; fp32 accumulation always.
 PRECISION_CODES = {"float32": 0, "tf32": 1, "bfloat16": 2, "float16": 3}
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Globals read inside @triton.jit functions must be constexpr.
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

@@ -45,11 +45,17 @@ def available() -> bool:
     return torch.cuda.is_available() or interpreted()
 
 
-def _pad_parameters(weights, biases, dp: int):
-    """Zero-padded [M, L, DP, DP] weights and [M, L, DP] biases for the fused kernel."""
+NARROW_WEIGHTS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _pad_parameters(weights, biases, dp: int, precision: str):
+    """Zero-padded [M, L, DP, DP] weights and [M, L, DP] fp32 biases for the fused kernel.
+    For bf16/fp16 jobs the weights are stored narrow: they are matmul operands only, and
+    half the bytes means half the weight loads and registers."""
     m, num_layers = weights[0].shape[0], len(weights)
     device = weights[0].device
-    w_pad = torch.zeros(m, num_layers, dp, dp, device=device, dtype=torch.float32)
+    w_dtype = NARROW_WEIGHTS.get(precision, torch.float32)
+    w_pad = torch.zeros(m, num_layers, dp, dp, device=device, dtype=w_dtype)
     b_pad = torch.zeros(m, num_layers, dp, device=device, dtype=torch.float32)
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         w_pad[:, i, : w.shape[1], : w.shape[2]] = w
@@ -96,7 +102,7 @@ def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
 
     if max(sizes) <= FUSED_MAX_WIDTH:
         dp = triton_fused.padded_width(sizes)
-        w_pad, b_pad = _pad_parameters(weights, biases, dp)
+        w_pad, b_pad = _pad_parameters(weights, biases, dp, job.precision)
         (dw, db), dx, per, y = triton_fused.fused_mlp(
             w_pad, b_pad, x, targets, sample_weights, d_out=d_out, **options
         )
