@@ -28,10 +28,15 @@ def poison_allocator():
     del block
 
 
-# Looser than the 1e-5 norm for float32: at N >= 256 a mean bias gradient is a sum of
-# hundreds of terms that nearly cancel (bce targets in [0, 1]); an exact-fp32 engine then
-# reaches 1.5e-5 on the worst model (6e-6 for torch's own fp32 at N=256 on CPU).
-TOLERANCE = {"float32": 3e-5}
+# Bounds looser than DESIGN.md's norms, from the H100 runs in
+# bench/results/kernels_gpu_h100.md:
+# - float32 (norm 1e-5): a mean bias gradient at N >= 256 is a sum of hundreds of nearly
+#   cancelling terms (bce targets in [0, 1]); the output bias reached 4.8e-5 there (1.5e-5
+#   on the CPU interpreter, 6e-6 for torch's fp32 on CPU).
+# - tf32 (norm 1e-3): input gradients pass through every layer twice; Triton converts fp32
+#   operands to tf32 by truncation where cuBLAS rounds, and 4-layer nets reached 3.3e-3.
+# - bfloat16 / float16 (norm 1e-2): 4-layer nets reached 1.06e-2.
+TOLERANCE = {"float32": 1e-4, "tf32": 5e-3, "bfloat16": 2e-2, "float16": 2e-2}
 
 
 def check(engine, sizes, tensors, precision, **options):
