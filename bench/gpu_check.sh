@@ -31,12 +31,12 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== GPU tests"
-timeout 330 python3 -m pytest -q -p no:cacheprovider -n 16 -m gpu tests/kernels/test_gpu.py \
+timeout 300 python3 -m pytest -q -p no:cacheprovider -n 16 -m gpu tests/kernels/test_gpu.py \
   2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 tests_status=${PIPESTATUS[0]}
 
 echo "== kernel benchmark"
-timeout 120 python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu.md" 2>&1 | tail -3
+timeout 150 python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu.md" 2>&1 | tail -3
 
 echo "== one job through a real server on the GPU"
 rm -f /tmp/gradserve.port
