@@ -1,27 +1,45 @@
-"""Admission control: a bound on payload bytes held by all jobs at once, checked from the
-header (declared sizes) before any payload byte is stored."""
+"""Admission control: bounds on the jobs admitted at once and on the bytes they hold,
+checked from the header (declared sizes) before any payload byte is stored."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
-from gradserve.server.errors import too_large
+import grpc
+
+from gradserve.server.errors import JobError
+
+# Suggested wait before retrying a refused job, sent as gRPC's retry pushback trailer.
+RETRY_PUSHBACK_MS = 100
+
+
+class ServerBusy(JobError):
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        self.retry_after_ms = RETRY_PUSHBACK_MS
 
 
 class Admission:
-    def __init__(self, max_inflight_bytes: int):
+    def __init__(self, max_inflight_bytes: int, max_queued_jobs: int):
         self.max_inflight_bytes = max_inflight_bytes
+        self.max_queued_jobs = max_queued_jobs
         self.inflight_bytes = 0
         self.inflight_jobs = 0
 
     @contextlib.contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
         # Only the event loop thread touches the counters, so no lock is needed.
+        if self.inflight_jobs >= self.max_queued_jobs:
+            raise ServerBusy(
+                f"server busy: {self.inflight_jobs} jobs admitted (limit "
+                f"{self.max_queued_jobs}); retry in {RETRY_PUSHBACK_MS} ms"
+            )
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
-            raise too_large(
-                f"server busy: {self.inflight_bytes} payload bytes in flight, job needs "
-                f"{nbytes}, limit {self.max_inflight_bytes}; retry later"
+            raise ServerBusy(
+                f"server busy: {self.inflight_bytes} bytes held by admitted jobs, this job "
+                f"needs {nbytes}, limit {self.max_inflight_bytes}; retry in "
+                f"{RETRY_PUSHBACK_MS} ms"
             )
         self.inflight_bytes += nbytes
         self.inflight_jobs += 1

@@ -42,6 +42,7 @@ async def serve(config: ServerConfig) -> None:
     if port == 0:
         raise SystemExit(f"could not bind {config.host}:{config.port}")
     await server.start()
+    service.start()
     log.info("serving on %s:%d device=%s", config.host, port, device)
     if config.port_file:
         with open(config.port_file + ".tmp", "w") as f:
@@ -56,7 +57,7 @@ async def serve(config: ServerConfig) -> None:
     await stop.wait()
     log.info("stopping: %d jobs in flight", service.admission.inflight_jobs)
     await server.stop(SHUTDOWN_GRACE_S)
-    service.worker.shutdown()
+    await service.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,14 @@ class ServerConfig:
     max_work_bytes: int = 8 * GiB
     # Payload bytes held at once across all jobs; more is refused with RESOURCE_EXHAUSTED.
     max_inflight_bytes: int = 4 * GiB
+    # Jobs admitted and not yet finished; more are refused with RESOURCE_EXHAUSTED.
+    max_queued_jobs: int = 1024
+    # Dynamic batching: how long the first job of a batch may wait for others while the
+    # engine is idle, and the most jobs / models / payload bytes per launch.
+    batch_max_delay_ms: float = 2.0
+    batch_max_jobs: int = 256
+    batch_max_models: int = 65536
+    batch_max_bytes: int = 256 * MiB
     max_models: int = 1 << 20
     max_samples: int = 1 << 24
     max_width: int = 8192
@@ -50,6 +58,11 @@ HELP = {
     "max_job_bytes": "largest total of declared tensor bytes per job",
     "max_work_bytes": "largest estimated engine working memory per job",
     "max_inflight_bytes": "largest total of payload bytes held across jobs",
+    "max_queued_jobs": "most jobs admitted at once",
+    "batch_max_delay_ms": "longest wait of a batch's first job for others (ms)",
+    "batch_max_jobs": "most jobs in one engine launch (1 disables batching)",
+    "batch_max_models": "most models in one engine launch",
+    "batch_max_bytes": "most payload bytes in one engine launch",
     "max_models": "largest ensemble size M",
     "max_samples": "largest sample count N",
     "max_width": "largest layer width",

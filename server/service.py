@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -14,8 +15,9 @@ import gradserve
 from gradserve import kernels
 from gradserve.kernels import EngineUnavailable, EnsembleResult
 from gradserve.server import codec
-from gradserve.server.admission import Admission
+from gradserve.server.admission import Admission, ServerBusy
 from gradserve.server.assembly import PayloadAssembler
+from gradserve.server.batching import BatchingPolicy, DynamicBatcher
 from gradserve.server.config import ServerConfig
 from gradserve.server.errors import JobError, invalid, too_large, unsupported
 from gradserve.server.validation import (
@@ -33,8 +35,8 @@ from gradserve.v1 import wire
 log = logging.getLogger("gradserve.server")
 
 
-def encode_results(plan: JobPlan, result: EnsembleResult) -> list[tuple[str, memoryview]]:
-    """Result tensors as wire bytes, in the order of plan.result_descriptors()."""
+def result_tensors(plan: JobPlan, result: EnsembleResult) -> dict[str, torch.Tensor]:
+    """Result tensors by wire name (see plan.result_descriptors() for the sending order)."""
     by_name: dict[str, torch.Tensor] = {"loss": result.loss}
     if result.per_sample_loss is not None:
         by_name["per_sample_loss"] = result.per_sample_loss
@@ -46,9 +48,7 @@ def encode_results(plan: JobPlan, result: EnsembleResult) -> list[tuple[str, mem
             by_name[f"layers.{i}.bias.grad"] = result.bias_grads[i]
     if result.input_grads is not None:
         by_name["inputs.grad"] = result.input_grads
-    return [
-        (d.name, codec.tensor_to_bytes(by_name[d.name], d.dtype)) for d in plan.result_descriptors()
-    ]
+    return by_name
 
 
 def handlers(service: GradientService) -> grpc.GenericRpcHandler:
@@ -75,7 +75,29 @@ class GradientService(pb_grpc.GradientServiceServicer):
         self.config = config
         self.device = device
         self.worker = DeviceWorker(device)
-        self.admission = Admission(config.max_inflight_bytes)
+        self.batcher = DynamicBatcher(
+            self.worker,
+            BatchingPolicy(
+                max_delay_s=config.batch_max_delay_ms / 1000,
+                max_jobs=max(1, config.batch_max_jobs),
+                max_models=config.batch_max_models,
+                max_bytes=config.batch_max_bytes,
+            ),
+        )
+        self.admission = Admission(config.max_inflight_bytes, config.max_queued_jobs)
+        # Payload checks and result serialisation: off the event loop, and off the device
+        # thread so they never wait behind a launch.
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="payload-io")
+        self.completed_jobs = 0
+        self.failed_jobs = 0
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.worker.shutdown()
+        self.io.shutdown(wait=False, cancel_futures=True)
 
     async def GetServerInfo(self, request, context):
         engines = [
@@ -86,7 +108,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             )
             for name, precisions in kernels.available_engines(self.device).items()
         ]
-        c = self.config
+        c, policy = self.config, self.batcher.policy
         return pb.GetServerInfoResponse(
             version=gradserve.__version__,
             engines=engines,
@@ -101,6 +123,24 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 max_layers=c.max_layers,
                 max_chunk_bytes=c.max_chunk_bytes,
                 default_chunk_bytes=c.chunk_bytes,
+                max_queued_jobs=c.max_queued_jobs,
+                max_inflight_bytes=c.max_inflight_bytes,
+            ),
+            batching=pb.BatchingPolicy(
+                max_delay_seconds=policy.max_delay_s,
+                max_jobs=policy.max_jobs,
+                max_models=policy.max_models,
+                max_bytes=policy.max_bytes,
+            ),
+            stats=pb.ServerStats(
+                launches=self.batcher.launches,
+                launched_jobs=self.batcher.launched_jobs,
+                launched_models=self.batcher.launched_models,
+                queued_jobs=self.batcher.queued_jobs,
+                inflight_jobs=self.admission.inflight_jobs,
+                inflight_bytes=self.admission.inflight_bytes,
+                completed_jobs=self.completed_jobs,
+                failed_jobs=self.failed_jobs,
             ),
         )
 
@@ -115,32 +155,35 @@ class GradientService(pb_grpc.GradientServiceServicer):
             ) from None
         return None if msg is grpc.aio.EOF else msg
 
+    async def _io(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+
     async def Compute(self, request_iterator, context):
         job_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
-        outcome, info = "error", {}
+        outcome, info = "CANCELLED", {}
         try:
             await self._compute(job_id, context, info)
             outcome = "ok"
         except JobError as e:
             outcome = e.code.name
-            log.info(
-                "job=%s peer=%s outcome=%s message=%s", job_id, context.peer(), outcome, e.message
-            )
+            info["message"] = e.message
+            if isinstance(e, ServerBusy):
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))
             await context.abort(e.code, e.message)
-        except asyncio.CancelledError:
-            outcome = "CANCELLED"
-            raise
         finally:
-            if outcome in ("ok", "CANCELLED"):
-                log.info(
-                    "job=%s peer=%s outcome=%s seconds=%.4f %s",
-                    job_id,
-                    context.peer(),
-                    outcome,
-                    time.perf_counter() - started,
-                    " ".join(f"{k}={v}" for k, v in info.items()),
-                )
+            if outcome == "ok":
+                self.completed_jobs += 1
+            else:
+                self.failed_jobs += 1
+            log.info(
+                "job=%s peer=%s outcome=%s seconds=%.4f %s",
+                job_id,
+                context.peer(),
+                outcome,
+                time.perf_counter() - started,
+                " ".join(f"{k}={v}" for k, v in info.items()),
+            )
 
     async def _compute(self, job_id: str, context, info: dict) -> None:
         header_at = time.perf_counter()
@@ -163,9 +206,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
             layers=list(plan.mlp.layer_sizes),
             tag=plan.client_tag,
         )
+        descriptors = plan.result_descriptors()
+        result_bytes = sum(codec.nbytes(d.dtype, d.shape) for d in descriptors)
 
-        with self.admission.reserve(plan.payload_bytes):
-            descriptors = plan.result_descriptors()
+        with self.admission.reserve(plan.payload_bytes + result_bytes):
             accepted = pb.JobAccepted(
                 job_id=job_id, engine=engine, device=str(self.device), results=descriptors
             )
@@ -182,41 +226,65 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     raise invalid("request message is not a valid ComputeRequest")
                 else:
                     raise invalid("request message carries neither header nor chunk")
-            job = await self.worker.call(assembler.finish)
+            job = await self._io(assembler.finish)
             del assembler  # the job's tensors are views of its buffers
             uploaded = time.perf_counter()
 
             try:
-                done = await self.worker.run(job, engine, lambda r: encode_results(plan, r))
+                launched = await self.batcher.submit(job, engine, plan.payload_bytes)
             except torch.OutOfMemoryError:
                 raise too_large("the device ran out of memory for this job") from None
             del job
+            info.update(
+                jobs_in_launch=launched.jobs_in_launch,
+                queue_s=round(launched.queue_seconds, 4),
+                compute_s=round(launched.compute_seconds, 4),
+            )
 
-            sent = 0
-            for name, data in done.encoded:
-                for chunk in codec.encoded_chunks(name, data, plan.response_chunk_bytes):
-                    await context.write(chunk)
-                sent += len(data)
+            sent = await self._send_results(context, plan, descriptors, launched.result)
             finished = time.perf_counter()
+            waited = launched.queue_seconds + launched.compute_seconds
             summary = pb.JobSummary(
                 timings=pb.Timings(
                     upload_seconds=uploaded - header_at,
-                    queue_seconds=done.queue_seconds,
-                    compute_seconds=done.compute_seconds,
-                    download_seconds=finished
-                    - uploaded
-                    - done.queue_seconds
-                    - done.compute_seconds,
+                    queue_seconds=launched.queue_seconds,
+                    compute_seconds=launched.compute_seconds,
+                    download_seconds=max(0.0, finished - uploaded - waited),
                 ),
                 flops=kernels.flops(plan.mlp, plan.num_models, plan.num_samples),
                 bytes_received=plan.payload_bytes,
                 bytes_sent=sent,
-                jobs_in_launch=1,
-                models_in_launch=plan.num_models,
+                jobs_in_launch=launched.jobs_in_launch,
+                models_in_launch=launched.models_in_launch,
+                launch_flops=launched.launch_flops,
+                achieved_flops_per_second=launched.launch_flops
+                / max(launched.compute_seconds, 1e-9),
             )
             await context.write(pb.ComputeResponse(summary=summary))
-            info.update(
-                bytes_in=plan.payload_bytes,
-                bytes_out=sent,
-                compute_s=round(done.compute_seconds, 4),
+            info.update(bytes_in=plan.payload_bytes, bytes_out=sent)
+
+    async def _send_results(self, context, plan: JobPlan, descriptors, result) -> int:
+        """Stream the result tensors in order. The loss goes out first, as soon as the launch
+        is done; each next tensor is serialised (device -> host, wire dtype) while the
+        previous one is being sent, and a slow reader holds the stream at `write`, so at
+        most two serialised tensors exist at a time."""
+        tensors = result_tensors(plan, result)
+        del result
+        loop = asyncio.get_running_loop()
+
+        def serialise(d):
+            return loop.run_in_executor(
+                self.io, codec.tensor_to_bytes, tensors.pop(d.name), d.dtype
             )
+
+        sent = 0
+        upcoming = serialise(descriptors[0])
+        for i, d in enumerate(descriptors):
+            data = await upcoming
+            if i + 1 < len(descriptors):
+                upcoming = serialise(descriptors[i + 1])
+            for chunk in codec.encoded_chunks(d.name, data, plan.response_chunk_bytes):
+                await context.write(chunk)
+            sent += len(data)
+            del data
+        return sent

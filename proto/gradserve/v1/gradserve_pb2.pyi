@@ -212,20 +212,24 @@ class Timings(_message.Message):
     def __init__(self, upload_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., download_seconds: _Optional[float] = ...) -> None: ...
 
 class JobSummary(_message.Message):
-    __slots__ = ("timings", "flops", "bytes_received", "bytes_sent", "jobs_in_launch", "models_in_launch")
+    __slots__ = ("timings", "flops", "bytes_received", "bytes_sent", "jobs_in_launch", "models_in_launch", "launch_flops", "achieved_flops_per_second")
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     JOBS_IN_LAUNCH_FIELD_NUMBER: _ClassVar[int]
     MODELS_IN_LAUNCH_FIELD_NUMBER: _ClassVar[int]
+    LAUNCH_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_FLOPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     timings: Timings
     flops: int
     bytes_received: int
     bytes_sent: int
     jobs_in_launch: int
     models_in_launch: int
-    def __init__(self, timings: _Optional[_Union[Timings, _Mapping]] = ..., flops: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., jobs_in_launch: _Optional[int] = ..., models_in_launch: _Optional[int] = ...) -> None: ...
+    launch_flops: int
+    achieved_flops_per_second: float
+    def __init__(self, timings: _Optional[_Union[Timings, _Mapping]] = ..., flops: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., jobs_in_launch: _Optional[int] = ..., models_in_launch: _Optional[int] = ..., launch_flops: _Optional[int] = ..., achieved_flops_per_second: _Optional[float] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("accepted", "chunk", "summary")
@@ -242,7 +246,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_job_bytes", "max_models", "max_samples", "max_width", "max_layers", "max_chunk_bytes", "default_chunk_bytes")
+    __slots__ = ("max_job_bytes", "max_models", "max_samples", "max_width", "max_layers", "max_chunk_bytes", "default_chunk_bytes", "max_queued_jobs", "max_inflight_bytes")
     MAX_JOB_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +254,8 @@ class Limits(_message.Message):
     MAX_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_job_bytes: int
     max_models: int
     max_samples: int
@@ -257,7 +263,41 @@ class Limits(_message.Message):
     max_layers: int
     max_chunk_bytes: int
     default_chunk_bytes: int
-    def __init__(self, max_job_bytes: _Optional[int] = ..., max_models: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_width: _Optional[int] = ..., max_layers: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ...) -> None: ...
+    max_queued_jobs: int
+    max_inflight_bytes: int
+    def __init__(self, max_job_bytes: _Optional[int] = ..., max_models: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_width: _Optional[int] = ..., max_layers: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ...) -> None: ...
+
+class BatchingPolicy(_message.Message):
+    __slots__ = ("max_delay_seconds", "max_jobs", "max_models", "max_bytes")
+    MAX_DELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_delay_seconds: float
+    max_jobs: int
+    max_models: int
+    max_bytes: int
+    def __init__(self, max_delay_seconds: _Optional[float] = ..., max_jobs: _Optional[int] = ..., max_models: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class ServerStats(_message.Message):
+    __slots__ = ("launches", "launched_jobs", "launched_models", "queued_jobs", "inflight_jobs", "inflight_bytes", "completed_jobs", "failed_jobs")
+    LAUNCHES_FIELD_NUMBER: _ClassVar[int]
+    LAUNCHED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    LAUNCHED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_JOBS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    launches: int
+    launched_jobs: int
+    launched_models: int
+    queued_jobs: int
+    inflight_jobs: int
+    inflight_bytes: int
+    completed_jobs: int
+    failed_jobs: int
+    def __init__(self, launches: _Optional[int] = ..., launched_jobs: _Optional[int] = ..., launched_models: _Optional[int] = ..., queued_jobs: _Optional[int] = ..., inflight_jobs: _Optional[int] = ..., inflight_bytes: _Optional[int] = ..., completed_jobs: _Optional[int] = ..., failed_jobs: _Optional[int] = ...) -> None: ...
 
 class EngineInfo(_message.Message):
     __slots__ = ("name", "device", "precisions")
@@ -270,17 +310,21 @@ class EngineInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precisions: _Optional[_Iterable[_Union[Precision, str]]] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "engines", "activations", "losses", "dtypes", "limits")
+    __slots__ = ("version", "engines", "activations", "losses", "dtypes", "limits", "batching", "stats")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     version: str
     engines: _containers.RepeatedCompositeFieldContainer[EngineInfo]
     activations: _containers.RepeatedScalarFieldContainer[ActivationKind]
     losses: _containers.RepeatedScalarFieldContainer[LossKind]
     dtypes: _containers.RepeatedScalarFieldContainer[DataType]
     limits: Limits
-    def __init__(self, version: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[ActivationKind, str]]] = ..., losses: _Optional[_Iterable[_Union[LossKind, str]]] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    batching: BatchingPolicy
+    stats: ServerStats
+    def __init__(self, version: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[EngineInfo, _Mapping]]] = ..., activations: _Optional[_Iterable[_Union[ActivationKind, str]]] = ..., losses: _Optional[_Iterable[_Union[LossKind, str]]] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., batching: _Optional[_Union[BatchingPolicy, _Mapping]] = ..., stats: _Optional[_Union[ServerStats, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,236 @@
+"""Dynamic batching: concurrent jobs that can share an engine launch are concatenated along
+the model axis M, run once, and split back per job.
+
+Jobs share a launch when they have the same batch key: engine, architecture, loss, requested
+outputs, precision, sample count N, shared-or-per-model inputs and the presence of sample
+weights. Shared tensors ([N, ...]) are expanded per model when jobs are merged.
+
+Policy (in the spirit of Triton Inference Server's dynamic batcher): one launch at a time
+per device. When the engine is free, the oldest waiting job's key is served: its batch
+launches as soon as it is full (max_jobs, max_models or max_bytes) or the oldest job has
+waited max_delay; jobs arriving while a launch runs simply queue, so under load batches
+grow without any added delay. A job cancelled while queued leaves the queue at once; one
+cancelled during a launch is computed with the others and its results dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from gradserve import kernels
+from gradserve.kernels import EnsembleJob, EnsembleResult
+from gradserve.server.worker import DeviceWorker
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    max_delay_s: float = 0.002
+    max_jobs: int = 256
+    max_models: int = 65536
+    max_bytes: int = 256 << 20
+
+
+@dataclass
+class Launched:
+    """What a job gets back from its launch."""
+
+    result: EnsembleResult  # this job's slice of the launch's results, on the device
+    jobs_in_launch: int
+    models_in_launch: int
+    launch_flops: int
+    queue_seconds: float
+    compute_seconds: float
+
+
+@dataclass
+class _Waiting:
+    key: tuple
+    job: EnsembleJob
+    engine: str
+    payload_bytes: int
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+def batch_key(job: EnsembleJob, engine: str) -> tuple:
+    return (
+        engine,
+        job.mlp,
+        job.loss,
+        job.outputs,
+        job.precision,
+        job.num_samples,
+        job.shared_inputs,
+        job.sample_weights is not None,
+    )
+
+
+def _per_model(t: torch.Tensor, m: int, per_model_dims: int) -> torch.Tensor:
+    """A tensor in its per-model form [M, ...]: shared ones are expanded (a view)."""
+    return t if t.dim() == per_model_dims else t.unsqueeze(0).expand(m, *t.shape)
+
+
+def merge(jobs: list[EnsembleJob]) -> EnsembleJob:
+    """Concatenate jobs of one batch key along the model axis."""
+    if len(jobs) == 1:
+        return jobs[0]
+    first = jobs[0]
+    target_dims = 2 if first.loss.name == "cross_entropy" else 3
+
+    def cat(get, per_model_dims):
+        return torch.cat([_per_model(get(j), j.num_models, per_model_dims) for j in jobs])
+
+    return EnsembleJob(
+        mlp=first.mlp,
+        loss=first.loss,
+        weights=[torch.cat([j.weights[i] for j in jobs]) for i in range(first.mlp.num_layers)],
+        biases=[torch.cat([j.biases[i] for j in jobs]) for i in range(first.mlp.num_layers)],
+        inputs=cat(lambda j: j.inputs, 3),
+        targets=cat(lambda j: j.targets, target_dims),
+        sample_weights=None if first.sample_weights is None else cat(lambda j: j.sample_weights, 2),
+        precision=first.precision,
+        outputs=first.outputs,
+    )
+
+
+def split(result: EnsembleResult, sizes: list[int]) -> list[EnsembleResult]:
+    """Cut a launch's results back into per-job results (views, no copies)."""
+    if len(sizes) == 1:
+        return [result]
+
+    def parts(t):
+        return [None] * len(sizes) if t is None else list(torch.split(t, sizes))
+
+    def parts_list(ts):
+        if ts is None:
+            return [None] * len(sizes)
+        return [list(p) for p in zip(*(torch.split(t, sizes) for t in ts), strict=True)]
+
+    return [
+        EnsembleResult(loss=loss, weight_grads=w, bias_grads=b, input_grads=dx,
+                       per_sample_loss=per, outputs=y, engine=result.engine,
+                       device=result.device)
+        for loss, w, b, dx, per, y in zip(
+            parts(result.loss), parts_list(result.weight_grads), parts_list(result.bias_grads),
+            parts(result.input_grads), parts(result.per_sample_loss), parts(result.outputs),
+            strict=True,
+        )
+    ]  # fmt: skip
+
+
+class DynamicBatcher:
+    def __init__(self, worker: DeviceWorker, policy: BatchingPolicy):
+        self.worker = worker
+        self.policy = policy
+        self.queue: collections.deque[_Waiting] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.launches = 0
+        self.launched_jobs = 0
+        self.launched_models = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def queued_jobs(self) -> int:
+        return len(self.queue)
+
+    async def submit(self, job: EnsembleJob, engine: str, payload_bytes: int) -> Launched:
+        waiting = _Waiting(
+            batch_key(job, engine),
+            job,
+            engine,
+            payload_bytes,
+            asyncio.get_running_loop().create_future(),
+        )
+        self.queue.append(waiting)
+        self._arrived.set()
+        try:
+            return await waiting.future
+        except asyncio.CancelledError:
+            # Cancelled or past its deadline: leave the queue now, freeing the job's tensors.
+            with contextlib.suppress(ValueError):
+                self.queue.remove(waiting)
+            raise
+
+    def _next_batch(self) -> tuple[list[_Waiting], bool]:
+        """The oldest job's batch-mates in arrival order, and whether the batch is full."""
+        oldest = self.queue[0]
+        batch, models, nbytes = [], 0, 0
+        p = self.policy
+        for w in self.queue:
+            if w.key != oldest.key:
+                continue
+            m = w.job.num_models
+            if batch and (models + m > p.max_models or nbytes + w.payload_bytes > p.max_bytes):
+                return batch, True
+            batch.append(w)
+            models += m
+            nbytes += w.payload_bytes
+            if len(batch) >= p.max_jobs:
+                return batch, True
+        return batch, False
+
+    async def _serve(self) -> None:
+        while True:
+            if not self.queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            batch, full = self._next_batch()
+            wait = batch[0].enqueued_at + self.policy.max_delay_s - time.perf_counter()
+            if not full and wait > 0:
+                self._arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), wait)
+                continue
+            for w in batch:
+                self.queue.remove(w)
+            await self._launch(batch)
+
+    async def _launch(self, batch: list[_Waiting]) -> None:
+        live = [w for w in batch if not w.future.done()]
+        if not live:
+            return
+        sizes = [w.job.num_models for w in live]
+        launch_at = time.perf_counter()
+        total_models = sum(sizes)
+        flops = kernels.flops(live[0].job.mlp, total_models, live[0].job.num_samples)
+
+        def work(jobs: list[EnsembleJob]) -> tuple[list[EnsembleResult], float]:
+            started = time.perf_counter()
+            result = kernels.run(merge(jobs), live[0].engine, self.worker.device)
+            if self.worker.device.type == "cuda":
+                torch.cuda.synchronize(self.worker.device)
+            return split(result, sizes), time.perf_counter() - started
+
+        try:
+            parts, seconds = await self.worker.call(work, [w.job for w in live])
+        except Exception as e:  # the engine failed: every job of the launch gets the error
+            for w in live:
+                if not w.future.done():
+                    w.future.set_exception(e)
+            return
+        self.launches += 1
+        self.launched_jobs += len(live)
+        self.launched_models += total_models
+        for w, part in zip(live, parts, strict=True):
+            if not w.future.done():
+                w.future.set_result(
+                    Launched(part, len(live), total_models, flops,
+                             launch_at - w.enqueued_at, seconds)
+                )  # fmt: skip
+            w.job = None  # drop the inputs as soon as possible
