@@ -171,6 +171,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
             if isinstance(e, ServerBusy):
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))
             await context.abort(e.code, e.message)
+        except Exception as e:  # a fault of the server, never of the job's input
+            outcome = "INTERNAL"
+            log.exception("job=%s failed inside the server", job_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"server error: {type(e).__name__}")
         finally:
             if outcome == "ok":
                 self.completed_jobs += 1

@@ -1,0 +1,252 @@
+"""Dynamic batching, admission, cancellation and back-pressure against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
+from gradserve.kernels import torch_engine
+from gradserve.server.batching import merge, split
+from gradserve.v1 import gradserve_pb2 as pb
+from tests.jobs import ensemble_job, random_job
+from tests.servers import run_server
+
+SIZES = (16, 32, 32, 1)
+
+
+def params_of(tensors):
+    return {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+
+
+def solo(tensors, sizes=SIZES, **options):
+    """The job's result computed alone, in this process."""
+    return torch_engine.run(ensemble_job(tensors, sizes, **options))
+
+
+def assert_matches_solo(result, tensors, sizes=SIZES):
+    ref = solo(tensors, sizes)
+    np.testing.assert_allclose(result.loss, ref.loss.numpy(), rtol=1e-5, atol=1e-7)
+    for i in range(len(sizes) - 1):
+        for kind, grads in (("weight", ref.weight_grads), ("bias", ref.bias_grads)):
+            np.testing.assert_allclose(
+                result.gradients[f"layers.{i}.{kind}"], grads[i].numpy(), rtol=1e-5, atol=1e-7
+            )
+
+
+def stats(address) -> pb.ServerStats:
+    with GradientClient(address) as c:
+        return c.server_info().stats
+
+
+def wait_until_idle(address, timeout=30.0) -> pb.ServerStats:
+    """Poll the server's gauges until no job is admitted (the handlers may still be
+    unwinding right after a client gives up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stats(address)
+        if (s.inflight_jobs, s.inflight_bytes, s.queued_jobs) == (0, 0, 0):
+            return s
+        assert time.monotonic() < deadline, f"server never went idle: {s}"
+        time.sleep(0.05)
+
+
+async def compute_all(address, jobs, **options):
+    async with AsyncGradientClient(address, timeout=120) as client:
+        return await asyncio.gather(
+            *(
+                client.compute(params_of(t), t["inputs"].numpy(), t["targets"].numpy(), **options)
+                for t in jobs
+            ),
+            return_exceptions=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def batching_server():
+    # A long delay makes batch formation independent of machine speed.
+    with run_server("--batch-max-delay-ms", "200") as running:
+        yield running
+
+
+def test_concurrent_jobs_share_launches_and_get_their_solo_results(batching_server):
+    jobs = [random_job(SIZES, 1, 32, seed=s) for s in range(32)]
+    before = stats(batching_server.address)
+    results = asyncio.run(compute_all(batching_server.address, jobs))
+    after = stats(batching_server.address)
+    launches = after.launches - before.launches
+    assert after.launched_jobs - before.launched_jobs == 32
+    assert launches <= 4, f"32 jobs took {launches} launches"
+    assert max(r.summary["jobs_in_launch"] for r in results) >= 8
+    for result, tensors in zip(results, jobs, strict=True):
+        assert_matches_solo(result, tensors)
+
+
+def test_different_architectures_are_never_mixed(batching_server):
+    wide = (16, 48, 1)
+    jobs = [random_job(SIZES, 2, 32, seed=s) for s in range(6)]
+    jobs += [random_job(wide, 2, 32, seed=s) for s in range(6)]
+    jobs += [random_job(SIZES, 2, 20, seed=s) for s in range(6)]  # another N
+    results = asyncio.run(compute_all(batching_server.address, jobs))
+    for i, (result, tensors) in enumerate(zip(results, jobs, strict=True)):
+        assert result.summary["jobs_in_launch"] <= 6
+        assert result.summary["models_in_launch"] <= 12
+        assert_matches_solo(result, tensors, wide if 6 <= i < 12 else SIZES)
+
+
+def test_shared_input_jobs_merge_into_one_launch(batching_server):
+    jobs = [
+        random_job(SIZES, 3, 32, shared_inputs=True, sample_weights=True, seed=s) for s in range(5)
+    ]
+
+    async def run():
+        async with AsyncGradientClient(batching_server.address, timeout=120) as client:
+            return await asyncio.gather(
+                *(
+                    client.compute(
+                        params_of(t),
+                        t["inputs"].numpy(),
+                        t["targets"].numpy(),
+                        sample_weights=t["sample_weights"].numpy(),
+                    )
+                    for t in jobs
+                )
+            )
+
+    for result, tensors in zip(asyncio.run(run()), jobs, strict=True):
+        assert result.summary["jobs_in_launch"] == 5
+        ref = solo(tensors)
+        np.testing.assert_allclose(
+            result.gradients["layers.0.weight"], ref.weight_grads[0].numpy(), rtol=1e-5, atol=1e-7
+        )
+
+
+def test_cancelled_job_inside_a_batch_leaves_the_others_correct(batching_server):
+    jobs = [random_job(SIZES, 1, 32, seed=100 + s) for s in range(8)]
+
+    async def run():
+        async with AsyncGradientClient(batching_server.address, timeout=120) as client:
+            tasks = [
+                asyncio.ensure_future(
+                    client.compute(params_of(t), t["inputs"].numpy(), t["targets"].numpy())
+                )
+                for t in jobs
+            ]
+            await asyncio.sleep(0.05)  # well inside the 200 ms batch delay: all are queued
+            tasks[3].cancel()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert isinstance(results[3], asyncio.CancelledError)
+    for i, (result, tensors) in enumerate(zip(results, jobs, strict=True)):
+        if i != 3:
+            assert_matches_solo(result, tensors)
+    wait_until_idle(batching_server.address)
+
+
+def test_deadline_shorter_than_the_queue_delay_leaks_nothing():
+    with run_server("--batch-max-delay-ms", "1500") as server:
+        tensors = random_job(SIZES, 1, 32, seed=1)
+        with GradientClient(server.address) as client:
+            with pytest.raises(GradserveError) as err:
+                client.compute(
+                    params_of(tensors),
+                    tensors["inputs"].numpy(),
+                    tensors["targets"].numpy(),
+                    timeout=0.3,
+                )
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        idle = wait_until_idle(server.address)
+        assert idle.launched_jobs == 0  # it left the queue before any launch
+        assert idle.failed_jobs == 1
+
+
+def test_flood_past_the_admission_bound_is_refused_and_the_rest_succeed():
+    with run_server("--batch-max-delay-ms", "300", "--max-queued-jobs", "4") as server:
+        jobs = [random_job(SIZES, 1, 32, seed=s) for s in range(12)]
+        results = asyncio.run(compute_all(server.address, jobs))
+        refused = [r for r in results if isinstance(r, GradserveError)]
+        served = [
+            (r, t) for r, t in zip(results, jobs, strict=True) if not isinstance(r, Exception)
+        ]
+        assert refused and all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+        assert all("retry" in r.details for r in refused)
+        assert len(served) >= 4
+        for result, tensors in served:
+            assert_matches_solo(result, tensors)
+        wait_until_idle(server.address)
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read())[1]) * 1024
+
+
+def test_slow_readers_do_not_grow_server_memory_with_the_job_count():
+    # Each job: 16 MiB of weights up, 16 MiB of gradients down. 16 clients that never read
+    # their results would pin 512 MiB without a bound; the admission bound allows ~3 jobs.
+    sizes = (2048, 2048, 1)
+    tensors = random_job(sizes, 1, 4, seed=3)
+    header = pb.JobHeader(
+        architecture=pb.Architecture(layer_sizes=sizes),
+        tensors=[
+            pb.TensorDescriptor(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=v.shape)
+            for k, v in tensors.items()
+        ],
+    )
+    chunk = 1 << 20
+    requests = [pb.ComputeRequest(header=header)]
+    for name, value in tensors.items():
+        raw = value.numpy().tobytes()
+        requests += [
+            pb.ComputeRequest(chunk=pb.TensorChunk(name=name, offset=o, data=raw[o : o + chunk]))
+            for o in range(0, len(raw), chunk)
+        ]
+    with run_server("--max-inflight-bytes", str(100 << 20), "--batch-max-delay-ms", "0") as srv:
+        from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+        baseline = rss_bytes(srv.process.pid)
+        channel = grpc.insecure_channel(srv.address)
+        stub = pb_grpc.GradientServiceStub(channel)
+        calls, refused = [], 0
+        for _ in range(16):
+            call = stub.Compute(iter(requests), timeout=60)
+            try:
+                first = next(call)  # accepted; then this client stops reading
+                assert first.WhichOneof("payload") == "accepted"
+                calls.append(call)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                refused += 1
+        deadline = time.monotonic() + 30
+        while stats(srv.address).launched_jobs < len(calls) and time.monotonic() < deadline:
+            time.sleep(0.05)  # let the admitted jobs reach their (stalled) result streams
+        grown = rss_bytes(srv.process.pid) - baseline
+        for call in calls:
+            call.cancel()
+        channel.close()
+        assert refused >= 10
+        assert grown < 256 << 20, f"server RSS grew by {grown >> 20} MiB"
+        wait_until_idle(srv.address)
+
+
+def test_merge_then_split_equals_separate_runs():
+    a = random_job(SIZES, 2, 9, shared_inputs=True, loss="cross_entropy", seed=1)
+    b = random_job(SIZES, 3, 9, loss="cross_entropy", seed=2)
+    jobs = [ensemble_job(t, SIZES, loss="cross_entropy") for t in (a, b)]
+    parts = split(torch_engine.run(merge(jobs)), [2, 3])
+    for part, job in zip(parts, jobs, strict=True):
+        alone = torch_engine.run(job)
+        torch.testing.assert_close(part.loss, alone.loss)
+        for got, ref in zip(
+            part.weight_grads + [part.input_grads, part.per_sample_loss],
+            alone.weight_grads + [alone.input_grads, alone.per_sample_loss],
+            strict=True,
+        ):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
