@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -85,3 +87,19 @@ class AsyncGradientClient:
         finally:
             call.cancel()
         return assembler.result()
+
+    async def compute_many(
+        self, jobs: Iterable[dict[str, Any]], *, max_in_flight: int = 64
+    ) -> list[ComputeResult | GradserveError]:
+        """Run many jobs concurrently (at most `max_in_flight` at once); see
+        GradientClient.compute_many."""
+        gate = asyncio.Semaphore(max_in_flight)
+
+        async def one(job: dict[str, Any]) -> ComputeResult | GradserveError:
+            async with gate:
+                try:
+                    return await self.compute(**job)
+                except GradserveError as e:
+                    return e
+
+        return list(await asyncio.gather(*(one(job) for job in jobs)))

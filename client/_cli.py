@@ -111,6 +111,35 @@ def _health(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import asyncio
+
+    from gradserve.client._loadgen import run_load
+
+    report = asyncio.run(
+        run_load(
+            args.address,
+            concurrency=args.concurrency,
+            jobs_per_client=args.jobs_per_client,
+            layer_sizes=[int(d) for d in args.layer_sizes.split(",")],
+            models=args.models,
+            samples=args.samples,
+            timeout=args.timeout or 60.0,
+        )
+    )
+    data = report.as_dict()
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(
+            f"{data['jobs']} jobs from {args.concurrency} clients in {data['seconds']} s: "
+            f"{data['jobs_per_second']} jobs/s, latency p50 {data['p50_ms']} ms, "
+            f"p95 {data['p95_ms']} ms, p99 {data['p99_ms']} ms, "
+            f"{data['mean_jobs_per_launch']} jobs per launch, errors {data['errors']}"
+        )
+    return 0 if not report.errors else 1
+
+
 def _example(args) -> int:
     os.makedirs(args.directory, exist_ok=True)
     written = []
@@ -165,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("health", help="exit 0 if the server answers, 1 otherwise")
     h.set_defaults(run=_health)
+
+    b = sub.add_parser("bench", help="drive the server with concurrent clients")
+    b.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
+    b.add_argument("--jobs-per-client", type=int, default=20)
+    b.add_argument("--layer-sizes", default="16,32,32,1")
+    b.add_argument("--models", type=int, default=1, help="M of each job")
+    b.add_argument("--samples", type=int, default=32, help="N of each job")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(run=_bench)
 
     e = sub.add_parser("example", help="write sample job files")
     e.add_argument("directory", nargs="?", default=".")

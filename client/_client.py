@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -121,3 +123,19 @@ class GradientClient:
         finally:
             call.cancel()  # no-op when finished; frees the stream if we stopped early
         return assembler.result()
+
+    def compute_many(
+        self, jobs: Iterable[dict[str, Any]], *, max_in_flight: int = 16
+    ) -> list[ComputeResult | GradserveError]:
+        """Run many jobs with up to `max_in_flight` streams open at once, so the server can
+        batch them. Each job is a dict of compute() arguments (model, inputs, targets, ...).
+        Returns, in order, each job's result or the GradserveError it failed with."""
+
+        def one(job: dict[str, Any]) -> ComputeResult | GradserveError:
+            try:
+                return self.compute(**job)
+            except GradserveError as e:
+                return e
+
+        with ThreadPoolExecutor(max_workers=max_in_flight) as pool:
+            return list(pool.map(one, jobs))
