@@ -89,14 +89,21 @@ class WireJob:
     ensemble: Ensemble
     as_torch: bool
 
-    def requests(
-        self, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    ) -> Iterator[pb.ComputeRequest | bytes]:
-        """The header message, then each tensor's chunks pre-encoded (gradserve.v1.wire)."""
-        yield pb.ComputeRequest(header=self.header)
+    def requests(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+        """Serialized request messages: the header, then each tensor in chunks of at most
+        chunk_bytes (gradserve.v1.wire). Small chunks share a message, the first one with
+        the header, so a small job is a single message."""
+        pending = [pb.ComputeRequest(header=self.header).SerializeToString()]
+        pending_bytes = 0
         for name, data in self.payloads:
             for offset in range(0, len(data), chunk_bytes):
-                yield wire.encode_chunk(name, offset, data[offset : offset + chunk_bytes])
+                piece = data[offset : offset + chunk_bytes]
+                if pending and pending_bytes + len(piece) > chunk_bytes:
+                    yield b"".join(pending) if len(pending) > 1 else pending[0]
+                    pending, pending_bytes = [], 0
+                pending.append(wire.encode_chunk(name, offset, piece))
+                pending_bytes += len(piece)
+        yield b"".join(pending) if len(pending) > 1 else pending[0]
 
     @property
     def payload_bytes(self) -> int:
@@ -189,8 +196,7 @@ class ResultAssembler:
         return GradserveError(grpc.StatusCode.INTERNAL, f"malformed response stream: {message}")
 
     def add(self, response: pb.ComputeResponse) -> None:
-        kind = response.WhichOneof("payload")
-        if kind == "accepted":
+        if response.HasField("accepted"):
             self.accepted = response.accepted
             for d in response.accepted.results:
                 size = NUMPY_DTYPES[d.dtype].itemsize
@@ -199,8 +205,7 @@ class ResultAssembler:
                 self.descriptors[d.name] = d
                 self.buffers[d.name] = np.empty(size, dtype=np.uint8)  # no zero-fill
                 self.received[d.name] = 0
-        elif kind == "chunk":
-            c = response.chunk
+        for c in response.chunks:
             if c.name not in self.buffers or c.offset != self.received[c.name]:
                 raise self._protocol_error(f"unexpected chunk {c.name!r} at {c.offset}")
             end = c.offset + len(c.data)
@@ -208,7 +213,7 @@ class ResultAssembler:
                 raise self._protocol_error(f"chunk of {c.name!r} past its end")
             memoryview(self.buffers[c.name])[c.offset : end] = c.data
             self.received[c.name] = end
-        elif kind == "summary":
+        if response.HasField("summary"):
             self.summary = response.summary
 
     def result(self) -> ComputeResult:

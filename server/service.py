@@ -204,10 +204,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
         first = await self._read(context)
         if first is None:
             raise invalid("request stream ended before the job header")
-        if first.WhichOneof("payload") == "malformed":
+        if isinstance(first, wire.MalformedMessage):
             raise invalid("request message is not a valid ComputeRequest")
-        if first.WhichOneof("payload") != "header":
-            raise invalid("the first request message must be a header")
+        if not first.HasField("header"):
+            raise invalid("the first request message must carry the job header")
         plan = validate_header(first.header, self.config)
         try:
             engine = kernels.select_engine(plan.backend, plan.precision, self.device)
@@ -230,16 +230,17 @@ class GradientService(pb_grpc.GradientServiceServicer):
             await context.write(pb.ComputeResponse(accepted=accepted))
 
             assembler = PayloadAssembler(plan)
+            for chunk in first.chunks:
+                assembler.add(chunk)
             while (msg := await self._read(context)) is not None:
-                kind = msg.WhichOneof("payload")
-                if kind == "chunk":
-                    assembler.add(msg.chunk)
-                elif kind == "header":
-                    raise invalid("a job has exactly one header")
-                elif kind == "malformed":
+                if isinstance(msg, wire.MalformedMessage):
                     raise invalid("request message is not a valid ComputeRequest")
-                else:
-                    raise invalid("request message carries neither header nor chunk")
+                if msg.HasField("header"):
+                    raise invalid("a job has exactly one header")
+                if not msg.chunks:
+                    raise invalid("request message carries neither header nor chunks")
+                for chunk in msg.chunks:
+                    assembler.add(chunk)
             job = await self._io(plan.payload_bytes, assembler.finish)
             del assembler  # the job's tensors are views of its buffers
             uploaded = time.perf_counter()
@@ -255,49 +256,61 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 compute_s=round(launched.compute_seconds, 4),
             )
 
-            sent = await self._send_results(context, plan, descriptors, launched.result)
-            finished = time.perf_counter()
-            waited = launched.queue_seconds + launched.compute_seconds
-            summary = pb.JobSummary(
-                timings=pb.Timings(
-                    upload_seconds=uploaded - header_at,
-                    queue_seconds=launched.queue_seconds,
-                    compute_seconds=launched.compute_seconds,
-                    download_seconds=max(0.0, finished - uploaded - waited),
-                ),
-                flops=kernels.flops(plan.mlp, plan.num_models, plan.num_samples),
-                bytes_received=plan.payload_bytes,
-                bytes_sent=sent,
-                jobs_in_launch=launched.jobs_in_launch,
-                models_in_launch=launched.models_in_launch,
-                launch_flops=launched.launch_flops,
-                achieved_flops_per_second=launched.launch_flops
-                / max(launched.compute_seconds, 1e-9),
-            )
-            await context.write(pb.ComputeResponse(summary=summary))
+            def summary(sent: int) -> pb.ComputeResponse:
+                waited = launched.queue_seconds + launched.compute_seconds
+                return pb.ComputeResponse(
+                    summary=pb.JobSummary(
+                        timings=pb.Timings(
+                            upload_seconds=uploaded - header_at,
+                            queue_seconds=launched.queue_seconds,
+                            compute_seconds=launched.compute_seconds,
+                            download_seconds=max(0.0, time.perf_counter() - uploaded - waited),
+                        ),
+                        flops=kernels.flops(plan.mlp, plan.num_models, plan.num_samples),
+                        bytes_received=plan.payload_bytes,
+                        bytes_sent=sent,
+                        jobs_in_launch=launched.jobs_in_launch,
+                        models_in_launch=launched.models_in_launch,
+                        launch_flops=launched.launch_flops,
+                        achieved_flops_per_second=launched.launch_flops
+                        / max(launched.compute_seconds, 1e-9),
+                    )
+                )
+
+            sent = await self._send_results(context, plan, descriptors, launched.result, summary)
             info.update(bytes_in=plan.payload_bytes, bytes_out=sent)
 
-    async def _send_results(self, context, plan: JobPlan, descriptors, result) -> int:
-        """Stream the result tensors in order. The loss goes out first, as soon as the launch
-        is done; each next tensor is serialised (device -> host, wire dtype) while the
-        previous one is being sent, and a slow reader holds the stream at `write`, so at
-        most two serialised tensors exist at a time."""
+    async def _send_results(self, context, plan: JobPlan, descriptors, result, summary) -> int:
+        """Stream the result tensors in order, then the summary. The loss goes out first, as
+        soon as the launch is done; each next tensor is serialised (device -> host, wire
+        dtype) while the previous one is being sent. Chunks of small tensors share a message
+        (up to the chunk size), and the summary rides with the last one, so a small job's
+        results are one message. A slow reader holds the stream at `write`, so at most two
+        serialised tensors exist at a time."""
         tensors = result_tensors(plan, result)
         del result
+        budget = plan.response_chunk_bytes
 
         def serialise(d):
             tensor = tensors.pop(d.name)
             nbytes = tensor.numel() * tensor.element_size()
             return self._io(nbytes, codec.tensor_to_bytes, tensor, d.dtype)
 
-        sent = 0
+        sent, pending, pending_bytes = 0, [], 0
         upcoming = serialise(descriptors[0])
         for i, d in enumerate(descriptors):
             data = await upcoming
             if i + 1 < len(descriptors):
                 upcoming = serialise(descriptors[i + 1])
-            for chunk in codec.encoded_chunks(d.name, data, plan.response_chunk_bytes):
-                await context.write(chunk)
+            for offset in range(0, len(data), budget):
+                piece = data[offset : offset + budget]
+                if pending and pending_bytes + len(piece) > budget:
+                    await context.write(b"".join(pending) if len(pending) > 1 else pending[0])
+                    pending, pending_bytes = [], 0
+                pending.append(wire.encode_chunk(d.name, offset, piece))
+                pending_bytes += len(piece)
             sent += len(data)
             del data
+        pending.append(summary(sent).SerializeToString())
+        await context.write(b"".join(pending))
         return sent

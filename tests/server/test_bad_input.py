@@ -82,7 +82,7 @@ def header_for(tensors, loss=pb.LOSS_KIND_MSE, **fields) -> pb.JobHeader:
 
 def chunks_for(tensors):
     return [
-        pb.ComputeRequest(chunk=pb.TensorChunk(name=k, offset=0, data=v.tobytes()))
+        pb.ComputeRequest(chunks=[pb.TensorChunk(name=k, offset=0, data=v.tobytes())])
         for k, v in tensors.items()
     ]
 
@@ -110,9 +110,9 @@ def set_shape(name, shape):
 
 
 def split_chunk(stream, index, at):
-    c = stream[index].chunk
-    first = pb.ComputeRequest(chunk=pb.TensorChunk(name=c.name, offset=0, data=c.data[:at]))
-    rest = pb.ComputeRequest(chunk=pb.TensorChunk(name=c.name, offset=at, data=c.data[at:]))
+    c = stream[index].chunks[0]
+    first = pb.ComputeRequest(chunks=[pb.TensorChunk(name=c.name, offset=0, data=c.data[:at])])
+    rest = pb.ComputeRequest(chunks=[pb.TensorChunk(name=c.name, offset=at, data=c.data[at:])])
     return stream[:index] + [first, rest] + stream[index + 1 :]
 
 
@@ -165,6 +165,7 @@ CASES = {
     "no messages at all": ([], INVALID),
     "chunk before header": (valid_stream()[1:], INVALID),
     "empty request message": ([pb.ComputeRequest()], INVALID),
+    "empty message after the header": (valid_stream()[:2] + [pb.ComputeRequest()], INVALID),
     "one layer size": (with_header(lambda h: h.architecture.layer_sizes.pop()), INVALID),
     "zero width": (with_header(lambda h: h.architecture.layer_sizes.__setitem__(1, 0)), INVALID),
     "negative width": (
@@ -209,19 +210,19 @@ CASES = {
         valid_stream()[:-1]
         + [
             pb.ComputeRequest(
-                chunk=pb.TensorChunk(name="targets", offset=0, data=b"\0" * (M * N * 2 * 4 + 4))
+                chunks=[pb.TensorChunk(name="targets", offset=0, data=b"\0" * (M * N * 2 * 4 + 4))]
             )
         ],
         INVALID,
     ),
     "chunk for undeclared tensor": (
         valid_stream()
-        + [pb.ComputeRequest(chunk=pb.TensorChunk(name="nope", offset=0, data=b"1234"))],
+        + [pb.ComputeRequest(chunks=[pb.TensorChunk(name="nope", offset=0, data=b"1234")])],
         INVALID,
     ),
     "empty chunk": (
         valid_stream()[:2]
-        + [pb.ComputeRequest(chunk=pb.TensorChunk(name="layers.0.bias", offset=0, data=b""))],
+        + [pb.ComputeRequest(chunks=[pb.TensorChunk(name="layers.0.bias", offset=0, data=b"")])],
         INVALID,
     ),
     "second header": (valid_stream()[:2] + valid_stream()[:1], INVALID),
@@ -245,7 +246,9 @@ CASES = {
         valid_stream()[:1]
         + [
             pb.ComputeRequest(
-                chunk=pb.TensorChunk(name="inputs", offset=0, data=b"\0" * (MAX_CHUNK + (2 << 20)))
+                chunks=[
+                    pb.TensorChunk(name="inputs", offset=0, data=b"\0" * (MAX_CHUNK + (2 << 20)))
+                ]
             )
         ],
         EXHAUSTED,
@@ -290,7 +293,7 @@ def test_nan_inputs_are_accepted_when_allowed(stub):
     stream = nan_inputs()
     stream[0].header.allow_non_finite = True
     responses = list(stub.Compute(iter(stream), timeout=30))
-    assert responses[-1].WhichOneof("payload") == "summary"
+    assert responses[-1].HasField("summary")
 
 
 def test_server_serves_a_valid_job_after_all_bad_ones(stub, limited_server):
@@ -300,7 +303,6 @@ def test_server_serves_a_valid_job_after_all_bad_ones(stub, limited_server):
         except grpc.RpcError:
             pass
     responses = list(stub.Compute(iter(valid_stream()), timeout=30))
-    kinds = [r.WhichOneof("payload") for r in responses]
-    assert kinds[0] == "accepted" and kinds[-1] == "summary"
+    assert responses[0].HasField("accepted") and responses[-1].HasField("summary")
     assert limited_server.process.poll() is None
     assert not any("Traceback" in line for line in limited_server.log)

@@ -205,7 +205,7 @@ def test_slow_readers_do_not_grow_server_memory_with_the_job_count():
     for name, value in tensors.items():
         raw = value.numpy().tobytes()
         requests += [
-            pb.ComputeRequest(chunk=pb.TensorChunk(name=name, offset=o, data=raw[o : o + chunk]))
+            pb.ComputeRequest(chunks=[pb.TensorChunk(name=name, offset=o, data=raw[o : o + chunk])])
             for o in range(0, len(raw), chunk)
         ]
     with run_server("--max-inflight-bytes", str(100 << 20), "--batch-max-delay-ms", "0") as srv:
@@ -219,7 +219,7 @@ def test_slow_readers_do_not_grow_server_memory_with_the_job_count():
             call = stub.Compute(iter(requests), timeout=60)
             try:
                 first = next(call)  # accepted; then this client stops reading
-                assert first.WhichOneof("payload") == "accepted"
+                assert first.HasField("accepted")
                 calls.append(call)
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

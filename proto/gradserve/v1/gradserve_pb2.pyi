@@ -180,12 +180,12 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunks")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     header: JobHeader
-    chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[JobHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, header: _Optional[_Union[JobHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "engine", "device", "results")
@@ -232,14 +232,14 @@ class JobSummary(_message.Message):
     def __init__(self, timings: _Optional[_Union[Timings, _Mapping]] = ..., flops: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., jobs_in_launch: _Optional[int] = ..., models_in_launch: _Optional[int] = ..., launch_flops: _Optional[int] = ..., achieved_flops_per_second: _Optional[float] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
-    __slots__ = ("accepted", "chunk", "summary")
+    __slots__ = ("accepted", "chunks", "summary")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     accepted: JobAccepted
-    chunk: TensorChunk
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
     summary: JobSummary
-    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., summary: _Optional[_Union[JobSummary, _Mapping]] = ...) -> None: ...
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., summary: _Optional[_Union[JobSummary, _Mapping]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -1,20 +1,24 @@
 """Copy-saving codec for the messages that carry tensor bytes.
 
-`ComputeRequest.chunk` and `ComputeResponse.chunk` hold almost every byte of a job. Going
+`ComputeRequest.chunks` and `ComputeResponse.chunks` hold almost every byte of a job. Going
 through the protobuf runtime costs three copies of each payload per side (building the
 message, serialising, and materialising `.data` after parsing). These helpers produce and
-read the exact protobuf encoding of a chunk message directly:
+read the exact protobuf encoding directly:
 
-- encode_chunk(): the same bytes as `ComputeRequest(chunk=TensorChunk(...)).SerializeToString()`
-  (tested), made with one join of a small prefix and the payload;
-- decode_request() / decode_response(): a chunk message in the canonical field order becomes
-  a RawChunkMessage whose `.chunk.data` is a zero-copy memoryview of the received bytes;
-  every other message (and any chunk encoded differently, e.g. by another language's
-  protobuf library with unknown fields) goes through the protobuf parser unchanged.
+- encode_chunk(): the same bytes as
+  `ComputeRequest(chunks=[TensorChunk(...)]).SerializeToString()` (tested), made with one
+  join of a small prefix and the payload. Serialized protobuf messages concatenate into
+  their merge, so header bytes + several encoded chunks form one valid message carrying
+  them all (that is how small tensors travel together);
+- decode_request() / decode_response(): a message holding exactly one chunk, in the
+  canonical field order, becomes a RawChunkMessage whose chunk data is a zero-copy
+  memoryview of the received bytes; every other message (several chunks, a header, a
+  summary, unknown fields from another language's library) goes through the protobuf
+  parser unchanged.
 
 Any client that speaks the .proto interoperates: this is only a faster route to the same
-wire format. Both request and response chunks are field 2 of their oneof, so one encoding
-serves both directions.
+wire format. Request and response chunks are both field 2, so one encoding serves both
+directions.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from google.protobuf.message import DecodeError
 
 from gradserve.v1 import gradserve_pb2 as pb
 
-_CHUNK_TAG = 0x12  # field 2 (chunk), wire type 2 (length-delimited)
+_CHUNK_TAG = 0x12  # field 2 (chunks), wire type 2 (length-delimited)
 _NAME_TAG = 0x0A  # TensorChunk.name: field 1, length-delimited
 _OFFSET_TAG = 0x10  # TensorChunk.offset: field 2, varint
 _DATA_TAG = 0x1A  # TensorChunk.data: field 3, length-delimited
@@ -58,7 +62,8 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 def encode_chunk(name: str, offset: int, data) -> bytes:
-    """Serialized ComputeRequest/ComputeResponse holding one TensorChunk."""
+    """Serialized ComputeRequest/ComputeResponse holding one TensorChunk (concatenate
+    several, or append them to a serialized header, for a message holding them all)."""
     name_bytes = name.encode()
     inner_head = bytearray()
     if name_bytes:
@@ -81,12 +86,16 @@ class RawChunk:
 
 @dataclass
 class RawChunkMessage:
-    """Stands in for a ComputeRequest/ComputeResponse whose payload is a chunk."""
+    """Stands in for a ComputeRequest/ComputeResponse holding exactly one chunk."""
 
     chunk: RawChunk
 
-    def WhichOneof(self, _: str) -> str:  # noqa: N802 - mirrors the protobuf message API
-        return "chunk"
+    @property
+    def chunks(self) -> list[RawChunk]:
+        return [self.chunk]
+
+    def HasField(self, _: str) -> bool:  # noqa: N802 - mirrors the protobuf message API
+        return False
 
 
 def _decode_chunk(raw: bytes) -> RawChunkMessage | None:
@@ -122,8 +131,10 @@ class MalformedMessage:
     """Stands in for bytes that are no valid message, so the server can answer
     INVALID_ARGUMENT itself (a raising deserializer would make gRPC answer INTERNAL)."""
 
-    def WhichOneof(self, _: str) -> str:  # noqa: N802
-        return "malformed"
+    chunks: tuple = ()
+
+    def HasField(self, _: str) -> bool:  # noqa: N802
+        return False
 
 
 def decode_request(raw: bytes):
