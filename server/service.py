@@ -74,6 +74,29 @@ def handlers(service: GradientService) -> grpc.GenericRpcHandler:
     )
 
 
+class IdleTimer:
+    """Ends a job whose request stream stays silent too long, by cancelling its handler
+    (a timer per read is far cheaper than wrapping every read in asyncio.wait_for, which
+    creates a task each time)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.task = asyncio.current_task()
+        self.handle: asyncio.TimerHandle | None = None
+        self.fired = False
+
+    def arm(self) -> None:
+        self.handle = asyncio.get_running_loop().call_later(self.timeout_s, self._fire)
+
+    def disarm(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+
+    def _fire(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
 class GradientService(pb_grpc.GradientServiceServicer):
     def __init__(self, config: ServerConfig, device: torch.device):
         self.config = config
@@ -148,15 +171,11 @@ class GradientService(pb_grpc.GradientServiceServicer):
             ),
         )
 
-    async def _read(self, context) -> pb.ComputeRequest | None:
+    async def _read(self, context, idle: IdleTimer) -> pb.ComputeRequest | None:
         """Next request message, None at the end of the stream."""
-        try:
-            msg = await asyncio.wait_for(context.read(), self.config.upload_idle_timeout_s)
-        except asyncio.TimeoutError:
-            raise JobError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no request message for {self.config.upload_idle_timeout_s} s",
-            ) from None
+        idle.arm()
+        msg = await context.read()
+        idle.disarm()
         return None if msg is grpc.aio.EOF else msg
 
     def _io(self, nbytes: int, fn, *args) -> asyncio.Future:
@@ -172,8 +191,17 @@ class GradientService(pb_grpc.GradientServiceServicer):
         job_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
         outcome, info = "CANCELLED", {}
+        idle = IdleTimer(self.config.upload_idle_timeout_s)
         try:
-            await self._compute(job_id, context, info)
+            try:
+                await self._compute(job_id, context, info, idle)
+            except asyncio.CancelledError:
+                if not idle.fired:
+                    raise  # the client went away
+                raise JobError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no request message for {self.config.upload_idle_timeout_s} s",
+                ) from None
             outcome = "ok"
         except JobError as e:
             outcome = e.code.name
@@ -190,18 +218,19 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 self.completed_jobs += 1
             else:
                 self.failed_jobs += 1
-            log.info(
-                "job=%s peer=%s outcome=%s seconds=%.4f %s",
-                job_id,
-                context.peer(),
-                outcome,
-                time.perf_counter() - started,
-                " ".join(f"{k}={v}" for k, v in info.items()),
-            )
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "job=%s peer=%s outcome=%s seconds=%.4f %s",
+                    job_id,
+                    context.peer(),
+                    outcome,
+                    time.perf_counter() - started,
+                    " ".join(f"{k}={v}" for k, v in info.items()),
+                )
 
-    async def _compute(self, job_id: str, context, info: dict) -> None:
+    async def _compute(self, job_id: str, context, info: dict, idle: IdleTimer) -> None:
         header_at = time.perf_counter()
-        first = await self._read(context)
+        first = await self._read(context, idle)
         if first is None:
             raise invalid("request stream ended before the job header")
         if isinstance(first, wire.MalformedMessage):
@@ -224,15 +253,20 @@ class GradientService(pb_grpc.GradientServiceServicer):
         result_bytes = sum(codec.nbytes(d.dtype, d.shape) for d in descriptors)
 
         with self.admission.reserve(plan.payload_bytes + result_bytes):
-            accepted = pb.JobAccepted(
-                job_id=job_id, engine=engine, device=str(self.device), results=descriptors
-            )
-            await context.write(pb.ComputeResponse(accepted=accepted))
-
+            accepted = pb.ComputeResponse(
+                accepted=pb.JobAccepted(
+                    job_id=job_id, engine=engine, device=str(self.device), results=descriptors
+                )
+            ).SerializeToString()
             assembler = PayloadAssembler(plan)
             for chunk in first.chunks:
                 assembler.add(chunk)
-            while (msg := await self._read(context)) is not None:
+            if assembler.missing():  # a multi-message upload: acknowledge the header now
+                await context.write(accepted)
+                accepted = b""
+            # else the job came in one message: its accepted message leaves with the first
+            # results, saving a stream operation (most of a small job's serving cost).
+            while (msg := await self._read(context, idle)) is not None:
                 if isinstance(msg, wire.MalformedMessage):
                     raise invalid("request message is not a valid ComputeRequest")
                 if msg.HasField("header"):
@@ -277,16 +311,21 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     )
                 )
 
-            sent = await self._send_results(context, plan, descriptors, launched.result, summary)
+            sent = await self._send_results(
+                context, plan, descriptors, launched.result, summary, accepted
+            )
             info.update(bytes_in=plan.payload_bytes, bytes_out=sent)
 
-    async def _send_results(self, context, plan: JobPlan, descriptors, result, summary) -> int:
+    async def _send_results(
+        self, context, plan: JobPlan, descriptors, result, summary, prefix: bytes
+    ) -> int:
         """Stream the result tensors in order, then the summary. The loss goes out first, as
         soon as the launch is done; each next tensor is serialised (device -> host, wire
         dtype) while the previous one is being sent. Chunks of small tensors share a message
         (up to the chunk size), and the summary rides with the last one, so a small job's
         results are one message. A slow reader holds the stream at `write`, so at most two
-        serialised tensors exist at a time."""
+        serialised tensors exist at a time. `prefix` (a deferred accepted message) goes
+        first, in the same message as the first chunks."""
         tensors = result_tensors(plan, result)
         del result
         budget = plan.response_chunk_bytes
@@ -296,7 +335,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             nbytes = tensor.numel() * tensor.element_size()
             return self._io(nbytes, codec.tensor_to_bytes, tensor, d.dtype)
 
-        sent, pending, pending_bytes = 0, [], 0
+        sent, pending, pending_bytes = 0, [prefix] if prefix else [], 0
         upcoming = serialise(descriptors[0])
         for i, d in enumerate(descriptors):
             data = await upcoming
