@@ -7,6 +7,7 @@ caught by one comparison and nothing is ever written past a buffer's end.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from gradserve.kernels import EnsembleJob
@@ -20,21 +21,28 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf. A sum propagates both (NaN stays NaN, Inf + -Inf is NaN), so a finite
     sum proves every element finite: one allocation-free pass, 1.5 ms against 47 ms for
     torch.isfinite(t).all() on 64 MiB of float32 here. Only a non-finite sum (a real NaN/Inf
-    or an overflow of large finite values) needs the exact elementwise check."""
+    or an overflow of large finite values) needs the exact elementwise check. Small tensors
+    go through numpy, whose per-call overhead is a fraction of torch's."""
+    if tensor.numel() <= SMALL_TENSOR and tensor.dtype != torch.bfloat16:
+        return bool(np.isfinite(tensor.numpy()).all())
     if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
 
 
+# Elements up to which per-call overhead, not memory bandwidth, dominates a check.
+SMALL_TENSOR = 1 << 16
+
+
 class PayloadAssembler:
     def __init__(self, plan: JobPlan):
         self.plan = plan
-        # torch.empty, not bytearray: no zero-filling of memory that is overwritten anyway
+        # np.empty, not bytearray: no zero-filling of memory that is overwritten anyway
         # (a 64 MiB bytearray costs ~30 ms here).
         self.buffers = {
-            name: torch.empty(t.nbytes, dtype=torch.uint8) for name, t in plan.tensors.items()
+            name: np.empty(t.nbytes, dtype=np.uint8) for name, t in plan.tensors.items()
         }
-        self._views = {name: memoryview(b.numpy()) for name, b in self.buffers.items()}
+        self._views = {name: memoryview(b) for name, b in self.buffers.items()}
         self.received = dict.fromkeys(plan.tensors, 0)
         self.bytes_received = 0
 
@@ -61,7 +69,7 @@ class PayloadAssembler:
         self.bytes_received += length
 
     def missing(self) -> list[str]:
-        return [n for n, got in self.received.items() if got != len(self.buffers[n])]
+        return [n for n, got in self.received.items() if got != self.plan.tensors[n].nbytes]
 
     def finish(self) -> EnsembleJob:
         """All bytes are in: build the engine job (zero-copy views) and check the values."""

@@ -43,14 +43,17 @@ def nbytes(dtype: int, shape) -> int:
     return size
 
 
-def tensor_from_bytes(buffer: torch.Tensor, dtype: int, shape) -> torch.Tensor:
-    """Zero-copy view of received bytes (a uint8 tensor) as a tensor of the wire dtype."""
-    return buffer.view(TORCH_DTYPES[dtype]).reshape(tuple(shape))
+def tensor_from_bytes(buffer: np.ndarray, dtype: int, shape) -> torch.Tensor:
+    """Zero-copy view of received bytes (a uint8 array) as a tensor of the wire dtype."""
+    return torch.from_numpy(buffer).view(TORCH_DTYPES[dtype]).reshape(tuple(shape))
 
 
 def tensor_to_bytes(tensor: torch.Tensor, dtype: int) -> memoryview:
     """Cast to the wire dtype, move to host, return its raw bytes."""
-    t = tensor.detach().to(TORCH_DTYPES[dtype]).contiguous().cpu()
+    wire_dtype = TORCH_DTYPES[dtype]
+    if tensor.device.type == "cpu" and tensor.dtype == wire_dtype and tensor.is_contiguous():
+        return memoryview(tensor.detach().numpy()).cast("B")  # already wire bytes: no copy
+    t = tensor.detach().to(wire_dtype).contiguous().cpu()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship its bit pattern
         t = t.view(torch.int16)
     return memoryview(t.numpy()).cast("B")
