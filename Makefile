@@ -27,6 +27,7 @@ lint:
 bench:
 	$(PY) bench/engine_cpu.py
 	$(PY) bench/transfer.py
+	$(PY) bench/batching.py
 
 clean:
 	rm -rf .venv build *.egg-info
