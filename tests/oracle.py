@@ -116,3 +116,55 @@ def assert_close_per_model(
         err = (got[k] - ref[k]).norm().item()
         scale = max(ref[k].norm().item(), 1e-6)  # all-zero references: compare absolutely
         assert err <= tol * scale, f"{name} model {k}: rel err {err / scale:.3g} > {tol}"
+
+
+def oracle_for(layer_sizes, tensors: dict[str, torch.Tensor], **options) -> OracleResult:
+    """The oracle on a tests.jobs.random_job() dict, with the engine's option names
+    (hidden, output, negative_slope, loss, reduction, huber_delta)."""
+    return oracle(
+        layer_sizes,
+        tensors,
+        tensors["inputs"],
+        tensors["targets"],
+        hidden=options.get("hidden", "relu"),
+        output=options.get("output", "identity"),
+        negative_slope=options.get("negative_slope", 0.01),
+        loss=options.get("loss", "mse"),
+        reduction=options.get("reduction", "mean"),
+        huber_delta=options.get("huber_delta", 1.0),
+        sample_weights=tensors.get("sample_weights"),
+    )
+
+
+def engine_tensors(result) -> dict:
+    """An engine's EnsembleResult as tensors by wire name, on the host."""
+    named = {
+        "loss": result.loss,
+        "inputs.grad": result.input_grads,
+        "per_sample_loss": result.per_sample_loss,
+        "outputs": result.outputs,
+    }
+    for i, (w, b) in enumerate(
+        zip(result.weight_grads or [], result.bias_grads or [], strict=True)
+    ):
+        named[f"layers.{i}.weight.grad"] = w
+        named[f"layers.{i}.bias.grad"] = b
+    return {k: torch.as_tensor(v).cpu() for k, v in named.items() if v is not None}
+
+
+def assert_matches_oracle(
+    got: dict, ref: OracleResult, precision: str, tol: float | None = None
+) -> None:
+    """Every result the oracle has (loss, every gradient, input gradients, per-sample losses,
+    outputs) is present in `got` (tensors by wire name) and within tolerance, per model."""
+    expected = {
+        "loss": ref.loss,
+        "inputs.grad": ref.input_grads,
+        "per_sample_loss": ref.per_sample_loss,
+        "outputs": ref.outputs,
+        **ref.grads,
+    }
+    missing = sorted(set(expected) - set(got))
+    assert not missing, f"results missing: {missing}"
+    for name, value in expected.items():
+        assert_close_per_model(name, got[name], value, precision, tol)

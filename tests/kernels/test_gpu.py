@@ -11,7 +11,7 @@ import torch
 from gradserve import kernels
 from gradserve.kernels import torch_engine, triton_engine
 from tests.jobs import ensemble_job, random_job
-from tests.oracle import assert_close_per_model, oracle
+from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
 
 pytestmark = pytest.mark.gpu
 
@@ -46,26 +46,8 @@ def check(engine, sizes, tensors, precision, **options):
     poison_allocator()
     got = engine.run(job, "cuda")
     torch.cuda.synchronize()
-    ref = oracle(
-        sizes,
-        tensors,
-        tensors["inputs"],
-        tensors["targets"],
-        hidden=options.get("hidden", "relu"),
-        loss=options.get("loss", "mse"),
-        reduction=options.get("reduction", "mean"),
-        sample_weights=tensors.get("sample_weights"),
-    )
-    pairs = [
-        ("loss", got.loss, ref.loss),
-        ("inputs.grad", got.input_grads, ref.input_grads),
-        ("per_sample_loss", got.per_sample_loss, ref.per_sample_loss),
-    ]
-    for i in range(len(sizes) - 1):
-        pairs.append((f"w{i}", got.weight_grads[i], ref.grads[f"layers.{i}.weight.grad"]))
-        pairs.append((f"b{i}", got.bias_grads[i], ref.grads[f"layers.{i}.bias.grad"]))
-    for name, value, expected in pairs:
-        assert_close_per_model(name, value.cpu(), expected, precision, tol)
+    ref = oracle_for(sizes, tensors, **options)
+    assert_matches_oracle(engine_tensors(got), ref, precision, tol)
 
 
 @pytest.mark.parametrize("precision", triton_engine.PRECISIONS)

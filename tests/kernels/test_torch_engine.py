@@ -6,36 +6,21 @@ import torch
 from gradserve import kernels
 from gradserve.kernels import torch_engine
 from tests.jobs import ensemble_job, random_job
-from tests.oracle import assert_close_per_model, oracle
+from tests.oracle import (
+    assert_close_per_model,
+    assert_matches_oracle,
+    engine_tensors,
+    oracle,
+    oracle_for,
+)
 
 ODD_SIZES = (5, 13, 7, 3)
 
 
 def check_against_oracle(layer_sizes, tensors, precision="float32", **options):
-    job = ensemble_job(tensors, layer_sizes, precision=precision, **options)
-    got = torch_engine.run(job, "cpu")
-    ref = oracle(
-        layer_sizes,
-        tensors,
-        tensors["inputs"],
-        tensors["targets"],
-        hidden=options.get("hidden", "relu"),
-        output=options.get("output", "identity"),
-        loss=options.get("loss", "mse"),
-        reduction=options.get("reduction", "mean"),
-        sample_weights=tensors.get("sample_weights"),
-    )
-    assert_close_per_model("loss", got.loss, ref.loss, precision)
-    for i in range(len(layer_sizes) - 1):
-        assert_close_per_model(
-            f"w{i}", got.weight_grads[i], ref.grads[f"layers.{i}.weight.grad"], precision
-        )
-        assert_close_per_model(
-            f"b{i}", got.bias_grads[i], ref.grads[f"layers.{i}.bias.grad"], precision
-        )
-    assert_close_per_model("inputs.grad", got.input_grads, ref.input_grads, precision)
-    assert_close_per_model("per_sample_loss", got.per_sample_loss, ref.per_sample_loss, precision)
-    assert_close_per_model("outputs", got.outputs, ref.outputs, precision)
+    got = torch_engine.run(ensemble_job(tensors, layer_sizes, precision=precision, **options))
+    ref = oracle_for(layer_sizes, tensors, **options)
+    assert_matches_oracle(engine_tensors(got), ref, precision)
 
 
 @pytest.mark.parametrize("m", [1, 7])

@@ -9,7 +9,7 @@ import torch
 from gradserve import kernels
 from gradserve.kernels import triton_engine
 from tests.jobs import ensemble_job, random_job
-from tests.oracle import assert_close_per_model, oracle
+from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
 
 ODD_SIZES = (5, 13, 7, 3)
 WIDE_SIZES = (5, 150, 3)  # a layer wider than 128 takes the per-layer GEMM path
@@ -20,27 +20,9 @@ def check(layer_sizes, tensors, precision="float32", **options):
     job = ensemble_job(tensors, layer_sizes, precision=precision, **options)
     got = triton_engine.run(job, DEVICE)
     assert got.engine == "triton"
-    ref = oracle(
-        layer_sizes, tensors, tensors["inputs"], tensors["targets"],
-        hidden=options.get("hidden", "relu"), output=options.get("output", "identity"),
-        negative_slope=options.get("negative_slope", 0.01),
-        loss=options.get("loss", "mse"), reduction=options.get("reduction", "mean"),
-        huber_delta=options.get("huber_delta", 1.0),
-        sample_weights=tensors.get("sample_weights"),
-    )  # fmt: skip
-    assert_close_per_model("loss", got.loss.cpu(), ref.loss, precision)
-    for i in range(len(layer_sizes) - 1):
-        assert_close_per_model(
-            f"w{i}", got.weight_grads[i].cpu(), ref.grads[f"layers.{i}.weight.grad"], precision
-        )
-        assert_close_per_model(
-            f"b{i}", got.bias_grads[i].cpu(), ref.grads[f"layers.{i}.bias.grad"], precision
-        )
-    assert_close_per_model("inputs.grad", got.input_grads.cpu(), ref.input_grads, precision)
-    assert_close_per_model(
-        "per_sample_loss", got.per_sample_loss.cpu(), ref.per_sample_loss, precision
+    assert_matches_oracle(
+        engine_tensors(got), oracle_for(layer_sizes, tensors, **options), precision
     )
-    assert_close_per_model("outputs", got.outputs.cpu(), ref.outputs, precision)
     return got
 
 

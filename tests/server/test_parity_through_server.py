@@ -6,7 +6,7 @@ import torch
 
 from gradserve import kernels
 from tests.jobs import random_job
-from tests.oracle import assert_close_per_model, oracle
+from tests.oracle import assert_close_per_model, assert_matches_oracle, oracle, oracle_for
 
 ODD_SIZES = (5, 13, 7, 3)
 
@@ -27,32 +27,13 @@ def check(client, layer_sizes, tensors, precision="float32", **opts):
         forward_outputs=True,
         **opts,
     )
-    ref = oracle(
-        layer_sizes,
-        tensors,
-        tensors["inputs"],
-        tensors["targets"],
-        hidden=opts.get("hidden_activation", "relu"),
-        output=opts.get("output_activation", "identity"),
-        loss=opts.get("loss", "mse"),
-        reduction=opts.get("reduction", "mean"),
-        sample_weights=tensors.get("sample_weights"),
-    )
+    names = {"hidden_activation": "hidden", "output_activation": "output"}
+    ref = oracle_for(layer_sizes, tensors, **{names.get(k, k): v for k, v in opts.items()})
     assert isinstance(result.loss, np.ndarray)
     assert result.engine == opts.get("backend", "torch").replace("auto", "torch")
     assert result.device == "cpu"
-    assert_close_per_model("loss", result.loss, ref.loss, precision)
-    for i in range(len(layer_sizes) - 1):
-        for kind in ("weight", "bias"):
-            name = f"layers.{i}.{kind}"
-            assert_close_per_model(
-                name, result.gradients[name], ref.grads[name + ".grad"], precision
-            )
-    assert_close_per_model("inputs.grad", result.input_gradients, ref.input_grads, precision)
-    assert_close_per_model(
-        "per_sample_loss", result.per_sample_loss, ref.per_sample_loss, precision
-    )
-    assert_close_per_model("outputs", result.outputs, ref.outputs, precision)
+    got = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result.tensors.items()}
+    assert_matches_oracle(got, ref, precision)
     return result
 
 
