@@ -109,3 +109,21 @@ def test_our_safetensors_files_are_read_by_the_reference_library(tmp_path):
     ours, _ = _safetensors.load(str(tmp_path / "y.safetensors"))
     for k, v in data.items():
         np.testing.assert_array_equal(ours[k], v)
+
+
+def test_bench_reports_throughput_and_latency_percentiles(server):
+    out = cli(
+        "--address",
+        server.address,
+        "bench",
+        "--concurrency",
+        "4",
+        "--jobs-per-client",
+        "3",
+        "--json",
+    )
+    report = json.loads(out.stdout)
+    assert report["jobs"] == 12 and report["errors"] == {}
+    assert report["jobs_per_second"] > 0
+    assert 0 < report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
+    assert report["mean_jobs_per_launch"] >= 1

@@ -112,3 +112,34 @@ def test_deadline_exceeded_surfaces_as_its_code(server):
         with pytest.raises(GradserveError) as err:
             c.compute(net, torch.randn(4, 3), torch.randn(4, 2), timeout=1e-4)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_compute_many_returns_results_and_errors_in_order(client):
+    good = {"model": make_net(7), "inputs": torch.randn(6, 3), "targets": torch.randn(6, 2)}
+    bad = dict(good, inputs=torch.randn(6, 4))  # wrong input width
+    results = client.compute_many([good, bad, good], max_in_flight=3)
+    assert [type(r).__name__ for r in results] == [
+        "ComputeResult",
+        "GradserveError",
+        "ComputeResult",
+    ]
+    import grpc
+
+    assert results[1].code == grpc.StatusCode.INVALID_ARGUMENT
+    for k, g in results[0].gradients.items():
+        torch.testing.assert_close(results[2].gradients[k], g, rtol=0, atol=0)
+
+
+def test_async_compute_many_matches_sync(server, client):
+    jobs = [
+        {"model": make_net(s), "inputs": torch.randn(5, 3), "targets": torch.randn(5, 2)}
+        for s in range(6)
+    ]
+    sync = client.compute_many(jobs)
+
+    async def run():
+        async with AsyncGradientClient(server.address) as aclient:
+            return await aclient.compute_many(jobs, max_in_flight=4)
+
+    for a, s in zip(asyncio.run(run()), sync, strict=True):
+        torch.testing.assert_close(a.loss, s.loss, rtol=0, atol=0)
