@@ -101,14 +101,15 @@ def _info(args) -> int:
 
 
 def _health(args) -> int:
+    """Exit 0 only when the server's grpc.health.v1 service says SERVING."""
     try:
         with GradientClient(args.address, timeout=args.timeout) as client:
-            client.server_info()
+            status = client.health(args.service)
     except GradserveError as e:
         print(f"NOT_SERVING ({e.code.name}: {e.details})")
         return 1
-    print("SERVING")
-    return 0
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def _bench(args) -> int:
@@ -192,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(run=_info)
 
-    h = sub.add_parser("health", help="exit 0 if the server answers, 1 otherwise")
+    h = sub.add_parser("health", help="exit 0 if the server's health service says SERVING")
+    h.add_argument("--service", default="", help="service to check (default: the server)")
     h.set_defaults(run=_health)
 
     b = sub.add_parser("bench", help="drive the server with concurrent clients")

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from gradserve.client import _health
 from gradserve.client._errors import GradserveError
 from gradserve.client._job import (
     DEFAULT_CHUNK_BYTES,
@@ -80,6 +81,13 @@ class GradientClient:
             return self._stub.GetServerInfo(
                 pb.GetServerInfoRequest(), timeout=timeout or self.timeout
             )
+        except grpc.RpcError as e:
+            raise GradserveError.from_rpc_error(e) from None
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """grpc.health.v1 status of the server ("SERVING", "NOT_SERVING", ...)."""
+        try:
+            return _health.check(self._channel, service, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
             raise GradserveError.from_rpc_error(e) from None
 

@@ -123,7 +123,7 @@ def _from_dict(state: dict) -> Ensemble:
         if not match:
             raise ValueError(f"parameter key {key!r} is not '<prefix><index>.weight|bias'")
         prefixes.add(match["prefix"])
-        layers.setdefault(int(match["index"]), {})[match["kind"]] = (key, value)
+        layers.setdefault(int(match["index"]), {})[match["kind"]] = (key, as_array(value))
     if len(prefixes) != 1:
         raise ValueError(f"parameter keys must share one prefix, got {sorted(prefixes)}")
     params, keys = {}, {}

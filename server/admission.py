@@ -3,6 +3,7 @@ checked from the header (declared sizes) before any payload byte is stored."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 
@@ -26,6 +27,13 @@ class Admission:
         self.max_queued_jobs = max_queued_jobs
         self.inflight_bytes = 0
         self.inflight_jobs = 0
+        self._idle: asyncio.Event | None = None
+
+    async def wait_idle(self) -> None:
+        """Return once no job is admitted (used to drain before shutdown)."""
+        while self.inflight_jobs:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
 
     @contextlib.contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
@@ -48,3 +56,5 @@ class Admission:
         finally:
             self.inflight_bytes -= nbytes
             self.inflight_jobs -= 1
+            if self.inflight_jobs == 0 and self._idle is not None:
+                self._idle.set()

@@ -11,12 +11,10 @@ import grpc
 import torch
 
 from gradserve.server.config import ServerConfig
+from gradserve.server.ops import Health, enable_reflection
 from gradserve.server.service import GradientService, handlers
 
 log = logging.getLogger("gradserve.server")
-
-# Seconds in-flight jobs get to finish after SIGTERM before the server stops anyway.
-SHUTDOWN_GRACE_S = 30.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,11 +36,18 @@ async def serve(config: ServerConfig) -> None:
     )
     service = GradientService(config, device)
     server.add_generic_rpc_handlers((handlers(service),))
+    health = Health(server)
+    enable_reflection(server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise SystemExit(f"could not bind {config.host}:{config.port}")
     await server.start()
     service.start()
+    await health.set_serving(True)
+    if config.metrics_port >= 0:
+        metrics_port = service.metrics.serve(config.host, config.metrics_port)
+        if metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     log.info("serving on %s:%d device=%s", config.host, port, device)
     if config.port_file:
         with open(config.port_file + ".tmp", "w") as f:
@@ -55,9 +60,23 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: %d jobs in flight", service.admission.inflight_jobs)
-    await server.stop(SHUTDOWN_GRACE_S)
+    await drain(server, service, health, config.drain_grace_s)
+
+
+async def drain(server, service: GradientService, health: Health, grace_s: float) -> None:
+    """Graceful stop: health NOT_SERVING and new jobs UNAVAILABLE at once (load balancers
+    move traffic away), admitted jobs finish within the grace period, then the server
+    stops."""
+    log.info("draining: %d jobs in flight", service.admission.inflight_jobs)
+    service.draining = True
+    await health.set_serving(False)
+    try:
+        await asyncio.wait_for(service.admission.wait_idle(), grace_s)
+    except asyncio.TimeoutError:
+        log.warning("grace period over with %d jobs in flight", service.admission.inflight_jobs)
+    await server.stop(1.0)
     await service.stop()
+    log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> None:

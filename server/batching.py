@@ -125,9 +125,11 @@ def split(result: EnsembleResult, sizes: list[int]) -> list[EnsembleResult]:
 
 
 class DynamicBatcher:
-    def __init__(self, worker: DeviceWorker, policy: BatchingPolicy):
+    def __init__(self, worker: DeviceWorker, policy: BatchingPolicy, on_launch=None):
         self.worker = worker
         self.policy = policy
+        # on_launch(engine, device, jobs, models, flops), after every successful launch
+        self.on_launch = on_launch
         self.queue: collections.deque[_Waiting] = collections.deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -227,6 +229,8 @@ class DynamicBatcher:
         self.launches += 1
         self.launched_jobs += len(live)
         self.launched_models += total_models
+        if self.on_launch is not None:
+            self.on_launch(live[0].engine, str(self.worker.device), len(live), total_models, flops)
         for w, part in zip(live, parts, strict=True):
             if not w.future.done():
                 w.future.set_result(

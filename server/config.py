@@ -40,6 +40,10 @@ class ServerConfig:
     max_layers: int = 64
     # A job whose request stream is silent this long is ended with DEADLINE_EXCEEDED.
     upload_idle_timeout_s: float = 60.0
+    # After SIGTERM/SIGINT: seconds admitted jobs get to finish before the server stops.
+    drain_grace_s: float = 30.0
+    # Prometheus metrics over HTTP on this port (0: a free port, -1: off).
+    metrics_port: int = -1
     log_level: str = "INFO"
 
     @property
@@ -68,6 +72,8 @@ HELP = {
     "max_width": "largest layer width",
     "max_layers": "largest number of linear layers",
     "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
+    "drain_grace_s": "after SIGTERM, seconds admitted jobs get to finish",
+    "metrics_port": "Prometheus metrics HTTP port (0: a free port, -1: off)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

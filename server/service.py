@@ -20,6 +20,7 @@ from gradserve.server.assembly import PayloadAssembler
 from gradserve.server.batching import BatchingPolicy, DynamicBatcher
 from gradserve.server.config import ServerConfig
 from gradserve.server.errors import JobError, invalid, too_large, unsupported
+from gradserve.server.metrics import Metrics
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
@@ -110,6 +111,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 max_models=config.batch_max_models,
                 max_bytes=config.batch_max_bytes,
             ),
+            on_launch=lambda *launch: self.metrics.launched(*launch),
         )
         self.admission = Admission(config.max_inflight_bytes, config.max_queued_jobs)
         # Payload checks and result serialisation: off the event loop, and off the device
@@ -117,6 +119,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="payload-io")
         self.completed_jobs = 0
         self.failed_jobs = 0
+        self.metrics = Metrics(self)
+        # Set on SIGTERM: admitted jobs finish, new ones get UNAVAILABLE.
+        self.draining = False
 
     def start(self) -> None:
         self.batcher.start()
@@ -190,11 +195,15 @@ class GradientService(pb_grpc.GradientServiceServicer):
     async def Compute(self, request_iterator, context):
         job_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
-        outcome, info = "CANCELLED", {}
+        outcome, info, phases = "CANCELLED", {}, {}
         idle = IdleTimer(self.config.upload_idle_timeout_s)
         try:
             try:
-                await self._compute(job_id, context, info, idle)
+                if self.draining:
+                    raise JobError(
+                        grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica"
+                    )
+                await self._compute(job_id, context, info, idle, phases)
             except asyncio.CancelledError:
                 if not idle.fired:
                     raise  # the client went away
@@ -218,6 +227,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 self.completed_jobs += 1
             else:
                 self.failed_jobs += 1
+            self.metrics.job_done(outcome, phases)
             if log.isEnabledFor(logging.INFO):
                 log.info(
                     "job=%s peer=%s outcome=%s seconds=%.4f %s",
@@ -228,7 +238,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     " ".join(f"{k}={v}" for k, v in info.items()),
                 )
 
-    async def _compute(self, job_id: str, context, info: dict, idle: IdleTimer) -> None:
+    async def _compute(
+        self, job_id: str, context, info: dict, idle: IdleTimer, phases: dict
+    ) -> None:
         header_at = time.perf_counter()
         first = await self._read(context, idle)
         if first is None:
@@ -292,13 +304,19 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
             def summary(sent: int) -> pb.ComputeResponse:
                 waited = launched.queue_seconds + launched.compute_seconds
+                phases.update(
+                    upload=uploaded - header_at,
+                    queue=launched.queue_seconds,
+                    compute=launched.compute_seconds,
+                    download=max(0.0, time.perf_counter() - uploaded - waited),
+                )
                 return pb.ComputeResponse(
                     summary=pb.JobSummary(
                         timings=pb.Timings(
-                            upload_seconds=uploaded - header_at,
-                            queue_seconds=launched.queue_seconds,
-                            compute_seconds=launched.compute_seconds,
-                            download_seconds=max(0.0, time.perf_counter() - uploaded - waited),
+                            upload_seconds=phases["upload"],
+                            queue_seconds=phases["queue"],
+                            compute_seconds=phases["compute"],
+                            download_seconds=phases["download"],
                         ),
                         flops=kernels.flops(plan.mlp, plan.num_models, plan.num_samples),
                         bytes_received=plan.payload_bytes,

@@ -1,0 +1,119 @@
+"""Health, reflection, metrics and graceful drain of a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
+from tests.jobs import random_job
+from tests.servers import run_server
+
+SIZES = (4, 8, 2)
+
+
+def params_of(tensors):
+    return {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+
+
+def run_jobs(address, count):
+    with GradientClient(address, timeout=60) as client:
+        for seed in range(count):
+            t = random_job(SIZES, 2, 5, seed=seed)
+            client.compute(params_of(t), t["inputs"].numpy(), t["targets"].numpy())
+
+
+def test_health_is_serving_for_the_server_and_the_service(server):
+    with GradientClient(server.address) as client:
+        assert client.health() == "SERVING"
+        assert client.health("gradserve.v1.GradientService") == "SERVING"
+        with pytest.raises(GradserveError) as err:
+            client.health("no.such.Service")
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_describes_the_service_from_the_server_alone(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(server.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"gradserve.v1.GradientService", "grpc.health.v1.Health"} <= services
+        proto = database.FindFileContainingSymbol("gradserve.v1.ComputeRequest")
+        assert proto.package == "gradserve.v1"
+        assert "JobHeader" in {m.name for m in proto.message_type}
+
+
+def test_metrics_are_scraped_and_parsed():
+    with run_server("--metrics-port", "0") as srv:
+        url = next(
+            re.search(r"metrics on (\S+)", line)[1] for line in srv.log if "metrics on" in line
+        )
+        run_jobs(srv.address, 3)
+        with GradientClient(srv.address) as client, pytest.raises(GradserveError):
+            client.compute(
+                {"layers.0.weight": [[[1.0]]], "layers.0.bias": [[0.0]]}, [[1.0, 2.0]], [[0.0]]
+            )  # inputs too wide: INVALID_ARGUMENT
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {
+        s.labels["outcome"]: s.value
+        for s in families["gradserve_request"].samples
+        if s.name == "gradserve_request_total"
+    }
+    assert requests["ok"] == 3 and requests["INVALID_ARGUMENT"] == 1
+    launches = [
+        s.value for s in families["gradserve_launch"].samples if s.name == "gradserve_launch_total"
+    ]
+    assert sum(launches) >= 1
+    phases = {
+        s.labels["phase"]
+        for s in families["gradserve_request_duration_seconds"].samples
+        if "phase" in s.labels
+    }
+    assert phases == {"upload", "queue", "compute", "download"}
+    assert families["gradserve_inflight_jobs"].samples[0].value == 0
+    assert families["process_resident_memory_bytes"].samples[0].value > 0
+
+
+def test_sigterm_drains_in_flight_jobs_refuses_new_ones_and_exits_zero():
+    with run_server("--batch-max-delay-ms", "1500") as srv:
+        jobs = [random_job(SIZES, 1, 6, seed=s) for s in range(4)]
+
+        async def scenario():
+            async with AsyncGradientClient(srv.address, timeout=60) as client:
+                in_flight = [
+                    asyncio.ensure_future(
+                        client.compute(params_of(t), t["inputs"].numpy(), t["targets"].numpy())
+                    )
+                    for t in jobs
+                ]
+                with GradientClient(srv.address) as probe:  # wait until all four are queued
+                    deadline = time.monotonic() + 30
+                    while probe.server_info().stats.queued_jobs < 4:
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.02)
+                    srv.process.send_signal(signal.SIGTERM)
+                    while probe.health() == "SERVING":
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.02)
+                    late = jobs[0]
+                    with pytest.raises(GradserveError) as refused:
+                        probe.compute(
+                            params_of(late), late["inputs"].numpy(), late["targets"].numpy()
+                        )
+                return await asyncio.gather(*in_flight), refused.value
+
+        results, refused = asyncio.run(scenario())
+        assert refused.code == grpc.StatusCode.UNAVAILABLE
+        assert all(r.loss.shape == (1,) for r in results)
+        assert srv.process.wait(timeout=30) == 0
