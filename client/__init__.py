@@ -9,6 +9,7 @@ with GradientClient("localhost:50051") as client:
 
 from gradserve.client._aio import AsyncGradientClient
 from gradserve.client._client import GradientClient
+from gradserve.client._connection import NO_RETRIES, RetryPolicy
 from gradserve.client._errors import GradserveError
 from gradserve.client._job import ComputeResult, JobOptions
 
@@ -18,4 +19,6 @@ __all__ = [
     "GradientClient",
     "GradserveError",
     "JobOptions",
+    "NO_RETRIES",
+    "RetryPolicy",
 ]

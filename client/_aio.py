@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import itertools
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
 
-from gradserve.client._client import channel_options
+from gradserve.client._connection import Connection, RetryPolicy, compute_callable
 from gradserve.client._errors import GradserveError
 from gradserve.client._job import (
     DEFAULT_CHUNK_BYTES,
@@ -20,7 +22,6 @@ from gradserve.client._job import (
 from gradserve.client._models import normalize
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
-from gradserve.v1 import wire
 
 
 class AsyncGradientClient:
@@ -31,22 +32,30 @@ class AsyncGradientClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         timeout: float | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        token: str | None = None,
+        tls: bool | None = None,
+        root_certificates: bytes | str | None = None,
+        client_certificate: bytes | str | None = None,
+        client_key: bytes | str | None = None,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - immutable
     ):
-        self.address = address
+        self.connection = Connection.of(
+            address, token=token, tls=tls, root_certificates=root_certificates,
+            client_certificate=client_certificate, client_key=client_key,
+        )  # fmt: skip
+        self.address = self.connection.addresses[0]
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.retry = retry
+        self._channels = [self.connection.channel(a, aio=True) for a in self.connection.addresses]
+        self._channel = self._channels[0]
         self._stub = pb_grpc.GradientServiceStub(self._channel)
-        # Compute through the copy-saving chunk codec (same wire format as the stub's).
-        self._compute = self._channel.stream_stream(
-            wire.COMPUTE_METHOD,
-            request_serializer=wire.encode_message,
-            response_deserializer=wire.decode_response,
-        )
+        self._computes = [compute_callable(c) for c in self._channels]
+        self._next = itertools.count()
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -55,12 +64,15 @@ class AsyncGradientClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         try:
             return await self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=timeout or self.timeout
+                pb.GetServerInfoRequest(),
+                timeout=timeout or self.timeout,
+                metadata=self.connection.metadata,
             )
         except grpc.RpcError as e:
             raise GradserveError.from_rpc_error(e) from None
@@ -77,16 +89,27 @@ class AsyncGradientClient:
     ) -> ComputeResult:
         """See GradientClient.compute."""
         job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
-        assembler = ResultAssembler(job)
-        call = self._compute(job.requests(self.chunk_bytes), timeout=timeout or self.timeout)
-        try:
-            async for response in call:
-                assembler.add(response)
-        except grpc.RpcError as e:
-            raise GradserveError.from_rpc_error(e) from None
-        finally:
-            call.cancel()
-        return assembler.result()
+        timeout = timeout or self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for attempt in itertools.count():
+            compute = self._computes[next(self._next) % len(self._computes)]
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            assembler = ResultAssembler(job)
+            call = compute(
+                job.requests(self.chunk_bytes), timeout=remaining, metadata=self.connection.metadata
+            )
+            try:
+                async for response in call:
+                    assembler.add(response)
+                return assembler.result()
+            except grpc.RpcError as e:
+                delay = self.retry.delay(attempt, e)
+                if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
+                    raise GradserveError.from_rpc_error(e) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def compute_many(
         self, jobs: Iterable[dict[str, Any]], *, max_in_flight: int = 64

@@ -21,6 +21,14 @@ DEFAULT_ADDRESS = os.environ.get("GRADSERVE_ADDRESS", "127.0.0.1:50051")
 OPTION_NAMES = {f.name for f in fields(JobOptions)}
 
 
+def connect(args) -> GradientClient:
+    return GradientClient(
+        args.address.split(","), timeout=args.timeout, token=args.token or None,
+        tls=args.tls, root_certificates=args.ca, client_certificate=args.cert,
+        client_key=args.key,
+    )  # fmt: skip
+
+
 def _compute(args) -> int:
     tensors, job = load_job(args.job)
     overrides = {k: v for k, v in vars(args).items() if k in OPTION_NAMES and v is not None}
@@ -32,7 +40,7 @@ def _compute(args) -> int:
     params = {k: v for k, v in tensors.items() if k.startswith("layers.")}
     if "inputs" not in tensors or "targets" not in tensors:
         raise SystemExit(f"{args.job}: the job needs 'inputs' and 'targets' tensors")
-    with GradientClient(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         result = client.compute(
             params,
             tensors["inputs"],
@@ -71,7 +79,7 @@ def _compute(args) -> int:
 
 
 def _info(args) -> int:
-    with GradientClient(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         info = client.server_info()
     data = {
         "version": info.version,
@@ -103,7 +111,7 @@ def _info(args) -> int:
 def _health(args) -> int:
     """Exit 0 only when the server's grpc.health.v1 service says SERVING."""
     try:
-        with GradientClient(args.address, timeout=args.timeout) as client:
+        with connect(args) as client:
             status = client.health(args.service)
     except GradserveError as e:
         print(f"NOT_SERVING ({e.code.name}: {e.details})")
@@ -126,6 +134,11 @@ def _bench(args) -> int:
             models=args.models,
             samples=args.samples,
             timeout=args.timeout or 60.0,
+            token=args.token or None,
+            tls=args.tls,
+            root_certificates=args.ca,
+            client_certificate=args.cert,
+            client_key=args.key,
         )
     )
     data = report.as_dict()
@@ -165,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="server host:port (env GRADSERVE_ADDRESS; default %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("GRADSERVE_TOKEN", ""),
+        help="bearer token (env GRADSERVE_TOKEN)",
+    )
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--ca", help="CA certificate to trust (PEM; implies --tls)")
+    parser.add_argument("--cert", help="client certificate (PEM; implies --tls)")
+    parser.add_argument("--key", help="client private key (PEM)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compute", help="run a job file, write the results as safetensors")

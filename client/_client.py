@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 
 from gradserve.client import _health
+from gradserve.client._connection import Connection, RetryPolicy, compute_callable
 from gradserve.client._errors import GradserveError
 from gradserve.client._job import (
     DEFAULT_CHUNK_BYTES,
@@ -20,18 +23,6 @@ from gradserve.client._job import (
 from gradserve.client._models import normalize
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
-from gradserve.v1 import wire
-
-# Every message stays under this: chunks default to 1 MiB, and a header of many descriptors
-# is small. Raised from gRPC's 4 MiB default only to leave room for larger chunk settings.
-MAX_MESSAGE_BYTES = 16 << 20
-
-
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
 
 
 class GradientClient:
@@ -39,32 +30,51 @@ class GradientClient:
 
     Parameters
     ----------
-    address : "host:port" of a gradserve server.
-    timeout : default deadline in seconds for each call (None: no deadline).
+    address : "host:port" of a server, or a list of them: jobs go round-robin, and a retry
+        goes to the next one.
+    timeout : default deadline in seconds for each job, retries included (None: none).
     chunk_bytes : size of upload chunks (default 1 MiB).
+    token : bearer token for servers that require one.
+    tls : use TLS (implied by any of the certificate arguments).
+    root_certificates, client_certificate, client_key : PEM bytes or file paths: the CA to
+        trust (default: the system's), and a client certificate for servers that ask one.
+    retry : RetryPolicy for UNAVAILABLE / RESOURCE_EXHAUSTED (NO_RETRIES to disable).
+    channel : an existing grpc.Channel to use instead (single address).
 
     Use as a context manager, or call close().
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         timeout: float | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        token: str | None = None,
+        tls: bool | None = None,
+        root_certificates: bytes | str | None = None,
+        client_certificate: bytes | str | None = None,
+        client_key: bytes | str | None = None,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - immutable
         channel: grpc.Channel | None = None,
     ):
-        self.address = address
+        self.connection = Connection.of(
+            address, token=token, tls=tls, root_certificates=root_certificates,
+            client_certificate=client_certificate, client_key=client_key,
+        )  # fmt: skip
+        self.address = self.connection.addresses[0]
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        self._channel = channel or grpc.insecure_channel(address, options=channel_options())
-        self._stub = pb_grpc.GradientServiceStub(self._channel)
-        # Compute through the copy-saving chunk codec (same wire format as the stub's).
-        self._compute = self._channel.stream_stream(
-            wire.COMPUTE_METHOD,
-            request_serializer=wire.encode_message,
-            response_deserializer=wire.decode_response,
+        self.retry = retry
+        self._channels = (
+            [channel]
+            if channel
+            else [self.connection.channel(a) for a in self.connection.addresses]
         )
+        self._channel = self._channels[0]
+        self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._computes = [compute_callable(c) for c in self._channels]
+        self._next = itertools.count()
 
     def __enter__(self) -> GradientClient:
         return self
@@ -73,13 +83,16 @@ class GradientClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """The server's version, engines, supported options and limits."""
         try:
             return self._stub.GetServerInfo(
-                pb.GetServerInfoRequest(), timeout=timeout or self.timeout
+                pb.GetServerInfoRequest(),
+                timeout=timeout or self.timeout,
+                metadata=self.connection.metadata,
             )
         except grpc.RpcError as e:
             raise GradserveError.from_rpc_error(e) from None
@@ -121,16 +134,27 @@ class GradientClient:
         ComputeResult, with arrays of the kind the caller gave (numpy or torch).
         """
         job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
-        assembler = ResultAssembler(job)
-        call = self._compute(job.requests(self.chunk_bytes), timeout=timeout or self.timeout)
-        try:
-            for response in call:
-                assembler.add(response)
-        except grpc.RpcError as e:
-            raise GradserveError.from_rpc_error(e) from None
-        finally:
-            call.cancel()  # no-op when finished; frees the stream if we stopped early
-        return assembler.result()
+        timeout = timeout or self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for attempt in itertools.count():
+            compute = self._computes[next(self._next) % len(self._computes)]
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            assembler = ResultAssembler(job)
+            call = compute(
+                job.requests(self.chunk_bytes), timeout=remaining, metadata=self.connection.metadata
+            )
+            try:
+                for response in call:
+                    assembler.add(response)
+                return assembler.result()
+            except grpc.RpcError as e:
+                delay = self.retry.delay(attempt, e)
+                if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
+                    raise GradserveError.from_rpc_error(e) from None
+            finally:
+                call.cancel()  # no-op when finished; frees the stream if we stopped early
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def compute_many(
         self, jobs: Iterable[dict[str, Any]], *, max_in_flight: int = 16

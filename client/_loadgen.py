@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.client._aio import AsyncGradientClient
+from gradserve.client._connection import NO_RETRIES
 from gradserve.client._errors import GradserveError
 
 
@@ -56,15 +57,19 @@ def random_ensemble(layer_sizes: list[int], models: int, samples: int, seed: int
 
 async def run_load(
     address: str, *, concurrency: int, jobs_per_client: int, layer_sizes: list[int],
-    models: int, samples: int, timeout: float = 60.0,
+    models: int, samples: int, timeout: float = 60.0, **connection,
 ) -> LoadReport:  # fmt: skip
+    """connection: AsyncGradientClient's token / TLS arguments. No retries, so that errors
+    are counted as the server gave them."""
     params, x, y = random_ensemble(layer_sizes, models, samples)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     launch_sizes: list[int] = []
 
     async def one_client() -> None:
-        async with AsyncGradientClient(address, timeout=timeout) as client:
+        async with AsyncGradientClient(
+            address, timeout=timeout, retry=NO_RETRIES, **connection
+        ) as client:
             for _ in range(jobs_per_client):
                 start = time.perf_counter()
                 try:

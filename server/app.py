@@ -12,6 +12,7 @@ import torch
 
 from gradserve.server.config import ServerConfig
 from gradserve.server.ops import Health, enable_reflection
+from gradserve.server.security import BearerTokenAuth, load_token, server_credentials
 from gradserve.server.service import GradientService, handlers
 
 log = logging.getLogger("gradserve.server")
@@ -28,17 +29,24 @@ def resolve_device(name: str) -> torch.device:
 
 async def serve(config: ServerConfig) -> None:
     device = resolve_device(config.device)
+    token = load_token(config)
     server = grpc.aio.server(
+        interceptors=[BearerTokenAuth(token)] if token else None,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
+        ],
     )
     service = GradientService(config, device)
     server.add_generic_rpc_handlers((handlers(service),))
     health = Health(server)
     enable_reflection(server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    credentials = server_credentials(config)
+    address = f"{config.host}:{config.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise SystemExit(f"could not bind {config.host}:{config.port}")
     await server.start()
@@ -48,7 +56,14 @@ async def serve(config: ServerConfig) -> None:
         metrics_port = service.metrics.serve(config.host, config.metrics_port)
         if metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
-    log.info("serving on %s:%d device=%s", config.host, port, device)
+    log.info(
+        "serving on %s:%d device=%s tls=%s auth=%s",
+        config.host,
+        port,
+        device,
+        credentials is not None,
+        "token" if token else "none",
+    )
     if config.port_file:
         with open(config.port_file + ".tmp", "w") as f:
             f.write(str(port))

@@ -44,6 +44,15 @@ class ServerConfig:
     drain_grace_s: float = 30.0
     # Prometheus metrics over HTTP on this port (0: a free port, -1: off).
     metrics_port: int = -1
+    # TLS: certificate chain and private key (PEM); with a client CA, callers must present
+    # a certificate it signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Bearer token required in the `authorization` metadata of every call but health
+    # checks; prefer the file (or the GRADSERVE_AUTH_TOKEN variable) to a flag.
+    auth_token_file: str = ""
+    auth_token: str = ""
     log_level: str = "INFO"
 
     @property
@@ -74,6 +83,11 @@ HELP = {
     "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
     "drain_grace_s": "after SIGTERM, seconds admitted jobs get to finish",
     "metrics_port": "Prometheus metrics HTTP port (0: a free port, -1: off)",
+    "tls_cert": "TLS certificate chain (PEM); enables TLS with --tls-key",
+    "tls_key": "TLS private key (PEM)",
+    "tls_client_ca": "require client certificates signed by this CA (PEM)",
+    "auth_token_file": "file holding the bearer token callers must present",
+    "auth_token": "bearer token callers must present (prefer the file or the variable)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

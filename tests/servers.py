@@ -26,7 +26,7 @@ class RunningServer:
 
 @contextlib.contextmanager
 def run_server(
-    *flags: str, env: dict | None = None, ready_timeout: float = 60
+    *flags: str, env: dict | None = None, ready_timeout: float = 60, secure: bool = False
 ) -> Iterator[RunningServer]:
     """Start `python -m gradserve.server` on a free port; yield once it answers gRPC."""
     cmd = [sys.executable, "-m", "gradserve.server", "--port", "0", "--log-level", "INFO", *flags]
@@ -45,8 +45,9 @@ def run_server(
         raise RuntimeError("server did not start:\n" + "".join(log))
     drain = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
     drain.start()
-    with grpc.insecure_channel(address) as channel:
-        grpc.channel_ready_future(channel).result(timeout=ready_timeout)
+    if not secure:  # a TLS server's readiness is proven by the test's own first call
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=ready_timeout)
     server = RunningServer(proc, address, log)
     try:
         yield server

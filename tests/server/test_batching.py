@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
+from gradserve.client import NO_RETRIES, AsyncGradientClient, GradientClient, GradserveError
 from gradserve.kernels import torch_engine
 from gradserve.server.batching import merge, split
 from gradserve.v1 import gradserve_pb2 as pb
@@ -58,7 +58,8 @@ def wait_until_idle(address, timeout=30.0) -> pb.ServerStats:
 
 
 async def compute_all(address, jobs, **options):
-    async with AsyncGradientClient(address, timeout=120) as client:
+    # No client retries: these tests count what the server itself accepts and refuses.
+    async with AsyncGradientClient(address, timeout=120, retry=NO_RETRIES) as client:
         return await asyncio.gather(
             *(
                 client.compute(params_of(t), t["inputs"].numpy(), t["targets"].numpy(), **options)

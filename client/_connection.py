@@ -1,0 +1,110 @@
+"""Connection settings shared by the sync and asyncio clients: channels to one or more
+addresses (round-robin), TLS, bearer tokens, and the retry policy."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from gradserve.v1 import wire
+
+# Every message stays under this: chunks default to 1 MiB, and a header of many descriptors
+# is small. Raised from gRPC's 4 MiB default only to leave room for larger chunk settings.
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries with exponential back-off and jitter for the status codes that mean "try
+    again" (a server draining or restarting, a full queue). Jobs are pure functions of
+    their inputs, so running one again is safe. A server's grpc-retry-pushback-ms trailer,
+    when present, sets the wait instead."""
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    codes: frozenset = field(
+        default_factory=lambda: frozenset(
+            {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        )
+    )
+
+    def delay(self, attempt: int, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up."""
+        code = error.code() if hasattr(error, "code") else None
+        if code not in self.codes or attempt + 1 >= self.max_attempts:
+            return None
+        try:
+            trailers = dict(error.trailing_metadata() or ())
+        except Exception:  # noqa: BLE001 - some errors carry no trailers
+            trailers = {}
+        if "grpc-retry-pushback-ms" in trailers:
+            return int(trailers["grpc-retry-pushback-ms"]) / 1000
+        backoff = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
+        return random.uniform(0, backoff)  # full jitter
+
+
+NO_RETRIES = RetryPolicy(max_attempts=1)
+
+
+@dataclass
+class Connection:
+    """How to reach the servers: addresses, TLS material, token."""
+
+    addresses: list[str]
+    token: str | None = None
+    tls: bool = False
+    root_certificates: bytes | None = None
+    client_certificate: bytes | None = None
+    client_key: bytes | None = None
+
+    @classmethod
+    def of(cls, address, *, token=None, tls=None, root_certificates=None,
+           client_certificate=None, client_key=None) -> Connection:  # fmt: skip
+        addresses = [address] if isinstance(address, str) else list(address)
+        if not addresses:
+            raise ValueError("at least one server address is needed")
+        material = (root_certificates, client_certificate, client_key)
+        use_tls = bool(tls) or any(m is not None for m in material)
+        return cls(addresses, token, use_tls, *(_read(m) for m in material))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel(self, address: str, aio: bool = False):
+        module = grpc.aio if aio else grpc
+        if not self.tls:
+            return module.insecure_channel(address, options=channel_options())
+        credentials = grpc.ssl_channel_credentials(
+            self.root_certificates, self.client_key, self.client_certificate
+        )
+        return module.secure_channel(address, credentials, options=channel_options())
+
+
+def _read(material):
+    """PEM bytes as given, or read from a path."""
+    if material is None or isinstance(material, bytes):
+        return material
+    with open(material, "rb") as f:
+        return f.read()
+
+
+def compute_callable(channel):
+    """Compute through the copy-saving chunk codec (same wire format as the stub's)."""
+    return channel.stream_stream(
+        wire.COMPUTE_METHOD,
+        request_serializer=wire.encode_message,
+        response_deserializer=wire.decode_response,
+    )

@@ -1,0 +1,172 @@
+"""TLS and bearer tokens on a real server; client retries across replicas."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from gradserve.client import NO_RETRIES, GradientClient, GradserveError, RetryPolicy
+from tests.jobs import random_job
+from tests.servers import run_server
+
+SIZES = (3, 5, 2)
+
+
+def job_args(seed=0):
+    t = random_job(SIZES, 2, 4, seed=seed)
+    params = {k: v.numpy() for k, v in t.items() if k.startswith("layers.")}
+    return params, t["inputs"].numpy(), t["targets"].numpy()
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A self-signed CA, a server certificate for 127.0.0.1 and a client certificate."""
+    d = tmp_path_factory.mktemp("tls")
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=gradserve test CA",
+    )
+    for name, san in (
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ("client", "subjectAltName=DNS:client"),
+    ):
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        (d / f"{name}.ext").write_text(san + "\n")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return d
+
+
+def test_tls_round_trip_with_client_certificates(certificates):
+    d = certificates
+    with run_server(
+        "--tls-cert",
+        str(d / "server.pem"),
+        "--tls-key",
+        str(d / "server.key"),
+        "--tls-client-ca",
+        str(d / "ca.pem"),
+        secure=True,
+    ) as srv:
+        with GradientClient(
+            srv.address,
+            root_certificates=str(d / "ca.pem"),
+            client_certificate=str(d / "client.pem"),
+            client_key=str(d / "client.key"),
+            timeout=30,
+        ) as client:
+            result = client.compute(*job_args())
+            assert result.loss.shape == (2,)
+        # Without a client certificate the TLS handshake itself fails.
+        with GradientClient(
+            srv.address, root_certificates=str(d / "ca.pem"), timeout=5, retry=NO_RETRIES
+        ) as client:
+            with pytest.raises(GradserveError) as err:
+                client.compute(*job_args())
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        # A plaintext client cannot talk to a TLS server.
+        with GradientClient(srv.address, timeout=5, retry=NO_RETRIES) as client:
+            with pytest.raises(GradserveError):
+                client.compute(*job_args())
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text("s3cret-token\n")
+    with run_server("--auth-token-file", str(token_file)) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", "s3cret-token-but-longer", ""])
+def test_missing_or_wrong_token_is_unauthenticated(token_server, token):
+    with GradientClient(token_server.address, token=token, timeout=10) as client:
+        with pytest.raises(GradserveError) as err:
+            client.compute(*job_args())
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(GradserveError) as err:
+            client.server_info()
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_right_token_is_served_and_health_needs_none(token_server):
+    with GradientClient(token_server.address, token="s3cret-token", timeout=10) as client:
+        assert client.compute(*job_args()).loss.shape == (2,)
+        assert client.server_info().stats.completed_jobs >= 1
+    with GradientClient(token_server.address, timeout=10) as anonymous:
+        assert anonymous.health() == "SERVING"
+
+
+def test_unauthenticated_job_bytes_are_never_read(token_server):
+    with GradientClient(token_server.address, token="s3cret-token") as client:
+        before = client.server_info().stats
+    with GradientClient(token_server.address, token="nope", timeout=10) as client:
+        with pytest.raises(GradserveError):
+            client.compute(*job_args())
+    with GradientClient(token_server.address, token="s3cret-token") as client:
+        after = client.server_info().stats
+    # The job never reached the service: no outcome was counted for it.
+    assert (after.completed_jobs, after.failed_jobs) == (before.completed_jobs, before.failed_jobs)
+
+
+def test_cli_passes_the_token(token_server):
+    base = [sys.executable, "-m", "gradserve.client", "--address", token_server.address, "info"]
+    assert subprocess.run(base, capture_output=True).returncode == 2
+    ok = subprocess.run(base[:-1] + ["--token", "s3cret-token", "info"], capture_output=True)
+    assert ok.returncode == 0
+
+
+def test_retries_move_to_a_live_replica(server):
+    # The first address refuses connections; retries round-robin onto the live server.
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    with GradientClient(["127.0.0.1:1", server.address], retry=policy, timeout=30) as client:
+        for seed in range(4):
+            assert client.compute(*job_args(seed)).loss.shape == (2,)
+    with GradientClient(["127.0.0.1:1"], retry=NO_RETRIES, timeout=5) as client:
+        with pytest.raises(GradserveError) as err:
+            client.compute(*job_args())
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
