@@ -24,14 +24,7 @@ class RunningServer:
         return int(self.address.rsplit(":", 1)[1])
 
 
-@contextlib.contextmanager
-def run_server(
-    *flags: str, env: dict | None = None, ready_timeout: float = 60, secure: bool = False
-) -> Iterator[RunningServer]:
-    """Start `python -m gradserve.server` on a free port; yield once it answers gRPC."""
-    cmd = [sys.executable, "-m", "gradserve.server", "--port", "0", "--log-level", "INFO", *flags]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    log: list[str] = []
+def _wait_until_serving(proc, log: list[str], ready_timeout: float, secure: bool) -> str:
     address = None
     # The server logs "serving on HOST:PORT" once bound; read up to that line.
     for line in proc.stderr:
@@ -43,11 +36,30 @@ def run_server(
     if address is None:
         proc.wait(timeout=10)
         raise RuntimeError("server did not start:\n" + "".join(log))
-    drain = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
-    drain.start()
     if not secure:  # a TLS server's readiness is proven by the test's own first call
         with grpc.insecure_channel(address) as channel:
             grpc.channel_ready_future(channel).result(timeout=ready_timeout)
+    return address
+
+
+@contextlib.contextmanager
+def run_server(
+    *flags: str, env: dict | None = None, ready_timeout: float = 60, secure: bool = False
+) -> Iterator[RunningServer]:
+    """Start `python -m gradserve.server` on a free port; yield once it answers gRPC."""
+    cmd = [sys.executable, "-m", "gradserve.server", "--port", "0", "--log-level", "INFO", *flags]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
+    log: list[str] = []
+    try:
+        address = _wait_until_serving(proc, log, ready_timeout, secure)
+    except BaseException:  # a failed or interrupted start must not leave the server behind
+        proc.kill()
+        proc.wait()
+        raise
+    drain = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+    drain.start()
     server = RunningServer(proc, address, log)
     try:
         yield server

@@ -22,18 +22,18 @@ MAX_CHUNK = 64 * 1024
 MAX_INFLIGHT = 200_000
 
 
+# The limits the CASES below are written against.
+LIMITED_SERVER_FLAGS = (
+    "--upload-idle-timeout-s", "1",
+    "--max-chunk-bytes", str(MAX_CHUNK),
+    "--chunk-bytes", str(MAX_CHUNK),
+    "--max-inflight-bytes", str(MAX_INFLIGHT),
+)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def limited_server():
-    with run_server(
-        "--upload-idle-timeout-s",
-        "1",
-        "--max-chunk-bytes",
-        str(MAX_CHUNK),
-        "--chunk-bytes",
-        str(MAX_CHUNK),
-        "--max-inflight-bytes",
-        str(MAX_INFLIGHT),
-    ) as running:
+    with run_server(*LIMITED_SERVER_FLAGS) as running:
         yield running
 
 

@@ -1,0 +1,175 @@
+"""The server under hostile streams, fuzzing, load and clients that walk away."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gradserve.client import GradientClient
+from gradserve.client._loadgen import run_load
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+from gradserve.v1 import wire
+from tests.jobs import random_job
+from tests.server.test_bad_input import CASES, LIMITED_SERVER_FLAGS, valid_stream
+from tests.servers import run_server
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read())[1]) / 1024
+
+
+def wait_idle(address: str, timeout: float = 30.0) -> pb.ServerStats:
+    deadline = time.monotonic() + timeout
+    with GradientClient(address) as client:
+        while True:
+            s = client.server_info().stats
+            if (s.inflight_jobs, s.inflight_bytes, s.queued_jobs) == (0, 0, 0):
+                return s
+            assert time.monotonic() < deadline, f"server never went idle: {s}"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def hostile_server():
+    with run_server(*LIMITED_SERVER_FLAGS) as srv:
+        yield srv
+
+
+def test_bad_input_battery_keeps_memory_bounded(hostile_server):
+    with grpc.insecure_channel(hostile_server.address) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        codes = set()
+        for round_ in range(4):
+            if round_ == 1:
+                baseline = rss_mib(hostile_server.process.pid)
+            for stream, expected in CASES.values():
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.Compute(iter(stream), timeout=30))
+                assert err.value.code() == expected
+                codes.add(err.value.code())
+        grown = rss_mib(hostile_server.process.pid) - baseline
+        responses = list(stub.Compute(iter(valid_stream()), timeout=30))
+    assert len(CASES) >= 25 and grpc.StatusCode.INTERNAL not in codes
+    assert responses[-1].HasField("summary")
+    assert grown < 64, f"RSS grew by {grown:.0f} MiB over three rounds of bad input"
+    wait_idle(hostile_server.address)
+
+
+chunk_messages = st.builds(
+    lambda name, offset, data: pb.ComputeRequest(
+        chunks=[pb.TensorChunk(name=name, offset=offset, data=data)]
+    ).SerializeToString(),
+    st.sampled_from(["inputs", "targets", "layers.0.weight", "layers.1.bias", "x"]),
+    st.integers(min_value=-8, max_value=200),
+    st.binary(max_size=64),
+)
+mutated_header = st.builds(
+    lambda header, cut: header[:cut],
+    st.just(valid_stream()[0].SerializeToString()),
+    st.integers(min_value=0, max_value=400),
+)
+request_streams = st.lists(
+    st.one_of(chunk_messages, mutated_header, st.binary(max_size=64)), max_size=6
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    stream=st.one_of(
+        request_streams,
+        st.builds(
+            lambda head, tail: [valid_stream()[0].SerializeToString(), *tail],
+            st.none(),
+            request_streams,
+        ),
+    )
+)
+def test_fuzzed_request_streams_get_a_clean_status(hostile_server, stream):
+    with grpc.insecure_channel(hostile_server.address) as channel:
+        raw = channel.stream_stream(wire.COMPUTE_METHOD)
+        try:
+            list(raw(iter(stream), timeout=10))
+        except grpc.RpcError as e:
+            assert e.code() in {
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            }, e.details()
+    assert hostile_server.process.poll() is None
+
+
+def test_64_concurrent_clients_times_20_jobs_without_errors(server):
+    report = asyncio.run(
+        run_load(
+            server.address,
+            concurrency=64,
+            jobs_per_client=20,
+            layer_sizes=[16, 32, 32, 1],
+            models=1,
+            samples=32,
+        )
+    )
+    print(
+        f"\n64 clients x 20 jobs: {report.throughput:.0f} jobs/s, "
+        f"p50 {1e3 * report.percentile(50):.1f} ms, p99 {1e3 * report.percentile(99):.1f} ms"
+    )
+    assert report.errors == {}
+    assert len(report.latencies) == 1280
+
+
+def big_job_stream(chunk=1 << 20):
+    sizes = (1024, 1024, 1)
+    tensors = random_job(sizes, 1, 4, seed=1)
+    header = pb.JobHeader(
+        architecture=pb.Architecture(layer_sizes=sizes),
+        tensors=[
+            pb.TensorDescriptor(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=v.shape)
+            for k, v in tensors.items()
+        ],
+    )
+    messages = [pb.ComputeRequest(header=header).SerializeToString()]
+    for name, value in tensors.items():
+        raw = memoryview(value.numpy().tobytes())
+        messages += [
+            wire.encode_chunk(name, o, raw[o : o + chunk]) for o in range(0, len(raw), chunk)
+        ]
+    return messages
+
+
+def test_cancel_mid_upload_leaks_nothing(server):
+    messages = big_job_stream()
+    sent_some, release = threading.Event(), threading.Event()
+
+    def stream():
+        yield from messages[:3]
+        sent_some.set()
+        release.wait(10)
+
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.stream_stream(wire.COMPUTE_METHOD)(stream(), timeout=30)
+        first = next(call)  # accepted: the server holds the job's buffers now
+        assert pb.ComputeResponse.FromString(first).HasField("accepted")
+        assert sent_some.wait(10)
+        with GradientClient(server.address) as probe:
+            assert probe.server_info().stats.inflight_jobs >= 1
+        call.cancel()
+        release.set()
+    wait_idle(server.address)
+
+
+def test_cancel_mid_download_leaks_nothing(server):
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.stream_stream(wire.COMPUTE_METHOD)(iter(big_job_stream()), timeout=30)
+        received = [next(call), next(call)]  # accepted, then the first results
+        assert len(received) == 2
+        call.cancel()
+    wait_idle(server.address)
