@@ -20,6 +20,9 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # An address that resolves to several servers (dns:///a-headless-service:50051)
+        # spreads jobs over all of them; one server: the same as the default pick_first.
+        ("grpc.lb_policy_name", "round_robin"),
     ]
 
 

@@ -30,12 +30,19 @@ def resolve_device(name: str) -> torch.device:
 async def serve(config: ServerConfig) -> None:
     device = resolve_device(config.device)
     token = load_token(config)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    if config.max_connection_age_s > 0:
+        age_ms = int(config.max_connection_age_s * 1000)
+        # Streams in progress get as long again to finish before the connection closes.
+        options += [
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", age_ms),
+        ]
     server = grpc.aio.server(
-        interceptors=[BearerTokenAuth(token)] if token else None,
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ],
+        interceptors=[BearerTokenAuth(token)] if token else None, options=options
     )
     service = GradientService(config, device)
     server.add_generic_rpc_handlers((handlers(service),))

@@ -40,6 +40,9 @@ class ServerConfig:
     max_layers: int = 64
     # A job whose request stream is silent this long is ended with DEADLINE_EXCEEDED.
     upload_idle_timeout_s: float = 60.0
+    # Close client connections after this many seconds (0: never), so that clients using
+    # DNS round-robin (a Kubernetes headless Service) re-resolve and find new replicas.
+    max_connection_age_s: float = 0.0
     # After SIGTERM/SIGINT: seconds admitted jobs get to finish before the server stops.
     drain_grace_s: float = 30.0
     # Prometheus metrics over HTTP on this port (0: a free port, -1: off).
@@ -81,6 +84,7 @@ HELP = {
     "max_width": "largest layer width",
     "max_layers": "largest number of linear layers",
     "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
+    "max_connection_age_s": "close client connections after this many seconds (0: never)",
     "drain_grace_s": "after SIGTERM, seconds admitted jobs get to finish",
     "metrics_port": "Prometheus metrics HTTP port (0: a free port, -1: off)",
     "tls_cert": "TLS certificate chain (PEM); enables TLS with --tls-key",

@@ -44,12 +44,19 @@ def _wait_until_serving(proc, log: list[str], ready_timeout: float, secure: bool
 
 @contextlib.contextmanager
 def run_server(
-    *flags: str, env: dict | None = None, ready_timeout: float = 60, secure: bool = False
+    *flags: str,
+    env: dict | None = None,
+    ready_timeout: float = 60,
+    secure: bool = False,
+    program: list[str] | None = None,
+    cwd: str | None = None,
 ) -> Iterator[RunningServer]:
-    """Start `python -m gradserve.server` on a free port; yield once it answers gRPC."""
-    cmd = [sys.executable, "-m", "gradserve.server", "--port", "0", "--log-level", "INFO", *flags]
+    """Start `python -m gradserve.server` (or `program`) on a free port; yield once it answers
+    gRPC."""
+    program = program or [sys.executable, "-m", "gradserve.server"]
+    cmd = [*program, "--port", "0", "--log-level", "INFO", *flags]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
     )
     log: list[str] = []
     try:

@@ -1,0 +1,51 @@
+# gradserve server images.
+#   GPU (default target): docker build -t gradserve .
+#   CPU:                  docker build --target cpu -t gradserve:cpu .
+# Both install the wheel built in the first stage (never an editable install) and run as
+# an unprivileged user.
+
+ARG CUDA_TORCH_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# --- build the wheel ---------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proto ./proto
+COPY kernels ./kernels
+COPY server ./server
+COPY client ./client
+RUN pip install --no-cache-dir build && python -m build --wheel --outdir /wheels
+
+# --- CPU server: slim Python with the CPU build of torch ----------------------------
+FROM ${PYTHON_IMAGE} AS cpu
+# Where pip finds CPU-only torch wheels (PyTorch publishes a CPU wheel index); left empty,
+# pip takes torch from the default index.
+ARG TORCH_INDEX_URL=""
+ARG TORCH_SPEC="torch>=2.4"
+RUN useradd --create-home --uid 10001 gradserve
+COPY --from=wheel /wheels /wheels
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url ${TORCH_INDEX_URL}} "${TORCH_SPEC}" \
+ && pip install --no-cache-dir "$(ls /wheels/gradserve-*.whl)[server]" \
+ && rm -rf /wheels
+USER gradserve
+ENV GRADSERVE_HOST=0.0.0.0 GRADSERVE_PORT=50051 GRADSERVE_METRICS_PORT=9100 \
+    GRADSERVE_DEVICE=cpu
+EXPOSE 50051 9100
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s \
+  CMD ["gradserve-client", "--address", "127.0.0.1:50051", "health"]
+ENTRYPOINT ["gradserve-server"]
+
+# --- GPU server: CUDA PyTorch base -------------------------------------------------
+FROM ${CUDA_TORCH_IMAGE} AS gpu
+RUN useradd --create-home --uid 10001 gradserve
+COPY --from=wheel /wheels /wheels
+# torch comes with the base image and satisfies the server extra's requirement.
+RUN pip install --no-cache-dir "$(ls /wheels/gradserve-*.whl)[server]" && rm -rf /wheels
+USER gradserve
+ENV GRADSERVE_HOST=0.0.0.0 GRADSERVE_PORT=50051 GRADSERVE_METRICS_PORT=9100 \
+    GRADSERVE_DEVICE=auto
+EXPOSE 50051 9100
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
+  CMD ["gradserve-client", "--address", "127.0.0.1:50051", "health"]
+ENTRYPOINT ["gradserve-server"]

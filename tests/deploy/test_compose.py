@@ -1,0 +1,91 @@
+"""docker-compose.yml, checked by a real compose implementation (Debian's docker-compose,
+installed by the test command): no Docker engine is needed for `config`."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).parents[2]
+PROFILES = ["--profile", "cpu", "--profile", "replicas", "--profile", "monitoring"]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is not installed (scripts/test.sh installs it)")
+    out = subprocess.run(
+        [binary, "-f", str(ROOT / "docker-compose.yml"), *PROFILES, "config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+def test_gpu_service_reserves_one_nvidia_gpu(compose):
+    for name in ("gradserve", "gradserve-replica"):
+        devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "deploy" not in compose["services"]["gradserve-cpu"]
+
+
+@pytest.mark.parametrize("name", ["gradserve", "gradserve-cpu", "gradserve-replica"])
+def test_healthcheck_uses_the_images_health_client(compose, name):
+    test = compose["services"][name]["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "gradserve-client" and test[-1] == "health"
+    assert "127.0.0.1:50051" in test
+
+
+@pytest.mark.parametrize("name", ["gradserve", "gradserve-cpu"])
+def test_ports_and_environment_match_the_readme(compose, name):
+    service = compose["services"][name]
+    published = {
+        (p["target"], int(p["published"]))
+        if isinstance(p, dict)
+        else tuple(int(x) for x in p.split(":"))
+        for p in service["ports"]
+    }
+    assert published == {(50051, 50051), (9100, 9100)}
+    env = service["environment"]
+    assert env["GRADSERVE_HOST"] == "0.0.0.0" and env["GRADSERVE_PORT"] == "50051"
+    assert env["GRADSERVE_METRICS_PORT"] == "9100"
+    readme = (ROOT / "README.md").read_text()
+    for variable in env:
+        flag = "--" + variable.removeprefix("GRADSERVE_").lower().replace("_", "-")
+        assert flag in readme, f"{variable} is not documented in the README"
+    assert service["restart"] == "unless-stopped"
+
+
+def test_load_balancer_uses_the_tested_nginx_template(compose):
+    from tests.server.test_load_balancer import TEMPLATE
+
+    lb = compose["services"]["lb"]
+    mounts = [v["source"] if isinstance(v, dict) else v.split(":")[0] for v in lb["volumes"]]
+    assert pathlib.Path(mounts[0]).resolve() == TEMPLATE.resolve()
+    assert lb["depends_on"]["gradserve-replica"]["condition"] == "service_healthy"
+
+
+def test_nginx_accepts_the_template_as_compose_renders_it(tmp_path):
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    template = (ROOT / "deploy/nginx/gradserve.conf.template").read_text()
+    # As the lb service's envsubst renders it, with a resolvable stand-in for the replicas.
+    conf = (
+        template.replace("${UPSTREAM_SERVERS}", "server 127.0.0.1:50051;")
+        .replace("${LISTEN}", "0.0.0.0:8080")
+        .replace("${RUNTIME_DIR}", str(tmp_path))
+    )
+    (tmp_path / "nginx.conf").write_text(conf)
+    out = subprocess.run(
+        [nginx, "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
