@@ -21,6 +21,7 @@ from gradserve.client._job import (
     build_job,
 )
 from gradserve.client._models import normalize
+from gradserve.client._sharding import merge_results, shard_bounds, slice_job
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -134,10 +135,41 @@ class GradientClient:
         ComputeResult, with arrays of the kind the caller gave (numpy or torch).
         """
         job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
+        return self._run(job, timeout)
+
+    def compute_sharded(
+        self,
+        model: Any,
+        inputs: Any,
+        targets: Any,
+        *,
+        sample_weights: Any = None,
+        shards: int | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> ComputeResult:
+        """compute() for a large ensemble, split along the model axis into `shards` slices
+        (default: one per server address) that run on different servers at once; the
+        results are merged back in order, equal to an unsharded run."""
+        ensemble = normalize(model)
+        opts = JobOptions(**options)
+        num_models = ensemble.params["layers.0.weight"].shape[0]
+        bounds = shard_bounds(num_models, shards or len(self._computes))
+        jobs = [build_job(*slice_job(ensemble, inputs, targets, sample_weights, opts.loss, a, b),
+                          opts) for a, b in bounds]  # fmt: skip
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            parts = list(pool.map(lambda i: self._run(jobs[i], timeout, first=i),
+                                  range(len(jobs))))  # fmt: skip
+        return merge_results(ensemble, parts)
+
+    def _run(self, job, timeout: float | None, first: int | None = None) -> ComputeResult:
+        """Send one job; retry per the policy on the next address. `first` picks the address
+        of the first attempt (default: round-robin)."""
         timeout = timeout or self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        start = next(self._next) if first is None else first
         for attempt in itertools.count():
-            compute = self._computes[next(self._next) % len(self._computes)]
+            compute = self._computes[(start + attempt) % len(self._computes)]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
             call = compute(

@@ -1,0 +1,78 @@
+"""Splitting one ensemble across several servers and merging the results.
+
+Models are independent, so the M models of a job can be cut into contiguous slices, sent
+to different servers at once, and their results concatenated back along the model axis:
+the same numbers as one server computing all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from gradserve.client._job import ComputeResult
+from gradserve.client._models import Ensemble, as_array
+from gradserve.client._tensors import is_torch
+
+
+def shard_bounds(num_models: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous [begin, end) model ranges of near-equal size, none empty."""
+    shards = max(1, min(shards, num_models))
+    edges = np.linspace(0, num_models, shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _per_model(value: Any, per_model_dims: int) -> bool:
+    return value is not None and len(value.shape) == per_model_dims
+
+
+def slice_job(ensemble: Ensemble, inputs, targets, sample_weights, loss: str,
+              begin: int, end: int):  # fmt: skip
+    """The models [begin, end) of a job: their parameters, and their rows of any per-model
+    inputs, targets and sample weights (shared ones are sent whole)."""
+    inputs, targets = as_array(inputs), as_array(targets)
+    sample_weights = None if sample_weights is None else as_array(sample_weights)
+    target_dims = 2 if loss == "cross_entropy" else 3
+    part = replace(
+        ensemble, params={k: v[begin:end] for k, v in ensemble.params.items()}, form="dict"
+    )
+    return (
+        part,
+        inputs[begin:end] if _per_model(inputs, 3) else inputs,
+        targets[begin:end] if _per_model(targets, target_dims) else targets,
+        sample_weights[begin:end] if _per_model(sample_weights, 2) else sample_weights,
+    )
+
+
+def _concat(values: list):
+    if is_torch(values[0]):
+        import torch
+
+        return torch.cat(values)
+    return np.concatenate(values)
+
+
+def merge_results(ensemble: Ensemble, parts: list[ComputeResult]) -> ComputeResult:
+    """Concatenate per-shard results along the model axis, in the caller's form."""
+    tensors = {name: _concat([p.tensors[name] for p in parts]) for name in parts[0].tensors}
+    grads = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    summary = {
+        key: sum(p.summary[key] for p in parts) for key in ("flops", "bytes_received", "bytes_sent")
+    }
+    for key in ("upload_seconds", "queue_seconds", "compute_seconds", "download_seconds"):
+        summary[key] = max(p.summary[key] for p in parts)  # the shards ran side by side
+    summary["shards"] = len(parts)
+    return ComputeResult(
+        loss=tensors["loss"],
+        gradients=ensemble.gradients_back(grads) if grads else None,
+        input_gradients=tensors.get("inputs.grad"),
+        per_sample_loss=tensors.get("per_sample_loss"),
+        outputs=tensors.get("outputs"),
+        tensors=tensors,
+        job_id=",".join(p.job_id for p in parts),
+        engine=",".join(sorted({p.engine for p in parts})),
+        device=",".join(sorted({p.device for p in parts})),
+        summary=summary,
+    )

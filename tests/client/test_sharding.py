@@ -1,0 +1,75 @@
+"""One ensemble sharded across two real servers equals one server's result."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradserve.client import GradientClient
+from gradserve.client._sharding import shard_bounds
+from tests.jobs import random_job
+from tests.servers import run_server
+
+SIZES = (6, 12, 3)
+
+
+@pytest.fixture(scope="module")
+def two_servers():
+    with run_server() as first, run_server() as second:
+        yield first, second
+
+
+def stats(address):
+    with GradientClient(address) as c:
+        return c.server_info().stats
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+def test_sharded_equals_unsharded(two_servers, shared):
+    first, second = two_servers
+    t = random_job(
+        SIZES, 7, 10, loss="cross_entropy", shared_inputs=shared, sample_weights=True, seed=3
+    )
+    params = {k: v.numpy() for k, v in t.items() if k.startswith("layers.")}
+    args = (params, t["inputs"].numpy(), t["targets"].numpy())
+    options = dict(
+        sample_weights=t["sample_weights"].numpy(),
+        loss="cross_entropy",
+        input_gradients=True,
+        per_sample_losses=True,
+    )
+    with GradientClient(first.address) as single:
+        whole = single.compute(*args, **options)
+    before = [stats(s.address).completed_jobs for s in two_servers]
+    with GradientClient([first.address, second.address]) as client:
+        sharded = client.compute_sharded(*args, **options)
+    after = [stats(s.address).completed_jobs for s in two_servers]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1]  # one shard each
+    assert sharded.summary["shards"] == 2
+    assert set(sharded.tensors) == set(whole.tensors)
+    for name, value in whole.tensors.items():
+        np.testing.assert_allclose(sharded.tensors[name], value, rtol=1e-6, atol=1e-7)
+    assert set(sharded.gradients) == set(params)
+
+
+def test_sharding_a_list_of_sequentials_returns_the_same_form(two_servers):
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)) for _ in range(5)]
+    x, y = torch.randn(9, 4), torch.randn(9, 1)
+    with GradientClient([s.address for s in two_servers]) as client:
+        sharded = client.compute_sharded(nets, x, y, shards=3)
+        whole = client.compute(nets, x, y)
+    assert isinstance(sharded.gradients, list) and len(sharded.gradients) == 5
+    for a, b in zip(sharded.gradients, whole.gradients, strict=True):
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_shard_bounds_cover_every_model_once():
+    assert shard_bounds(7, 2) in ([(0, 4), (4, 7)], [(0, 3), (3, 7)])
+    assert shard_bounds(3, 8) == [(0, 1), (1, 2), (2, 3)]
+    for m, k in [(1, 1), (10, 3), (1000, 7)]:
+        bounds = shard_bounds(m, k)
+        assert bounds[0][0] == 0 and bounds[-1][1] == m
+        assert all(a < b for a, b in bounds)
+        assert all(b1 == a2 for (_, b1), (a2, _) in zip(bounds, bounds[1:], strict=False))
