@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--per-sample-losses", dest="per_sample_losses", action="store_true", default=None
     )
+    c.add_argument(
+        "--per-sample-gradient-norms",
+        dest="per_sample_gradient_norms",
+        action="store_true",
+        default=None,
+    )
     c.add_argument("--forward-outputs", dest="forward_outputs", action="store_true", default=None)
     c.set_defaults(run=_compute)
 

@@ -127,7 +127,8 @@ class GradientClient:
         timeout : deadline in seconds for this call.
         **options : fields of JobOptions: loss, reduction, huber_delta, hidden_activation,
             output_activation, negative_slope, precision, backend, parameter_gradients,
-            input_gradients, per_sample_losses, forward_outputs, gradient_dtype,
+            input_gradients, per_sample_losses, per_sample_gradient_norms, forward_outputs,
+            gradient_dtype,
             allow_non_finite, tag.
 
         Returns

@@ -76,6 +76,7 @@ class JobOptions:
     parameter_gradients: bool = True
     input_gradients: bool = False
     per_sample_losses: bool = False
+    per_sample_gradient_norms: bool = False
     forward_outputs: bool = False
     gradient_dtype: str | None = None
     allow_non_finite: bool = False
@@ -145,6 +146,7 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
             skip_parameter_gradients=not opts.parameter_gradients,
             input_gradients=opts.input_gradients,
             per_sample_losses=opts.per_sample_losses,
+            per_sample_gradient_norms=opts.per_sample_gradient_norms,
             forward_outputs=opts.forward_outputs,
         ),
         precision=_choice(PRECISIONS, opts.precision, "precision"),
@@ -165,7 +167,8 @@ class ComputeResult:
     loss: [M] per-model loss (a scalar for a single nn.Sequential).
     gradients: parameter gradients keyed like the caller's parameters (a list of dicts for
         a list of Sequentials), or None when not requested.
-    input_gradients [M, N, d0], per_sample_loss [M, N], outputs [M, N, dL]: when requested.
+    input_gradients [M, N, d0], per_sample_loss [M, N], per_sample_grad_norm [M, N],
+    outputs [M, N, dL]: when requested.
     tensors: every result tensor by its wire name ("layers.0.weight.grad", ...).
     """
 
@@ -173,6 +176,7 @@ class ComputeResult:
     gradients: Any
     input_gradients: Any
     per_sample_loss: Any
+    per_sample_grad_norm: Any
     outputs: Any
     tensors: dict[str, Any]
     job_id: str
@@ -238,6 +242,7 @@ class ResultAssembler:
             gradients=ensemble.gradients_back(grads) if grads else None,
             input_gradients=tensors.get("inputs.grad"),
             per_sample_loss=tensors.get("per_sample_loss"),
+            per_sample_grad_norm=tensors.get("per_sample_grad_norm"),
             outputs=tensors.get("outputs"),
             tensors=tensors,
             job_id=self.accepted.job_id,

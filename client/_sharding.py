@@ -69,6 +69,7 @@ def merge_results(ensemble: Ensemble, parts: list[ComputeResult]) -> ComputeResu
         gradients=ensemble.gradients_back(grads) if grads else None,
         input_gradients=tensors.get("inputs.grad"),
         per_sample_loss=tensors.get("per_sample_loss"),
+        per_sample_grad_norm=tensors.get("per_sample_grad_norm"),
         outputs=tensors.get("outputs"),
         tensors=tensors,
         job_id=",".join(p.job_id for p in parts),

@@ -32,9 +32,15 @@ def available_engines(device: torch.device) -> dict[str, tuple[str, ...]]:
     return engines
 
 
-def select_engine(backend: str, job_precision: str, device: torch.device) -> str:
+def select_engine(
+    backend: str, job_precision: str, device: torch.device, per_sample_norms: bool = False
+) -> str:
     """Resolve `auto | torch | triton` to an engine name, or raise EngineUnavailable."""
     engines = available_engines(device)
+    if per_sample_norms:  # the torch engine alone computes per-sample gradient norms
+        if backend == "triton":
+            raise EngineUnavailable("per-sample gradient norms need the torch engine")
+        backend = "torch" if backend == "auto" else backend
     if backend == "auto":
         triton_ok = "triton" in engines and job_precision in engines["triton"]
         return "triton" if triton_ok and device.type == "cuda" else "torch"

@@ -67,6 +67,9 @@ class OutputRequest:
     input_gradients: bool = False
     per_sample_losses: bool = False
     forward_outputs: bool = False
+    # Norm of each sample's gradient (its contribution to the model's loss) over all
+    # parameters; the torch engine computes it.
+    per_sample_gradient_norms: bool = False
 
 
 @dataclass
@@ -103,6 +106,7 @@ class EnsembleResult:
     bias_grads: list[torch.Tensor] | None = None  # like biases
     input_grads: torch.Tensor | None = None  # [M, N, d0]
     per_sample_loss: torch.Tensor | None = None  # [M, N]
+    per_sample_grad_norm: torch.Tensor | None = None  # [M, N]
     outputs: torch.Tensor | None = None  # [M, N, dL]
     engine: str = ""
     device: str = ""

@@ -55,14 +55,30 @@ def _linear_t(h_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, preci
     return out.to(h_t.dtype)
 
 
-def forward_loss(job: EnsembleJob, weights, biases, x, targets, sample_weights):
-    """Differentiable forward pass and loss: (loss [M], per-sample loss [M, N], y [M, N, dL])."""
+def forward_loss(job: EnsembleJob, weights, biases, x, targets, sample_weights, trace=None):
+    """Differentiable forward pass and loss: (loss [M], per-sample loss [M, N], y [M, N, dL]).
+    With `trace` (a list), each layer's (input [M, d_in, N], pre-activation [M, d_out, N]) is
+    appended to it."""
     h_t = x.transpose(1, 2)
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        h_t = activate(_linear_t(h_t, w, b, job.precision), job.mlp.activation_after(i))
+        z_t = _linear_t(h_t, w, b, job.precision)
+        if trace is not None:
+            trace.append((h_t, z_t))
+        h_t = activate(z_t, job.mlp.activation_after(i))
     y = h_t.transpose(1, 2)
     per = per_sample_loss(y, targets, job.loss, sample_weights)
     return reduce_loss(per, job.loss, job.mlp.layer_sizes[-1]), per, y
+
+
+def per_sample_gradient_norms(trace, dz) -> torch.Tensor:
+    """Norm of each sample's gradient over all weights and biases, [M, N], without forming
+    per-sample gradients: a sample's weight gradient in a linear layer is the outer product
+    of its dLoss/dz and its layer input, so its squared norm is |dz|^2 * |a|^2 (plus |dz|^2
+    for the bias)."""
+    total = 0
+    for (h_t, _), g in zip(trace, dz, strict=True):
+        total = total + g.square().sum(dim=1) * (h_t.square().sum(dim=1) + 1)
+    return total.sqrt()
 
 
 def _leaf(t: torch.Tensor, device, dtype, requires_grad: bool) -> torch.Tensor:
@@ -78,8 +94,10 @@ def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
 
     # detach(): `.to` returns the caller's own tensor when nothing changes, and marking that
     # tensor as requiring grad would leak into the caller.
-    weights = [_leaf(w, device, dtype, want.parameter_gradients) for w in job.weights]
-    biases = [_leaf(b, device, dtype, want.parameter_gradients) for b in job.biases]
+    # Norms need the graph through the weights even when their gradients are not wanted.
+    track = want.parameter_gradients or want.per_sample_gradient_norms
+    weights = [_leaf(w, device, dtype, track) for w in job.weights]
+    biases = [_leaf(b, device, dtype, track) for b in job.biases]
     x = job.inputs.to(device, dtype).detach()
     if x.dim() == 2:
         x = x.unsqueeze(0).expand(m, n, x.shape[-1])
@@ -98,10 +116,15 @@ def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
     if want.input_gradients:
         leaves.append(x)
 
-    with torch.set_grad_enabled(bool(leaves)), matmul_precision(job.precision, device):
-        loss, per, y = forward_loss(job, weights, biases, x, targets, sample_weights)
-        # Models are independent, so d(sum of losses)/d(theta_m) = d(loss_m)/d(theta_m).
-        grads = torch.autograd.grad(loss.sum(), leaves) if leaves else []
+    trace = [] if want.per_sample_gradient_norms else None
+    with torch.set_grad_enabled(track or bool(leaves)), matmul_precision(job.precision, device):
+        loss, per, y = forward_loss(job, weights, biases, x, targets, sample_weights, trace)
+        # Models are independent, so d(sum of losses)/d(theta_m) = d(loss_m)/d(theta_m);
+        # samples too, so d(loss)/dz of a sample is that sample's own.
+        wrt = leaves + [z for _, z in trace or []]
+        grads = list(torch.autograd.grad(loss.sum(), wrt)) if wrt else []
+        dz = grads[len(leaves) :]
+        grads = grads[: len(leaves)]
 
     result = EnsembleResult(loss=loss.detach(), engine="torch", device=str(device))
     if want.parameter_gradients:
@@ -111,6 +134,8 @@ def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
         result.input_grads = grads[-1]
     if want.per_sample_losses:
         result.per_sample_loss = per.detach()
+    if want.per_sample_gradient_norms:
+        result.per_sample_grad_norm = per_sample_gradient_norms(trace, dz).detach()
     if want.forward_outputs:
         result.outputs = y.detach()
     return result

@@ -67,6 +67,8 @@ def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
     from gradserve.kernels import triton_fused, triton_layered
     from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES, PRECISION_CODES
 
+    if job.outputs.per_sample_gradient_norms:
+        raise ValueError("the triton engine does not compute per-sample gradient norms")
     if job.precision not in precisions():
         raise ValueError(f"the triton engine does not run precision {job.precision!r} here")
     device = torch.device(device)

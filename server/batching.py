@@ -114,12 +114,12 @@ def split(result: EnsembleResult, sizes: list[int]) -> list[EnsembleResult]:
 
     return [
         EnsembleResult(loss=loss, weight_grads=w, bias_grads=b, input_grads=dx,
-                       per_sample_loss=per, outputs=y, engine=result.engine,
-                       device=result.device)
-        for loss, w, b, dx, per, y in zip(
+                       per_sample_loss=per, per_sample_grad_norm=norm, outputs=y,
+                       engine=result.engine, device=result.device)
+        for loss, w, b, dx, per, norm, y in zip(
             parts(result.loss), parts_list(result.weight_grads), parts_list(result.bias_grads),
-            parts(result.input_grads), parts(result.per_sample_loss), parts(result.outputs),
-            strict=True,
+            parts(result.input_grads), parts(result.per_sample_loss),
+            parts(result.per_sample_grad_norm), parts(result.outputs), strict=True,
         )
     ]  # fmt: skip
 

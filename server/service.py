@@ -45,6 +45,8 @@ def result_tensors(plan: JobPlan, result: EnsembleResult) -> dict[str, torch.Ten
     by_name: dict[str, torch.Tensor] = {"loss": result.loss}
     if result.per_sample_loss is not None:
         by_name["per_sample_loss"] = result.per_sample_loss
+    if result.per_sample_grad_norm is not None:
+        by_name["per_sample_grad_norm"] = result.per_sample_grad_norm
     if result.outputs is not None:
         by_name["outputs"] = result.outputs
     for i in range(plan.mlp.num_layers):
@@ -251,7 +253,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
             raise invalid("the first request message must carry the job header")
         plan = validate_header(first.header, self.config)
         try:
-            engine = kernels.select_engine(plan.backend, plan.precision, self.device)
+            engine = kernels.select_engine(
+                plan.backend, plan.precision, self.device, plan.outputs.per_sample_gradient_norms
+            )
         except EngineUnavailable as e:
             raise unsupported(str(e)) from None
         info.update(

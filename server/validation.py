@@ -102,6 +102,8 @@ class JobPlan:
         out = [codec.descriptor("loss", float_out, (m,))]
         if self.outputs.per_sample_losses:
             out.append(codec.descriptor("per_sample_loss", float_out, (m, n)))
+        if self.outputs.per_sample_gradient_norms:
+            out.append(codec.descriptor("per_sample_grad_norm", float_out, (m, n)))
         if self.outputs.forward_outputs:
             out.append(codec.descriptor("outputs", float_out, (m, n, sizes[-1])))
         if self.outputs.parameter_gradients:
@@ -250,6 +252,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             parameter_gradients=not header.outputs.skip_parameter_gradients,
             input_gradients=header.outputs.input_gradients,
             per_sample_losses=header.outputs.per_sample_losses,
+            per_sample_gradient_norms=header.outputs.per_sample_gradient_norms,
             forward_outputs=header.outputs.forward_outputs,
         ),
         precision=precision,

@@ -124,16 +124,18 @@ class Loss(_message.Message):
     def __init__(self, kind: _Optional[_Union[LossKind, str]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., huber_delta: _Optional[float] = ...) -> None: ...
 
 class Outputs(_message.Message):
-    __slots__ = ("skip_parameter_gradients", "input_gradients", "per_sample_losses", "forward_outputs")
+    __slots__ = ("skip_parameter_gradients", "input_gradients", "per_sample_losses", "forward_outputs", "per_sample_gradient_norms")
     SKIP_PARAMETER_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     INPUT_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     PER_SAMPLE_LOSSES_FIELD_NUMBER: _ClassVar[int]
     FORWARD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PER_SAMPLE_GRADIENT_NORMS_FIELD_NUMBER: _ClassVar[int]
     skip_parameter_gradients: bool
     input_gradients: bool
     per_sample_losses: bool
     forward_outputs: bool
-    def __init__(self, skip_parameter_gradients: _Optional[bool] = ..., input_gradients: _Optional[bool] = ..., per_sample_losses: _Optional[bool] = ..., forward_outputs: _Optional[bool] = ...) -> None: ...
+    per_sample_gradient_norms: bool
+    def __init__(self, skip_parameter_gradients: _Optional[bool] = ..., input_gradients: _Optional[bool] = ..., per_sample_losses: _Optional[bool] = ..., forward_outputs: _Optional[bool] = ..., per_sample_gradient_norms: _Optional[bool] = ...) -> None: ...
 
 class TensorDescriptor(_message.Message):
     __slots__ = ("name", "dtype", "shape")
