@@ -49,20 +49,22 @@ class PayloadAssembler:
     def add(self, chunk: pb.TensorChunk) -> None:
         name = chunk.name
         if name not in self.buffers:
-            raise invalid(f"chunk for undeclared tensor {name!r}")
+            raise invalid(f"chunk for undeclared tensor {name!r}", f"chunks[{name}]")
         size = len(self.buffers[name])
         expected = self.received[name]
         if chunk.offset != expected:
             raise invalid(
                 f"chunk of {name!r} at offset {chunk.offset}; expected offset {expected} "
-                "(chunks of a tensor must be in order, without gaps or overlaps)"
+                "(chunks of a tensor must be in order, without gaps or overlaps)",
+                f"chunks[{name}].offset",
             )
         length = len(chunk.data)
         if length == 0:
-            raise invalid(f"empty chunk for {name!r}")
+            raise invalid(f"empty chunk for {name!r}", f"chunks[{name}].data")
         if expected + length > size:
             raise invalid(
-                f"chunk of {name!r} ends at byte {expected + length}, beyond its {size} bytes"
+                f"chunk of {name!r} ends at byte {expected + length}, beyond its {size} bytes",
+                f"chunks[{name}].data",
             )
         self._views[name][expected : expected + length] = chunk.data
         self.received[name] = expected + length
@@ -88,7 +90,8 @@ class PayloadAssembler:
             for name, tensor in t.items():
                 if tensor.is_floating_point() and not all_finite(tensor):
                     raise invalid(
-                        f"tensor {name!r} contains NaN or Inf (set allow_non_finite to accept)"
+                        f"tensor {name!r} contains NaN or Inf (set allow_non_finite to accept)",
+                        f"tensors[{name}]",
                     )
         if plan.loss.name == "cross_entropy":
             classes = plan.mlp.layer_sizes[-1]
@@ -96,7 +99,8 @@ class PayloadAssembler:
             if int(targets.min()) < 0 or int(targets.max()) >= classes:
                 raise invalid(
                     f"cross_entropy targets must be class indices in [0, {classes}); got "
-                    f"values in [{int(targets.min())}, {int(targets.max())}]"
+                    f"values in [{int(targets.min())}, {int(targets.max())}]",
+                    "tensors[targets]",
                 )
         num_layers = plan.mlp.num_layers
         return EnsembleJob(

@@ -6,19 +6,44 @@ import grpc
 
 
 class JobError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    """`field` names the offending part of the job (e.g. "tensors[inputs].shape"); it is
+    sent as a google.rpc.BadRequest field violation beside the status message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field
 
 
-def invalid(message: str) -> JobError:
-    return JobError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def invalid(message: str, field: str | None = None) -> JobError:
+    return JobError(grpc.StatusCode.INVALID_ARGUMENT, message, field)
 
 
-def too_large(message: str) -> JobError:
-    return JobError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+def too_large(message: str, field: str | None = None) -> JobError:
+    return JobError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, field)
 
 
-def unsupported(message: str) -> JobError:
-    return JobError(grpc.StatusCode.UNIMPLEMENTED, message)
+def unsupported(message: str, field: str | None = None) -> JobError:
+    return JobError(grpc.StatusCode.UNIMPLEMENTED, message, field)
+
+
+def status_details(error: JobError) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata carrying a google.rpc.Status with a BadRequest field violation, as
+    grpcio-status would send it; empty without a field or without googleapis-common-protos."""
+    if error.field is None:
+        return ()
+    try:
+        from google.rpc import code_pb2, error_details_pb2, status_pb2
+    except ImportError:
+        return ()
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=error.field, description=error.message
+            )
+        ]
+    )
+    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message)
+    status.details.add().Pack(bad_request)
+    return (("grpc-status-details-bin", status.SerializeToString()),)

@@ -19,7 +19,7 @@ from gradserve.server.admission import Admission, ServerBusy
 from gradserve.server.assembly import PayloadAssembler
 from gradserve.server.batching import BatchingPolicy, DynamicBatcher
 from gradserve.server.config import ServerConfig
-from gradserve.server.errors import JobError, invalid, too_large, unsupported
+from gradserve.server.errors import JobError, invalid, status_details, too_large, unsupported
 from gradserve.server.metrics import Metrics
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
@@ -217,9 +217,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
         except JobError as e:
             outcome = e.code.name
             info["message"] = e.message
+            trailers = status_details(e)
             if isinstance(e, ServerBusy):
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(e.retry_after_ms)),))
-            await context.abort(e.code, e.message)
+                trailers += (("grpc-retry-pushback-ms", str(e.retry_after_ms)),)
+            await context.abort(e.code, e.message, trailing_metadata=trailers)
         except Exception as e:  # a fault of the server, never of the job's input
             outcome = "INTERNAL"
             log.exception("job=%s failed inside the server", job_id)

@@ -119,7 +119,7 @@ class JobPlan:
 
 def _enum(value: int, names: dict[int, str], what: str) -> str:
     if value not in names:
-        raise invalid(f"unknown {what} value {value}")
+        raise invalid(f"unknown {what} value {value}", what)
     return names[value]
 
 
@@ -127,7 +127,7 @@ def _activation(msg: pb.Activation, what: str) -> Activation:
     name = _enum(msg.kind, ACTIVATION_NAMES, what)
     slope = msg.negative_slope or 0.01
     if not math.isfinite(slope):
-        raise invalid(f"{what}.negative_slope must be finite")
+        raise invalid(f"{what}.negative_slope must be finite", f"{what}.negative_slope")
     return Activation(name, slope)
 
 
@@ -136,16 +136,22 @@ def _loss(msg: pb.Loss) -> LossSpec:
     reduction = _enum(msg.reduction, REDUCTION_NAMES, "loss.reduction")
     delta = msg.huber_delta or 1.0
     if not (math.isfinite(delta) and delta > 0):
-        raise invalid("loss.huber_delta must be a positive finite number")
+        raise invalid("loss.huber_delta must be a positive finite number", "loss.huber_delta")
     return LossSpec(name, reduction, delta)
 
 
 def _layer_sizes(arch: pb.Architecture, config: ServerConfig) -> tuple[int, ...]:
     sizes = tuple(arch.layer_sizes)
     if len(sizes) < 2:
-        raise invalid("architecture.layer_sizes needs at least two entries [d_in, d_out]")
+        raise invalid(
+            "architecture.layer_sizes needs at least two entries [d_in, d_out]",
+            "architecture.layer_sizes",
+        )
     if any(d < 1 for d in sizes):
-        raise invalid(f"architecture.layer_sizes must all be >= 1, got {list(sizes)}")
+        raise invalid(
+            f"architecture.layer_sizes must all be >= 1, got {list(sizes)}",
+            "architecture.layer_sizes",
+        )
     if len(sizes) - 1 > config.max_layers:
         raise too_large(f"{len(sizes) - 1} layers exceed the limit of {config.max_layers}")
     if max(sizes) > config.max_width:
@@ -174,15 +180,20 @@ def _declared(header: pb.JobHeader) -> dict[str, pb.TensorDescriptor]:
     declared: dict[str, pb.TensorDescriptor] = {}
     for t in header.tensors:
         if t.name in declared:
-            raise invalid(f"tensor {t.name!r} is declared twice")
+            raise invalid(f"tensor {t.name!r} is declared twice", f"tensors[{t.name}]")
         if t.dtype not in codec.ITEM_SIZES:
-            raise invalid(f"tensor {t.name!r} has unknown dtype value {t.dtype}")
+            raise invalid(
+                f"tensor {t.name!r} has unknown dtype value {t.dtype}", f"tensors[{t.name}].dtype"
+            )
         if any(d < 1 for d in t.shape):
-            raise invalid(f"tensor {t.name!r} has a dimension < 1: {list(t.shape)}")
+            raise invalid(
+                f"tensor {t.name!r} has a dimension < 1: {list(t.shape)}",
+                f"tensors[{t.name}].shape",
+            )
         declared[t.name] = t
     for name in ("layers.0.weight", "inputs"):
         if name not in declared:
-            raise invalid(f"tensor {name!r} is missing")
+            raise invalid(f"tensor {name!r} is missing", f"tensors[{name}]")
     return declared
 
 
@@ -197,10 +208,15 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         pb.DATA_TYPE_FLOAT64 if precision == "float64" else pb.DATA_TYPE_FLOAT32
     )
     if grad_dtype not in GRADIENT_DTYPES:
-        raise invalid(f"gradient_dtype {grad_dtype} is not a floating-point dtype")
+        raise invalid(
+            f"gradient_dtype {grad_dtype} is not a floating-point dtype", "gradient_dtype"
+        )
     chunk = header.response_chunk_bytes or config.chunk_bytes
     if not 0 < chunk <= config.max_chunk_bytes:
-        raise invalid(f"response_chunk_bytes must be in [1, {config.max_chunk_bytes}]")
+        raise invalid(
+            f"response_chunk_bytes must be in [1, {config.max_chunk_bytes}]",
+            "response_chunk_bytes",
+        )
 
     declared = _declared(header)
     w0_shape = tuple(declared["layers.0.weight"].shape)
@@ -214,21 +230,29 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
     expected = _expected_shapes(sizes, loss.name, m, n, shared, "sample_weights" in declared)
     for name in declared:
         if name not in expected:
-            raise invalid(f"unexpected tensor {name!r} (expected {sorted(expected)})")
+            raise invalid(
+                f"unexpected tensor {name!r} (expected {sorted(expected)})", f"tensors[{name}]"
+            )
     tensors: dict[str, TensorSpec] = {}
     for name, (dtypes, shape) in expected.items():
         if name not in declared:
-            raise invalid(f"tensor {name!r} is missing")
+            raise invalid(f"tensor {name!r} is missing", f"tensors[{name}]")
         got = declared[name]
         if got.dtype not in dtypes:
-            raise invalid(f"tensor {name!r} has dtype {pb.DataType.Name(got.dtype)}, not allowed")
+            raise invalid(
+                f"tensor {name!r} has dtype {pb.DataType.Name(got.dtype)}, not allowed",
+                f"tensors[{name}].dtype",
+            )
         got_shape = tuple(got.shape)
         if name == "targets" and not shared and len(got_shape) == len(shape) - 1:
             shape = shape[1:]  # per-model inputs may share one set of targets
         if name == "sample_weights" and len(got_shape) == 1 and not shared:
             shape = (n,)  # one weight vector for every model
         if got_shape != shape:
-            raise invalid(f"tensor {name!r} has shape {list(got_shape)}, expected {list(shape)}")
+            raise invalid(
+                f"tensor {name!r} has shape {list(got_shape)}, expected {list(shape)}",
+                f"tensors[{name}].shape",
+            )
         tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
 
     if m > config.max_models:

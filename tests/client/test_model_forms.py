@@ -143,3 +143,11 @@ def test_async_compute_many_matches_sync(server, client):
 
     for a, s in zip(asyncio.run(run()), sync, strict=True):
         torch.testing.assert_close(a.loss, s.loss, rtol=0, atol=0)
+
+
+def test_errors_name_the_offending_field(client):
+    net = make_net(1)
+    with pytest.raises(GradserveError) as err:
+        client.compute(net, torch.randn(4, 5), torch.randn(4, 2))  # d0 is 3, not 5
+    field, description = err.value.violations[0]
+    assert field == "tensors[inputs].shape" and "expected [4, 3]" in description

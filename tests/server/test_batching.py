@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from gradserve.client import NO_RETRIES, AsyncGradientClient, GradientClient, GradserveError
+from gradserve.client._job import JobOptions, build_job
+from gradserve.client._models import normalize
 from gradserve.kernels import torch_engine
 from gradserve.server.batching import merge, split
 from gradserve.v1 import gradserve_pb2 as pb
@@ -251,3 +253,27 @@ def test_merge_then_split_equals_separate_runs():
             strict=True,
         ):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_refused_jobs_carry_a_retry_pushback_trailer():
+    with run_server("--max-inflight-bytes", "1") as server:  # every job is over the bound
+        tensors = random_job(SIZES, 1, 4, seed=0)
+        with GradientClient(server.address, retry=NO_RETRIES) as client:
+            call = client._computes[0](
+                build_job(
+                    normalize(params_of(tensors)),
+                    tensors["inputs"].numpy(),
+                    tensors["targets"].numpy(),
+                    None,
+                    JobOptions(),
+                ).requests(),
+                timeout=30,
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                list(call)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"] == "100"
+    # ...which the client's retry policy follows instead of its own back-off.
+    from gradserve.client import RetryPolicy
+
+    assert RetryPolicy().delay(0, err.value) == 0.1
