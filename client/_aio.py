@@ -103,8 +103,8 @@ class AsyncGradientClient:
                     assembler.add(response)
                 return assembler.result()
             except grpc.RpcError as e:
-                delay = self.retry.delay(attempt, e)
-                if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
+                delay = self.retry.delay(attempt, e, deadline)
+                if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
             finally:
                 call.cancel()

@@ -181,8 +181,8 @@ class GradientClient:
                     assembler.add(response)
                 return assembler.result()
             except grpc.RpcError as e:
-                delay = self.retry.delay(attempt, e)
-                if delay is None or (deadline is not None and time.monotonic() + delay >= deadline):
+                delay = self.retry.delay(attempt, e, deadline)
+                if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
             finally:
                 call.cancel()  # no-op when finished; frees the stream if we stopped early

@@ -4,6 +4,7 @@ addresses (round-robin), TLS, bearer tokens, and the retry policy."""
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +44,17 @@ class RetryPolicy:
         )
     )
 
-    def delay(self, attempt: int, error: grpc.RpcError) -> float | None:
-        """Seconds to wait before attempt `attempt + 1`, or None to give up."""
+    def delay(
+        self, attempt: int, error: grpc.RpcError, deadline: float | None = None
+    ) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up (a code not to
+        retry, attempts used up, or a wait that would pass `deadline`, a time.monotonic())."""
+        wait = self._wait(attempt, error)
+        if wait is None or (deadline is not None and time.monotonic() + wait >= deadline):
+            return None
+        return wait
+
+    def _wait(self, attempt: int, error: grpc.RpcError) -> float | None:
         code = error.code() if hasattr(error, "code") else None
         if code not in self.codes or attempt + 1 >= self.max_attempts:
             return None

@@ -185,6 +185,23 @@ class ComputeResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def result_from_tensors(ensemble: Ensemble, tensors: dict[str, Any], **meta) -> ComputeResult:
+    """A ComputeResult from result tensors by wire name, in the caller's form and kind;
+    `meta`: job_id, engine, device, summary."""
+    grads = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    loss = tensors["loss"]
+    return ComputeResult(
+        loss=loss[0] if ensemble.form == "sequential" else loss,
+        gradients=ensemble.gradients_back(grads) if grads else None,
+        input_gradients=tensors.get("inputs.grad"),
+        per_sample_loss=tensors.get("per_sample_loss"),
+        per_sample_grad_norm=tensors.get("per_sample_grad_norm"),
+        outputs=tensors.get("outputs"),
+        tensors=tensors,
+        **meta,
+    )
+
+
 class ResultAssembler:
     """Consumes ComputeResponse messages in order; `result()` once the summary arrived."""
 
@@ -231,20 +248,10 @@ class ResultAssembler:
             name: from_wire(self.buffers[name], d.dtype, d.shape, as_torch)
             for name, d in self.descriptors.items()
         }
-        ensemble = self.job.ensemble
-        grads = {k: v for k, v in tensors.items() if k.startswith("layers.")}
-        loss = tensors["loss"]
-        if ensemble.form == "sequential":
-            loss = loss[0]
         s = self.summary
-        return ComputeResult(
-            loss=loss,
-            gradients=ensemble.gradients_back(grads) if grads else None,
-            input_gradients=tensors.get("inputs.grad"),
-            per_sample_loss=tensors.get("per_sample_loss"),
-            per_sample_grad_norm=tensors.get("per_sample_grad_norm"),
-            outputs=tensors.get("outputs"),
-            tensors=tensors,
+        return result_from_tensors(
+            self.job.ensemble,
+            tensors,
             job_id=self.accepted.job_id,
             engine=self.accepted.engine,
             device=self.accepted.device,

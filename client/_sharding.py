@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gradserve.client._job import ComputeResult
+from gradserve.client._job import ComputeResult, result_from_tensors
 from gradserve.client._models import Ensemble, as_array
 from gradserve.client._tensors import is_torch
 
@@ -57,21 +57,15 @@ def _concat(values: list):
 def merge_results(ensemble: Ensemble, parts: list[ComputeResult]) -> ComputeResult:
     """Concatenate per-shard results along the model axis, in the caller's form."""
     tensors = {name: _concat([p.tensors[name] for p in parts]) for name in parts[0].tensors}
-    grads = {k: v for k, v in tensors.items() if k.startswith("layers.")}
     summary = {
         key: sum(p.summary[key] for p in parts) for key in ("flops", "bytes_received", "bytes_sent")
     }
     for key in ("upload_seconds", "queue_seconds", "compute_seconds", "download_seconds"):
         summary[key] = max(p.summary[key] for p in parts)  # the shards ran side by side
     summary["shards"] = len(parts)
-    return ComputeResult(
-        loss=tensors["loss"],
-        gradients=ensemble.gradients_back(grads) if grads else None,
-        input_gradients=tensors.get("inputs.grad"),
-        per_sample_loss=tensors.get("per_sample_loss"),
-        per_sample_grad_norm=tensors.get("per_sample_grad_norm"),
-        outputs=tensors.get("outputs"),
-        tensors=tensors,
+    return result_from_tensors(
+        ensemble,
+        tensors,
         job_id=",".join(p.job_id for p in parts),
         engine=",".join(sorted({p.engine for p in parts})),
         device=",".join(sorted({p.device for p in parts})),

@@ -12,10 +12,6 @@ class EngineUnavailable(Exception):
     """The requested engine cannot run this job here (maps to UNIMPLEMENTED)."""
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-
-
 def triton_available() -> bool:
     from gradserve.kernels import triton_engine
 

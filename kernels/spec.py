@@ -18,7 +18,6 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "sil
 LOSSES = ("mse", "l1", "huber", "bce_with_logits", "cross_entropy")
 REDUCTIONS = ("mean", "sum")
 PRECISIONS = ("float32", "tf32", "bfloat16", "float16", "float64")
-ELEMENTWISE_LOSSES = ("mse", "l1", "huber", "bce_with_logits")
 
 
 @dataclass(frozen=True)

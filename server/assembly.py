@@ -44,7 +44,6 @@ class PayloadAssembler:
         }
         self._views = {name: memoryview(b) for name, b in self.buffers.items()}
         self.received = dict.fromkeys(plan.tensors, 0)
-        self.bytes_received = 0
 
     def add(self, chunk: pb.TensorChunk) -> None:
         name = chunk.name
@@ -68,7 +67,6 @@ class PayloadAssembler:
             )
         self._views[name][expected : expected + length] = chunk.data
         self.received[name] = expected + length
-        self.bytes_received += length
 
     def missing(self) -> list[str]:
         return [n for n, got in self.received.items() if got != self.plan.tensors[n].nbytes]

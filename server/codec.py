@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1 import wire
 
 TORCH_DTYPES = {
     pb.DATA_TYPE_FLOAT32: torch.float32,
@@ -57,12 +54,6 @@ def tensor_to_bytes(tensor: torch.Tensor, dtype: int) -> memoryview:
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship its bit pattern
         t = t.view(torch.int16)
     return memoryview(t.numpy()).cast("B")
-
-
-def encoded_chunks(name: str, data: memoryview, chunk_bytes: int) -> Iterator[bytes]:
-    """Serialized ComputeResponse chunk messages of one result tensor."""
-    for offset in range(0, len(data), chunk_bytes):
-        yield wire.encode_chunk(name, offset, data[offset : offset + chunk_bytes])
 
 
 def descriptor(name: str, dtype: int, shape) -> pb.TensorDescriptor:

@@ -87,7 +87,6 @@ class JobPlan:
     shared_inputs: bool
     allow_non_finite: bool
     response_chunk_bytes: int
-    work_bytes: int
     client_tag: str
 
     @property
@@ -288,6 +287,5 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         shared_inputs=shared,
         allow_non_finite=header.allow_non_finite,
         response_chunk_bytes=chunk,
-        work_bytes=work,
         client_tag=header.client_tag[:200],
     )

@@ -115,7 +115,15 @@ def assert_close_per_model(
     for k in range(ref.shape[0]):
         err = (got[k] - ref[k]).norm().item()
         scale = max(ref[k].norm().item(), 1e-6)  # all-zero references: compare absolutely
-        assert err <= tol * scale, f"{name} model {k}: rel err {err / scale:.3g} > {tol}"
+        if err > tol * scale:  # say where, so that a rare deviation can be diagnosed
+            diff = (got[k] - ref[k]).abs().flatten()
+            at = int(diff.argmax())
+            raise AssertionError(
+                f"{name} model {k}: rel err {err / scale:.3g} > {tol}; largest difference "
+                f"{diff[at].item():.3g} at flat index {at} (got {got[k].flatten()[at].item()!r}, "
+                f"oracle {ref[k].flatten()[at].item()!r}); {int((diff > tol * scale).sum())} of "
+                f"{diff.numel()} elements differ by more than the bound"
+            )
 
 
 def oracle_for(layer_sizes, tensors: dict[str, torch.Tensor], **options) -> OracleResult:
