@@ -43,10 +43,12 @@ def test_example_jobs_compute_the_oracle_gradients(server, tmp_path, fmt):
         tensors, job = load_job(str(job_path))
         t = {k: torch.from_numpy(v.copy()) for k, v in tensors.items()}
         ref = oracle(job["layer_sizes"], t, t["inputs"], t["targets"], hidden=hidden, output=output)
-        # Looser than the float32 norm of 1e-5: the ensemble's output-bias gradients are means
-        # of 128 nearly cancelling residuals (worst model 3.7e-6 in one run); the server's
-        # BLAS may sum in another order than a local run.
-        tol = 3e-5
+        # Looser than the float32 norm of 1e-5: the ensemble's gradients are float32 sums over
+        # N=128 samples with some cancellation. Locally the worst model is at 3.7e-6, but in
+        # two of about a dozen full-suite runs the server's first jobs came back at up to
+        # 3.45e-5 (layers.0.weight.grad), as when the BLAS accumulates in another order;
+        # 1e-4 is the bound the GPU tests use for float32 sums over N >= 256.
+        tol = 1e-4
         assert_close_per_model("loss", results["loss"], ref.loss, "float32", tol)
         for k, g in ref.grads.items():
             assert_close_per_model(k, results[k], g, "float32", tol)
