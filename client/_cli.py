@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
     )
     c.add_argument("--forward-outputs", dest="forward_outputs", action="store_true", default=None)
+    c.add_argument(
+        "--clip-norm", dest="clip_norm", type=float, help="DP-SGD: clip per-sample gradients"
+    )
+    c.add_argument(
+        "--noise-multiplier", dest="noise_multiplier", type=float, help="DP-SGD noise sigma"
+    )
+    c.add_argument("--noise-seed", dest="noise_seed", type=int, help="seed of the DP noise")
     c.set_defaults(run=_compute)
 
     i = sub.add_parser("info", help="show the server's engines, options and limits")

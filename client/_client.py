@@ -128,8 +128,8 @@ class GradientClient:
         **options : fields of JobOptions: loss, reduction, huber_delta, hidden_activation,
             output_activation, negative_slope, precision, backend, parameter_gradients,
             input_gradients, per_sample_losses, per_sample_gradient_norms, forward_outputs,
-            gradient_dtype,
-            allow_non_finite, tag.
+            gradient_dtype, allow_non_finite, tag; DP-SGD: clip_norm, noise_multiplier,
+            noise_seed (see gradserve.v1.PrivacyOptions).
 
         Returns
         -------

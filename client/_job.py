@@ -81,6 +81,11 @@ class JobOptions:
     gradient_dtype: str | None = None
     allow_non_finite: bool = False
     tag: str = ""
+    # DP-SGD (gradserve.v1.PrivacyOptions): clip per-sample gradients to this norm...
+    clip_norm: float | None = None
+    # ...and add noise of standard deviation noise_multiplier * clip_norm, seeded.
+    noise_multiplier: float = 0.0
+    noise_seed: int | None = None
 
 
 @dataclass
@@ -156,6 +161,13 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
         allow_non_finite=opts.allow_non_finite,
         client_tag=opts.tag,
     )
+    if opts.clip_norm is not None:
+        header.privacy.clip_norm = opts.clip_norm
+        header.privacy.noise_multiplier = opts.noise_multiplier
+        if opts.noise_seed is not None:
+            header.privacy.noise_seed = opts.noise_seed
+    elif opts.noise_multiplier or opts.noise_seed is not None:
+        raise ValueError("noise_multiplier and noise_seed need clip_norm (DP-SGD clipping)")
     as_torch = ensemble.as_torch or any(is_torch(v) for v in (inputs, targets))
     return WireJob(header, payloads, ensemble, as_torch)
 

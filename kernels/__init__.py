@@ -1,6 +1,12 @@
 """Compute engines for MLP-ensemble loss and gradients. No gRPC or protobuf here."""
 
-from gradserve.kernels.engines import EngineUnavailable, available_engines, run, select_engine
+from gradserve.kernels.engines import (
+    EngineUnavailable,
+    available_engines,
+    run,
+    select_engine,
+    warm_up,
+)
 from gradserve.kernels.spec import (
     ACTIVATIONS,
     LOSSES,
@@ -12,6 +18,7 @@ from gradserve.kernels.spec import (
     LossSpec,
     MLPSpec,
     OutputRequest,
+    Privacy,
     flops,
 )
 
@@ -27,8 +34,10 @@ __all__ = [
     "LossSpec",
     "MLPSpec",
     "OutputRequest",
+    "Privacy",
     "available_engines",
     "flops",
     "run",
     "select_engine",
+    "warm_up",
 ]

@@ -71,6 +71,32 @@ class OutputRequest:
     per_sample_gradient_norms: bool = False
 
 
+@dataclass(frozen=True)
+class Privacy:
+    """DP-SGD gradients: each sample's gradient is clipped to an L2 norm of at most
+    `clip_norm` before the samples are summed, and Gaussian noise of standard deviation
+    noise_multiplier * clip_norm is added to every coordinate of the clipped sum.
+
+    A sample's gradient here is that of its own loss: its contribution to the model's loss
+    times N under the mean reduction (as Opacus' per-sample gradients), so the clip norm does
+    not depend on N. The noisy clipped sum is then reduced like the loss (divided by N under
+    the mean reduction): with an infinite clip norm and no noise it is the plain gradient.
+    Noise is drawn from torch.Generator(device).manual_seed(noise_seed) as
+    randn(weights[0].shape), randn(biases[0].shape), randn(weights[1].shape), ..., float32:
+    reproducible for one seed on one device type.
+    """
+
+    clip_norm: float
+    noise_multiplier: float = 0.0
+    noise_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.clip_norm < float("inf"):
+            raise ValueError(f"clip_norm must be positive and finite, got {self.clip_norm}")
+        if not 0 <= self.noise_multiplier < float("inf"):
+            raise ValueError(f"noise_multiplier must be >= 0, finite, got {self.noise_multiplier}")
+
+
 @dataclass
 class EnsembleJob:
     mlp: MLPSpec
@@ -82,6 +108,7 @@ class EnsembleJob:
     sample_weights: torch.Tensor | None = None
     precision: str = "float32"
     outputs: OutputRequest = field(default_factory=OutputRequest)
+    privacy: Privacy | None = None
 
     @property
     def num_models(self) -> int:

@@ -81,6 +81,34 @@ def per_sample_gradient_norms(trace, dz) -> torch.Tensor:
     return total.sqrt()
 
 
+def samples_per_loss_unit(job: EnsembleJob) -> int:
+    """N under the mean reduction, 1 under sum: a sample's own loss is its contribution to
+    the model's loss times this."""
+    return job.num_samples if job.loss.reduction == "mean" else 1
+
+
+def private_gradients(job: EnsembleJob, trace, dz, norms, device):
+    """DP-SGD weight and bias gradients (see kernels.spec.Privacy): each layer's sum over
+    samples of dz_i a_i^T, with every sample's dz scaled by its clip factor, plus noise."""
+    dp = job.privacy
+    scale = samples_per_loss_unit(job)
+    # Opacus' clip factor: C / (norm + 1e-6), at most 1.
+    factor = (dp.clip_norm / (norms.detach() * scale + 1e-6)).clamp(max=1.0).unsqueeze(1)
+    weight_grads, bias_grads = [], []
+    for (h_t, _), g in zip(trace, dz, strict=True):
+        g = g.detach() * factor  # [M, d_out, N]
+        weight_grads.append(torch.bmm(g, h_t.detach().transpose(1, 2)))
+        bias_grads.append(g.sum(dim=2))
+    if dp.noise_multiplier > 0:
+        gen = torch.Generator(device=device).manual_seed(dp.noise_seed)
+        std = dp.noise_multiplier * dp.clip_norm / scale
+        for w, b in zip(weight_grads, bias_grads, strict=True):
+            for t in (w, b):
+                noise = torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32)
+                t.add_(noise.to(t.dtype), alpha=std)
+    return weight_grads, bias_grads
+
+
 def _leaf(t: torch.Tensor, device, dtype, requires_grad: bool) -> torch.Tensor:
     return t.to(device, dtype).detach().requires_grad_(requires_grad)
 
@@ -94,8 +122,11 @@ def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
 
     # detach(): `.to` returns the caller's own tensor when nothing changes, and marking that
     # tensor as requiring grad would leak into the caller.
-    # Norms need the graph through the weights even when their gradients are not wanted.
-    track = want.parameter_gradients or want.per_sample_gradient_norms
+    # Norms (and clipping, which needs them) take the graph through the weights even when
+    # autograd is not asked for the weights' gradients.
+    dp = job.privacy
+    norms_needed = want.per_sample_gradient_norms or dp is not None
+    track = want.parameter_gradients or norms_needed
     weights = [_leaf(w, device, dtype, track) for w in job.weights]
     biases = [_leaf(b, device, dtype, track) for b in job.biases]
     x = job.inputs.to(device, dtype).detach()
@@ -109,14 +140,15 @@ def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
     if job.sample_weights is not None:
         sample_weights = job.sample_weights.to(device, dtype)
 
+    # Clipped gradients are built from each layer's dLoss/dz and input, not by autograd.
     leaves: list[torch.Tensor] = []
-    if want.parameter_gradients:
+    if want.parameter_gradients and dp is None:
         for w, b in zip(weights, biases, strict=True):
             leaves += [w, b]
     if want.input_gradients:
         leaves.append(x)
 
-    trace = [] if want.per_sample_gradient_norms else None
+    trace = [] if norms_needed else None
     with torch.set_grad_enabled(track or bool(leaves)), matmul_precision(job.precision, device):
         loss, per, y = forward_loss(job, weights, biases, x, targets, sample_weights, trace)
         # Models are independent, so d(sum of losses)/d(theta_m) = d(loss_m)/d(theta_m);
@@ -125,9 +157,12 @@ def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
         grads = list(torch.autograd.grad(loss.sum(), wrt)) if wrt else []
         dz = grads[len(leaves) :]
         grads = grads[: len(leaves)]
+        norms = per_sample_gradient_norms(trace, dz) if norms_needed else None
 
     result = EnsembleResult(loss=loss.detach(), engine="torch", device=str(device))
-    if want.parameter_gradients:
+    if want.parameter_gradients and dp is not None:
+        result.weight_grads, result.bias_grads = private_gradients(job, trace, dz, norms, device)
+    elif want.parameter_gradients:
         result.weight_grads = list(grads[0 : 2 * job.mlp.num_layers : 2])
         result.bias_grads = list(grads[1 : 2 * job.mlp.num_layers : 2])
     if want.input_gradients:
@@ -135,7 +170,7 @@ def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
     if want.per_sample_losses:
         result.per_sample_loss = per.detach()
     if want.per_sample_gradient_norms:
-        result.per_sample_grad_norm = per_sample_gradient_norms(trace, dz).detach()
+        result.per_sample_grad_norm = norms.detach()
     if want.forward_outputs:
         result.outputs = y.detach()
     return result

@@ -56,8 +56,8 @@ async def serve(config: ServerConfig) -> None:
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise SystemExit(f"could not bind {config.host}:{config.port}")
+    await service.start()  # engines warm before the port accepts a job
     await server.start()
-    service.start()
     await health.set_serving(True)
     if config.metrics_port >= 0:
         metrics_port = service.metrics.serve(config.host, config.metrics_port)

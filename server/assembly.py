@@ -111,4 +111,5 @@ class PayloadAssembler:
             sample_weights=t.get("sample_weights"),
             precision=plan.precision,
             outputs=plan.outputs,
+            privacy=plan.privacy,
         )

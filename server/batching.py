@@ -2,8 +2,8 @@
 the model axis M, run once, and split back per job.
 
 Jobs share a launch when they have the same batch key: engine, architecture, loss, requested
-outputs, precision, sample count N, shared-or-per-model inputs and the presence of sample
-weights. Shared tensors ([N, ...]) are expanded per model when jobs are merged.
+outputs, precision, sample count N, shared-or-per-model inputs, the presence of sample
+weights and the DP clipping settings (a job with DP noise launches alone). Shared tensors ([N, ...]) are expanded per model when jobs are merged.
 
 Policy (in the spirit of Triton Inference Server's dynamic batcher): one launch at a time
 per device. When the engine is free, the oldest waiting job's key is served: its batch
@@ -59,7 +59,11 @@ class _Waiting:
 
 
 def batch_key(job: EnsembleJob, engine: str) -> tuple:
+    # Noise is drawn for a launch's whole shape, so a noisy DP job launches alone.
+    alone = id(job) if job.privacy is not None and job.privacy.noise_multiplier > 0 else None
     return (
+        alone,
+        job.privacy,
         engine,
         job.mlp,
         job.loss,
@@ -96,6 +100,7 @@ def merge(jobs: list[EnsembleJob]) -> EnsembleJob:
         sample_weights=None if first.sample_weights is None else cat(lambda j: j.sample_weights, 2),
         precision=first.precision,
         outputs=first.outputs,
+        privacy=first.privacy,
     )
 
 

@@ -125,7 +125,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
         # Set on SIGTERM: admitted jobs finish, new ones get UNAVAILABLE.
         self.draining = False
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        # Engines warm up on the device thread that will run every launch.
+        await self.worker.call(kernels.warm_up, self.device)
         self.batcher.start()
 
     async def stop(self) -> None:
@@ -255,7 +257,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         plan = validate_header(first.header, self.config)
         try:
             engine = kernels.select_engine(
-                plan.backend, plan.precision, self.device, plan.outputs.per_sample_gradient_norms
+                plan.backend, plan.precision, self.device, plan.needs_per_sample_norms
             )
         except EngineUnavailable as e:
             raise unsupported(str(e)) from None

@@ -9,9 +9,10 @@ RESOURCE_EXHAUSTED. Valid but not supported here -> UNIMPLEMENTED.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
-from gradserve.kernels import Activation, LossSpec, MLPSpec, OutputRequest
+from gradserve.kernels import Activation, LossSpec, MLPSpec, OutputRequest, Privacy
 from gradserve.server import codec
 from gradserve.server.config import ServerConfig
 from gradserve.server.errors import invalid, too_large
@@ -88,6 +89,11 @@ class JobPlan:
     allow_non_finite: bool
     response_chunk_bytes: int
     client_tag: str
+    privacy: Privacy | None = None
+
+    @property
+    def needs_per_sample_norms(self) -> bool:
+        return self.outputs.per_sample_gradient_norms or self.privacy is not None
 
     @property
     def payload_bytes(self) -> int:
@@ -137,6 +143,25 @@ def _loss(msg: pb.Loss) -> LossSpec:
     if not (math.isfinite(delta) and delta > 0):
         raise invalid("loss.huber_delta must be a positive finite number", "loss.huber_delta")
     return LossSpec(name, reduction, delta)
+
+
+def _privacy(header: pb.JobHeader, parameter_gradients: bool) -> Privacy | None:
+    if not header.HasField("privacy"):
+        return None
+    p = header.privacy
+    if not (math.isfinite(p.clip_norm) and p.clip_norm > 0):
+        raise invalid("privacy.clip_norm must be a positive finite number", "privacy.clip_norm")
+    if not (math.isfinite(p.noise_multiplier) and p.noise_multiplier >= 0):
+        raise invalid(
+            "privacy.noise_multiplier must be a finite number >= 0", "privacy.noise_multiplier"
+        )
+    if not parameter_gradients:
+        raise invalid(
+            "privacy clips parameter gradients, but outputs.skip_parameter_gradients is set",
+            "outputs.skip_parameter_gradients",
+        )
+    seed = p.noise_seed if p.HasField("noise_seed") else secrets.randbits(63)
+    return Privacy(p.clip_norm, p.noise_multiplier, seed)
 
 
 def _layer_sizes(arch: pb.Architecture, config: ServerConfig) -> tuple[int, ...]:
@@ -210,6 +235,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         raise invalid(
             f"gradient_dtype {grad_dtype} is not a floating-point dtype", "gradient_dtype"
         )
+    privacy = _privacy(header, not header.outputs.skip_parameter_gradients)
     chunk = header.response_chunk_bytes or config.chunk_bytes
     if not 0 < chunk <= config.max_chunk_bytes:
         raise invalid(
@@ -288,4 +314,5 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         allow_non_finite=header.allow_non_finite,
         response_chunk_bytes=chunk,
         client_tag=header.client_tag[:200],
+        privacy=privacy,
     )

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import safetensors.numpy
 import torch
@@ -72,6 +73,25 @@ def test_cli_flags_override_the_job_file(server, tmp_path):
     summary = json.loads(out.stdout)
     base = json.loads(cli("--address", server.address, "compute", str(job), "--json").stdout)
     assert summary["loss"] != base["loss"]
+
+
+def test_dp_flags_clip_and_seed_the_noise(server, tmp_path):
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    base = ("--address", server.address, "compute", job)
+    dp = ("--clip-norm", "0.05", "--noise-multiplier", "0.8", "--noise-seed", "11")
+    runs = {}
+    for name, flags in [("plain", ()), ("clipped", dp[:2]), ("a", dp), ("b", dp)]:
+        cli(*base, str(tmp_path / f"{name}.safetensors"), *flags)
+        runs[name] = safetensors.numpy.load_file(str(tmp_path / f"{name}.safetensors"))
+    for k in runs["plain"]:
+        if k == "loss":
+            continue
+        assert not np.array_equal(runs["plain"][k], runs["clipped"][k])
+        assert not np.array_equal(runs["clipped"][k], runs["a"][k])
+        assert np.array_equal(runs["a"][k], runs["b"][k])
+    refused = cli(*base, "--noise-multiplier", "1", check=False)
+    assert refused.returncode == 2 and "clip_norm" in refused.stderr
 
 
 def test_info_json_lists_engines_and_limits(server):

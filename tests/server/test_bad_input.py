@@ -253,6 +253,46 @@ CASES = {
         ],
         EXHAUSTED,
     ),
+    "zero DP clip norm": (with_header(lambda h: setattr(h.privacy, "clip_norm", 0.0)), INVALID),
+    "negative DP clip norm": (
+        with_header(lambda h: setattr(h.privacy, "clip_norm", -2.0)),
+        INVALID,
+    ),
+    "NaN DP clip norm": (
+        with_header(lambda h: setattr(h.privacy, "clip_norm", float("nan"))),
+        INVALID,
+    ),
+    "infinite DP clip norm": (
+        with_header(lambda h: setattr(h.privacy, "clip_norm", float("inf"))),
+        INVALID,
+    ),
+    "negative DP noise": (
+        with_header(
+            lambda h: (
+                setattr(h.privacy, "clip_norm", 1.0),
+                setattr(h.privacy, "noise_multiplier", -1.0),
+            )
+        ),
+        INVALID,
+    ),
+    "DP without parameter gradients": (
+        with_header(
+            lambda h: (
+                setattr(h.privacy, "clip_norm", 1.0),
+                setattr(h.outputs, "skip_parameter_gradients", True),
+            )
+        ),
+        INVALID,
+    ),
+    "DP clipping on the triton engine": (
+        with_header(
+            lambda h: (
+                setattr(h.privacy, "clip_norm", 1.0),
+                setattr(h, "backend", pb.BACKEND_TRITON),
+            )
+        ),
+        UNIMPLEMENTED,
+    ),
     "float64 on an engine that lacks it": (
         with_header(
             lambda h: (

@@ -147,8 +147,18 @@ class TensorDescriptor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class PrivacyOptions(_message.Message):
+    __slots__ = ("clip_norm", "noise_multiplier", "noise_seed")
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SEED_FIELD_NUMBER: _ClassVar[int]
+    clip_norm: float
+    noise_multiplier: float
+    noise_seed: int
+    def __init__(self, clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., noise_seed: _Optional[int] = ...) -> None: ...
+
 class JobHeader(_message.Message):
-    __slots__ = ("architecture", "loss", "outputs", "precision", "backend", "gradient_dtype", "tensors", "allow_non_finite", "response_chunk_bytes", "client_tag")
+    __slots__ = ("architecture", "loss", "outputs", "precision", "backend", "gradient_dtype", "tensors", "allow_non_finite", "response_chunk_bytes", "client_tag", "privacy")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +169,7 @@ class JobHeader(_message.Message):
     ALLOW_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TAG_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     architecture: Architecture
     loss: Loss
     outputs: Outputs
@@ -169,7 +180,8 @@ class JobHeader(_message.Message):
     allow_non_finite: bool
     response_chunk_bytes: int
     client_tag: str
-    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., outputs: _Optional[_Union[Outputs, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., gradient_dtype: _Optional[_Union[DataType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorDescriptor, _Mapping]]] = ..., allow_non_finite: _Optional[bool] = ..., response_chunk_bytes: _Optional[int] = ..., client_tag: _Optional[str] = ...) -> None: ...
+    privacy: PrivacyOptions
+    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., outputs: _Optional[_Union[Outputs, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., gradient_dtype: _Optional[_Union[DataType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorDescriptor, _Mapping]]] = ..., allow_non_finite: _Optional[bool] = ..., response_chunk_bytes: _Optional[int] = ..., client_tag: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyOptions, _Mapping]] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "offset", "data")
