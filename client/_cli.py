@@ -37,7 +37,16 @@ def _compute(args) -> int:
     for key in ("hidden_activation", "output_activation"):
         if isinstance(options.get(key), list):  # ["leaky_relu", 0.2] from JSON
             options[key] = tuple(options[key])
-    params = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    # A job file may carry optimiser state ("layers.0.weight.exp_avg") to continue from.
+    params = {k: v for k, v in tensors.items() if k.startswith("layers.") and k.count(".") == 2}
+    state = {k: v for k, v in tensors.items() if k.startswith("layers.") and k not in params}
+    if state:
+        options["optimizer_state"] = state
+    if options.get("optimizer") and not args.json:
+        models = next(iter(params.values())).shape[0]
+        options["on_step"] = lambda k, losses: print(
+            f"step {k}: mean loss {float(np.mean(losses)):.6g} over {models} models", flush=True
+        )
     if "inputs" not in tensors or "targets" not in tensors:
         raise SystemExit(f"{args.job}: the job needs 'inputs' and 'targets' tensors")
     with connect(args) as client:
@@ -66,8 +75,8 @@ def _compute(args) -> int:
         shown = ", ".join(f"{v:.6g}" for v in losses[:8]) + (" ..." if len(losses) > 8 else "")
         print(f"job {result.job_id} on {result.engine}/{result.device}: loss [{shown}]")
         for name, value in result.tensors.items():
-            if name.endswith(".grad"):
-                print(f"  {name:<24} {list(value.shape)}  |g| = {np.linalg.norm(value):.6g}")
+            if name.endswith(".grad") or (result.losses is not None and name != "losses"):
+                print(f"  {name:<24} {list(value.shape)}  norm {np.linalg.norm(value):.6g}")
         t = result.summary
         print(
             f"  upload {t['upload_seconds']:.4f}s  compute {t['compute_seconds']:.4f}s  "
@@ -222,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise-multiplier", dest="noise_multiplier", type=float, help="DP-SGD noise sigma"
     )
     c.add_argument("--noise-seed", dest="noise_seed", type=int, help="seed of the DP noise")
+    c.add_argument(
+        "--optimizer", choices=["sgd", "adam", "adamw"], help="train on the server instead"
+    )
+    c.add_argument("--steps", type=int, help="optimiser steps")
+    c.add_argument("--learning-rate", dest="learning_rate", type=float)
+    c.add_argument("--momentum", type=float)
+    c.add_argument("--weight-decay", dest="weight_decay", type=float)
+    c.add_argument(
+        "--return-optimizer-state",
+        dest="return_optimizer_state",
+        action="store_true",
+        default=None,
+        help="return the optimiser state too (a job file carrying it continues training)",
+    )
     c.set_defaults(run=_compute)
 
     i = sub.add_parser("info", help="show the server's engines, options and limits")

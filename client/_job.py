@@ -3,7 +3,8 @@ response stream into result tensors. Shared by the sync and asyncio clients."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,11 @@ PRECISIONS = {
     "float64": pb.PRECISION_FLOAT64,
 }
 BACKENDS = {"auto": pb.BACKEND_AUTO, "torch": pb.BACKEND_TORCH, "triton": pb.BACKEND_TRITON}
+OPTIMIZERS = {
+    "sgd": pb.OPTIMIZER_KIND_SGD,
+    "adam": pb.OPTIMIZER_KIND_ADAM,
+    "adamw": pb.OPTIMIZER_KIND_ADAMW,
+}
 
 
 def _choice(table: dict, value: str, what: str) -> int:
@@ -86,6 +92,22 @@ class JobOptions:
     # ...and add noise of standard deviation noise_multiplier * clip_norm, seeded.
     noise_multiplier: float = 0.0
     noise_seed: int | None = None
+    # Server-side training (gradserve.v1.OptimizerOptions): "sgd", "adam" or "adamw"...
+    optimizer: str | None = None
+    steps: int = 1
+    learning_rate: float | None = None
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float | None = None  # None: torch's default (0.01 for adamw, else 0)
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    # ...continuing from a previous result's optimizer_state, which has taken start_step steps.
+    optimizer_state: dict[str, Any] | None = None
+    start_step: int = 0
+    return_optimizer_state: bool = False
+    # Called as on_step(step, losses [M]) as each step's losses arrive.
+    on_step: Callable[[int, Any], None] | None = None
 
 
 @dataclass
@@ -94,6 +116,7 @@ class WireJob:
     payloads: list[tuple[str, memoryview]]
     ensemble: Ensemble
     as_torch: bool
+    on_step: Callable[[int, Any], None] | None = None
 
     def requests(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
         """Serialized request messages: the header, then each tensor in chunks of at most
@@ -131,6 +154,10 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
     tensors["targets"] = as_array(targets)
     if sample_weights is not None:
         tensors["sample_weights"] = as_array(sample_weights)
+    for name, value in (opts.optimizer_state or {}).items():
+        if opts.optimizer is None:
+            raise ValueError("optimizer_state needs optimizer")
+        tensors[name] = as_array(value)
     descriptors, payloads = [], []
     for name, value in tensors.items():
         dtype, shape, data = to_wire(value)
@@ -168,8 +195,29 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
             header.privacy.noise_seed = opts.noise_seed
     elif opts.noise_multiplier or opts.noise_seed is not None:
         raise ValueError("noise_multiplier and noise_seed need clip_norm (DP-SGD clipping)")
+    if opts.optimizer is not None:
+        _set_optimizer(header.optimizer, opts)
     as_torch = ensemble.as_torch or any(is_torch(v) for v in (inputs, targets))
-    return WireJob(header, payloads, ensemble, as_torch)
+    return WireJob(header, payloads, ensemble, as_torch, opts.on_step)
+
+
+def _set_optimizer(o: pb.OptimizerOptions, opts: JobOptions) -> None:
+    if opts.learning_rate is None:
+        raise ValueError("optimizer steps need learning_rate")
+    o.kind = _choice(OPTIMIZERS, opts.optimizer, "optimizer")
+    o.steps = opts.steps
+    o.learning_rate = opts.learning_rate
+    o.momentum = opts.momentum
+    o.dampening = opts.dampening
+    o.nesterov = opts.nesterov
+    if opts.weight_decay is not None:
+        o.weight_decay = opts.weight_decay
+    if opts.betas is not None:
+        o.beta1, o.beta2 = opts.betas
+    if opts.eps is not None:
+        o.eps = opts.eps
+    o.start_step = opts.start_step
+    o.return_state = opts.return_optimizer_state
 
 
 @dataclass
@@ -182,6 +230,10 @@ class ComputeResult:
     input_gradients [M, N, d0], per_sample_loss [M, N], per_sample_grad_norm [M, N],
     outputs [M, N, dL]: when requested.
     tensors: every result tensor by its wire name ("layers.0.weight.grad", ...).
+    After optimiser steps (gradients None): losses [steps, M], the loss at each step;
+    parameters, the updated parameters in the caller's form; optimizer_state by wire name
+    ("layers.0.weight.exp_avg", ...) when requested, to pass back as optimizer_state; loss
+    is the last step's.
     """
 
     loss: Any
@@ -195,11 +247,34 @@ class ComputeResult:
     engine: str
     device: str
     summary: dict[str, Any] = field(default_factory=dict)
+    losses: Any = None
+    parameters: Any = None
+    optimizer_state: dict[str, Any] | None = None
+
+
+_PARAMETER = re.compile(r"layers\.\d+\.(weight|bias)")
 
 
 def result_from_tensors(ensemble: Ensemble, tensors: dict[str, Any], **meta) -> ComputeResult:
     """A ComputeResult from result tensors by wire name, in the caller's form and kind;
     `meta`: job_id, engine, device, summary."""
+    if "losses" in tensors:  # optimiser steps
+        params = {k: v for k, v in tensors.items() if _PARAMETER.fullmatch(k)}
+        state = {k: v for k, v in tensors.items() if k.startswith("layers.") and k not in params}
+        losses = tensors["losses"]
+        return ComputeResult(
+            loss=losses[-1][0] if ensemble.form == "sequential" else losses[-1],
+            gradients=None,
+            input_gradients=None,
+            per_sample_loss=None,
+            per_sample_grad_norm=None,
+            outputs=None,
+            tensors=tensors,
+            losses=losses,
+            parameters=ensemble.gradients_back({f"{k}.grad": v for k, v in params.items()}),
+            optimizer_state=state or None,
+            **meta,
+        )
     grads = {k: v for k, v in tensors.items() if k.startswith("layers.")}
     loss = tensors["loss"]
     return ComputeResult(
@@ -224,6 +299,7 @@ class ResultAssembler:
         self.buffers: dict[str, np.ndarray] = {}  # uint8, filled chunk by chunk
         self.received: dict[str, int] = {}
         self.summary: pb.JobSummary | None = None
+        self.steps_reported = 0
 
     def _protocol_error(self, message: str) -> GradserveError:
         return GradserveError(grpc.StatusCode.INTERNAL, f"malformed response stream: {message}")
@@ -246,8 +322,21 @@ class ResultAssembler:
                 raise self._protocol_error(f"chunk of {c.name!r} past its end")
             memoryview(self.buffers[c.name])[c.offset : end] = c.data
             self.received[c.name] = end
+            if c.name == "losses" and self.job.on_step is not None:
+                self._report_steps()
         if response.HasField("summary"):
             self.summary = response.summary
+
+    def _report_steps(self) -> None:
+        """Hand each newly complete row of "losses" (one optimiser step) to on_step."""
+        d = self.descriptors["losses"]
+        models = d.shape[1]
+        row = models * NUMPY_DTYPES[d.dtype].itemsize
+        while (self.steps_reported + 1) * row <= self.received["losses"]:
+            k = self.steps_reported
+            raw = self.buffers["losses"][k * row : (k + 1) * row]
+            self.job.on_step(k, from_wire(raw.copy(), d.dtype, (models,), self.job.as_torch))
+            self.steps_reported += 1
 
     def result(self) -> ComputeResult:
         if self.accepted is None or self.summary is None:

@@ -10,6 +10,7 @@ Shapes (M models, N samples, layer_sizes = [d0, ..., dL]):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,41 @@ class Privacy:
             raise ValueError(f"noise_multiplier must be >= 0, finite, got {self.noise_multiplier}")
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """`steps` optimiser steps on the server, each on the full batch, with torch.optim's
+    update rules (SGD with momentum/dampening/nesterov, Adam, AdamW; weight decay as torch:
+    added to the gradient for sgd and adam, decoupled for adamw). `start_step` counts the
+    steps an incoming optimiser state has already taken (Adam's bias correction)."""
+
+    kind: str
+    steps: int
+    learning_rate: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    start_step: int = 0
+    return_state: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.kind!r}; expected one of {OPTIMIZERS}")
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Per-parameter state tensors, named as torch.optim's state dict names them."""
+        if self.kind == "sgd":
+            return ("momentum_buffer",) if self.momentum else ()
+        return ("exp_avg", "exp_avg_sq")
+
+
 @dataclass
 class EnsembleJob:
     mlp: MLPSpec
@@ -109,6 +145,12 @@ class EnsembleJob:
     precision: str = "float32"
     outputs: OutputRequest = field(default_factory=OutputRequest)
     privacy: Privacy | None = None
+    optimizer: Optimizer | None = None
+    # Optimiser state by "layers.{i}.weight.exp_avg" etc., to continue from; absent: fresh.
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Called as on_step(step, loss [M]) on the engine's thread after each optimiser step's
+    # forward pass.
+    on_step: Callable | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_models(self) -> int:
@@ -134,6 +176,12 @@ class EnsembleResult:
     per_sample_loss: torch.Tensor | None = None  # [M, N]
     per_sample_grad_norm: torch.Tensor | None = None  # [M, N]
     outputs: torch.Tensor | None = None  # [M, N, dL]
+    # After optimiser steps: the loss at each step [K, M], the updated parameters and,
+    # on request, the optimiser state by "layers.{i}.weight.exp_avg" etc.
+    losses: torch.Tensor | None = None
+    weights: list[torch.Tensor] | None = None
+    biases: list[torch.Tensor] | None = None
+    optimizer_state: dict[str, torch.Tensor] | None = None
     engine: str = ""
     device: str = ""
 

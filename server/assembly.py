@@ -112,4 +112,6 @@ class PayloadAssembler:
             precision=plan.precision,
             outputs=plan.outputs,
             privacy=plan.privacy,
+            optimizer=plan.optimizer,
+            optimizer_state={name: t[name] for name in plan.optimizer_state_names() if name in t},
         )

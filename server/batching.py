@@ -3,7 +3,8 @@ the model axis M, run once, and split back per job.
 
 Jobs share a launch when they have the same batch key: engine, architecture, loss, requested
 outputs, precision, sample count N, shared-or-per-model inputs, the presence of sample
-weights and the DP clipping settings (a job with DP noise launches alone). Shared tensors ([N, ...]) are expanded per model when jobs are merged.
+weights and the DP clipping settings (a job with DP noise, or with optimiser steps,
+launches alone). Shared tensors ([N, ...]) are expanded per model when jobs are merged.
 
 Policy (in the spirit of Triton Inference Server's dynamic batcher): one launch at a time
 per device. When the engine is free, the oldest waiting job's key is served: its batch
@@ -59,8 +60,10 @@ class _Waiting:
 
 
 def batch_key(job: EnsembleJob, engine: str) -> tuple:
-    # Noise is drawn for a launch's whole shape, so a noisy DP job launches alone.
-    alone = id(job) if job.privacy is not None and job.privacy.noise_multiplier > 0 else None
+    # Noise is drawn for a launch's whole shape, so a noisy DP job launches alone; so does a
+    # training job (its losses stream per step).
+    noisy = job.privacy is not None and job.privacy.noise_multiplier > 0
+    alone = id(job) if noisy or job.optimizer is not None else None
     return (
         alone,
         job.privacy,
@@ -215,7 +218,9 @@ class DynamicBatcher:
         sizes = [w.job.num_models for w in live]
         launch_at = time.perf_counter()
         total_models = sum(sizes)
-        flops = kernels.flops(live[0].job.mlp, total_models, live[0].job.num_samples)
+        first = live[0].job
+        steps = first.optimizer.steps if first.optimizer is not None else 1
+        flops = kernels.flops(first.mlp, total_models, first.num_samples) * steps
 
         def work(jobs: list[EnsembleJob]) -> tuple[list[EnsembleResult], float]:
             started = time.perf_counter()

@@ -38,6 +38,8 @@ class ServerConfig:
     max_samples: int = 1 << 24
     max_width: int = 8192
     max_layers: int = 64
+    # Most optimiser steps one job may ask for.
+    max_optimizer_steps: int = 100_000
     # A job whose request stream is silent this long is ended with DEADLINE_EXCEEDED.
     upload_idle_timeout_s: float = 60.0
     # Close client connections after this many seconds (0: never), so that clients using
@@ -83,6 +85,7 @@ HELP = {
     "max_samples": "largest sample count N",
     "max_width": "largest layer width",
     "max_layers": "largest number of linear layers",
+    "max_optimizer_steps": "most optimiser steps per job",
     "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
     "max_connection_age_s": "close client connections after this many seconds (0: never)",
     "drain_grace_s": "after SIGTERM, seconds admitted jobs get to finish",

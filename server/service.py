@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +41,19 @@ log = logging.getLogger("gradserve.server")
 INLINE_IO_BYTES = 256 << 10
 
 
+class ClientGone(Exception):
+    """Raised on the device thread to stop the optimiser steps of an abandoned job."""
+
+
 def result_tensors(plan: JobPlan, result: EnsembleResult) -> dict[str, torch.Tensor]:
     """Result tensors by wire name (see plan.result_descriptors() for the sending order)."""
+    if result.losses is not None:  # optimiser steps: losses, parameters, optimiser state
+        by_name = {"losses": result.losses}
+        for i in range(plan.mlp.num_layers):
+            by_name[f"layers.{i}.weight"] = result.weights[i]
+            by_name[f"layers.{i}.bias"] = result.biases[i]
+        by_name.update(result.optimizer_state or {})
+        return by_name
     by_name: dict[str, torch.Tensor] = {"loss": result.loss}
     if result.per_sample_loss is not None:
         by_name["per_sample_loss"] = result.per_sample_loss
@@ -298,8 +310,14 @@ class GradientService(pb_grpc.GradientServiceServicer):
             del assembler  # the job's tensors are views of its buffers
             uploaded = time.perf_counter()
 
+            streamed = 0  # result bytes sent while the job ran (losses of optimiser steps)
             try:
-                launched = await self.batcher.submit(job, engine, plan.payload_bytes)
+                if plan.optimizer is None:
+                    launched = await self.batcher.submit(job, engine, plan.payload_bytes)
+                else:
+                    launched, streamed = await self._train(context, plan, job, engine, accepted)
+                    accepted = b""
+                    descriptors = [d for d in descriptors if d.name != "losses"]
             except torch.OutOfMemoryError:
                 raise too_large("the device ran out of memory for this job") from None
             del job
@@ -325,7 +343,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
                             compute_seconds=phases["compute"],
                             download_seconds=phases["download"],
                         ),
-                        flops=kernels.flops(plan.mlp, plan.num_models, plan.num_samples),
+                        flops=kernels.flops(plan.mlp, plan.num_models, plan.num_samples)
+                        * plan.steps,
                         bytes_received=plan.payload_bytes,
                         bytes_sent=sent,
                         jobs_in_launch=launched.jobs_in_launch,
@@ -336,13 +355,55 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     )
                 )
 
-            sent = await self._send_results(
-                context, plan, descriptors, launched.result, summary, accepted
+            sent = streamed + await self._send_results(
+                context, plan, descriptors, launched.result, summary, accepted, streamed
             )
             info.update(bytes_in=plan.payload_bytes, bytes_out=sent)
 
+    async def _train(self, context, plan: JobPlan, job, engine: str, prefix: bytes):
+        """Run a job's optimiser steps, streaming each step's losses (a row of "losses") as
+        soon as the step's forward pass is done. Returns (launched, bytes streamed)."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        dtype = plan.result_descriptors()[0].dtype
+
+        gone = threading.Event()  # the client went away: stop at the next step
+
+        def on_step(k: int, loss: torch.Tensor) -> None:  # on the device thread
+            if gone.is_set():
+                raise ClientGone  # ends the launch; its job's future is already cancelled
+            row = codec.tensor_to_bytes(loss, dtype)
+            loop.call_soon_threadsafe(steps.put_nowait, (k, bytes(row)))
+
+        job.on_step = on_step
+        launch = asyncio.ensure_future(self.batcher.submit(job, engine, plan.payload_bytes))
+        sent = 0
+
+        async def send(k: int, row: bytes) -> None:
+            nonlocal prefix, sent
+            await context.write(prefix + wire.encode_chunk("losses", k * len(row), row))
+            prefix, sent = b"", sent + len(row)
+
+        try:
+            while not launch.done():
+                next_step = asyncio.ensure_future(steps.get())
+                await asyncio.wait({next_step, launch}, return_when=asyncio.FIRST_COMPLETED)
+                if next_step.done():
+                    await send(*next_step.result())
+                else:
+                    next_step.cancel()
+            launched = launch.result()  # raises the launch's error
+            while not steps.empty():
+                await send(*steps.get_nowait())
+        finally:
+            gone.set()
+            launch.cancel()  # the client went away: leave the queue, or stop the steps
+        if prefix:  # no step reported (cannot happen with steps >= 1): still accept
+            await context.write(prefix)
+        return launched, sent
+
     async def _send_results(
-        self, context, plan: JobPlan, descriptors, result, summary, prefix: bytes
+        self, context, plan: JobPlan, descriptors, result, summary, prefix: bytes, streamed: int = 0
     ) -> int:
         """Stream the result tensors in order, then the summary. The loss goes out first, as
         soon as the launch is done; each next tensor is serialised (device -> host, wire
@@ -350,7 +411,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
         (up to the chunk size), and the summary rides with the last one, so a small job's
         results are one message. A slow reader holds the stream at `write`, so at most two
         serialised tensors exist at a time. `prefix` (a deferred accepted message) goes
-        first, in the same message as the first chunks."""
+        first, in the same message as the first chunks. `streamed`: result bytes already
+        sent (for the summary's count)."""
         tensors = result_tensors(plan, result)
         del result
         budget = plan.response_chunk_bytes
@@ -375,6 +437,6 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 pending_bytes += len(piece)
             sent += len(data)
             del data
-        pending.append(summary(sent).SerializeToString())
+        pending.append(summary(streamed + sent).SerializeToString())
         await context.write(b"".join(pending))
         return sent

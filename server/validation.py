@@ -12,10 +12,17 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from gradserve.kernels import Activation, LossSpec, MLPSpec, OutputRequest, Privacy
+from gradserve.kernels import (
+    Activation,
+    LossSpec,
+    MLPSpec,
+    Optimizer,
+    OutputRequest,
+    Privacy,
+)
 from gradserve.server import codec
 from gradserve.server.config import ServerConfig
-from gradserve.server.errors import invalid, too_large
+from gradserve.server.errors import invalid, too_large, unsupported
 from gradserve.v1 import gradserve_pb2 as pb
 
 ACTIVATION_NAMES = {
@@ -56,6 +63,11 @@ BACKEND_NAMES = {
     pb.BACKEND_TORCH: "torch",
     pb.BACKEND_TRITON: "triton",
 }
+OPTIMIZER_NAMES = {
+    pb.OPTIMIZER_KIND_SGD: "sgd",
+    pb.OPTIMIZER_KIND_ADAM: "adam",
+    pb.OPTIMIZER_KIND_ADAMW: "adamw",
+}
 GRADIENT_DTYPES = (
     pb.DATA_TYPE_FLOAT32,
     pb.DATA_TYPE_FLOAT64,
@@ -90,20 +102,60 @@ class JobPlan:
     response_chunk_bytes: int
     client_tag: str
     privacy: Privacy | None = None
+    optimizer: Optimizer | None = None
+    micro_batch_samples: int = 0  # > 0: a streamed job (see server.streaming)
 
     @property
     def needs_per_sample_norms(self) -> bool:
         return self.outputs.per_sample_gradient_norms or self.privacy is not None
 
     @property
+    def steps(self) -> int:
+        return self.optimizer.steps if self.optimizer is not None else 1
+
+    def optimizer_state_names(self) -> list[str]:
+        """Names of the optimiser state tensors of every parameter (none without steps)."""
+        if self.optimizer is None:
+            return []
+        params = [
+            f"layers.{i}.{kind}" for i in range(self.mlp.num_layers) for kind in ("weight", "bias")
+        ]
+        return [f"{p}.{s}" for p in params for s in self.optimizer.state_names]
+
+    @property
     def payload_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def sample_tensors(self) -> list[str]:
+        return [name for name in self.tensors if not name.startswith("layers.")]
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes the server holds at once: all of them, or for a streamed job the
+        parameters plus up to three micro-batches of samples (two ahead, one in use)."""
+        if not self.micro_batch_samples:
+            return self.payload_bytes
+        held = 0
+        for name, t in self.tensors.items():
+            if name in self.sample_tensors:
+                held += (
+                    3
+                    * min(self.micro_batch_samples, self.num_samples)
+                    * t.nbytes
+                    // self.num_samples
+                )
+            else:
+                held += t.nbytes
+        return held
 
     def result_descriptors(self) -> list[pb.TensorDescriptor]:
         """Result tensors in sending order: loss first, then gradients last layer first."""
         m, n = self.num_models, self.num_samples
         sizes = self.mlp.layer_sizes
         float_out = pb.DATA_TYPE_FLOAT64 if self.precision == "float64" else pb.DATA_TYPE_FLOAT32
+        if self.optimizer is not None:
+            return self._training_descriptors(float_out)
         out = [codec.descriptor("loss", float_out, (m,))]
         if self.outputs.per_sample_losses:
             out.append(codec.descriptor("per_sample_loss", float_out, (m, n)))
@@ -119,6 +171,20 @@ class JobPlan:
                 out.append(codec.descriptor(f"layers.{i}.bias.grad", self.gradient_dtype, b))
         if self.outputs.input_gradients:
             out.append(codec.descriptor("inputs.grad", self.gradient_dtype, (m, n, sizes[0])))
+        return out
+
+    def _training_descriptors(self, dtype: int) -> list[pb.TensorDescriptor]:
+        """Losses per step (streamed as the steps run), then the updated parameters last
+        layer first, then the optimiser state on request."""
+        m, sizes = self.num_models, self.mlp.layer_sizes
+        out = [codec.descriptor("losses", dtype, (self.optimizer.steps, m))]
+        for i in reversed(range(self.mlp.num_layers)):
+            out.append(codec.descriptor(f"layers.{i}.weight", dtype, (m, sizes[i + 1], sizes[i])))
+            out.append(codec.descriptor(f"layers.{i}.bias", dtype, (m, sizes[i + 1])))
+        if self.optimizer.return_state:
+            shapes = {d.name: tuple(d.shape) for d in out}
+            for name in self.optimizer_state_names():
+                out.append(codec.descriptor(name, dtype, shapes[name.rsplit(".", 1)[0]]))
         return out
 
 
@@ -162,6 +228,89 @@ def _privacy(header: pb.JobHeader, parameter_gradients: bool) -> Privacy | None:
         )
     seed = p.noise_seed if p.HasField("noise_seed") else secrets.randbits(63)
     return Privacy(p.clip_norm, p.noise_multiplier, seed)
+
+
+def _number(value: float, what: str, low: float, *, above: bool = False, below=None) -> float:
+    """A finite option >= low (> low with `above`), and < `below` if given."""
+    ok = math.isfinite(value) and (value > low if above else value >= low)
+    if below is not None:
+        ok = ok and value < below
+    if not ok:
+        bound = f"{'>' if above else '>='} {low}" + (f" and < {below}" if below is not None else "")
+        raise invalid(f"{what} must be a finite number {bound}, got {value}", what)
+    return value
+
+
+def _optimizer(header: pb.JobHeader, config: ServerConfig) -> Optimizer | None:
+    if not header.HasField("optimizer"):
+        return None
+    o = header.optimizer
+    if o.kind not in OPTIMIZER_NAMES:
+        raise invalid(f"optimizer.kind must be sgd, adam or adamw, got {o.kind}", "optimizer.kind")
+    kind = OPTIMIZER_NAMES[o.kind]
+    if o.steps < 1:
+        raise invalid(f"optimizer.steps must be >= 1, got {o.steps}", "optimizer.steps")
+    if o.steps > config.max_optimizer_steps:
+        raise too_large(
+            f"{o.steps} optimizer steps exceed the limit of {config.max_optimizer_steps}"
+        )
+    if o.start_step < 0:
+        raise invalid("optimizer.start_step must be >= 0", "optimizer.start_step")
+    if o.nesterov and (o.momentum <= 0 or o.dampening != 0):
+        raise invalid("nesterov needs momentum > 0 and dampening 0", "optimizer.nesterov")
+    decay = o.weight_decay if o.HasField("weight_decay") else (0.01 if kind == "adamw" else 0.0)
+    return Optimizer(
+        kind=kind,
+        steps=o.steps,
+        learning_rate=_number(o.learning_rate, "optimizer.learning_rate", 0, above=True),
+        momentum=_number(o.momentum, "optimizer.momentum", 0),
+        dampening=_number(o.dampening, "optimizer.dampening", 0),
+        nesterov=o.nesterov,
+        weight_decay=_number(decay, "optimizer.weight_decay", 0),
+        beta1=_number(o.beta1 if o.HasField("beta1") else 0.9, "optimizer.beta1", 0, below=1),
+        beta2=_number(o.beta2 if o.HasField("beta2") else 0.999, "optimizer.beta2", 0, below=1),
+        eps=_number(o.eps if o.HasField("eps") else 1e-8, "optimizer.eps", 0, above=True),
+        start_step=o.start_step,
+        return_state=o.return_state,
+    )
+
+
+STREAMED_EXCLUDES = (
+    "input_gradients",
+    "per_sample_losses",
+    "per_sample_gradient_norms",
+    "forward_outputs",
+)
+
+
+def _micro_batch(header: pb.JobHeader, plan_outputs, shared: bool, n: int) -> int:
+    micro = header.micro_batch_samples
+    if micro == 0:
+        return 0
+    if micro < 0:
+        raise invalid("micro_batch_samples must be >= 0", "micro_batch_samples")
+    if not shared:
+        raise invalid(
+            "a streamed job (micro_batch_samples) needs inputs shared by all models ([N, d0])",
+            "tensors[inputs].shape",
+        )
+    for name in STREAMED_EXCLUDES:
+        if getattr(plan_outputs, name):
+            raise invalid(
+                f"outputs.{name} is per sample; a streamed job returns the loss and parameter "
+                "gradients only",
+                f"outputs.{name}",
+            )
+    return micro
+
+
+TRAINING_EXCLUDES = (
+    "input_gradients",
+    "per_sample_losses",
+    "per_sample_gradient_norms",
+    "forward_outputs",
+    "skip_parameter_gradients",
+)
 
 
 def _layer_sizes(arch: pb.Architecture, config: ServerConfig) -> tuple[int, ...]:
@@ -236,6 +385,15 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             f"gradient_dtype {grad_dtype} is not a floating-point dtype", "gradient_dtype"
         )
     privacy = _privacy(header, not header.outputs.skip_parameter_gradients)
+    optimizer = _optimizer(header, config)
+    if optimizer is not None:
+        for name in TRAINING_EXCLUDES:
+            if getattr(header.outputs, name):
+                raise invalid(
+                    f"outputs.{name} cannot be combined with optimizer steps (they return "
+                    "losses and updated parameters)",
+                    f"outputs.{name}",
+                )
     chunk = header.response_chunk_bytes or config.chunk_bytes
     if not 0 < chunk <= config.max_chunk_bytes:
         raise invalid(
@@ -253,6 +411,12 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         )
     m, n, shared = w0_shape[0], in_shape[-2], len(in_shape) == 2
     expected = _expected_shapes(sizes, loss.name, m, n, shared, "sample_weights" in declared)
+    if optimizer is not None and any(name not in expected for name in declared):
+        # Incoming optimiser state: every parameter's, shaped like it, or none at all.
+        for param, (dtypes, shape) in list(expected.items()):
+            if param.startswith("layers."):
+                for state in optimizer.state_names:
+                    expected[f"{param}.{state}"] = (dtypes, shape)
     for name in declared:
         if name not in expected:
             raise invalid(
@@ -280,21 +444,14 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             )
         tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
 
+    micro = _micro_batch(header, plan_outputs=header.outputs, shared=shared, n=n)
+    if micro and (privacy is not None or optimizer is not None):
+        raise unsupported("a streamed job (micro_batch_samples) cannot use privacy or optimizer")
     if m > config.max_models:
         raise too_large(f"M={m} models exceed the limit of {config.max_models}")
     if n > config.max_samples:
         raise too_large(f"N={n} samples exceed the limit of {config.max_samples}")
-    payload = sum(t.nbytes for t in tensors.values())
-    if payload > config.max_job_bytes:
-        raise too_large(f"job of {payload} bytes exceeds the limit of {config.max_job_bytes}")
-    # Activations, their gradients and autograd's saved tensors: about four float64-sized
-    # copies of every layer's [M, N, d] activations.
-    work = 4 * 8 * m * n * sum(sizes) + 2 * payload
-    if work > config.max_work_bytes:
-        raise too_large(
-            f"job needs about {work} bytes of working memory; the limit is {config.max_work_bytes}"
-        )
-    return JobPlan(
+    plan = JobPlan(
         mlp=MLPSpec(sizes, hidden, output),
         loss=loss,
         outputs=OutputRequest(
@@ -315,4 +472,22 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         response_chunk_bytes=chunk,
         client_tag=header.client_tag[:200],
         privacy=privacy,
+        optimizer=optimizer,
+        micro_batch_samples=micro,
     )
+    payload = plan.held_bytes
+    if payload > config.max_job_bytes:
+        held = "held " if micro else ""
+        raise too_large(
+            f"job of {payload} {held}bytes exceeds the limit of {config.max_job_bytes}"
+            + ("" if micro else " (micro_batch_samples streams large N)")
+        )
+    # Activations, their gradients and autograd's saved tensors: about four float64-sized
+    # copies of every layer's [M, n, d] activations, n the samples computed at once.
+    at_once = min(micro, n) if micro else n
+    work = 4 * 8 * m * at_once * sum(sizes) + 2 * payload
+    if work > config.max_work_bytes:
+        raise too_large(
+            f"job needs about {work} bytes of working memory; the limit is {config.max_work_bytes}"
+        )
+    return plan

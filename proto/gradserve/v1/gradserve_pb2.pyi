@@ -59,6 +59,13 @@ class Backend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BACKEND_AUTO: _ClassVar[Backend]
     BACKEND_TORCH: _ClassVar[Backend]
     BACKEND_TRITON: _ClassVar[Backend]
+
+class OptimizerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OPTIMIZER_KIND_UNSPECIFIED: _ClassVar[OptimizerKind]
+    OPTIMIZER_KIND_SGD: _ClassVar[OptimizerKind]
+    OPTIMIZER_KIND_ADAM: _ClassVar[OptimizerKind]
+    OPTIMIZER_KIND_ADAMW: _ClassVar[OptimizerKind]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT64: DataType
@@ -94,6 +101,10 @@ BACKEND_UNSPECIFIED: Backend
 BACKEND_AUTO: Backend
 BACKEND_TORCH: Backend
 BACKEND_TRITON: Backend
+OPTIMIZER_KIND_UNSPECIFIED: OptimizerKind
+OPTIMIZER_KIND_SGD: OptimizerKind
+OPTIMIZER_KIND_ADAM: OptimizerKind
+OPTIMIZER_KIND_ADAMW: OptimizerKind
 
 class Activation(_message.Message):
     __slots__ = ("kind", "negative_slope")
@@ -157,8 +168,36 @@ class PrivacyOptions(_message.Message):
     noise_seed: int
     def __init__(self, clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., noise_seed: _Optional[int] = ...) -> None: ...
 
+class OptimizerOptions(_message.Message):
+    __slots__ = ("kind", "steps", "learning_rate", "momentum", "dampening", "nesterov", "weight_decay", "beta1", "beta2", "eps", "start_step", "return_state")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    DAMPENING_FIELD_NUMBER: _ClassVar[int]
+    NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    RETURN_STATE_FIELD_NUMBER: _ClassVar[int]
+    kind: OptimizerKind
+    steps: int
+    learning_rate: float
+    momentum: float
+    dampening: float
+    nesterov: bool
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    start_step: int
+    return_state: bool
+    def __init__(self, kind: _Optional[_Union[OptimizerKind, str]] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., start_step: _Optional[int] = ..., return_state: _Optional[bool] = ...) -> None: ...
+
 class JobHeader(_message.Message):
-    __slots__ = ("architecture", "loss", "outputs", "precision", "backend", "gradient_dtype", "tensors", "allow_non_finite", "response_chunk_bytes", "client_tag", "privacy")
+    __slots__ = ("architecture", "loss", "outputs", "precision", "backend", "gradient_dtype", "tensors", "allow_non_finite", "response_chunk_bytes", "client_tag", "privacy", "optimizer", "micro_batch_samples")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +209,8 @@ class JobHeader(_message.Message):
     RESPONSE_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TAG_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     architecture: Architecture
     loss: Loss
     outputs: Outputs
@@ -181,7 +222,9 @@ class JobHeader(_message.Message):
     response_chunk_bytes: int
     client_tag: str
     privacy: PrivacyOptions
-    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., outputs: _Optional[_Union[Outputs, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., gradient_dtype: _Optional[_Union[DataType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorDescriptor, _Mapping]]] = ..., allow_non_finite: _Optional[bool] = ..., response_chunk_bytes: _Optional[int] = ..., client_tag: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyOptions, _Mapping]] = ...) -> None: ...
+    optimizer: OptimizerOptions
+    micro_batch_samples: int
+    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., loss: _Optional[_Union[Loss, _Mapping]] = ..., outputs: _Optional[_Union[Outputs, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., gradient_dtype: _Optional[_Union[DataType, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorDescriptor, _Mapping]]] = ..., allow_non_finite: _Optional[bool] = ..., response_chunk_bytes: _Optional[int] = ..., client_tag: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyOptions, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerOptions, _Mapping]] = ..., micro_batch_samples: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "offset", "data")

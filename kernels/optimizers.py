@@ -1,0 +1,102 @@
+"""Optimiser steps on the server: K full-batch steps of SGD, Adam or AdamW on every model of
+an ensemble, each step one engine run (forward, loss, backward) and one elementwise update
+of the stacked [M, ...] parameters. Models are independent and the updates elementwise, so
+this equals running torch.optim on each model by itself.
+
+The update rules follow torch.optim's single-tensor implementations step for step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from gradserve.kernels.spec import EnsembleJob, EnsembleResult, Optimizer, OutputRequest
+
+
+def parameter_names(num_layers: int) -> list[str]:
+    return [f"layers.{i}.weight" for i in range(num_layers)] + [
+        f"layers.{i}.bias" for i in range(num_layers)
+    ]
+
+
+def _sgd(opt: Optimizer, p, g, state: dict) -> None:
+    if opt.weight_decay:
+        g = g.add(p, alpha=opt.weight_decay)
+    if opt.momentum:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = g.clone()
+        else:
+            buf.mul_(opt.momentum).add_(g, alpha=1 - opt.dampening)
+        g = g.add(buf, alpha=opt.momentum) if opt.nesterov else buf
+    p.add_(g, alpha=-opt.learning_rate)
+
+
+def _adam(opt: Optimizer, p, g, state: dict, step: int) -> None:
+    if opt.kind == "adamw":
+        p.mul_(1 - opt.learning_rate * opt.weight_decay)
+    elif opt.weight_decay:
+        g = g.add(p, alpha=opt.weight_decay)
+    exp_avg = state.setdefault("exp_avg", torch.zeros_like(p))
+    exp_avg_sq = state.setdefault("exp_avg_sq", torch.zeros_like(p))
+    exp_avg.lerp_(g, 1 - opt.beta1)
+    exp_avg_sq.mul_(opt.beta2).addcmul_(g, g, value=1 - opt.beta2)
+    correction1 = 1 - opt.beta1**step
+    correction2 = 1 - opt.beta2**step
+    denom = (exp_avg_sq.sqrt() / math.sqrt(correction2)).add_(opt.eps)
+    p.addcdiv_(exp_avg, denom, value=-opt.learning_rate / correction1)
+
+
+def train(job: EnsembleJob, run_step: Callable[[EnsembleJob], EnsembleResult], device):
+    """Run job.optimizer's steps; `run_step` computes one step's loss and gradients."""
+    opt = job.optimizer
+    dtype = torch.float64 if job.precision == "float64" else torch.float32
+    weights = [w.to(device, dtype).clone() for w in job.weights]
+    biases = [b.to(device, dtype).clone() for b in job.biases]
+    names = parameter_names(job.mlp.num_layers)
+    params = dict(zip(names, weights + biases, strict=True))
+    state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    for key, t in job.optimizer_state.items():
+        name, kind = key.rsplit(".", 1)
+        state[name][kind] = t.to(device, dtype).clone()
+
+    losses = torch.empty(opt.steps, job.num_models, dtype=dtype, device=device)
+    for k in range(opt.steps):
+        privacy = job.privacy
+        if privacy is not None:  # fresh noise at every step
+            privacy = dataclasses.replace(privacy, noise_seed=(privacy.noise_seed + k) % 2**64)
+        step_job = dataclasses.replace(
+            job,
+            weights=weights,
+            biases=biases,
+            outputs=OutputRequest(),
+            privacy=privacy,
+            optimizer=None,
+            optimizer_state={},
+            on_step=None,
+        )
+        result = run_step(step_job)
+        losses[k] = result.loss
+        if job.on_step is not None:
+            job.on_step(k, result.loss)
+        grads = dict(zip(names, result.weight_grads + result.bias_grads, strict=True))
+        with torch.no_grad():
+            for name in names:
+                g = grads[name].to(dtype)
+                if opt.kind == "sgd":
+                    _sgd(opt, params[name], g, state[name])
+                else:
+                    _adam(opt, params[name], g, state[name], opt.start_step + k + 1)
+
+    out = EnsembleResult(
+        loss=losses[-1], losses=losses, weights=weights, biases=biases, device=str(device)
+    )
+    if opt.return_state:
+        out.optimizer_state = {
+            f"{name}.{kind}": state[name][kind] for name in names for kind in opt.state_names
+        }
+    return out

@@ -1,0 +1,156 @@
+"""Server-side optimiser steps through a real server: equal to torch.optim per model,
+losses streamed step by step, training continued from returned state, bad options refused."""
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradserve.client import GradserveError
+from tests.jobs import random_job
+
+SIZES = (5, 8, 3)
+M, N = 4, 16
+
+
+def nets_and_data(seed=31):
+    tensors = random_job(SIZES, M, N, shared_inputs=True, seed=seed)
+    nets = []
+    for k in range(M):
+        net = nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 3))
+        with torch.no_grad():
+            for i in range(2):
+                net[2 * i].weight.copy_(tensors[f"layers.{i}.weight"][k])
+                net[2 * i].bias.copy_(tensors[f"layers.{i}.bias"][k])
+        nets.append(net)
+    return nets, tensors["inputs"], tensors["targets"]
+
+
+def torch_optim_run(nets, x, y, steps, make_opt):
+    """Reference: each model trained by itself with torch.optim, in float64."""
+    losses, params = [], []
+    for net in nets:
+        net = nn.Sequential(*[m for m in net]).double()  # a float64 copy per model
+        opt = make_opt(net.parameters())
+        per = []
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(net(x.double()), y.double())
+            loss.backward()
+            per.append(loss.item())
+            opt.step()
+        losses.append(per)
+        params.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+    return np.array(losses).T, params
+
+
+def test_adamw_steps_equal_torch_optim_and_stream_each_loss(client):
+    nets, x, y = nets_and_data()
+    seen = []
+    result = client.compute(
+        [nn.Sequential(*[m for m in net]) for net in nets],
+        x,
+        y,
+        optimizer="adamw",
+        steps=6,
+        learning_rate=0.02,
+        weight_decay=0.05,
+        on_step=lambda k, losses: seen.append((k, losses.clone())),
+    )
+    import copy
+
+    ref_losses, ref_params = torch_optim_run(
+        [copy.deepcopy(n) for n in nets], x, y, 6,
+        lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.05),
+    )  # fmt: skip
+    assert result.gradients is None and result.losses.shape == (6, M)
+    np.testing.assert_allclose(result.losses.double().numpy(), ref_losses, rtol=1e-5)
+    assert [k for k, _ in seen] == list(range(6))
+    assert torch.equal(torch.stack([v for _, v in seen]), result.losses)
+    for k in range(M):
+        for name, value in result.parameters[k].items():
+            torch.testing.assert_close(value.double(), ref_params[k][name], rtol=1e-5, atol=1e-6)
+    assert result.summary["flops"] > 0
+
+
+def test_training_continues_from_returned_state(client):
+    _, x, y = nets_and_data(32)
+    tensors = random_job(SIZES, M, N, seed=32)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    common = dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, hidden_activation="gelu")
+    whole = client.compute(params, x.numpy(), y.numpy(), steps=5, **common)
+    first = client.compute(
+        params, x.numpy(), y.numpy(), steps=3, return_optimizer_state=True, **common
+    )
+    assert sorted(first.optimizer_state) == sorted(f"{p}.momentum_buffer" for p in params)
+    second = client.compute(
+        first.parameters, x.numpy(), y.numpy(), steps=2,
+        optimizer_state=first.optimizer_state, start_step=3, **common,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        np.concatenate([first.losses, second.losses]), whole.losses, rtol=1e-6
+    )
+    for name, value in whole.parameters.items():
+        np.testing.assert_allclose(second.parameters[name], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (dict(optimizer="sgd", learning_rate=0.0), "optimizer.learning_rate"),
+        (dict(optimizer="sgd", learning_rate=float("nan")), "optimizer.learning_rate"),
+        (dict(optimizer="sgd", learning_rate=0.1, steps=0), "optimizer.steps"),
+        (dict(optimizer="sgd", learning_rate=0.1, momentum=-1), "optimizer.momentum"),
+        (dict(optimizer="sgd", learning_rate=0.1, nesterov=True), "optimizer.nesterov"),
+        (dict(optimizer="adam", learning_rate=0.1, betas=(1.0, 0.9)), "optimizer.beta1"),
+        (dict(optimizer="adam", learning_rate=0.1, betas=(0.9, -0.1)), "optimizer.beta2"),
+        (dict(optimizer="adam", learning_rate=0.1, eps=0.0), "optimizer.eps"),
+        (dict(optimizer="adamw", learning_rate=0.1, weight_decay=-1), "optimizer.weight_decay"),
+        (dict(optimizer="adam", learning_rate=0.1, start_step=-2), "optimizer.start_step"),
+        (
+            dict(optimizer="adam", learning_rate=0.1, input_gradients=True),
+            "outputs.input_gradients",
+        ),
+        (
+            dict(optimizer="adam", learning_rate=0.1, per_sample_gradient_norms=True),
+            "outputs.per_sample_gradient_norms",
+        ),
+        (
+            dict(
+                optimizer="adam",
+                learning_rate=0.1,
+                optimizer_state={"layers.0.weight.exp_avg": np.ones((M, 8, 5), np.float32)},
+            ),
+            "tensors[layers.0.weight.exp_avg_sq]",
+        ),
+    ],
+)
+def test_bad_optimizer_options_are_refused(client, options, field):
+    tensors = random_job(SIZES, M, N, seed=33)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    with pytest.raises(GradserveError) as err:
+        client.compute(params, tensors["inputs"].numpy(), tensors["targets"].numpy(), **options)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in [f for f, _ in err.value.violations], err.value.details
+
+
+def test_too_many_steps_are_refused_with_resource_exhausted(client):
+    tensors = random_job(SIZES, M, N, seed=34)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    with pytest.raises(GradserveError) as err:
+        client.compute(params, tensors["inputs"].numpy(), tensors["targets"].numpy(),
+                       optimizer="sgd", learning_rate=0.1, steps=10**9)  # fmt: skip
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_abandoned_training_stops_and_frees_the_engine(client):
+    """A deadline ends the call; the steps stop at once instead of occupying the device."""
+    tensors = random_job(SIZES, M, N, seed=35)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    args = (params, tensors["inputs"].numpy(), tensors["targets"].numpy())
+    with pytest.raises(GradserveError) as err:
+        client.compute(*args, optimizer="sgd", learning_rate=1e-3, steps=100_000, timeout=1.0)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # 100k steps take minutes here; the next job is served within seconds.
+    assert client.compute(*args, timeout=15).loss.shape == (M,)
