@@ -232,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--noise-seed", dest="noise_seed", type=int, help="seed of the DP noise")
     c.add_argument(
+        "--micro-batch-samples",
+        dest="micro_batch_samples",
+        type=int,
+        help="stream the samples in micro-batches of this many (large N)",
+    )
+    c.add_argument(
         "--optimizer", choices=["sgd", "adam", "adamw"], help="train on the server instead"
     )
     c.add_argument("--steps", type=int, help="optimiser steps")

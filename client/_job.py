@@ -108,6 +108,9 @@ class JobOptions:
     return_optimizer_state: bool = False
     # Called as on_step(step, losses [M]) as each step's losses arrive.
     on_step: Callable[[int, Any], None] | None = None
+    # > 0: stream the (shared) samples in micro-batches of this many, for N too large for the
+    # server to hold at once; the result equals the one-shot one up to float rounding.
+    micro_batch_samples: int = 0
 
 
 @dataclass
@@ -124,15 +127,30 @@ class WireJob:
         the header, so a small job is a single message."""
         pending = [pb.ComputeRequest(header=self.header).SerializeToString()]
         pending_bytes = 0
-        for name, data in self.payloads:
-            for offset in range(0, len(data), chunk_bytes):
-                piece = data[offset : offset + chunk_bytes]
-                if pending and pending_bytes + len(piece) > chunk_bytes:
-                    yield b"".join(pending) if len(pending) > 1 else pending[0]
-                    pending, pending_bytes = [], 0
-                pending.append(wire.encode_chunk(name, offset, piece))
-                pending_bytes += len(piece)
+        for name, offset, piece in self._pieces(chunk_bytes):
+            if pending and pending_bytes + len(piece) > chunk_bytes:
+                yield b"".join(pending) if len(pending) > 1 else pending[0]
+                pending, pending_bytes = [], 0
+            pending.append(wire.encode_chunk(name, offset, piece))
+            pending_bytes += len(piece)
         yield b"".join(pending) if len(pending) > 1 else pending[0]
+
+    def _pieces(self, chunk_bytes: int) -> Iterator[tuple[str, int, memoryview]]:
+        """(tensor, offset, bytes) in sending order: tensor after tensor, or for a streamed
+        job the parameters, then the sample tensors interleaved micro-batch by micro-batch."""
+        batch = self.header.micro_batch_samples
+        params = [(n, d) for n, d in self.payloads if n.startswith("layers.")]
+        samples = [(n, d) for n, d in self.payloads if not n.startswith("layers.")]
+        spans = [(n, d, 0, len(d)) for n, d in (self.payloads if not batch else params)]
+        if batch:
+            total = next(d.shape[0] for d in self.header.tensors if d.name == "inputs")
+            for start in range(0, total, batch):
+                for name, data in samples:
+                    row = len(data) // total
+                    spans.append((name, data, start * row, min(start + batch, total) * row))
+        for name, data, begin, end in spans:
+            for offset in range(begin, end, chunk_bytes):
+                yield name, offset, data[offset : min(offset + chunk_bytes, end)]
 
     @property
     def payload_bytes(self) -> int:
@@ -197,6 +215,7 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
         raise ValueError("noise_multiplier and noise_seed need clip_norm (DP-SGD clipping)")
     if opts.optimizer is not None:
         _set_optimizer(header.optimizer, opts)
+    header.micro_batch_samples = opts.micro_batch_samples
     as_torch = ensemble.as_torch or any(is_torch(v) for v in (inputs, targets))
     return WireJob(header, payloads, ensemble, as_torch, opts.on_step)
 

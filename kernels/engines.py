@@ -6,6 +6,7 @@ import torch
 
 from gradserve.kernels import torch_engine
 from gradserve.kernels.spec import EnsembleJob, EnsembleResult
+from gradserve.kernels.triton_engine import FUSED_MAX_WIDTH
 
 
 class EngineUnavailable(Exception):
@@ -29,15 +30,21 @@ def available_engines(device: torch.device) -> dict[str, tuple[str, ...]]:
 
 
 def select_engine(
-    backend: str, job_precision: str, device: torch.device, per_sample_norms: bool = False
+    backend: str,
+    job_precision: str,
+    device: torch.device,
+    per_sample_norms: bool = False,
+    layer_sizes=(),
 ) -> str:
     """Resolve `auto | torch | triton` to an engine name, or raise EngineUnavailable.
-    `per_sample_norms`: the job needs them (as outputs, or to clip gradients)."""
+    `per_sample_norms`: the job needs them (as outputs, or to clip gradients); the Triton
+    engine computes them in its fused kernel, for widths up to 128."""
     engines = available_engines(device)
-    if per_sample_norms:  # the torch engine alone computes per-sample gradient norms
+    if per_sample_norms and layer_sizes and max(layer_sizes) > FUSED_MAX_WIDTH:
         if backend == "triton":
             raise EngineUnavailable(
-                "per-sample gradient norms and DP clipping need the torch engine"
+                "per-sample gradient norms and DP clipping on the triton engine need widths "
+                f"<= {FUSED_MAX_WIDTH}; use the torch engine"
             )
         backend = "torch" if backend == "auto" else backend
     if backend == "auto":

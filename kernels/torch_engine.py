@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from gradserve.kernels import privacy
 from gradserve.kernels.functional import activate, per_sample_loss, reduce_loss
 from gradserve.kernels.spec import EnsembleJob, EnsembleResult
 
@@ -81,31 +82,16 @@ def per_sample_gradient_norms(trace, dz) -> torch.Tensor:
     return total.sqrt()
 
 
-def samples_per_loss_unit(job: EnsembleJob) -> int:
-    """N under the mean reduction, 1 under sum: a sample's own loss is its contribution to
-    the model's loss times this."""
-    return job.num_samples if job.loss.reduction == "mean" else 1
-
-
 def private_gradients(job: EnsembleJob, trace, dz, norms, device):
     """DP-SGD weight and bias gradients (see kernels.spec.Privacy): each layer's sum over
     samples of dz_i a_i^T, with every sample's dz scaled by its clip factor, plus noise."""
-    dp = job.privacy
-    scale = samples_per_loss_unit(job)
-    # Opacus' clip factor: C / (norm + 1e-6), at most 1.
-    factor = (dp.clip_norm / (norms.detach() * scale + 1e-6)).clamp(max=1.0).unsqueeze(1)
+    factor = privacy.clip_factors(norms.detach(), job).unsqueeze(1)
     weight_grads, bias_grads = [], []
     for (h_t, _), g in zip(trace, dz, strict=True):
         g = g.detach() * factor  # [M, d_out, N]
         weight_grads.append(torch.bmm(g, h_t.detach().transpose(1, 2)))
         bias_grads.append(g.sum(dim=2))
-    if dp.noise_multiplier > 0:
-        gen = torch.Generator(device=device).manual_seed(dp.noise_seed)
-        std = dp.noise_multiplier * dp.clip_norm / scale
-        for w, b in zip(weight_grads, bias_grads, strict=True):
-            for t in (w, b):
-                noise = torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32)
-                t.add_(noise.to(t.dtype), alpha=std)
+    privacy.add_noise(weight_grads, bias_grads, job, device)
     return weight_grads, bias_grads
 
 

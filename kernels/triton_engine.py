@@ -18,9 +18,11 @@ import os
 
 import torch
 
+from gradserve.kernels import privacy
 from gradserve.kernels.spec import EnsembleJob, EnsembleResult
 
 PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16", "float16")
+# Widest layer of the fully fused kernel (and of per-sample norms on this engine).
 FUSED_MAX_WIDTH = 128
 
 
@@ -67,8 +69,12 @@ def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
     from gradserve.kernels import triton_fused, triton_layered
     from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES, PRECISION_CODES
 
-    if job.outputs.per_sample_gradient_norms:
-        raise ValueError("the triton engine does not compute per-sample gradient norms")
+    norms_needed = job.outputs.per_sample_gradient_norms or job.privacy is not None
+    if norms_needed and max(job.mlp.layer_sizes) > FUSED_MAX_WIDTH:
+        raise ValueError(
+            f"the triton engine computes per-sample gradient norms for widths <= "
+            f"{FUSED_MAX_WIDTH} only"
+        )
     if job.precision not in precisions():
         raise ValueError(f"the triton engine does not run precision {job.precision!r} here")
     device = torch.device(device)
@@ -105,14 +111,20 @@ def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
     if max(sizes) <= FUSED_MAX_WIDTH:
         dp = triton_fused.padded_width(sizes)
         w_pad, b_pad = _pad_parameters(weights, biases, dp, job.precision)
-        (dw, db), dx, per, y = triton_fused.fused_mlp(
-            w_pad, b_pad, x, targets, sample_weights, d_out=d_out, **options
-        )
+        (dw, db), dx, per, y, norms = triton_fused.fused_mlp(
+            w_pad, b_pad, x, targets, sample_weights, d_out=d_out, **options,
+            layer_sizes=list(sizes), want_norms=norms_needed,
+            clip=job.privacy.clip_norm if job.privacy is not None else None,
+            own_scale=float(privacy.samples_per_loss_unit(job)),
+        )  # fmt: skip
         weight_grads = bias_grads = None
         if dw is not None:
             weight_grads = [dw[:, i, : w.shape[1], : w.shape[2]] for i, w in enumerate(weights)]
             bias_grads = [db[:, i, : b.shape[1]] for i, b in enumerate(biases)]
+        if job.privacy is not None and weight_grads is not None:
+            privacy.add_noise(weight_grads, bias_grads, job, device)
     else:
+        norms = None
         (weight_grads, bias_grads), dx, per, y = triton_layered.layered_mlp(
             weights, biases, x, targets, sample_weights, **options
         )
@@ -122,6 +134,7 @@ def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
         bias_grads=bias_grads,
         input_grads=dx,
         per_sample_loss=per if want.per_sample_losses else None,
+        per_sample_grad_norm=norms if want.per_sample_gradient_norms else None,
         outputs=y,
         engine="triton",
         device=str(device),

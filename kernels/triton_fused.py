@@ -30,6 +30,33 @@ from gradserve.kernels.triton_common import activate, activation_grad, loss_bloc
 
 
 @triton.jit
+def _pre_activation_grad(
+    g, z_prog, tile, slope, layer: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
+    DP: tl.constexpr, HIDDEN_ACT: tl.constexpr, OUTPUT_ACT: tl.constexpr,
+):  # fmt: skip
+    """dLoss/dz of `layer` (from the scratch's pre-activation) given dLoss/d(its output)."""
+    z = tl.load(z_prog + layer * BLOCK_N * DP + tile)
+    if layer == L - 1:
+        dz = g * activation_grad(z, OUTPUT_ACT, slope)
+    else:
+        dz = g * activation_grad(z, HIDDEN_ACT, slope)
+    return dz
+
+
+@triton.jit
+def _layer_input(
+    z_prog, x_block, x_mask, tile, slope, layer: tl.constexpr, BLOCK_N: tl.constexpr,
+    DP: tl.constexpr, HIDDEN_ACT: tl.constexpr,
+):  # fmt: skip
+    """The block's input to `layer`: its inputs, or the previous layer's activation."""
+    if layer > 0:
+        h = activate(tl.load(z_prog + (layer - 1) * BLOCK_N * DP + tile), HIDDEN_ACT, slope)
+    else:
+        h = tl.load(x_block, mask=x_mask, other=0.0)
+    return h
+
+
+@triton.jit
 def _fused_mlp_kernel(
     # pointers
     x_ptr,  # inputs, fp32, [M, N, d0] or [N, d0]
@@ -43,6 +70,8 @@ def _fused_mlp_kernel(
     per_ptr,  # per-sample losses, fp32 [M, N]
     y_ptr,  # outputs, fp32 [M, N, dL] (unused without WANT_Y)
     z_ptr,  # scratch, fp32 [M, S, L, BLOCK_N, DP]
+    norm_ptr,  # per-sample gradient norms, fp32 [M, N] (unused without NORMS)
+    widths_ptr,  # int32 [L + 1]: layer_sizes (NORMS only)
     # sizes
     N,
     d_in,  # d0
@@ -59,6 +88,8 @@ def _fused_mlp_kernel(
     slope,  # leaky_relu negative slope
     delta,  # huber delta
     scale,  # 1 / count (mean) or 1 (sum)
+    clip,  # DP clip norm (CLIP only)
+    own_scale,  # N (mean) or 1 (sum): contribution norm -> own-loss norm (CLIP only)
     # meta
     L: tl.constexpr,
     DP: tl.constexpr,
@@ -71,6 +102,8 @@ def _fused_mlp_kernel(
     WANT_PARAM_GRADS: tl.constexpr,
     WANT_DX: tl.constexpr,
     WANT_Y: tl.constexpr,
+    NORMS: tl.constexpr,  # per-sample gradient norms: a first backward pass
+    CLIP: tl.constexpr,  # DP-SGD: scale each sample's gradient by its clip factor
 ):
     m = tl.program_id(0)
     s = tl.program_id(1)
@@ -124,33 +157,61 @@ def _fused_mlp_kernel(
             tl.store(y_ptr + y_offsets, h, mask=rmask[:, None] & (cols[None, :] < d_out))
         tl.debug_barrier()  # scratch writes visible to every thread of the program
 
+        if NORMS:
+            # A first backward pass for each sample's gradient norm: a linear layer's weight
+            # gradient of one sample is dz a^T, so its squared norm is |dz|^2 (|a|^2 + 1)
+            # with the bias. Input gradients come from this pass (clipping leaves them be).
+            gn = g
+            sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for step in tl.static_range(L):
+                layer = L - 1 - step
+                dz = _pre_activation_grad(
+                    gn, z_prog, tile, slope, layer, L, BLOCK_N, DP, HIDDEN_ACT, OUTPUT_ACT
+                )
+                h_in = _layer_input(
+                    z_prog, x_model + x_offsets, rmask[:, None] & in_cols, tile, slope, layer,
+                    BLOCK_N, DP, HIDDEN_ACT,
+                )  # fmt: skip
+                # padded input features may be non-zero (sigmoid(0)): count real ones only
+                h_in = tl.where(cols[None, :] < tl.load(widths_ptr + layer), h_in, 0.0)
+                sq += tl.sum(dz * dz, 1) * (tl.sum(h_in * h_in, 1) + 1.0)
+                if layer > 0 or WANT_DX:
+                    w = tl.load(w_model + layer * DP * DP + square)
+                    gn = matmul(dz, w, PRECISION)
+            if WANT_DX:
+                dx_offsets = m * N * d_in + rn[:, None] * d_in + cols[None, :]
+                tl.store(dx_ptr + dx_offsets, gn, mask=rmask[:, None] & in_cols)
+            norm = tl.sqrt(sq)
+            tl.store(norm_ptr + m * N + rn, norm, mask=rmask)
+            if CLIP:  # backprop is linear in dLoss/dy: scaling it scales the whole gradient
+                factor = tl.minimum(clip / (norm * own_scale + 1e-6), 1.0)
+                g = g * factor[:, None]
+
         # backward, last layer first
-        for step in tl.static_range(L):
-            layer = L - 1 - step
-            z = tl.load(z_prog + layer * BLOCK_N * DP + tile)
-            if layer == L - 1:
-                dz = g * activation_grad(z, OUTPUT_ACT, slope)
-            else:
-                dz = g * activation_grad(z, HIDDEN_ACT, slope)
-            if WANT_PARAM_GRADS:
-                if layer > 0:
-                    z_in = tl.load(z_prog + (layer - 1) * BLOCK_N * DP + tile)
-                    h_in = activate(z_in, HIDDEN_ACT, slope)
-                else:
-                    h_in = tl.load(x_model + x_offsets, mask=rmask[:, None] & in_cols, other=0.0)
-                dw = matmul(tl.trans(dz), h_in, PRECISION)
-                db = tl.sum(dz, 0)
-                if blk > 0:  # fixed order: this program's blocks, one after another
-                    dw += tl.load(dw_prog + layer * DP * DP + square)
-                    db += tl.load(db_prog + layer * DP + cols)
-                tl.store(dw_prog + layer * DP * DP + square, dw)
-                tl.store(db_prog + layer * DP + cols, db)
-            if layer > 0 or WANT_DX:
-                w = tl.load(w_model + layer * DP * DP + square)
-                g = matmul(dz, w, PRECISION)
-        if WANT_DX:
-            dx_offsets = m * N * d_in + rn[:, None] * d_in + cols[None, :]
-            tl.store(dx_ptr + dx_offsets, g, mask=rmask[:, None] & in_cols)
+        if WANT_PARAM_GRADS or (WANT_DX and not NORMS):
+            for step in tl.static_range(L):
+                layer = L - 1 - step
+                dz = _pre_activation_grad(
+                    g, z_prog, tile, slope, layer, L, BLOCK_N, DP, HIDDEN_ACT, OUTPUT_ACT
+                )
+                if WANT_PARAM_GRADS:
+                    h_in = _layer_input(
+                        z_prog, x_model + x_offsets, rmask[:, None] & in_cols, tile, slope,
+                        layer, BLOCK_N, DP, HIDDEN_ACT,
+                    )  # fmt: skip
+                    dw = matmul(tl.trans(dz), h_in, PRECISION)
+                    db = tl.sum(dz, 0)
+                    if blk > 0:  # fixed order: this program's blocks, one after another
+                        dw += tl.load(dw_prog + layer * DP * DP + square)
+                        db += tl.load(db_prog + layer * DP + cols)
+                    tl.store(dw_prog + layer * DP * DP + square, dw)
+                    tl.store(db_prog + layer * DP + cols, db)
+                if layer > 0 or (WANT_DX and not NORMS):
+                    w = tl.load(w_model + layer * DP * DP + square)
+                    g = matmul(dz, w, PRECISION)
+            if WANT_DX and not NORMS:
+                dx_offsets = m * N * d_in + rn[:, None] * d_in + cols[None, :]
+                tl.store(dx_ptr + dx_offsets, g, mask=rmask[:, None] & in_cols)
         tl.debug_barrier()  # the next block overwrites the scratch
 
 
@@ -232,10 +293,16 @@ def fused_mlp(
     want_param_grads: bool,
     want_dx: bool,
     want_y: bool,
+    layer_sizes=None,
+    want_norms: bool = False,
+    clip: float | None = None,
+    own_scale: float = 1.0,
 ):
     """Launcher: check -> allocate -> grid -> launch. Returns padded gradients
     ([M, L, DP, DP], [M, L, DP]) or (None, None), dx [M, N, d0] or None, per-sample
-    losses [M, N], outputs [M, N, dL] or None."""
+    losses [M, N], outputs [M, N, dL] or None, per-sample gradient norms [M, N] or None.
+    With `clip` (DP-SGD) the gradients are clipped sums (want_norms is implied)."""
+    want_norms = want_norms or clip is not None
     m, num_layers, dp, _ = weights_padded.shape
     n, d_in = x.shape[-2], x.shape[-1]
     assert weights_padded.is_contiguous() and x.stride(-1) == 1 and targets.is_contiguous()
@@ -252,22 +319,32 @@ def fused_mlp(
     per = torch.empty(m, n, **f32)
     y = torch.empty(m, n, d_out, **f32) if want_y else torch.empty(1, **f32)
     scratch = torch.empty(m, splits, num_layers, block_n, dp, **f32)
+    norms = torch.empty(m, n, **f32) if want_norms else torch.empty(1, **f32)
+    widths = torch.tensor(layer_sizes or [0], device=device, dtype=torch.int32)
     shared_x = x.dim() == 2
     shared_t = targets.dim() == (1 if loss == 4 else 2)
     sw = sample_weights if sample_weights is not None else per
     shared_w = sample_weights is not None and sample_weights.dim() == 1
 
     _fused_mlp_kernel[(m, splits)](
-        x, weights_padded, biases_padded, targets, sw, dw, db, dx, per, y, scratch,
+        x, weights_padded, biases_padded, targets, sw, dw, db, dx, per, y, scratch, norms,
+        widths,
         n, d_in, d_out, splits, per_split,
         0 if shared_x else x.stride(0), x.stride(-2),
         0 if shared_t else targets.stride(0), targets.stride(-2 if loss != 4 else -1),
         0 if shared_w else n,
-        slope, delta, scale,
+        slope, delta, scale, clip or 0.0, own_scale,
         L=num_layers, DP=dp, BLOCK_N=block_n, HIDDEN_ACT=hidden_act, OUTPUT_ACT=output_act,
         LOSS=loss, PRECISION=precision, HAS_WEIGHTS=sample_weights is not None,
         WANT_PARAM_GRADS=want_param_grads, WANT_DX=want_dx, WANT_Y=want_y,
+        NORMS=want_norms, CLIP=clip is not None,
         num_warps=num_warps,
     )  # fmt: skip
     grads = (sum_partials(dw), sum_partials(db)) if want_param_grads else (None, None)
-    return grads, (dx if want_dx else None), per, (y if want_y else None)
+    return (
+        grads,
+        dx if want_dx else None,
+        per,
+        y if want_y else None,
+        norms if want_norms else None,
+    )

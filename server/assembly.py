@@ -34,16 +34,36 @@ def all_finite(tensor: torch.Tensor) -> bool:
 SMALL_TENSOR = 1 << 16
 
 
+def check_values(tensors: dict[str, torch.Tensor], plan: JobPlan) -> None:
+    """No NaN/Inf (unless allowed), class indices in range."""
+    if not plan.allow_non_finite:
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not all_finite(tensor):
+                raise invalid(
+                    f"tensor {name!r} contains NaN or Inf (set allow_non_finite to accept)",
+                    f"tensors[{name}]",
+                )
+    if plan.loss.name == "cross_entropy" and "targets" in tensors:
+        classes = plan.mlp.layer_sizes[-1]
+        targets = tensors["targets"]
+        if int(targets.min()) < 0 or int(targets.max()) >= classes:
+            raise invalid(
+                f"cross_entropy targets must be class indices in [0, {classes}); got "
+                f"values in [{int(targets.min())}, {int(targets.max())}]",
+                "tensors[targets]",
+            )
+
+
 class PayloadAssembler:
-    def __init__(self, plan: JobPlan):
+    def __init__(self, plan: JobPlan, names: list[str] | None = None):
+        """Buffers for the plan's tensors (or only `names` of them)."""
         self.plan = plan
+        names = list(plan.tensors) if names is None else names
         # np.empty, not bytearray: no zero-filling of memory that is overwritten anyway
         # (a 64 MiB bytearray costs ~30 ms here).
-        self.buffers = {
-            name: np.empty(t.nbytes, dtype=np.uint8) for name, t in plan.tensors.items()
-        }
+        self.buffers = {name: np.empty(plan.tensors[name].nbytes, dtype=np.uint8) for name in names}
         self._views = {name: memoryview(b) for name, b in self.buffers.items()}
-        self.received = dict.fromkeys(plan.tensors, 0)
+        self.received = dict.fromkeys(names, 0)
 
     def add(self, chunk: pb.TensorChunk) -> None:
         name = chunk.name
@@ -71,47 +91,43 @@ class PayloadAssembler:
     def missing(self) -> list[str]:
         return [n for n, got in self.received.items() if got != self.plan.tensors[n].nbytes]
 
-    def finish(self) -> EnsembleJob:
-        """All bytes are in: build the engine job (zero-copy views) and check the values."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All bytes are in: the tensors (zero-copy views), values checked."""
         missing = self.missing()
         if missing:
             detail = ", ".join(
                 f"{n} ({self.received[n]} of {len(self.buffers[n])} bytes)" for n in missing
             )
             raise invalid(f"request stream ended before all tensor bytes arrived: {detail}")
-        plan = self.plan
+        specs = self.plan.tensors
         t = {
-            name: codec.tensor_from_bytes(self.buffers[name], spec.dtype, spec.shape)
-            for name, spec in plan.tensors.items()
+            name: codec.tensor_from_bytes(buffer, specs[name].dtype, specs[name].shape)
+            for name, buffer in self.buffers.items()
         }
-        if not plan.allow_non_finite:
-            for name, tensor in t.items():
-                if tensor.is_floating_point() and not all_finite(tensor):
-                    raise invalid(
-                        f"tensor {name!r} contains NaN or Inf (set allow_non_finite to accept)",
-                        f"tensors[{name}]",
-                    )
-        if plan.loss.name == "cross_entropy":
-            classes = plan.mlp.layer_sizes[-1]
-            targets = t["targets"]
-            if int(targets.min()) < 0 or int(targets.max()) >= classes:
-                raise invalid(
-                    f"cross_entropy targets must be class indices in [0, {classes}); got "
-                    f"values in [{int(targets.min())}, {int(targets.max())}]",
-                    "tensors[targets]",
-                )
-        num_layers = plan.mlp.num_layers
-        return EnsembleJob(
-            mlp=plan.mlp,
-            loss=plan.loss,
-            weights=[t[f"layers.{i}.weight"] for i in range(num_layers)],
-            biases=[t[f"layers.{i}.bias"] for i in range(num_layers)],
-            inputs=t["inputs"],
-            targets=t["targets"],
-            sample_weights=t.get("sample_weights"),
-            precision=plan.precision,
-            outputs=plan.outputs,
-            privacy=plan.privacy,
-            optimizer=plan.optimizer,
-            optimizer_state={name: t[name] for name in plan.optimizer_state_names() if name in t},
-        )
+        check_values(t, self.plan)
+        return t
+
+    def finish(self) -> EnsembleJob:
+        """All bytes are in: build the engine job (zero-copy views) and check the values."""
+        return engine_job(self.plan, self.tensors())
+
+
+def engine_job(plan: JobPlan, t: dict[str, torch.Tensor], **overrides) -> EnsembleJob:
+    """The engine job of a plan over its tensors by wire name; `overrides`: EnsembleJob
+    fields that differ from the plan's."""
+    num_layers = plan.mlp.num_layers
+    fields = dict(
+        mlp=plan.mlp,
+        loss=plan.loss,
+        weights=[t[f"layers.{i}.weight"] for i in range(num_layers)],
+        biases=[t[f"layers.{i}.bias"] for i in range(num_layers)],
+        inputs=t["inputs"],
+        targets=t["targets"],
+        sample_weights=t.get("sample_weights"),
+        precision=plan.precision,
+        outputs=plan.outputs,
+        privacy=plan.privacy,
+        optimizer=plan.optimizer,
+        optimizer_state={name: t[name] for name in plan.optimizer_state_names() if name in t},
+    )
+    return EnsembleJob(**{**fields, **overrides})

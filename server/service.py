@@ -18,10 +18,11 @@ from gradserve.kernels import EngineUnavailable, EnsembleResult
 from gradserve.server import codec
 from gradserve.server.admission import Admission, ServerBusy
 from gradserve.server.assembly import PayloadAssembler
-from gradserve.server.batching import BatchingPolicy, DynamicBatcher
+from gradserve.server.batching import BatchingPolicy, DynamicBatcher, Launched
 from gradserve.server.config import ServerConfig
 from gradserve.server.errors import JobError, invalid, status_details, too_large, unsupported
 from gradserve.server.metrics import Metrics
+from gradserve.server.streaming import SampleStream, accumulate, scale
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
@@ -269,7 +270,11 @@ class GradientService(pb_grpc.GradientServiceServicer):
         plan = validate_header(first.header, self.config)
         try:
             engine = kernels.select_engine(
-                plan.backend, plan.precision, self.device, plan.needs_per_sample_norms
+                plan.backend,
+                plan.precision,
+                self.device,
+                plan.needs_per_sample_norms,
+                plan.mlp.layer_sizes,
             )
         except EngineUnavailable as e:
             raise unsupported(str(e)) from None
@@ -283,44 +288,42 @@ class GradientService(pb_grpc.GradientServiceServicer):
         descriptors = plan.result_descriptors()
         result_bytes = sum(codec.nbytes(d.dtype, d.shape) for d in descriptors)
 
-        with self.admission.reserve(plan.payload_bytes + result_bytes):
+        with self.admission.reserve(plan.held_bytes + result_bytes):
             accepted = pb.ComputeResponse(
                 accepted=pb.JobAccepted(
                     job_id=job_id, engine=engine, device=str(self.device), results=descriptors
                 )
             ).SerializeToString()
-            assembler = PayloadAssembler(plan)
-            for chunk in first.chunks:
-                assembler.add(chunk)
-            if assembler.missing():  # a multi-message upload: acknowledge the header now
+            streamed = 0  # result bytes sent while the job ran (losses of optimiser steps)
+            if plan.micro_batch_samples:
                 await context.write(accepted)
                 accepted = b""
-            # else the job came in one message: its accepted message leaves with the first
-            # results, saving a stream operation (most of a small job's serving cost).
-            while (msg := await self._read(context, idle)) is not None:
-                if isinstance(msg, wire.MalformedMessage):
-                    raise invalid("request message is not a valid ComputeRequest")
-                if msg.HasField("header"):
-                    raise invalid("a job has exactly one header")
-                if not msg.chunks:
-                    raise invalid("request message carries neither header nor chunks")
-                for chunk in msg.chunks:
+                launched, uploaded = await self._run_streamed(context, idle, plan, engine, first)
+            else:
+                assembler = PayloadAssembler(plan)
+                for chunk in first.chunks:
                     assembler.add(chunk)
-            job = await self._io(plan.payload_bytes, assembler.finish)
-            del assembler  # the job's tensors are views of its buffers
-            uploaded = time.perf_counter()
-
-            streamed = 0  # result bytes sent while the job ran (losses of optimiser steps)
-            try:
-                if plan.optimizer is None:
-                    launched = await self.batcher.submit(job, engine, plan.payload_bytes)
-                else:
-                    launched, streamed = await self._train(context, plan, job, engine, accepted)
+                if assembler.missing():  # a multi-message upload: acknowledge the header now
+                    await context.write(accepted)
                     accepted = b""
-                    descriptors = [d for d in descriptors if d.name != "losses"]
-            except torch.OutOfMemoryError:
-                raise too_large("the device ran out of memory for this job") from None
-            del job
+                # else the job came in one message: its accepted message leaves with the
+                # first results, saving a stream operation (most of a small job's cost).
+                async for chunks in self._later_chunks(context, idle):
+                    for chunk in chunks:
+                        assembler.add(chunk)
+                job = await self._io(plan.payload_bytes, assembler.finish)
+                del assembler  # the job's tensors are views of its buffers
+                uploaded = time.perf_counter()
+                try:
+                    if plan.optimizer is None:
+                        launched = await self.batcher.submit(job, engine, plan.payload_bytes)
+                    else:
+                        launched, streamed = await self._train(context, plan, job, engine, accepted)
+                        accepted = b""
+                        descriptors = [d for d in descriptors if d.name != "losses"]
+                except torch.OutOfMemoryError:
+                    raise too_large("the device ran out of memory for this job") from None
+                del job
             info.update(
                 jobs_in_launch=launched.jobs_in_launch,
                 queue_s=round(launched.queue_seconds, 4),
@@ -359,6 +362,66 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 context, plan, descriptors, launched.result, summary, accepted, streamed
             )
             info.update(bytes_in=plan.payload_bytes, bytes_out=sent)
+
+    async def _later_chunks(self, context, idle: IdleTimer):
+        """The chunks of each request message after the first, message by message."""
+        while (msg := await self._read(context, idle)) is not None:
+            if isinstance(msg, wire.MalformedMessage):
+                raise invalid("request message is not a valid ComputeRequest")
+            if msg.HasField("header"):
+                raise invalid("a job has exactly one header")
+            if not msg.chunks:
+                raise invalid("request message carries neither header nor chunks")
+            yield msg.chunks
+
+    async def _run_streamed(self, context, idle: IdleTimer, plan: JobPlan, engine: str, first):
+        """A streamed job (server.streaming): each micro-batch launches as soon as its
+        samples are in, while the next one's bytes are read; at most one is in flight.
+        Returns (launched, when the last sample byte arrived)."""
+        stream = SampleStream(plan)
+        total, inflight, queued, computed = None, None, 0.0, 0.0
+        grad_bytes = sum(plan.tensors[n].nbytes for n in plan.tensors if n.startswith("layers."))
+
+        async def settle() -> None:
+            nonlocal total, inflight, queued, computed
+            done = await inflight
+            inflight = None
+            queued += done.queue_seconds
+            computed += done.compute_seconds
+            total = await self._io(grad_bytes, accumulate, total, done.result)
+
+        async def launch_ready() -> None:
+            nonlocal inflight
+            while stream.ready:
+                micro = stream.ready.popleft()
+                if inflight is not None:
+                    await settle()
+                inflight = asyncio.ensure_future(
+                    self.batcher.submit(micro, engine, stream.micro_batch_bytes())
+                )
+
+        try:
+            for chunk in first.chunks:
+                stream.add(chunk)
+            await launch_ready()
+            async for chunks in self._later_chunks(context, idle):
+                for chunk in chunks:
+                    stream.add(chunk)
+                await launch_ready()
+            uploaded = time.perf_counter()
+            if not stream.done:
+                raise invalid(
+                    f"request stream ended before all tensor bytes arrived: {stream.missing()}"
+                )
+            await settle()
+        except torch.OutOfMemoryError:
+            raise too_large("the device ran out of memory for this job") from None
+        finally:
+            if inflight is not None:
+                inflight.cancel()
+        flops = kernels.flops(plan.mlp, plan.num_models, plan.num_samples)
+        launched = Launched(scale(total, plan), 1, plan.num_models, flops, queued, computed)
+        return launched, uploaded
 
     async def _train(self, context, plan: JobPlan, job, engine: str, prefix: bytes):
         """Run a job's optimiser steps, streaming each step's losses (a row of "losses") as

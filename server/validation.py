@@ -133,7 +133,8 @@ class JobPlan:
     @property
     def held_bytes(self) -> int:
         """Payload bytes the server holds at once: all of them, or for a streamed job the
-        parameters plus up to three micro-batches of samples (two ahead, one in use)."""
+        parameters plus about three micro-batches of samples (two ahead, one in use), and
+        at most one request message more."""
         if not self.micro_batch_samples:
             return self.payload_bytes
         held = 0

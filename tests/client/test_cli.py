@@ -110,6 +110,18 @@ def test_training_flags_print_each_step_and_write_parameters(server, tmp_path):
     assert (results["losses"][-1] < results["losses"][0]).mean() > 0.9  # it trains
 
 
+def test_micro_batch_flag_streams_the_same_job(server, tmp_path):
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    base = ("--address", server.address, "compute", job)
+    cli(*base, str(tmp_path / "whole.safetensors"))
+    cli(*base, str(tmp_path / "streamed.safetensors"), "--micro-batch-samples", "50")
+    whole = safetensors.numpy.load_file(str(tmp_path / "whole.safetensors"))
+    streamed = safetensors.numpy.load_file(str(tmp_path / "streamed.safetensors"))
+    for k, v in whole.items():
+        np.testing.assert_allclose(streamed[k], v, rtol=1e-4, atol=1e-7)
+
+
 def test_info_json_lists_engines_and_limits(server):
     info = json.loads(cli("--address", server.address, "info", "--json").stdout)
     assert info["engines"][0]["name"] == "torch"

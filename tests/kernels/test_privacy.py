@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from gradserve import kernels
-from gradserve.kernels import torch_engine
+from gradserve.kernels import torch_engine, triton_engine
 from tests import per_sample
 from tests.jobs import ensemble_job, random_job
 
 SIZES = (5, 9, 4, 3)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def private_job(tensors, privacy, sizes=SIZES, **kw):
@@ -54,6 +55,32 @@ def test_clipped_sums_equal_clipping_vmap_grad_per_sample_gradients(hidden, loss
     want = per_sample.clipped_sums(ref, clip, scale)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("reduction", kernels.REDUCTIONS)
+@pytest.mark.parametrize("loss", kernels.LOSSES)
+@pytest.mark.parametrize("hidden", ["relu", "sigmoid", "silu"])
+def test_triton_engine_clipped_sums(hidden, loss, reduction):
+    """Clipping inside the fused kernel (float32; interpreter on CPUs), against the float64
+    reference, noise included: the engines draw the same noise on one device."""
+    tensors = random_job(SIZES, 3, 21, loss=loss, sample_weights=True, seed=16)
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+    ref = per_sample.per_sample_gradients(wide, SIZES, hidden, loss, reduction)
+    scale = 21 if reduction == "mean" else 1
+    clip = median_own_norm(ref, scale)
+    want = per_sample.clipped_sums(ref, clip, scale)
+    job = private_job(tensors, kernels.Privacy(clip), hidden=hidden, loss=loss,
+                      reduction=reduction)  # fmt: skip
+    got = grads_of(triton_engine.run(job, DEVICE))
+    for name in want:
+        for k in range(3):
+            err = (got[name][k].double().cpu() - want[name][k]).norm() / want[name][k].norm()
+            assert err < 1e-5, (name, k, float(err))
+    job.privacy = kernels.Privacy(clip, noise_multiplier=0.9, noise_seed=5)
+    noisy_triton = grads_of(triton_engine.run(job, DEVICE))
+    noisy_torch = grads_of(torch_engine.run(job, DEVICE))
+    for name in want:
+        torch.testing.assert_close(noisy_triton[name], noisy_torch[name], rtol=1e-4, atol=1e-6)
 
 
 def test_clipping_changes_some_samples_and_a_huge_clip_norm_none():

@@ -253,6 +253,14 @@ CASES = {
         ],
         EXHAUSTED,
     ),
+    "negative micro-batch size": (
+        with_header(lambda h: setattr(h, "micro_batch_samples", -1)),
+        INVALID,
+    ),
+    "micro-batches of per-model inputs": (
+        with_header(lambda h: setattr(h, "micro_batch_samples", 2)),
+        INVALID,
+    ),
     "zero DP clip norm": (with_header(lambda h: setattr(h.privacy, "clip_norm", 0.0)), INVALID),
     "negative DP clip norm": (
         with_header(lambda h: setattr(h.privacy, "clip_norm", -2.0)),
@@ -283,15 +291,6 @@ CASES = {
             )
         ),
         INVALID,
-    ),
-    "DP clipping on the triton engine": (
-        with_header(
-            lambda h: (
-                setattr(h.privacy, "clip_norm", 1.0),
-                setattr(h, "backend", pb.BACKEND_TRITON),
-            )
-        ),
-        UNIMPLEMENTED,
     ),
     "float64 on an engine that lacks it": (
         with_header(

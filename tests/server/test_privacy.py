@@ -2,6 +2,7 @@
 reference, noise reproducible by seed, fresh noise without one."""
 
 import numpy as np
+import pytest
 import torch
 
 from tests import per_sample
@@ -17,14 +18,15 @@ def job_args(seed=3):
     return tensors, args, {"sample_weights": tensors["sample_weights"].numpy()}
 
 
-def test_clipped_gradients_match_the_reference(client):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_clipped_gradients_match_the_reference(client, backend):
     tensors, args, kw = job_args()
     wide = {k: v.double() for k, v in tensors.items()}
     ref = per_sample.per_sample_gradients(wide, SIZES, "silu", "mse", "mean")
     clip = float((per_sample.norms(ref) * 13).median())
     want = per_sample.clipped_sums(ref, clip, 13)
-    result = client.compute(*args, **kw, hidden_activation="silu", clip_norm=clip)
-    assert result.engine == "torch"
+    result = client.compute(*args, **kw, hidden_activation="silu", clip_norm=clip, backend=backend)
+    assert result.engine == backend
     for name, g in want.items():
         got = torch.from_numpy(result.gradients[name]).double()
         for k in range(5):

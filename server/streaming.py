@@ -1,0 +1,147 @@
+"""Streamed jobs: N beyond what the server should hold at once.
+
+The parameters arrive first and are kept whole. The sample tensors (inputs, targets,
+sample_weights, shared by all models) then arrive interleaved; as soon as every one of them
+holds the next micro-batch's rows, those rows become an engine job of their own (sum
+reduction) and leave the buffers. The caller runs the micro-batch jobs and adds their
+losses and gradients (accumulate()); scale() then applies the job's reduction, which gives
+the one-shot result up to float rounding.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import torch
+
+from gradserve.kernels import EnsembleJob, EnsembleResult, LossSpec, OutputRequest
+from gradserve.server import codec
+from gradserve.server.assembly import PayloadAssembler, check_values, engine_job
+from gradserve.server.errors import invalid
+from gradserve.server.validation import JobPlan
+
+
+class SampleStream:
+    def __init__(self, plan: JobPlan):
+        self.plan = plan
+        self.samples = plan.sample_tensors
+        self.params = PayloadAssembler(plan, [n for n in plan.tensors if n not in self.samples])
+        self.row_bytes = {n: plan.tensors[n].nbytes // plan.num_samples for n in self.samples}
+        self.pending = {n: bytearray() for n in self.samples}
+        self.received = dict.fromkeys(self.samples, 0)
+        batch = min(plan.micro_batch_samples, plan.num_samples)
+        # A sample tensor may run two micro-batches (and the chunk that crosses that mark)
+        # ahead of the others.
+        self.limit = {n: 2 * batch * r for n, r in self.row_bytes.items()}
+        self.next_sample = 0  # first sample of the next micro-batch
+        # Micro-batches cut from the buffers as soon as complete (one request message may
+        # carry several), waiting to be launched.
+        self.ready: collections.deque[EnsembleJob] = collections.deque()
+        self._parameters: dict[str, torch.Tensor] | None = None
+
+    def add(self, chunk) -> None:
+        name = chunk.name
+        if name not in self.pending:
+            self.params.add(chunk)  # parameters, or an undeclared name (INVALID_ARGUMENT)
+            return
+        if self.params.missing():
+            raise invalid(
+                "in a streamed job every parameter byte must arrive before the first sample "
+                f"byte; got a chunk of {name!r} while {self.params.missing()} are incomplete",
+                f"chunks[{name}]",
+            )
+        size = self.plan.tensors[name].nbytes
+        if chunk.offset != self.received[name]:
+            raise invalid(
+                f"chunk of {name!r} at offset {chunk.offset}; expected offset "
+                f"{self.received[name]} (chunks of a tensor must be in order, without gaps)",
+                f"chunks[{name}].offset",
+            )
+        length = len(chunk.data)
+        if length == 0:
+            raise invalid(f"empty chunk for {name!r}", f"chunks[{name}].data")
+        if chunk.offset + length > size:
+            raise invalid(
+                f"chunk of {name!r} ends at byte {chunk.offset + length}, beyond its {size} bytes",
+                f"chunks[{name}].data",
+            )
+        if len(self.pending[name]) > self.limit[name]:
+            raise invalid(
+                f"{name!r} ran more than two micro-batches ahead of the other sample tensors; "
+                "interleave their chunks micro-batch by micro-batch",
+                f"chunks[{name}]",
+            )
+        self.pending[name] += chunk.data
+        self.received[name] += length
+        while (micro := self._next_micro_batch()) is not None:
+            self.ready.append(micro)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        if self._parameters is None:
+            self._parameters = self.params.tensors()
+        return self._parameters
+
+    def _next_micro_batch(self) -> EnsembleJob | None:
+        """The next micro-batch whose rows have all arrived, or None."""
+        plan = self.plan
+        count = min(plan.micro_batch_samples, plan.num_samples - self.next_sample)
+        if count == 0 or any(len(self.pending[n]) < count * r for n, r in self.row_bytes.items()):
+            return None
+        rows = {}
+        for name, row in self.row_bytes.items():
+            size = count * row
+            buffer = np.empty(size, dtype=np.uint8)
+            buffer[:] = memoryview(self.pending[name])[:size]
+            del self.pending[name][:size]
+            spec = plan.tensors[name]
+            rows[name] = codec.tensor_from_bytes(buffer, spec.dtype, (count, *spec.shape[1:]))
+        check_values(rows, plan)
+        self.next_sample += count
+        return engine_job(
+            plan,
+            {**self.parameters(), **rows},
+            loss=LossSpec(plan.loss.name, "sum", plan.loss.huber_delta),
+            outputs=OutputRequest(parameter_gradients=plan.outputs.parameter_gradients),
+        )
+
+    def missing(self) -> str:
+        """What has not arrived, for the error when the request stream ends early."""
+        incomplete = [
+            f"{n} ({got} of {self.plan.tensors[n].nbytes} bytes)"
+            for n, got in self.received.items()
+            if got != self.plan.tensors[n].nbytes
+        ]
+        return ", ".join(self.params.missing() + incomplete)
+
+    @property
+    def done(self) -> bool:
+        return self.next_sample == self.plan.num_samples
+
+    def micro_batch_bytes(self) -> int:
+        return sum(min(self.plan.micro_batch_samples, self.plan.num_samples) * r
+                   for r in self.row_bytes.values())  # fmt: skip
+
+
+def accumulate(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleResult:
+    """Add a micro-batch's summed loss and gradients into the running total (in place)."""
+    if total is None:
+        return part
+    total.loss += part.loss
+    if part.weight_grads is not None:
+        for t, p in zip(total.weight_grads + total.bias_grads,
+                        part.weight_grads + part.bias_grads, strict=True):  # fmt: skip
+            t += p
+    return total
+
+
+def scale(total: EnsembleResult, plan: JobPlan) -> EnsembleResult:
+    """Apply the job's reduction to the summed loss and gradients."""
+    if plan.loss.reduction == "mean":
+        count = plan.num_samples * (
+            1 if plan.loss.name == "cross_entropy" else plan.mlp.layer_sizes[-1]
+        )
+        total.loss /= count
+        for t in (total.weight_grads or []) + (total.bias_grads or []):
+            t /= count
+    return total
