@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -82,6 +83,9 @@ def vmap_fn(nets, x, y):
 def opacus_fn(nets, x, y):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
+
+    # Opacus' hooks warn that the inputs need no gradient; they need none here.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
     models = [GradSampleModule(net, loss_reduction="mean") for net in nets]
     optimizers = [
