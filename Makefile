@@ -28,6 +28,7 @@ bench:
 	$(PY) bench/engine_cpu.py
 	$(PY) bench/transfer.py
 	$(PY) bench/batching.py
+	$(PY) bench/privacy.py
 
 clean:
 	rm -rf .venv build *.egg-info
