@@ -21,7 +21,7 @@ from gradserve.client._job import (
     build_job,
 )
 from gradserve.client._models import normalize
-from gradserve.client._sharding import merge_results, shard_bounds, slice_job
+from gradserve.client._sharding import merge_results, shard_bounds, shard_options, slice_job
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -151,13 +151,15 @@ class GradientClient:
     ) -> ComputeResult:
         """compute() for a large ensemble, split along the model axis into `shards` slices
         (default: one per server address) that run on different servers at once; the
-        results are merged back in order, equal to an unsharded run."""
+        results are merged back in order, equal to an unsharded run (DP noise excepted: each
+        shard draws its own)."""
         ensemble = normalize(model)
         opts = JobOptions(**options)
         num_models = ensemble.params["layers.0.weight"].shape[0]
         bounds = shard_bounds(num_models, shards or len(self._computes))
         jobs = [build_job(*slice_job(ensemble, inputs, targets, sample_weights, opts.loss, a, b),
-                          opts) for a, b in bounds]  # fmt: skip
+                          shard_options(opts, i, a, b))
+                for i, (a, b) in enumerate(bounds)]  # fmt: skip
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             parts = list(pool.map(lambda i: self._run(jobs[i], timeout, first=i),
                                   range(len(jobs))))  # fmt: skip

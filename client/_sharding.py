@@ -46,17 +46,36 @@ def slice_job(ensemble: Ensemble, inputs, targets, sample_weights, loss: str,
     )
 
 
-def _concat(values: list):
+def shard_options(opts, index: int, begin: int, end: int):
+    """A shard's job options: its models' slice of any incoming optimiser state, and its
+    own DP noise seed (seed + shard index: the shards' noise is independent, not that of an
+    unsharded job, whose noise is drawn for all M models at once)."""
+    if opts.on_step is not None:
+        raise ValueError("on_step is not supported by compute_sharded; use compute")
+    changes = {}
+    if opts.optimizer_state:
+        changes["optimizer_state"] = {
+            k: as_array(v)[begin:end] for k, v in opts.optimizer_state.items()
+        }
+    if opts.noise_seed is not None:
+        changes["noise_seed"] = (opts.noise_seed + index) % 2**64
+    return replace(opts, **changes)
+
+
+def _concat(values: list, axis: int):
     if is_torch(values[0]):
         import torch
 
-        return torch.cat(values)
-    return np.concatenate(values)
+        return torch.cat(values, dim=axis)
+    return np.concatenate(values, axis=axis)
 
 
 def merge_results(ensemble: Ensemble, parts: list[ComputeResult]) -> ComputeResult:
     """Concatenate per-shard results along the model axis, in the caller's form."""
-    tensors = {name: _concat([p.tensors[name] for p in parts]) for name in parts[0].tensors}
+    tensors = {
+        name: _concat([p.tensors[name] for p in parts], 1 if name == "losses" else 0)
+        for name in parts[0].tensors
+    }  # losses are [steps, M]
     summary = {
         key: sum(p.summary[key] for p in parts) for key in ("flops", "bytes_received", "bytes_sent")
     }

@@ -154,3 +154,25 @@ def test_abandoned_training_stops_and_frees_the_engine(client):
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     # 100k steps take minutes here; the next job is served within seconds.
     assert client.compute(*args, timeout=15).loss.shape == (M,)
+
+
+def test_async_client_trains_and_sees_each_step(server):
+    import asyncio
+
+    from gradserve.client import AsyncGradientClient
+
+    tensors = random_job(SIZES, M, N, seed=36)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    seen = []
+
+    async def main():
+        async with AsyncGradientClient(server.address, timeout=60) as client:
+            return await client.compute(
+                params, tensors["inputs"].numpy(), tensors["targets"].numpy(),
+                optimizer="sgd", learning_rate=0.05, momentum=0.9, steps=5,
+                on_step=lambda k, losses: seen.append(k),
+            )  # fmt: skip
+
+    result = asyncio.run(main())
+    assert seen == [0, 1, 2, 3, 4] and result.losses.shape == (5, M)
+    assert set(result.parameters) == set(params)
