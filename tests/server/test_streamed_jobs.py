@@ -56,6 +56,17 @@ def test_streamed_on_the_triton_engine(client):
         np.testing.assert_allclose(streamed.gradients[name], g, rtol=1e-4, atol=1e-7)
 
 
+def test_non_finite_sample_mid_stream_is_refused(client):
+    params, x, y, _ = shared_job(2, 400, weights=False)
+    x = x.copy()
+    x[333, 2] = np.nan  # in the fourth micro-batch
+    with pytest.raises(GradserveError) as err:
+        client.compute(params, x, y, micro_batch_samples=100)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN" in err.value.details
+    assert client.compute(params, x[:300], y[:300], micro_batch_samples=100).loss.shape == (2,)
+
+
 def test_streamed_job_refuses_per_model_inputs_and_per_sample_outputs(client):
     params, x, y, _ = shared_job(3, 50, weights=False)
     per_model = np.broadcast_to(x, (3, *x.shape)).copy()
