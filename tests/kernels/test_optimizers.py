@@ -163,3 +163,26 @@ def test_triton_engine_steps_equal_torch_optim(config):
 def test_optimizer_options_are_checked():
     with pytest.raises(ValueError):
         kernels.Optimizer(kind="lbfgs", steps=1, learning_rate=0.1)
+
+
+def test_dp_sgd_steps_draw_fresh_noise_each_step():
+    """Training with privacy: step k's gradient is the clipped, noised one with seed + k."""
+    tensors = random_job(SIZES, M, N, seed=25, dtype=torch.float64)
+    dp = kernels.Privacy(0.3, noise_multiplier=1.0, noise_seed=40)
+    job = optimizer_job(tensors, CONFIGS["sgd"], 2)
+    job.privacy = dp
+    got = kernels.run(job, "torch", torch.device("cpu"))
+
+    params = {k: v.clone() for k, v in tensors.items()}
+    for k in range(2):
+        step = ensemble_job(
+            params, SIZES, hidden="tanh", precision="float64", input_gradients=False,
+            per_sample_losses=False, forward_outputs=False,
+        )  # fmt: skip
+        step.privacy = kernels.Privacy(0.3, noise_multiplier=1.0, noise_seed=40 + k)
+        r = kernels.run(step, "torch", torch.device("cpu"))
+        for i in range(len(SIZES) - 1):
+            params[f"layers.{i}.weight"] = params[f"layers.{i}.weight"] - 0.1 * r.weight_grads[i]
+            params[f"layers.{i}.bias"] = params[f"layers.{i}.bias"] - 0.1 * r.bias_grads[i]
+    for name, p in params_of(got).items():
+        torch.testing.assert_close(p, params[name], rtol=1e-12, atol=1e-14)
