@@ -59,10 +59,10 @@ def select_engine(
 
 def warm_up(device: torch.device) -> None:
     """Run one tiny job on the calling thread: loads every engine's libraries and starts the
-    thread's intra-op pool before the first real job. Without it, a float32 job arriving
-    within about a second of start-up came back, in about 6% of fresh servers on a 2-core
-    CPU machine, with the first half of its models computed less accurately (gradients off
-    by up to ~1e-3 relative instead of ~1e-6); 60 of 60 warmed servers were exact. The
+    thread's intra-op pool before the first real job. Without it, the second job of a
+    freshly started server came back, in 9 of 163 runs on a 2-core CPU machine, with the
+    first half of its models computed less accurately (gradients off by up to ~1e-3
+    relative instead of ~1e-6, bit-identical each time); 0 of 110 warmed servers did. The
     faulty path itself was not identified (not the FP environment, thread count or MKL-DNN
     precision settings)."""
     from gradserve.kernels.spec import Activation, LossSpec, MLPSpec
