@@ -90,6 +90,9 @@ class Privacy:
     clip_norm: float
     noise_multiplier: float = 0.0
     noise_seed: int = 0
+    # Contribution norm -> own-loss norm; None: N under mean, 1 under sum. Set for the
+    # micro-batches of a streamed job, whose sum reduction stands for the whole job's.
+    own_loss_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.clip_norm < float("inf"):

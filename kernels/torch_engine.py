@@ -91,7 +91,9 @@ def private_gradients(job: EnsembleJob, trace, dz, norms, device):
         g = g.detach() * factor  # [M, d_out, N]
         weight_grads.append(torch.bmm(g, h_t.detach().transpose(1, 2)))
         bias_grads.append(g.sum(dim=2))
-    privacy.add_noise(weight_grads, bias_grads, job, device)
+    privacy.add_noise(
+        weight_grads, bias_grads, job.privacy, privacy.samples_per_loss_unit(job), device
+    )
     return weight_grads, bias_grads
 
 

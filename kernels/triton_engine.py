@@ -115,14 +115,16 @@ def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
             w_pad, b_pad, x, targets, sample_weights, d_out=d_out, **options,
             layer_sizes=list(sizes), want_norms=norms_needed,
             clip=job.privacy.clip_norm if job.privacy is not None else None,
-            own_scale=float(privacy.samples_per_loss_unit(job)),
+            own_scale=privacy.own_loss_scale(job) if job.privacy is not None else 1.0,
         )  # fmt: skip
         weight_grads = bias_grads = None
         if dw is not None:
             weight_grads = [dw[:, i, : w.shape[1], : w.shape[2]] for i, w in enumerate(weights)]
             bias_grads = [db[:, i, : b.shape[1]] for i, b in enumerate(biases)]
         if job.privacy is not None and weight_grads is not None:
-            privacy.add_noise(weight_grads, bias_grads, job, device)
+            privacy.add_noise(
+                weight_grads, bias_grads, job.privacy, privacy.samples_per_loss_unit(job), device
+            )
     else:
         norms = None
         (weight_grads, bias_grads), dx, per, y = triton_layered.layered_mlp(

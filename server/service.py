@@ -420,7 +420,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
             if inflight is not None:
                 inflight.cancel()
         flops = kernels.flops(plan.mlp, plan.num_models, plan.num_samples)
-        launched = Launched(scale(total, plan), 1, plan.num_models, flops, queued, computed)
+        result = await self.worker.call(scale, total, plan, self.device)
+        launched = Launched(result, 1, plan.num_models, flops, queued, computed)
         return launched, uploaded
 
     async def _train(self, context, plan: JobPlan, job, engine: str, prefix: bytes):

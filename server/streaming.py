@@ -11,11 +11,12 @@ the one-shot result up to float rounding.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import torch
 
-from gradserve.kernels import EnsembleJob, EnsembleResult, LossSpec, OutputRequest
+from gradserve.kernels import EnsembleJob, EnsembleResult, LossSpec, OutputRequest, Privacy, privacy
 from gradserve.server import codec
 from gradserve.server.assembly import PayloadAssembler, check_values, engine_job
 from gradserve.server.errors import invalid
@@ -103,7 +104,18 @@ class SampleStream:
             {**self.parameters(), **rows},
             loss=LossSpec(plan.loss.name, "sum", plan.loss.huber_delta),
             outputs=OutputRequest(parameter_gradients=plan.outputs.parameter_gradients),
+            privacy=self._micro_batch_privacy(),
         )
+
+    def _micro_batch_privacy(self) -> Privacy | None:
+        """Clipping as the whole job would clip (a sample's own loss is its summed loss
+        divided by what the mean divides by beyond N); the noise comes once, in scale()."""
+        dp = self.plan.privacy
+        if dp is None:
+            return None
+        per_sample = _count(self.plan) // self.plan.num_samples
+        unit = 1.0 / per_sample if self.plan.loss.reduction == "mean" else 1.0
+        return dataclasses.replace(dp, noise_multiplier=0.0, own_loss_scale=unit)
 
     def missing(self) -> str:
         """What has not arrived, for the error when the request stream ends early."""
@@ -135,13 +147,20 @@ def accumulate(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleRe
     return total
 
 
-def scale(total: EnsembleResult, plan: JobPlan) -> EnsembleResult:
-    """Apply the job's reduction to the summed loss and gradients."""
+def _count(plan: JobPlan) -> int:
+    """What the mean reduction divides the summed loss by."""
+    return plan.num_samples * (1 if plan.loss.name == "cross_entropy" else plan.mlp.layer_sizes[-1])
+
+
+def scale(total: EnsembleResult, plan: JobPlan, device) -> EnsembleResult:
+    """Apply the job's reduction to the summed loss and gradients, then the DP noise (drawn
+    as for the one-shot job: the same seed gives the same noise)."""
     if plan.loss.reduction == "mean":
-        count = plan.num_samples * (
-            1 if plan.loss.name == "cross_entropy" else plan.mlp.layer_sizes[-1]
-        )
+        count = _count(plan)
         total.loss /= count
         for t in (total.weight_grads or []) + (total.bias_grads or []):
             t /= count
+    if plan.privacy is not None and total.weight_grads is not None:
+        unit = plan.num_samples if plan.loss.reduction == "mean" else 1
+        privacy.add_noise(total.weight_grads, total.bias_grads, plan.privacy, unit, device)
     return total

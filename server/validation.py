@@ -446,8 +446,8 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
 
     micro = _micro_batch(header, plan_outputs=header.outputs, shared=shared, n=n)
-    if micro and (privacy is not None or optimizer is not None):
-        raise unsupported("a streamed job (micro_batch_samples) cannot use privacy or optimizer")
+    if micro and optimizer is not None:
+        raise unsupported("a streamed job (micro_batch_samples) cannot take optimizer steps")
     if m > config.max_models:
         raise too_large(f"M={m} models exceed the limit of {config.max_models}")
     if n > config.max_samples:

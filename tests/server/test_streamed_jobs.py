@@ -45,6 +45,22 @@ def test_streamed_equals_one_shot(client, loss, reduction, micro):
             assert err < 1e-5, (name, k, err)
 
 
+@pytest.mark.parametrize("loss, reduction", [("mse", "mean"), ("cross_entropy", "sum")])
+def test_streamed_dp_sgd_equals_one_shot(client, loss, reduction):
+    """Clipping per sample as the whole job would, the noise drawn once as for the whole."""
+    params, x, y, kw = shared_job(3, 700, loss)
+    opts = dict(loss=loss, reduction=reduction, clip_norm=0.05, noise_multiplier=0.8,
+                noise_seed=12, **kw)  # fmt: skip
+    whole = client.compute(params, x, y, **opts)
+    streamed = client.compute(params, x, y, micro_batch_samples=128, **opts)
+    clean = client.compute(params, x, y, **{**opts, "noise_multiplier": 0.0})
+    plain = client.compute(params, x, y, loss=loss, reduction=reduction, **kw)
+    for name, g in whole.gradients.items():
+        np.testing.assert_allclose(streamed.gradients[name], g, rtol=1e-4, atol=1e-7)
+        assert not np.allclose(clean.gradients[name], g)  # the noise is there
+        assert not np.allclose(plain.gradients[name], clean.gradients[name])  # and clipping
+
+
 def test_streamed_on_the_triton_engine(client):
     params, x, y, kw = shared_job(3, 300, "bce_with_logits")
     opts = dict(loss="bce_with_logits", backend="triton", **kw)
@@ -81,7 +97,7 @@ def test_streamed_job_refuses_per_model_inputs_and_per_sample_outputs(client):
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert field in [f for f, _ in err.value.violations]
     with pytest.raises(GradserveError) as err:
-        client.compute(params, x, y, micro_batch_samples=10, clip_norm=1.0)
+        client.compute(params, x, y, micro_batch_samples=10, optimizer="sgd", learning_rate=0.1)
     assert err.value.code == grpc.StatusCode.UNIMPLEMENTED
 
 
