@@ -174,6 +174,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 default_chunk_bytes=c.chunk_bytes,
                 max_queued_jobs=c.max_queued_jobs,
                 max_inflight_bytes=c.max_inflight_bytes,
+                max_optimizer_steps=c.max_optimizer_steps,
             ),
             batching=pb.BatchingPolicy(
                 max_delay_seconds=policy.max_delay_s,

@@ -127,6 +127,7 @@ def test_info_json_lists_engines_and_limits(server):
     assert info["engines"][0]["name"] == "torch"
     assert "cross_entropy" in info["losses"] and "gelu" in info["activations"]
     assert info["limits"]["default_chunk_bytes"] == 1 << 20
+    assert info["limits"]["max_optimizer_steps"] == 100_000
 
 
 def test_health_exit_codes(server):
