@@ -1,0 +1,101 @@
+"""Compile every Triton kernel of the engine for a GPU target, on a machine without one.
+
+Triton's interpreter runs the kernels' arithmetic on the CPU but not their compilation, so
+a construct the GPU compiler rejects would only surface on a GPU. This script lowers each
+kernel, over its constexpr variants, through Triton's real pipeline to PTX and (with the
+ptxas Triton ships) a cubin for sm_90 (H100). Run by tests/kernels/test_gpu_compile.py in a
+subprocess, because TRITON_INTERPRET (set by the test suite) must be off when kernels are
+defined.
+
+Usage: python -m tests.kernels.compile_for_gpu [ARCH]   (default 90)
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "compile with the interpreter off"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from gradserve.kernels import triton_fused, triton_layered  # noqa: E402
+from gradserve.kernels.triton_common import ACTIVATION_CODES as ACT  # noqa: E402
+from gradserve.kernels.triton_common import LOSS_CODES as LOSS  # noqa: E402
+from gradserve.kernels.triton_common import PRECISION_CODES as PREC  # noqa: E402
+
+FLOAT_ARGS = {"slope", "delta", "scale", "clip", "own_scale"}
+
+
+def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
+    """Compile one specialisation; returns the cubin's size. Pointers default to fp32,
+    FLOAT_ARGS to fp32 scalars, every other argument to i32."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    return len(compiled.asm["cubin"])
+
+
+def fused_variants():
+    base = dict(L=3, DP=32, BLOCK_N=32, HIDDEN_ACT=ACT["gelu"], OUTPUT_ACT=ACT["sigmoid"],
+                LOSS=LOSS["huber"], HAS_WEIGHTS=True, WANT_Y=True)  # fmt: skip
+    for precision, (grads, dx, norms, clip) in itertools.product(
+        ("float32", "tf32", "bfloat16", "float16"),
+        [(True, False, False, False), (False, True, False, False), (True, True, True, False),
+         (False, False, True, False), (True, False, True, True), (True, True, True, True)],
+    ):  # fmt: skip
+        weights = {"bfloat16": "*bf16", "float16": "*fp16"}.get(precision, "*fp32")
+        meta = dict(base, PRECISION=PREC[precision], WANT_PARAM_GRADS=grads, WANT_DX=dx,
+                    NORMS=norms, CLIP=clip)  # fmt: skip
+        yield triton_fused._fused_mlp_kernel, meta, {"w_ptr": weights, "widths_ptr": "*i32"}
+    ce = dict(base, LOSS=LOSS["cross_entropy"], PRECISION=PREC["float32"], WANT_PARAM_GRADS=True,
+              WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
+    yield triton_fused._fused_mlp_kernel, ce, {"t_ptr": "*i64", "widths_ptr": "*i32"}
+    yield triton_fused._sum_partials_kernel, dict(BLOCK=1024), {}
+
+
+def layered_variants():
+    for epilogue, precision in itertools.product((0, 1, 2), ("float32", "tf32", "bfloat16")):
+        meta = dict(EPILOGUE=epilogue, ACT=ACT["silu"], PRECISION=PREC[precision],
+                    BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32)  # fmt: skip
+        yield triton_layered._batched_matmul_kernel, meta, {}
+    for loss in ("mse", "bce_with_logits", "cross_entropy"):
+        meta = dict(OUTPUT_ACT=ACT["identity"], LOSS=LOSS[loss], HAS_WEIGHTS=True)
+        names = inspect.signature(triton_layered._loss_kernel.fn).parameters
+        meta.update({k: 16 for k in names if k.isupper() and k not in meta})  # block sizes
+        types = {"t_ptr": "*i64"} if loss == "cross_entropy" else {}
+        yield triton_layered._loss_kernel, meta, types
+    yield triton_layered._column_sum_kernel, dict(BLOCK_R=32, BLOCK_C=64), {}
+
+
+def main() -> int:
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    count = 0
+    for kernel, meta, types in itertools.chain(fused_variants(), layered_variants()):
+        size = compile_kernel(kernel, meta, types, arch)
+        assert size > 0, (kernel.fn.__name__, meta)
+        count += 1
+    print(f"compiled {count} kernel specialisations for sm_{arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
