@@ -44,3 +44,22 @@ def write_table(name: str, title: str, header: list[str], rows: list[list], note
     with open(os.path.join(RESULTS, name), "w") as f:
         f.write(text)
     print(text)
+
+
+def make_nets(m: int, sizes, activation=None) -> list:
+    """m nn.Sequential MLPs of the given widths (seeded), `activation` (a module class,
+    default ReLU) between the linear layers."""
+    import torch
+    from torch import nn
+
+    activation = activation or nn.ReLU
+    torch.manual_seed(0)
+    nets = []
+    for _ in range(m):
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(activation())
+        nets.append(nn.Sequential(*layers))
+    return nets

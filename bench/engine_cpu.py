@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import median_seconds, write_table  # noqa: E402
+from bench.common import make_nets, median_seconds, write_table  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine  # noqa: E402
 
@@ -25,19 +25,6 @@ SHAPES = [
     (1024, 32, (16, 32, 32, 1)),
     (64, 256, (64, 128, 128, 8)),
 ]
-
-
-def make_nets(m, sizes):
-    torch.manual_seed(0)
-    nets = []
-    for _ in range(m):
-        layers = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        nets.append(nn.Sequential(*layers))
-    return nets
 
 
 def run_shape(m, n, sizes, repeats):

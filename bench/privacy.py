@@ -20,25 +20,12 @@ from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import median_seconds, write_table  # noqa: E402
+from bench.common import make_nets, median_seconds, write_table  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine  # noqa: E402
 
 SHAPES = [(64, 256, (16, 64, 64, 1)), (16, 1024, (32, 128, 128, 4))]
 CLIP = 0.5
-
-
-def make_nets(m, sizes):
-    torch.manual_seed(0)
-    nets = []
-    for _ in range(m):
-        layers = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.Tanh())
-        nets.append(nn.Sequential(*layers))
-    return nets
 
 
 def engine_fn(nets, x, y, sizes):
@@ -113,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for m, n, sizes in SHAPES:
-        nets = make_nets(m, sizes)
+        nets = make_nets(m, sizes, nn.Tanh)
         g = torch.Generator().manual_seed(1)
         x = torch.randn(n, sizes[0], generator=g)
         y = torch.randn(n, sizes[-1], generator=g)

@@ -13,7 +13,7 @@ import numpy as np
 from gradserve.client._client import GradientClient
 from gradserve.client._errors import GradserveError
 from gradserve.client._examples import ensemble_network, notebook_network
-from gradserve.client._job import JobOptions
+from gradserve.client._job import JobOptions, is_parameter
 from gradserve.client._jobfile import load_job, save_job, save_results
 from gradserve.v1 import gradserve_pb2 as pb
 
@@ -38,7 +38,7 @@ def _compute(args) -> int:
         if isinstance(options.get(key), list):  # ["leaky_relu", 0.2] from JSON
             options[key] = tuple(options[key])
     # A job file may carry optimiser state ("layers.0.weight.exp_avg") to continue from.
-    params = {k: v for k, v in tensors.items() if k.startswith("layers.") and k.count(".") == 2}
+    params = {k: v for k, v in tensors.items() if is_parameter(k)}
     state = {k: v for k, v in tensors.items() if k.startswith("layers.") and k not in params}
     if state:
         options["optimizer_state"] = state

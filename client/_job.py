@@ -274,11 +274,16 @@ class ComputeResult:
 _PARAMETER = re.compile(r"layers\.\d+\.(weight|bias)")
 
 
+def is_parameter(name: str) -> bool:
+    """A parameter's wire name ("layers.0.weight"), as opposed to its gradient or state."""
+    return _PARAMETER.fullmatch(name) is not None
+
+
 def result_from_tensors(ensemble: Ensemble, tensors: dict[str, Any], **meta) -> ComputeResult:
     """A ComputeResult from result tensors by wire name, in the caller's form and kind;
     `meta`: job_id, engine, device, summary."""
     if "losses" in tensors:  # optimiser steps
-        params = {k: v for k, v in tensors.items() if _PARAMETER.fullmatch(k)}
+        params = {k: v for k, v in tensors.items() if is_parameter(k)}
         state = {k: v for k, v in tensors.items() if k.startswith("layers.") and k not in params}
         losses = tensors["losses"]
         return ComputeResult(
@@ -290,7 +295,7 @@ def result_from_tensors(ensemble: Ensemble, tensors: dict[str, Any], **meta) -> 
             outputs=None,
             tensors=tensors,
             losses=losses,
-            parameters=ensemble.gradients_back({f"{k}.grad": v for k, v in params.items()}),
+            parameters=ensemble.parameters_back(params),
             optimizer_state=state or None,
             **meta,
         )

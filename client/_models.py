@@ -31,7 +31,7 @@ class Ensemble:
     as_torch: bool
 
     def gradients_back(self, grads: dict[str, Any]) -> Any:
-        """{"layers.0.weight": [M, ...]} -> the caller's form, keys and kind."""
+        """{"layers.0.weight.grad": [M, ...]} -> the caller's form, keys and kind."""
         named = {self.original_keys[k]: v for k, v in grads.items()}
         if self.form == "dict":
             return named
@@ -39,6 +39,10 @@ class Ensemble:
             return {k: v[0] for k, v in named.items()}
         m = next(iter(named.values())).shape[0]
         return [{k: v[i] for k, v in named.items()} for i in range(m)]
+
+    def parameters_back(self, params: dict[str, Any]) -> Any:
+        """{"layers.0.weight": [M, ...]} (updated parameters) -> the caller's form."""
+        return self.gradients_back({f"{k}.grad": v for k, v in params.items()})
 
 
 def _activation_of(module) -> tuple[str, float] | None:

@@ -319,7 +319,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     if plan.optimizer is None:
                         launched = await self.batcher.submit(job, engine, plan.payload_bytes)
                     else:
-                        launched, streamed = await self._train(context, plan, job, engine, accepted)
+                        launched, streamed = await self._train(
+                            context, plan, job, engine, accepted, descriptors[0].dtype
+                        )
                         accepted = b""
                         descriptors = [d for d in descriptors if d.name != "losses"]
                 except torch.OutOfMemoryError:
@@ -425,12 +427,12 @@ class GradientService(pb_grpc.GradientServiceServicer):
         launched = Launched(result, 1, plan.num_models, flops, queued, computed)
         return launched, uploaded
 
-    async def _train(self, context, plan: JobPlan, job, engine: str, prefix: bytes):
-        """Run a job's optimiser steps, streaming each step's losses (a row of "losses") as
-        soon as the step's forward pass is done. Returns (launched, bytes streamed)."""
+    async def _train(self, context, plan: JobPlan, job, engine: str, prefix: bytes, dtype: int):
+        """Run a job's optimiser steps, streaming each step's losses (a row of "losses", of
+        wire dtype `dtype`) as soon as the step's forward pass is done. Returns (launched,
+        bytes streamed)."""
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
-        dtype = plan.result_descriptors()[0].dtype
 
         gone = threading.Event()  # the client went away: stop at the next step
 

@@ -137,9 +137,9 @@ class JobPlan:
         at most one request message more."""
         if not self.micro_batch_samples:
             return self.payload_bytes
-        held = 0
+        held, samples = 0, self.sample_tensors
         for name, t in self.tensors.items():
-            if name in self.sample_tensors:
+            if name in samples:
                 held += (
                     3
                     * min(self.micro_batch_samples, self.num_samples)
