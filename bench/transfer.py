@@ -135,21 +135,33 @@ def main():
 
     gb = 1e9
     svc, e2e, raw, seq = (statistics.median(v) / gb for v in (service, wall, echo_t, one_way))
+
+    def spread(values: list[float]) -> str:
+        """Range of the per-repeat ratio to the echo measured next to it."""
+        ratios = [v / e for v, e in zip(values, echo_t, strict=True)]
+        return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
     write_table(
         "transfer.md",
         "Transfer: ~64 MiB job through gradserve vs raw grpcio byte-streaming echo (CPU)",
-        ["path", "GB/s (up + down, median)", "vs raw echo"],
+        ["path", "GB/s (up + down, median)", "vs raw echo", "per repeat"],
         [
-            ["raw grpcio bytes echo, 1 MiB chunks", f"{raw:.3f}", "1.00"],
-            ["raw grpcio upload stream, then download stream", f"{seq:.3f}", f"{seq / raw:.2f}"],
-            ["gradserve compute, transfer only", f"{svc:.3f}", f"{svc / raw:.2f}"],
-            ["gradserve compute, end to end", f"{e2e:.3f}", f"{e2e / raw:.2f}"],
-        ],
+            ["raw grpcio bytes echo, 1 MiB chunks", f"{raw:.3f}", "1.00", ""],
+            [
+                "raw grpcio upload stream, then download stream",
+                f"{seq:.3f}",
+                f"{seq / raw:.2f}",
+                spread(one_way),
+            ],
+            ["gradserve compute, transfer only", f"{svc:.3f}", f"{svc / raw:.2f}", spread(service)],
+            ["gradserve compute, end to end", f"{e2e:.3f}", f"{e2e / raw:.2f}", spread(wall)],
+        ],  # fmt: skip
         "The echo overlaps upload and download; a gradient job cannot (its results need all "
         "of its inputs), so the one-way row is the ceiling for a service that answers after "
         f"receiving. Job: [4096, 4096, 1], M=1, N=8: {s['bytes_received']} bytes up, "
         f"{s['bytes_sent']} down, {args.repeats} repeats. 'Transfer only' subtracts the "
-        "server's reported queue + compute seconds from the client's wall time. Command: "
+        "server's reported queue + compute seconds from the client's wall time. 'Per repeat': "
+        "range of each repeat's ratio to the echo run right after it. Command: "
         "`python bench/transfer.py`.",
     )
 

@@ -18,6 +18,7 @@ from gradserve.client._job import (
     JobOptions,
     ResultAssembler,
     build_job,
+    uploading,
 )
 from gradserve.client._models import normalize
 from gradserve.v1 import gradserve_pb2 as pb
@@ -95,12 +96,20 @@ class AsyncGradientClient:
             compute = self._computes[next(self._next) % len(self._computes)]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
+            sent = asyncio.Event()  # gRPC takes the requests on this event loop
             call = compute(
-                job.requests(self.chunk_bytes), timeout=remaining, metadata=self.connection.metadata
+                uploading(job.requests(self.chunk_bytes), sent.set),
+                timeout=remaining,
+                metadata=self.connection.metadata,
             )
             try:
                 async for response in call:
                     assembler.add(response)
+                    if assembler.untouched:
+                        call.add_done_callback(lambda _, event=sent: event.set())  # on failure too
+                        await sent.wait()
+                        # Off the event loop: other jobs keep moving.
+                        await asyncio.to_thread(assembler.prefault)
                 return assembler.result()
             except grpc.RpcError as e:
                 delay = self.retry.delay(attempt, e, deadline)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from gradserve.client._job import (
     JobOptions,
     ResultAssembler,
     build_job,
+    uploading,
 )
 from gradserve.client._models import normalize
 from gradserve.client._sharding import merge_results, shard_bounds, shard_options, slice_job
@@ -175,12 +177,19 @@ class GradientClient:
             compute = self._computes[(start + attempt) % len(self._computes)]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
+            sent = threading.Event()
             call = compute(
-                job.requests(self.chunk_bytes), timeout=remaining, metadata=self.connection.metadata
+                uploading(job.requests(self.chunk_bytes), sent.set),
+                timeout=remaining,
+                metadata=self.connection.metadata,
             )
             try:
                 for response in call:
                     assembler.add(response)
+                    if assembler.untouched:
+                        call.add_done_callback(lambda _, event=sent: event.set())  # on failure too
+                        sent.wait()
+                        assembler.prefault()
                 return assembler.result()
             except grpc.RpcError as e:
                 delay = self.retry.delay(attempt, e, deadline)

@@ -1,10 +1,14 @@
 """A job of more than 64 MiB crosses intact in default-size chunks, no message over 4 MiB."""
 
+import asyncio
+import time
+
 import grpc
 import numpy as np
+import pytest
 import torch
 
-from gradserve.client import GradientClient
+from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
 from gradserve.kernels import torch_engine
 from tests.jobs import ensemble_job, random_job
 from tests.servers import run_server
@@ -46,3 +50,42 @@ def test_job_over_64_mib_round_trips_in_small_messages():
         ):
             got = torch.from_numpy(result.gradients[name])
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def large_job_with_nan_at_the_end():
+    tensors = random_job((2048, 2048, 1), 1, 3, seed=5)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    params["layers.1.bias"][...] = np.nan  # the last tensor uploaded
+    return params, tensors["inputs"].numpy(), tensors["targets"].numpy()
+
+
+def test_large_job_refused_after_its_upload_fails_cleanly_in_both_clients(server):
+    """The server acknowledges a multi-message job before its bytes arrive; the clients then
+    page in the result buffers once their upload is handed over. A job refused after that
+    (non-finite values are checked when all bytes are in) must still end with its status."""
+    params, x, y = large_job_with_nan_at_the_end()
+    with GradientClient(server.address, timeout=60) as client:
+        with pytest.raises(GradserveError) as err:
+            client.compute(params, x, y)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+    async def run_async():
+        async with AsyncGradientClient(server.address, timeout=60) as client:
+            return await client.compute(params, x, y)
+
+    with pytest.raises(GradserveError) as err:
+        asyncio.run(run_async())
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("timeout", [0.005, 0.02, 0.05])
+def test_deadline_during_a_large_upload_ends_the_call(server, timeout):
+    params, x, y = large_job_with_nan_at_the_end()
+    params["layers.1.bias"][...] = 1.0
+    start = time.monotonic()
+    with GradientClient(server.address, timeout=timeout) as client:
+        try:
+            client.compute(params, x, y)
+        except GradserveError as e:
+            assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - start < 10
