@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from gradserve.server.config import ServerConfig
-from gradserve.server.memory import retain_freed_memory
+from gradserve.server.memory import keep_message_memory
 from gradserve.server.ops import Health, enable_reflection
 from gradserve.server.security import BearerTokenAuth, load_token, server_credentials
 from gradserve.server.service import GradientService, handlers
@@ -30,7 +30,7 @@ def resolve_device(name: str) -> torch.device:
 
 async def serve(config: ServerConfig) -> None:
     device = resolve_device(config.device)
-    retain_freed_memory(config.retain_freed_bytes)
+    keep_message_memory(config.chunk_bytes)
     token = load_token(config)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),

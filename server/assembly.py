@@ -12,6 +12,7 @@ import torch
 
 from gradserve.kernels import EnsembleJob
 from gradserve.server import codec
+from gradserve.server.buffers import BufferPool
 from gradserve.server.errors import invalid
 from gradserve.server.validation import JobPlan
 from gradserve.v1 import gradserve_pb2 as pb
@@ -55,13 +56,17 @@ def check_values(tensors: dict[str, torch.Tensor], plan: JobPlan) -> None:
 
 
 class PayloadAssembler:
-    def __init__(self, plan: JobPlan, names: list[str] | None = None):
-        """Buffers for the plan's tensors (or only `names` of them)."""
+    def __init__(
+        self, plan: JobPlan, names: list[str] | None = None, pool: BufferPool | None = None
+    ):
+        """Buffers for the plan's tensors (or only `names` of them), large ones from the
+        pool when given."""
         self.plan = plan
         names = list(plan.tensors) if names is None else names
-        # np.empty, not bytearray: no zero-filling of memory that is overwritten anyway
+        # Uninitialised, not bytearray: no zero-filling of memory that is overwritten anyway
         # (a 64 MiB bytearray costs ~30 ms here).
-        self.buffers = {name: np.empty(plan.tensors[name].nbytes, dtype=np.uint8) for name in names}
+        empty = pool.empty if pool is not None else lambda n: np.empty(n, dtype=np.uint8)
+        self.buffers = {name: empty(plan.tensors[name].nbytes) for name in names}
         self._views = {name: memoryview(b) for name, b in self.buffers.items()}
         self.received = dict.fromkeys(names, 0)
 

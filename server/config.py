@@ -58,9 +58,9 @@ class ServerConfig:
     # checks; prefer the file (or the GRADSERVE_AUTH_TOKEN variable) to a flag.
     auth_token_file: str = ""
     auth_token: str = ""
-    # Freed job memory the heap keeps for the next job instead of unmapping it (0: the
-    # allocator's defaults); saves the page faults of re-mapping large buffers.
-    retain_freed_bytes: int = 1 * GiB
+    # Freed large payload buffers kept for later jobs of the same size (0: none kept);
+    # saves the page faults of mapping fresh memory for each large job.
+    reuse_buffer_bytes: int = 1 * GiB
     log_level: str = "INFO"
 
     @property
@@ -98,7 +98,7 @@ HELP = {
     "tls_client_ca": "require client certificates signed by this CA (PEM)",
     "auth_token_file": "file holding the bearer token callers must present",
     "auth_token": "bearer token callers must present (prefer the file or the variable)",
-    "retain_freed_bytes": "freed job memory kept mapped for reuse (0: allocator defaults)",
+    "reuse_buffer_bytes": "freed large payload buffers kept for later jobs (0: none)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

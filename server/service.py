@@ -19,6 +19,7 @@ from gradserve.server import codec
 from gradserve.server.admission import Admission, ServerBusy
 from gradserve.server.assembly import PayloadAssembler
 from gradserve.server.batching import BatchingPolicy, DynamicBatcher, Launched
+from gradserve.server.buffers import BufferPool
 from gradserve.server.config import ServerConfig
 from gradserve.server.errors import JobError, invalid, status_details, too_large, unsupported
 from gradserve.server.metrics import Metrics
@@ -129,6 +130,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             on_launch=lambda *launch: self.metrics.launched(*launch),
         )
         self.admission = Admission(config.max_inflight_bytes, config.max_queued_jobs)
+        self.buffers = BufferPool(config.reuse_buffer_bytes)
         # Payload checks and result serialisation: off the event loop, and off the device
         # thread so they never wait behind a launch.
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="payload-io")
@@ -301,7 +303,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 accepted = b""
                 launched, uploaded = await self._run_streamed(context, idle, plan, engine, first)
             else:
-                assembler = PayloadAssembler(plan)
+                assembler = PayloadAssembler(plan, pool=self.buffers)
                 for chunk in first.chunks:
                     assembler.add(chunk)
                 if assembler.missing():  # a multi-message upload: acknowledge the header now
