@@ -2,6 +2,8 @@
 # One-call GPU check (see the README's Benchmarks section): versions, GPU-marked tests,
 # kernel benchmark, and one job through a real server on the GPU. Writes under $OUT
 # (default out/gpu): env.txt, gpu_tests.log, kernels_gpu.md, server_job.txt, summary.txt.
+# `bash bench/gpu_check.sh sweep` instead times the fused kernel's launch configurations
+# at the target shape (bench/fused_sweep.py, about 2 minutes): $OUT/fused_sweep.md.
 # Python packages missing on the machine can be carried as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +31,11 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 'cuda', torch.version.cuda, '| triton', triton.__version__, '| grpcio', grpc.__version__, \
 '| protobuf', p.__version__); print(torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
+
+if [ "${1:-}" = sweep ]; then
+  timeout 300 python3 bench/fused_sweep.py --out "$OUT/fused_sweep.md" 2>&1 | tail -25
+  exit "${PIPESTATUS[0]}"
+fi
 
 echo "== GPU tests"
 timeout 300 python3 -m pytest -q -p no:cacheprovider -n 16 -m gpu tests/kernels/test_gpu.py \

@@ -1,0 +1,19 @@
+"""The fused kernel computes the same gradients at every launch configuration the GPU
+sweep (bench/fused_sweep.py) may try, so its timings compare like with like."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_every_swept_configuration_agrees_with_the_chosen_one():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "fused_sweep.py"), "--cpu-check"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line for line in done.stdout.splitlines() if line.startswith("| float32 |")}
+    assert len(rows) == 6 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
