@@ -58,13 +58,11 @@ def select_engine(
 
 
 def warm_up(device: torch.device) -> None:
-    """Run one tiny job on the calling thread: loads every engine's libraries and starts the
-    thread's intra-op pool before the first real job. Without it, the second job of a
-    freshly started server came back, in 9 of 163 runs on a 2-core CPU machine, with the
-    first half of its models computed less accurately (gradients off by up to ~1e-3
-    relative instead of ~1e-6, bit-identical each time); 0 of 110 warmed servers did. The
-    faulty path itself was not identified (not the FP environment, thread count or MKL-DNN
-    precision settings)."""
+    """Run one tiny job on the calling thread before the first real job: loads every
+    engine's libraries, starts the thread's intra-op pool and (through the torch engine)
+    makes the first call of each CPU math function on one thread, which torch's threads
+    cannot safely make together (torch_engine._prime_cpu_math: the cause of a fresh
+    server's occasional half-batch of gradients off by ~1e-3)."""
     from gradserve.kernels.spec import Activation, LossSpec, MLPSpec
 
     gen = torch.Generator().manual_seed(0)

@@ -10,13 +10,22 @@ engine is tested against (besides the independent float64 oracle in the tests).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
 
 from gradserve.kernels import privacy
 from gradserve.kernels.functional import activate, per_sample_loss, reduce_loss
-from gradserve.kernels.spec import EnsembleJob, EnsembleResult
+from gradserve.kernels.spec import (
+    ACTIVATIONS,
+    LOSSES,
+    Activation,
+    EnsembleJob,
+    EnsembleResult,
+    LossSpec,
+    MLPSpec,
+)
 
 LOW_PRECISION_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,9 +110,60 @@ def _leaf(t: torch.Tensor, device, dtype, requires_grad: bool) -> torch.Tensor:
     return t.to(device, dtype).detach().requires_grad_(requires_grad)
 
 
+_cpu_math_primed = False
+_cpu_math_lock = threading.Lock()
+
+
+def _prime_cpu_math() -> None:
+    """Call every function a CPU job may use once, on tiny tensors, before any job is big
+    enough for torch to split it across threads.
+
+    The first call of some of torch's vectorised CPU functions (tanh and exp at least; MKL
+    2024+/torch 2.13 on x86) is not safe when torch's intra-op threads make it together:
+    in ~3% of fresh processes one thread's share comes back about 800x less accurate (tanh
+    relative error 5e-5 instead of 6e-8, every element of that share). Traced in the server
+    (the first half of a 64-model job's models off by up to 8e-4 in their gradients, from
+    bit-exact inputs, the first layer's tanh being the first deviating value) and reproduced
+    with plain torch.tanh in a fresh process; one small call first (a single thread) made it
+    vanish (0 in 120 processes)."""
+    global _cpu_math_primed
+    with _cpu_math_lock:
+        if _cpu_math_primed:
+            return
+        gen = torch.Generator().manual_seed(0)
+        sizes = (3, 4, 2)
+        cases = [(act, "mse") for act in ACTIVATIONS] + [("tanh", loss) for loss in LOSSES]
+        for dtype in (torch.float32, torch.float64):
+            for act, loss in cases:
+                weights = [torch.randn(2, b, a, generator=gen, dtype=dtype)
+                           for a, b in zip(sizes, sizes[1:], strict=False)]  # fmt: skip
+                biases = [torch.randn(2, b, generator=gen, dtype=dtype) for b in sizes[1:]]
+                if loss == "cross_entropy":
+                    targets = torch.randint(0, sizes[-1], (3,), generator=gen)
+                else:
+                    targets = torch.rand(3, sizes[-1], generator=gen, dtype=dtype)
+                job = EnsembleJob(
+                    mlp=MLPSpec(sizes, Activation(act), Activation(act)),
+                    loss=LossSpec(loss),
+                    weights=weights,
+                    biases=biases,
+                    inputs=torch.randn(3, sizes[0], generator=gen, dtype=dtype),
+                    targets=targets,
+                    precision="float64" if dtype == torch.float64 else "float32",
+                )
+                _run(job, torch.device("cpu"))
+        _cpu_math_primed = True
+
+
 def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
     """Forward, loss and backward for every model of the ensemble."""
     device = torch.device(device)
+    if device.type == "cpu" and not _cpu_math_primed:
+        _prime_cpu_math()
+    return _run(job, device)
+
+
+def _run(job: EnsembleJob, device: torch.device) -> EnsembleResult:
     dtype = compute_dtype(job.precision)
     want = job.outputs
     m, n = job.num_models, job.num_samples
