@@ -115,22 +115,26 @@ _cpu_math_lock = threading.Lock()
 
 
 def _prime_cpu_math() -> None:
-    """Call every function a CPU job may use once, on tiny tensors, before any job is big
-    enough for torch to split it across threads.
+    """Call every math function a CPU job may use once, on tiny tensors, before any job is
+    big enough for torch to split it across threads.
 
-    The first call of some of torch's vectorised CPU functions (tanh and exp at least; MKL
-    2024+/torch 2.13 on x86) is not safe when torch's intra-op threads make it together:
-    in ~3% of fresh processes one thread's share comes back about 800x less accurate (tanh
-    relative error 5e-5 instead of 6e-8, every element of that share). Traced in the server
-    (the first half of a 64-model job's models off by up to 8e-4 in their gradients, from
-    bit-exact inputs, the first layer's tanh being the first deviating value) and reproduced
-    with plain torch.tanh in a fresh process; one small call first (a single thread) made it
-    vanish (0 in 120 processes)."""
+    ATen runs float unary ops (exp, log, sqrt, tanh, erf, ...) through MKL's VML, which
+    picks each function's kernel on its first call; when torch's intra-op threads make
+    that first call together, one thread can run a low-accuracy kernel for its whole share
+    (pytorch/pytorch#188792, MKL 2024.2 as in the torch wheels). Seen here as a fresh
+    server's first tanh job with one half of its models' gradients off by up to 8e-4
+    (tanh relative error 5e-5 instead of 6e-8, traced from bit-exact inputs to the first
+    layer's tanh), in ~3% of fresh processes; with this priming 0 of 120 (engine repro)."""
     global _cpu_math_primed
     with _cpu_math_lock:
         if _cpu_math_primed:
             return
         gen = torch.Generator().manual_seed(0)
+        for dtype in (torch.float32, torch.float64):  # optimisers and norms: sqrt
+            x = torch.rand(4, generator=gen, dtype=dtype) + 0.5
+            for fn in (torch.exp, torch.log, torch.log1p, torch.expm1, torch.sqrt, torch.tanh,
+                       torch.erf, torch.erfc, torch.sigmoid):  # fmt: skip
+                fn(x)
         sizes = (3, 4, 2)
         cases = [(act, "mse") for act in ACTIVATIONS] + [("tanh", loss) for loss in LOSSES]
         for dtype in (torch.float32, torch.float64):
