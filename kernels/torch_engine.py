@@ -130,7 +130,8 @@ def _prime_cpu_math() -> None:
         if _cpu_math_primed:
             return
         gen = torch.Generator().manual_seed(0)
-        for dtype in (torch.float32, torch.float64):  # optimisers and norms: sqrt
+        # The VML functions behind activations, losses, norms (sqrt) and optimisers (sqrt).
+        for dtype in (torch.float32, torch.float64):
             x = torch.rand(4, generator=gen, dtype=dtype) + 0.5
             for fn in (torch.exp, torch.log, torch.log1p, torch.expm1, torch.sqrt, torch.tanh,
                        torch.erf, torch.erfc, torch.sigmoid):  # fmt: skip
