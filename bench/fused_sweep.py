@@ -58,14 +58,7 @@ def with_config(block_n: int | None, warps: int | None):
     def config(dp, n, m, device):
         own_block, _, _, own_warps = chosen(dp, n, m, device)
         block = block_n or own_block
-        blocks = triton.cdiv(n, block)
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            want = max(1, triton.cdiv(4 * sms, m))
-        else:
-            want = 1
-        per_split = triton.cdiv(blocks, min(blocks, want))
-        return block, triton.cdiv(blocks, per_split), per_split, warps or own_warps
+        return block, *triton_fused.sample_splits(n, block, m, device), warps or own_warps
 
     return config
 

@@ -262,17 +262,20 @@ def launch_config(dp: int, n: int, m: int, device: torch.device) -> tuple[int, i
     """
     block_n = 128 if dp <= 64 else 32
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    num_warps = 4 if dp * block_n <= 32 * 64 else 8
+    return block_n, *sample_splits(n, block_n, m, device), num_warps
+
+
+def sample_splits(n: int, block_n: int, m: int, device: torch.device) -> tuple[int, int]:
+    """(S, blocks_per_split): the N samples' blocks of BLOCK_N dealt to S programs per model."""
     blocks = triton.cdiv(n, block_n)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         want = max(1, triton.cdiv(4 * sms, m))
     else:
         want = 1
-    splits = min(blocks, want)
-    per_split = triton.cdiv(blocks, splits)
-    splits = triton.cdiv(blocks, per_split)
-    num_warps = 4 if dp * block_n <= 32 * 64 else 8
-    return block_n, splits, per_split, num_warps
+    per_split = triton.cdiv(blocks, min(blocks, want))
+    return triton.cdiv(blocks, per_split), per_split
 
 
 def fused_mlp(

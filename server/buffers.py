@@ -28,7 +28,7 @@ class BufferPool:
         self._free: OrderedDict[int, mmap.mmap] = OrderedDict()  # id -> buffer, oldest first
         self._free_bytes = 0
         self._lock = threading.Lock()  # buffers come back on whichever thread drops them
-        self.reused = 0  # buffers handed out again (for tests and curiosity)
+        self.reused = 0  # buffers handed out again
 
     @property
     def free_bytes(self) -> int:
