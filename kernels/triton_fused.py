@@ -1,11 +1,16 @@
 """Fused forward + loss + backward of an MLP ensemble in one Triton launch (widths <= 128).
 
-Shapes (M models, N samples, L layers, every width padded to DP = a power of two >= 16):
+Shapes (M models, N samples, L layers; each width d(i) padded to P(i), a power of two >= 16,
+and DP = the largest P(i) is the storage stride):
   weights  [M, L, DP, DP]  zero-padded copy of the job's [M, d(i+1), d(i)] weights
   biases   [M, L, DP]
   inputs   [M, N, d0] or shared [N, d0] (read in place, stride 0 over M when shared)
   partial weight/bias gradients  [M, S, L, DP, DP] / [M, S, L, DP]
   scratch  [M, S, L, BLOCK_N, DP]  pre-activations of the block in flight
+
+Layer i computes on [P(i+1), P(i)] tiles, not [DP, DP]: a network like [32, 64, 64, 64, 1]
+multiplies 32-wide inputs and a 16-wide output layer, not four 64 x 64 layers. Only the
+top-left [P(i+1), P(i)] corner of a layer's weight and gradient storage is read or written.
 
 grid = (M, S): program (m, s) owns model m and the s-th slice of its samples. It walks its
 slice BLOCK_N samples at a time: forward through all L layers (weights stay in L1/L2, the
@@ -15,7 +20,8 @@ bias gradients of its slice in its own partial buffer. No float atomics: a secon
 adds the S partials in a fixed order, so repeated runs give identical bits.
 
 The zero padding is harmless: padded weight rows and columns are 0, so padded features
-never reach a real one, and their gradients come out 0 and are sliced away.
+never reach a real one, and their gradients come out 0 and are sliced away (so is whatever
+lies outside each layer's corner of the gradient buffers, which are never zeroed).
 
 Torch twin: torch_engine.forward_loss (same math, autograd for the backward).
 """
@@ -30,12 +36,30 @@ from gradserve.kernels.triton_common import activate, activation_grad, loss_bloc
 
 
 @triton.jit
+def _block_tile(rows, WIDTH: tl.constexpr, DP: tl.constexpr):
+    """Offsets of a [BLOCK_N, WIDTH] block stored with row stride DP."""
+    return rows[:, None] * DP + tl.arange(0, WIDTH)[None, :]
+
+
+@triton.jit
+def _weight_tile(OUT: tl.constexpr, IN: tl.constexpr, DP: tl.constexpr):
+    """Offsets of the [OUT, IN] corner of a [DP, DP] weight."""
+    return tl.arange(0, OUT)[:, None] * DP + tl.arange(0, IN)[None, :]
+
+
+@triton.jit
+def _layer_weight(w_model, layer: tl.constexpr, DP: tl.constexpr, WIDTHS: tl.constexpr):
+    """The [P(layer+1), P(layer)] weight of `layer` (zero-padded, as stored)."""
+    return tl.load(w_model + layer * DP * DP + _weight_tile(WIDTHS[layer + 1], WIDTHS[layer], DP))
+
+
+@triton.jit
 def _pre_activation_grad(
-    g, z_prog, tile, slope, layer: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-    DP: tl.constexpr, HIDDEN_ACT: tl.constexpr, OUTPUT_ACT: tl.constexpr,
+    g, z_prog, rows, slope, layer: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
+    DP: tl.constexpr, WIDTHS: tl.constexpr, HIDDEN_ACT: tl.constexpr, OUTPUT_ACT: tl.constexpr,
 ):  # fmt: skip
     """dLoss/dz of `layer` (from the scratch's pre-activation) given dLoss/d(its output)."""
-    z = tl.load(z_prog + layer * BLOCK_N * DP + tile)
+    z = tl.load(z_prog + layer * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer + 1], DP))
     if layer == L - 1:
         dz = g * activation_grad(z, OUTPUT_ACT, slope)
     else:
@@ -45,12 +69,13 @@ def _pre_activation_grad(
 
 @triton.jit
 def _layer_input(
-    z_prog, x_block, x_mask, tile, slope, layer: tl.constexpr, BLOCK_N: tl.constexpr,
-    DP: tl.constexpr, HIDDEN_ACT: tl.constexpr,
+    z_prog, x_block, x_mask, rows, slope, layer: tl.constexpr, BLOCK_N: tl.constexpr,
+    DP: tl.constexpr, WIDTHS: tl.constexpr, HIDDEN_ACT: tl.constexpr,
 ):  # fmt: skip
     """The block's input to `layer`: its inputs, or the previous layer's activation."""
     if layer > 0:
-        h = activate(tl.load(z_prog + (layer - 1) * BLOCK_N * DP + tile), HIDDEN_ACT, slope)
+        z = tl.load(z_prog + (layer - 1) * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer], DP))
+        h = activate(z, HIDDEN_ACT, slope)
     else:
         h = tl.load(x_block, mask=x_mask, other=0.0)
     return h
@@ -92,7 +117,8 @@ def _fused_mlp_kernel(
     own_scale,  # N (mean) or 1 (sum): contribution norm -> own-loss norm (CLIP only)
     # meta
     L: tl.constexpr,
-    DP: tl.constexpr,
+    DP: tl.constexpr,  # storage stride: the largest of WIDTHS
+    WIDTHS: tl.constexpr,  # (P0, ..., PL): each layer width padded to a power of two >= 16
     BLOCK_N: tl.constexpr,
     HIDDEN_ACT: tl.constexpr,
     OUTPUT_ACT: tl.constexpr,
@@ -108,9 +134,8 @@ def _fused_mlp_kernel(
     m = tl.program_id(0)
     s = tl.program_id(1)
     rows = tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, DP)
-    tile = rows[:, None] * DP + cols[None, :]  # offsets of a [BLOCK_N, DP] block
-    square = cols[:, None] * DP + cols[None, :]  # offsets of a [DP, DP] weight
+    in_cols = tl.arange(0, WIDTHS[0])
+    out_cols = tl.arange(0, WIDTHS[L])
     w_model = w_ptr + m * (L * DP * DP)
     b_model = b_ptr + m * (L * DP)
     program = m * S + s
@@ -118,20 +143,20 @@ def _fused_mlp_kernel(
     dw_prog = dw_ptr + program * (L * DP * DP)
     db_prog = db_ptr + program * (L * DP)
     x_model = x_ptr + m * stride_xm
-    in_cols = cols[None, :] < d_in
 
     for blk in range(0, blocks_per_split):
         rn = (s * blocks_per_split + blk) * BLOCK_N + rows
         rmask = rn < N
-        x_offsets = rn[:, None] * stride_xn + cols[None, :]
-        h = tl.load(x_model + x_offsets, mask=rmask[:, None] & in_cols, other=0.0)
+        x_offsets = rn[:, None] * stride_xn + in_cols[None, :]
+        x_mask = rmask[:, None] & (in_cols[None, :] < d_in)
+        h = tl.load(x_model + x_offsets, mask=x_mask, other=0.0)
 
         # forward: keep each layer's pre-activation in the scratch for the backward pass
         for layer in tl.static_range(L):
-            w = tl.load(w_model + layer * DP * DP + square)
-            b = tl.load(b_model + layer * DP + cols)
+            w = _layer_weight(w_model, layer, DP, WIDTHS)
+            b = tl.load(b_model + layer * DP + tl.arange(0, WIDTHS[layer + 1]))
             z = matmul(h, tl.trans(w), PRECISION) + b[None, :]
-            tl.store(z_prog + layer * BLOCK_N * DP + tile, z)
+            tl.store(z_prog + layer * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer + 1], DP), z)
             if layer == L - 1:
                 h = activate(z, OUTPUT_ACT, slope)
             else:
@@ -143,7 +168,7 @@ def _fused_mlp_kernel(
             stride_tn,
             sw_ptr + m * stride_swm,
             rn,
-            cols,
+            out_cols,
             N,
             d_out,
             scale,
@@ -153,8 +178,8 @@ def _fused_mlp_kernel(
         )
         tl.store(per_ptr + m * N + rn, per, mask=rmask)
         if WANT_Y:
-            y_offsets = m * N * d_out + rn[:, None] * d_out + cols[None, :]
-            tl.store(y_ptr + y_offsets, h, mask=rmask[:, None] & (cols[None, :] < d_out))
+            y_offsets = m * N * d_out + rn[:, None] * d_out + out_cols[None, :]
+            tl.store(y_ptr + y_offsets, h, mask=rmask[:, None] & (out_cols[None, :] < d_out))
         tl.debug_barrier()  # scratch writes visible to every thread of the program
 
         if NORMS:
@@ -163,24 +188,24 @@ def _fused_mlp_kernel(
             # with the bias. Input gradients come from this pass (clipping leaves them be).
             gn = g
             sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for step in tl.static_range(L):
-                layer = L - 1 - step
+            for layer in tl.static_range(L - 1, -1, -1):  # last layer first
                 dz = _pre_activation_grad(
-                    gn, z_prog, tile, slope, layer, L, BLOCK_N, DP, HIDDEN_ACT, OUTPUT_ACT
-                )
+                    gn, z_prog, rows, slope, layer, L, BLOCK_N, DP, WIDTHS, HIDDEN_ACT, OUTPUT_ACT
+                )  # fmt: skip
                 h_in = _layer_input(
-                    z_prog, x_model + x_offsets, rmask[:, None] & in_cols, tile, slope, layer,
-                    BLOCK_N, DP, HIDDEN_ACT,
+                    z_prog, x_model + x_offsets, x_mask, rows, slope, layer, BLOCK_N, DP, WIDTHS,
+                    HIDDEN_ACT,
                 )  # fmt: skip
                 # padded input features may be non-zero (sigmoid(0)): count real ones only
-                h_in = tl.where(cols[None, :] < tl.load(widths_ptr + layer), h_in, 0.0)
+                real = tl.arange(0, WIDTHS[layer]) < tl.load(widths_ptr + layer)
+                h_in = tl.where(real[None, :], h_in, 0.0)
                 sq += tl.sum(dz * dz, 1) * (tl.sum(h_in * h_in, 1) + 1.0)
                 if layer > 0 or WANT_DX:
-                    w = tl.load(w_model + layer * DP * DP + square)
+                    w = _layer_weight(w_model, layer, DP, WIDTHS)
                     gn = matmul(dz, w, PRECISION)
             if WANT_DX:
-                dx_offsets = m * N * d_in + rn[:, None] * d_in + cols[None, :]
-                tl.store(dx_ptr + dx_offsets, gn, mask=rmask[:, None] & in_cols)
+                dx_offsets = m * N * d_in + rn[:, None] * d_in + in_cols[None, :]
+                tl.store(dx_ptr + dx_offsets, gn, mask=x_mask)
             norm = tl.sqrt(sq)
             tl.store(norm_ptr + m * N + rn, norm, mask=rmask)
             if CLIP:  # backprop is linear in dLoss/dy: scaling it scales the whole gradient
@@ -189,29 +214,30 @@ def _fused_mlp_kernel(
 
         # backward, last layer first
         if WANT_PARAM_GRADS or (WANT_DX and not NORMS):
-            for step in tl.static_range(L):
-                layer = L - 1 - step
+            for layer in tl.static_range(L - 1, -1, -1):  # last layer first
                 dz = _pre_activation_grad(
-                    g, z_prog, tile, slope, layer, L, BLOCK_N, DP, HIDDEN_ACT, OUTPUT_ACT
-                )
+                    g, z_prog, rows, slope, layer, L, BLOCK_N, DP, WIDTHS, HIDDEN_ACT, OUTPUT_ACT
+                )  # fmt: skip
                 if WANT_PARAM_GRADS:
                     h_in = _layer_input(
-                        z_prog, x_model + x_offsets, rmask[:, None] & in_cols, tile, slope,
-                        layer, BLOCK_N, DP, HIDDEN_ACT,
+                        z_prog, x_model + x_offsets, x_mask, rows, slope, layer, BLOCK_N, DP,
+                        WIDTHS, HIDDEN_ACT,
                     )  # fmt: skip
+                    corner = _weight_tile(WIDTHS[layer + 1], WIDTHS[layer], DP)
+                    bias_cols = tl.arange(0, WIDTHS[layer + 1])
                     dw = matmul(tl.trans(dz), h_in, PRECISION)
                     db = tl.sum(dz, 0)
                     if blk > 0:  # fixed order: this program's blocks, one after another
-                        dw += tl.load(dw_prog + layer * DP * DP + square)
-                        db += tl.load(db_prog + layer * DP + cols)
-                    tl.store(dw_prog + layer * DP * DP + square, dw)
-                    tl.store(db_prog + layer * DP + cols, db)
+                        dw += tl.load(dw_prog + layer * DP * DP + corner)
+                        db += tl.load(db_prog + layer * DP + bias_cols)
+                    tl.store(dw_prog + layer * DP * DP + corner, dw)
+                    tl.store(db_prog + layer * DP + bias_cols, db)
                 if layer > 0 or (WANT_DX and not NORMS):
-                    w = tl.load(w_model + layer * DP * DP + square)
+                    w = _layer_weight(w_model, layer, DP, WIDTHS)
                     g = matmul(dz, w, PRECISION)
             if WANT_DX and not NORMS:
-                dx_offsets = m * N * d_in + rn[:, None] * d_in + cols[None, :]
-                tl.store(dx_ptr + dx_offsets, g, mask=rmask[:, None] & in_cols)
+                dx_offsets = m * N * d_in + rn[:, None] * d_in + in_cols[None, :]
+                tl.store(dx_ptr + dx_offsets, g, mask=x_mask)
         tl.debug_barrier()  # the next block overwrites the scratch
 
 
@@ -249,7 +275,13 @@ def sum_partials(partial: torch.Tensor) -> torch.Tensor:
 
 
 def padded_width(layer_sizes) -> int:
-    return max(16, triton.next_power_of_2(max(layer_sizes)))
+    """DP: the storage stride of weights, gradients and scratch (the widest padded layer)."""
+    return max(padded_widths(layer_sizes))
+
+
+def padded_widths(layer_sizes) -> tuple[int, ...]:
+    """Each width padded to a power of two >= 16 (tl.dot's smallest operand side)."""
+    return tuple(max(16, triton.next_power_of_2(d)) for d in layer_sizes)
 
 
 def launch_config(dp: int, n: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -296,18 +328,21 @@ def fused_mlp(
     want_param_grads: bool,
     want_dx: bool,
     want_y: bool,
-    layer_sizes=None,
+    layer_sizes,
     want_norms: bool = False,
     clip: float | None = None,
     own_scale: float = 1.0,
 ):
     """Launcher: check -> allocate -> grid -> launch. Returns padded gradients
-    ([M, L, DP, DP], [M, L, DP]) or (None, None), dx [M, N, d0] or None, per-sample
-    losses [M, N], outputs [M, N, dL] or None, per-sample gradient norms [M, N] or None.
+    ([M, L, DP, DP], [M, L, DP], meaningful only in each layer's [d(i+1), d(i)] corner) or
+    (None, None), dx [M, N, d0] or None, per-sample losses [M, N], outputs [M, N, dL] or
+    None, per-sample gradient norms [M, N] or None.
     With `clip` (DP-SGD) the gradients are clipped sums (want_norms is implied)."""
     want_norms = want_norms or clip is not None
     m, num_layers, dp, _ = weights_padded.shape
     n, d_in = x.shape[-2], x.shape[-1]
+    widths = padded_widths(layer_sizes)
+    assert len(widths) == num_layers + 1 and max(widths) == dp and widths[0] >= d_in
     assert weights_padded.is_contiguous() and x.stride(-1) == 1 and targets.is_contiguous()
     device = x.device
     block_n, splits, per_split, num_warps = launch_config(dp, n, m, device)
@@ -323,7 +358,7 @@ def fused_mlp(
     y = torch.empty(m, n, d_out, **f32) if want_y else torch.empty(1, **f32)
     scratch = torch.empty(m, splits, num_layers, block_n, dp, **f32)
     norms = torch.empty(m, n, **f32) if want_norms else torch.empty(1, **f32)
-    widths = torch.tensor(layer_sizes or [0], device=device, dtype=torch.int32)
+    real_widths = torch.tensor(layer_sizes, device=device, dtype=torch.int32)
     shared_x = x.dim() == 2
     shared_t = targets.dim() == (1 if loss == 4 else 2)
     sw = sample_weights if sample_weights is not None else per
@@ -331,16 +366,16 @@ def fused_mlp(
 
     _fused_mlp_kernel[(m, splits)](
         x, weights_padded, biases_padded, targets, sw, dw, db, dx, per, y, scratch, norms,
-        widths,
+        real_widths,
         n, d_in, d_out, splits, per_split,
         0 if shared_x else x.stride(0), x.stride(-2),
         0 if shared_t else targets.stride(0), targets.stride(-2 if loss != 4 else -1),
         0 if shared_w else n,
         slope, delta, scale, clip or 0.0, own_scale,
-        L=num_layers, DP=dp, BLOCK_N=block_n, HIDDEN_ACT=hidden_act, OUTPUT_ACT=output_act,
-        LOSS=loss, PRECISION=precision, HAS_WEIGHTS=sample_weights is not None,
-        WANT_PARAM_GRADS=want_param_grads, WANT_DX=want_dx, WANT_Y=want_y,
-        NORMS=want_norms, CLIP=clip is not None,
+        L=num_layers, DP=dp, WIDTHS=widths, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
+        OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,
+        HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
+        WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,
         num_warps=num_warps,
     )  # fmt: skip
     grads = (sum_partials(dw), sum_partials(db)) if want_param_grads else (None, None)

@@ -55,8 +55,9 @@ def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
 
 
 def fused_variants():
-    base = dict(L=3, DP=32, BLOCK_N=32, HIDDEN_ACT=ACT["gelu"], OUTPUT_ACT=ACT["sigmoid"],
-                LOSS=LOSS["huber"], HAS_WEIGHTS=True, WANT_Y=True)  # fmt: skip
+    base = dict(L=3, DP=32, WIDTHS=(16, 32, 32, 16), BLOCK_N=32, HIDDEN_ACT=ACT["gelu"],
+                OUTPUT_ACT=ACT["sigmoid"], LOSS=LOSS["huber"], HAS_WEIGHTS=True,
+                WANT_Y=True)  # fmt: skip
     for precision, (grads, dx, norms, clip) in itertools.product(
         ("float32", "tf32", "bfloat16", "float16"),
         [(True, False, False, False), (False, True, False, False), (True, True, True, False),

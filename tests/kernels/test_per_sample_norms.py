@@ -14,8 +14,8 @@ SIZES = (5, 9, 4, 3)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference_norms(tensors, hidden, loss, reduction):
-    grads = per_sample.per_sample_gradients(tensors, SIZES, hidden, loss, reduction)
+def reference_norms(tensors, hidden, loss, reduction, sizes=SIZES):
+    grads = per_sample.per_sample_gradients(tensors, sizes, hidden, loss, reduction)
     return per_sample.norms(grads)
 
 
@@ -33,16 +33,22 @@ def test_norms_equal_vmap_grad_per_sample_gradients(hidden, loss, reduction):
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("hidden", ["sigmoid", "softplus", "gelu"])  # f(0) != 0 for two
-@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "bce_with_logits"])
-def test_triton_engine_norms_equal_vmap_grad(hidden, loss):
+@pytest.mark.parametrize(
+    "hidden, loss, sizes",
+    [
+        *[(h, loss, SIZES) for h in ("sigmoid", "softplus", "gelu")  # f(0) != 0 for two
+          for loss in ("mse", "cross_entropy", "bce_with_logits")],
+        ("sigmoid", "mse", (37, 5, 70, 3)),  # layers padded to 64, 16, 128, 16
+    ],
+)  # fmt: skip
+def test_triton_engine_norms_equal_vmap_grad(hidden, loss, sizes):
     """The fused kernel's norm pass (float32, interpreter on CPUs), odd widths padded."""
-    tensors = random_job(SIZES, 3, 37, loss=loss, sample_weights=True, seed=7)
-    job = ensemble_job(tensors, SIZES, hidden=hidden, loss=loss)
+    tensors = random_job(sizes, 3, 37, loss=loss, sample_weights=True, seed=7)
+    job = ensemble_job(tensors, sizes, hidden=hidden, loss=loss)
     job.outputs = kernels.OutputRequest(True, True, False, False, True)
     got = triton_engine.run(job, DEVICE)
     wide = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
-    ref = reference_norms(wide, hidden, loss, "mean")
+    ref = reference_norms(wide, hidden, loss, "mean", sizes)
     torch.testing.assert_close(got.per_sample_grad_norm.double().cpu(), ref, rtol=1e-5, atol=1e-9)
     plain = torch_engine.run(job)  # input gradients come from the norm pass
     torch.testing.assert_close(got.input_grads.cpu(), plain.input_grads, rtol=1e-5, atol=1e-7)

@@ -13,6 +13,9 @@ from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
 
 ODD_SIZES = (5, 13, 7, 3)
 WIDE_SIZES = (5, 150, 3)  # a layer wider than 128 takes the per-layer GEMM path
+# Widths padding to different powers of two (64, 16, 128, 16): each layer computes on its
+# own padded tile, inside weight and gradient storage padded to the widest (128).
+MIXED_SIZES = (37, 5, 70, 3)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -71,6 +74,13 @@ def test_wide_layer_takes_the_per_layer_path(m, n, shared, loss):
         WIDE_SIZES, m, n, loss=loss, shared_inputs=shared, sample_weights=True, seed=n
     )
     check(WIDE_SIZES, tensors, hidden="gelu", output="tanh", loss=loss)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+@pytest.mark.parametrize("n", [1, 70])  # 70: three blocks of 32 samples in one program
+def test_fused_layers_padded_to_different_widths(n, shared):
+    tensors = random_job(MIXED_SIZES, 2, n, shared_inputs=shared, sample_weights=True, seed=n)
+    check(MIXED_SIZES, tensors, hidden="sigmoid", output="softplus", loss="huber")
 
 
 def test_widest_fused_width_128():
