@@ -1,18 +1,21 @@
-"""Registers and spills of the fused kernel for an H100 (sm_90a), from ptxas, with no GPU.
+"""What the fused kernel compiles to on an H100 (sm_90a), from ptxas and the SASS, no GPU.
 
-Triton lowers the kernel to PTX here (as tests/kernels/compile_for_gpu.py does) and the
-ptxas Triton ships reports each specialisation's registers, spill bytes and stack frame.
-Spills to local memory are the first suspect when a configuration is slow on the GPU; this
-table says which launch configurations (BLOCK_N, warps) keep the benchmark target shape
-[32, 64, 64, 64, 1] (padded width 64) in registers, per precision and with the DP norm
-and clip passes. It predicts nothing about time: measure on a GPU before changing
-triton_fused.launch_config.
+Triton lowers the kernel to PTX and a cubin here (as tests/kernels/compile_for_gpu.py
+does); ptxas -v reports each specialisation's registers, spill bytes and stack frame, and
+the disassembled cubin gives its instruction mix: the kernel body is fully unrolled over
+the layers, so its static instruction count is what one block of BLOCK_N samples executes.
+Spills to local memory are the first suspect when a configuration is slow on the GPU; the
+instruction count says how much work a change saves per block. Rows cover the launch
+configurations (BLOCK_N, warps) at the benchmark target [32, 64, 64, 64, 1], per precision
+and with the DP norm and clip passes, plus the same kernel with every layer padded to the
+widest (64) for comparison. It predicts nothing about time: measure on a GPU before
+changing triton_fused.launch_config.
 Usage: env -u TRITON_INTERPRET python bench/ptxas_report.py
 """
 
 from __future__ import annotations
 
-import inspect
+import collections
 import os
 import re
 import subprocess
@@ -22,46 +25,67 @@ import tempfile
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 assert os.environ.get("TRITON_INTERPRET") != "1", "run with the interpreter off"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime import driver  # noqa: E402
 
 from bench.common import write_table  # noqa: E402
+from bench.fused_sweep import make_job, run_with  # noqa: E402
+from gradserve import kernels  # noqa: E402
 from gradserve.kernels import triton_fused  # noqa: E402
-from gradserve.kernels.triton_common import ACTIVATION_CODES as ACT  # noqa: E402
-from gradserve.kernels.triton_common import LOSS_CODES as LOSS  # noqa: E402
-from gradserve.kernels.triton_common import PRECISION_CODES as PREC  # noqa: E402
-from tests.kernels.compile_for_gpu import FLOAT_ARGS  # noqa: E402
 
 KERNEL = triton_fused._fused_mlp_kernel
-PTXAS = os.path.join(
-    os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell"
-)  # fmt: skip  (the ptxas whose PTX version matches)
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+TARGET_SIZES = (32, 64, 64, 64, 1)
+# Instruction classes counted in the SASS (opcode prefixes).
+CLASSES = {
+    "tensor-core MMA": ("HGMMA", "HMMA"),
+    "global ld/st": ("LDG", "STG"),
+    "local (spill) ld/st": ("LDL", "STL"),
+}
 
 
-def ptxas_report(meta: dict, warps: int, weight_type: str) -> tuple[str, str, str]:
-    names = list(inspect.signature(KERNEL.fn).parameters)
-    signature = {}
-    for name in names:
-        if name in meta:
-            signature[name] = "constexpr"
-        elif name == "w_ptr":
-            signature[name] = weight_type
-        elif name == "widths_ptr":
-            signature[name] = "*i32"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        else:
-            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    source = ASTSource(fn=KERNEL, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in meta.items()})  # fmt: skip
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
-    )
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-        ptx.write(compiled.asm["ptx"])
-        ptx.flush()
-        out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
+class _CompilingDriver:
+    """Stands in for the CUDA driver: Triton's launch path binds and specialises the
+    arguments as on an H100, and the patched run() below compiles instead of launching."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def compile_through_launcher(job, block_n: int, warps: int):
+    """The kernel the engine's launcher would run for `job` with this (BLOCK_N, warps): the
+    arguments' real specialisation (alignment, divisibility by 16), not a hand-made one."""
+    compiled = []
+    run = KERNEL.run
+
+    def compile_only(*args, grid, warmup, **kwargs):
+        compiled.append(run(*args, grid=grid, warmup=True, **kwargs))
+        return compiled[-1]
+
+    KERNEL.run = compile_only
+    try:
+        run_with(job, torch.device("cpu"), block_n, warps)
+    finally:
+        del KERNEL.run
+    return compiled[0]
+
+
+def ptxas_usage(ptx: str) -> tuple[str, str, str]:
+    """(registers, 'spill stores / loads', stack frame) from ptxas -v."""
+    # The newest ptxas Triton ships (named -blackwell where it ships two) reads its PTX.
+    ptxas = next(p for p in ("ptxas-blackwell", "ptxas") if os.path.exists(f"{BIN}/{p}"))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([f"{BIN}/{ptxas}", "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr  # fmt: skip
     regs = re.search(r"Used (\d+) registers", out).group(1)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
@@ -69,49 +93,84 @@ def ptxas_report(meta: dict, warps: int, weight_type: str) -> tuple[str, str, st
     return regs, f"{spills.group(1)} / {spills.group(2)}", frame
 
 
+def sass_mix(cubin: bytes) -> collections.Counter:
+    """Opcode counts of the cubin's SASS (nvdisasm)."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        found = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if found:
+            ops[found.group(1)] += 1
+    return ops
+
+
+def row(precision: str, block_n: int, warps: int, dp_pass: bool, uniform: bool, chosen) -> list:
+    m, n = 4, 256  # M only sets the grid; N = 256 as in the benchmark
+    job = make_job(m, n, TARGET_SIZES, precision, torch.device("cpu"))
+    if dp_pass:
+        job.privacy = kernels.Privacy(1.0)
+    widths = triton_fused.padded_widths(TARGET_SIZES)
+    if uniform:
+        widths = (max(widths),) * len(widths)
+    padded_widths = triton_fused.padded_widths
+    triton_fused.padded_widths = lambda sizes: widths
+    try:
+        compiled = compile_through_launcher(job, block_n, warps)
+    finally:
+        triton_fused.padded_widths = padded_widths
+    regs, spills, frame = ptxas_usage(compiled.asm["ptx"])
+    ops = sass_mix(compiled.asm["cubin"])
+    counts = [sum(n for op, n in ops.items() if op.startswith(p)) for p in CLASSES.values()]
+    return [precision, block_n, warps, "yes" if dp_pass else "", str(widths), regs, spills,
+            frame, sum(ops.values()), *counts,
+            "yes" if (block_n, warps) == chosen else ""]  # fmt: skip
+
+
 def main() -> None:
-    dp, n = 64, 1024
-    chosen_block, _, _, chosen_warps = triton_fused.launch_config(dp, n, 1024, _FakeDevice())
-    base = dict(L=4, DP=dp, HIDDEN_ACT=ACT["relu"], OUTPUT_ACT=ACT["identity"], LOSS=LOSS["mse"],
-                HAS_WEIGHTS=False, WANT_PARAM_GRADS=True, WANT_DX=False, WANT_Y=False)  # fmt: skip
+    driver.set_active(_CompilingDriver())  # for this process: it compiles, never launches
+    widths = triton_fused.padded_widths(TARGET_SIZES)
+    uniform = (max(widths),) * len(widths)
     rows = []
-    for precision, weights in (("float32", "*fp32"), ("tf32", "*fp32"), ("bfloat16", "*bf16")):
+    for precision in ("float32", "tf32", "bfloat16"):
+        own_block, _, _, own_warps = triton_fused.launch_config(
+            max(widths), 256, 1024, torch.device("cpu")
+        )  # BLOCK_N and warps do not depend on the device
+        chosen = (own_block, own_warps)
         for block_n in (32, 64, 128):
             for warps in (4, 8):
                 for dp_pass in (False, True):
-                    meta = dict(base, PRECISION=PREC[precision], BLOCK_N=block_n, NORMS=dp_pass,
-                                CLIP=dp_pass)  # fmt: skip
-                    regs, spills, frame = ptxas_report(meta, warps, weights)
-                    used = "yes" if (block_n, warps) == (chosen_block, chosen_warps) else ""
-                    rows.append([precision, block_n, warps, "yes" if dp_pass else "", regs,
-                                 spills, frame, used])  # fmt: skip
+                    rows.append(row(precision, block_n, warps, dp_pass, False, chosen))
                     print(rows[-1], flush=True)
+        rows.append(row(precision, *chosen, False, True, chosen))
+        print(rows[-1], flush=True)
     write_table(
         "ptxas_sm90.md",
-        "Fused kernel on sm_90a (H100): registers and spills from ptxas, no GPU needed",
+        "Fused kernel on sm_90a (H100): registers, spills and SASS from ptxas, no GPU needed",
         [
             "precision",
             "BLOCK_N",
             "warps",
             "DP clip passes",
+            "padded widths",
             "registers",
             "spill stores / loads (B)",
             "stack frame (B)",
+            "SASS instructions",
+            *CLASSES,
             "launch_config's choice",
         ],  # fmt: skip
         rows,
-        "Shape: 4 layers padded to width 64 (the [32, 64, 64, 64, 1] benchmark target), relu, "
-        "mse, parameter gradients. Compiled by Triton "
-        f"{triton.__version__} for sm_90; ptxas -v of the PTX. Command: "
-        "`env -u TRITON_INTERPRET python bench/ptxas_report.py`.",
+        f"Network {list(TARGET_SIZES)}, N=256, per-model inputs, relu, mse, parameter "
+        f"gradients, compiled through the engine's launcher (the arguments specialised as on "
+        f"a GPU). Padded widths {widths} as the engine runs it; {uniform} (every layer padded "
+        "to the widest) for comparison. Triton "
+        f"{triton.__version__}, sm_90a; ptxas -v of the PTX, nvdisasm of the cubin. "
+        "Command: `env -u TRITON_INTERPRET python bench/ptxas_report.py`.",
     )
-
-
-class _FakeDevice:
-    """launch_config's CPU branch picks one sample split; BLOCK_N and warps do not depend
-    on the device."""
-
-    type = "cpu"
 
 
 if __name__ == "__main__":
