@@ -9,7 +9,12 @@ import torch
 from gradserve import kernels
 from gradserve.kernels import triton_engine
 from tests.jobs import ensemble_job, random_job
-from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
+from tests.oracle import (
+    assert_close_per_model,
+    assert_matches_oracle,
+    engine_tensors,
+    oracle_for,
+)
 
 ODD_SIZES = (5, 13, 7, 3)
 WIDE_SIZES = (5, 150, 3)  # a layer wider than 128 takes the per-layer GEMM path
@@ -81,6 +86,37 @@ def test_wide_layer_takes_the_per_layer_path(m, n, shared, loss):
 def test_fused_layers_padded_to_different_widths(n, shared):
     tensors = random_job(MIXED_SIZES, 2, n, shared_inputs=shared, sample_weights=True, seed=n)
     check(MIXED_SIZES, tensors, hidden="sigmoid", output="softplus", loss="huber")
+
+
+@pytest.mark.parametrize(
+    "sizes, m, n", [((1, 1), 1, 1), ((7, 1, 9, 2), 5, 1), ((3, 17, 17, 4), 2, 33)]
+)
+def test_fused_awkward_shapes(sizes, m, n):
+    """One linear layer (nothing in the scratch), a width-1 hidden layer, one sample."""
+    tensors = random_job(sizes, m, n, sample_weights=True, seed=m + n)
+    check(sizes, tensors, hidden="softplus", output="sigmoid")
+
+
+@pytest.mark.parametrize("param_grads, input_grads", [(False, True), (True, False), (False, False)])
+def test_fused_computes_only_what_is_asked(param_grads, input_grads):
+    tensors = random_job(ODD_SIZES, 2, 21, seed=11)
+    job = ensemble_job(tensors, ODD_SIZES, hidden="tanh")
+    job.outputs = kernels.OutputRequest(param_grads, input_grads, True, True)
+    got = engine_tensors(triton_engine.run(job, DEVICE))
+    assert ("layers.0.weight.grad" in got) == param_grads
+    assert ("inputs.grad" in got) == input_grads
+    ref = oracle_for(ODD_SIZES, tensors, hidden="tanh")
+    for name, value in got.items():
+        expected = ref.grads[name] if name in ref.grads else getattr(ref, _ORACLE[name])
+        assert_close_per_model(name, value, expected, "float32")
+
+
+_ORACLE = {
+    "loss": "loss",
+    "inputs.grad": "input_grads",
+    "per_sample_loss": "per_sample_loss",
+    "outputs": "outputs",
+}
 
 
 def test_widest_fused_width_128():
