@@ -1,7 +1,7 @@
 """Launch-configuration sweep of the fused kernel at the benchmark target shape.
 
-For each precision, times the Triton engine with every (BLOCK_N, num_warps) in the grid
-below in place of launch_config's choice, next to torch eager in the same run, and checks
+For each precision, times the Triton engine with every (BLOCK_N, num_warps, register cap)
+in CONFIGS below in place of launch_config's choice, next to torch eager in the same run, and checks
 that each configuration's gradients agree with the chosen one's (they differ only in the
 order of float32 sums). bench/ptxas_report.py predicts the register spills of these
 configurations without a GPU; this measures what they cost. Run it on a GPU after
@@ -16,7 +16,6 @@ computes the same gradients: `python bench/fused_sweep.py --cpu-check`.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import statistics
 import sys
@@ -31,8 +30,16 @@ from gradserve.kernels import torch_engine, triton_engine, triton_fused  # noqa:
 
 TARGET = (1024, 256, (32, 64, 64, 64, 1))  # M, N, layer sizes: the benchmark target
 CPU_CHECK = (2, 37, (5, 13, 7, 3))
-BLOCK_NS = (32, 64, 128)
-WARPS = (4, 8)
+# (BLOCK_N, warps, register cap): every block size and warp count at ptxas' own register
+# choice (255 at the target: one 8-warp program per SM), and caps that let 2 to 4 programs
+# share an SM at the price of some spills (bench/results/ptxas_sm90.md has their sizes).
+CONFIGS = [
+    *((block_n, warps, None) for block_n in (32, 64, 128) for warps in (4, 8)),
+    (32, 4, 128),
+    (64, 4, 128),
+    (64, 4, 168),
+    (128, 8, 128),
+]
 PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
@@ -51,21 +58,25 @@ def make_job(m, n, sizes, precision, device):
     )  # fmt: skip
 
 
-def with_config(block_n: int | None, warps: int | None):
-    """launch_config with BLOCK_N and num_warps replaced (None: its own choice)."""
+def with_config(block_n: int | None, warps: int | None, max_registers: int | None = None):
+    """launch_config with BLOCK_N, num_warps and the register cap replaced (None for the
+    first two: its own choice)."""
     chosen = triton_fused.launch_config
 
     def config(dp, n, m, device):
-        own_block, _, _, own_warps = chosen(dp, n, m, device)
-        block = block_n or own_block
-        return block, *triton_fused.sample_splits(n, block, m, device), warps or own_warps
+        own = chosen(dp, n, m, device)
+        block = block_n or own.block_n
+        return triton_fused.LaunchConfig(
+            block, *triton_fused.sample_splits(n, block, m, device), warps or own.num_warps,
+            max_registers,
+        )  # fmt: skip
 
     return config
 
 
-def run_with(job, device, block_n=None, warps=None):
+def run_with(job, device, block_n=None, warps=None, max_registers=None):
     original = triton_fused.launch_config
-    triton_fused.launch_config = with_config(block_n, warps)
+    triton_fused.launch_config = with_config(block_n, warps, max_registers)
     try:
         return triton_engine.run(job, device)
     finally:
@@ -107,27 +118,30 @@ def main():
         f"{torch.__version__}, triton {triton.__version__}. Times: median ms"
         + (" of triton.testing.do_bench." if device.type == "cuda" else " (interpreter)."),
         "",
-        "| precision | BLOCK_N | warps | triton ms | vs chosen | vs eager "
+        "| precision | BLOCK_N | warps | register cap | triton ms | vs chosen | vs eager "
         "| max grad difference vs chosen | launch_config's choice |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     worst = 0.0
     for precision in precisions:
         job = make_job(m, n, sizes, precision, device)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        own_block, _, _, own_warps = triton_fused.launch_config(dp, n, m, device)
+        own = triton_fused.launch_config(dp, n, m, device)
+        own_config = (own.block_n, own.num_warps, own.max_registers)
         chosen = run_with(job, device)
         t_chosen = median_ms(lambda job=job: run_with(job, device), device)
         t_eager = median_ms(lambda job=job: torch_engine.run(job, device), device)
-        for block_n, warps in itertools.product(BLOCK_NS, WARPS):
-            result = run_with(job, device, block_n, warps)
+        for block_n, warps, cap in CONFIGS:
+            result = run_with(job, device, block_n, warps, cap)
             diff = largest_difference(result, chosen)
             worst = max(worst, diff)
-            t = median_ms(lambda job=job, b=block_n, w=warps: run_with(job, device, b, w), device)
-            mark = "yes" if (block_n, warps) == (own_block, own_warps) else ""
+            t = median_ms(
+                lambda job=job, c=(block_n, warps, cap): run_with(job, device, *c), device
+            )
+            mark = "yes" if (block_n, warps, cap) == own_config else ""
             lines.append(
-                f"| {precision} | {block_n} | {warps} | {t:.3f} | {t_chosen / t:.2f}x "
-                f"| {t_eager / t:.2f}x | {diff:.1e} | {mark} |"
+                f"| {precision} | {block_n} | {warps} | {cap or ''} | {t:.3f} "
+                f"| {t_chosen / t:.2f}x | {t_eager / t:.2f}x | {diff:.1e} | {mark} |"
             )
             print(lines[-1], flush=True)
         torch.backends.cuda.matmul.allow_tf32 = False

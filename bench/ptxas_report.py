@@ -6,10 +6,11 @@ the disassembled cubin gives its instruction mix: the kernel body is fully unrol
 the layers, so its static instruction count is what one block of BLOCK_N samples executes.
 Spills to local memory are the first suspect when a configuration is slow on the GPU; the
 instruction count says how much work a change saves per block. Rows cover the launch
-configurations (BLOCK_N, warps) at the benchmark target [32, 64, 64, 64, 1], per precision
-and with the DP norm and clip passes, plus the same kernel with every layer padded to the
-widest (64) for comparison. It predicts nothing about time: measure on a GPU before
-changing triton_fused.launch_config.
+configurations bench/fused_sweep.py times (BLOCK_N, warps, register cap) at the benchmark
+target [32, 64, 64, 64, 1], per precision and with the DP norm and clip passes, plus the
+same kernel with every layer padded to the widest (64) for comparison. "Programs per SM"
+is what registers and shared memory allow: a latency-bound kernel wants more than one.
+None of it predicts time: measure on a GPU before changing triton_fused.launch_config.
 Usage: env -u TRITON_INTERPRET python bench/ptxas_report.py
 """
 
@@ -31,7 +32,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 from bench.common import write_table  # noqa: E402
-from bench.fused_sweep import make_job, run_with  # noqa: E402
+from bench.fused_sweep import CONFIGS, make_job, run_with  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import triton_fused  # noqa: E402
 
@@ -60,8 +61,9 @@ class _CompilingDriver:
         return 0
 
 
-def compile_through_launcher(job, block_n: int, warps: int):
-    """The kernel the engine's launcher would run for `job` with this (BLOCK_N, warps): the
+def compile_through_launcher(job, block_n: int, warps: int, cap: int | None = None):
+    """The kernel the engine's launcher would run for `job` with this (BLOCK_N, warps,
+    register cap): the
     arguments' real specialisation (alignment, divisibility by 16), not a hand-made one."""
     compiled = []
     run = KERNEL.run
@@ -72,7 +74,7 @@ def compile_through_launcher(job, block_n: int, warps: int):
 
     KERNEL.run = compile_only
     try:
-        run_with(job, torch.device("cpu"), block_n, warps)
+        run_with(job, torch.device("cpu"), block_n, warps, cap)
     finally:
         del KERNEL.run
     return compiled[0]
@@ -108,7 +110,7 @@ def sass_mix(cubin: bytes) -> collections.Counter:
     return ops
 
 
-def row(precision: str, block_n: int, warps: int, dp_pass: bool, uniform: bool, chosen) -> list:
+def row(precision, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen) -> list:
     m, n = 4, 256  # M only sets the grid; N = 256 as in the benchmark
     job = make_job(m, n, TARGET_SIZES, precision, torch.device("cpu"))
     if dp_pass:
@@ -119,15 +121,17 @@ def row(precision: str, block_n: int, warps: int, dp_pass: bool, uniform: bool, 
     padded_widths = triton_fused.padded_widths
     triton_fused.padded_widths = lambda sizes: widths
     try:
-        compiled = compile_through_launcher(job, block_n, warps)
+        compiled = compile_through_launcher(job, block_n, warps, cap)
     finally:
         triton_fused.padded_widths = padded_widths
     regs, spills, frame = ptxas_usage(compiled.asm["ptx"])
     ops = sass_mix(compiled.asm["cubin"])
     counts = [sum(n for op, n in ops.items() if op.startswith(p)) for p in CLASSES.values()]
-    return [precision, block_n, warps, "yes" if dp_pass else "", str(widths), regs, spills,
-            frame, sum(ops.values()), *counts,
-            "yes" if (block_n, warps) == chosen else ""]  # fmt: skip
+    # Programs an SM holds by registers (64K per SM) and shared memory (227 KB per block).
+    per_sm = min(65536 // (int(regs) * 32 * warps), 232448 // max(1, compiled.metadata.shared))
+    return [precision, block_n, warps, cap or "", "yes" if dp_pass else "", str(widths), regs,
+            spills, frame, per_sm, sum(ops.values()), *counts,
+            "yes" if (block_n, warps, cap) == chosen else ""]  # fmt: skip
 
 
 def main() -> None:
@@ -136,15 +140,12 @@ def main() -> None:
     uniform = (max(widths),) * len(widths)
     rows = []
     for precision in ("float32", "tf32", "bfloat16"):
-        own_block, _, _, own_warps = triton_fused.launch_config(
-            max(widths), 256, 1024, torch.device("cpu")
-        )  # BLOCK_N and warps do not depend on the device
-        chosen = (own_block, own_warps)
-        for block_n in (32, 64, 128):
-            for warps in (4, 8):
-                for dp_pass in (False, True):
-                    rows.append(row(precision, block_n, warps, dp_pass, False, chosen))
-                    print(rows[-1], flush=True)
+        own = triton_fused.launch_config(max(widths), 256, 1024, torch.device("cpu"))
+        chosen = (own.block_n, own.num_warps, own.max_registers)  # none depends on the device
+        for block_n, warps, cap in CONFIGS:
+            for dp_pass in (False, True) if cap is None else (False,):
+                rows.append(row(precision, block_n, warps, cap, dp_pass, False, chosen))
+                print(rows[-1], flush=True)
         rows.append(row(precision, *chosen, False, True, chosen))
         print(rows[-1], flush=True)
     write_table(

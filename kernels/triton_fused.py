@@ -28,6 +28,8 @@ Torch twin: torch_engine.forward_loss (same math, autograd for the backward).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -284,18 +286,28 @@ def padded_widths(layer_sizes) -> tuple[int, ...]:
     return tuple(max(16, triton.next_power_of_2(d)) for d in layer_sizes)
 
 
-def launch_config(dp: int, n: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_N, S, blocks_per_split, num_warps) for a job.
+class LaunchConfig(NamedTuple):
+    block_n: int  # samples per block (BLOCK_N)
+    splits: int  # programs per model (S, grid axis 1)
+    blocks_per_split: int
+    num_warps: int
+    max_registers: int | None = None  # ptxas register cap (None: its own choice)
+
+
+def launch_config(dp: int, n: int, m: int, device: torch.device) -> LaunchConfig:
+    """How to launch a job.
 
     BLOCK_N: 128 samples per block up to DP=64, 32 at DP=128, keeping the [BLOCK_N, DP]
     fp32 blocks in registers; larger blocks mean fewer weight reloads and partial-gradient
     updates per sample. S: enough programs to fill the GPU (4 per SM) when M alone does
-    not; on the interpreter one split is enough.
+    not; on the interpreter one split is enough. No register cap: at 255 registers a
+    program of 8 warps has an SM to itself; bench/fused_sweep.py measures the capped
+    alternatives (more programs per SM, some spills) against this choice.
     """
     block_n = 128 if dp <= 64 else 32
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     num_warps = 4 if dp * block_n <= 32 * 64 else 8
-    return block_n, *sample_splits(n, block_n, m, device), num_warps
+    return LaunchConfig(block_n, *sample_splits(n, block_n, m, device), num_warps)
 
 
 def sample_splits(n: int, block_n: int, m: int, device: torch.device) -> tuple[int, int]:
@@ -345,7 +357,8 @@ def fused_mlp(
     assert len(widths) == num_layers + 1 and max(widths) == dp and widths[0] >= d_in
     assert weights_padded.is_contiguous() and x.stride(-1) == 1 and targets.is_contiguous()
     device = x.device
-    block_n, splits, per_split, num_warps = launch_config(dp, n, m, device)
+    config = launch_config(dp, n, m, device)
+    block_n, splits, per_split = config.block_n, config.splits, config.blocks_per_split
 
     f32 = dict(device=device, dtype=torch.float32)
     if want_param_grads:
@@ -376,7 +389,7 @@ def fused_mlp(
         OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
         WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,
-        num_warps=num_warps,
+        num_warps=config.num_warps, maxnreg=config.max_registers,
     )  # fmt: skip
     grads = (sum_partials(dw), sum_partials(db)) if want_param_grads else (None, None)
     return (

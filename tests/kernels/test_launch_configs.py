@@ -16,4 +16,4 @@ def test_every_swept_configuration_agrees_with_the_chosen_one():
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = {line for line in done.stdout.splitlines() if line.startswith("| float32 |")}
-    assert len(rows) == 6 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
+    assert len(rows) == 10 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
