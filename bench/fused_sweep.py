@@ -1,11 +1,12 @@
 """Launch-configuration sweep of the fused kernel at the benchmark target shape.
 
-For each precision, times the Triton engine with every (BLOCK_N, num_warps, register cap)
-in CONFIGS below in place of launch_config's choice, next to torch eager in the same run, and checks
-that each configuration's gradients agree with the chosen one's (they differ only in the
-order of float32 sums). bench/ptxas_report.py predicts the register spills of these
-configurations without a GPU; this measures what they cost. Run it on a GPU after
-bench/gpu_check.sh (about 2 minutes on an H100):
+For each precision, times the Triton engine with every (BLOCK_N, num_warps, register
+cap) in CONFIGS below in place of launch_config's choice, next to torch eager in the same
+run, and checks that each configuration's gradients agree with the chosen one's (they
+differ only in the order of float32 sums). bench/ptxas_report.py predicts the registers,
+spills and programs per SM of these configurations without a GPU; this measures what they
+cost. Run it on a GPU after bench/gpu_check.sh (30 configurations, each compiled once,
+about 10 s each on a 2-core machine; rows are written as they are measured):
 
   python bench/fused_sweep.py --out $OUT/fused_sweep.md
 
@@ -40,7 +41,8 @@ CONFIGS = [
     (64, 4, 168),
     (128, 8, 128),
 ]
-PRECISIONS = ("float32", "tf32", "bfloat16")
+# The targets' precisions first: if the device call runs out of time, their rows are in.
+PRECISIONS = ("tf32", "bfloat16", "float32")
 
 
 def make_job(m, n, sizes, precision, device):
@@ -101,6 +103,13 @@ def largest_difference(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in pairs) / scale
 
 
+def write(path: str | None, lines: list[str]) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -114,7 +123,8 @@ def main():
     lines = [
         f"# Fused kernel launch configurations on {card}",
         "",
-        f"M={m}, N={n}, layer sizes {list(sizes)} (padded width {dp}), relu, mse; torch "
+        f"M={m}, N={n}, layer sizes {list(sizes)} (padded widths "
+        f"{triton_fused.padded_widths(sizes)}), relu, mse; torch "
         f"{torch.__version__}, triton {triton.__version__}. Times: median ms"
         + (" of triton.testing.do_bench." if device.type == "cuda" else " (interpreter)."),
         "",
@@ -144,15 +154,12 @@ def main():
                 f"| {t_chosen / t:.2f}x | {t_eager / t:.2f}x | {diff:.1e} | {mark} |"
             )
             print(lines[-1], flush=True)
+            write(args.out, lines)  # row by row: a cut-off run keeps what it measured
         torch.backends.cuda.matmul.allow_tf32 = False
     lines += ["", "'vs chosen' > 1: faster than launch_config's choice. Command: "
               "`python bench/fused_sweep.py`."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    write(args.out, lines)
+    print("\n".join(lines))
     # Every configuration computes the same sums in another order: float32 rounding only
     # (bf16 operands round identically in each), so a large difference is a kernel bug.
     if worst > 1e-4:
