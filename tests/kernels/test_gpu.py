@@ -57,8 +57,16 @@ def test_triton_engine_every_precision(m, n, sizes, precision):
     check(triton_engine, sizes, tensors, precision, hidden="gelu", loss="huber")
 
 
-@pytest.mark.parametrize("loss", kernels.LOSSES)
-@pytest.mark.parametrize("hidden", kernels.ACTIVATIONS)
+# Every activation and every loss, each in at least one compiled kernel: 8 specialisations
+# instead of all 40 pairs, to keep gpu_check.sh's test step inside its time (each costs a
+# Triton compile). The interpreter suite checks all 40 pairs' arithmetic on CPUs.
+ACTIVATION_LOSS_PAIRS = [
+    (hidden, kernels.LOSSES[i % len(kernels.LOSSES)])
+    for i, hidden in enumerate(kernels.ACTIVATIONS)
+]
+
+
+@pytest.mark.parametrize("hidden, loss", ACTIVATION_LOSS_PAIRS)
 def test_triton_engine_every_activation_and_loss(hidden, loss):
     m, n, sizes = SHAPES[0]
     tensors = random_job(sizes, m, n, loss=loss, shared_inputs=True, seed=1)
