@@ -2,7 +2,8 @@
 # One-call GPU check (see the README's Benchmarks section): versions, GPU-marked tests,
 # kernel benchmark, and one job through a real server on the GPU. Writes under $OUT
 # (default out/gpu): env.txt, gpu_tests.log, kernels_gpu.md, server_job.txt, summary.txt.
-# `bash bench/gpu_check.sh sweep` instead times the fused kernel's launch configurations
+# `bash bench/gpu_check.sh sweep` instead profiles the fused kernel's phases at the target
+# shape (bench/fused_phases.py: $OUT/fused_phases.md) and times its launch configurations
 # at the target shape (bench/fused_sweep.py, 30 configurations, each compiled once; rows are
 # written as measured, so a cut-off run keeps them): $OUT/fused_sweep.md.
 # Python packages missing on the machine can be carried as wheels in .whl/.
@@ -34,7 +35,10 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$OUT/env.txt"
 
 if [ "${1:-}" = sweep ]; then
-  timeout 420 python3 bench/fused_sweep.py --out "$OUT/fused_sweep.md" 2>&1 | tail -25
+  echo "== fused kernel phases"
+  timeout 120 python3 bench/fused_phases.py --out "$OUT/fused_phases.md" 2>&1 | tail -45
+  echo "== fused kernel launch configurations"
+  timeout 400 python3 bench/fused_sweep.py --out "$OUT/fused_sweep.md" 2>&1 | tail -35
   exit "${PIPESTATUS[0]}"
 fi
 

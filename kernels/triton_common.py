@@ -84,6 +84,30 @@ def activation_grad(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
+def cycle_counter():
+    """The SM's cycle counter (%clock64): GPU only, for profiling builds of a kernel."""
+    return tl.inline_asm_elementwise(
+        "mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def nanosecond_timer():
+    """The GPU's global nanosecond timer (%globaltimer), comparable across SMs."""
+    return tl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def sm_id():
+    """The SM running this program (%smid)."""
+    return tl.inline_asm_elementwise(
+        "mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
 def matmul(a, b, PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation; operands narrowed to bf16/fp16 when asked."""
     if PRECISION == 1:

@@ -34,7 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-from gradserve.kernels.triton_common import activate, activation_grad, loss_block, matmul
+from gradserve.kernels.triton_common import (
+    activate,
+    activation_grad,
+    cycle_counter,
+    loss_block,
+    matmul,
+    nanosecond_timer,
+    sm_id,
+)
 
 
 @triton.jit
@@ -53,6 +61,13 @@ def _weight_tile(OUT: tl.constexpr, IN: tl.constexpr, DP: tl.constexpr):
 def _layer_weight(w_model, layer: tl.constexpr, DP: tl.constexpr, WIDTHS: tl.constexpr):
     """The [P(layer+1), P(layer)] weight of `layer` (zero-padded, as stored)."""
     return tl.load(w_model + layer * DP * DP + _weight_tile(WIDTHS[layer + 1], WIDTHS[layer], DP))
+
+
+@triton.jit
+def _stamp(stamps, index, PROFILE: tl.constexpr):
+    """Profiling builds only: record the cycle counter at one of a block's phase ends."""
+    if PROFILE:
+        tl.store(stamps + index, cycle_counter())
 
 
 @triton.jit
@@ -99,6 +114,7 @@ def _fused_mlp_kernel(
     z_ptr,  # scratch, fp32 [M, S, L, BLOCK_N, DP]
     norm_ptr,  # per-sample gradient norms, fp32 [M, N] (unused without NORMS)
     widths_ptr,  # int32 [L + 1]: layer_sizes (NORMS only)
+    profile_ptr,  # int64 [M * S, 3 + blocks_per_split * (2L + 4)] (PROFILE only)
     # sizes
     N,
     d_in,  # d0
@@ -132,6 +148,7 @@ def _fused_mlp_kernel(
     WANT_Y: tl.constexpr,
     NORMS: tl.constexpr,  # per-sample gradient norms: a first backward pass
     CLIP: tl.constexpr,  # DP-SGD: scale each sample's gradient by its clip factor
+    PROFILE: tl.constexpr,  # record phase timings (fused_mlp's `profile`)
 ):
     m = tl.program_id(0)
     s = tl.program_id(1)
@@ -145,8 +162,14 @@ def _fused_mlp_kernel(
     dw_prog = dw_ptr + program * (L * DP * DP)
     db_prog = db_ptr + program * (L * DP)
     x_model = x_ptr + m * stride_xm
+    profile = profile_ptr + program * (3 + blocks_per_split * (2 * L + 4))
+    if PROFILE:
+        tl.store(profile, sm_id().to(tl.int64))
+        tl.store(profile + 1, nanosecond_timer())
 
     for blk in range(0, blocks_per_split):
+        stamps = profile + 3 + blk * (2 * L + 4)
+        _stamp(stamps, 0, PROFILE)
         rn = (s * blocks_per_split + blk) * BLOCK_N + rows
         rmask = rn < N
         x_offsets = rn[:, None] * stride_xn + in_cols[None, :]
@@ -163,6 +186,7 @@ def _fused_mlp_kernel(
                 h = activate(z, OUTPUT_ACT, slope)
             else:
                 h = activate(z, HIDDEN_ACT, slope)
+            _stamp(stamps, 1 + layer, PROFILE)
 
         per, g = loss_block(
             h,
@@ -183,6 +207,7 @@ def _fused_mlp_kernel(
             y_offsets = m * N * d_out + rn[:, None] * d_out + out_cols[None, :]
             tl.store(y_ptr + y_offsets, h, mask=rmask[:, None] & (out_cols[None, :] < d_out))
         tl.debug_barrier()  # scratch writes visible to every thread of the program
+        _stamp(stamps, L + 1, PROFILE)
 
         if NORMS:
             # A first backward pass for each sample's gradient norm: a linear layer's weight
@@ -213,6 +238,7 @@ def _fused_mlp_kernel(
             if CLIP:  # backprop is linear in dLoss/dy: scaling it scales the whole gradient
                 factor = tl.minimum(clip / (norm * own_scale + 1e-6), 1.0)
                 g = g * factor[:, None]
+        _stamp(stamps, L + 2, PROFILE)
 
         # backward, last layer first
         if WANT_PARAM_GRADS or (WANT_DX and not NORMS):
@@ -237,10 +263,14 @@ def _fused_mlp_kernel(
                 if layer > 0 or (WANT_DX and not NORMS):
                     w = _layer_weight(w_model, layer, DP, WIDTHS)
                     g = matmul(dz, w, PRECISION)
+                _stamp(stamps, 2 * L + 2 - layer, PROFILE)
             if WANT_DX and not NORMS:
                 dx_offsets = m * N * d_in + rn[:, None] * d_in + in_cols[None, :]
                 tl.store(dx_ptr + dx_offsets, g, mask=x_mask)
         tl.debug_barrier()  # the next block overwrites the scratch
+        _stamp(stamps, 2 * L + 3, PROFILE)
+    if PROFILE:
+        tl.store(profile + 2, nanosecond_timer())
 
 
 @triton.jit
@@ -344,12 +374,19 @@ def fused_mlp(
     want_norms: bool = False,
     clip: float | None = None,
     own_scale: float = 1.0,
+    profile: list | None = None,
 ):
     """Launcher: check -> allocate -> grid -> launch. Returns padded gradients
     ([M, L, DP, DP], [M, L, DP], meaningful only in each layer's [d(i+1), d(i)] corner) or
     (None, None), dx [M, N, d0] or None, per-sample losses [M, N], outputs [M, N, dL] or
     None, per-sample gradient norms [M, N] or None.
-    With `clip` (DP-SGD) the gradients are clipped sums (want_norms is implied)."""
+    With `clip` (DP-SGD) the gradients are clipped sums (want_norms is implied).
+
+    `profile` (benchmarks only): a list to receive (LaunchConfig, stamps), the kernel then
+    built with timers. stamps int64 [M * S, 3 + blocks_per_split * (2L + 4)]: per program
+    its SM, start and end in GPU nanoseconds, then per block of samples the SM cycle
+    counter at: 0 block start, 1..L after forward layer 0..L-1, L+1 after the loss, L+2
+    after the norm pass, L+3..2L+2 after backward layer L-1..0, 2L+3 block end."""
     want_norms = want_norms or clip is not None
     m, num_layers, dp, _ = weights_padded.shape
     n, d_in = x.shape[-2], x.shape[-1]
@@ -371,6 +408,11 @@ def fused_mlp(
     y = torch.empty(m, n, d_out, **f32) if want_y else torch.empty(1, **f32)
     scratch = torch.empty(m, splits, num_layers, block_n, dp, **f32)
     norms = torch.empty(m, n, **f32) if want_norms else torch.empty(1, **f32)
+    stamps = per  # unused unless profiling
+    if profile is not None:
+        stamps = torch.zeros(m * splits, 3 + per_split * (2 * num_layers + 4),
+                             device=device, dtype=torch.int64)  # fmt: skip
+        profile.append((config, stamps))
     real_widths = torch.tensor(layer_sizes, device=device, dtype=torch.int32)
     shared_x = x.dim() == 2
     shared_t = targets.dim() == (1 if loss == 4 else 2)
@@ -379,7 +421,7 @@ def fused_mlp(
 
     _fused_mlp_kernel[(m, splits)](
         x, weights_padded, biases_padded, targets, sw, dw, db, dx, per, y, scratch, norms,
-        real_widths,
+        real_widths, stamps,
         n, d_in, d_out, splits, per_split,
         0 if shared_x else x.stride(0), x.stride(-2),
         0 if shared_t else targets.stride(0), targets.stride(-2 if loss != 4 else -1),
@@ -389,6 +431,7 @@ def fused_mlp(
         OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
         WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,
+        PROFILE=profile is not None,
         num_warps=config.num_warps, maxnreg=config.max_registers,
     )  # fmt: skip
     grads = (sum_partials(dw), sum_partials(db)) if want_param_grads else (None, None)

@@ -57,7 +57,8 @@ def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
 def fused_variants():
     base = dict(L=3, DP=32, WIDTHS=(16, 32, 32, 16), BLOCK_N=32, HIDDEN_ACT=ACT["gelu"],
                 OUTPUT_ACT=ACT["sigmoid"], LOSS=LOSS["huber"], HAS_WEIGHTS=True,
-                WANT_Y=True)  # fmt: skip
+                WANT_Y=True, PROFILE=False)  # fmt: skip
+    types = {"widths_ptr": "*i32", "profile_ptr": "*i64"}
     for precision, (grads, dx, norms, clip) in itertools.product(
         ("float32", "tf32", "bfloat16", "float16"),
         [(True, False, False, False), (False, True, False, False), (True, True, True, False),
@@ -66,10 +67,14 @@ def fused_variants():
         weights = {"bfloat16": "*bf16", "float16": "*fp16"}.get(precision, "*fp32")
         meta = dict(base, PRECISION=PREC[precision], WANT_PARAM_GRADS=grads, WANT_DX=dx,
                     NORMS=norms, CLIP=clip)  # fmt: skip
-        yield triton_fused._fused_mlp_kernel, meta, {"w_ptr": weights, "widths_ptr": "*i32"}
+        yield triton_fused._fused_mlp_kernel, meta, {**types, "w_ptr": weights}
     ce = dict(base, LOSS=LOSS["cross_entropy"], PRECISION=PREC["float32"], WANT_PARAM_GRADS=True,
               WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
-    yield triton_fused._fused_mlp_kernel, ce, {"t_ptr": "*i64", "widths_ptr": "*i32"}
+    yield triton_fused._fused_mlp_kernel, ce, {**types, "t_ptr": "*i64"}
+    # the benchmarks' profiling build (timers: inline PTX the interpreter cannot run)
+    profiled = dict(base, PRECISION=PREC["tf32"], WANT_PARAM_GRADS=True, WANT_DX=True,
+                    NORMS=True, CLIP=False, PROFILE=True)  # fmt: skip
+    yield triton_fused._fused_mlp_kernel, profiled, types
     yield triton_fused._sum_partials_kernel, dict(BLOCK=1024), {}
 
 
