@@ -119,6 +119,20 @@ _ORACLE = {
 }
 
 
+def test_samples_split_across_programs_reduce_to_the_oracle(monkeypatch):
+    """On GPUs a model's samples are dealt to several programs when M alone cannot fill
+    the device (the interpreter uses one): each writes only its layers' corners of its
+    partial gradient buffer, and the fixed-order reduction of the partials is sliced."""
+    from gradserve.kernels import triton_fused
+
+    def one_block_per_program(n, block_n, m, device):
+        return triton_fused.triton.cdiv(n, block_n), 1
+
+    monkeypatch.setattr(triton_fused, "sample_splits", one_block_per_program)
+    tensors = random_job(MIXED_SIZES, 2, 70, sample_weights=True, seed=12)  # 3 blocks of 32
+    check(MIXED_SIZES, tensors, hidden="gelu", loss="mse")
+
+
 def test_widest_fused_width_128():
     tensors = random_job((128, 128, 2), 1, 33, seed=2)
     check((128, 128, 2), tensors, hidden="relu")
