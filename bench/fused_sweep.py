@@ -28,6 +28,7 @@ import triton
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine, triton_fused  # noqa: E402
+from gradserve.kernels.triton_common import PRECISION_CODES  # noqa: E402
 
 TARGET = (1024, 256, (32, 64, 64, 64, 1))  # M, N, layer sizes: the benchmark target
 CPU_CHECK = (2, 37, (5, 13, 7, 3))
@@ -65,8 +66,8 @@ def with_config(block_n: int | None, warps: int | None, max_registers: int | Non
     first two: its own choice)."""
     chosen = triton_fused.launch_config
 
-    def config(dp, n, m, device):
-        own = chosen(dp, n, m, device)
+    def config(dp, n, m, device, precision):
+        own = chosen(dp, n, m, device, precision)
         block = block_n or own.block_n
         return triton_fused.LaunchConfig(
             block, *triton_fused.sample_splits(n, block, m, device), warps or own.num_warps,
@@ -136,7 +137,7 @@ def main():
     for precision in precisions:
         job = make_job(m, n, sizes, precision, device)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        own = triton_fused.launch_config(dp, n, m, device)
+        own = triton_fused.launch_config(dp, n, m, device, PRECISION_CODES[precision])
         own_config = (own.block_n, own.num_warps, own.max_registers)
         chosen = run_with(job, device)
         t_chosen = median_ms(lambda job=job: run_with(job, device), device)

@@ -35,6 +35,7 @@ from bench.common import write_table  # noqa: E402
 from bench.fused_sweep import CONFIGS, make_job, run_with  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import triton_fused  # noqa: E402
+from gradserve.kernels.triton_common import PRECISION_CODES  # noqa: E402
 
 KERNEL = triton_fused._fused_mlp_kernel
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -140,7 +141,9 @@ def main() -> None:
     uniform = (max(widths),) * len(widths)
     rows = []
     for precision in ("float32", "tf32", "bfloat16"):
-        own = triton_fused.launch_config(max(widths), 256, 1024, torch.device("cpu"))
+        own = triton_fused.launch_config(
+            max(widths), 256, 1024, torch.device("cpu"), PRECISION_CODES[precision]
+        )
         chosen = (own.block_n, own.num_warps, own.max_registers)  # none depends on the device
         for block_n, warps, cap in CONFIGS:
             for dp_pass in (False, True) if cap is None else (False,):

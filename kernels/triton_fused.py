@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from gradserve.kernels.triton_common import (
+    PRECISION_CODES,
     activate,
     activation_grad,
     cycle_counter,
@@ -324,17 +325,26 @@ class LaunchConfig(NamedTuple):
     max_registers: int | None = None  # ptxas register cap (None: its own choice)
 
 
-def launch_config(dp: int, n: int, m: int, device: torch.device) -> LaunchConfig:
+def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int) -> LaunchConfig:
     """How to launch a job.
 
     BLOCK_N: 128 samples per block up to DP=64, 32 at DP=128, keeping the [BLOCK_N, DP]
     fp32 blocks in registers; larger blocks mean fewer weight reloads and partial-gradient
-    updates per sample. S: enough programs to fill the GPU (4 per SM) when M alone does
-    not; on the interpreter one split is enough. No register cap: at 255 registers a
-    program of 8 warps has an SM to itself; bench/fused_sweep.py measures the capped
-    alternatives (more programs per SM, some spills) against this choice.
+    updates per sample. IEEE float32 multiplies on the FMA units, whose operands need more
+    registers: at DP=64 it takes 64 samples per block, which on sm_90 issues as many
+    instructions per sample as 128 with a quarter of the spill traffic, and with the DP
+    norm pass half the instructions and 1/34 of the spill traffic per sample
+    (bench/results/ptxas_sm90.md). S: enough programs to fill the GPU (4 per SM) when M
+    alone does not; on the interpreter one split is enough. No register cap: at 255
+    registers a program of 8 warps has an SM to itself; bench/fused_sweep.py measures the
+    capped alternatives (more programs per SM, some spills) against this choice.
     """
-    block_n = 128 if dp <= 64 else 32
+    if dp == 128:
+        block_n = 32
+    elif dp == 64 and precision == PRECISION_CODES["float32"]:
+        block_n = 64
+    else:
+        block_n = 128
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     num_warps = 4 if dp * block_n <= 32 * 64 else 8
     return LaunchConfig(block_n, *sample_splits(n, block_n, m, device), num_warps)
@@ -394,7 +404,7 @@ def fused_mlp(
     assert len(widths) == num_layers + 1 and max(widths) == dp and widths[0] >= d_in
     assert weights_padded.is_contiguous() and x.stride(-1) == 1 and targets.is_contiguous()
     device = x.device
-    config = launch_config(dp, n, m, device)
+    config = launch_config(dp, n, m, device, precision)
     block_n, splits, per_split = config.block_n, config.splits, config.blocks_per_split
 
     f32 = dict(device=device, dtype=torch.float32)
