@@ -1,9 +1,9 @@
 """Triton building blocks shared by the fused and the per-layer paths: activations and
-their derivatives, the loss of a block of samples and its gradient, and a matmul that
-honours the job's precision.
+their derivatives, the loss of a block of samples and its gradient, a matmul that
+honours the job's precision, and the GPU timers of profiling builds (bench/ only).
 
-Each helper mirrors a torch function in kernels/functional.py (the reference the tests
-compare against); codes below are the constexpr selectors passed to the kernels.
+Each math helper mirrors a torch function in kernels/functional.py (the reference the
+tests compare against); codes below are the constexpr selectors passed to the kernels.
 """
 
 from __future__ import annotations
