@@ -423,7 +423,8 @@ def fused_mlp(
         stamps = torch.zeros(m * splits, 3 + per_split * (2 * num_layers + 4),
                              device=device, dtype=torch.int64)  # fmt: skip
         profile.append((config, stamps))
-    real_widths = torch.tensor(layer_sizes, device=device, dtype=torch.int32)
+    # the norm pass's mask of real features (a host-to-device copy: only when needed)
+    real_widths = torch.tensor(layer_sizes, device=device, dtype=torch.int32) if want_norms else per
     shared_x = x.dim() == 2
     shared_t = targets.dim() == (1 if loss == 4 else 2)
     sw = sample_weights if sample_weights is not None else per
