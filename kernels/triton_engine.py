@@ -4,8 +4,8 @@ Widths up to 128 take the fully fused kernel (triton_fused.py: one launch for th
 job, plus a fixed-order reduction of per-program partial gradients when samples are split
 across programs); wider networks take the per-layer GEMM path (triton_layered.py). Both
 compute in fp32 with matmul operands in the job's precision, and are bit-identical from
-run to run. Kernels are specialised per architecture (depth, padded width, activations,
-loss, precision are compile-time constants) and Triton caches each specialisation, so only
+run to run. Kernels are specialised per architecture (layer sizes, activations, loss,
+precision are compile-time constants) and Triton caches each specialisation, so only
 the first job of a new architecture pays the compile.
 
 On a machine without CUDA the engine runs under Triton's interpreter when
@@ -47,22 +47,9 @@ def available() -> bool:
     return torch.cuda.is_available() or interpreted()
 
 
+# bf16/fp16 jobs hand the fused kernel narrow weights: they are matmul operands only, and
+# half the bytes means half the weight loads and registers.
 NARROW_WEIGHTS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _pad_parameters(weights, biases, dp: int, precision: str):
-    """Zero-padded [M, L, DP, DP] weights and [M, L, DP] fp32 biases for the fused kernel.
-    For bf16/fp16 jobs the weights are stored narrow: they are matmul operands only, and
-    half the bytes means half the weight loads and registers."""
-    m, num_layers = weights[0].shape[0], len(weights)
-    device = weights[0].device
-    w_dtype = NARROW_WEIGHTS.get(precision, torch.float32)
-    w_pad = torch.zeros(m, num_layers, dp, dp, device=device, dtype=w_dtype)
-    b_pad = torch.zeros(m, num_layers, dp, device=device, dtype=torch.float32)
-    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        w_pad[:, i, : w.shape[1], : w.shape[2]] = w
-        b_pad[:, i, : b.shape[1]] = b
-    return w_pad, b_pad
 
 
 def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
@@ -109,18 +96,13 @@ def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
         options["slope"] = float(job.mlp.output_activation.negative_slope)
 
     if max(sizes) <= FUSED_MAX_WIDTH:
-        dp = triton_fused.padded_width(sizes)
-        w_pad, b_pad = _pad_parameters(weights, biases, dp, job.precision)
-        (dw, db), dx, per, y, norms = triton_fused.fused_mlp(
-            w_pad, b_pad, x, targets, sample_weights, d_out=d_out, **options,
-            layer_sizes=list(sizes), want_norms=norms_needed,
+        narrow = NARROW_WEIGHTS.get(job.precision)
+        operands = [w.to(narrow) for w in weights] if narrow else weights
+        (weight_grads, bias_grads), dx, per, y, norms = triton_fused.fused_mlp(
+            operands, biases, x, targets, sample_weights, **options, want_norms=norms_needed,
             clip=job.privacy.clip_norm if job.privacy is not None else None,
             own_scale=privacy.own_loss_scale(job) if job.privacy is not None else 1.0,
         )  # fmt: skip
-        weight_grads = bias_grads = None
-        if dw is not None:
-            weight_grads = [dw[:, i, : w.shape[1], : w.shape[2]] for i, w in enumerate(weights)]
-            bias_grads = [db[:, i, : b.shape[1]] for i, b in enumerate(biases)]
         if job.privacy is not None and weight_grads is not None:
             privacy.add_noise(
                 weight_grads, bias_grads, job.privacy, privacy.samples_per_loss_unit(job), device

@@ -1,16 +1,18 @@
 """Fused forward + loss + backward of an MLP ensemble in one Triton launch (widths <= 128).
 
-Shapes (M models, N samples, L layers; each width d(i) padded to P(i), a power of two >= 16,
-and DP = the largest P(i) is the storage stride):
-  weights  [M, L, DP, DP]  zero-padded copy of the job's [M, d(i+1), d(i)] weights
-  biases   [M, L, DP]
+Shapes (M models, N samples, L layers of widths d(i); inside the kernel each width is padded
+to P(i), a power of two >= 16, and DP = the largest P(i)):
+  weights  L tensors [M, d(i+1), d(i)], the job's own (read in place; bf16/fp16 for those
+           precisions), biases L tensors [M, d(i+1)] fp32
   inputs   [M, N, d0] or shared [N, d0] (read in place, stride 0 over M when shared)
-  partial weight/bias gradients  [M, S, L, DP, DP] / [M, S, L, DP]
+  partial gradients  [M, S, G]: per program, each layer's weight gradient [d(i+1), d(i)] and
+           bias gradient [d(i+1)] at offsets 16-byte aligned (GradientLayout)
   scratch  [M, S, L, BLOCK_N, DP]  pre-activations of the block in flight
 
 Layer i computes on [P(i+1), P(i)] tiles, not [DP, DP]: a network like [32, 64, 64, 64, 1]
-multiplies 32-wide inputs and a 16-wide output layer, not four 64 x 64 layers. Only the
-top-left [P(i+1), P(i)] corner of a layer's weight and gradient storage is read or written.
+multiplies 32-wide inputs and a 16-wide output layer, not four 64 x 64 layers. Tiles are
+loaded with masks from the unpadded parameters, so the padding never exists in memory and
+no padded copy of the parameters is made before a launch.
 
 grid = (M, S): program (m, s) owns model m and the s-th slice of its samples. It walks its
 slice BLOCK_N samples at a time: forward through all L layers (weights stay in L1/L2, the
@@ -19,9 +21,8 @@ and dLoss/dy in registers, then backward through the layers, accumulating the we
 bias gradients of its slice in its own partial buffer. No float atomics: a second kernel
 adds the S partials in a fixed order, so repeated runs give identical bits.
 
-The zero padding is harmless: padded weight rows and columns are 0, so padded features
-never reach a real one, and their gradients come out 0 and are sliced away (so is whatever
-lies outside each layer's corner of the gradient buffers, which are never zeroed).
+The zero padding is harmless: padded weight rows and columns load as 0, so padded features
+never reach a real one, and their gradients are masked off at the store.
 
 Torch twin: torch_engine.forward_loss (same math, autograd for the backward).
 """
@@ -53,15 +54,34 @@ def _block_tile(rows, WIDTH: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(OUT: tl.constexpr, IN: tl.constexpr, DP: tl.constexpr):
-    """Offsets of the [OUT, IN] corner of a [DP, DP] weight."""
-    return tl.arange(0, OUT)[:, None] * DP + tl.arange(0, IN)[None, :]
+def _weight_tile(layer: tl.constexpr, SIZES: tl.constexpr, WIDTHS: tl.constexpr):
+    """Offsets and mask of `layer`'s [P(layer+1), P(layer)] tile over its row-major
+    [d(layer+1), d(layer)] weight (or weight gradient): the padding is the masked part."""
+    rows = tl.arange(0, WIDTHS[layer + 1])
+    cols = tl.arange(0, WIDTHS[layer])
+    offsets = rows[:, None] * SIZES[layer] + cols[None, :]
+    mask = (rows[:, None] < SIZES[layer + 1]) & (cols[None, :] < SIZES[layer])
+    return offsets, mask
 
 
 @triton.jit
-def _layer_weight(w_model, layer: tl.constexpr, DP: tl.constexpr, WIDTHS: tl.constexpr):
-    """The [P(layer+1), P(layer)] weight of `layer` (zero-padded, as stored)."""
-    return tl.load(w_model + layer * DP * DP + _weight_tile(WIDTHS[layer + 1], WIDTHS[layer], DP))
+def _layer_weight(w_ptrs, m, layer: tl.constexpr, SIZES: tl.constexpr, WIDTHS: tl.constexpr):
+    """Model m's weight of `layer`, zero-padded to [P(layer+1), P(layer)]."""
+    w_model = w_ptrs[layer] + m * (SIZES[layer + 1] * SIZES[layer])
+    offsets, mask = _weight_tile(layer, SIZES, WIDTHS)
+    if SIZES[layer] == WIDTHS[layer] and SIZES[layer + 1] == WIDTHS[layer + 1]:
+        w = tl.load(w_model + offsets)  # no padding: no mask to compute
+    else:
+        w = tl.load(w_model + offsets, mask=mask, other=0.0)
+    return w
+
+
+@triton.jit
+def _layer_bias(b_ptrs, m, layer: tl.constexpr, SIZES: tl.constexpr, WIDTHS: tl.constexpr):
+    """Model m's bias of `layer`, zero-padded to [P(layer+1)]."""
+    cols = tl.arange(0, WIDTHS[layer + 1])
+    return tl.load(b_ptrs[layer] + m * SIZES[layer + 1] + cols, mask=cols < SIZES[layer + 1],
+                   other=0.0)  # fmt: skip
 
 
 @triton.jit
@@ -101,27 +121,25 @@ def _layer_input(
 
 @triton.jit
 def _fused_mlp_kernel(
-    # pointers
+    # pointers (a tuple holds one pointer per layer)
     x_ptr,  # inputs, fp32, [M, N, d0] or [N, d0]
-    w_ptr,  # padded weights, [M, L, DP, DP] (fp32, or the narrow operand dtype)
-    b_ptr,  # padded biases, fp32, [M, L, DP]
+    w_ptrs,  # weights, L x [M, d(i+1), d(i)] (fp32, or the narrow operand dtype)
+    b_ptrs,  # biases, L x fp32 [M, d(i+1)]
     t_ptr,  # targets: fp32 [M|-, N, dL] or int [M|-, N]
     sw_ptr,  # sample weights, fp32 [M|-, N] (unused without HAS_WEIGHTS)
-    dw_ptr,  # partial weight gradients, fp32 [M, S, L, DP, DP]
-    db_ptr,  # partial bias gradients, fp32 [M, S, L, DP]
+    dw_ptrs,  # partial weight gradients, L x fp32 [M, S, d(i+1), d(i)] (stride grad_stride)
+    db_ptrs,  # partial bias gradients, L x fp32 [M, S, d(i+1)] (stride grad_stride)
     dx_ptr,  # input gradients, fp32 [M, N, d0] (unused without WANT_DX)
     per_ptr,  # per-sample losses, fp32 [M, N]
     y_ptr,  # outputs, fp32 [M, N, dL] (unused without WANT_Y)
     z_ptr,  # scratch, fp32 [M, S, L, BLOCK_N, DP]
     norm_ptr,  # per-sample gradient norms, fp32 [M, N] (unused without NORMS)
-    widths_ptr,  # int32 [L + 1]: layer_sizes (NORMS only)
     profile_ptr,  # int64 [M * S, 3 + blocks_per_split * (2L + 4)] (PROFILE only)
     # sizes
     N,
-    d_in,  # d0
-    d_out,  # dL
     S,  # sample splits per model (grid axis 1)
     blocks_per_split,
+    grad_stride,  # elements between two programs' partial gradients
     # strides (elements); 0 on the model axis for shared tensors
     stride_xm,
     stride_xn,
@@ -136,7 +154,8 @@ def _fused_mlp_kernel(
     own_scale,  # N (mean) or 1 (sum): contribution norm -> own-loss norm (CLIP only)
     # meta
     L: tl.constexpr,
-    DP: tl.constexpr,  # storage stride: the largest of WIDTHS
+    SIZES: tl.constexpr,  # (d0, ..., dL): the layer widths
+    DP: tl.constexpr,  # the scratch's row stride: the largest of WIDTHS
     WIDTHS: tl.constexpr,  # (P0, ..., PL): each layer width padded to a power of two >= 16
     BLOCK_N: tl.constexpr,
     HIDDEN_ACT: tl.constexpr,
@@ -151,18 +170,23 @@ def _fused_mlp_kernel(
     CLIP: tl.constexpr,  # DP-SGD: scale each sample's gradient by its clip factor
     PROFILE: tl.constexpr,  # record phase timings (fused_mlp's `profile`)
 ):
-    m = tl.program_id(0)
+    # 64-bit program offsets: large ensembles' buffers pass 2**31 elements
+    m = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
+    d_in: tl.constexpr = SIZES[0]
+    d_out: tl.constexpr = SIZES[L]
     rows = tl.arange(0, BLOCK_N)
     in_cols = tl.arange(0, WIDTHS[0])
     out_cols = tl.arange(0, WIDTHS[L])
-    w_model = w_ptr + m * (L * DP * DP)
-    b_model = b_ptr + m * (L * DP)
     program = m * S + s
     z_prog = z_ptr + program * (L * BLOCK_N * DP)
-    dw_prog = dw_ptr + program * (L * DP * DP)
-    db_prog = db_ptr + program * (L * DP)
+    grad_prog = program * grad_stride
+    # per-model base pointers (64-bit scalars), so per-element offsets stay 32-bit
     x_model = x_ptr + m * stride_xm
+    per_model = per_ptr + m * N
+    norm_model = norm_ptr + m * N
+    y_model = y_ptr + m * N * d_out
+    dx_model = dx_ptr + m * N * d_in
     profile = profile_ptr + program * (3 + blocks_per_split * (2 * L + 4))
     if PROFILE:
         tl.store(profile, sm_id().to(tl.int64))
@@ -179,8 +203,8 @@ def _fused_mlp_kernel(
 
         # forward: keep each layer's pre-activation in the scratch for the backward pass
         for layer in tl.static_range(L):
-            w = _layer_weight(w_model, layer, DP, WIDTHS)
-            b = tl.load(b_model + layer * DP + tl.arange(0, WIDTHS[layer + 1]))
+            w = _layer_weight(w_ptrs, m, layer, SIZES, WIDTHS)
+            b = _layer_bias(b_ptrs, m, layer, SIZES, WIDTHS)
             z = matmul(h, tl.trans(w), PRECISION) + b[None, :]
             tl.store(z_prog + layer * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer + 1], DP), z)
             if layer == L - 1:
@@ -203,10 +227,10 @@ def _fused_mlp_kernel(
             LOSS,
             HAS_WEIGHTS,
         )
-        tl.store(per_ptr + m * N + rn, per, mask=rmask)
+        tl.store(per_model + rn, per, mask=rmask)
         if WANT_Y:
-            y_offsets = m * N * d_out + rn[:, None] * d_out + out_cols[None, :]
-            tl.store(y_ptr + y_offsets, h, mask=rmask[:, None] & (out_cols[None, :] < d_out))
+            y_offsets = rn[:, None] * d_out + out_cols[None, :]
+            tl.store(y_model + y_offsets, h, mask=rmask[:, None] & (out_cols[None, :] < d_out))
         tl.debug_barrier()  # scratch writes visible to every thread of the program
         _stamp(stamps, L + 1, PROFILE)
 
@@ -225,17 +249,17 @@ def _fused_mlp_kernel(
                     HIDDEN_ACT,
                 )  # fmt: skip
                 # padded input features may be non-zero (sigmoid(0)): count real ones only
-                real = tl.arange(0, WIDTHS[layer]) < tl.load(widths_ptr + layer)
+                real = tl.arange(0, WIDTHS[layer]) < SIZES[layer]
                 h_in = tl.where(real[None, :], h_in, 0.0)
                 sq += tl.sum(dz * dz, 1) * (tl.sum(h_in * h_in, 1) + 1.0)
                 if layer > 0 or WANT_DX:
-                    w = _layer_weight(w_model, layer, DP, WIDTHS)
+                    w = _layer_weight(w_ptrs, m, layer, SIZES, WIDTHS)
                     gn = matmul(dz, w, PRECISION)
             if WANT_DX:
-                dx_offsets = m * N * d_in + rn[:, None] * d_in + in_cols[None, :]
-                tl.store(dx_ptr + dx_offsets, gn, mask=x_mask)
+                dx_offsets = rn[:, None] * d_in + in_cols[None, :]
+                tl.store(dx_model + dx_offsets, gn, mask=x_mask)
             norm = tl.sqrt(sq)
-            tl.store(norm_ptr + m * N + rn, norm, mask=rmask)
+            tl.store(norm_model + rn, norm, mask=rmask)
             if CLIP:  # backprop is linear in dLoss/dy: scaling it scales the whole gradient
                 factor = tl.minimum(clip / (norm * own_scale + 1e-6), 1.0)
                 g = g * factor[:, None]
@@ -252,22 +276,27 @@ def _fused_mlp_kernel(
                         z_prog, x_model + x_offsets, x_mask, rows, slope, layer, BLOCK_N, DP,
                         WIDTHS, HIDDEN_ACT,
                     )  # fmt: skip
-                    corner = _weight_tile(WIDTHS[layer + 1], WIDTHS[layer], DP)
+                    dw_at = dw_ptrs[layer] + grad_prog
+                    db_at = db_ptrs[layer] + grad_prog
+                    corner, corner_mask = _weight_tile(layer, SIZES, WIDTHS)
                     bias_cols = tl.arange(0, WIDTHS[layer + 1])
+                    bias_mask = bias_cols < SIZES[layer + 1]
                     dw = matmul(tl.trans(dz), h_in, PRECISION)
                     db = tl.sum(dz, 0)
+                    if SIZES[layer] == WIDTHS[layer] and SIZES[layer + 1] == WIDTHS[layer + 1]:
+                        corner_mask = None  # no padding: no mask to compute
                     if blk > 0:  # fixed order: this program's blocks, one after another
-                        dw += tl.load(dw_prog + layer * DP * DP + corner)
-                        db += tl.load(db_prog + layer * DP + bias_cols)
-                    tl.store(dw_prog + layer * DP * DP + corner, dw)
-                    tl.store(db_prog + layer * DP + bias_cols, db)
+                        dw += tl.load(dw_at + corner, mask=corner_mask)
+                        db += tl.load(db_at + bias_cols, mask=bias_mask)
+                    tl.store(dw_at + corner, dw, mask=corner_mask)
+                    tl.store(db_at + bias_cols, db, mask=bias_mask)
                 if layer > 0 or (WANT_DX and not NORMS):
-                    w = _layer_weight(w_model, layer, DP, WIDTHS)
+                    w = _layer_weight(w_ptrs, m, layer, SIZES, WIDTHS)
                     g = matmul(dz, w, PRECISION)
                 _stamp(stamps, 2 * L + 2 - layer, PROFILE)
             if WANT_DX and not NORMS:
-                dx_offsets = m * N * d_in + rn[:, None] * d_in + in_cols[None, :]
-                tl.store(dx_ptr + dx_offsets, g, mask=x_mask)
+                dx_offsets = rn[:, None] * d_in + in_cols[None, :]
+                tl.store(dx_model + dx_offsets, g, mask=x_mask)
         tl.debug_barrier()  # the next block overwrites the scratch
         _stamp(stamps, 2 * L + 3, PROFILE)
     if PROFILE:
@@ -308,7 +337,7 @@ def sum_partials(partial: torch.Tensor) -> torch.Tensor:
 
 
 def padded_width(layer_sizes) -> int:
-    """DP: the storage stride of weights, gradients and scratch (the widest padded layer)."""
+    """DP: the widest padded layer (the scratch's row stride)."""
     return max(padded_widths(layer_sizes))
 
 
@@ -362,14 +391,36 @@ def sample_splits(n: int, block_n: int, m: int, device: torch.device) -> tuple[i
     return triton.cdiv(blocks, per_split), per_split
 
 
+class GradientLayout(NamedTuple):
+    """Where each layer's weight and bias gradient lie in a program's row of partial
+    gradients: offsets rounded up to 16 elements (64 bytes), so that every layer's pointer
+    is as aligned as the buffer and Triton specialises it for vectorised access."""
+
+    weight_offsets: tuple[int, ...]
+    bias_offsets: tuple[int, ...]
+    row: int  # elements per program (a multiple of 16)
+
+    @classmethod
+    def of(cls, layer_sizes) -> GradientLayout:
+        def aligned(count: int) -> int:
+            return -(-count // 16) * 16
+
+        weight_offsets, bias_offsets, at = [], [], 0
+        for d_in, d_out in zip(layer_sizes[:-1], layer_sizes[1:], strict=True):
+            weight_offsets.append(at)
+            at += aligned(d_out * d_in)
+            bias_offsets.append(at)
+            at += aligned(d_out)
+        return cls(tuple(weight_offsets), tuple(bias_offsets), at)
+
+
 def fused_mlp(
-    weights_padded: torch.Tensor,  # [M, L, DP, DP] fp32 (bf16/fp16 for those precisions)
-    biases_padded: torch.Tensor,  # [M, L, DP] fp32
+    weights: list[torch.Tensor],  # L x [M, d(i+1), d(i)] fp32 (bf16/fp16 for those precisions)
+    biases: list[torch.Tensor],  # L x [M, d(i+1)] fp32
     x: torch.Tensor,  # [M, N, d0] or [N, d0] fp32, last dim contiguous
     targets: torch.Tensor,  # [M|-, N, dL] fp32 or [M|-, N] int64
     sample_weights: torch.Tensor | None,  # [M|-, N] fp32
     *,
-    d_out: int,
     hidden_act: int,
     output_act: int,
     slope: float,
@@ -380,16 +431,15 @@ def fused_mlp(
     want_param_grads: bool,
     want_dx: bool,
     want_y: bool,
-    layer_sizes,
     want_norms: bool = False,
     clip: float | None = None,
     own_scale: float = 1.0,
     profile: list | None = None,
 ):
-    """Launcher: check -> allocate -> grid -> launch. Returns padded gradients
-    ([M, L, DP, DP], [M, L, DP], meaningful only in each layer's [d(i+1), d(i)] corner) or
-    (None, None), dx [M, N, d0] or None, per-sample losses [M, N], outputs [M, N, dL] or
-    None, per-sample gradient norms [M, N] or None.
+    """Launcher: check -> allocate -> grid -> launch. Returns (weight gradients L x [M,
+    d(i+1), d(i)], bias gradients L x [M, d(i+1)]) or (None, None), dx [M, N, d0] or None,
+    per-sample losses [M, N], outputs [M, N, dL] or None, per-sample gradient norms [M, N]
+    or None. The gradients are views of one buffer (contiguous per model).
     With `clip` (DP-SGD) the gradients are clipped sums (want_norms is implied).
 
     `profile` (benchmarks only): a list to receive (LaunchConfig, stamps), the kernel then
@@ -398,54 +448,70 @@ def fused_mlp(
     counter at: 0 block start, 1..L after forward layer 0..L-1, L+1 after the loss, L+2
     after the norm pass, L+3..2L+2 after backward layer L-1..0, 2L+3 block end."""
     want_norms = want_norms or clip is not None
-    m, num_layers, dp, _ = weights_padded.shape
+    num_layers = len(weights)
+    m = weights[0].shape[0]
     n, d_in = x.shape[-2], x.shape[-1]
-    widths = padded_widths(layer_sizes)
-    assert len(widths) == num_layers + 1 and max(widths) == dp and widths[0] >= d_in
-    assert weights_padded.is_contiguous() and x.stride(-1) == 1 and targets.is_contiguous()
+    sizes = (d_in, *(w.shape[1] for w in weights))
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        assert w.shape == (m, sizes[i + 1], sizes[i]) and w.is_contiguous(), i
+        assert b.shape == (m, sizes[i + 1]) and b.is_contiguous() and b.dtype == torch.float32
+    assert x.stride(-1) == 1 and targets.is_contiguous()
+    widths = padded_widths(sizes)
+    dp = max(widths)
     device = x.device
     config = launch_config(dp, n, m, device, precision)
     block_n, splits, per_split = config.block_n, config.splits, config.blocks_per_split
 
     f32 = dict(device=device, dtype=torch.float32)
+    unused = torch.empty(1, **f32)
+    layout = GradientLayout.of(sizes)
     if want_param_grads:
-        dw = torch.empty(m, splits, num_layers, dp, dp, **f32)
-        db = torch.empty(m, splits, num_layers, dp, **f32)
+        partials = torch.empty(m, splits, layout.row, **f32)
+        dw = tuple(partials[:, :, at:] for at in layout.weight_offsets)
+        db = tuple(partials[:, :, at:] for at in layout.bias_offsets)
     else:
-        dw = db = torch.empty(1, **f32)
-    dx = torch.empty(m, n, d_in, **f32) if want_dx else torch.empty(1, **f32)
+        dw = db = (unused,) * num_layers
+    dx = torch.empty(m, n, d_in, **f32) if want_dx else unused
     per = torch.empty(m, n, **f32)
-    y = torch.empty(m, n, d_out, **f32) if want_y else torch.empty(1, **f32)
+    d_out = sizes[-1]
+    y = torch.empty(m, n, d_out, **f32) if want_y else unused
     scratch = torch.empty(m, splits, num_layers, block_n, dp, **f32)
-    norms = torch.empty(m, n, **f32) if want_norms else torch.empty(1, **f32)
-    stamps = per  # unused unless profiling
+    norms = torch.empty(m, n, **f32) if want_norms else unused
+    stamps = unused
     if profile is not None:
         stamps = torch.zeros(m * splits, 3 + per_split * (2 * num_layers + 4),
                              device=device, dtype=torch.int64)  # fmt: skip
         profile.append((config, stamps))
-    # the norm pass's mask of real features (a host-to-device copy: only when needed)
-    real_widths = torch.tensor(layer_sizes, device=device, dtype=torch.int32) if want_norms else per
     shared_x = x.dim() == 2
     shared_t = targets.dim() == (1 if loss == 4 else 2)
-    sw = sample_weights if sample_weights is not None else per
+    sw = sample_weights if sample_weights is not None else unused
     shared_w = sample_weights is not None and sample_weights.dim() == 1
 
     _fused_mlp_kernel[(m, splits)](
-        x, weights_padded, biases_padded, targets, sw, dw, db, dx, per, y, scratch, norms,
-        real_widths, stamps,
-        n, d_in, d_out, splits, per_split,
+        x, tuple(weights), tuple(biases), targets, sw, dw, db, dx, per, y, scratch, norms,
+        stamps,
+        n, splits, per_split, layout.row,
         0 if shared_x else x.stride(0), x.stride(-2),
         0 if shared_t else targets.stride(0), targets.stride(-2 if loss != 4 else -1),
         0 if shared_w else n,
         slope, delta, scale, clip or 0.0, own_scale,
-        L=num_layers, DP=dp, WIDTHS=widths, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
+        L=num_layers, SIZES=sizes, DP=dp, WIDTHS=widths, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
         OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
         WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,
         PROFILE=profile is not None,
         num_warps=config.num_warps, maxnreg=config.max_registers,
     )  # fmt: skip
-    grads = (sum_partials(dw), sum_partials(db)) if want_param_grads else (None, None)
+    grads = None, None
+    if want_param_grads:
+        summed = sum_partials(partials)  # [M, G]
+        shapes = list(zip(sizes[1:], sizes[:-1], strict=True))  # (d(i+1), d(i))
+        grads = (
+            [summed[:, at : at + d1 * d0].view(m, d1, d0)
+             for at, (d1, d0) in zip(layout.weight_offsets, shapes, strict=True)],
+            [summed[:, at : at + d1]
+             for at, (d1, _) in zip(layout.bias_offsets, shapes, strict=True)],
+        )  # fmt: skip
     return (
         grads,
         dx if want_dx else None,

@@ -33,7 +33,8 @@ FLOAT_ARGS = {"slope", "delta", "scale", "clip", "own_scale"}
 
 def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
     """Compile one specialisation; returns the cubin's size. Pointers default to fp32,
-    FLOAT_ARGS to fp32 scalars, every other argument to i32."""
+    FLOAT_ARGS to fp32 scalars, every other argument to i32; a tuple argument's type is
+    the tuple of its elements' types."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {}
     for name in names:
@@ -41,6 +42,8 @@ def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
             signature[name] = "constexpr"
         elif name in types:
             signature[name] = types[name]
+        elif name.endswith("_ptrs"):
+            signature[name] = ("*fp32",) * constexprs["L"]
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
         else:
@@ -55,19 +58,20 @@ def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
 
 
 def fused_variants():
-    base = dict(L=3, DP=32, WIDTHS=(16, 32, 32, 16), BLOCK_N=32, HIDDEN_ACT=ACT["gelu"],
-                OUTPUT_ACT=ACT["sigmoid"], LOSS=LOSS["huber"], HAS_WEIGHTS=True,
+    base = dict(L=3, SIZES=(5, 32, 17, 3), DP=32, WIDTHS=(16, 32, 32, 16), BLOCK_N=32,
+                HIDDEN_ACT=ACT["gelu"], OUTPUT_ACT=ACT["sigmoid"], LOSS=LOSS["huber"],
+                HAS_WEIGHTS=True,
                 WANT_Y=True, PROFILE=False)  # fmt: skip
-    types = {"widths_ptr": "*i32", "profile_ptr": "*i64"}
+    types = {"profile_ptr": "*i64"}
     for precision, (grads, dx, norms, clip) in itertools.product(
         ("float32", "tf32", "bfloat16", "float16"),
         [(True, False, False, False), (False, True, False, False), (True, True, True, False),
          (False, False, True, False), (True, False, True, True), (True, True, True, True)],
     ):  # fmt: skip
-        weights = {"bfloat16": "*bf16", "float16": "*fp16"}.get(precision, "*fp32")
+        weights = ({"bfloat16": "*bf16", "float16": "*fp16"}.get(precision, "*fp32"),) * base["L"]
         meta = dict(base, PRECISION=PREC[precision], WANT_PARAM_GRADS=grads, WANT_DX=dx,
                     NORMS=norms, CLIP=clip)  # fmt: skip
-        yield triton_fused._fused_mlp_kernel, meta, {**types, "w_ptr": weights}
+        yield triton_fused._fused_mlp_kernel, meta, {**types, "w_ptrs": weights}
     ce = dict(base, LOSS=LOSS["cross_entropy"], PRECISION=PREC["float32"], WANT_PARAM_GRADS=True,
               WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
     yield triton_fused._fused_mlp_kernel, ce, {**types, "t_ptr": "*i64"}

@@ -19,8 +19,10 @@ from tests.oracle import (
 ODD_SIZES = (5, 13, 7, 3)
 WIDE_SIZES = (5, 150, 3)  # a layer wider than 128 takes the per-layer GEMM path
 # Widths padding to different powers of two (64, 16, 128, 16): each layer computes on its
-# own padded tile, inside weight and gradient storage padded to the widest (128).
+# own padded tile, loaded with masks from the unpadded parameters.
 MIXED_SIZES = (37, 5, 70, 3)
+# Powers of two >= 16 but the output: layers 0 and 1 load without masks, layer 2 with.
+EXACT_SIZES = (32, 16, 32, 3)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -88,6 +90,35 @@ def test_fused_layers_padded_to_different_widths(n, shared):
     check(MIXED_SIZES, tensors, hidden="sigmoid", output="softplus", loss="huber")
 
 
+@pytest.mark.parametrize("n", [1, 70])  # 70: three blocks of 32 samples in one program
+def test_fused_layers_of_power_of_two_widths(n):
+    tensors = random_job(EXACT_SIZES, 3, n, sample_weights=True, seed=n + 1)
+    check(EXACT_SIZES, tensors, hidden="leaky_relu", loss="mse")
+
+
+def test_fused_kernel_leaves_the_jobs_tensors_unchanged():
+    """The kernel reads the caller's parameters and samples in place."""
+    tensors = random_job(MIXED_SIZES, 2, 40, sample_weights=True, seed=13)
+    job = ensemble_job(tensors, MIXED_SIZES, hidden="tanh")
+    before = [t.clone() for t in (*job.weights, *job.biases, job.inputs, job.targets)]
+    triton_engine.run(job, DEVICE)
+    after = (*job.weights, *job.biases, job.inputs, job.targets)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_gradient_layout_aligns_every_layer_and_overlaps_none():
+    from gradserve.kernels.triton_fused import GradientLayout
+
+    sizes = (37, 5, 70, 3)
+    layout = GradientLayout.of(sizes)
+    spans = []
+    for i, (w_at, b_at) in enumerate(zip(layout.weight_offsets, layout.bias_offsets, strict=True)):
+        spans += [(w_at, w_at + sizes[i + 1] * sizes[i]), (b_at, b_at + sizes[i + 1])]
+    assert all(start % 16 == 0 for start, _ in spans) and layout.row % 16 == 0
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
+    assert spans[-1][1] <= layout.row < spans[-1][1] + 16
+
+
 @pytest.mark.parametrize(
     "sizes, m, n", [((1, 1), 1, 1), ((7, 1, 9, 2), 5, 1), ((3, 17, 17, 4), 2, 33)]
 )
@@ -121,8 +152,8 @@ _ORACLE = {
 
 def test_samples_split_across_programs_reduce_to_the_oracle(monkeypatch):
     """On GPUs a model's samples are dealt to several programs when M alone cannot fill
-    the device (the interpreter uses one): each writes only its layers' corners of its
-    partial gradient buffer, and the fixed-order reduction of the partials is sliced."""
+    the device (the interpreter uses one): each writes its own row of partial gradients,
+    and the fixed-order reduction of the rows is cut into the layers' gradients."""
     from gradserve.kernels import triton_fused
 
     def one_block_per_program(n, block_n, m, device):
