@@ -33,10 +33,13 @@ def poison_allocator():
 # - float32 (norm 1e-5): a mean bias gradient at N >= 256 is a sum of hundreds of nearly
 #   cancelling terms (bce targets in [0, 1]); the output bias reached 4.8e-5 there (1.5e-5
 #   on the CPU interpreter, 6e-6 for torch's fp32 on CPU).
-# - tf32 (norm 1e-3): input gradients pass through every layer twice; Triton converts fp32
-#   operands to tf32 by truncation where cuBLAS rounds, and 4-layer nets reached 3.3e-3.
+# - tf32 (norm 1e-3): with operands truncated (tensor cores read an fp32's top 19 bits),
+#   4-layer nets reached 3.3e-3 on the H100; the kernels now round them to the nearest tf32
+#   first (triton_common.round_to_tf32), which under the interpreter's exact emulation
+#   brings weight and input gradients within 1e-3 and cancelling bias-gradient sums to
+#   1.6e-3 at most. Not yet re-measured on a GPU.
 # - bfloat16 / float16 (norm 1e-2): 4-layer nets reached 1.06e-2.
-TOLERANCE = {"float32": 1e-4, "tf32": 5e-3, "bfloat16": 2e-2, "float16": 2e-2}
+TOLERANCE = {"float32": 1e-4, "tf32": 2e-3, "bfloat16": 2e-2, "float16": 2e-2}
 
 
 def check(engine, sizes, tensors, precision, **options):
