@@ -6,7 +6,7 @@ to P(i), a power of two >= 16, and DP = the largest P(i)):
            precisions), biases L tensors [M, d(i+1)] fp32
   inputs   [M, N, d0] or shared [N, d0] (read in place, stride 0 over M when shared)
   partial gradients  [M, S, G]: per program, each layer's weight gradient [d(i+1), d(i)] and
-           bias gradient [d(i+1)] at offsets 16-byte aligned (GradientLayout)
+           bias gradient [d(i+1)] at offsets that are multiples of 16 (GradientLayout)
   scratch  [M, S, L, BLOCK_N, DP]  pre-activations of the block in flight
 
 Layer i computes on [P(i+1), P(i)] tiles, not [DP, DP]: a network like [32, 64, 64, 64, 1]
@@ -127,8 +127,7 @@ def _fused_mlp_kernel(
     b_ptrs,  # biases, L x fp32 [M, d(i+1)]
     t_ptr,  # targets: fp32 [M|-, N, dL] or int [M|-, N]
     sw_ptr,  # sample weights, fp32 [M|-, N] (unused without HAS_WEIGHTS)
-    dw_ptrs,  # partial weight gradients, L x fp32 [M, S, d(i+1), d(i)] (stride grad_stride)
-    db_ptrs,  # partial bias gradients, L x fp32 [M, S, d(i+1)] (stride grad_stride)
+    grad_ptr,  # partial gradients, fp32 [M, S, GRAD_ROW] (GradientLayout)
     dx_ptr,  # input gradients, fp32 [M, N, d0] (unused without WANT_DX)
     per_ptr,  # per-sample losses, fp32 [M, N]
     y_ptr,  # outputs, fp32 [M, N, dL] (unused without WANT_Y)
@@ -139,7 +138,6 @@ def _fused_mlp_kernel(
     N,
     S,  # sample splits per model (grid axis 1)
     blocks_per_split,
-    grad_stride,  # elements between two programs' partial gradients
     # strides (elements); 0 on the model axis for shared tensors
     stride_xm,
     stride_xn,
@@ -155,6 +153,9 @@ def _fused_mlp_kernel(
     # meta
     L: tl.constexpr,
     SIZES: tl.constexpr,  # (d0, ..., dL): the layer widths
+    DW_AT: tl.constexpr,  # GradientLayout: each layer's weight gradient in a program's row
+    DB_AT: tl.constexpr,  # ... and its bias gradient
+    GRAD_ROW: tl.constexpr,  # ... and the row's length
     DP: tl.constexpr,  # the scratch's row stride: the largest of WIDTHS
     WIDTHS: tl.constexpr,  # (P0, ..., PL): each layer width padded to a power of two >= 16
     BLOCK_N: tl.constexpr,
@@ -180,7 +181,7 @@ def _fused_mlp_kernel(
     out_cols = tl.arange(0, WIDTHS[L])
     program = m * S + s
     z_prog = z_ptr + program * (L * BLOCK_N * DP)
-    grad_prog = program * grad_stride
+    grad_prog = grad_ptr + program * GRAD_ROW
     # per-model base pointers (64-bit scalars), so per-element offsets stay 32-bit
     x_model = x_ptr + m * stride_xm
     per_model = per_ptr + m * N
@@ -276,8 +277,8 @@ def _fused_mlp_kernel(
                         z_prog, x_model + x_offsets, x_mask, rows, slope, layer, BLOCK_N, DP,
                         WIDTHS, HIDDEN_ACT,
                     )  # fmt: skip
-                    dw_at = dw_ptrs[layer] + grad_prog
-                    db_at = db_ptrs[layer] + grad_prog
+                    dw_at = grad_prog + DW_AT[layer]
+                    db_at = grad_prog + DB_AT[layer]
                     corner, corner_mask = _weight_tile(layer, SIZES, WIDTHS)
                     bias_cols = tl.arange(0, WIDTHS[layer + 1])
                     bias_mask = bias_cols < SIZES[layer + 1]
@@ -393,8 +394,9 @@ def sample_splits(n: int, block_n: int, m: int, device: torch.device) -> tuple[i
 
 class GradientLayout(NamedTuple):
     """Where each layer's weight and bias gradient lie in a program's row of partial
-    gradients: offsets rounded up to 16 elements (64 bytes), so that every layer's pointer
-    is as aligned as the buffer and Triton specialises it for vectorised access."""
+    gradients: offsets rounded up to 16 elements (64 bytes), so that every layer's block is
+    as aligned as the buffer and the kernel accesses it with vector loads and stores. The
+    offsets are compile-time constants of the kernel (they follow from the layer sizes)."""
 
     weight_offsets: tuple[int, ...]
     bias_offsets: tuple[int, ...]
@@ -465,12 +467,7 @@ def fused_mlp(
     f32 = dict(device=device, dtype=torch.float32)
     unused = torch.empty(1, **f32)
     layout = GradientLayout.of(sizes)
-    if want_param_grads:
-        partials = torch.empty(m, splits, layout.row, **f32)
-        dw = tuple(partials[:, :, at:] for at in layout.weight_offsets)
-        db = tuple(partials[:, :, at:] for at in layout.bias_offsets)
-    else:
-        dw = db = (unused,) * num_layers
+    partials = torch.empty(m, splits, layout.row, **f32) if want_param_grads else unused
     dx = torch.empty(m, n, d_in, **f32) if want_dx else unused
     per = torch.empty(m, n, **f32)
     d_out = sizes[-1]
@@ -488,14 +485,15 @@ def fused_mlp(
     shared_w = sample_weights is not None and sample_weights.dim() == 1
 
     _fused_mlp_kernel[(m, splits)](
-        x, tuple(weights), tuple(biases), targets, sw, dw, db, dx, per, y, scratch, norms,
+        x, tuple(weights), tuple(biases), targets, sw, partials, dx, per, y, scratch, norms,
         stamps,
-        n, splits, per_split, layout.row,
+        n, splits, per_split,
         0 if shared_x else x.stride(0), x.stride(-2),
         0 if shared_t else targets.stride(0), targets.stride(-2 if loss != 4 else -1),
         0 if shared_w else n,
         slope, delta, scale, clip or 0.0, own_scale,
-        L=num_layers, SIZES=sizes, DP=dp, WIDTHS=widths, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
+        L=num_layers, SIZES=sizes, DW_AT=layout.weight_offsets, DB_AT=layout.bias_offsets,
+        GRAD_ROW=layout.row, DP=dp, WIDTHS=widths, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
         OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
         WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,

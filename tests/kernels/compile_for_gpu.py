@@ -58,7 +58,10 @@ def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
 
 
 def fused_variants():
-    base = dict(L=3, SIZES=(5, 32, 17, 3), DP=32, WIDTHS=(16, 32, 32, 16), BLOCK_N=32,
+    sizes = (5, 32, 17, 3)
+    layout = triton_fused.GradientLayout.of(sizes)
+    base = dict(L=3, SIZES=sizes, DW_AT=layout.weight_offsets, DB_AT=layout.bias_offsets,
+                GRAD_ROW=layout.row, DP=32, WIDTHS=(16, 32, 32, 16), BLOCK_N=32,
                 HIDDEN_ACT=ACT["gelu"], OUTPUT_ACT=ACT["sigmoid"], LOSS=LOSS["huber"],
                 HAS_WEIGHTS=True,
                 WANT_Y=True, PROFILE=False)  # fmt: skip
