@@ -171,7 +171,7 @@ def _fused_mlp_kernel(
     CLIP: tl.constexpr,  # DP-SGD: scale each sample's gradient by its clip factor
     PROFILE: tl.constexpr,  # record phase timings (fused_mlp's `profile`)
 ):
-    # 64-bit program offsets: large ensembles' buffers pass 2**31 elements
+    # 64-bit per-model offsets: a large ensemble's buffers can exceed 2**31 elements
     m = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     d_in: tl.constexpr = SIZES[0]
