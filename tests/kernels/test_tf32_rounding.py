@@ -38,14 +38,17 @@ def reference(x: np.ndarray) -> np.ndarray:
         return np.where(finite, np.sign(x) * rounded, x).astype(np.float32)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def rounded(values) -> np.ndarray:
     x = torch.tensor(values, dtype=torch.float32)
     block = 64
-    padded = torch.zeros(triton.cdiv(x.numel(), block) * block)
+    padded = torch.zeros(triton.cdiv(x.numel(), block) * block, device=DEVICE)
     padded[: x.numel()] = x
     out = torch.empty_like(padded)
     _round_kernel[(padded.numel() // block,)](padded, out, BLOCK=block)
-    return out[: x.numel()].numpy()
+    return out[: x.numel()].cpu().numpy()
 
 
 def test_random_values_round_to_nearest():
@@ -90,6 +93,6 @@ def test_tf32_jobs_stay_near_the_tf32_norm(sizes, m, n):
     over six seeds of these shapes. The last shape takes the per-layer path."""
     tensors = random_job(sizes, m, n, sample_weights=True, seed=n)
     job = ensemble_job(tensors, sizes, precision="tf32", hidden="gelu", loss="huber")
-    got = engine_tensors(triton_engine.run(job, "cuda" if torch.cuda.is_available() else "cpu"))
+    got = engine_tensors(triton_engine.run(job, DEVICE))
     ref = oracle_for(sizes, tensors, hidden="gelu", loss="huber")
     assert_matches_oracle(got, ref, "tf32", tol=2e-3)
