@@ -4,8 +4,8 @@ Widths up to 128 take the fully fused kernel (triton_fused.py: one launch for th
 job, plus a fixed-order reduction of per-program partial gradients when samples are split
 across programs); wider networks take the per-layer GEMM path (triton_layered.py). Both
 compute in fp32 with matmul operands in the job's precision, and are bit-identical from
-run to run. Kernels are specialised per architecture (layer sizes, activations, loss,
-precision are compile-time constants) and Triton caches each specialisation, so only
+run to run. Kernels are specialised per architecture (depth, padded widths, activations,
+loss, precision are compile-time constants) and Triton caches each specialisation, so only
 the first job of a new architecture pays the compile.
 
 On a machine without CUDA the engine runs under Triton's interpreter when

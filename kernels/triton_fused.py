@@ -6,7 +6,7 @@ to P(i), a power of two >= 16, and DP = the largest P(i)):
            precisions), biases L tensors [M, d(i+1)] fp32
   inputs   [M, N, d0] or shared [N, d0] (read in place, stride 0 over M when shared)
   partial gradients  [M, S, G]: per program, each layer's weight gradient [d(i+1), d(i)] and
-           bias gradient [d(i+1)] at offsets that are multiples of 16 (GradientLayout)
+           bias gradient [d(i+1)] at compile-time offsets (GradientLayout)
   scratch  [M, S, L, BLOCK_N, DP]  pre-activations of the block in flight
 
 Layer i computes on [P(i+1), P(i)] tiles, not [DP, DP]: a network like [32, 64, 64, 64, 1]
@@ -54,22 +54,37 @@ def _block_tile(rows, WIDTH: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(layer: tl.constexpr, SIZES: tl.constexpr, WIDTHS: tl.constexpr):
+def _width(sizes, i: tl.constexpr, WIDTHS: tl.constexpr, EXACT: tl.constexpr):
+    """d(i): a compile-time constant where it equals its padded width P(i), else the
+    launch's value (so that networks whose widths pad alike share one compiled kernel)."""
+    if EXACT[i]:
+        d = WIDTHS[i]
+    else:
+        d = sizes[i]
+    return d
+
+
+@triton.jit
+def _weight_tile(sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXACT: tl.constexpr):
     """Offsets and mask of `layer`'s [P(layer+1), P(layer)] tile over its row-major
     [d(layer+1), d(layer)] weight (or weight gradient): the padding is the masked part."""
+    d_in = _width(sizes, layer, WIDTHS, EXACT)
+    d_out = _width(sizes, layer + 1, WIDTHS, EXACT)
     rows = tl.arange(0, WIDTHS[layer + 1])
     cols = tl.arange(0, WIDTHS[layer])
-    offsets = rows[:, None] * SIZES[layer] + cols[None, :]
-    mask = (rows[:, None] < SIZES[layer + 1]) & (cols[None, :] < SIZES[layer])
+    offsets = rows[:, None] * d_in + cols[None, :]
+    mask = (rows[:, None] < d_out) & (cols[None, :] < d_in)
     return offsets, mask
 
 
 @triton.jit
-def _layer_weight(w_ptrs, m, layer: tl.constexpr, SIZES: tl.constexpr, WIDTHS: tl.constexpr):
+def _layer_weight(w_ptrs, m, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXACT: tl.constexpr):
     """Model m's weight of `layer`, zero-padded to [P(layer+1), P(layer)]."""
-    w_model = w_ptrs[layer] + m * (SIZES[layer + 1] * SIZES[layer])
-    offsets, mask = _weight_tile(layer, SIZES, WIDTHS)
-    if SIZES[layer] == WIDTHS[layer] and SIZES[layer + 1] == WIDTHS[layer + 1]:
+    d_in = _width(sizes, layer, WIDTHS, EXACT)
+    d_out = _width(sizes, layer + 1, WIDTHS, EXACT)
+    offsets, mask = _weight_tile(sizes, layer, WIDTHS, EXACT)
+    w_model = w_ptrs[layer] + m * (d_out * d_in)
+    if EXACT[layer] and EXACT[layer + 1]:
         w = tl.load(w_model + offsets)  # no padding: no mask to compute
     else:
         w = tl.load(w_model + offsets, mask=mask, other=0.0)
@@ -77,11 +92,11 @@ def _layer_weight(w_ptrs, m, layer: tl.constexpr, SIZES: tl.constexpr, WIDTHS: t
 
 
 @triton.jit
-def _layer_bias(b_ptrs, m, layer: tl.constexpr, SIZES: tl.constexpr, WIDTHS: tl.constexpr):
+def _layer_bias(b_ptrs, m, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXACT: tl.constexpr):
     """Model m's bias of `layer`, zero-padded to [P(layer+1)]."""
+    d_out = _width(sizes, layer + 1, WIDTHS, EXACT)
     cols = tl.arange(0, WIDTHS[layer + 1])
-    return tl.load(b_ptrs[layer] + m * SIZES[layer + 1] + cols, mask=cols < SIZES[layer + 1],
-                   other=0.0)  # fmt: skip
+    return tl.load(b_ptrs[layer] + m * d_out + cols, mask=cols < d_out, other=0.0)
 
 
 @triton.jit
@@ -135,6 +150,7 @@ def _fused_mlp_kernel(
     norm_ptr,  # per-sample gradient norms, fp32 [M, N] (unused without NORMS)
     profile_ptr,  # int64 [M * S, 3 + blocks_per_split * (2L + 4)] (PROFILE only)
     # sizes
+    sizes,  # (d0, ..., dL): the layer widths
     N,
     S,  # sample splits per model (grid axis 1)
     blocks_per_split,
@@ -152,12 +168,12 @@ def _fused_mlp_kernel(
     own_scale,  # N (mean) or 1 (sum): contribution norm -> own-loss norm (CLIP only)
     # meta
     L: tl.constexpr,
-    SIZES: tl.constexpr,  # (d0, ..., dL): the layer widths
+    DP: tl.constexpr,  # the scratch's row stride: the largest of WIDTHS
+    WIDTHS: tl.constexpr,  # (P0, ..., PL): each layer width padded to a power of two >= 16
+    EXACT: tl.constexpr,  # per width: d(i) == P(i) (no padding, no masks)
     DW_AT: tl.constexpr,  # GradientLayout: each layer's weight gradient in a program's row
     DB_AT: tl.constexpr,  # ... and its bias gradient
     GRAD_ROW: tl.constexpr,  # ... and the row's length
-    DP: tl.constexpr,  # the scratch's row stride: the largest of WIDTHS
-    WIDTHS: tl.constexpr,  # (P0, ..., PL): each layer width padded to a power of two >= 16
     BLOCK_N: tl.constexpr,
     HIDDEN_ACT: tl.constexpr,
     OUTPUT_ACT: tl.constexpr,
@@ -174,8 +190,8 @@ def _fused_mlp_kernel(
     # 64-bit per-model offsets: a large ensemble's buffers can exceed 2**31 elements
     m = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
-    d_in: tl.constexpr = SIZES[0]
-    d_out: tl.constexpr = SIZES[L]
+    d_in = _width(sizes, 0, WIDTHS, EXACT)
+    d_out = _width(sizes, L, WIDTHS, EXACT)
     rows = tl.arange(0, BLOCK_N)
     in_cols = tl.arange(0, WIDTHS[0])
     out_cols = tl.arange(0, WIDTHS[L])
@@ -204,8 +220,8 @@ def _fused_mlp_kernel(
 
         # forward: keep each layer's pre-activation in the scratch for the backward pass
         for layer in tl.static_range(L):
-            w = _layer_weight(w_ptrs, m, layer, SIZES, WIDTHS)
-            b = _layer_bias(b_ptrs, m, layer, SIZES, WIDTHS)
+            w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
+            b = _layer_bias(b_ptrs, m, sizes, layer, WIDTHS, EXACT)
             z = matmul(h, tl.trans(w), PRECISION) + b[None, :]
             tl.store(z_prog + layer * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer + 1], DP), z)
             if layer == L - 1:
@@ -249,12 +265,13 @@ def _fused_mlp_kernel(
                     z_prog, x_model + x_offsets, x_mask, rows, slope, layer, BLOCK_N, DP, WIDTHS,
                     HIDDEN_ACT,
                 )  # fmt: skip
-                # padded input features may be non-zero (sigmoid(0)): count real ones only
-                real = tl.arange(0, WIDTHS[layer]) < SIZES[layer]
-                h_in = tl.where(real[None, :], h_in, 0.0)
+                if not EXACT[layer]:
+                    # padded input features may be non-zero (sigmoid(0)): count real ones only
+                    real = tl.arange(0, WIDTHS[layer]) < _width(sizes, layer, WIDTHS, EXACT)
+                    h_in = tl.where(real[None, :], h_in, 0.0)
                 sq += tl.sum(dz * dz, 1) * (tl.sum(h_in * h_in, 1) + 1.0)
                 if layer > 0 or WANT_DX:
-                    w = _layer_weight(w_ptrs, m, layer, SIZES, WIDTHS)
+                    w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
                     gn = matmul(dz, w, PRECISION)
             if WANT_DX:
                 dx_offsets = rn[:, None] * d_in + in_cols[None, :]
@@ -277,22 +294,25 @@ def _fused_mlp_kernel(
                         z_prog, x_model + x_offsets, x_mask, rows, slope, layer, BLOCK_N, DP,
                         WIDTHS, HIDDEN_ACT,
                     )  # fmt: skip
-                    dw_at = grad_prog + DW_AT[layer]
-                    db_at = grad_prog + DB_AT[layer]
-                    corner, corner_mask = _weight_tile(layer, SIZES, WIDTHS)
+                    dw_prog = grad_prog + DW_AT[layer]
+                    db_prog = grad_prog + DB_AT[layer]
+                    corner, corner_mask = _weight_tile(sizes, layer, WIDTHS, EXACT)
                     bias_cols = tl.arange(0, WIDTHS[layer + 1])
-                    bias_mask = bias_cols < SIZES[layer + 1]
+                    bias_mask = bias_cols < _width(sizes, layer + 1, WIDTHS, EXACT)
                     dw = matmul(tl.trans(dz), h_in, PRECISION)
                     db = tl.sum(dz, 0)
-                    if SIZES[layer] == WIDTHS[layer] and SIZES[layer + 1] == WIDTHS[layer + 1]:
+                    if EXACT[layer] and EXACT[layer + 1]:
                         corner_mask = None  # no padding: no mask to compute
                     if blk > 0:  # fixed order: this program's blocks, one after another
-                        dw += tl.load(dw_at + corner, mask=corner_mask)
-                        db += tl.load(db_at + bias_cols, mask=bias_mask)
-                    tl.store(dw_at + corner, dw, mask=corner_mask)
-                    tl.store(db_at + bias_cols, db, mask=bias_mask)
+                        if corner_mask is None:
+                            dw += tl.load(dw_prog + corner)
+                        else:  # padded lanes: 0, not whatever lies beyond the gradient
+                            dw += tl.load(dw_prog + corner, mask=corner_mask, other=0.0)
+                        db += tl.load(db_prog + bias_cols, mask=bias_mask, other=0.0)
+                    tl.store(dw_prog + corner, dw, mask=corner_mask)
+                    tl.store(db_prog + bias_cols, db, mask=bias_mask)
                 if layer > 0 or (WANT_DX and not NORMS):
-                    w = _layer_weight(w_ptrs, m, layer, SIZES, WIDTHS)
+                    w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
                     g = matmul(dz, w, PRECISION)
                 _stamp(stamps, 2 * L + 2 - layer, PROFILE)
             if WANT_DX and not NORMS:
@@ -394,9 +414,11 @@ def sample_splits(n: int, block_n: int, m: int, device: torch.device) -> tuple[i
 
 class GradientLayout(NamedTuple):
     """Where each layer's weight and bias gradient lie in a program's row of partial
-    gradients: offsets rounded up to 16 elements (64 bytes), so that every layer's block is
-    as aligned as the buffer and the kernel accesses it with vector loads and stores. The
-    offsets are compile-time constants of the kernel (they follow from the layer sizes)."""
+    gradients. Laid out for the padded widths, `of(padded_widths(sizes))`: each layer gets
+    room for its padded [P(i+1), P(i)] block and holds its [d(i+1), d(i)] gradient compactly
+    at the start, so the offsets are compile-time constants shared by every network whose
+    widths pad alike, and multiples of 16 elements (64 bytes): every block is as aligned as
+    the buffer, for vector loads and stores."""
 
     weight_offsets: tuple[int, ...]
     bias_offsets: tuple[int, ...]
@@ -459,6 +481,7 @@ def fused_mlp(
         assert b.shape == (m, sizes[i + 1]) and b.is_contiguous() and b.dtype == torch.float32
     assert x.stride(-1) == 1 and targets.is_contiguous()
     widths = padded_widths(sizes)
+    exact = tuple(d == p for d, p in zip(sizes, widths, strict=True))
     dp = max(widths)
     device = x.device
     config = launch_config(dp, n, m, device, precision)
@@ -466,7 +489,7 @@ def fused_mlp(
 
     f32 = dict(device=device, dtype=torch.float32)
     unused = torch.empty(1, **f32)
-    layout = GradientLayout.of(sizes)
+    layout = GradientLayout.of(widths)
     partials = torch.empty(m, splits, layout.row, **f32) if want_param_grads else unused
     dx = torch.empty(m, n, d_in, **f32) if want_dx else unused
     per = torch.empty(m, n, **f32)
@@ -487,13 +510,13 @@ def fused_mlp(
     _fused_mlp_kernel[(m, splits)](
         x, tuple(weights), tuple(biases), targets, sw, partials, dx, per, y, scratch, norms,
         stamps,
-        n, splits, per_split,
+        sizes, n, splits, per_split,
         0 if shared_x else x.stride(0), x.stride(-2),
         0 if shared_t else targets.stride(0), targets.stride(-2 if loss != 4 else -1),
         0 if shared_w else n,
         slope, delta, scale, clip or 0.0, own_scale,
-        L=num_layers, SIZES=sizes, DW_AT=layout.weight_offsets, DB_AT=layout.bias_offsets,
-        GRAD_ROW=layout.row, DP=dp, WIDTHS=widths, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
+        L=num_layers, DP=dp, WIDTHS=widths, EXACT=exact, DW_AT=layout.weight_offsets,
+        DB_AT=layout.bias_offsets, GRAD_ROW=layout.row, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
         OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
         WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,

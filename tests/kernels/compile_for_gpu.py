@@ -58,14 +58,15 @@ def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
 
 
 def fused_variants():
-    sizes = (5, 32, 17, 3)
-    layout = triton_fused.GradientLayout.of(sizes)
-    base = dict(L=3, SIZES=sizes, DW_AT=layout.weight_offsets, DB_AT=layout.bias_offsets,
-                GRAD_ROW=layout.row, DP=32, WIDTHS=(16, 32, 32, 16), BLOCK_N=32,
+    widths = (16, 32, 32, 16)  # layer sizes (5, 32, 17, 3): the second needs no padding
+    layout = triton_fused.GradientLayout.of(widths)
+    base = dict(L=3, DP=32, WIDTHS=widths, EXACT=(False, True, False, False),
+                DW_AT=layout.weight_offsets, DB_AT=layout.bias_offsets, GRAD_ROW=layout.row,
+                BLOCK_N=32,
                 HIDDEN_ACT=ACT["gelu"], OUTPUT_ACT=ACT["sigmoid"], LOSS=LOSS["huber"],
                 HAS_WEIGHTS=True,
                 WANT_Y=True, PROFILE=False)  # fmt: skip
-    types = {"profile_ptr": "*i64"}
+    types = {"profile_ptr": "*i64", "sizes": ("i32",) * (base["L"] + 1)}
     for precision, (grads, dx, norms, clip) in itertools.product(
         ("float32", "tf32", "bfloat16", "float16"),
         [(True, False, False, False), (False, True, False, False), (True, True, True, False),

@@ -106,17 +106,39 @@ def test_fused_kernel_leaves_the_jobs_tensors_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_networks_whose_widths_pad_alike_share_one_kernel(monkeypatch):
+    """The compile-time constants depend on the padded widths (and on which widths need
+    no padding), not on the widths themselves: a search over hidden widths 33..64 compiles
+    once on a GPU, not once per width."""
+    from gradserve.kernels import triton_fused
+
+    kernel, seen = triton_fused._fused_mlp_kernel, []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **constants):
+                seen.append(constants)
+                return kernel[grid](*args, **constants)
+
+            return launch
+
+    monkeypatch.setattr(triton_fused, "_fused_mlp_kernel", Recording())
+    for sizes in [(37, 5, 70, 3), (40, 9, 100, 2)]:
+        triton_engine.run(ensemble_job(random_job(sizes, 2, 20, seed=3), sizes), DEVICE)
+    assert len(seen) == 2 and seen[0] == seen[1]
+
+
 def test_gradient_layout_aligns_every_layer_and_overlaps_none():
-    from gradserve.kernels.triton_fused import GradientLayout
+    from gradserve.kernels.triton_fused import GradientLayout, padded_widths
 
     sizes = (37, 5, 70, 3)
-    layout = GradientLayout.of(sizes)
+    layout = GradientLayout.of(padded_widths(sizes))  # room for the padded blocks
     spans = []
     for i, (w_at, b_at) in enumerate(zip(layout.weight_offsets, layout.bias_offsets, strict=True)):
         spans += [(w_at, w_at + sizes[i + 1] * sizes[i]), (b_at, b_at + sizes[i + 1])]
     assert all(start % 16 == 0 for start, _ in spans) and layout.row % 16 == 0
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
-    assert spans[-1][1] <= layout.row < spans[-1][1] + 16
+    assert spans[-1][1] <= layout.row
 
 
 @pytest.mark.parametrize(
