@@ -28,7 +28,6 @@ import triton
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine, triton_fused  # noqa: E402
-from gradserve.kernels.triton_common import PRECISION_CODES  # noqa: E402
 
 TARGET = (1024, 256, (32, 64, 64, 64, 1))  # M, N, layer sizes: the benchmark target
 CPU_CHECK = (2, 37, (5, 13, 7, 3))
@@ -43,7 +42,8 @@ CONFIGS = [
     (128, 8, 128),
 ]
 # The targets' precisions first: if the device call runs out of time, their rows are in.
-PRECISIONS = ("tf32", "bfloat16", "float32")
+# "float32 tf32x3": float32 jobs with the engine's float32_matmul="tf32x3".
+PRECISIONS = ("tf32", "float32 tf32x3", "bfloat16", "float32")
 
 
 def make_job(m, n, sizes, precision, device):
@@ -77,11 +77,11 @@ def with_config(block_n: int | None, warps: int | None, max_registers: int | Non
     return config
 
 
-def run_with(job, device, block_n=None, warps=None, max_registers=None):
+def run_with(job, device, block_n=None, warps=None, max_registers=None, float32_matmul="ieee"):
     original = triton_fused.launch_config
     triton_fused.launch_config = with_config(block_n, warps, max_registers)
     try:
-        return triton_engine.run(job, device)
+        return triton_engine.run(job, device, float32_matmul=float32_matmul)
     finally:
         triton_fused.launch_config = original
 
@@ -120,7 +120,7 @@ def main():
     m, n, sizes = CPU_CHECK if args.cpu_check else TARGET
     dp = triton_fused.padded_width(sizes)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
-    precisions = ("float32",) if args.cpu_check else PRECISIONS
+    precisions = ("float32", "float32 tf32x3") if args.cpu_check else PRECISIONS
     lines = [
         f"# Fused kernel launch configurations on {card}",
         "",
@@ -134,24 +134,30 @@ def main():
         "|---|---|---|---|---|---|---|---|---|",
     ]
     worst = 0.0
-    for precision in precisions:
+    for label in precisions:
+        precision, _, float32_matmul = label.partition(" ")
+        method = float32_matmul or "ieee"
         job = make_job(m, n, sizes, precision, device)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        own = triton_fused.launch_config(dp, n, m, device, PRECISION_CODES[precision])
+        own = triton_fused.launch_config(
+            dp, n, m, device, triton_engine.precision_code(precision, method)
+        )
         own_config = (own.block_n, own.num_warps, own.max_registers)
-        chosen = run_with(job, device)
-        t_chosen = median_ms(lambda job=job: run_with(job, device), device)
+        chosen = run_with(job, device, float32_matmul=method)
+        t_chosen = median_ms(
+            lambda job=job, f=method: run_with(job, device, float32_matmul=f), device
+        )
         t_eager = median_ms(lambda job=job: torch_engine.run(job, device), device)
         for block_n, warps, cap in CONFIGS:
-            result = run_with(job, device, block_n, warps, cap)
+            result = run_with(job, device, block_n, warps, cap, method)
             diff = largest_difference(result, chosen)
             worst = max(worst, diff)
             t = median_ms(
-                lambda job=job, c=(block_n, warps, cap): run_with(job, device, *c), device
+                lambda job=job, c=(block_n, warps, cap, method): run_with(job, device, *c), device
             )
             mark = "yes" if (block_n, warps, cap) == own_config else ""
             lines.append(
-                f"| {precision} | {block_n} | {warps} | {cap or ''} | {t:.3f} "
+                f"| {label} | {block_n} | {warps} | {cap or ''} | {t:.3f} "
                 f"| {t_chosen / t:.2f}x | {t_eager / t:.2f}x | {diff:.1e} | {mark} |"
             )
             print(lines[-1], flush=True)

@@ -43,9 +43,10 @@ if [ "${1:-}" = sweep ]; then
 fi
 
 echo "== GPU tests"
-# test_gpu.py is all GPU-marked; test_tf32_rounding.py checks tf32 rounding on the hardware
+# test_gpu.py is all GPU-marked; test_tf32_rounding.py and test_tf32x3.py check tf32
+# rounding and the three-product float32 on the hardware
 timeout 300 python3 -m pytest -q -p no:cacheprovider -n 16 tests/kernels/test_gpu.py \
-  tests/kernels/test_tf32_rounding.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  tests/kernels/test_tf32_rounding.py tests/kernels/test_tf32x3.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 tests_status=${PIPESTATUS[0]}
 
 echo "== kernel benchmark"

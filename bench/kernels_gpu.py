@@ -27,14 +27,17 @@ from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
 
 CASES = [
-    # (M, N, layer_sizes, precision, compare with torch.compile)
+    # (M, N, layer_sizes, precision, compare with torch.compile). "float32 tf32x3": a float32
+    # job with the engine's float32_matmul="tf32x3"; its peers are the float32 row's.
     (1024, 256, (32, 64, 64, 64, 1), "float32", True),
+    (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3", True),
     (1024, 256, (32, 64, 64, 64, 1), "tf32", True),
     (1024, 256, (32, 64, 64, 64, 1), "bfloat16", True),
     (4096, 256, (16, 64, 64, 64, 1), "tf32", False),
     (256, 1024, (64, 128, 128, 128, 8), "bfloat16", False),
     (8192, 64, (16, 32, 32, 1), "float32", False),
     (16, 1024, (1024, 1024, 1024, 1), "float32", False),
+    (16, 1024, (1024, 1024, 1024, 1), "float32 tf32x3", False),
     (16, 1024, (1024, 1024, 1024, 1), "bfloat16", False),
 ]
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,6 +104,24 @@ def vmap_grad_fn(sizes, precision):
     return run
 
 
+def peer_times(job, sizes, precision, with_compile: bool) -> tuple[float, float, float]:
+    """Median ms of torch eager, vmap(grad) and torch.compile(vmap(grad)) (nan if not
+    asked) on the job."""
+    t_eager = bench(lambda: torch_engine.run(job, "cuda"))
+    params = {}
+    for i in range(len(sizes) - 1):
+        params[f"{2 * i}.weight"] = job.weights[i]
+        params[f"{2 * i}.bias"] = job.biases[i]
+    fn = vmap_grad_fn(sizes, precision)
+    t_vmap = bench(lambda: fn(params, job.inputs, job.targets))
+    t_compile = float("nan")
+    if with_compile:
+        compiled = torch.compile(fn)
+        compiled(params, job.inputs, job.targets)  # compile outside the timing
+        t_compile = bench(lambda: compiled(params, job.inputs, job.targets))
+    return t_eager, t_vmap, t_compile
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -123,22 +144,20 @@ def main():
         "| GB/s (% copy) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m, n, sizes, precision, with_compile in CASES:
+    peers = {}  # (M, N, sizes, precision) -> the PyTorch peers' times
+    for m, n, sizes, label, with_compile in CASES:
+        precision, _, float32_matmul = label.partition(" ")
         job = make_job(m, n, sizes, precision)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        t_triton = bench(lambda job=job: triton_engine.run(job, "cuda"))
-        t_eager = bench(lambda job=job: torch_engine.run(job, "cuda"))
-        params = {}
-        for i in range(len(sizes) - 1):
-            params[f"{2 * i}.weight"] = job.weights[i]
-            params[f"{2 * i}.bias"] = job.biases[i]
-        fn = vmap_grad_fn(sizes, precision)
-        t_vmap = bench(lambda fn=fn, p=params, job=job: fn(p, job.inputs, job.targets))
-        t_compile = float("nan")
-        if with_compile and not args.no_compile:
-            compiled = torch.compile(fn)
-            compiled(params, job.inputs, job.targets)  # compile outside the timing
-            t_compile = bench(lambda c=compiled, p=params, job=job: c(p, job.inputs, job.targets))
+        t_triton = bench(
+            lambda job=job, f=float32_matmul or "ieee": triton_engine.run(
+                job, "cuda", float32_matmul=f
+            )
+        )
+        key = (m, n, sizes, precision)
+        if key not in peers:
+            peers[key] = peer_times(job, sizes, precision, with_compile and not args.no_compile)
+        t_eager, t_vmap, t_compile = peers[key]
         torch.backends.cuda.matmul.allow_tf32 = False
         flops = kernels.flops(job.mlp, m, n)
         tflops = flops / t_triton / 1e9
@@ -148,7 +167,7 @@ def main():
         moved = (job.inputs.numel() + job.targets.numel()) * 4 + 2 * param_bytes
         gbps = moved / t_triton / 1e6
         lines.append(
-            f"| {m} | {n} | {list(sizes)} | {precision} | {t_triton:.3f} | {t_eager:.3f} "
+            f"| {m} | {n} | {list(sizes)} | {label} | {t_triton:.3f} | {t_eager:.3f} "
             f"| {t_vmap:.3f} | {t_compile:.3f} | {t_eager / t_triton:.2f}x "
             f"| {t_vmap / t_triton:.2f}x | {t_compile / t_triton:.2f}x "
             f"| {tflops:.1f} ({100 * tflops / peaks[precision]:.0f}%) "

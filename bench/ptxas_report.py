@@ -34,8 +34,7 @@ from triton.runtime import driver  # noqa: E402
 from bench.common import write_table  # noqa: E402
 from bench.fused_sweep import CONFIGS, make_job, run_with  # noqa: E402
 from gradserve import kernels  # noqa: E402
-from gradserve.kernels import triton_fused  # noqa: E402
-from gradserve.kernels.triton_common import PRECISION_CODES  # noqa: E402
+from gradserve.kernels import triton_engine, triton_fused  # noqa: E402
 
 KERNEL = triton_fused._fused_mlp_kernel
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -62,7 +61,9 @@ class _CompilingDriver:
         return 0
 
 
-def compile_through_launcher(job, block_n: int, warps: int, cap: int | None = None):
+def compile_through_launcher(
+    job, block_n: int, warps: int, cap: int | None = None, float32_matmul: str = "ieee"
+):
     """The kernel the engine's launcher would run for `job` with this (BLOCK_N, warps,
     register cap): the
     arguments' real specialisation (alignment, divisibility by 16), not a hand-made one."""
@@ -75,7 +76,7 @@ def compile_through_launcher(job, block_n: int, warps: int, cap: int | None = No
 
     KERNEL.run = compile_only
     try:
-        run_with(job, torch.device("cpu"), block_n, warps, cap)
+        run_with(job, torch.device("cpu"), block_n, warps, cap, float32_matmul)
     finally:
         del KERNEL.run
     return compiled[0]
@@ -111,7 +112,9 @@ def sass_mix(cubin: bytes) -> collections.Counter:
     return ops
 
 
-def row(precision, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen) -> list:
+def row(label, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen) -> list:
+    """`label`: a precision, or "float32 tf32x3" (float32_matmul="tf32x3")."""
+    precision, _, float32_matmul = label.partition(" ")
     m, n = 4, 256  # M only sets the grid; N = 256 as in the benchmark
     job = make_job(m, n, TARGET_SIZES, precision, torch.device("cpu"))
     if dp_pass:
@@ -122,7 +125,7 @@ def row(precision, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen) ->
     padded_widths = triton_fused.padded_widths
     triton_fused.padded_widths = lambda sizes: widths
     try:
-        compiled = compile_through_launcher(job, block_n, warps, cap)
+        compiled = compile_through_launcher(job, block_n, warps, cap, float32_matmul or "ieee")
     finally:
         triton_fused.padded_widths = padded_widths
     regs, spills, frame = ptxas_usage(compiled.asm["ptx"])
@@ -130,7 +133,7 @@ def row(precision, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen) ->
     counts = [sum(n for op, n in ops.items() if op.startswith(p)) for p in CLASSES.values()]
     # Programs an SM holds by registers (64K per SM) and shared memory (227 KB per block).
     per_sm = min(65536 // (int(regs) * 32 * warps), 232448 // max(1, compiled.metadata.shared))
-    return [precision, block_n, warps, cap or "", "yes" if dp_pass else "", str(widths), regs,
+    return [label, block_n, warps, cap or "", "yes" if dp_pass else "", str(widths), regs,
             spills, frame, per_sm, sum(ops.values()), *counts,
             "yes" if (block_n, warps, cap) == chosen else ""]  # fmt: skip
 
@@ -140,16 +143,18 @@ def main() -> None:
     widths = triton_fused.padded_widths(TARGET_SIZES)
     uniform = (max(widths),) * len(widths)
     rows = []
-    for precision in ("float32", "tf32", "bfloat16"):
+    for label in ("float32", "float32 tf32x3", "tf32", "bfloat16"):
+        precision, _, method = label.partition(" ")
         own = triton_fused.launch_config(
-            max(widths), 256, 1024, torch.device("cpu"), PRECISION_CODES[precision]
-        )
+            max(widths), 256, 1024, torch.device("cpu"),
+            triton_engine.precision_code(precision, method or "ieee"),
+        )  # fmt: skip
         chosen = (own.block_n, own.num_warps, own.max_registers)  # none depends on the device
         for block_n, warps, cap in CONFIGS:
             for dp_pass in (False, True) if cap is None else (False,):
-                rows.append(row(precision, block_n, warps, cap, dp_pass, False, chosen))
+                rows.append(row(label, block_n, warps, cap, dp_pass, False, chosen))
                 print(rows[-1], flush=True)
-        rows.append(row(precision, *chosen, False, True, chosen))
+        rows.append(row(label, *chosen, False, True, chosen))
         print(rows[-1], flush=True)
     write_table(
         "ptxas_sm90.md",

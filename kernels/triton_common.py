@@ -24,6 +24,9 @@ ACTIVATION_CODES = {
 LOSS_CODES = {"mse": 0, "l1": 1, "huber": 2, "bce_with_logits": 3, "cross_entropy": 4}
 # Matmul operand precision: IEEE fp32, TF32, bf16 or fp16 operands; fp32 accumulation always.
 PRECISION_CODES = {"float32": 0, "tf32": 1, "bfloat16": 2, "float16": 3}
+# float32 to fp32 accuracy on tensor cores: three tf32 products per matmul (split_tf32)
+# instead of IEEE FMAs. The engines' float32_matmul="tf32x3" selects it.
+TF32X3 = 4
 
 # Globals read inside @triton.jit functions must be constexpr.
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -124,11 +127,35 @@ def round_to_tf32(x):
 
 
 @triton.jit
+def split_tf32(x):
+    """fp32 -> (hi, lo), both tf32 values, with hi + lo within 2**-22 of x (relative): hi is x
+    rounded to tf32, lo the rest rounded to tf32 (x - hi is exact and has at most 13
+    significant bits, lo keeps 11 of them). Products of tf32 values are exact in fp32, so
+    a_hi b_hi + a_hi b_lo + a_lo b_hi is a b to about 2**-21: fp32 accuracy from three
+    tensor-core products (the 3xTF32 of CUTLASS; Triton's input_precision="tf32x3" splits
+    alike, but the interpreter ignores input precisions, and this split it runs as the
+    GPU does)."""
+    hi = round_to_tf32(x)
+    return hi, round_to_tf32(x - hi)
+
+
+@triton.jit
 def matmul(a, b, PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation; operands rounded to tf32 or narrowed to bf16/fp16 when
-    asked."""
+    asked, or float32 as three tf32 products (TF32X3)."""
     if PRECISION == 1:
         out = tl.dot(round_to_tf32(a), round_to_tf32(b), input_precision="tf32")
+    elif PRECISION == 4:
+        a_hi, a_lo = split_tf32(a)
+        b_hi, b_lo = split_tf32(b)
+        # small terms first (lo * lo, below 2**-22 of a b, is left out)
+        out = tl.dot(a_lo, b_hi, input_precision="tf32")
+        out = tl.dot(a_hi, b_lo, out, input_precision="tf32")
+        # Non-finite operands make the small terms NaN (inf - inf); drop them so that
+        # hi * hi alone carries an infinity, as the IEEE product would (a NaN operand still
+        # gives NaN through it).
+        out = tl.where(out == out, out, 0.0)
+        out = tl.dot(a_hi, b_hi, out, input_precision="tf32")
     elif PRECISION == 2:
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     elif PRECISION == 3:

@@ -22,6 +22,10 @@ from gradserve.kernels import privacy
 from gradserve.kernels.spec import EnsembleJob, EnsembleResult
 
 PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16", "float16")
+# How float32 jobs multiply: "ieee", fp32 FMAs (on a GPU, the FMA units), or "tf32x3",
+# three tf32 tensor-core products per matmul that together keep fp32 accuracy
+# (triton_common.split_tf32). The benchmarks and GPU tests measure both.
+FLOAT32_MATMULS: tuple[str, ...] = ("ieee", "tf32x3")
 # Widest layer of the fully fused kernel (and of per-sample norms on this engine).
 FUSED_MAX_WIDTH = 128
 
@@ -52,9 +56,22 @@ def available() -> bool:
 NARROW_WEIGHTS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
+def precision_code(precision: str, float32_matmul: str = "ieee") -> int:
+    """The kernels' PRECISION constant for a job's precision."""
+    from gradserve.kernels.triton_common import PRECISION_CODES, TF32X3
+
+    if float32_matmul not in FLOAT32_MATMULS:
+        raise ValueError(f"float32_matmul must be one of {FLOAT32_MATMULS}, not {float32_matmul!r}")
+    if precision == "float32" and float32_matmul == "tf32x3":
+        return TF32X3
+    return PRECISION_CODES[precision]
+
+
+def run(
+    job: EnsembleJob, device: torch.device | str, *, float32_matmul: str = "ieee"
+) -> EnsembleResult:
     from gradserve.kernels import triton_fused, triton_layered
-    from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES, PRECISION_CODES
+    from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES
 
     norms_needed = job.outputs.per_sample_gradient_norms or job.privacy is not None
     if norms_needed and max(job.mlp.layer_sizes) > FUSED_MAX_WIDTH:
@@ -87,7 +104,7 @@ def run(job: EnsembleJob, device: torch.device | str) -> EnsembleResult:
         loss=LOSS_CODES[job.loss.name],
         delta=float(job.loss.huber_delta),
         scale=scale,
-        precision=PRECISION_CODES[job.precision],
+        precision=precision_code(job.precision, float32_matmul),
         want_param_grads=want.parameter_gradients,
         want_dx=want.input_gradients,
         want_y=want.forward_outputs,

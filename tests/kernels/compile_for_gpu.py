@@ -27,6 +27,7 @@ from gradserve.kernels import triton_fused, triton_layered  # noqa: E402
 from gradserve.kernels.triton_common import ACTIVATION_CODES as ACT  # noqa: E402
 from gradserve.kernels.triton_common import LOSS_CODES as LOSS  # noqa: E402
 from gradserve.kernels.triton_common import PRECISION_CODES as PREC  # noqa: E402
+from gradserve.kernels.triton_common import TF32X3  # noqa: E402
 
 FLOAT_ARGS = {"slope", "delta", "scale", "clip", "own_scale"}
 
@@ -76,6 +77,9 @@ def fused_variants():
         meta = dict(base, PRECISION=PREC[precision], WANT_PARAM_GRADS=grads, WANT_DX=dx,
                     NORMS=norms, CLIP=clip)  # fmt: skip
         yield triton_fused._fused_mlp_kernel, meta, {**types, "w_ptrs": weights}
+    # float32 as three tf32 products (float32_matmul="tf32x3"), every pass on
+    x3 = dict(base, PRECISION=TF32X3, WANT_PARAM_GRADS=True, WANT_DX=True, NORMS=True, CLIP=True)
+    yield triton_fused._fused_mlp_kernel, x3, types
     ce = dict(base, LOSS=LOSS["cross_entropy"], PRECISION=PREC["float32"], WANT_PARAM_GRADS=True,
               WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
     yield triton_fused._fused_mlp_kernel, ce, {**types, "t_ptr": "*i64"}
@@ -91,6 +95,8 @@ def layered_variants():
         meta = dict(EPILOGUE=epilogue, ACT=ACT["silu"], PRECISION=PREC[precision],
                     BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32)  # fmt: skip
         yield triton_layered._batched_matmul_kernel, meta, {}
+    x3 = dict(EPILOGUE=1, ACT=ACT["silu"], PRECISION=TF32X3, BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32)
+    yield triton_layered._batched_matmul_kernel, x3, {}
     for loss in ("mse", "bce_with_logits", "cross_entropy"):
         meta = dict(OUTPUT_ACT=ACT["identity"], LOSS=LOSS[loss], HAS_WEIGHTS=True)
         names = inspect.signature(triton_layered._loss_kernel.fn).parameters

@@ -42,12 +42,12 @@ def poison_allocator():
 TOLERANCE = {"float32": 1e-4, "tf32": 2e-3, "bfloat16": 2e-2, "float16": 2e-2}
 
 
-def check(engine, sizes, tensors, precision, **options):
+def check(engine, sizes, tensors, precision, run_options=None, **options):
     tol = TOLERANCE.get(precision)
     cuda = {k: v.cuda() for k, v in tensors.items()}
     job = ensemble_job(cuda, sizes, precision=precision, **options)
     poison_allocator()
-    got = engine.run(job, "cuda")
+    got = engine.run(job, "cuda", **(run_options or {}))
     torch.cuda.synchronize()
     ref = oracle_for(sizes, tensors, **options)
     assert_matches_oracle(engine_tensors(got), ref, precision, tol)
@@ -58,6 +58,16 @@ def check(engine, sizes, tensors, precision, **options):
 def test_triton_engine_every_precision(m, n, sizes, precision):
     tensors = random_job(sizes, m, n, sample_weights=True, seed=n)
     check(triton_engine, sizes, tensors, precision, hidden="gelu", loss="huber")
+
+
+@pytest.mark.parametrize("m, n, sizes", SHAPES)
+def test_triton_float32_as_three_tf32_products(m, n, sizes):
+    """float32_matmul="tf32x3" (float32 jobs on the tensor cores) held to float32's bound."""
+    tensors = random_job(sizes, m, n, sample_weights=True, seed=n)
+    check(
+        triton_engine, sizes, tensors, "float32", {"float32_matmul": "tf32x3"}, hidden="gelu",
+        loss="huber",
+    )  # fmt: skip
 
 
 # Every activation and every loss, each in at least one compiled kernel: 8 specialisations

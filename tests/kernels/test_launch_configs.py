@@ -15,5 +15,6 @@ def test_every_swept_configuration_agrees_with_the_chosen_one():
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = {line for line in done.stdout.splitlines() if line.startswith("| float32 |")}
-    assert len(rows) == 10 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
+    for label in ("float32", "float32 tf32x3"):  # IEEE FMAs, and three tf32 products
+        rows = {line for line in done.stdout.splitlines() if line.startswith(f"| {label} |")}
+        assert len(rows) == 10 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
