@@ -174,10 +174,14 @@ def main():
             f"| {gbps:.0f} ({100 * gbps / peaks['copy_gbps']:.0f}%) |"
         )
         print(lines[-1], flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        write(args.out, lines)  # row by row: a run cut off by its time limit keeps its rows
     print("\n".join(lines))
+
+
+def write(path: str, lines: list[str]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
