@@ -28,10 +28,10 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run with the interpreter off"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 from bench.common import write_table  # noqa: E402
+from bench.compile_only import CompileOnlyDriver  # noqa: E402
 from bench.fused_sweep import CONFIGS, make_job, run_with  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import triton_engine, triton_fused  # noqa: E402
@@ -45,20 +45,6 @@ CLASSES = {
     "global ld/st": ("LDG", "STG"),
     "local (spill) ld/st": ("LDL", "STL"),
 }
-
-
-class _CompilingDriver:
-    """Stands in for the CUDA driver: Triton's launch path binds and specialises the
-    arguments as on an H100, and the patched run() below compiles instead of launching."""
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
 
 
 def compile_through_launcher(
@@ -139,7 +125,7 @@ def row(label, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen) -> lis
 
 
 def main() -> None:
-    driver.set_active(_CompilingDriver())  # for this process: it compiles, never launches
+    driver.set_active(CompileOnlyDriver())  # for this process: it compiles, never launches
     widths = triton_fused.padded_widths(TARGET_SIZES)
     uniform = (max(widths),) * len(widths)
     rows = []

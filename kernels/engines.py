@@ -90,7 +90,9 @@ def run(job: EnsembleJob, engine: str, device: torch.device) -> EnsembleResult:
     if engine == "torch":
         return torch_engine.run(job, device)
     if engine == "triton":
-        from gradserve.kernels import triton_engine
+        from gradserve.kernels import compiled_kernels, triton_engine
 
-        return triton_engine.run(job, device)
+        result = triton_engine.run(job, device)
+        compiled_kernels.enforce()  # the process keeps a bounded number of compiled kernels
+        return result
     raise EngineUnavailable(f"unknown engine {engine!r}")

@@ -61,6 +61,9 @@ class ServerConfig:
     # Freed large payload buffers kept for later jobs of the same size (0: none kept);
     # saves the page faults of mapping fresh memory for each large job.
     reuse_buffer_bytes: int = 1 * GiB
+    # Compiled Triton kernel specialisations kept in memory (kernels.compiled_kernels):
+    # beyond it all are dropped, and reloaded from Triton's disk cache as jobs need them.
+    max_compiled_kernels: int = 64
     log_level: str = "INFO"
 
     @property
@@ -99,6 +102,7 @@ HELP = {
     "auth_token_file": "file holding the bearer token callers must present",
     "auth_token": "bearer token callers must present (prefer the file or the variable)",
     "reuse_buffer_bytes": "freed large payload buffers kept for later jobs (0: none)",
+    "max_compiled_kernels": "most compiled Triton kernels kept in memory (beyond: all dropped)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 
@@ -129,4 +133,6 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
     args = parser.parse_args(argv)
     if args.chunk_bytes > args.max_chunk_bytes:
         parser.error("--chunk-bytes must not exceed --max-chunk-bytes")
+    if args.max_compiled_kernels < 1:
+        parser.error("--max-compiled-kernels must be at least 1")
     return ServerConfig(**vars(args))

@@ -6,6 +6,7 @@ gradserve_launch_total{engine,device}            engine launches
 gradserve_launch_jobs / gradserve_launch_models  jobs and models per launch (histograms)
 gradserve_flops_total{engine,device}             FLOPs computed
 gradserve_inflight_jobs, gradserve_inflight_bytes, gradserve_queued_jobs   gauges
+gradserve_compiled_kernels, gradserve_compiled_kernel_evictions   gauges (kernels.compiled_kernels)
 plus prometheus_client's process_* metrics (resident memory, CPU seconds, open fds).
 
 Served over HTTP by prometheus_client when --metrics-port is set; without the package the
@@ -15,6 +16,8 @@ server runs with metrics off.
 from __future__ import annotations
 
 import logging
+
+from gradserve.kernels import compiled_kernels
 
 log = logging.getLogger("gradserve.server")
 
@@ -51,6 +54,10 @@ class Metrics:
              lambda: service.admission.inflight_bytes),
             ("gradserve_queued_jobs", "Jobs waiting for a launch",
              lambda: service.batcher.queued_jobs),
+            ("gradserve_compiled_kernels", "Compiled Triton kernels held in memory",
+             compiled_kernels.held),
+            ("gradserve_compiled_kernel_evictions", "Times every compiled kernel was dropped",
+             compiled_kernels.evictions),
         ):  # fmt: skip
             prom.Gauge(name, doc).set_function(read)
 

@@ -14,7 +14,7 @@ import torch
 
 import gradserve
 from gradserve import kernels
-from gradserve.kernels import EngineUnavailable, EnsembleResult
+from gradserve.kernels import EngineUnavailable, EnsembleResult, compiled_kernels
 from gradserve.server import codec
 from gradserve.server.admission import Admission, ServerBusy
 from gradserve.server.assembly import PayloadAssembler
@@ -117,6 +117,7 @@ class IdleTimer:
 class GradientService(pb_grpc.GradientServiceServicer):
     def __init__(self, config: ServerConfig, device: torch.device):
         self.config = config
+        compiled_kernels.set_limit(config.max_compiled_kernels)
         self.device = device
         self.worker = DeviceWorker(device)
         self.batcher = DynamicBatcher(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradserve import kernels
-from gradserve.kernels import torch_engine, triton_engine
+from gradserve.kernels import compiled_kernels, torch_engine, triton_engine
 from tests.jobs import ensemble_job, random_job
 from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
 
@@ -105,6 +105,29 @@ def test_triton_engine_is_deterministic_at_scale(m, n, sizes):
         first.weight_grads + first.bias_grads, second.weight_grads + second.bias_grads, strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_dropped_kernels_come_back_with_the_same_bits():
+    """With a limit of one compiled kernel, a job that launches two (the fused kernel and
+    the partials' reduction) drops both afterwards; the next job reloads them from
+    Triton's disk cache and computes the same bits."""
+    sizes = (16, 32, 1)
+    tensors = {k: v.cuda() for k, v in random_job(sizes, 8, 300, seed=5).items()}
+    job = ensemble_job(tensors, sizes, hidden="tanh")
+    cuda = torch.device("cuda")
+    first = kernels.run(job, "triton", cuda)
+    limit, evictions = compiled_kernels.limit(), compiled_kernels.evictions()
+    compiled_kernels.set_limit(1)
+    try:
+        second = kernels.run(job, "triton", cuda)
+        assert compiled_kernels.evictions() == evictions + 1 and compiled_kernels.held() == 0
+        third = kernels.run(job, "triton", cuda)
+    finally:
+        compiled_kernels.set_limit(limit)
+    for result in (second, third):
+        for a, b in zip(result.weight_grads + result.bias_grads,
+                        first.weight_grads + first.bias_grads, strict=True):  # fmt: skip
+            assert torch.equal(a, b)
 
 
 def test_split_samples_reduce_in_fixed_order():

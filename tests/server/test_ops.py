@@ -82,6 +82,8 @@ def test_metrics_are_scraped_and_parsed():
     }
     assert phases == {"upload", "queue", "compute", "download"}
     assert families["gradserve_inflight_jobs"].samples[0].value == 0
+    assert families["gradserve_compiled_kernels"].samples[0].value >= 0
+    assert families["gradserve_compiled_kernel_evictions"].samples[0].value == 0
     assert families["process_resident_memory_bytes"].samples[0].value > 0
 
 
