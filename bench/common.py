@@ -6,6 +6,8 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -20,6 +22,26 @@ def median_seconds(fn, *, repeats: int = 20, warmup: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def compile_in_parallel(script: str, workers: int, args=()) -> None:
+    """Run `script *args --compile-share K/W` for every K < W at once and wait for all.
+    Each runs its share of the benchmark's kernels once (see `share`), so Triton's on-disk
+    cache holds all of them and the timing run that follows loads each in a moment instead
+    of compiling them one after another (seconds each, one CPU core at a time)."""
+    procs = [
+        subprocess.Popen([sys.executable, script, *args, "--compile-share", f"{k}/{workers}"])
+        for k in range(workers)
+    ]
+    failed = [p.args for p in procs if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"compiling ahead failed: {failed}")
+
+
+def share(items: list, spec: str) -> list:
+    """The K-th of W interleaved shares of `items`, for spec "K/W"."""
+    k, w = (int(part) for part in spec.split("/"))
+    return items[k::w]
 
 
 def machine() -> str:

@@ -5,8 +5,9 @@ cap) in CONFIGS below in place of launch_config's choice, next to torch eager in
 run, and checks that each configuration's gradients agree with the chosen one's (they
 differ only in the order of float32 sums). bench/ptxas_report.py predicts the registers,
 spills and programs per SM of these configurations without a GPU; this measures what they
-cost. Run it on a GPU after bench/gpu_check.sh (30 configurations, each compiled once,
-about 10 s each on a 2-core machine; rows are written as they are measured):
+cost. Run it on a GPU after bench/gpu_check.sh (40 configurations; all are compiled
+first, by one process per CPU core up to 16 into Triton's disk cache, then timed one after
+another; rows are written as they are measured):
 
   python bench/fused_sweep.py --out $OUT/fused_sweep.md
 
@@ -26,6 +27,7 @@ import torch
 import triton
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import compile_in_parallel, share  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine, triton_fused  # noqa: E402
 
@@ -115,12 +117,30 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--cpu-check", action="store_true")
+    parser.add_argument(
+        "--compile-workers", type=int, default=None,
+        help="processes compiling the kernels ahead of the timing run (default: one per "
+        "CPU core up to 16 on a GPU, none on the CPU)",
+    )  # fmt: skip
+    parser.add_argument("--compile-share", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device("cpu" if args.cpu_check else "cuda")
     m, n, sizes = CPU_CHECK if args.cpu_check else TARGET
     dp = triton_fused.padded_width(sizes)
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     precisions = ("float32", "float32 tf32x3") if args.cpu_check else PRECISIONS
+    runs = [(label, config) for label in precisions for config in [(), *CONFIGS]]
+    if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
+        for label, config in share(runs, args.compile_share):
+            precision, _, method = label.partition(" ")
+            run_with(make_job(m, n, sizes, precision, device), device, *config or (None,) * 3,
+                     method or "ieee")  # fmt: skip
+        return
+    workers = args.compile_workers
+    if workers is None:
+        workers = 0 if args.cpu_check else min(16, os.cpu_count() or 1)
+    if workers:
+        compile_in_parallel(__file__, workers, ["--cpu-check"] if args.cpu_check else [])
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     lines = [
         f"# Fused kernel launch configurations on {card}",
         "",

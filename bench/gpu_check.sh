@@ -50,7 +50,7 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider -n 16 tests/kernels/test_gp
 tests_status=${PIPESTATUS[0]}
 
 echo "== kernel benchmark"
-timeout 150 python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu.md" 2>&1 | tail -3
+timeout 180 python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu.md" 2>&1 | tail -3
 
 echo "== one job through a real server on the GPU"
 rm -f /tmp/gradserve.port

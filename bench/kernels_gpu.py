@@ -8,7 +8,10 @@ triton.testing.do_bench; achieved TFLOP/s count 6 FLOPs per multiply-add per sam
 for the precision; GB/s count the bytes that must cross HBM (inputs, targets, weights,
 gradients) against the measured copy bandwidth.
 
-Usage: python bench/kernels_gpu.py [--out FILE] [--no-compile]
+The Triton kernels are compiled first, in parallel (one process per CPU core up to 16, into
+Triton's disk cache), so the timed runs do not queue behind one compile after another.
+
+Usage: python bench/kernels_gpu.py [--out FILE] [--no-compile] [--compile-workers W]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import compile_in_parallel, share  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
 
@@ -128,7 +132,21 @@ def main():
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels_gpu.md")
     )
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
+        help="processes compiling the Triton kernels ahead of the timing run",
+    )  # fmt: skip
+    parser.add_argument("--compile-share", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
+        for m, n, sizes, label, _ in share(CASES, args.compile_share):
+            precision, _, float32_matmul = label.partition(" ")
+            job = make_job(m, n, sizes, precision)
+            triton_engine.run(job, "cuda", float32_matmul=float32_matmul or "ieee")
+        torch.cuda.synchronize()
+        return
+    if args.compile_workers:
+        compile_in_parallel(__file__, args.compile_workers)
     card = torch.cuda.get_device_name()
     peaks = measured_peaks()
     lines = [
