@@ -14,11 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
+from gradserve import kernels
 from gradserve.kernels import triton_engine
 from gradserve.kernels.triton_common import PRECISION_CODES, TF32X3, matmul, split_tf32
+from tests import per_sample
 from tests.jobs import ensemble_job, random_job
+from tests.kernels.test_privacy import grads_of, median_own_norm, private_job
 from tests.kernels.test_tf32_rounding import reference
-from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
+from tests.oracle import (
+    assert_close_per_model,
+    assert_matches_oracle,
+    engine_tensors,
+    oracle_for,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -125,3 +133,22 @@ def test_only_float32_jobs_change_and_unknown_methods_are_refused():
     assert triton_engine.precision_code("bfloat16", "tf32x3") == PRECISION_CODES["bfloat16"]
     with pytest.raises(ValueError, match="float32_matmul"):
         triton_engine.precision_code("float32", "fast")
+
+
+def test_per_sample_norms_and_clipping_within_the_float32_norm():
+    """The fused kernel's norm pass and in-kernel clipping multiply through the same three
+    products: against vmap(grad) per-sample gradients in float64."""
+    sizes, hidden, n = (37, 5, 70, 3), "sigmoid", 37  # padded to 64, 16, 128, 16
+    tensors = random_job(sizes, 3, n, sample_weights=True, seed=7)
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+    ref = per_sample.per_sample_gradients(wide, sizes, hidden, "mse", "mean")
+    job = ensemble_job(tensors, sizes, hidden=hidden)
+    job.outputs = kernels.OutputRequest(True, True, False, False, True)
+    got = triton_engine.run(job, DEVICE, float32_matmul="tf32x3").per_sample_grad_norm
+    torch.testing.assert_close(got.double().cpu(), per_sample.norms(ref), rtol=1e-5, atol=1e-9)
+
+    clip = median_own_norm(ref, n)  # about half of the samples clipped
+    job = private_job(tensors, kernels.Privacy(clip), sizes, hidden=hidden)
+    got = grads_of(triton_engine.run(job, DEVICE, float32_matmul="tf32x3"))
+    for name, want in per_sample.clipped_sums(ref, clip, n).items():
+        assert_close_per_model(name, got[name].cpu(), want, "float32")
