@@ -25,7 +25,7 @@ LOSS_CODES = {"mse": 0, "l1": 1, "huber": 2, "bce_with_logits": 3, "cross_entrop
 # Matmul operand precision: IEEE fp32, TF32, bf16 or fp16 operands; fp32 accumulation always.
 PRECISION_CODES = {"float32": 0, "tf32": 1, "bfloat16": 2, "float16": 3}
 # float32 to fp32 accuracy on tensor cores: three tf32 products per matmul (split_tf32)
-# instead of IEEE FMAs. The engines' float32_matmul="tf32x3" selects it.
+# instead of IEEE FMAs; triton_engine.run(..., float32_matmul="tf32x3") selects it.
 TF32X3 = 4
 
 # Globals read inside @triton.jit functions must be constexpr.
