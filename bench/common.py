@@ -34,8 +34,8 @@ def compile_in_parallel(script: str, workers: int, args=()) -> None:
         for k in range(workers)
     ]
     failed = [p.args for p in procs if p.wait() != 0]
-    if failed:
-        raise SystemExit(f"compiling ahead failed: {failed}")
+    if failed:  # the timing run still compiles whatever is missing, only more slowly
+        print(f"compiling ahead failed in {len(failed)} of {workers} processes: {failed}")
 
 
 def share(items: list, spec: str) -> list:
