@@ -39,6 +39,8 @@ from gradserve.kernels import triton_engine, triton_fused  # noqa: E402
 KERNEL = triton_fused._fused_mlp_kernel
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TARGET_SIZES = (32, 64, 64, 64, 1)
+# Widths up to 128, the fused kernel's widest: at launch_config's choice only.
+WIDE_SIZES = (64, 128, 128, 128, 8)
 # Instruction classes counted in the SASS (opcode prefixes).
 CLASSES = {
     "tensor-core MMA": ("HGMMA", "HMMA"),
@@ -98,14 +100,16 @@ def sass_mix(cubin: bytes) -> collections.Counter:
     return ops
 
 
-def row(label, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen) -> list:
+def row(
+    label, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES
+) -> list:
     """`label`: a precision, or "float32 tf32x3" (float32_matmul="tf32x3")."""
     precision, _, float32_matmul = label.partition(" ")
     m, n = 4, 256  # M only sets the grid; N = 256 as in the benchmark
-    job = make_job(m, n, TARGET_SIZES, precision, torch.device("cpu"))
+    job = make_job(m, n, sizes, precision, torch.device("cpu"))
     if dp_pass:
         job.privacy = kernels.Privacy(1.0)
-    widths = triton_fused.padded_widths(TARGET_SIZES)
+    widths = triton_fused.padded_widths(sizes)
     if uniform:
         widths = (max(widths),) * len(widths)
     padded_widths = triton_fused.padded_widths
@@ -131,16 +135,18 @@ def main() -> None:
     rows = []
     for label in ("float32", "float32 tf32x3", "tf32", "bfloat16"):
         precision, _, method = label.partition(" ")
-        own = triton_fused.launch_config(
-            max(widths), 256, 1024, torch.device("cpu"),
-            triton_engine.precision_code(precision, method or "ieee"),
-        )  # fmt: skip
+        code = triton_engine.precision_code(precision, method or "ieee")
+        own = triton_fused.launch_config(max(widths), 256, 1024, torch.device("cpu"), code)
         chosen = (own.block_n, own.num_warps, own.max_registers)  # none depends on the device
         for block_n, warps, cap in CONFIGS:
             for dp_pass in (False, True) if cap is None else (False,):
                 rows.append(row(label, block_n, warps, cap, dp_pass, False, chosen))
                 print(rows[-1], flush=True)
         rows.append(row(label, *chosen, False, True, chosen))
+        print(rows[-1], flush=True)
+        wide = triton_fused.launch_config(128, 256, 1024, torch.device("cpu"), code)
+        wide_chosen = (wide.block_n, wide.num_warps, wide.max_registers)
+        rows.append(row(label, *wide_chosen, False, False, wide_chosen, WIDE_SIZES))
         print(rows[-1], flush=True)
     write_table(
         "ptxas_sm90.md",
@@ -162,7 +168,8 @@ def main() -> None:
         f"Network {list(TARGET_SIZES)}, N=256, per-model inputs, relu, mse, parameter "
         f"gradients, compiled through the engine's launcher (the arguments specialised as on "
         f"a GPU). Padded widths {widths} as the engine runs it; {uniform} (every layer padded "
-        "to the widest) for comparison. Triton "
+        f"to the widest) for comparison; and {list(WIDE_SIZES)} (padded widths "
+        f"{triton_fused.padded_widths(WIDE_SIZES)}) at launch_config's choice. Triton "
         f"{triton.__version__}, sm_90a; ptxas -v of the PTX, nvdisasm of the cubin. "
         "Command: `env -u TRITON_INTERPRET python bench/ptxas_report.py`.",
     )
