@@ -1,27 +1,17 @@
 """The process keeps a bounded number of compiled Triton kernels (kernels.compiled_kernels)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from gradserve.kernels import compiled_kernels, triton_engine
 from gradserve.server.config import parse_config
 from tests.jobs import ensemble_job, random_job
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.kernels.uninterpreted import run_module
 
 
 @pytest.mark.timeout(300)
 def test_compiled_kernels_beyond_the_limit_are_dropped():
     """Against Triton's own caches, filled by its launcher compiling for sm_90."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its notice
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.compiled_kernels_check"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+    done = run_module("tests.kernels.compiled_kernels_check", timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "stay within the limit" in done.stdout
 
