@@ -381,13 +381,12 @@ def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int)
     BLOCK_N: 128 samples per block up to DP=64, 32 at DP=128, keeping the [BLOCK_N, DP]
     fp32 blocks in registers; larger blocks mean fewer weight reloads and partial-gradient
     updates per sample. IEEE float32 multiplies on the FMA units, whose operands need more
-    registers: at DP=64 it takes 64 samples per block, which on sm_90 issues as many
-    instructions per sample as 128 with a quarter of the spill traffic, and with the DP
-    norm pass half the instructions and 1/34 of the spill traffic per sample
+    registers: at DP=64 it takes 64 samples per block, which on sm_90 issues about as many
+    instructions per sample as 128 (169 against 161) with half the spill traffic
     (bench/results/ptxas_sm90.md). float32 as three tf32 products (TF32X3) multiplies on
     the tensor cores and takes tf32's blocks: at 128 samples it issues the fewest
     instructions per sample of the blocks tried on sm_90 (74, against 124 at 64 and 121 at
-    32; IEEE float32 at 64: 167), with the most spill traffic; bench/fused_sweep.py
+    32; IEEE float32 at 64: 169), with the most spill traffic; bench/fused_sweep.py
     times them all. S: enough programs to fill the GPU (4 per SM) when M
     alone does not; on the interpreter one split is enough. No register cap: at 255
     registers a program of 8 warps has an SM to itself; bench/fused_sweep.py measures the
