@@ -26,6 +26,7 @@ PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16", "float16")
 # three tf32 tensor-core products per matmul that together keep fp32 accuracy
 # (triton_common.split_tf32). The benchmarks and GPU tests measure both.
 FLOAT32_MATMULS: tuple[str, ...] = ("ieee", "tf32x3")
+FLOAT32_MATMUL = "ieee"  # the default
 # Widest layer of the fully fused kernel (and of per-sample norms on this engine).
 FUSED_MAX_WIDTH = 128
 
@@ -56,7 +57,7 @@ def available() -> bool:
 NARROW_WEIGHTS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def precision_code(precision: str, float32_matmul: str = "ieee") -> int:
+def precision_code(precision: str, float32_matmul: str = FLOAT32_MATMUL) -> int:
     """The kernels' PRECISION constant for a job's precision."""
     from gradserve.kernels.triton_common import PRECISION_CODES, TF32X3
 
@@ -68,7 +69,7 @@ def precision_code(precision: str, float32_matmul: str = "ieee") -> int:
 
 
 def run(
-    job: EnsembleJob, device: torch.device | str, *, float32_matmul: str = "ieee"
+    job: EnsembleJob, device: torch.device | str, *, float32_matmul: str = FLOAT32_MATMUL
 ) -> EnsembleResult:
     from gradserve.kernels import triton_fused, triton_layered
     from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES

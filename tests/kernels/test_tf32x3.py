@@ -129,7 +129,8 @@ def test_identical_bits_on_repeated_runs():
 
 def test_only_float32_jobs_change_and_unknown_methods_are_refused():
     assert triton_engine.precision_code("float32", "tf32x3") == TF32X3
-    assert triton_engine.precision_code("float32") == PRECISION_CODES["float32"]
+    assert triton_engine.precision_code("float32", "ieee") == PRECISION_CODES["float32"]
+    assert triton_engine.FLOAT32_MATMUL in triton_engine.FLOAT32_MATMULS
     assert triton_engine.precision_code("bfloat16", "tf32x3") == PRECISION_CODES["bfloat16"]
     with pytest.raises(ValueError, match="float32_matmul"):
         triton_engine.precision_code("float32", "fast")
