@@ -137,7 +137,7 @@ def main():
         return
     workers = args.compile_workers
     if workers is None:
-        workers = 0 if args.cpu_check else min(16, os.cpu_count() or 1)
+        workers = 0 if args.cpu_check else min(16, os.cpu_count() or 1, len(runs))
     if workers:
         compile_in_parallel(__file__, workers, ["--cpu-check"] if args.cpu_check else [])
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"

@@ -147,7 +147,7 @@ def main():
         torch.cuda.synchronize()
         return
     if args.compile_workers:
-        compile_in_parallel(__file__, args.compile_workers)
+        compile_in_parallel(__file__, min(args.compile_workers, len(CASES)))
     card = torch.cuda.get_device_name()
     peaks = measured_peaks()
     lines = [
