@@ -8,6 +8,9 @@ median cycles per block and its share; per program the SM it ran on, from which 
 programs that actually shared an SM at once. The stamps cost a little time themselves
 (the profiled/plain ratio says how much).
 
+Both builds of every precision are compiled first, in parallel (bench.common.
+compile_in_parallel), and the report is written after each precision.
+
 Usage (GPU only; the timers are inline PTX): python bench/fused_phases.py [--out FILE]
 """
 
@@ -21,11 +24,13 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import compile_in_parallel, share  # noqa: E402
 from bench.fused_sweep import make_job  # noqa: E402
 from gradserve.kernels import triton_engine, triton_fused  # noqa: E402
 
 TARGET = (1024, 256, (32, 64, 64, 64, 1))
-PRECISIONS = ("tf32", "bfloat16", "float32")
+# "float32 tf32x3": float32 jobs with the engine's float32_matmul="tf32x3".
+PRECISIONS = ("tf32", "bfloat16", "float32", "float32 tf32x3")
 
 
 def phase_names(num_layers: int) -> list[str]:
@@ -66,12 +71,12 @@ def residency(stamps: torch.Tensor) -> tuple[int, float]:
     return most, weighted / busy if busy else 0.0
 
 
-def run_profiled(job, device, records: list) -> None:
+def run_profiled(job, device, records: list, float32_matmul: str = "ieee") -> None:
     """The Triton engine on `job` with the profiling build; appends (config, stamps)."""
     original = triton_fused.fused_mlp
     triton_fused.fused_mlp = functools.partial(original, profile=records)
     try:
-        triton_engine.run(job, device)
+        triton_engine.run(job, device, float32_matmul=float32_matmul)
     finally:
         triton_fused.fused_mlp = original
 
@@ -81,9 +86,22 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--compile-share", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device("cuda")
     m, n, sizes = TARGET
+    builds = [(label, profiled) for label in PRECISIONS for profiled in (False, True)]
+    if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
+        for label, profiled in share(builds, args.compile_share):
+            precision, _, method = label.partition(" ")
+            job = make_job(m, n, sizes, precision, device)
+            if profiled:
+                run_profiled(job, device, [], method or "ieee")
+            else:
+                triton_engine.run(job, device, float32_matmul=method or "ieee")
+        torch.cuda.synchronize()
+        return
+    compile_in_parallel(__file__, min(len(builds), os.cpu_count() or 1))
     num_layers = len(sizes) - 1
     names = phase_names(num_layers)
     lines = [
@@ -94,14 +112,23 @@ def main() -> None:
         "samples over every block of every program (SM cycle counter).",
         "",
     ]
-    for precision in PRECISIONS:
+    for label in PRECISIONS:
+        precision, _, method = label.partition(" ")
+        method = method or "ieee"
         job = make_job(m, n, sizes, precision, device)
-        run_profiled(job, device, [])  # compile both builds first
-        triton_engine.run(job, device)
-        plain = triton.testing.do_bench(lambda job=job: triton_engine.run(job, device))
-        profiled = triton.testing.do_bench(lambda job=job: run_profiled(job, device, []))
+
+        def plain_run(job=job, method=method):
+            triton_engine.run(job, device, float32_matmul=method)
+
+        def profiled_run(job=job, method=method, records=None):
+            run_profiled(job, device, [] if records is None else records, method)
+
+        profiled_run()  # load both builds before timing
+        plain_run()
+        plain = triton.testing.do_bench(plain_run)
+        profiled = triton.testing.do_bench(profiled_run)
         records: list = []
-        run_profiled(job, device, records)
+        profiled_run(records=records)
         torch.cuda.synchronize()
         config, stamps = records[0][0], records[0][1].cpu()
         cycles = phase_cycles(stamps, num_layers, config.blocks_per_split)
@@ -109,7 +136,7 @@ def main() -> None:
         total = sum(cycles)
         programs_ns = (stamps[:, 2] - stamps[:, 1]).double()
         lines += [
-            f"## {precision}: {config}",
+            f"## {label}: {config}",
             "",
             f"Plain build {plain:.3f} ms, profiled {profiled:.3f} ms (engine call, median of "
             f"do_bench). Programs {stamps.shape[0]}, median program time "
@@ -125,10 +152,15 @@ def main() -> None:
             "",
         ]
         print("\n".join(lines[-len(names) - 6 :]), flush=True)
+        write(args.out, lines)  # after each precision: a cut-off run keeps what it measured
     lines.append("Command: `python bench/fused_phases.py`.")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+    write(args.out, lines)
+
+
+def write(path: str | None, lines: list[str]) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
 
