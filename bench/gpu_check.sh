@@ -36,7 +36,7 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "${1:-}" = sweep ]; then
   echo "== fused kernel phases"
-  timeout 140 python3 bench/fused_phases.py --out "$OUT/fused_phases.md" 2>&1 | tail -45
+  timeout 140 python3 bench/fused_phases.py --out "$OUT/fused_phases.md" 2>&1 | tail -75
   echo "== fused kernel launch configurations"
   timeout 400 python3 bench/fused_sweep.py --out "$OUT/fused_sweep.md" 2>&1 | tail -35
   exit "${PIPESTATUS[0]}"
