@@ -44,6 +44,22 @@ def share(items: list, spec: str) -> list:
     return items[k::w]
 
 
+def precision_and_method(label: str) -> tuple[str, str]:
+    """A benchmark row's precision label -> (the job's precision, the Triton engine's
+    float32_matmul): "float32 tf32x3" -> ("float32", "tf32x3"), "tf32" -> ("tf32", "ieee")."""
+    precision, _, method = label.partition(" ")
+    return precision, method or "ieee"
+
+
+def write_lines(path: str | None, lines: list[str]) -> None:
+    """Write a report (nothing without a path); benchmarks call it after every row, so a
+    run cut off by its time limit keeps what it measured."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def machine() -> str:
     import torch
 

@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import compile_in_parallel, share  # noqa: E402
+from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
 from bench.fused_sweep import make_job  # noqa: E402
 from gradserve.kernels import triton_engine, triton_fused  # noqa: E402
 
@@ -93,12 +93,12 @@ def main() -> None:
     builds = [(label, profiled) for label in PRECISIONS for profiled in (False, True)]
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
         for label, profiled in share(builds, args.compile_share):
-            precision, _, method = label.partition(" ")
+            precision, method = precision_and_method(label)
             job = make_job(m, n, sizes, precision, device)
             if profiled:
-                run_profiled(job, device, [], method or "ieee")
+                run_profiled(job, device, [], method)
             else:
-                triton_engine.run(job, device, float32_matmul=method or "ieee")
+                triton_engine.run(job, device, float32_matmul=method)
         torch.cuda.synchronize()
         return
     compile_in_parallel(__file__, min(len(builds), os.cpu_count() or 1))
@@ -113,8 +113,7 @@ def main() -> None:
         "",
     ]
     for label in PRECISIONS:
-        precision, _, method = label.partition(" ")
-        method = method or "ieee"
+        precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision, device)
 
         def plain_run(job=job, method=method):
@@ -152,16 +151,9 @@ def main() -> None:
             "",
         ]
         print("\n".join(lines[-len(names) - 6 :]), flush=True)
-        write(args.out, lines)  # after each precision: a cut-off run keeps what it measured
+        write_lines(args.out, lines)  # after each precision: a cut-off run keeps what it measured
     lines.append("Command: `python bench/fused_phases.py`.")
-    write(args.out, lines)
-
-
-def write(path: str | None, lines: list[str]) -> None:
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_lines(args.out, lines)
 
 
 if __name__ == "__main__":

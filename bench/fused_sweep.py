@@ -27,7 +27,7 @@ import torch
 import triton
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import compile_in_parallel, share  # noqa: E402
+from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine, triton_fused  # noqa: E402
 
@@ -106,13 +106,6 @@ def largest_difference(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in pairs) / scale
 
 
-def write(path: str | None, lines: list[str]) -> None:
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -131,9 +124,9 @@ def main():
     runs = [(label, config) for label in precisions for config in [(), *CONFIGS]]
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
         for label, config in share(runs, args.compile_share):
-            precision, _, method = label.partition(" ")
+            precision, method = precision_and_method(label)
             run_with(make_job(m, n, sizes, precision, device), device, *config or (None,) * 3,
-                     method or "ieee")  # fmt: skip
+                     method)  # fmt: skip
         return
     workers = args.compile_workers
     if workers is None:
@@ -155,8 +148,7 @@ def main():
     ]
     worst = 0.0
     for label in precisions:
-        precision, _, float32_matmul = label.partition(" ")
-        method = float32_matmul or "ieee"
+        precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision, device)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         own = triton_fused.launch_config(
@@ -181,11 +173,11 @@ def main():
                 f"| {t_chosen / t:.2f}x | {t_eager / t:.2f}x | {diff:.1e} | {mark} |"
             )
             print(lines[-1], flush=True)
-            write(args.out, lines)  # row by row: a cut-off run keeps what it measured
+            write_lines(args.out, lines)  # row by row: a cut-off run keeps what it measured
         torch.backends.cuda.matmul.allow_tf32 = False
     lines += ["", "'vs chosen' > 1: faster than launch_config's choice. Command: "
               "`python bench/fused_sweep.py`."]  # fmt: skip
-    write(args.out, lines)
+    write_lines(args.out, lines)
     print("\n".join(lines))
     # Every configuration computes the same sums in another order: float32 rounding only
     # (bf16 operands round identically in each), so a large difference is a kernel bug.

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import compile_in_parallel, share  # noqa: E402
+from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
 
@@ -141,9 +141,8 @@ def main():
     args = parser.parse_args()
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
         for m, n, sizes, label, _ in share(CASES, args.compile_share):
-            precision, _, float32_matmul = label.partition(" ")
-            job = make_job(m, n, sizes, precision)
-            triton_engine.run(job, "cuda", float32_matmul=float32_matmul or "ieee")
+            precision, method = precision_and_method(label)
+            triton_engine.run(make_job(m, n, sizes, precision), "cuda", float32_matmul=method)
         torch.cuda.synchronize()
         return
     if args.compile_workers:
@@ -165,14 +164,10 @@ def main():
     ]
     peers = {}  # (M, N, sizes, precision) -> the PyTorch peers' times
     for m, n, sizes, label, with_compile in CASES:
-        precision, _, float32_matmul = label.partition(" ")
+        precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        t_triton = bench(
-            lambda job=job, f=float32_matmul or "ieee": triton_engine.run(
-                job, "cuda", float32_matmul=f
-            )
-        )
+        t_triton = bench(lambda job=job, f=method: triton_engine.run(job, "cuda", float32_matmul=f))
         key = (m, n, sizes, precision)
         if key not in peers:
             peers[key] = peer_times(job, sizes, precision, with_compile and not args.no_compile)
@@ -193,14 +188,8 @@ def main():
             f"| {gbps:.0f} ({100 * gbps / peaks['copy_gbps']:.0f}%) |"
         )
         print(lines[-1], flush=True)
-        write(args.out, lines)  # row by row: a run cut off by its time limit keeps its rows
+        write_lines(args.out, lines)  # row by row: a run cut off by its time limit keeps its rows
     print("\n".join(lines))
-
-
-def write(path: str, lines: list[str]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

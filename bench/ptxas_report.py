@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-from bench.common import write_table  # noqa: E402
+from bench.common import precision_and_method, write_table  # noqa: E402
 from bench.compile_only import CompileOnlyDriver  # noqa: E402
 from bench.fused_sweep import CONFIGS, make_job, run_with  # noqa: E402
 from gradserve import kernels  # noqa: E402
@@ -104,7 +104,7 @@ def row(
     label, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES
 ) -> list:
     """`label`: a precision, or "float32 tf32x3" (float32_matmul="tf32x3")."""
-    precision, _, float32_matmul = label.partition(" ")
+    precision, float32_matmul = precision_and_method(label)
     m, n = 4, 256  # M only sets the grid; N = 256 as in the benchmark
     job = make_job(m, n, sizes, precision, torch.device("cpu"))
     if dp_pass:
@@ -115,7 +115,7 @@ def row(
     padded_widths = triton_fused.padded_widths
     triton_fused.padded_widths = lambda sizes: widths
     try:
-        compiled = compile_through_launcher(job, block_n, warps, cap, float32_matmul or "ieee")
+        compiled = compile_through_launcher(job, block_n, warps, cap, float32_matmul)
     finally:
         triton_fused.padded_widths = padded_widths
     regs, spills, frame = ptxas_usage(compiled.asm["ptx"])
@@ -134,8 +134,7 @@ def main() -> None:
     uniform = (max(widths),) * len(widths)
     rows = []
     for label in ("float32", "float32 tf32x3", "tf32", "bfloat16"):
-        precision, _, method = label.partition(" ")
-        code = triton_engine.precision_code(precision, method or "ieee")
+        code = triton_engine.precision_code(*precision_and_method(label))
         own = triton_fused.launch_config(max(widths), 256, 1024, torch.device("cpu"), code)
         chosen = (own.block_n, own.num_warps, own.max_registers)  # none depends on the device
         for block_n, warps, cap in CONFIGS:
