@@ -38,7 +38,12 @@ ENTRYPOINT ["gradserve-server"]
 
 # --- GPU server: CUDA PyTorch base -------------------------------------------------
 FROM ${CUDA_TORCH_IMAGE} AS gpu
-RUN useradd --create-home --uid 10001 gradserve
+# Triton's kernel cache in its own directory, owned by the server's user, so that a volume
+# mounted there (docker-compose.yml) keeps compiled kernels across restarts; the server
+# bounds it (--max-kernel-cache-bytes).
+ENV TRITON_CACHE_DIR=/var/cache/gradserve/triton
+RUN useradd --create-home --uid 10001 gradserve \
+ && mkdir -p "${TRITON_CACHE_DIR}" && chown -R gradserve /var/cache/gradserve
 COPY --from=wheel /wheels /wheels
 # torch comes with the base image and satisfies the server extra's requirement.
 RUN pip install --no-cache-dir "$(ls /wheels/gradserve-*.whl)[server]" && rm -rf /wheels

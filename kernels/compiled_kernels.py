@@ -11,7 +11,10 @@ launch: a cubin load, not a compile. Forgetting all rather than the least recent
 needs nothing of Triton's internals but its per-device dicts of compiled kernels, and a
 workload of fewer specialisations than the limit never evicts.
 
-Triton's on-disk cache (TRITON_CACHE_DIR, default ~/.triton/cache) is not bounded here.
+Triton's on-disk cache is bounded too (kernels.kernel_disk_cache): at each eviction the
+entries of the kernels being dropped are marked as used, then the least recently used
+entries are removed until the cache fits its byte budget. The server also prunes it once
+at start, for what earlier runs left.
 """
 
 from __future__ import annotations
@@ -20,9 +23,15 @@ import sys
 
 import torch
 
+from gradserve.kernels import kernel_disk_cache
+
 DEFAULT_LIMIT = 64
+DEFAULT_DISK_BYTES = 1 << 30
 _limit = DEFAULT_LIMIT
+_disk_limit = DEFAULT_DISK_BYTES
+_disk_min_age_s = 60.0
 _evictions = 0
+_disk_bytes = 0  # the on-disk cache's size at its last prune
 
 
 def set_limit(limit: int) -> None:
@@ -35,6 +44,31 @@ def set_limit(limit: int) -> None:
 
 def limit() -> int:
     return _limit
+
+
+def set_disk_limit(max_bytes: int, min_age_s: float = 60.0) -> None:
+    """Most bytes of Triton's on-disk cache kept at a prune (the server's
+    --max-kernel-cache-bytes); entries younger than `min_age_s` are always kept."""
+    global _disk_limit, _disk_min_age_s
+    if max_bytes < 0:
+        raise ValueError(f"the kernel cache budget must be >= 0 bytes, not {max_bytes}")
+    _disk_limit, _disk_min_age_s = max_bytes, min_age_s
+
+
+def disk_bytes() -> int:
+    """Bytes in Triton's on-disk cache when it was last pruned."""
+    return _disk_bytes
+
+
+def prune_disk() -> kernel_disk_cache.Pruned | None:
+    """Bring Triton's on-disk cache within its budget (None without Triton)."""
+    global _disk_bytes
+    root = kernel_disk_cache.cache_dir()
+    if root is None:
+        return None
+    pruned = kernel_disk_cache.prune(root, _disk_limit, min_age_s=_disk_min_age_s)
+    _disk_bytes = pruned.bytes_after
+    return pruned
 
 
 def evictions() -> int:
@@ -83,7 +117,16 @@ def enforce(kernels=None) -> bool:
         # launch that uses one finish first.
         for device in range(torch.cuda.device_count()):
             torch.cuda.synchronize(device)
+    # The kernels in use now are the last whose disk entries a prune removes.
+    kernel_disk_cache.touch(
+        entry
+        for kernel in kernels
+        for cache in _compiled(kernel)
+        for compiled in list(cache.values())
+        if (entry := kernel_disk_cache.entry_of(compiled)) is not None
+    )
     for kernel in kernels:
         kernel.device_caches.clear()
     _evictions += 1
+    prune_disk()
     return True

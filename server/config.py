@@ -64,6 +64,9 @@ class ServerConfig:
     # Compiled Triton kernel specialisations kept in memory (kernels.compiled_kernels):
     # beyond it all are dropped, and reloaded from Triton's disk cache as jobs need them.
     max_compiled_kernels: int = 64
+    # Bytes of Triton's on-disk kernel cache kept (kernels.kernel_disk_cache): pruned, least
+    # recently used first, at start and whenever the compiled kernels are dropped.
+    max_kernel_cache_bytes: int = 1 * GiB
     log_level: str = "INFO"
 
     @property
@@ -103,6 +106,8 @@ HELP = {
     "auth_token": "bearer token callers must present (prefer the file or the variable)",
     "reuse_buffer_bytes": "freed large payload buffers kept for later jobs (0: none)",
     "max_compiled_kernels": "most compiled Triton kernels kept in memory (beyond: all dropped)",
+    "max_kernel_cache_bytes": "bytes of Triton's on-disk kernel cache kept (least recently "
+    "used removed first)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 
@@ -135,4 +140,6 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
         parser.error("--chunk-bytes must not exceed --max-chunk-bytes")
     if args.max_compiled_kernels < 1:
         parser.error("--max-compiled-kernels must be at least 1")
+    if args.max_kernel_cache_bytes < 0:
+        parser.error("--max-kernel-cache-bytes must not be negative")
     return ServerConfig(**vars(args))

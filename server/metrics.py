@@ -6,7 +6,8 @@ gradserve_launch_total{engine,device}            engine launches
 gradserve_launch_jobs / gradserve_launch_models  jobs and models per launch (histograms)
 gradserve_flops_total{engine,device}             FLOPs computed
 gradserve_inflight_jobs, gradserve_inflight_bytes, gradserve_queued_jobs   gauges
-gradserve_compiled_kernels, gradserve_compiled_kernel_evictions   gauges (kernels.compiled_kernels)
+gradserve_compiled_kernels, gradserve_compiled_kernel_evictions, gradserve_kernel_cache_bytes
+                                                 gauges (kernels.compiled_kernels)
 plus prometheus_client's process_* metrics (resident memory, CPU seconds, open fds).
 
 Served over HTTP by prometheus_client when --metrics-port is set; without the package the
@@ -58,6 +59,8 @@ class Metrics:
              compiled_kernels.held),
             ("gradserve_compiled_kernel_evictions", "Times every compiled kernel was dropped",
              compiled_kernels.evictions),
+            ("gradserve_kernel_cache_bytes", "Bytes in Triton's disk cache at its last prune",
+             compiled_kernels.disk_bytes),
         ):  # fmt: skip
             prom.Gauge(name, doc).set_function(read)
 

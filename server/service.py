@@ -118,6 +118,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
     def __init__(self, config: ServerConfig, device: torch.device):
         self.config = config
         compiled_kernels.set_limit(config.max_compiled_kernels)
+        compiled_kernels.set_disk_limit(config.max_kernel_cache_bytes)
+        if device.type == "cuda":  # only GPU jobs compile: a CPU server leaves the cache be
+            compiled_kernels.prune_disk()
         self.device = device
         self.worker = DeviceWorker(device)
         self.batcher = DynamicBatcher(

@@ -89,3 +89,30 @@ def test_nginx_accepts_the_template_as_compose_renders_it(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_the_gpu_server_keeps_its_kernel_cache_in_a_volume_of_its_own(compose):
+    """Compiled kernels survive a restart; replicas do not share (and prune) one cache."""
+    import re
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    gpu_stage = dockerfile[dockerfile.index("AS gpu") :]
+    cache_dir = re.search(r"ENV TRITON_CACHE_DIR=(\S+)", gpu_stage)[1]
+    assert 'mkdir -p "${TRITON_CACHE_DIR}"' in gpu_stage and "chown -R gradserve" in gpu_stage
+
+    def named_volumes(service: str) -> dict[str, str]:  # volume -> mount point
+        found = {}
+        for v in compose["services"][service]["volumes"]:
+            if isinstance(v, dict):  # long syntax (compose v2)
+                source, target, named = v["source"], v["target"], v["type"] == "volume"
+            else:  # "source:target[:mode]" (compose v1)
+                source, target = v.split(":")[:2]
+                named = not source.startswith(("/", "."))
+            if named:
+                found[source] = target
+        return found
+
+    mounts = named_volumes("gradserve")
+    assert list(mounts) == ["kernel-cache"] and "kernel-cache" in compose["volumes"]
+    assert cache_dir.startswith(mounts["kernel-cache"] + "/")
+    assert named_volumes("gradserve-replica") == {}

@@ -84,6 +84,7 @@ def test_metrics_are_scraped_and_parsed():
     assert families["gradserve_inflight_jobs"].samples[0].value == 0
     assert families["gradserve_compiled_kernels"].samples[0].value >= 0
     assert families["gradserve_compiled_kernel_evictions"].samples[0].value == 0
+    assert families["gradserve_kernel_cache_bytes"].samples[0].value == 0  # CPU: never pruned
     assert families["process_resident_memory_bytes"].samples[0].value > 0
 
 
