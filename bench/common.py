@@ -71,6 +71,9 @@ def machine() -> str:
 
 
 def write_table(name: str, title: str, header: list[str], rows: list[list], notes: str = ""):
+    for row in rows:
+        if len(row) != len(header):  # a cell under the wrong heading reads as a wrong number
+            raise ValueError(f"{name}: {len(row)} cells under {len(header)} headings: {row}")
     os.makedirs(RESULTS, exist_ok=True)
     lines = [f"# {title}", "", f"Machine: {machine()}", ""]
     lines.append("| " + " | ".join(header) + " |")
