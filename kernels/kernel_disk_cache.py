@@ -57,7 +57,7 @@ def size(directory: Path) -> int:
         for name in files:
             try:
                 total += os.lstat(os.path.join(root, name)).st_size
-            except FileNotFoundError:  # removed by whoever is writing it
+            except OSError:  # removed by whoever is writing it, or not ours to read
                 pass
     return total
 
@@ -68,14 +68,14 @@ def entries(root: Path) -> list[Entry]:
     found = []
     try:
         children = list(os.scandir(root))
-    except FileNotFoundError:
+    except OSError:  # no cache yet, or one this process may not read
         return []
     for child in children:
         try:
             if not child.is_dir(follow_symlinks=False):
                 continue
             modified = child.stat(follow_symlinks=False).st_mtime
-        except FileNotFoundError:
+        except OSError:
             continue
         found.append(Entry(Path(child.path), size(Path(child.path)), modified))
     return sorted(found, key=lambda entry: (entry.modified, entry.path.name))
@@ -86,7 +86,7 @@ def touch(paths) -> None:
     for path in paths:
         try:
             os.utime(path)
-        except FileNotFoundError:
+        except OSError:  # gone, or not ours: it just ages
             pass
 
 
@@ -98,7 +98,8 @@ class Pruned(NamedTuple):
 
 def prune(root: Path, max_bytes: int, *, min_age_s: float = 60.0, now=None) -> Pruned:
     """Remove the oldest entries until the cache holds at most `max_bytes` (or only entries
-    younger than `min_age_s` are left)."""
+    younger than `min_age_s` are left). Never raises for the file system: an entry it may
+    not remove is skipped (it runs after a job, which must not fail for a cache)."""
     now = time.time() if now is None else now
     found = entries(root)
     before = total = sum(entry.bytes for entry in found)
@@ -110,7 +111,7 @@ def prune(root: Path, max_bytes: int, *, min_age_s: float = 60.0, now=None) -> P
         doomed = entry.path.with_name(f".pruned-{entry.path.name}-{os.getpid()}")
         try:
             entry.path.rename(doomed)
-        except FileNotFoundError:
+        except OSError:  # gone already, or not ours to remove
             continue
         shutil.rmtree(doomed, ignore_errors=True)
         total -= entry.bytes

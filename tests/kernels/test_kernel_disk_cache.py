@@ -107,3 +107,18 @@ def test_the_budget_is_not_negative_and_comes_from_the_servers_flag():
     assert config.max_kernel_cache_bytes == 5000
     with pytest.raises(SystemExit):
         parse_config(["--max-kernel-cache-bytes", "-1"], environ={})
+
+
+def test_an_entry_it_may_not_remove_is_skipped(cache, monkeypatch):
+    """Pruning runs after a job: a cache it cannot fully clean must not fail the job."""
+    rename = Path.rename
+
+    def refuse_e0(self, target):
+        if self.name == "E0":
+            raise PermissionError(13, "Permission denied", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_e0)
+    pruned = kernel_disk_cache.prune(cache, 6000, now=NOW)
+    assert pruned.removed == 2 and pruned.bytes_after == 6000
+    assert names(cache) == ["E0", "E3"]  # E0 stays; E1 and E2 go in its place
