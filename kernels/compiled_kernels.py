@@ -29,7 +29,7 @@ DEFAULT_LIMIT = 64
 DEFAULT_DISK_BYTES = 1 << 30
 _limit = DEFAULT_LIMIT
 _disk_limit = DEFAULT_DISK_BYTES
-_disk_min_age_s = 60.0
+_disk_min_age_s = kernel_disk_cache.MIN_AGE_S
 _evictions = 0
 _disk_bytes = 0  # the on-disk cache's size at its last prune
 
@@ -46,7 +46,7 @@ def limit() -> int:
     return _limit
 
 
-def set_disk_limit(max_bytes: int, min_age_s: float = 60.0) -> None:
+def set_disk_limit(max_bytes: int, min_age_s: float = kernel_disk_cache.MIN_AGE_S) -> None:
     """Most bytes of Triton's on-disk cache kept at a prune (the server's
     --max-kernel-cache-bytes); entries younger than `min_age_s` are always kept."""
     global _disk_limit, _disk_min_age_s

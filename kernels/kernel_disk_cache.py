@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+# Entries modified this recently are never removed (another process may be writing them).
+MIN_AGE_S = 60.0
+
 
 def cache_dir() -> Path | None:
     """The directory Triton compiles into, or None without Triton."""
@@ -96,7 +99,7 @@ class Pruned(NamedTuple):
     bytes_after: int
 
 
-def prune(root: Path, max_bytes: int, *, min_age_s: float = 60.0, now=None) -> Pruned:
+def prune(root: Path, max_bytes: int, *, min_age_s: float = MIN_AGE_S, now=None) -> Pruned:
     """Remove the oldest entries until the cache holds at most `max_bytes` (or only entries
     younger than `min_age_s` are left). Never raises for the file system: an entry it may
     not remove is skipped (it runs after a job, which must not fail for a cache)."""
