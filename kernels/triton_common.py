@@ -8,6 +8,8 @@ tests compare against); codes below are the constexpr selectors passed to the ke
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -27,6 +29,8 @@ PRECISION_CODES = {"float32": 0, "tf32": 1, "bfloat16": 2, "float16": 3}
 # float32 to fp32 accuracy on tensor cores: three tf32 products per matmul (split_tf32)
 # instead of IEEE FMAs; triton_engine.run(..., float32_matmul="tf32x3") selects it.
 TF32X3 = 4
+# Kernels run under Triton's interpreter (read, as Triton reads it, when kernels are defined).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 # Globals read inside @triton.jit functions must be constexpr.
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -118,12 +122,31 @@ def round_to_tf32(x):
     dot product, 2.5e-3 to 3.3e-3 relative error in 4-layer networks' gradients on an H100
     (reproduced exactly under the interpreter by truncating the operands). Rounded first,
     their weight and input gradients stay within 1e-3 (tests/kernels/test_tf32_rounding.py).
-    Two integer operations per operand element (PTX's own cvt.rna compiled to more SASS).
+    Two integer operations per element (PTX's own cvt.rna compiled to more SASS); a tf32
+    matmul's operands take tf32_operand, the same rounding in one, and this exact form is
+    for values also used as numbers (split_tf32).
     Adding half of the dropped bits' range to the bit pattern carries into the mantissa
     exactly when the dropped part is >= half a tf32 step (past the largest tf32 it carries
-    into the exponent: infinity, as cvt.rna gives); quiet NaNs stay NaN."""
+    into the exponent: infinity, as cvt.rna gives). NaNs stay NaN unless their top 11
+    mantissa bits are all set: the GPU's canonical NaN (0x7FFFFFFF) carries into the sign
+    bit and becomes -0 (numpy's and x86's NaNs do not)."""
     bits = x.to(tl.uint32, bitcast=True)
     return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tf32_operand(x):
+    """x as a tf32 tensor-core operand, rounded to the nearest tf32 as round_to_tf32 rounds
+    it, in one integer operation per element instead of two: half a tf32 step is added to
+    the bit pattern and the tensor cores, which read only the top 19 bits, drop the rest
+    (CUTLASS's round_half_ulp_truncate). The interpreter multiplies its operands in full,
+    so there the dropped bits are cleared here. Not idempotent on the GPU: only for values
+    going straight into a tf32 tl.dot (tests/kernels/test_tf32_rounding.py checks such
+    products bit for bit against round_to_tf32's)."""
+    bits = x.to(tl.uint32, bitcast=True) + 0x1000
+    if INTERPRETED:
+        bits = bits & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -179,7 +202,7 @@ def matmul(a, b, PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation; operands rounded to tf32 or narrowed to bf16/fp16 when
     asked, or float32 as three tf32 products (TF32X3)."""
     if PRECISION == 1:
-        out = tl.dot(round_to_tf32(a), round_to_tf32(b), input_precision="tf32")
+        out = tl.dot(tf32_operand(a), tf32_operand(b), input_precision="tf32")
     elif PRECISION == 4:
         a_hi, a_lo = split_tf32(a)
         b_hi, b_lo = split_tf32(b)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from gradserve.kernels import triton_engine
-from gradserve.kernels.triton_common import round_to_tf32
+from gradserve.kernels.triton_common import round_to_tf32, tf32_operand
 from tests.jobs import ensemble_job, random_job
 from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
 
@@ -79,6 +79,33 @@ def test_ties_round_away_from_zero_and_the_edges():
     np.testing.assert_array_equal(reference(values), np.array(expected, dtype=np.float32))
     assert np.signbit(got[9]) and not np.signbit(got[8])
     assert np.isnan(rounded([np.nan]))[0]
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, fast_ptr, exact_ptr, S: tl.constexpr):
+    tile = tl.arange(0, S)[:, None] * S + tl.arange(0, S)[None, :]
+    a, b = tl.load(a_ptr + tile), tl.load(b_ptr + tile)
+    fast = tl.dot(tf32_operand(a), tf32_operand(b), input_precision="tf32")
+    exact = tl.dot(round_to_tf32(a), round_to_tf32(b), input_precision="tf32")
+    tl.store(fast_ptr + tile, fast)
+    tl.store(exact_ptr + tile, exact)
+
+
+def test_tensor_core_operands_are_rounded_to_the_same_bits():
+    """tf32_operand leaves the clearing of the low 13 bits to the tensor cores: its
+    products must equal those of exactly rounded operands bit for bit. On a GPU this checks
+    that the tensor cores truncate as assumed (wgmma and mma alike: 64 and 16 wide tiles);
+    under the interpreter, which multiplies in full, that the bits are cleared there."""
+    gen = torch.Generator().manual_seed(3)
+    for size in (16, 64):
+        a, b = (torch.randn(size, size, generator=gen) for _ in range(2))
+        bits = a.view(torch.int32)
+        bits[::3] = (bits[::3] & ~0x1FFF) | 0x1000  # every third row: ties
+        bits[1::3] |= 0x1FFF  # just under the next tf32: rounds up, carries into the mantissa
+        a, b = a.to(DEVICE), b.to(DEVICE)
+        fast, exact = torch.empty_like(a), torch.empty_like(a)
+        _dot_kernel[(1,)](a, b, fast, exact, S=size)
+        assert torch.equal(fast.view(torch.int32), exact.view(torch.int32)), size
 
 
 @pytest.mark.parametrize(
