@@ -44,10 +44,11 @@ fi
 
 echo "== GPU tests"
 # test_gpu.py is all GPU-marked; test_tf32_rounding.py and test_tf32x3.py check tf32
-# rounding and the three-product float32 on the hardware. -v logs each test as it ends, so
-# a run cut off by the time limit still says which passed.
+# rounding and the three-product float32 on the hardware, test_non_finite.py NaN handling.
+# -v logs each test as it ends, so a run cut off by the time limit still says which passed.
 timeout 300 python3 -m pytest -v -p no:cacheprovider -n 16 tests/kernels/test_gpu.py \
-  tests/kernels/test_tf32_rounding.py tests/kernels/test_tf32x3.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  tests/kernels/test_tf32_rounding.py tests/kernels/test_tf32x3.py \
+  tests/kernels/test_non_finite.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 tests_status=${PIPESTATUS[0]}
 
 echo "== kernel benchmark"

@@ -46,7 +46,8 @@ def _sigmoid(z):
 def activate(z, ACT: tl.constexpr, slope):
     """activate() of functional.py, on an fp32 block."""
     if ACT == 1:
-        out = tl.maximum(z, 0.0)
+        # NaN stays NaN, as in torch (the GPU's plain max would return 0; free on sm_90)
+        out = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
         out = tl.where(z > 0, z, z * slope)
     elif ACT == 3:
