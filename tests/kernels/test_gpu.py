@@ -35,7 +35,7 @@ def poison_allocator():
 #   on the CPU interpreter, 6e-6 for torch's fp32 on CPU).
 # - tf32 (norm 1e-3): with operands truncated (tensor cores read an fp32's top 19 bits),
 #   4-layer nets reached 3.3e-3 on the H100; the kernels now round them to the nearest tf32
-#   first (triton_common.round_to_tf32), which under the interpreter's exact emulation
+#   first (triton_common.tf32_operand), which under the interpreter's exact emulation
 #   brings weight and input gradients within 1e-3 and cancelling bias-gradient sums to
 #   1.6e-3 at most. Not yet re-measured on a GPU.
 # - bfloat16 / float16 (norm 1e-2): 4-layer nets reached 1.06e-2.
