@@ -35,11 +35,17 @@ def select_engine(
     device: torch.device,
     per_sample_norms: bool = False,
     layer_sizes=(),
+    non_finite: bool = False,
 ) -> str:
     """Resolve `auto | torch | triton` to an engine name, or raise EngineUnavailable.
     `per_sample_norms`: the job needs them (as outputs, or to clip gradients); the Triton
-    engine computes them in its fused kernel, for widths up to 128."""
+    engine computes them in its fused kernel, for widths up to 128. `non_finite`: the job
+    accepts NaN and Inf inputs; `auto` then leaves tf32 jobs to torch, whose tf32 keeps NaN
+    where the Triton kernels' operand rounding turns the GPU's NaN into -0
+    (triton_common.round_to_tf32)."""
     engines = available_engines(device)
+    if backend == "auto" and non_finite and job_precision == "tf32":
+        return "torch"
     if per_sample_norms and layer_sizes and max(layer_sizes) > FUSED_MAX_WIDTH:
         if backend == "triton":
             raise EngineUnavailable(

@@ -282,6 +282,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 self.device,
                 plan.needs_per_sample_norms,
                 plan.mlp.layer_sizes,
+                plan.allow_non_finite,
             )
         except EngineUnavailable as e:
             raise unsupported(str(e)) from None
