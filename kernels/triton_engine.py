@@ -101,7 +101,8 @@ def run(
     options = dict(
         hidden_act=ACTIVATION_CODES[job.mlp.hidden_activation.name],
         output_act=ACTIVATION_CODES[job.mlp.output_activation.name],
-        slope=float(job.mlp.hidden_activation.negative_slope),
+        hidden_slope=float(job.mlp.hidden_activation.negative_slope),
+        output_slope=float(job.mlp.output_activation.negative_slope),
         loss=LOSS_CODES[job.loss.name],
         delta=float(job.loss.huber_delta),
         scale=scale,
@@ -110,8 +111,6 @@ def run(
         want_dx=want.input_gradients,
         want_y=want.forward_outputs,
     )
-    if job.mlp.output_activation.name == "leaky_relu" != job.mlp.hidden_activation.name:
-        options["slope"] = float(job.mlp.output_activation.negative_slope)
 
     if max(sizes) <= FUSED_MAX_WIDTH:
         narrow = NARROW_WEIGHTS.get(job.precision)

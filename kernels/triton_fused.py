@@ -108,27 +108,28 @@ def _stamp(stamps, index, PROFILE: tl.constexpr):
 
 @triton.jit
 def _pre_activation_grad(
-    g, z_prog, rows, slope, layer: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-    DP: tl.constexpr, WIDTHS: tl.constexpr, HIDDEN_ACT: tl.constexpr, OUTPUT_ACT: tl.constexpr,
+    g, z_prog, rows, hidden_slope, output_slope, layer: tl.constexpr, L: tl.constexpr,
+    BLOCK_N: tl.constexpr, DP: tl.constexpr, WIDTHS: tl.constexpr, HIDDEN_ACT: tl.constexpr,
+    OUTPUT_ACT: tl.constexpr,
 ):  # fmt: skip
     """dLoss/dz of `layer` (from the scratch's pre-activation) given dLoss/d(its output)."""
     z = tl.load(z_prog + layer * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer + 1], DP))
     if layer == L - 1:
-        dz = g * activation_grad(z, OUTPUT_ACT, slope)
+        dz = g * activation_grad(z, OUTPUT_ACT, output_slope)
     else:
-        dz = g * activation_grad(z, HIDDEN_ACT, slope)
+        dz = g * activation_grad(z, HIDDEN_ACT, hidden_slope)
     return dz
 
 
 @triton.jit
 def _layer_input(
-    z_prog, x_block, x_mask, rows, slope, layer: tl.constexpr, BLOCK_N: tl.constexpr,
+    z_prog, x_block, x_mask, rows, hidden_slope, layer: tl.constexpr, BLOCK_N: tl.constexpr,
     DP: tl.constexpr, WIDTHS: tl.constexpr, HIDDEN_ACT: tl.constexpr,
 ):  # fmt: skip
     """The block's input to `layer`: its inputs, or the previous layer's activation."""
     if layer > 0:
         z = tl.load(z_prog + (layer - 1) * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer], DP))
-        h = activate(z, HIDDEN_ACT, slope)
+        h = activate(z, HIDDEN_ACT, hidden_slope)
     else:
         h = tl.load(x_block, mask=x_mask, other=0.0)
     return h
@@ -161,7 +162,8 @@ def _fused_mlp_kernel(
     stride_tn,
     stride_swm,
     # scalars
-    slope,  # leaky_relu negative slope
+    hidden_slope,  # leaky_relu negative slope of the hidden layers
+    output_slope,  # ... and of the output layer
     delta,  # huber delta
     scale,  # 1 / count (mean) or 1 (sum)
     clip,  # DP clip norm (CLIP only)
@@ -225,9 +227,9 @@ def _fused_mlp_kernel(
             z = matmul(h, tl.trans(w), PRECISION) + b[None, :]
             tl.store(z_prog + layer * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer + 1], DP), z)
             if layer == L - 1:
-                h = activate(z, OUTPUT_ACT, slope)
+                h = activate(z, OUTPUT_ACT, output_slope)
             else:
-                h = activate(z, HIDDEN_ACT, slope)
+                h = activate(z, HIDDEN_ACT, hidden_slope)
             _stamp(stamps, 1 + layer, PROFILE)
 
         per, g = loss_block(
@@ -259,11 +261,12 @@ def _fused_mlp_kernel(
             sq = tl.zeros([BLOCK_N], dtype=tl.float32)
             for layer in tl.static_range(L - 1, -1, -1):  # last layer first
                 dz = _pre_activation_grad(
-                    gn, z_prog, rows, slope, layer, L, BLOCK_N, DP, WIDTHS, HIDDEN_ACT, OUTPUT_ACT
+                    gn, z_prog, rows, hidden_slope, output_slope, layer, L, BLOCK_N, DP, WIDTHS,
+                    HIDDEN_ACT, OUTPUT_ACT,
                 )  # fmt: skip
                 h_in = _layer_input(
-                    z_prog, x_model + x_offsets, x_mask, rows, slope, layer, BLOCK_N, DP, WIDTHS,
-                    HIDDEN_ACT,
+                    z_prog, x_model + x_offsets, x_mask, rows, hidden_slope, layer, BLOCK_N, DP,
+                    WIDTHS, HIDDEN_ACT,
                 )  # fmt: skip
                 if not EXACT[layer]:
                     # padded input features may be non-zero (sigmoid(0)): count real ones only
@@ -287,11 +290,12 @@ def _fused_mlp_kernel(
         if WANT_PARAM_GRADS or (WANT_DX and not NORMS):
             for layer in tl.static_range(L - 1, -1, -1):  # last layer first
                 dz = _pre_activation_grad(
-                    g, z_prog, rows, slope, layer, L, BLOCK_N, DP, WIDTHS, HIDDEN_ACT, OUTPUT_ACT
+                    g, z_prog, rows, hidden_slope, output_slope, layer, L, BLOCK_N, DP, WIDTHS,
+                    HIDDEN_ACT, OUTPUT_ACT,
                 )  # fmt: skip
                 if WANT_PARAM_GRADS:
                     h_in = _layer_input(
-                        z_prog, x_model + x_offsets, x_mask, rows, slope, layer, BLOCK_N, DP,
+                        z_prog, x_model + x_offsets, x_mask, rows, hidden_slope, layer, BLOCK_N, DP,
                         WIDTHS, HIDDEN_ACT,
                     )  # fmt: skip
                     dw_prog = grad_prog + DW_AT[layer]
@@ -450,7 +454,8 @@ def fused_mlp(
     *,
     hidden_act: int,
     output_act: int,
-    slope: float,
+    hidden_slope: float,
+    output_slope: float,
     loss: int,
     delta: float,
     scale: float,
@@ -517,7 +522,7 @@ def fused_mlp(
         0 if shared_x else x.stride(0), x.stride(-2),
         0 if shared_t else targets.stride(0), targets.stride(-2 if loss != 4 else -1),
         0 if shared_w else n,
-        slope, delta, scale, clip or 0.0, own_scale,
+        hidden_slope, output_slope, delta, scale, clip or 0.0, own_scale,
         L=num_layers, DP=dp, WIDTHS=widths, EXACT=exact, DW_AT=layout.weight_offsets,
         DB_AT=layout.bias_offsets, GRAD_ROW=layout.row, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
         OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,

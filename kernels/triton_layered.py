@@ -198,7 +198,8 @@ def layered_mlp(
     *,
     hidden_act,
     output_act,
-    slope,
+    hidden_slope,
+    output_slope,
     loss,
     delta,
     scale,
@@ -216,7 +217,8 @@ def layered_mlp(
     f32 = dict(device=x.device, dtype=torch.float32)
     hs, zs = [x], []
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        act = output_act if i == num_layers - 1 else hidden_act
+        last = i == num_layers - 1
+        act, slope = (output_act, output_slope) if last else (hidden_act, hidden_slope)
         z = torch.empty(m, n, w.shape[1], **f32)
         h = torch.empty(m, n, w.shape[1], **f32)
         # W^T as a [K=d_in, Q=d_out] operand: strides of W swapped, no copy
@@ -245,7 +247,7 @@ def layered_mlp(
     _loss_kernel[(m, triton.cdiv(n, block_n))](
         hs[-1], zs[-1], targets, sw, dz, per, n, d_out,
         0 if shared_t else targets.stride(0), targets.stride(-1 if loss == 4 else -2),
-        0 if shared_w else n, slope, delta, scale,
+        0 if shared_w else n, output_slope, delta, scale,
         OUTPUT_ACT=output_act, LOSS=loss, HAS_WEIGHTS=sample_weights is not None,
         DP=max(16, triton.next_power_of_2(d_out)), BLOCK_N=block_n,
     )  # fmt: skip
@@ -263,7 +265,7 @@ def layered_mlp(
                 aux=zs[i - 1],
                 epilogue=2,
                 act=hidden_act,
-                slope=slope,
+                slope=hidden_slope,
                 precision=precision,
                 batch=m,
             )

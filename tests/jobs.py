@@ -49,6 +49,7 @@ def ensemble_job(
     reduction="mean",
     precision="float32",
     negative_slope=0.01,
+    output_slope=None,  # the output leaky_relu's slope when it differs from the hidden one
     huber_delta=1.0,
     input_gradients=True,
     per_sample_losses=True,
@@ -62,7 +63,7 @@ def ensemble_job(
         mlp=k.MLPSpec(
             tuple(layer_sizes),
             k.Activation(hidden, negative_slope),
-            k.Activation(output, negative_slope),
+            k.Activation(output, negative_slope if output_slope is None else output_slope),
         ),
         loss=k.LossSpec(loss, reduction, huber_delta),
         weights=[tensors[f"layers.{i}.weight"] for i in range(num_layers)],

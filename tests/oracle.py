@@ -43,6 +43,7 @@ def oracle(
     hidden: str = "relu",
     output: str = "identity",
     negative_slope: float = 0.01,
+    output_slope: float | None = None,  # the output activation's, if not negative_slope
     loss: str = "mse",
     reduction: str = "mean",
     huber_delta: float = 1.0,
@@ -60,8 +61,11 @@ def oracle(
                 lin.weight.copy_(params[f"layers.{i}.weight"][k].double())
                 lin.bias.copy_(params[f"layers.{i}.bias"][k].double())
             mods.append(lin)
-            act = hidden if i < num_layers - 1 else output
-            mods.append(activation_module(act, negative_slope))
+            if i < num_layers - 1:
+                mods.append(activation_module(hidden, negative_slope))
+            else:
+                slope = negative_slope if output_slope is None else output_slope
+                mods.append(activation_module(output, slope))
         net = nn.Sequential(*mods)
         x = (inputs if inputs.dim() == 2 else inputs[k]).double().clone().requires_grad_()
         t = targets if targets.dim() == (1 if loss == "cross_entropy" else 2) else targets[k]
@@ -128,7 +132,7 @@ def assert_close_per_model(
 
 def oracle_for(layer_sizes, tensors: dict[str, torch.Tensor], **options) -> OracleResult:
     """The oracle on a tests.jobs.random_job() dict, with the engine's option names
-    (hidden, output, negative_slope, loss, reduction, huber_delta)."""
+    (hidden, output, negative_slope, output_slope, loss, reduction, huber_delta)."""
     return oracle(
         layer_sizes,
         tensors,
@@ -137,6 +141,7 @@ def oracle_for(layer_sizes, tensors: dict[str, torch.Tensor], **options) -> Orac
         hidden=options.get("hidden", "relu"),
         output=options.get("output", "identity"),
         negative_slope=options.get("negative_slope", 0.01),
+        output_slope=options.get("output_slope"),
         loss=options.get("loss", "mse"),
         reduction=options.get("reduction", "mean"),
         huber_delta=options.get("huber_delta", 1.0),

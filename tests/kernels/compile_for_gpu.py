@@ -29,7 +29,7 @@ from gradserve.kernels.triton_common import LOSS_CODES as LOSS  # noqa: E402
 from gradserve.kernels.triton_common import PRECISION_CODES as PREC  # noqa: E402
 from gradserve.kernels.triton_common import TF32X3  # noqa: E402
 
-FLOAT_ARGS = {"slope", "delta", "scale", "clip", "own_scale"}
+FLOAT_ARGS = {"hidden_slope", "output_slope", "delta", "scale", "clip", "own_scale"}
 
 
 def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:

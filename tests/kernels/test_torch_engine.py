@@ -93,6 +93,14 @@ def test_leaky_relu_slope_and_huber_delta_are_honoured():
         )
 
 
+def test_hidden_and_output_leaky_relus_keep_their_own_slopes():
+    tensors = random_job(ODD_SIZES, 2, 12, seed=7)
+    check_against_oracle(
+        ODD_SIZES, tensors, hidden="leaky_relu", output="leaky_relu", negative_slope=0.3,
+        output_slope=0.05,
+    )  # fmt: skip
+
+
 def test_gradcheck_in_float64():
     """Finite differences agree with autograd through the engine's own forward + loss."""
     sizes = (3, 4, 2)

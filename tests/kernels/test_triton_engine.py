@@ -73,6 +73,15 @@ def test_leaky_relu_slope_and_huber_delta():
     )
 
 
+@pytest.mark.parametrize("sizes", [ODD_SIZES, WIDE_SIZES], ids=["fused", "per_layer"])
+def test_hidden_and_output_leaky_relus_keep_their_own_slopes(sizes):
+    tensors = random_job(sizes, 2, 21, seed=8)
+    check(
+        sizes, tensors, hidden="leaky_relu", output="leaky_relu", negative_slope=0.3,
+        output_slope=0.05,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
 @pytest.mark.parametrize("m, n", [(1, 1), (3, 37)])

@@ -63,16 +63,21 @@ def test_server_float64_job(client):
     assert result.loss.dtype == np.float64
 
 
-def test_leaky_relu_slope_and_huber_delta_cross_the_wire(client):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_leaky_relu_slopes_and_huber_delta_cross_the_wire(client, backend):
+    """Hidden and output leaky_relu each keep their own slope, on either engine."""
     tensors = random_job(ODD_SIZES, 2, 8, seed=12)
     result = client.compute(
         params_of(tensors),
         tensors["inputs"].numpy(),
         tensors["targets"].numpy(),
         hidden_activation=("leaky_relu", 0.2),
+        output_activation=("leaky_relu", 0.6),
         loss="huber",
         huber_delta=0.1,
+        backend=backend,
     )
+    assert result.engine == backend
     ref = oracle(
         ODD_SIZES,
         tensors,
@@ -80,13 +85,14 @@ def test_leaky_relu_slope_and_huber_delta_cross_the_wire(client):
         tensors["targets"],
         hidden="leaky_relu",
         negative_slope=0.2,
+        output="leaky_relu",
+        output_slope=0.6,
         loss="huber",
         huber_delta=0.1,
     )
     assert_close_per_model("loss", result.loss, ref.loss, "float32")
-    assert_close_per_model(
-        "w0", result.gradients["layers.0.weight"], ref.grads["layers.0.weight.grad"], "float32"
-    )
+    for name, grad in result.gradients.items():
+        assert_close_per_model(name, grad, ref.grads[f"{name}.grad"], "float32")
 
 
 def test_bfloat16_gradient_transport_is_within_bf16_tolerance(client):
