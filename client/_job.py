@@ -67,6 +67,10 @@ def _choice(table: dict, value: str, what: str) -> int:
 
 def _activation(spec: str | tuple[str, float]) -> pb.Activation:
     name, slope = (spec, 0.0) if isinstance(spec, str) else spec
+    if name == "leaky_relu" and slope == 0:
+        # On the wire a slope of 0 means "the default, 0.01"; leaky_relu with slope 0 is relu
+        # exactly (values, and the derivative 0 at 0), so it goes as relu.
+        name = "relu"
     return pb.Activation(kind=_choice(ACTIVATIONS, name, "activation"), negative_slope=slope)
 
 

@@ -32,6 +32,21 @@ def test_single_sequential_returns_scalar_loss_and_its_own_parameter_names(clien
         torch.testing.assert_close(result.gradients[k], g, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hidden_slope", [0.0, 0.2])
+def test_sequential_leaky_relus_keep_their_slopes(client, hidden_slope):
+    """Each LeakyReLU's own slope reaches the server, 0 included (the wire's 0 means the
+    default 0.01, so the client sends a 0-slope leaky_relu as the relu it equals)."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Linear(3, 6), nn.LeakyReLU(hidden_slope), nn.Linear(6, 6), nn.LeakyReLU(hidden_slope),
+        nn.Linear(6, 2), nn.LeakyReLU(0.5),
+    )  # fmt: skip
+    x, y = torch.randn(11, 3), torch.randn(11, 2)
+    result = client.compute(net, x, y)
+    for k, g in torch_grads(net, x, y).items():
+        torch.testing.assert_close(result.gradients[k], g, rtol=1e-5, atol=1e-6)
+
+
 def test_list_of_sequentials_returns_a_list_of_gradient_dicts(client):
     nets = [make_net(s) for s in range(3)]
     x, y = torch.randn(5, 3), torch.randn(5, 2)
