@@ -162,9 +162,27 @@ class WireJob:
         return sum(len(d) for _, d in self.payloads)
 
 
+def _agreeing_activation(given, inferred, what: str):
+    """The activation to send: the model's own (from its modules) or the option's. A
+    Sequential's modules say what it computes, so an option naming another is an error,
+    not an override."""
+    if given is None or inferred is None:
+        return given or inferred
+    name, slope = (given, None) if isinstance(given, str) else given
+    if name != inferred[0] or (name == "leaky_relu" and slope not in (None, inferred[1])):
+        raise ValueError(f"{what}={given!r} contradicts the model's own {inferred!r}")
+    return inferred
+
+
 def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOptions) -> WireJob:
-    hidden = opts.hidden_activation or ensemble.hidden_activation or "relu"
-    output = opts.output_activation or ensemble.output_activation or "identity"
+    hidden = (
+        _agreeing_activation(opts.hidden_activation, ensemble.hidden_activation,
+                             "hidden_activation") or "relu"
+    )  # fmt: skip
+    output = (
+        _agreeing_activation(opts.output_activation, ensemble.output_activation,
+                             "output_activation") or "identity"
+    )  # fmt: skip
     if isinstance(hidden, str) and hidden == "leaky_relu":
         hidden = (hidden, opts.negative_slope)
     if isinstance(output, str) and output == "leaky_relu":

@@ -95,6 +95,30 @@ def test_mixed_hidden_activations_are_rejected(client):
         client.compute(net, torch.randn(3, 2), torch.randn(3, 1))
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        dict(hidden_activation="relu"),
+        dict(output_activation="sigmoid"),
+        dict(hidden_activation=("leaky_relu", 0.3)),
+    ],
+)
+def test_activation_options_contradicting_the_sequential_are_rejected(client, option):
+    """The modules say what the network computes: an option naming another activation is
+    refused, not applied over them."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.LeakyReLU(0.2), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="contradicts the model's own"):
+        client.compute(net, torch.randn(3, 2), torch.randn(3, 1), **option)
+
+
+def test_activation_options_agreeing_with_the_sequential_are_accepted(client):
+    net = nn.Sequential(nn.Linear(2, 3), nn.LeakyReLU(0.2), nn.Linear(3, 1))
+    x, y = torch.randn(5, 2), torch.randn(5, 1)
+    result = client.compute(net, x, y, hidden_activation="leaky_relu", output_activation="identity")
+    for k, g in torch_grads(net, x, y).items():
+        torch.testing.assert_close(result.gradients[k], g, rtol=1e-5, atol=1e-6)
+
+
 def test_async_client_matches_sync_client(server, client):
     net = make_net(5)
     x, y = torch.randn(9, 3), torch.randn(9, 2)
