@@ -134,13 +134,18 @@ def main() -> None:
         most, mean = residency(stamps)
         total = sum(cycles)
         programs_ns = (stamps[:, 2] - stamps[:, 1]).double()
+        # first program's start to last program's end: the fused kernel alone, without the
+        # engine's allocations, launches and reductions around it
+        span_ms = (stamps[:, 2].max() - stamps[:, 1].min()).item() / 1e6
         lines += [
             f"## {label}: {config}",
             "",
             f"Plain build {plain:.3f} ms, profiled {profiled:.3f} ms (engine call, median of "
             f"do_bench). Programs {stamps.shape[0]}, median program time "
             f"{programs_ns.median().item() / 1e3:.1f} us; programs sharing an SM at once: at "
-            f"most {most}, time-weighted mean {mean:.2f}. Block total {total:.0f} cycles.",
+            f"most {most}, time-weighted mean {mean:.2f}. Kernel span (first program start to "
+            f"last program end) {span_ms:.3f} ms of the profiled call's {profiled:.3f}. Block "
+            f"total {total:.0f} cycles.",
             "",
             "| phase | median cycles per block | share |",
             "|---|---|---|",
