@@ -1,0 +1,105 @@
+"""Random combinations of a job's options, both engines against the float64 oracle.
+
+The other tests vary one thing at a time; bugs hide where options meet (an output
+leaky_relu with its own slope next to hidden ones, inputs shared while targets are
+per model, norms without parameter gradients, ...). Each seed draws a whole job: depth and
+odd widths (now and then a layer wider than 128, for the Triton engine's per-layer path),
+M, N, activations and slopes, loss, reduction, Huber delta, which of inputs, targets and
+sample weights are shared, and which outputs are requested. float32, so the standard
+tolerance applies; the seeds are fixed, so a failure names a job to rerun.
+"""
+
+import random
+
+import pytest
+
+from gradserve import kernels
+from gradserve.kernels import torch_engine, triton_engine
+from tests.jobs import random_job
+from tests.oracle import assert_close_per_model, engine_tensors, oracle
+
+WIDTHS = (1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 70)
+
+
+def draw_job(seed: int):
+    """(job, its tensors, oracle options) for one seed."""
+    r = random.Random(seed)
+    sizes = tuple(r.choice(WIDTHS) for _ in range(r.randint(2, 5)))
+    wide = r.random() < 0.1
+    if wide:
+        sizes = (sizes[0], 150, *sizes[1:])
+    loss = r.choice(kernels.LOSSES)
+    m, n = r.randint(1, 3), r.choice([1, 2, 5, 31, 37, 65])
+    tensors = random_job(sizes, m, n, loss=loss, sample_weights=r.random() < 0.5, seed=seed)
+    for name in ("inputs", "targets", "sample_weights"):  # each shared or not, on its own
+        if name in tensors and r.random() < 0.4:
+            tensors[name] = tensors[name][0].clone()
+    options = dict(
+        hidden=r.choice(kernels.ACTIVATIONS),
+        output=r.choice(kernels.ACTIVATIONS),
+        negative_slope=r.choice([0.01, 0.2, 0.7]),
+        output_slope=r.choice([0.01, 0.05, 0.3]),
+        loss=loss,
+        reduction=r.choice(kernels.REDUCTIONS),
+        huber_delta=r.choice([0.1, 1.0, 2.5]),
+    )
+    outputs = kernels.OutputRequest(
+        parameter_gradients=r.random() < 0.8,
+        input_gradients=r.random() < 0.5,
+        per_sample_losses=r.random() < 0.5,
+        forward_outputs=r.random() < 0.5,
+        per_sample_gradient_norms=r.random() < 0.4 and not wide,
+    )
+    job = kernels.EnsembleJob(
+        mlp=kernels.MLPSpec(
+            sizes,
+            kernels.Activation(options["hidden"], options["negative_slope"]),
+            kernels.Activation(options["output"], options["output_slope"]),
+        ),
+        loss=kernels.LossSpec(loss, options["reduction"], options["huber_delta"]),
+        weights=[tensors[f"layers.{i}.weight"] for i in range(len(sizes) - 1)],
+        biases=[tensors[f"layers.{i}.bias"] for i in range(len(sizes) - 1)],
+        inputs=tensors["inputs"],
+        targets=tensors["targets"],
+        sample_weights=tensors.get("sample_weights"),
+        outputs=outputs,
+    )
+    return job, tensors, options
+
+
+def check_engine(result, job, expected):
+    """Exactly the requested results, each within float32's tolerance of the oracle."""
+    want = job.outputs
+    assert (result.weight_grads is not None) == want.parameter_gradients
+    assert (result.input_grads is not None) == want.input_gradients
+    assert (result.per_sample_loss is not None) == want.per_sample_losses
+    assert (result.outputs is not None) == want.forward_outputs
+    assert (result.per_sample_grad_norm is not None) == want.per_sample_gradient_norms
+    for name, value in engine_tensors(result).items():
+        assert_close_per_model(f"{result.engine} {name}", value, expected[name], "float32")
+
+
+@pytest.mark.parametrize("seed", range(64))
+def test_random_option_combinations_match_the_oracle(seed):
+    job, tensors, options = draw_job(seed)
+    ref = oracle(
+        job.mlp.layer_sizes, tensors, tensors["inputs"], tensors["targets"],
+        sample_weights=tensors.get("sample_weights"), **options,
+    )  # fmt: skip
+    expected = {
+        "loss": ref.loss,
+        "inputs.grad": ref.input_grads,
+        "per_sample_loss": ref.per_sample_loss,
+        "outputs": ref.outputs,
+        **ref.grads,
+    }
+    reference = torch_engine.run(job)
+    check_engine(reference, job, expected)
+    device = "cuda" if triton_engine.available() and not triton_engine.interpreted() else "cpu"
+    got = triton_engine.run(job, device)
+    check_engine(got, job, expected)
+    if job.outputs.per_sample_gradient_norms:  # the oracle has none: the torch engine's
+        assert_close_per_model(
+            "per_sample_grad_norm", got.per_sample_grad_norm.cpu(),
+            reference.per_sample_grad_norm, "float32",
+        )  # fmt: skip
