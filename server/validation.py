@@ -284,17 +284,20 @@ STREAMED_EXCLUDES = (
 )
 
 
-def _micro_batch(header: pb.JobHeader, plan_outputs, shared: bool, n: int) -> int:
+def _micro_batch(header: pb.JobHeader, plan_outputs, tensors: dict, per_model: set) -> int:
+    """micro_batch_samples, checked; `per_model`: the sample tensors given per model."""
     micro = header.micro_batch_samples
     if micro == 0:
         return 0
     if micro < 0:
         raise invalid("micro_batch_samples must be >= 0", "micro_batch_samples")
-    if not shared:
-        raise invalid(
-            "a streamed job (micro_batch_samples) needs inputs shared by all models ([N, d0])",
-            "tensors[inputs].shape",
-        )
+    for name, spec in tensors.items():
+        if name in per_model:
+            raise invalid(
+                "a streamed job (micro_batch_samples) needs its sample tensors shared by all "
+                f"models ([N, ...]); {name!r} is {list(spec.shape)}",
+                f"tensors[{name}].shape",
+            )
     for name in STREAMED_EXCLUDES:
         if getattr(plan_outputs, name):
             raise invalid(
@@ -424,6 +427,10 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
                 f"unexpected tensor {name!r} (expected {sorted(expected)})", f"tensors[{name}]"
             )
     tensors: dict[str, TensorSpec] = {}
+    # dimensions of each sample tensor when shared by all models ([N, ...])
+    shared_dims = {"inputs": 2, "targets": 1 if loss.name == "cross_entropy" else 2}
+    shared_dims["sample_weights"] = 1
+    per_model = set()  # sample tensors given per model ([M, N, ...])
     for name, (dtypes, shape) in expected.items():
         if name not in declared:
             raise invalid(f"tensor {name!r} is missing", f"tensors[{name}]")
@@ -434,18 +441,23 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
                 f"tensors[{name}].dtype",
             )
         got_shape = tuple(got.shape)
-        if name == "targets" and not shared and len(got_shape) == len(shape) - 1:
-            shape = shape[1:]  # per-model inputs may share one set of targets
-        if name == "sample_weights" and len(got_shape) == 1 and not shared:
-            shape = (n,)  # one weight vector for every model
+        if name in ("targets", "sample_weights"):
+            # each shared ([N, ...]) or per model ([M, N, ...]), whatever the inputs are:
+            # e.g. shared inputs with per-model targets or bootstrap weights
+            if not shared and len(got_shape) == len(shape) - 1:
+                shape = shape[1:]
+            elif shared and len(got_shape) == len(shape) + 1:
+                shape = (m, *shape)
         if got_shape != shape:
             raise invalid(
                 f"tensor {name!r} has shape {list(got_shape)}, expected {list(shape)}",
                 f"tensors[{name}].shape",
             )
+        if name in shared_dims and len(shape) > shared_dims[name]:
+            per_model.add(name)
         tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
 
-    micro = _micro_batch(header, plan_outputs=header.outputs, shared=shared, n=n)
+    micro = _micro_batch(header, header.outputs, tensors, per_model)
     if micro and optimizer is not None:
         raise unsupported("a streamed job (micro_batch_samples) cannot take optimizer steps")
     if m > config.max_models:

@@ -15,7 +15,7 @@ from gradserve.client import NO_RETRIES, AsyncGradientClient, GradientClient, Gr
 from gradserve.client._job import JobOptions, build_job
 from gradserve.client._models import normalize
 from gradserve.kernels import torch_engine
-from gradserve.server.batching import merge, split
+from gradserve.server.batching import batch_key, merge, split
 from gradserve.v1 import gradserve_pb2 as pb
 from tests.jobs import ensemble_job, random_job
 from tests.servers import run_server
@@ -252,6 +252,23 @@ def test_merge_then_split_equals_separate_runs():
             alone.weight_grads + [alone.input_grads, alone.per_sample_loss],
             strict=True,
         ):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_jobs_sharing_different_sample_tensors_merge_correctly():
+    """Two shared-input jobs, one with shared targets and per-model sample weights, the
+    other the other way round: one launch, each job's own results."""
+    a = random_job(SIZES, 2, 9, sample_weights=True, seed=3)
+    b = random_job(SIZES, 3, 9, sample_weights=True, seed=4)
+    a["inputs"], a["targets"] = a["inputs"][0].clone(), a["targets"][0].clone()
+    b["inputs"], b["sample_weights"] = b["inputs"][0].clone(), b["sample_weights"][0].clone()
+    jobs = [ensemble_job(t, SIZES) for t in (a, b)]
+    assert batch_key(jobs[0], "torch") == batch_key(jobs[1], "torch")
+    parts = split(torch_engine.run(merge(jobs)), [2, 3])
+    for part, job in zip(parts, jobs, strict=True):
+        alone = torch_engine.run(job)
+        torch.testing.assert_close(part.loss, alone.loss)
+        for got, ref in zip(part.weight_grads, alone.weight_grads, strict=True):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
 
 

@@ -57,6 +57,20 @@ def test_server_awkward_shapes_with_sample_weights(client, layer_sizes, m, n):
     check(client, layer_sizes, tensors, hidden_activation="softplus", output_activation="sigmoid")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "shared",
+    [("inputs",), ("targets",), ("inputs", "sample_weights"), ("targets", "sample_weights")],
+)
+def test_each_sample_tensor_is_shared_or_per_model_on_its_own(client, shared, backend):
+    """E.g. one set of inputs with per-model targets, or with per-model (bootstrap) sample
+    weights: each sample tensor may be [N, ...] or [M, N, ...] whatever the others are."""
+    tensors = random_job(ODD_SIZES, 3, 11, sample_weights=True, seed=5)
+    for name in shared:
+        tensors[name] = tensors[name][0].clone()
+    check(client, ODD_SIZES, tensors, hidden_activation="tanh", backend=backend)
+
+
 def test_server_float64_job(client):
     tensors = random_job(ODD_SIZES, 3, 6, dtype=torch.float64, seed=8)
     result = check(client, ODD_SIZES, tensors, precision="float64", hidden_activation="gelu")

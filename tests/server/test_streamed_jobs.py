@@ -83,11 +83,15 @@ def test_non_finite_sample_mid_stream_is_refused(client):
     assert client.compute(params, x[:300], y[:300], micro_batch_samples=100).loss.shape == (2,)
 
 
-def test_streamed_job_refuses_per_model_inputs_and_per_sample_outputs(client):
+def test_streamed_job_refuses_per_model_samples_and_per_sample_outputs(client):
     params, x, y, _ = shared_job(3, 50, weights=False)
     per_model = np.broadcast_to(x, (3, *x.shape)).copy()
+    per_model_y = np.broadcast_to(y, (3, *y.shape)).copy()
+    bootstrap = np.ones((3, 50), dtype=np.float32)
     cases = [
         ((params, per_model, y), {}, "tensors[inputs].shape"),
+        ((params, x, per_model_y), {}, "tensors[targets].shape"),
+        ((params, x, y), {"sample_weights": bootstrap}, "tensors[sample_weights].shape"),
         ((params, x, y), {"per_sample_losses": True}, "outputs.per_sample_losses"),
         ((params, x, y), {"input_gradients": True}, "outputs.input_gradients"),
     ]
