@@ -76,6 +76,12 @@ GRADIENT_DTYPES = (
 )
 
 
+# Options the engines use as float32 scalars must be finite there, not only as doubles, and
+# positive ones must not round to 0.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -198,8 +204,11 @@ def _enum(value: int, names: dict[int, str], what: str) -> str:
 def _activation(msg: pb.Activation, what: str) -> Activation:
     name = _enum(msg.kind, ACTIVATION_NAMES, what)
     slope = msg.negative_slope or 0.01
-    if not math.isfinite(slope):
-        raise invalid(f"{what}.negative_slope must be finite", f"{what}.negative_slope")
+    if not (math.isfinite(slope) and abs(slope) <= FLOAT32_MAX):
+        raise invalid(
+            f"{what}.negative_slope must be a finite float32 value, got {slope}",
+            f"{what}.negative_slope",
+        )
     return Activation(name, slope)
 
 
@@ -207,8 +216,11 @@ def _loss(msg: pb.Loss) -> LossSpec:
     name = _enum(msg.kind, LOSS_NAMES, "loss.kind")
     reduction = _enum(msg.reduction, REDUCTION_NAMES, "loss.reduction")
     delta = msg.huber_delta or 1.0
-    if not (math.isfinite(delta) and delta > 0):
-        raise invalid("loss.huber_delta must be a positive finite number", "loss.huber_delta")
+    if not (math.isfinite(delta) and FLOAT32_TINY <= delta <= FLOAT32_MAX):
+        raise invalid(
+            f"loss.huber_delta must be a positive finite float32 value, got {delta}",
+            "loss.huber_delta",
+        )
     return LossSpec(name, reduction, delta)
 
 
@@ -216,11 +228,18 @@ def _privacy(header: pb.JobHeader, parameter_gradients: bool) -> Privacy | None:
     if not header.HasField("privacy"):
         return None
     p = header.privacy
-    if not (math.isfinite(p.clip_norm) and p.clip_norm > 0):
-        raise invalid("privacy.clip_norm must be a positive finite number", "privacy.clip_norm")
-    if not (math.isfinite(p.noise_multiplier) and p.noise_multiplier >= 0):
+    if not (math.isfinite(p.clip_norm) and FLOAT32_TINY <= p.clip_norm <= FLOAT32_MAX):
         raise invalid(
-            "privacy.noise_multiplier must be a finite number >= 0", "privacy.noise_multiplier"
+            f"privacy.clip_norm must be a positive finite float32 value, got {p.clip_norm}",
+            "privacy.clip_norm",
+        )
+    # the noise's standard deviation, noise_multiplier * clip_norm, too
+    noise = p.noise_multiplier
+    if not (math.isfinite(noise) and 0 <= noise and noise * p.clip_norm <= FLOAT32_MAX):
+        raise invalid(
+            "privacy.noise_multiplier must be >= 0, and times clip_norm a finite float32 "
+            f"value; got {p.noise_multiplier}",
+            "privacy.noise_multiplier",
         )
     if not parameter_gradients:
         raise invalid(
@@ -232,13 +251,14 @@ def _privacy(header: pb.JobHeader, parameter_gradients: bool) -> Privacy | None:
 
 
 def _number(value: float, what: str, low: float, *, above: bool = False, below=None) -> float:
-    """A finite option >= low (> low with `above`), and < `below` if given."""
-    ok = math.isfinite(value) and (value > low if above else value >= low)
+    """A finite float32 option >= low (> low with `above`), and < `below` if given."""
+    ok = math.isfinite(value) and abs(value) <= FLOAT32_MAX
+    ok = ok and (value > low if above else value >= low)
     if below is not None:
         ok = ok and value < below
     if not ok:
         bound = f"{'>' if above else '>='} {low}" + (f" and < {below}" if below is not None else "")
-        raise invalid(f"{what} must be a finite number {bound}, got {value}", what)
+        raise invalid(f"{what} must be a finite float32 value {bound}, got {value}", what)
     return value
 
 
@@ -260,7 +280,7 @@ def _optimizer(header: pb.JobHeader, config: ServerConfig) -> Optimizer | None:
     if o.nesterov and (o.momentum <= 0 or o.dampening != 0):
         raise invalid("nesterov needs momentum > 0 and dampening 0", "optimizer.nesterov")
     decay = o.weight_decay if o.HasField("weight_decay") else (0.01 if kind == "adamw" else 0.0)
-    return Optimizer(
+    optimizer = Optimizer(
         kind=kind,
         steps=o.steps,
         learning_rate=_number(o.learning_rate, "optimizer.learning_rate", 0, above=True),
@@ -274,6 +294,18 @@ def _optimizer(header: pb.JobHeader, config: ServerConfig) -> Optimizer | None:
         start_step=o.start_step,
         return_state=o.return_state,
     )
+    if kind != "sgd":
+        # The update multiplies by these scalars, which must be finite float32 values too:
+        # Adam's step size lr / (1 - beta1**step) is at most lr / (1 - beta1); AdamW decays
+        # the parameters by 1 - lr * weight_decay.
+        lr = optimizer.learning_rate
+        if lr / (1 - optimizer.beta1) > FLOAT32_MAX or lr * optimizer.weight_decay > FLOAT32_MAX:
+            raise invalid(
+                "optimizer.learning_rate is too large: learning_rate / (1 - beta1) and "
+                "learning_rate * weight_decay must be finite float32 values",
+                "optimizer.learning_rate",
+            )
+    return optimizer
 
 
 STREAMED_EXCLUDES = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 
 import grpc
@@ -185,6 +186,19 @@ CASES = {
         INVALID,
     ),
     "negative huber delta": (with_header(lambda h: setattr(h.loss, "huber_delta", -1.0)), INVALID),
+    # finite doubles beyond float32's range, the engines' scalar type
+    "huber delta beyond float32": (
+        with_header(lambda h: setattr(h.loss, "huber_delta", 1e300)),
+        INVALID,
+    ),
+    "leaky_relu slope beyond float32": (
+        with_header(
+            lambda h: h.architecture.hidden_activation.CopyFrom(
+                pb.Activation(kind=pb.ACTIVATION_KIND_LEAKY_RELU, negative_slope=-1e39)
+            )
+        ),
+        INVALID,
+    ),
     "unknown tensor dtype": (with_header(lambda h: setattr(h.tensors[0], "dtype", 55)), INVALID),
     "weight shape disagrees with layer sizes": (
         with_header(set_shape("layers.1.weight", [M, 2, 4])),
@@ -283,6 +297,19 @@ CASES = {
         ),
         INVALID,
     ),
+    "DP clip norm beyond float32": (
+        with_header(lambda h: setattr(h.privacy, "clip_norm", 1e300)),
+        INVALID,
+    ),
+    "DP noise std beyond float32": (
+        with_header(
+            lambda h: (
+                setattr(h.privacy, "clip_norm", 1e20),
+                setattr(h.privacy, "noise_multiplier", 1e20),
+            )
+        ),
+        INVALID,
+    ),
     "DP without parameter gradients": (
         with_header(
             lambda h: (
@@ -344,4 +371,106 @@ def test_server_serves_a_valid_job_after_all_bad_ones(stub, limited_server):
     responses = list(stub.Compute(iter(valid_stream()), timeout=30))
     assert responses[0].HasField("accepted") and responses[-1].HasField("summary")
     assert limited_server.process.poll() is None
+    assert not any("Traceback" in line for line in limited_server.log)
+
+
+# Random mutations of a valid job: each test above names one kind of bad input; these
+# combine them with awkward values (finite doubles beyond float32, NaN, huge sizes, broken
+# chunk sequences). Whatever the mutation, the answer is a job's result or an error of the
+# job's own (never INTERNAL or UNKNOWN, a fault of the server).
+EXTREMES = [1e300, -1e300, 1e39, 1e-300, 5e-324, 3e38, float("nan"), float("inf"), -1.0, 0.0]
+
+
+def _some(r, repeated):
+    return repeated[r.randrange(len(repeated))]
+
+
+def _mutate_header(r, h: pb.JobHeader) -> None:
+    arch, opt = h.architecture, h.optimizer
+    mutation = r.randrange(12)
+    if mutation == 0:
+        arch.layer_sizes[r.randrange(len(arch.layer_sizes))] = r.choice([0, -1, 10**12, 7])
+    elif mutation == 1:
+        arch.output_activation.kind = r.choice([99, -3, pb.ACTIVATION_KIND_LEAKY_RELU])
+        arch.output_activation.negative_slope = r.choice(EXTREMES)
+    elif mutation == 2:
+        h.loss.kind = r.choice([pb.LOSS_KIND_HUBER, 77])
+        h.loss.huber_delta = r.choice(EXTREMES)
+    elif mutation == 3:
+        h.precision, h.backend = r.choice([1, 2, 3, 4, 5, 42]), r.choice([1, 2, 3, 9])
+    elif mutation == 4:
+        h.gradient_dtype = r.choice([1, 2, 3, 4, 5, 6, 100])
+    elif mutation == 5:
+        d = _some(r, h.tensors)
+        d.shape[r.randrange(len(d.shape))] = r.choice([0, -1, 2**40, 1, 3])
+    elif mutation == 6:
+        _some(r, h.tensors).dtype = r.choice([0, 1, 2, 3, 4, 5, 6, 99])
+    elif mutation == 7:
+        _some(r, h.tensors).name = r.choice(["", "inputs", "layers.9.weight", "x" * 1000])
+    elif mutation == 8:
+        h.response_chunk_bytes = r.choice([-1, 1, 2**40])
+        h.micro_batch_samples = r.choice([-1, 0, 1, 3, 2**40])
+    elif mutation == 9:
+        h.privacy.clip_norm = r.choice(EXTREMES)
+        h.privacy.noise_multiplier = r.choice(EXTREMES)
+    else:
+        opt.kind, opt.steps = r.choice([0, 1, 2, 3, 9]), r.choice([0, -1, 2, 10**9])
+        opt.learning_rate, opt.weight_decay = r.choice(EXTREMES), r.choice(EXTREMES)
+        opt.momentum, opt.dampening, opt.eps = (r.choice(EXTREMES) for _ in range(3))
+        opt.beta1, opt.beta2 = r.choice([0.9, 1e-300, 1 - 2**-53, 1.0, -0.5]), 0.999
+    if r.random() < 0.3:
+        h.precision = r.choice([pb.PRECISION_FLOAT32, pb.PRECISION_FLOAT64])
+
+
+def _mutate_chunks(r, chunks: list) -> None:
+    mutation = r.randrange(6)
+    i = r.randrange(len(chunks))
+    name, offset, data = chunks[i]
+    if mutation == 0:
+        chunks[i] = (name, r.choice([-1, 1, 10**12]), data)
+    elif mutation == 1:
+        chunks[i] = (name, offset, data[: r.randrange(len(data))])
+    elif mutation == 2:
+        chunks[i] = (name, offset, data + b"\0" * r.choice([1, 4, 1000]))
+    elif mutation == 3:
+        chunks.append(chunks[i])
+    elif mutation == 4:
+        chunks.append(("nope", 0, b"abcd"))
+    else:
+        chunks[i] = (name, offset, np.full(len(data) // 4, np.nan, np.float32).tobytes())
+
+
+def mutated_stream(seed: int) -> list[pb.ComputeRequest]:
+    r = random.Random(seed)
+    loss = r.choice(["mse", "cross_entropy"])
+    header = valid_stream(loss)[0].header
+    tensors = valid_tensors(loss)
+    chunks = [(k, 0, v.tobytes()) for k, v in tensors.items()]
+    for _ in range(r.choice([1, 1, 2])):
+        if r.random() < 0.7:
+            _mutate_header(r, header)
+        else:
+            _mutate_chunks(r, chunks)
+    stream = [pb.ComputeRequest(header=header)] + [
+        pb.ComputeRequest(chunks=[pb.TensorChunk(name=k, offset=o, data=d)]) for k, o, d in chunks
+    ]
+    if r.random() < 0.05:
+        stream.insert(r.randrange(1, len(stream) + 1), pb.ComputeRequest(header=header))
+    if r.random() < 0.05:
+        stream = stream[1:]
+    return stream
+
+
+def test_random_mutations_of_a_job_never_fault_the_server(stub, limited_server):
+    faults = []
+    for seed in range(600):
+        try:
+            list(stub.Compute(iter(mutated_stream(seed)), timeout=30))
+        except grpc.RpcError as e:
+            assert e.details(), seed
+            if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                faults.append((seed, e.code().name, e.details()))
+    assert not faults, faults[:5]
+    responses = list(stub.Compute(iter(valid_stream()), timeout=30))
+    assert responses[-1].HasField("summary")
     assert not any("Traceback" in line for line in limited_server.log)

@@ -108,6 +108,14 @@ def test_training_continues_from_returned_state(client):
         (dict(optimizer="adam", learning_rate=0.1, eps=0.0), "optimizer.eps"),
         (dict(optimizer="adamw", learning_rate=0.1, weight_decay=-1), "optimizer.weight_decay"),
         (dict(optimizer="adam", learning_rate=0.1, start_step=-2), "optimizer.start_step"),
+        # finite doubles whose float32 update scalars would overflow
+        (dict(optimizer="sgd", learning_rate=1e300), "optimizer.learning_rate"),
+        (dict(optimizer="sgd", learning_rate=0.1, momentum=1e39), "optimizer.momentum"),
+        (dict(optimizer="adam", learning_rate=1e38), "optimizer.learning_rate"),
+        (
+            dict(optimizer="adamw", learning_rate=1e30, weight_decay=1e30),
+            "optimizer.learning_rate",
+        ),
         (
             dict(optimizer="adam", learning_rate=0.1, input_gradients=True),
             "outputs.input_gradients",
