@@ -4,7 +4,9 @@ defaults (a flag wins over the environment)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 from dataclasses import dataclass, fields
 
 MiB = 1 << 20
@@ -116,6 +118,44 @@ def env_name(field_name: str) -> str:
     return "GRADSERVE_" + field_name.upper()
 
 
+# Least value of each numeric option (anything else is a mistake that would start a server
+# refusing every job, or never batching, or binding nothing).
+AT_LEAST = {
+    "port": 0,
+    "metrics_port": -1,
+    "batch_max_delay_ms": 0,
+    "max_connection_age_s": 0,
+    "drain_grace_s": 0,
+    "reuse_buffer_bytes": 0,
+    "max_kernel_cache_bytes": 0,
+}
+MAX_PORT = 65535
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse option values no server can work with, naming the flag."""
+    for f in fields(ServerConfig):
+        value = getattr(args, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{flag} must be a finite number, got {value}")
+        if isinstance(value, (int, float)):
+            low = AT_LEAST.get(f.name, 1)  # counts, sizes and timeouts: positive
+            if value < low:
+                parser.error(f"{flag} must be at least {low}, got {value}")
+    for name in ("port", "metrics_port"):
+        if getattr(args, name) > MAX_PORT:
+            parser.error(f"--{name.replace('_', '-')} must be at most {MAX_PORT}")
+    if args.chunk_bytes > args.max_chunk_bytes:
+        parser.error("--chunk-bytes must not exceed --max-chunk-bytes")
+    if not DEVICE.match(args.device):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.log_level.upper() not in LOG_LEVELS:
+        parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+
+
 def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
@@ -128,7 +168,12 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
         default = getattr(defaults, f.name)
         kind = type(default)
         if env_name(f.name) in environ:
-            default = kind(environ[env_name(f.name)])
+            try:
+                default = kind(environ[env_name(f.name)])
+            except ValueError:
+                parser.error(
+                    f"{env_name(f.name)}={environ[env_name(f.name)]!r} is not a {kind.__name__}"
+                )
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
@@ -136,10 +181,5 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
             help=f"{HELP[f.name]} (env {env_name(f.name)}; default %(default)s)",
         )
     args = parser.parse_args(argv)
-    if args.chunk_bytes > args.max_chunk_bytes:
-        parser.error("--chunk-bytes must not exceed --max-chunk-bytes")
-    if args.max_compiled_kernels < 1:
-        parser.error("--max-compiled-kernels must be at least 1")
-    if args.max_kernel_cache_bytes < 0:
-        parser.error("--max-kernel-cache-bytes must not be negative")
+    _check(parser, args)
     return ServerConfig(**vars(args))

@@ -28,3 +28,51 @@ def test_every_option_has_an_environment_variable_name():
 def test_chunk_size_above_the_accepted_maximum_is_refused():
     with pytest.raises(SystemExit):
         parse_config(["--chunk-bytes", "100", "--max-chunk-bytes", "10"], environ={})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port", "99999"],
+        ["--port", "-2"],
+        ["--metrics-port", "70000"],
+        ["--max-models", "-1"],
+        ["--max-samples", "0"],
+        ["--batch-max-jobs", "0"],
+        ["--batch-max-delay-ms", "-5"],
+        ["--upload-idle-timeout-s", "0"],
+        ["--upload-idle-timeout-s", "nan"],
+        ["--drain-grace-s", "inf"],
+        ["--max-compiled-kernels", "0"],
+        ["--max-kernel-cache-bytes", "-1"],
+        ["--device", "foo"],
+        ["--device", "cuda:x"],
+        ["--log-level", "LOUD"],
+    ],
+)
+def test_option_values_no_server_can_work_with_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(argv, environ={})
+    assert argv[0] in capsys.readouterr().err  # the message names the flag
+
+
+def test_a_malformed_environment_variable_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        parse_config([], environ={"GRADSERVE_PORT": "fifty"})
+    assert "GRADSERVE_PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port", "0"],
+        ["--metrics-port", "-1"],
+        ["--batch-max-delay-ms", "0"],
+        ["--reuse-buffer-bytes", "0"],
+        ["--max-connection-age-s", "0"],
+        ["--device", "cuda:1"],
+        ["--log-level", "debug"],
+    ],
+)
+def test_boundary_values_are_accepted(argv):
+    parse_config(argv, environ={})
