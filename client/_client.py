@@ -12,7 +12,12 @@ from typing import Any
 import grpc
 
 from gradserve.client import _health
-from gradserve.client._connection import Connection, RetryPolicy, compute_callable
+from gradserve.client._connection import (
+    Connection,
+    RetryPolicy,
+    check_settings,
+    compute_callable,
+)
 from gradserve.client._errors import GradserveError
 from gradserve.client._job import (
     DEFAULT_CHUNK_BYTES,
@@ -66,6 +71,7 @@ class GradientClient:
             client_certificate=client_certificate, client_key=client_key,
         )  # fmt: skip
         self.address = self.connection.addresses[0]
+        check_settings(timeout, chunk_bytes)
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.retry = retry

@@ -17,6 +17,15 @@ from gradserve.v1 import wire
 MAX_MESSAGE_BYTES = 16 << 20
 
 
+def check_settings(timeout: float | None, chunk_bytes: int) -> None:
+    """A client's default deadline and upload chunk size, refused early when unusable."""
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout}")
+    largest = MAX_MESSAGE_BYTES - (1 << 20)  # room for the chunk's framing
+    if not 1 <= chunk_bytes <= largest:
+        raise ValueError(f"chunk_bytes must be in [1, {largest}], got {chunk_bytes}")
+
+
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),

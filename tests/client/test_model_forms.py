@@ -190,3 +190,12 @@ def test_errors_name_the_offending_field(client):
         client.compute(net, torch.randn(4, 5), torch.randn(4, 2))  # d0 is 3, not 5
     field, description = err.value.violations[0]
     assert field == "tensors[inputs].shape" and "expected [4, 3]" in description
+
+
+@pytest.mark.parametrize("cls", [GradientClient, AsyncGradientClient])
+@pytest.mark.parametrize(
+    "settings", [dict(timeout=0), dict(timeout=-3), dict(chunk_bytes=0), dict(chunk_bytes=1 << 30)]
+)
+def test_unusable_client_settings_are_refused_at_construction(cls, settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        cls("127.0.0.1:1", **settings)
