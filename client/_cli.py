@@ -19,6 +19,29 @@ from gradserve.v1 import gradserve_pb2 as pb
 
 DEFAULT_ADDRESS = os.environ.get("GRADSERVE_ADDRESS", "127.0.0.1:50051")
 OPTION_NAMES = {f.name for f in fields(JobOptions)}
+# JSON types a job file's options may take: those of JobOptions' defaults, and for the
+# options whose default is None, these.
+NUMBER = (int, float)
+OPTION_TYPES = {
+    **{f.name: type(f.default) for f in fields(JobOptions) if f.default is not None},
+    "clip_norm": NUMBER, "learning_rate": NUMBER, "weight_decay": NUMBER, "eps": NUMBER,
+    "noise_seed": int, "gradient_dtype": str, "optimizer": str,
+    "hidden_activation": (str, list), "output_activation": (str, list), "betas": list,
+}  # fmt: skip
+
+
+def _checked_job_options(path: str, job: dict) -> dict:
+    """The job file's options, each of its JSON type (a float option may be written 1)."""
+    options = {}
+    for name, value in job.items():
+        if name not in OPTION_NAMES or name in ("optimizer_state", "on_step"):
+            continue
+        want = OPTION_TYPES[name]
+        want = NUMBER if want is float else want
+        if isinstance(value, bool) and want is not bool or not isinstance(value, want):
+            raise ValueError(f"{path}: option {name!r} has the wrong type: {value!r}")
+        options[name] = value
+    return options
 
 
 def connect(args) -> GradientClient:
@@ -32,7 +55,7 @@ def connect(args) -> GradientClient:
 def _compute(args) -> int:
     tensors, job = load_job(args.job)
     overrides = {k: v for k, v in vars(args).items() if k in OPTION_NAMES and v is not None}
-    options = {k: v for k, v in job.items() if k in OPTION_NAMES}
+    options = _checked_job_options(args.job, job)
     options.update(overrides)
     for key in ("hidden_activation", "output_activation"):
         if isinstance(options.get(key), list):  # ["leaky_relu", 0.2] from JSON

@@ -9,6 +9,7 @@ sample_weights.
 from __future__ import annotations
 
 import json
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -26,14 +27,30 @@ def save_job(path: str, tensors: dict[str, np.ndarray], job: dict[str, Any]) -> 
 
 
 def load_job(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors, job description); ValueError (or OSError) for a file that is none."""
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            tensors = {k: f[k] for k in f.files}
-        job = json.loads(str(tensors.pop(JOB_KEY))) if JOB_KEY in tensors else {}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                tensors = {k: f[k] for k in f.files}
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path}: not an npz file ({e})") from None
+        job = str(tensors.pop(JOB_KEY)) if JOB_KEY in tensors else "{}"
     else:
         tensors, metadata = _safetensors.load(path)
-        job = json.loads(metadata.get(JOB_KEY, "{}"))
-    return tensors, job
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{path}: the safetensors metadata is no JSON object")
+        job = metadata.get(JOB_KEY, "{}")
+    return tensors, _job_object(path, job)
+
+
+def _job_object(path: str, text: str) -> dict[str, Any]:
+    try:
+        job = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the job description ({JOB_KEY}) is no JSON: {e}") from None
+    if not isinstance(job, dict):
+        raise ValueError(f"{path}: the job description ({JOB_KEY}) is no JSON object")
+    return job
 
 
 def save_results(path: str, tensors: dict[str, np.ndarray], summary: dict[str, Any]) -> None:

@@ -59,16 +59,26 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     (length,) = struct.unpack("<Q", data[:8])
     if length > min(_MAX_HEADER, len(data) - 8):
         raise ValueError(f"{path}: not a safetensors file (bad header length)")
-    header = json.loads(data[8 : 8 + length])
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file (header: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is no JSON object)")
     metadata = header.pop("__metadata__", {}) or {}
     body = memoryview(data)[8 + length :]
     tensors = {}
     for name, info in header.items():
-        begin, end = info["data_offsets"]
+        try:
+            begin, end = (int(v) for v in info["data_offsets"])
+            code = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"{path}: tensor {name!r} needs dtype, shape and two data_offsets"
+            ) from None
         if not 0 <= begin <= end <= len(body):
             raise ValueError(f"{path}: tensor {name!r} lies outside the file")
-        code = info["dtype"]
-        shape = tuple(info["shape"])
         if code == "BF16":
             bits = np.frombuffer(body[begin:end], dtype="<u2").astype(np.uint32) << 16
             tensors[name] = bits.view(np.float32).reshape(shape)

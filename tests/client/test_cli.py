@@ -182,3 +182,38 @@ def test_bench_reports_throughput_and_latency_percentiles(server):
     assert report["jobs_per_second"] > 0
     assert 0 < report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
     assert report["mean_jobs_per_launch"] >= 1
+
+
+def _safetensors_bytes(header) -> bytes:
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("short.safetensors", b"abc"),
+        ("length.safetensors", b"\xff" * 8 + b"{}"),
+        ("notjson.safetensors", b"\x02\x00\x00\x00\x00\x00\x00\x00{x"),
+        ("list.safetensors", _safetensors_bytes([1, 2])),
+        ("nokeys.safetensors", _safetensors_bytes({"inputs": {"dtype": "F32"}})),
+        ("outside.safetensors", _safetensors_bytes(
+            {"inputs": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})),
+        ("jobnotobject.safetensors",
+         _safetensors_bytes({"__metadata__": {"gradserve.job": "[1]"}})),
+        ("broken.npz", b"PK\x03\x04 not really a zip"),
+        ("wrongtype.safetensors",
+         _safetensors_bytes({"__metadata__": {"gradserve.job": '{"steps": "ten"}'}})),
+        ("boolnumber.safetensors",
+         _safetensors_bytes({"__metadata__": {"gradserve.job": '{"huber_delta": true}'}})),
+    ],
+)  # fmt: skip
+def test_malformed_job_files_get_a_clear_error_not_a_traceback(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    out = cli("--address", "127.0.0.1:1", "compute", str(path), check=False)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and str(path) in out.stderr + out.stdout
