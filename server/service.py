@@ -43,6 +43,14 @@ log = logging.getLogger("gradserve.server")
 INLINE_IO_BYTES = 256 << 10
 
 
+def out_of_memory(error: Exception) -> bool:
+    """A job's allocation failed: CUDA's OutOfMemoryError, or the RuntimeError torch's CPU
+    allocator raises (the job is too large for this machine, not a fault of the server)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
 class ClientGone(Exception):
     """Raised on the device thread to stop the optimiser steps of an abandoned job."""
 
@@ -331,7 +339,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                         )
                         accepted = b""
                         descriptors = [d for d in descriptors if d.name != "losses"]
-                except torch.OutOfMemoryError:
+                except Exception as e:
+                    if not out_of_memory(e):
+                        raise
                     raise too_large("the device ran out of memory for this job") from None
                 del job
             info.update(
@@ -424,7 +434,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     f"request stream ended before all tensor bytes arrived: {stream.missing()}"
                 )
             await settle()
-        except torch.OutOfMemoryError:
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
             raise too_large("the device ran out of memory for this job") from None
         finally:
             if inflight is not None:
