@@ -11,7 +11,9 @@ per device. When the engine is free, the oldest waiting job's key is served: its
 launches as soon as it is full (max_jobs, max_models or max_bytes) or the oldest job has
 waited max_delay; jobs arriving while a launch runs simply queue, so under load batches
 grow without any added delay. A job cancelled while queued leaves the queue at once; one
-cancelled during a launch is computed with the others and its results dropped.
+cancelled during a launch is computed with the others and its results dropped. A batch
+whose launch runs out of memory is launched again job by job, so that a job that fits by
+itself is not refused for its batch-mates.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from gradserve import kernels
 from gradserve.kernels import EnsembleJob, EnsembleResult
+from gradserve.server.errors import out_of_memory
 from gradserve.server.worker import DeviceWorker
 
 
@@ -231,8 +234,13 @@ class DynamicBatcher:
 
         try:
             parts, seconds = await self.worker.call(work, [w.job for w in live])
-        except Exception as e:  # the engine failed: every job of the launch gets the error
-            for w in live:
+        except Exception as e:
+            if len(live) > 1 and out_of_memory(e):
+                # Together they did not fit; each alone may: run them one by one.
+                for w in live:
+                    await self._launch([w])
+                return
+            for w in live:  # the engine failed: every job of the launch gets the error
                 if not w.future.done():
                     w.future.set_exception(e)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import torch
 
 
 class JobError(Exception):
@@ -26,6 +27,15 @@ def too_large(message: str, field: str | None = None) -> JobError:
 
 def unsupported(message: str, field: str | None = None) -> JobError:
     return JobError(grpc.StatusCode.UNIMPLEMENTED, message, field)
+
+
+def out_of_memory(error: Exception) -> bool:
+    """An engine's allocation failed: CUDA's OutOfMemoryError, or the RuntimeError torch's
+    CPU allocator raises (the job is too large for this machine, not a fault of the
+    server)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def status_details(error: JobError) -> tuple[tuple[str, bytes], ...]:

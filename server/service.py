@@ -21,7 +21,14 @@ from gradserve.server.assembly import PayloadAssembler
 from gradserve.server.batching import BatchingPolicy, DynamicBatcher, Launched
 from gradserve.server.buffers import BufferPool
 from gradserve.server.config import ServerConfig
-from gradserve.server.errors import JobError, invalid, status_details, too_large, unsupported
+from gradserve.server.errors import (
+    JobError,
+    invalid,
+    out_of_memory,
+    status_details,
+    too_large,
+    unsupported,
+)
 from gradserve.server.metrics import Metrics
 from gradserve.server.streaming import SampleStream, accumulate, scale
 from gradserve.server.validation import (
@@ -41,14 +48,6 @@ log = logging.getLogger("gradserve.server")
 # Payload checks and result serialisation below this size run on the event loop: measured
 # with 64 concurrent small jobs, thread hops for them cost more than the work itself.
 INLINE_IO_BYTES = 256 << 10
-
-
-def out_of_memory(error: Exception) -> bool:
-    """A job's allocation failed: CUDA's OutOfMemoryError, or the RuntimeError torch's CPU
-    allocator raises (the job is too large for this machine, not a fault of the server)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 class ClientGone(Exception):

@@ -294,3 +294,40 @@ def test_refused_jobs_carry_a_retry_pushback_trailer():
     from gradserve.client import RetryPolicy
 
     assert RetryPolicy().delay(0, err.value) == 0.1
+
+
+def test_a_batch_that_runs_out_of_memory_is_retried_job_by_job(monkeypatch):
+    """Device memory that holds each job but not the merged batch (stood in for by an engine
+    that refuses launches of more than 3 models): every job still gets its own result."""
+    from gradserve import kernels
+    from gradserve.server import batching
+    from gradserve.server.worker import DeviceWorker
+
+    real_run = kernels.run
+
+    def engine(job, name, device):
+        if job.num_models > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return real_run(job, name, device)
+
+    monkeypatch.setattr(batching.kernels, "run", engine)
+    tensors = [random_job(SIZES, 2, 9, seed=40 + s) for s in range(3)]
+    jobs = [ensemble_job(t, SIZES) for t in tensors]
+
+    async def run():
+        batcher = batching.DynamicBatcher(
+            DeviceWorker(torch.device("cpu")), batching.BatchingPolicy(max_delay_s=0.2)
+        )
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(j, "torch", 1) for j in jobs)), batcher
+        finally:
+            await batcher.stop()
+
+    launched, batcher = asyncio.run(run())
+    assert batcher.launches == 3  # the batch of 6 models failed, then one launch per job
+    for got, job in zip(launched, jobs, strict=True):
+        alone = torch_engine.run(job)
+        torch.testing.assert_close(got.result.loss, alone.loss)
+        for g, ref in zip(got.result.weight_grads, alone.weight_grads, strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
