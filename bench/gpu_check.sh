@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call GPU check (see the README's Benchmarks section): versions, GPU-marked tests,
 # kernel benchmark, and one job through a real server on the GPU. Writes under $OUT
-# (default out/gpu): env.txt, gpu_tests.log, kernels_gpu.md, server_job.txt, summary.txt.
+# (default out/gpu): env.txt, gpu_tests.log, option_tests.log, kernels_gpu.md, server_job.txt,
+# summary.txt.
 # `bash bench/gpu_check.sh sweep` instead profiles the fused kernel's phases at the target
 # shape (bench/fused_phases.py: $OUT/fused_phases.md) and times its launch configurations
 # at the target shape (bench/fused_sweep.py, 40 configurations, all compiled first in
@@ -50,6 +51,10 @@ timeout 300 python3 -m pytest -v -p no:cacheprovider -n 16 tests/kernels/test_gp
   tests/kernels/test_tf32_rounding.py tests/kernels/test_tf32x3.py \
   tests/kernels/test_non_finite.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 tests_status=${PIPESTATUS[0]}
+# Random option combinations (odd widths, shared and per-model tensors, slopes, outputs)
+# against the oracle on the GPU's kernels: one compile per seed, so kept to its own minute.
+timeout 60 python3 -m pytest -q -p no:cacheprovider -n 16 \
+  tests/kernels/test_option_combinations.py 2>&1 | tee "$OUT/option_tests.log" | tail -3
 
 echo "== kernel benchmark"
 timeout 180 python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu.md" 2>&1 | tail -3
@@ -72,6 +77,7 @@ kill "$server"; wait "$server" 2>/dev/null
 {
   echo "GPU check $(date -u +%F) on $(python3 -c 'import torch; print(torch.cuda.get_device_name())')"
   echo "tests: $(tail -1 "$OUT/gpu_tests.log") (exit $tests_status)"
+  echo "option combinations: $(tail -1 "$OUT/option_tests.log")"
   echo "server job engine: $(grep -o '"engine": "[a-z]*"' "$OUT/server_job.txt")"
   cat "$OUT/kernels_gpu.md" 2>/dev/null | grep '^|'
 } | tee "$OUT/summary.txt"
