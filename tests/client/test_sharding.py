@@ -24,12 +24,16 @@ def stats(address):
         return c.server_info().stats
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+@pytest.mark.parametrize("shared", ["per_model", "shared", "inputs_only"])
 def test_sharded_equals_unsharded(two_servers, shared):
+    """inputs_only: shared inputs with per-model targets and sample weights."""
     first, second = two_servers
     t = random_job(
-        SIZES, 7, 10, loss="cross_entropy", shared_inputs=shared, sample_weights=True, seed=3
-    )
+        SIZES, 7, 10, loss="cross_entropy", shared_inputs=shared == "shared", sample_weights=True,
+        seed=3,
+    )  # fmt: skip
+    if shared == "inputs_only":
+        t["inputs"] = t["inputs"][0].clone()
     params = {k: v.numpy() for k, v in t.items() if k.startswith("layers.")}
     args = (params, t["inputs"].numpy(), t["targets"].numpy())
     options = dict(
