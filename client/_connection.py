@@ -41,7 +41,8 @@ class RetryPolicy:
     """Retries with exponential back-off and jitter for the status codes that mean "try
     again" (a server draining or restarting, a full queue). Jobs are pure functions of
     their inputs, so running one again is safe. A server's grpc-retry-pushback-ms trailer,
-    when present, sets the wait instead."""
+    when present, sets the wait instead; a negative one (a job over the server's limits)
+    means no retry."""
 
     max_attempts: int = 4
     initial_backoff_s: float = 0.1
@@ -72,7 +73,13 @@ class RetryPolicy:
         except Exception:  # noqa: BLE001 - some errors carry no trailers
             trailers = {}
         if "grpc-retry-pushback-ms" in trailers:
-            return int(trailers["grpc-retry-pushback-ms"]) / 1000
+            try:
+                pushback = int(trailers["grpc-retry-pushback-ms"])
+            except ValueError:
+                return None
+            # negative (the server's "over a configured limit") or unreadable: no retry,
+            # as gRPC's own retries treat it
+            return pushback / 1000 if pushback >= 0 else None
         backoff = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
         return random.uniform(0, backoff)  # full jitter
 

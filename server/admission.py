@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from gradserve.server.errors import JobError
+from gradserve.server.errors import JobError, too_large
 
 # Suggested wait before retrying a refused job, sent as gRPC's retry pushback trailer.
 RETRY_PUSHBACK_MS = 100
@@ -18,7 +18,7 @@ RETRY_PUSHBACK_MS = 100
 class ServerBusy(JobError):
     def __init__(self, message: str):
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
-        self.retry_after_ms = RETRY_PUSHBACK_MS
+        self.retry_pushback_ms = RETRY_PUSHBACK_MS
 
 
 class Admission:
@@ -38,6 +38,11 @@ class Admission:
     @contextlib.contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
         # Only the event loop thread touches the counters, so no lock is needed.
+        if nbytes > self.max_inflight_bytes:  # would not fit even into an idle server
+            raise too_large(
+                f"job holds {nbytes} bytes (payload and results), more than the server's "
+                f"limit on bytes in flight, {self.max_inflight_bytes}"
+            )
         if self.inflight_jobs >= self.max_queued_jobs:
             raise ServerBusy(
                 f"server busy: {self.inflight_jobs} jobs admitted (limit "

@@ -15,6 +15,9 @@ class JobError(Exception):
         self.code = code
         self.message = message
         self.field = field
+        # Sent as the grpc-retry-pushback-ms trailer when set: the wait before a retry, or
+        # -1 for "do not retry" (gRPC's convention for a negative pushback).
+        self.retry_pushback_ms: int | None = None
 
 
 def invalid(message: str, field: str | None = None) -> JobError:
@@ -22,7 +25,16 @@ def invalid(message: str, field: str | None = None) -> JobError:
 
 
 def too_large(message: str, field: str | None = None) -> JobError:
-    return JobError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, field)
+    """Over a configured limit: the same job will be refused again, so no retry."""
+    error = JobError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, field)
+    error.retry_pushback_ms = -1
+    return error
+
+
+def no_memory() -> JobError:
+    """The engine could not allocate the job's memory: other jobs may free some (or another
+    replica have it), so a retry may succeed."""
+    return JobError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the device ran out of memory for this job")
 
 
 def unsupported(message: str, field: str | None = None) -> JobError:

@@ -16,7 +16,7 @@ import gradserve
 from gradserve import kernels
 from gradserve.kernels import EngineUnavailable, EnsembleResult, compiled_kernels
 from gradserve.server import codec
-from gradserve.server.admission import Admission, ServerBusy
+from gradserve.server.admission import Admission
 from gradserve.server.assembly import PayloadAssembler
 from gradserve.server.batching import BatchingPolicy, DynamicBatcher, Launched
 from gradserve.server.buffers import BufferPool
@@ -24,9 +24,9 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.errors import (
     JobError,
     invalid,
+    no_memory,
     out_of_memory,
     status_details,
-    too_large,
     unsupported,
 )
 from gradserve.server.metrics import Metrics
@@ -247,8 +247,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
             outcome = e.code.name
             info["message"] = e.message
             trailers = status_details(e)
-            if isinstance(e, ServerBusy):
-                trailers += (("grpc-retry-pushback-ms", str(e.retry_after_ms)),)
+            if e.retry_pushback_ms is not None:
+                trailers += (("grpc-retry-pushback-ms", str(e.retry_pushback_ms)),)
             await context.abort(e.code, e.message, trailing_metadata=trailers)
         except Exception as e:  # a fault of the server, never of the job's input
             outcome = "INTERNAL"
@@ -341,7 +341,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 except Exception as e:
                     if not out_of_memory(e):
                         raise
-                    raise too_large("the device ran out of memory for this job") from None
+                    raise no_memory() from None
                 del job
             info.update(
                 jobs_in_launch=launched.jobs_in_launch,
@@ -436,7 +436,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         except Exception as e:
             if not out_of_memory(e):
                 raise
-            raise too_large("the device ran out of memory for this job") from None
+            raise no_memory() from None
         finally:
             if inflight is not None:
                 inflight.cancel()

@@ -272,28 +272,72 @@ def test_jobs_sharing_different_sample_tensors_merge_correctly():
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
 
 
+def _raw_call(client, tensors, requests=None):
+    job = build_job(
+        normalize(params_of(tensors)),
+        tensors["inputs"].numpy(),
+        tensors["targets"].numpy(),
+        None,
+        JobOptions(),
+    )
+    return client._computes[0](requests or job.requests(), timeout=30)
+
+
 def test_refused_jobs_carry_a_retry_pushback_trailer():
-    with run_server("--max-inflight-bytes", "1") as server:  # every job is over the bound
+    """A server at its bound on admitted jobs says when to retry (100 ms)."""
+    import threading
+
+    with run_server("--max-queued-jobs", "1") as server:
         tensors = random_job(SIZES, 1, 4, seed=0)
+        release = threading.Event()
         with GradientClient(server.address, retry=NO_RETRIES) as client:
-            call = client._computes[0](
-                build_job(
-                    normalize(params_of(tensors)),
-                    tensors["inputs"].numpy(),
-                    tensors["targets"].numpy(),
-                    None,
-                    JobOptions(),
-                ).requests(),
-                timeout=30,
-            )
-            with pytest.raises(grpc.RpcError) as err:
-                list(call)
+            first = next(iter(build_job(
+                normalize(params_of(tensors)), tensors["inputs"].numpy(),
+                tensors["targets"].numpy(), None, JobOptions(),
+            ).requests(chunk_bytes=64)))  # fmt: skip
+
+            def stalled():  # the header and a first chunk, then silence: the job stays admitted
+                yield first
+                release.wait(30)
+
+            holder = _raw_call(client, tensors, stalled())
+            try:
+                deadline = time.monotonic() + 10
+                while stats(server.address).inflight_jobs < 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                with pytest.raises(grpc.RpcError) as err:
+                    list(_raw_call(client, tensors))
+            finally:
+                release.set()
+                holder.cancel()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"] == "100"
     # ...which the client's retry policy follows instead of its own back-off.
     from gradserve.client import RetryPolicy
 
     assert RetryPolicy().delay(0, err.value) == 0.1
+
+
+def test_a_job_over_the_servers_limits_is_not_retried():
+    """A job that holds more bytes than the server admits in all can never run there: its
+    RESOURCE_EXHAUSTED carries a pushback of -1, and the client does not retry it."""
+    with run_server("--max-inflight-bytes", "1") as server:
+        tensors = random_job(SIZES, 1, 4, seed=0)
+        with GradientClient(server.address, retry=NO_RETRIES) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                list(_raw_call(client, tensors))
+        from gradserve.client import RetryPolicy
+
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
+        assert RetryPolicy().delay(0, err.value) is None
+        before = stats(server.address).failed_jobs
+        with GradientClient(server.address) as client:  # the default policy: 4 attempts
+            with pytest.raises(GradserveError) as refused:
+                client.compute(params_of(tensors), tensors["inputs"].numpy(),
+                               tensors["targets"].numpy())  # fmt: skip
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stats(server.address).failed_jobs == before + 1  # tried once
 
 
 def test_a_batch_that_runs_out_of_memory_is_retried_job_by_job(monkeypatch):
