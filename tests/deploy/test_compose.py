@@ -64,6 +64,17 @@ def test_ports_and_environment_match_the_readme(compose, name):
     assert service["restart"] == "unless-stopped"
 
 
+def test_every_services_environment_is_a_valid_server_configuration(compose):
+    """The server would start with what each service sets (its flag checks refuse bad
+    values at start, which in a container means a restart loop)."""
+    from gradserve.server.config import parse_config
+
+    for service in compose["services"].values():
+        env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+        if any(k.startswith("GRADSERVE_") for k in env):
+            parse_config([], environ=env)  # SystemExit on a value the server refuses
+
+
 def test_load_balancer_uses_the_tested_nginx_template(compose):
     from tests.server.test_load_balancer import TEMPLATE
 

@@ -23,6 +23,14 @@ def test_deployment_requests_a_gpu_and_probes_grpc_health():
     assert grace > float(env["GRADSERVE_DRAIN_GRACE_S"])
 
 
+def test_deployment_environment_is_a_valid_server_configuration():
+    from gradserve.server.config import parse_config
+
+    deployment = documents()["Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    parse_config([], environ={e["name"]: e["value"] for e in container["env"]})
+
+
 def test_service_is_headless_for_client_side_round_robin():
     service = documents()["Service"]
     assert service["spec"]["clusterIP"] == "None"
