@@ -14,7 +14,7 @@ from gradserve.kernels import EnsembleJob
 from gradserve.server import codec
 from gradserve.server.buffers import BufferPool
 from gradserve.server.errors import invalid
-from gradserve.server.validation import JobPlan
+from gradserve.server.validation import FLOAT32_MAX, JobPlan
 from gradserve.v1 import gradserve_pb2 as pb
 
 
@@ -44,6 +44,16 @@ def check_values(tensors: dict[str, torch.Tensor], plan: JobPlan) -> None:
                     f"tensor {name!r} contains NaN or Inf (set allow_non_finite to accept)",
                     f"tensors[{name}]",
                 )
+            if tensor.dtype == torch.float64 and plan.precision != "float64":
+                # the engine computes in float32: such values would become Inf there
+                low, high = torch.aminmax(tensor)  # one pass, no copy
+                if max(-float(low), float(high)) > FLOAT32_MAX:
+                    raise invalid(
+                        f"tensor {name!r} holds values beyond float32's range, which a "
+                        f"{plan.precision} job computes in (send precision float64, or set "
+                        "allow_non_finite)",
+                        f"tensors[{name}]",
+                    )
     if plan.loss.name == "cross_entropy" and "targets" in tensors:
         classes = plan.mlp.layer_sizes[-1]
         targets = tensors["targets"]

@@ -132,6 +132,14 @@ def nan_inputs():
     return [pb.ComputeRequest(header=header_for(t)), *chunks_for(t)]
 
 
+def float64_inputs_beyond_float32():
+    """A float32 job whose inputs travel as float64, one of them past float32's range."""
+    t = valid_tensors()
+    t["inputs"] = t["inputs"].astype(np.float64)
+    t["inputs"][1, 0, 0] = -1e39
+    return [pb.ComputeRequest(header=header_for(t)), *chunks_for(t)]
+
+
 def ce_targets(values, dtype=np.int64):
     t = valid_tensors("cross_entropy")
     t["targets"] = np.full((M, N), values).astype(dtype)
@@ -185,6 +193,7 @@ CASES = {
         with_header(lambda h: setattr(h, "gradient_dtype", pb.DATA_TYPE_INT64)),
         INVALID,
     ),
+    "float64 values beyond a float32 job's range": (float64_inputs_beyond_float32(), INVALID),
     "negative huber delta": (with_header(lambda h: setattr(h.loss, "huber_delta", -1.0)), INVALID),
     # finite doubles beyond float32's range, the engines' scalar type
     "huber delta beyond float32": (
