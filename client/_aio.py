@@ -13,6 +13,7 @@ import grpc
 from gradserve.client._connection import (
     Connection,
     RetryPolicy,
+    call_timeout,
     check_settings,
     compute_callable,
 )
@@ -78,7 +79,7 @@ class AsyncGradientClient:
         try:
             return await self._stub.GetServerInfo(
                 pb.GetServerInfoRequest(),
-                timeout=timeout or self.timeout,
+                timeout=call_timeout(timeout, self.timeout),
                 metadata=self.connection.metadata,
             )
         except grpc.RpcError as e:
@@ -96,7 +97,7 @@ class AsyncGradientClient:
     ) -> ComputeResult:
         """See GradientClient.compute."""
         job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
-        timeout = timeout or self.timeout
+        timeout = call_timeout(timeout, self.timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in itertools.count():
             compute = self._computes[next(self._next) % len(self._computes)]

@@ -15,6 +15,7 @@ from gradserve.client import _health
 from gradserve.client._connection import (
     Connection,
     RetryPolicy,
+    call_timeout,
     check_settings,
     compute_callable,
 )
@@ -100,7 +101,7 @@ class GradientClient:
         try:
             return self._stub.GetServerInfo(
                 pb.GetServerInfoRequest(),
-                timeout=timeout or self.timeout,
+                timeout=call_timeout(timeout, self.timeout),
                 metadata=self.connection.metadata,
             )
         except grpc.RpcError as e:
@@ -109,7 +110,8 @@ class GradientClient:
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 status of the server ("SERVING", "NOT_SERVING", ...)."""
         try:
-            return _health.check(self._channel, service, timeout=timeout or self.timeout)
+            deadline = call_timeout(timeout, self.timeout)
+            return _health.check(self._channel, service, timeout=deadline)
         except grpc.RpcError as e:
             raise GradserveError.from_rpc_error(e) from None
 
@@ -176,7 +178,7 @@ class GradientClient:
     def _run(self, job, timeout: float | None, first: int | None = None) -> ComputeResult:
         """Send one job; retry per the policy on the next address. `first` picks the address
         of the first attempt (default: round-robin)."""
-        timeout = timeout or self.timeout
+        timeout = call_timeout(timeout, self.timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         start = next(self._next) if first is None else first
         for attempt in itertools.count():

@@ -17,6 +17,15 @@ from gradserve.v1 import wire
 MAX_MESSAGE_BYTES = 16 << 20
 
 
+def call_timeout(timeout: float | None, default: float | None) -> float | None:
+    """A call's deadline in seconds: its own, else the client's default."""
+    if timeout is None:
+        return default
+    if not timeout > 0:
+        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout}")
+    return timeout
+
+
 def check_settings(timeout: float | None, chunk_bytes: int) -> None:
     """A client's default deadline and upload chunk size, refused early when unusable."""
     if timeout is not None and not timeout > 0:

@@ -199,3 +199,9 @@ def test_errors_name_the_offending_field(client):
 def test_unusable_client_settings_are_refused_at_construction(cls, settings):
     with pytest.raises(ValueError, match=next(iter(settings))):
         cls("127.0.0.1:1", **settings)
+
+
+def test_a_call_timeout_of_zero_is_refused_not_taken_for_the_default(client):
+    net = make_net(3)
+    with pytest.raises(ValueError, match="timeout"):
+        client.compute(net, torch.randn(4, 3), torch.randn(4, 2), timeout=0)
