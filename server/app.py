@@ -60,13 +60,16 @@ async def serve(config: ServerConfig) -> None:
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise SystemExit(f"could not bind {config.host}:{config.port}")
+    if config.metrics_port >= 0:  # before serving: a port in use ends the start cleanly
+        try:
+            metrics_port = service.metrics.serve(config.host, config.metrics_port)
+        except OSError as e:
+            raise SystemExit(f"--metrics-port {config.metrics_port}: {e}") from None
+        if metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     await service.start()  # engines warm before the port accepts a job
     await server.start()
     await health.set_serving(True)
-    if config.metrics_port >= 0:
-        metrics_port = service.metrics.serve(config.host, config.metrics_port)
-        if metrics_port is not None:
-            log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     log.info(
         "serving on %s:%d device=%s tls=%s auth=%s",
         config.host,

@@ -120,3 +120,19 @@ def test_sigterm_drains_in_flight_jobs_refuses_new_ones_and_exits_zero():
         assert refused.code == grpc.StatusCode.UNAVAILABLE
         assert all(r.loss.shape == (1,) for r in results)
         assert srv.process.wait(timeout=30) == 0
+
+
+def test_a_metrics_port_in_use_ends_the_start_with_a_message(server):
+    """The first server's gRPC port is taken, so a second server cannot export metrics on
+    it: it exits at once, naming the flag, before it serves anything."""
+    import subprocess
+    import sys
+
+    port = server.address.rsplit(":", 1)[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "gradserve.server", "--port", "0", "--metrics-port", port],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"--metrics-port {port}" in done.stderr and "Traceback" not in done.stderr
+    assert "serving on" not in done.stderr
