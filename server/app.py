@@ -54,12 +54,15 @@ async def serve(config: ServerConfig) -> None:
     enable_reflection(server)
     credentials = server_credentials(config)
     address = f"{config.host}:{config.port}"
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as e:  # grpcio raises for an address it cannot bind
+        raise SystemExit(f"could not bind {address}: {e}") from None
     if port == 0:
-        raise SystemExit(f"could not bind {config.host}:{config.port}")
+        raise SystemExit(f"could not bind {address}")
     if config.metrics_port >= 0:  # before serving: a port in use ends the start cleanly
         try:
             metrics_port = service.metrics.serve(config.host, config.metrics_port)

@@ -20,8 +20,11 @@ OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"
 def load_token(config: ServerConfig) -> str | None:
     """The configured bearer token (--auth-token-file wins over --auth-token), or None."""
     if config.auth_token_file:
-        with open(config.auth_token_file) as f:
-            token = f.read().strip()
+        try:
+            with open(config.auth_token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise SystemExit(f"--auth-token-file {config.auth_token_file}: {e.strerror}") from None
         if not token:
             raise SystemExit(f"{config.auth_token_file}: empty token file")
         return token
@@ -35,13 +38,19 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not (config.tls_cert and config.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
 
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+    def read(path: str, flag: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            raise SystemExit(f"{flag} {path}: {e.strerror}") from None
+        if b"-----BEGIN" not in pem:
+            raise SystemExit(f"{flag} {path}: not a PEM file")
+        return pem
 
-    client_ca = read(config.tls_client_ca) if config.tls_client_ca else None
+    client_ca = read(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
-        [(read(config.tls_key), read(config.tls_cert))],
+        [(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )

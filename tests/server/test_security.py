@@ -170,3 +170,21 @@ def test_retries_move_to_a_live_replica(server):
         with pytest.raises(GradserveError) as err:
             client.compute(*job_args())
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),
+        (["--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem"], "--tls-"),
+        (["--tls-cert", __file__, "--tls-key", __file__], "not a PEM file"),
+        (["--host", "999.1.1.1"], "could not bind"),
+    ],
+)
+def test_unusable_security_files_or_address_end_the_start_with_a_message(flags, named):
+    done = subprocess.run(
+        [sys.executable, "-m", "gradserve.server", "--port", "0", *flags],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert named in done.stderr and "Traceback" not in done.stderr, done.stderr
