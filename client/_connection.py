@@ -28,8 +28,7 @@ def call_timeout(timeout: float | None, default: float | None) -> float | None:
 
 def check_settings(timeout: float | None, chunk_bytes: int) -> None:
     """A client's default deadline and upload chunk size, refused early when unusable."""
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout}")
+    call_timeout(timeout, None)
     largest = MAX_MESSAGE_BYTES - (1 << 20)  # room for the chunk's framing
     if not 1 <= chunk_bytes <= largest:
         raise ValueError(f"chunk_bytes must be in [1, {largest}], got {chunk_bytes}")

@@ -167,18 +167,17 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
     for f in fields(ServerConfig):
         default = getattr(defaults, f.name)
         kind = type(default)
-        if env_name(f.name) in environ:
+        variable = env_name(f.name)
+        if variable in environ:
             try:
-                default = kind(environ[env_name(f.name)])
+                default = kind(environ[variable])
             except ValueError:
-                parser.error(
-                    f"{env_name(f.name)}={environ[env_name(f.name)]!r} is not a {kind.__name__}"
-                )
+                parser.error(f"{variable}={environ[variable]!r} is not a {kind.__name__}")
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
             default=default,
-            help=f"{HELP[f.name]} (env {env_name(f.name)}; default %(default)s)",
+            help=f"{HELP[f.name]} (env {variable}; default %(default)s)",
         )
     args = parser.parse_args(argv)
     _check(parser, args)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import grpc
 import torch
 
@@ -39,6 +42,17 @@ def no_memory() -> JobError:
 
 def unsupported(message: str, field: str | None = None) -> JobError:
     return JobError(grpc.StatusCode.UNIMPLEMENTED, message, field)
+
+
+@contextlib.contextmanager
+def refusing_out_of_memory() -> Iterator[None]:
+    """An engine allocation that fails inside ends the job with no_memory(), not INTERNAL."""
+    try:
+        yield
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        raise no_memory() from None
 
 
 def out_of_memory(error: Exception) -> bool:

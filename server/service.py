@@ -24,8 +24,7 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.errors import (
     JobError,
     invalid,
-    no_memory,
-    out_of_memory,
+    refusing_out_of_memory,
     status_details,
     unsupported,
 )
@@ -329,7 +328,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 job = await self._io(plan.payload_bytes, assembler.finish)
                 del assembler  # the job's tensors are views of its buffers
                 uploaded = time.perf_counter()
-                try:
+                with refusing_out_of_memory():
                     if plan.optimizer is None:
                         launched = await self.batcher.submit(job, engine, plan.payload_bytes)
                     else:
@@ -338,10 +337,6 @@ class GradientService(pb_grpc.GradientServiceServicer):
                         )
                         accepted = b""
                         descriptors = [d for d in descriptors if d.name != "losses"]
-                except Exception as e:
-                    if not out_of_memory(e):
-                        raise
-                    raise no_memory() from None
                 del job
             info.update(
                 jobs_in_launch=launched.jobs_in_launch,
@@ -420,23 +415,20 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 )
 
         try:
-            for chunk in first.chunks:
-                stream.add(chunk)
-            await launch_ready()
-            async for chunks in self._later_chunks(context, idle):
-                for chunk in chunks:
+            with refusing_out_of_memory():
+                for chunk in first.chunks:
                     stream.add(chunk)
                 await launch_ready()
-            uploaded = time.perf_counter()
-            if not stream.done:
-                raise invalid(
-                    f"request stream ended before all tensor bytes arrived: {stream.missing()}"
-                )
-            await settle()
-        except Exception as e:
-            if not out_of_memory(e):
-                raise
-            raise no_memory() from None
+                async for chunks in self._later_chunks(context, idle):
+                    for chunk in chunks:
+                        stream.add(chunk)
+                    await launch_ready()
+                uploaded = time.perf_counter()
+                if not stream.done:
+                    raise invalid(
+                        f"request stream ended before all tensor bytes arrived: {stream.missing()}"
+                    )
+                await settle()
         finally:
             if inflight is not None:
                 inflight.cancel()

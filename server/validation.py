@@ -460,8 +460,11 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             )
     tensors: dict[str, TensorSpec] = {}
     # dimensions of each sample tensor when shared by all models ([N, ...])
-    shared_dims = {"inputs": 2, "targets": 1 if loss.name == "cross_entropy" else 2}
-    shared_dims["sample_weights"] = 1
+    shared_dims = {
+        "inputs": 2,
+        "targets": 1 if loss.name == "cross_entropy" else 2,
+        "sample_weights": 1,
+    }
     per_model = set()  # sample tensors given per model ([M, N, ...])
     for name, (dtypes, shape) in expected.items():
         if name not in declared:
