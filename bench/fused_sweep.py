@@ -5,7 +5,7 @@ cap) in CONFIGS below in place of launch_config's choice, next to torch eager in
 run, and checks that each configuration's gradients agree with the chosen one's (they
 differ only in the order of float32 sums). bench/ptxas_report.py predicts the registers,
 spills and programs per SM of these configurations without a GPU; this measures what they
-cost. Run it on a GPU after bench/gpu_check.sh (40 configurations; all are compiled
+cost. Run it on a GPU after bench/gpu_check.sh (88 configurations; all are compiled
 first, by one process per CPU core up to 16 into Triton's disk cache, then timed one after
 another; rows are written as they are measured):
 
@@ -33,16 +33,21 @@ from gradserve.kernels import torch_engine, triton_engine, triton_fused  # noqa:
 
 TARGET = (1024, 256, (32, 64, 64, 64, 1))  # M, N, layer sizes: the benchmark target
 CPU_CHECK = (2, 37, (5, 13, 7, 3))
-# (BLOCK_N, warps, register cap): every block size and warp count at ptxas' own register
-# choice (255 at the target: one 8-warp program per SM), and caps that let 2 to 4 programs
-# share an SM at the price of some spills (bench/results/ptxas_sm90.md has their sizes).
+# (BLOCK_N, warps, register cap, resident, carry): every block size and warp count at
+# ptxas' own register choice (255 at the target: one 8-warp program per SM), with the
+# pre-activations in the scratch or in registers (LaunchConfig.resident) and then also the
+# parameter gradients summed in registers (LaunchConfig.carry): fewer barriers and memory
+# operations per block, more spills. And caps that let 2 to 4 programs share an SM at the
+# price of some spills (bench/results/ptxas_sm90.md has their sizes).
+KEPT = ((False, False), (True, False), (True, True))
 CONFIGS = [
-    *((block_n, warps, None) for block_n in (32, 64, 128) for warps in (4, 8)),
-    (32, 4, 128),
-    (64, 4, 128),
-    (64, 4, 168),
-    (128, 8, 128),
-]
+    *((block_n, warps, None, resident, carry)
+      for resident, carry in KEPT for block_n in (32, 64, 128) for warps in (4, 8)),
+    (32, 4, 128, False, False),
+    (64, 4, 128, False, False),
+    (64, 4, 168, False, False),
+    (128, 8, 128, False, False),
+]  # fmt: skip
 # The targets' precisions first: if the device call runs out of time, their rows are in.
 # "float32 tf32x3": float32 jobs with the engine's float32_matmul="tf32x3".
 PRECISIONS = ("tf32", "float32 tf32x3", "bfloat16", "float32")
@@ -63,9 +68,15 @@ def make_job(m, n, sizes, precision, device):
     )  # fmt: skip
 
 
-def with_config(block_n: int | None, warps: int | None, max_registers: int | None = None):
-    """launch_config with BLOCK_N, num_warps and the register cap replaced (None for the
-    first two: its own choice)."""
+def with_config(
+    block_n: int | None,
+    warps: int | None,
+    max_registers: int | None = None,
+    resident: bool | None = None,
+    carry: bool | None = None,
+):
+    """launch_config with BLOCK_N, num_warps, the register cap and where the pre-activations
+    and gradient sums stay replaced (None for all but the cap: its own choice)."""
     chosen = triton_fused.launch_config
 
     def config(dp, n, m, device, precision):
@@ -73,15 +84,19 @@ def with_config(block_n: int | None, warps: int | None, max_registers: int | Non
         block = block_n or own.block_n
         return triton_fused.LaunchConfig(
             block, *triton_fused.sample_splits(n, block, m, device), warps or own.num_warps,
-            max_registers,
+            max_registers, own.resident if resident is None else resident,
+            own.carry if carry is None else carry,
         )  # fmt: skip
 
     return config
 
 
-def run_with(job, device, block_n=None, warps=None, max_registers=None, float32_matmul="ieee"):
+def run_with(
+    job, device, block_n=None, warps=None, max_registers=None, resident=None, carry=None,
+    float32_matmul="ieee",
+):  # fmt: skip
     original = triton_fused.launch_config
-    triton_fused.launch_config = with_config(block_n, warps, max_registers)
+    triton_fused.launch_config = with_config(block_n, warps, max_registers, resident, carry)
     try:
         return triton_engine.run(job, device, float32_matmul=float32_matmul)
     finally:
@@ -125,8 +140,8 @@ def main():
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
         for label, config in share(runs, args.compile_share):
             precision, method = precision_and_method(label)
-            run_with(make_job(m, n, sizes, precision, device), device, *config or (None,) * 3,
-                     method)  # fmt: skip
+            run_with(make_job(m, n, sizes, precision, device), device, *config or (None,) * 5,
+                     float32_matmul=method)  # fmt: skip
         return
     workers = args.compile_workers
     if workers is None:
@@ -142,9 +157,10 @@ def main():
         f"{torch.__version__}, triton {triton.__version__}. Times: median ms"
         + (" of triton.testing.do_bench." if device.type == "cuda" else " (interpreter)."),
         "",
-        "| precision | BLOCK_N | warps | register cap | triton ms | vs chosen | vs eager "
-        "| max grad difference vs chosen | launch_config's choice |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| precision | BLOCK_N | warps | register cap | pre-activations | gradient sums "
+        "| triton ms | vs chosen | vs eager | max grad difference vs chosen "
+        "| launch_config's choice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     worst = 0.0
     for label in precisions:
@@ -154,22 +170,26 @@ def main():
         own = triton_fused.launch_config(
             dp, n, m, device, triton_engine.precision_code(precision, method)
         )
-        own_config = (own.block_n, own.num_warps, own.max_registers)
+        own_config = (own.block_n, own.num_warps, own.max_registers, own.resident, own.carry)
         chosen = run_with(job, device, float32_matmul=method)
         t_chosen = median_ms(
             lambda job=job, f=method: run_with(job, device, float32_matmul=f), device
         )
         t_eager = median_ms(lambda job=job: torch_engine.run(job, device), device)
-        for block_n, warps, cap in CONFIGS:
-            result = run_with(job, device, block_n, warps, cap, method)
+        for config in CONFIGS:
+            block_n, warps, cap, resident, carry = config
+            result = run_with(job, device, *config, float32_matmul=method)
             diff = largest_difference(result, chosen)
             worst = max(worst, diff)
             t = median_ms(
-                lambda job=job, c=(block_n, warps, cap, method): run_with(job, device, *c), device
+                lambda job=job, c=config, f=method: run_with(job, device, *c, float32_matmul=f),
+                device,
             )
-            mark = "yes" if (block_n, warps, cap) == own_config else ""
+            mark = "yes" if config == own_config else ""
+            kept = "registers" if resident else "scratch"
+            sums = "registers" if carry else "partials"
             lines.append(
-                f"| {label} | {block_n} | {warps} | {cap or ''} | {t:.3f} "
+                f"| {label} | {block_n} | {warps} | {cap or ''} | {kept} | {sums} | {t:.3f} "
                 f"| {t_chosen / t:.2f}x | {t_eager / t:.2f}x | {diff:.1e} | {mark} |"
             )
             print(lines[-1], flush=True)

@@ -5,7 +5,7 @@
 # summary.txt.
 # `bash bench/gpu_check.sh sweep` instead profiles the fused kernel's phases at the target
 # shape (bench/fused_phases.py: $OUT/fused_phases.md) and times its launch configurations
-# at the target shape (bench/fused_sweep.py, 40 configurations, all compiled first in
+# at the target shape (bench/fused_sweep.py, 88 configurations, all compiled first in
 # parallel; rows are written as measured, so a cut-off run keeps them): $OUT/fused_sweep.md.
 # Python packages missing on the machine can be carried as wheels in .whl/.
 set -uo pipefail

@@ -46,15 +46,15 @@ CLASSES = {
     "tensor-core MMA": ("HGMMA", "HMMA"),
     "global ld/st": ("LDG", "STG"),
     "local (spill) ld/st": ("LDL", "STL"),
+    "shared ld/st": ("LDS", "STS"),
+    "barriers": ("BAR",),
 }
 
 
-def compile_through_launcher(
-    job, block_n: int, warps: int, cap: int | None = None, float32_matmul: str = "ieee"
-):
+def compile_through_launcher(job, config: tuple, float32_matmul: str = "ieee"):
     """The kernel the engine's launcher would run for `job` with this (BLOCK_N, warps,
-    register cap): the
-    arguments' real specialisation (alignment, divisibility by 16), not a hand-made one."""
+    register cap, resident, carry): the arguments' real specialisation (alignment, divisibility by
+    16), not a hand-made one."""
     compiled = []
     run = KERNEL.run
 
@@ -64,7 +64,7 @@ def compile_through_launcher(
 
     KERNEL.run = compile_only
     try:
-        run_with(job, torch.device("cpu"), block_n, warps, cap, float32_matmul)
+        run_with(job, torch.device("cpu"), *config, float32_matmul=float32_matmul)
     finally:
         del KERNEL.run
     return compiled[0]
@@ -100,10 +100,10 @@ def sass_mix(cubin: bytes) -> collections.Counter:
     return ops
 
 
-def row(
-    label, block_n, warps, cap, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES
-) -> list:
-    """`label`: a precision, or "float32 tf32x3" (float32_matmul="tf32x3")."""
+def row(label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES) -> list:
+    """`label`: a precision, or "float32 tf32x3" (float32_matmul="tf32x3"); `config` and
+    `chosen`: (BLOCK_N, warps, register cap, resident, carry)."""
+    block_n, warps, cap, resident, carry = config
     precision, float32_matmul = precision_and_method(label)
     m, n = 4, 256  # M only sets the grid; N = 256 as in the benchmark
     job = make_job(m, n, sizes, precision, torch.device("cpu"))
@@ -115,7 +115,7 @@ def row(
     padded_widths = triton_fused.padded_widths
     triton_fused.padded_widths = lambda sizes: widths
     try:
-        compiled = compile_through_launcher(job, block_n, warps, cap, float32_matmul)
+        compiled = compile_through_launcher(job, config, float32_matmul)
     finally:
         triton_fused.padded_widths = padded_widths
     regs, spills, frame = ptxas_usage(compiled.asm["ptx"])
@@ -123,9 +123,10 @@ def row(
     counts = [sum(n for op, n in ops.items() if op.startswith(p)) for p in CLASSES.values()]
     # Programs an SM holds by registers (64K per SM) and shared memory (227 KB per block).
     per_sm = min(65536 // (int(regs) * 32 * warps), 232448 // max(1, compiled.metadata.shared))
-    return [label, block_n, warps, cap or "", "yes" if dp_pass else "", str(widths), regs,
-            spills, frame, per_sm, sum(ops.values()), *counts,
-            "yes" if (block_n, warps, cap) == chosen else ""]  # fmt: skip
+    return [label, block_n, warps, cap or "", "registers" if resident else "scratch",
+            "registers" if carry else "partials",
+            "yes" if dp_pass else "", str(widths), regs, spills, frame, per_sm,
+            sum(ops.values()), *counts, "yes" if tuple(config) == chosen else ""]  # fmt: skip
 
 
 def main() -> None:
@@ -136,16 +137,19 @@ def main() -> None:
     for label in ("float32", "float32 tf32x3", "tf32", "bfloat16"):
         code = triton_engine.precision_code(*precision_and_method(label))
         own = triton_fused.launch_config(max(widths), 256, 1024, torch.device("cpu"), code)
-        chosen = (own.block_n, own.num_warps, own.max_registers)  # none depends on the device
-        for block_n, warps, cap in CONFIGS:
-            for dp_pass in (False, True) if cap is None else (False,):
-                rows.append(row(label, block_n, warps, cap, dp_pass, False, chosen))
+        # none of it depends on the device
+        chosen = (own.block_n, own.num_warps, own.max_registers, own.resident, own.carry)
+        for config in CONFIGS:
+            # the DP norm and clip passes at the scratch configurations without a cap
+            for dp_pass in (False, True) if config[2:] == (None, False, False) else (False,):
+                rows.append(row(label, config, dp_pass, False, chosen))
                 print(rows[-1], flush=True)
-        rows.append(row(label, *chosen, False, True, chosen))
+        rows.append(row(label, chosen, False, True, chosen))
         print(rows[-1], flush=True)
         wide = triton_fused.launch_config(128, 256, 1024, torch.device("cpu"), code)
-        wide_chosen = (wide.block_n, wide.num_warps, wide.max_registers)
-        rows.append(row(label, *wide_chosen, False, False, wide_chosen, WIDE_SIZES))
+        wide_chosen = (wide.block_n, wide.num_warps, wide.max_registers, wide.resident,
+                       wide.carry)  # fmt: skip
+        rows.append(row(label, wide_chosen, False, False, wide_chosen, WIDE_SIZES))
         print(rows[-1], flush=True)
     write_table(
         "ptxas_sm90.md",
@@ -155,6 +159,8 @@ def main() -> None:
             "BLOCK_N",
             "warps",
             "register cap",
+            "pre-activations",
+            "gradient sums",
             "DP clip passes",
             "padded widths",
             "registers",

@@ -21,6 +21,13 @@ and dLoss/dy in registers, then backward through the layers, accumulating the we
 bias gradients of its slice in its own partial buffer. No float atomics: a second kernel
 adds the S partials in a fixed order, so repeated runs give identical bits.
 
+Two launch options (LaunchConfig) keep values in registers instead: `resident`, the
+block's pre-activations (no scratch, no barrier between forward and backward), and
+`carry`, the parameter gradients summed over the program's blocks (stored once at the
+end instead of loaded and stored per block). Both add the same float32 values in the same
+order, so they give the same bits; they trade memory operations and barriers for
+registers (and spills).
+
 The zero padding is harmless: padded weight rows and columns load as 0, so padded features
 never reach a real one, and their gradients are masked off at the store.
 
@@ -100,6 +107,59 @@ def _layer_bias(b_ptrs, m, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXA
 
 
 @triton.jit
+def _replaced(values, index: tl.constexpr, value, COUNT: tl.constexpr):
+    """The tuple `values` (of COUNT items) with the item at `index` replaced by `value`."""
+    out = ()
+    for i in tl.static_range(COUNT):
+        if i == index:
+            out = out + (value,)
+        else:
+            out = out + (values[i],)
+    return out
+
+
+@triton.jit
+def _load_partial_weight_grad(
+    grad_prog, sizes, layer: tl.constexpr, DW_AT: tl.constexpr, WIDTHS: tl.constexpr,
+    EXACT: tl.constexpr,
+):  # fmt: skip
+    """The program's weight gradient of `layer` so far, zero-padded to its tile."""
+    corner, corner_mask = _weight_tile(sizes, layer, WIDTHS, EXACT)
+    if EXACT[layer] and EXACT[layer + 1]:
+        dw = tl.load(grad_prog + DW_AT[layer] + corner)  # no padding: no mask to compute
+    else:  # padded lanes: 0, not whatever lies beyond the gradient
+        dw = tl.load(grad_prog + DW_AT[layer] + corner, mask=corner_mask, other=0.0)
+    return dw
+
+
+@triton.jit
+def _load_partial_bias_grad(
+    grad_prog, sizes, layer: tl.constexpr, DB_AT: tl.constexpr, WIDTHS: tl.constexpr,
+    EXACT: tl.constexpr,
+):  # fmt: skip
+    """The program's bias gradient of `layer` so far, zero-padded to its width."""
+    cols = tl.arange(0, WIDTHS[layer + 1])
+    mask = cols < _width(sizes, layer + 1, WIDTHS, EXACT)
+    return tl.load(grad_prog + DB_AT[layer] + cols, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_partial_grads(
+    grad_prog, dw, db, sizes, layer: tl.constexpr, DW_AT: tl.constexpr, DB_AT: tl.constexpr,
+    WIDTHS: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    """Store `layer`'s weight and bias gradient tiles in the program's row of partial
+    gradients, padding masked off."""
+    corner, corner_mask = _weight_tile(sizes, layer, WIDTHS, EXACT)
+    if EXACT[layer] and EXACT[layer + 1]:
+        corner_mask = None  # no padding: no mask to compute
+    tl.store(grad_prog + DW_AT[layer] + corner, dw, mask=corner_mask)
+    cols = tl.arange(0, WIDTHS[layer + 1])
+    bias_mask = cols < _width(sizes, layer + 1, WIDTHS, EXACT)
+    tl.store(grad_prog + DB_AT[layer] + cols, db, mask=bias_mask)
+
+
+@triton.jit
 def _stamp(stamps, index, PROFILE: tl.constexpr):
     """Profiling builds only: record the cycle counter at one of a block's phase ends."""
     if PROFILE:
@@ -107,13 +167,27 @@ def _stamp(stamps, index, PROFILE: tl.constexpr):
 
 
 @triton.jit
-def _pre_activation_grad(
-    g, z_prog, rows, hidden_slope, output_slope, layer: tl.constexpr, L: tl.constexpr,
-    BLOCK_N: tl.constexpr, DP: tl.constexpr, WIDTHS: tl.constexpr, HIDDEN_ACT: tl.constexpr,
-    OUTPUT_ACT: tl.constexpr,
+def _saved_z(
+    zs, z_prog, rows, layer: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr,
+    WIDTHS: tl.constexpr, RESIDENT: tl.constexpr,
 ):  # fmt: skip
-    """dLoss/dz of `layer` (from the scratch's pre-activation) given dLoss/d(its output)."""
-    z = tl.load(z_prog + layer * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer + 1], DP))
+    """The block's pre-activation of `layer` as the forward pass left it: in registers
+    (RESIDENT) or in the scratch."""
+    if RESIDENT:
+        z = zs[layer]
+    else:
+        z = tl.load(z_prog + layer * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer + 1], DP))
+    return z
+
+
+@triton.jit
+def _pre_activation_grad(
+    g, zs, z_prog, rows, hidden_slope, output_slope, layer: tl.constexpr, L: tl.constexpr,
+    BLOCK_N: tl.constexpr, DP: tl.constexpr, WIDTHS: tl.constexpr, HIDDEN_ACT: tl.constexpr,
+    OUTPUT_ACT: tl.constexpr, RESIDENT: tl.constexpr,
+):  # fmt: skip
+    """dLoss/dz of `layer` (from its saved pre-activation) given dLoss/d(its output)."""
+    z = _saved_z(zs, z_prog, rows, layer, BLOCK_N, DP, WIDTHS, RESIDENT)
     if layer == L - 1:
         dz = g * activation_grad(z, OUTPUT_ACT, output_slope)
     else:
@@ -123,12 +197,12 @@ def _pre_activation_grad(
 
 @triton.jit
 def _layer_input(
-    z_prog, x_block, x_mask, rows, hidden_slope, layer: tl.constexpr, BLOCK_N: tl.constexpr,
-    DP: tl.constexpr, WIDTHS: tl.constexpr, HIDDEN_ACT: tl.constexpr,
+    zs, z_prog, x_block, x_mask, rows, hidden_slope, layer: tl.constexpr, BLOCK_N: tl.constexpr,
+    DP: tl.constexpr, WIDTHS: tl.constexpr, HIDDEN_ACT: tl.constexpr, RESIDENT: tl.constexpr,
 ):  # fmt: skip
     """The block's input to `layer`: its inputs, or the previous layer's activation."""
     if layer > 0:
-        z = tl.load(z_prog + (layer - 1) * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer], DP))
+        z = _saved_z(zs, z_prog, rows, layer - 1, BLOCK_N, DP, WIDTHS, RESIDENT)
         h = activate(z, HIDDEN_ACT, hidden_slope)
     else:
         h = tl.load(x_block, mask=x_mask, other=0.0)
@@ -188,6 +262,8 @@ def _fused_mlp_kernel(
     NORMS: tl.constexpr,  # per-sample gradient norms: a first backward pass
     CLIP: tl.constexpr,  # DP-SGD: scale each sample's gradient by its clip factor
     PROFILE: tl.constexpr,  # record phase timings (fused_mlp's `profile`)
+    RESIDENT: tl.constexpr,  # pre-activations stay in registers, not in the scratch
+    CARRY: tl.constexpr,  # parameter gradients summed in registers, stored once at the end
 ):
     # 64-bit per-model offsets: a large ensemble's buffers can exceed 2**31 elements
     m = tl.program_id(0).to(tl.int64)
@@ -211,6 +287,14 @@ def _fused_mlp_kernel(
         tl.store(profile, sm_id().to(tl.int64))
         tl.store(profile + 1, nanosecond_timer())
 
+    # CARRY: each layer's weight and bias gradient summed over the program's blocks
+    dws = ()
+    dbs = ()
+    if CARRY:
+        for layer in tl.static_range(L):
+            dws = dws + (tl.full([WIDTHS[layer + 1], WIDTHS[layer]], 0.0, tl.float32),)
+            dbs = dbs + (tl.full([WIDTHS[layer + 1]], 0.0, tl.float32),)
+
     for blk in range(0, blocks_per_split):
         stamps = profile + 3 + blk * (2 * L + 4)
         _stamp(stamps, 0, PROFILE)
@@ -220,12 +304,17 @@ def _fused_mlp_kernel(
         x_mask = rmask[:, None] & (in_cols[None, :] < d_in)
         h = tl.load(x_model + x_offsets, mask=x_mask, other=0.0)
 
-        # forward: keep each layer's pre-activation in the scratch for the backward pass
+        # forward: keep each layer's pre-activation for the backward pass
+        zs = ()
         for layer in tl.static_range(L):
             w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
             b = _layer_bias(b_ptrs, m, sizes, layer, WIDTHS, EXACT)
             z = matmul(h, tl.trans(w), PRECISION) + b[None, :]
-            tl.store(z_prog + layer * BLOCK_N * DP + _block_tile(rows, WIDTHS[layer + 1], DP), z)
+            if RESIDENT:
+                zs = zs + (z,)
+            else:
+                z_tile = _block_tile(rows, WIDTHS[layer + 1], DP)
+                tl.store(z_prog + layer * BLOCK_N * DP + z_tile, z)
             if layer == L - 1:
                 h = activate(z, OUTPUT_ACT, output_slope)
             else:
@@ -250,7 +339,8 @@ def _fused_mlp_kernel(
         if WANT_Y:
             y_offsets = rn[:, None] * d_out + out_cols[None, :]
             tl.store(y_model + y_offsets, h, mask=rmask[:, None] & (out_cols[None, :] < d_out))
-        tl.debug_barrier()  # scratch writes visible to every thread of the program
+        if not RESIDENT:
+            tl.debug_barrier()  # scratch writes visible to every thread of the program
         _stamp(stamps, L + 1, PROFILE)
 
         if NORMS:
@@ -261,12 +351,12 @@ def _fused_mlp_kernel(
             sq = tl.zeros([BLOCK_N], dtype=tl.float32)
             for layer in tl.static_range(L - 1, -1, -1):  # last layer first
                 dz = _pre_activation_grad(
-                    gn, z_prog, rows, hidden_slope, output_slope, layer, L, BLOCK_N, DP, WIDTHS,
-                    HIDDEN_ACT, OUTPUT_ACT,
+                    gn, zs, z_prog, rows, hidden_slope, output_slope, layer, L, BLOCK_N, DP,
+                    WIDTHS, HIDDEN_ACT, OUTPUT_ACT, RESIDENT,
                 )  # fmt: skip
                 h_in = _layer_input(
-                    z_prog, x_model + x_offsets, x_mask, rows, hidden_slope, layer, BLOCK_N, DP,
-                    WIDTHS, HIDDEN_ACT,
+                    zs, z_prog, x_model + x_offsets, x_mask, rows, hidden_slope, layer, BLOCK_N,
+                    DP, WIDTHS, HIDDEN_ACT, RESIDENT,
                 )  # fmt: skip
                 if not EXACT[layer]:
                     # padded input features may be non-zero (sigmoid(0)): count real ones only
@@ -290,31 +380,28 @@ def _fused_mlp_kernel(
         if WANT_PARAM_GRADS or (WANT_DX and not NORMS):
             for layer in tl.static_range(L - 1, -1, -1):  # last layer first
                 dz = _pre_activation_grad(
-                    g, z_prog, rows, hidden_slope, output_slope, layer, L, BLOCK_N, DP, WIDTHS,
-                    HIDDEN_ACT, OUTPUT_ACT,
+                    g, zs, z_prog, rows, hidden_slope, output_slope, layer, L, BLOCK_N, DP,
+                    WIDTHS, HIDDEN_ACT, OUTPUT_ACT, RESIDENT,
                 )  # fmt: skip
                 if WANT_PARAM_GRADS:
                     h_in = _layer_input(
-                        z_prog, x_model + x_offsets, x_mask, rows, hidden_slope, layer, BLOCK_N, DP,
-                        WIDTHS, HIDDEN_ACT,
+                        zs, z_prog, x_model + x_offsets, x_mask, rows, hidden_slope, layer,
+                        BLOCK_N, DP, WIDTHS, HIDDEN_ACT, RESIDENT,
                     )  # fmt: skip
-                    dw_prog = grad_prog + DW_AT[layer]
-                    db_prog = grad_prog + DB_AT[layer]
-                    corner, corner_mask = _weight_tile(sizes, layer, WIDTHS, EXACT)
-                    bias_cols = tl.arange(0, WIDTHS[layer + 1])
-                    bias_mask = bias_cols < _width(sizes, layer + 1, WIDTHS, EXACT)
                     dw = matmul(tl.trans(dz), h_in, PRECISION)
                     db = tl.sum(dz, 0)
-                    if EXACT[layer] and EXACT[layer + 1]:
-                        corner_mask = None  # no padding: no mask to compute
-                    if blk > 0:  # fixed order: this program's blocks, one after another
-                        if corner_mask is None:
-                            dw += tl.load(dw_prog + corner)
-                        else:  # padded lanes: 0, not whatever lies beyond the gradient
-                            dw += tl.load(dw_prog + corner, mask=corner_mask, other=0.0)
-                        db += tl.load(db_prog + bias_cols, mask=bias_mask, other=0.0)
-                    tl.store(dw_prog + corner, dw, mask=corner_mask)
-                    tl.store(db_prog + bias_cols, db, mask=bias_mask)
+                    # fixed order: this program's blocks, one after another
+                    if CARRY:
+                        dws = _replaced(dws, layer, dws[layer] + dw, L)
+                        dbs = _replaced(dbs, layer, dbs[layer] + db, L)
+                    else:
+                        if blk > 0:
+                            dw += _load_partial_weight_grad(grad_prog, sizes, layer, DW_AT,
+                                                            WIDTHS, EXACT)  # fmt: skip
+                            db += _load_partial_bias_grad(grad_prog, sizes, layer, DB_AT, WIDTHS,
+                                                          EXACT)  # fmt: skip
+                        _store_partial_grads(grad_prog, dw, db, sizes, layer, DW_AT, DB_AT,
+                                             WIDTHS, EXACT)  # fmt: skip
                 if layer > 0 or (WANT_DX and not NORMS):
                     w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
                     g = matmul(dz, w, PRECISION)
@@ -322,8 +409,15 @@ def _fused_mlp_kernel(
             if WANT_DX and not NORMS:
                 dx_offsets = rn[:, None] * d_in + in_cols[None, :]
                 tl.store(dx_model + dx_offsets, g, mask=x_mask)
-        tl.debug_barrier()  # the next block overwrites the scratch
+        if not (RESIDENT and CARRY):
+            # the next block overwrites the scratch or re-reads the partial gradients, which
+            # other threads of the program may have written
+            tl.debug_barrier()
         _stamp(stamps, 2 * L + 3, PROFILE)
+    if CARRY:
+        for layer in tl.static_range(L):
+            _store_partial_grads(grad_prog, dws[layer], dbs[layer], sizes, layer, DW_AT, DB_AT,
+                                 WIDTHS, EXACT)  # fmt: skip
     if PROFILE:
         tl.store(profile + 2, nanosecond_timer())
 
@@ -377,6 +471,8 @@ class LaunchConfig(NamedTuple):
     blocks_per_split: int
     num_warps: int
     max_registers: int | None = None  # ptxas register cap (None: its own choice)
+    resident: bool = False  # pre-activations kept in registers instead of the scratch
+    carry: bool = False  # parameter gradients summed in registers over a program's blocks
 
 
 def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int) -> LaunchConfig:
@@ -394,7 +490,9 @@ def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int)
     times them all. S: enough programs to fill the GPU (4 per SM) when M
     alone does not; on the interpreter one split is enough. No register cap: at 255
     registers a program of 8 warps has an SM to itself; bench/fused_sweep.py measures the
-    capped alternatives (more programs per SM, some spills) against this choice.
+    capped alternatives (more programs per SM, some spills) against this choice, and the
+    `resident` and `carry` options (off here: on sm_90 they cut a block's barriers and
+    shared and global memory operations, and add spills; bench/results/ptxas_sm90.md).
     """
     if dp == 128:
         block_n = 32
@@ -503,7 +601,7 @@ def fused_mlp(
     per = torch.empty(m, n, **f32)
     d_out = sizes[-1]
     y = torch.empty(m, n, d_out, **f32) if want_y else unused
-    scratch = torch.empty(m, splits, num_layers, block_n, dp, **f32)
+    scratch = unused if config.resident else torch.empty(m, splits, num_layers, block_n, dp, **f32)
     norms = torch.empty(m, n, **f32) if want_norms else unused
     stamps = unused
     if profile is not None:
@@ -528,7 +626,8 @@ def fused_mlp(
         OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
         WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,
-        PROFILE=profile is not None,
+        PROFILE=profile is not None, RESIDENT=config.resident,
+        CARRY=config.carry and want_param_grads,
         num_warps=config.num_warps, maxnreg=config.max_registers,
     )  # fmt: skip
     grads = None, None

@@ -66,7 +66,7 @@ def fused_variants():
                 BLOCK_N=32,
                 HIDDEN_ACT=ACT["gelu"], OUTPUT_ACT=ACT["sigmoid"], LOSS=LOSS["huber"],
                 HAS_WEIGHTS=True,
-                WANT_Y=True, PROFILE=False)  # fmt: skip
+                WANT_Y=True, PROFILE=False, RESIDENT=False, CARRY=False)  # fmt: skip
     types = {"profile_ptr": "*i64", "sizes": ("i32",) * (base["L"] + 1)}
     for precision, (grads, dx, norms, clip) in itertools.product(
         ("float32", "tf32", "bfloat16", "float16"),
@@ -77,6 +77,13 @@ def fused_variants():
         meta = dict(base, PRECISION=PREC[precision], WANT_PARAM_GRADS=grads, WANT_DX=dx,
                     NORMS=norms, CLIP=clip)  # fmt: skip
         yield triton_fused._fused_mlp_kernel, meta, {**types, "w_ptrs": weights}
+    # pre-activations and gradient sums kept in registers (LaunchConfig.resident, .carry)
+    for precision in ("float32", "tf32", "bfloat16"):
+        weights = ({"bfloat16": "*bf16"}.get(precision, "*fp32"),) * base["L"]
+        for resident, carry in ((True, False), (False, True), (True, True)):
+            kept = dict(base, PRECISION=PREC[precision], WANT_PARAM_GRADS=True, WANT_DX=True,
+                        NORMS=True, CLIP=True, RESIDENT=resident, CARRY=carry)  # fmt: skip
+            yield triton_fused._fused_mlp_kernel, kept, {**types, "w_ptrs": weights}
     # float32 as three tf32 products (float32_matmul="tf32x3"), every pass on
     x3 = dict(base, PRECISION=TF32X3, WANT_PARAM_GRADS=True, WANT_DX=True, NORMS=True, CLIP=True)
     yield triton_fused._fused_mlp_kernel, x3, types

@@ -34,9 +34,9 @@ def main() -> int:
 
     code = triton_engine.precision_code("float32")
     config = triton_fused.launch_config(128, 256, 4, torch.device("cpu"), code)
-    chosen = (config.block_n, config.num_warps, None)
-    found = ptxas_report.row("float32", *chosen, False, False, chosen, ptxas_report.WIDE_SIZES)
-    registers, spills = found[6], found[7]
+    chosen = (config.block_n, config.num_warps, None, config.resident, config.carry)
+    found = ptxas_report.row("float32", chosen, False, False, chosen, ptxas_report.WIDE_SIZES)
+    registers, spills = found[8], found[9]
     stores = int(spills.split(" / ")[0])
     print(f"float32 {ptxas_report.WIDE_SIZES} at {chosen[:2]}: {registers} registers, "
           f"spill stores / loads {spills} B")  # fmt: skip

@@ -19,4 +19,4 @@ def test_every_swept_configuration_agrees_with_the_chosen_one():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for label in ("float32", "float32 tf32x3"):  # IEEE FMAs, and three tf32 products
         rows = {line for line in done.stdout.splitlines() if line.startswith(f"| {label} |")}
-        assert len(rows) == 10 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
+        assert len(rows) == 22 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1

@@ -227,3 +227,39 @@ def test_float64_is_refused():
     tensors = random_job(ODD_SIZES, 1, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         triton_engine.run(ensemble_job(tensors, ODD_SIZES, precision="float64"), DEVICE)
+
+
+@pytest.mark.parametrize(
+    "sizes, n, options, private",
+    [
+        (MIXED_SIZES, 70, dict(hidden="gelu", loss="huber"), False),  # 3 blocks of 32
+        (ODD_SIZES, 37, dict(hidden="leaky_relu", output="leaky_relu", output_slope=0.3), False),
+        (EXACT_SIZES, 21, dict(hidden="tanh", loss="cross_entropy"), True),  # norm pass, clip
+        ((4, 3), 5, dict(hidden="relu", output="sigmoid"), False),  # one layer
+    ],
+    ids=["blocks", "slopes", "private", "one_layer"],
+)
+def test_values_kept_in_registers_give_the_same_bits(monkeypatch, sizes, n, options, private):
+    """LaunchConfig.resident keeps each layer's pre-activation in registers instead of the
+    program's scratch, LaunchConfig.carry the sums of the parameter gradients over a
+    program's blocks instead of its row of partial gradients: the same float32 values added
+    in the same order, so the same bits, and the oracle's results."""
+    tensors = random_job(sizes, 2, n, loss=options.get("loss", "mse"), sample_weights=True,
+                         seed=n)  # fmt: skip
+    job = ensemble_job(tensors, sizes, **options)
+    if private:
+        job.privacy = kernels.Privacy(0.5)
+    from gradserve.kernels import triton_fused
+
+    chosen, results = triton_fused.launch_config, []
+    for resident, carry in ((False, False), (True, False), (False, True), (True, True)):
+        config = lambda *args, r=resident, c=carry: chosen(*args)._replace(resident=r, carry=c)  # noqa: E731
+        monkeypatch.setattr(triton_fused, "launch_config", config)
+        results.append(engine_tensors(triton_engine.run(job, DEVICE)))
+    memory = results[0]
+    for registers in results[1:]:
+        assert memory.keys() == registers.keys()
+        for name in memory:
+            assert torch.equal(memory[name], registers[name]), name
+        if not private:  # the clipped sums have their own oracle (test_privacy.py)
+            assert_matches_oracle(registers, oracle_for(sizes, tensors, **options), "float32")
