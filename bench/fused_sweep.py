@@ -130,12 +130,22 @@ def main():
         help="processes compiling the kernels ahead of the timing run (default: one per "
         "CPU core up to 16 on a GPU, none on the CPU)",
     )  # fmt: skip
+    parser.add_argument(
+        "--precisions", default=None,
+        help=f"comma-separated rows to time (default: {','.join(PRECISIONS)}; "
+        "'float32 tf32x3' is written float32-tf32x3)",
+    )  # fmt: skip
     parser.add_argument("--compile-share", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device("cpu" if args.cpu_check else "cuda")
     m, n, sizes = CPU_CHECK if args.cpu_check else TARGET
     dp = triton_fused.padded_width(sizes)
     precisions = ("float32", "float32 tf32x3") if args.cpu_check else PRECISIONS
+    if args.precisions:
+        precisions = tuple(p.replace("-", " ") for p in args.precisions.split(","))
+        unknown = set(precisions) - set(PRECISIONS)
+        if unknown:
+            parser.error(f"unknown precisions {sorted(unknown)}: choose from {PRECISIONS}")
     runs = [(label, config) for label in precisions for config in [(), *CONFIGS]]
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
         for label, config in share(runs, args.compile_share):
@@ -147,7 +157,10 @@ def main():
     if workers is None:
         workers = 0 if args.cpu_check else min(16, os.cpu_count() or 1, len(runs))
     if workers:
-        compile_in_parallel(__file__, workers, ["--cpu-check"] if args.cpu_check else [])
+        passed = ["--cpu-check"] if args.cpu_check else []
+        if args.precisions:
+            passed += ["--precisions", args.precisions]
+        compile_in_parallel(__file__, workers, passed)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     lines = [
         f"# Fused kernel launch configurations on {card}",
