@@ -25,6 +25,7 @@ import time
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
@@ -150,8 +151,11 @@ def main():
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
         for label, config in share(runs, args.compile_share):
             precision, method = precision_and_method(label)
-            run_with(make_job(m, n, sizes, precision, device), device, *config or (None,) * 5,
-                     float32_matmul=method)  # fmt: skip
+            try:
+                run_with(make_job(m, n, sizes, precision, device), device,
+                         *config or (None,) * 5, float32_matmul=method)  # fmt: skip
+            except OutOfResources:  # compiled, does not launch: the timing run says so
+                pass
         return
     workers = args.compile_workers
     if workers is None:
@@ -191,7 +195,16 @@ def main():
         t_eager = median_ms(lambda job=job: torch_engine.run(job, device), device)
         for config in CONFIGS:
             block_n, warps, cap, resident, carry = config
-            result = run_with(job, device, *config, float32_matmul=method)
+            kept = "registers" if resident else "scratch"
+            sums = "registers" if carry else "partials"
+            try:
+                result = run_with(job, device, *config, float32_matmul=method)
+            except OutOfResources as error:  # a row that says so, and the sweep goes on
+                lines.append(f"| {label} | {block_n} | {warps} | {cap or ''} | {kept} | {sums} "
+                             f"| does not fit: {error} | | | | |")  # fmt: skip
+                print(lines[-1], flush=True)
+                write_lines(args.out, lines)
+                continue
             diff = largest_difference(result, chosen)
             worst = max(worst, diff)
             t = median_ms(
@@ -199,8 +212,6 @@ def main():
                 device,
             )
             mark = "yes" if config == own_config else ""
-            kept = "registers" if resident else "scratch"
-            sums = "registers" if carry else "partials"
             lines.append(
                 f"| {label} | {block_n} | {warps} | {cap or ''} | {kept} | {sums} | {t:.3f} "
                 f"| {t_chosen / t:.2f}x | {t_eager / t:.2f}x | {diff:.1e} | {mark} |"

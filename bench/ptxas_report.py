@@ -125,7 +125,8 @@ def row(label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES)
     per_sm = min(65536 // (int(regs) * 32 * warps), 232448 // max(1, compiled.metadata.shared))
     return [label, block_n, warps, cap or "", "registers" if resident else "scratch",
             "registers" if carry else "partials",
-            "yes" if dp_pass else "", str(widths), regs, spills, frame, per_sm,
+            "yes" if dp_pass else "", str(widths), regs, spills, frame,
+            compiled.metadata.shared // 1024, per_sm,
             sum(ops.values()), *counts, "yes" if tuple(config) == chosen else ""]  # fmt: skip
 
 
@@ -166,6 +167,7 @@ def main() -> None:
             "registers",
             "spill stores / loads (B)",
             "stack frame (B)",
+            "shared memory (KB)",
             "programs per SM",
             "SASS instructions",
             *CLASSES,

@@ -179,7 +179,7 @@ def _ieee_dot(a, b):
     """a @ b on the FMA units, in K-chunks of at most 32. With a whole 128-long K in one
     dot, ptxas gave the fused kernel 32 registers and ~55 KB of spills per thread (over
     half its instructions local loads and stores); in chunks it keeps 255 registers and
-    spills under 1.5 KB (tests/kernels/register_spills_check.py)."""
+    spills under 1.5 KB (tests/kernels/sm90_resources_check.py)."""
     K: tl.constexpr = a.shape[1]
     if K > 64:
         a0, a1, b0, b1 = _k_halves(a, b)

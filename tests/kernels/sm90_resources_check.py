@@ -1,0 +1,65 @@
+"""The fused kernel fits an H100's SM at the configurations it is launched with (no GPU
+needed): registers without heavy spills, and shared memory.
+
+Spills: Triton lowers an IEEE float32 tl.dot to FMAs, and with a whole 128-long K in one
+dot ptxas gave the fused kernel 32 registers and ~55 KB of spill stores per thread (sm_90,
+triton 3.6 and 3.9): over half of its instructions were local-memory loads and stores. The
+kernels multiply in K-chunks of 32 (triton_common._ieee_dot), which keeps it in registers.
+
+Shared memory: with the parameter-gradient sums carried across the loop over blocks
+(LaunchConfig.carry), Triton's software pipeliner buffered that loop into 352 KB of shared
+memory at tf32 128/8, more than an SM has (227 KB): the launch would fail. fused_mlp
+launches with num_stages=1; the configurations the GPU sweep times with `carry` are checked
+here.
+
+This compiles the kernel through the engine's own launcher for sm_90 (ptxas as Triton
+ships it); run by tests/kernels/test_sm90_resources.py in a subprocess, because
+TRITON_INTERPRET must be off when kernels are defined.
+
+Usage: python -m tests.kernels.sm90_resources_check
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run with the interpreter off"
+
+import torch  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+from bench.compile_only import CompileOnlyDriver  # noqa: E402
+
+# Spill stores per thread allowed. With K-chunks: 0.4 KB (triton 3.6), 1.2 KB (3.9).
+MAX_SPILL_BYTES = 8192
+# Shared memory one thread block may use on sm_90 (227 KB).
+SM90_SHARED_BYTES = 232448
+
+
+def main() -> int:
+    driver.set_active(CompileOnlyDriver())
+    from bench import fused_sweep, ptxas_report
+    from gradserve.kernels import triton_engine, triton_fused
+
+    code = triton_engine.precision_code("float32")
+    config = triton_fused.launch_config(128, 256, 4, torch.device("cpu"), code)
+    chosen = (config.block_n, config.num_warps, None, config.resident, config.carry)
+    found = ptxas_report.row("float32", chosen, False, False, chosen, ptxas_report.WIDE_SIZES)
+    registers, spills = found[8], found[9]
+    stores = int(spills.split(" / ")[0])
+    print(f"float32 {ptxas_report.WIDE_SIZES} at {chosen[:2]}: {registers} registers, "
+          f"spill stores / loads {spills} B")  # fmt: skip
+    assert stores <= MAX_SPILL_BYTES, f"{stores} B of spill stores per thread"
+
+    job = fused_sweep.make_job(4, 256, ptxas_report.TARGET_SIZES, "tf32", torch.device("cpu"))
+    for swept in fused_sweep.CONFIGS:
+        if swept[4] and swept[:2] in ((128, 8), (64, 4), (32, 4)):  # carry
+            shared = ptxas_report.compile_through_launcher(job, swept).metadata.shared
+            print(f"tf32 {ptxas_report.TARGET_SIZES} at {swept}: {shared} B of shared memory")
+            assert shared <= SM90_SHARED_BYTES, f"{swept}: {shared} B of shared memory"
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
