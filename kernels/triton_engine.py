@@ -52,8 +52,9 @@ def available() -> bool:
     return torch.cuda.is_available() or interpreted()
 
 
-# bf16/fp16 jobs hand the fused kernel narrow weights: they are matmul operands only, and
-# half the bytes means half the weight loads and registers.
+# bf16/fp16 jobs hand the kernels narrow weights (and the per-layer path narrow inputs and
+# hidden activations): they are matmul operands only, rounded to this dtype by the matmul
+# anyway, and half the bytes means half the loads and registers.
 NARROW_WEIGHTS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -126,8 +127,11 @@ def run(
             )
     else:
         norms = None
+        narrow = NARROW_WEIGHTS.get(job.precision)
+        if narrow:
+            weights, x = [w.to(narrow) for w in weights], x.to(narrow)
         (weight_grads, bias_grads), dx, per, y = triton_layered.layered_mlp(
-            weights, biases, x, targets, sample_weights, **options
+            weights, biases, x, targets, sample_weights, **options, narrow=narrow
         )
     return EnsembleResult(
         loss=per.sum(dim=1) * scale,

@@ -207,10 +207,19 @@ def layered_mlp(
     want_param_grads,
     want_dx,
     want_y,
+    narrow: torch.dtype | None = None,
 ):
-    """Forward, loss and backward layer by layer. weights[i] [M, d(i+1), d(i)] fp32,
-    biases[i] [M, d(i+1)], x [M, N, d0] or [N, d0]. Returns (weight grads, bias grads) or
-    (None, None), dx or None, per-sample losses [M, N], outputs or None."""
+    """Forward, loss and backward layer by layer. weights[i] [M, d(i+1), d(i)] fp32 (or
+    `narrow`), biases[i] [M, d(i+1)] fp32, x [M, N, d0] or [N, d0] (fp32 or `narrow`).
+    Returns (weight grads, bias grads) or (None, None), dx or None, per-sample losses
+    [M, N], outputs or None.
+
+    `narrow` (bf16/fp16 jobs): the matmul operands' dtype. The weights and inputs come in
+    it, and the hidden activations are stored in it: they are matmul operands only, and
+    would be rounded to it anyway, so the results are the same bits, with half the bytes
+    loaded and the tensor cores' shared-memory operand read as loaded, not converted first.
+    Pre-activations, outputs and dLoss/dZ stay fp32 (activation derivatives, the loss and
+    the bias gradients' sums need them)."""
     m = weights[0].shape[0]
     n = x.shape[-2]
     num_layers = len(weights)
@@ -220,7 +229,8 @@ def layered_mlp(
         last = i == num_layers - 1
         act, slope = (output_act, output_slope) if last else (hidden_act, hidden_slope)
         z = torch.empty(m, n, w.shape[1], **f32)
-        h = torch.empty(m, n, w.shape[1], **f32)
+        h_dtype = narrow if narrow is not None and not last else torch.float32
+        h = torch.empty(m, n, w.shape[1], device=x.device, dtype=h_dtype)
         # W^T as a [K=d_in, Q=d_out] operand: strides of W swapped, no copy
         batched_matmul(
             hs[-1],

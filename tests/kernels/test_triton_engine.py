@@ -263,3 +263,35 @@ def test_values_kept_in_registers_give_the_same_bits(monkeypatch, sizes, n, opti
             assert torch.equal(memory[name], registers[name]), name
         if not private:  # the clipped sums have their own oracle (test_privacy.py)
             assert_matches_oracle(registers, oracle_for(sizes, tensors, **options), "float32")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+def test_per_layer_path_with_narrow_operands_gives_the_same_bits(shared):
+    """float16/bfloat16 jobs on the per-layer path take their weights and inputs in the
+    narrow dtype and store hidden activations in it (triton_layered.layered_mlp's `narrow`):
+    operands the matmul rounds to that dtype anyway, so the bits of fp32 operands."""
+    if "float16" not in triton_engine.precisions():
+        pytest.skip("float16 is not computed here")
+    from gradserve.kernels import triton_layered
+    from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES
+
+    sizes = (5, 150, 140, 3)  # two hidden layers wider than 128: both stored narrow
+    tensors = random_job(sizes, 2, 19, shared_inputs=shared, sample_weights=True, seed=5)
+    weights = [tensors[f"layers.{i}.weight"] for i in range(3)]
+    biases = [tensors[f"layers.{i}.bias"] for i in range(3)]
+    options = dict(
+        hidden_act=ACTIVATION_CODES["tanh"], output_act=ACTIVATION_CODES["identity"],
+        hidden_slope=0.01, output_slope=0.01, loss=LOSS_CODES["mse"], delta=1.0, scale=0.5,
+        precision=triton_engine.precision_code("float16"), want_param_grads=True,
+        want_dx=True, want_y=True,
+    )  # fmt: skip
+    x, t, sw = tensors["inputs"], tensors["targets"], tensors["sample_weights"]
+    wide = triton_layered.layered_mlp(weights, biases, x, t, sw, **options)
+    narrow = triton_layered.layered_mlp(
+        [w.half() for w in weights], biases, x.half(), t, sw, **options, narrow=torch.float16
+    )
+    (wide_dw, wide_db), *wide_rest = wide
+    (narrow_dw, narrow_db), *narrow_rest = narrow
+    for a, b in zip(wide_dw + wide_db + wide_rest, narrow_dw + narrow_db + narrow_rest,
+                    strict=True):  # fmt: skip
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
