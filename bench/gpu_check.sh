@@ -7,8 +7,9 @@
 # shape (bench/fused_phases.py: $OUT/fused_phases.md) and times its launch configurations
 # at the target shape (bench/fused_sweep.py, 22 configurations per precision, all compiled
 # first in parallel; rows are written as measured, so a cut-off run keeps them):
-# $OUT/fused_sweep.md. `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those
-# precisions' configurations and skips the phases (about a third of the time of all four).
+# $OUT/fused_sweep.md. First it runs the tests that check the register-kept launch options
+# against the default bit for bit (register_options_tests.log). `bash bench/gpu_check.sh
+# sweep tf32,bfloat16` times only those precisions' configurations and skips the phases.
 # Python packages missing on the machine can be carried as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,12 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$OUT/env.txt"
 
 if [ "${1:-}" = sweep ]; then
+  # The launch options that keep values in registers drop barriers: on the hardware, check
+  # that they give the default's bits (random jobs, blocks of 16 samples).
+  echo "== values kept in registers: the same bits as the default"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -n 16 -k "registers or same_bits" \
+    tests/kernels/test_option_combinations.py tests/kernels/test_triton_engine.py 2>&1 \
+    | tee "$OUT/register_options_tests.log" | tail -3
   if [ -n "${2:-}" ]; then
     echo "== fused kernel launch configurations: $2"
     timeout 400 python3 bench/fused_sweep.py --out "$OUT/fused_sweep.md" --precisions "$2" \
@@ -61,7 +68,7 @@ timeout 300 python3 -m pytest -v -p no:cacheprovider -n 16 tests/kernels/test_gp
 tests_status=${PIPESTATUS[0]}
 # Random option combinations (odd widths, shared and per-model tensors, slopes, outputs)
 # against the oracle on the GPU's kernels: one compile per seed, so kept to its own minute.
-timeout 60 python3 -m pytest -q -p no:cacheprovider -n 16 \
+timeout 60 python3 -m pytest -q -p no:cacheprovider -n 16 -k "not registers" \
   tests/kernels/test_option_combinations.py 2>&1 | tee "$OUT/option_tests.log" | tail -3
 
 echo "== kernel benchmark"

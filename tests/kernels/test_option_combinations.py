@@ -12,6 +12,7 @@ tolerance applies; the seeds are fixed, so a failure names a job to rerun.
 import random
 
 import pytest
+import torch
 
 from gradserve import kernels
 from gradserve.kernels import torch_engine, triton_engine
@@ -103,3 +104,32 @@ def test_random_option_combinations_match_the_oracle(seed):
             "per_sample_grad_norm", got.per_sample_grad_norm.cpu(),
             reference.per_sample_grad_norm, "float32",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(0, 64, 2))
+def test_random_jobs_give_the_same_bits_with_values_kept_in_registers(seed, monkeypatch):
+    """The fused kernel's `resident` and `carry` launch options (pre-activations and
+    gradient sums in registers) against the default, in blocks of 16 samples so that most
+    programs walk several blocks: the same sums in the same order, so the same bits."""
+    from gradserve.kernels import triton_fused
+
+    job, _, _ = draw_job(seed)
+    if max(job.mlp.layer_sizes) > triton_engine.FUSED_MAX_WIDTH:
+        pytest.skip("the per-layer path has no launch options")
+    device = "cuda" if triton_engine.available() and not triton_engine.interpreted() else "cpu"
+    chosen = triton_fused.launch_config
+    results = []
+    for resident, carry in ((False, False), (True, True), (False, True)):
+
+        def config(dp, n, m, dev, precision, r=resident, c=carry):
+            splits = triton_fused.sample_splits(n, 16, m, dev)
+            return chosen(dp, n, m, dev, precision)._replace(
+                block_n=16, splits=splits[0], blocks_per_split=splits[1], resident=r, carry=c
+            )
+
+        monkeypatch.setattr(triton_fused, "launch_config", config)
+        results.append(engine_tensors(triton_engine.run(job, device)))
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        for name, value in results[0].items():
+            assert torch.equal(value, other[name]), name
