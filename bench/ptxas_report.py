@@ -3,13 +3,17 @@
 Triton lowers the kernel to PTX and a cubin here (as tests/kernels/compile_for_gpu.py
 does); ptxas -v reports each specialisation's registers, spill bytes and stack frame, and
 the disassembled cubin gives its instruction mix: the kernel body is fully unrolled over
-the layers, so its static instruction count is what one block of BLOCK_N samples executes.
-Spills to local memory are the first suspect when a configuration is slow on the GPU; the
-instruction count says how much work a change saves per block. Rows cover the launch
-configurations bench/fused_sweep.py times (BLOCK_N, warps, register cap) at the benchmark
-target [32, 64, 64, 64, 1], per precision and with the DP norm and clip passes, plus the
-same kernel with every layer padded to the widest (64) for comparison. "Programs per SM"
-is what registers and shared memory allow: a latency-bound kernel wants more than one.
+the layers, so its static instruction count is about what one block of BLOCK_N samples
+executes (with `carry`, it also counts the gradients' stores after the last block). Spills
+to local memory are the first suspect when a configuration is slow on the GPU; the
+instruction count says how much work a change saves per block, the barrier and shared
+memory counts how much synchronisation and layout traffic. Rows cover the launch
+configurations bench/fused_sweep.py times (BLOCK_N, warps, register cap, pre-activations
+and gradient sums in memory or in registers) at the benchmark target [32, 64, 64, 64, 1],
+per precision and, for the default memory placement, with the DP norm and clip passes,
+plus the same kernel with every layer padded to the widest (64) for comparison. "Programs
+per SM" is what registers and shared memory allow: a latency-bound kernel wants more than
+one.
 None of it predicts time: measure on a GPU before changing triton_fused.launch_config.
 Usage: env -u TRITON_INTERPRET python bench/ptxas_report.py
 """
