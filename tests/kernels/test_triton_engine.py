@@ -253,7 +253,10 @@ def test_values_kept_in_registers_give_the_same_bits(monkeypatch, sizes, n, opti
 
     chosen, results = triton_fused.launch_config, []
     for resident, carry in ((False, False), (True, False), (False, True), (True, True)):
-        config = lambda *args, r=resident, c=carry: chosen(*args)._replace(resident=r, carry=c)  # noqa: E731
+
+        def config(*args, r=resident, c=carry):
+            return chosen(*args)._replace(resident=r, carry=c)
+
         monkeypatch.setattr(triton_fused, "launch_config", config)
         results.append(engine_tensors(triton_engine.run(job, DEVICE)))
     memory = results[0]
@@ -277,6 +280,7 @@ def test_per_layer_path_with_narrow_operands_gives_the_same_bits(shared):
 
     sizes = (5, 150, 140, 3)  # two hidden layers wider than 128: both stored narrow
     tensors = random_job(sizes, 2, 19, shared_inputs=shared, sample_weights=True, seed=5)
+    tensors = {name: value.to(DEVICE) for name, value in tensors.items()}
     weights = [tensors[f"layers.{i}.weight"] for i in range(3)]
     biases = [tensors[f"layers.{i}.bias"] for i in range(3)]
     options = dict(
