@@ -53,6 +53,8 @@ from gradserve.kernels.triton_common import (
     sm_id,
 )
 
+NEGATIVE_ZERO_BITS = tl.constexpr(-(2**31))  # -0.0 as an int32 bit pattern (0x80000000)
+
 
 @triton.jit
 def _block_tile(rows, WIDTH: tl.constexpr, DP: tl.constexpr):
@@ -287,13 +289,18 @@ def _fused_mlp_kernel(
         tl.store(profile, sm_id().to(tl.int64))
         tl.store(profile + 1, nanosecond_timer())
 
-    # CARRY: each layer's weight and bias gradient summed over the program's blocks
+    # CARRY: each layer's weight and bias gradient summed over the program's blocks, from
+    # -0.0, the identity of float addition (+0.0 would turn a -0.0 sum into +0.0): the bits
+    # of the partial-gradient row, which starts from the first block's sum. Written as its
+    # bit pattern: Triton makes any constant equal to 0 a +0.0.
     dws = ()
     dbs = ()
     if CARRY:
         for layer in tl.static_range(L):
-            dws = dws + (tl.full([WIDTHS[layer + 1], WIDTHS[layer]], 0.0, tl.float32),)
-            dbs = dbs + (tl.full([WIDTHS[layer + 1]], 0.0, tl.float32),)
+            dw0 = tl.full([WIDTHS[layer + 1], WIDTHS[layer]], NEGATIVE_ZERO_BITS, tl.int32)
+            db0 = tl.full([WIDTHS[layer + 1]], NEGATIVE_ZERO_BITS, tl.int32)
+            dws = dws + (dw0.to(tl.float32, bitcast=True),)
+            dbs = dbs + (db0.to(tl.float32, bitcast=True),)
 
     for blk in range(0, blocks_per_split):
         stamps = profile + 3 + blk * (2 * L + 4)

@@ -181,3 +181,13 @@ def assert_matches_oracle(
     assert not missing, f"results missing: {missing}"
     for name, value in expected.items():
         assert_close_per_model(name, got[name], value, precision, tol)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Identical bit patterns (torch.equal takes -0.0 for 0.0; NaNs for unequal)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))

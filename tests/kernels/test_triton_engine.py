@@ -14,6 +14,7 @@ from tests.oracle import (
     assert_matches_oracle,
     engine_tensors,
     oracle_for,
+    same_bits,
 )
 
 ODD_SIZES = (5, 13, 7, 3)
@@ -263,7 +264,7 @@ def test_values_kept_in_registers_give_the_same_bits(monkeypatch, sizes, n, opti
     for registers in results[1:]:
         assert memory.keys() == registers.keys()
         for name in memory:
-            assert torch.equal(memory[name], registers[name]), name
+            assert same_bits(memory[name], registers[name]), name
         if not private:  # the clipped sums have their own oracle (test_privacy.py)
             assert_matches_oracle(registers, oracle_for(sizes, tensors, **options), "float32")
 
@@ -298,4 +299,31 @@ def test_per_layer_path_with_narrow_operands_gives_the_same_bits(shared):
     (narrow_dw, narrow_db), *narrow_rest = narrow
     for a, b in zip(wide_dw + wide_db + wide_rest, narrow_dw + narrow_db + narrow_rest,
                     strict=True):  # fmt: skip
-        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+        assert a.dtype == torch.float32 and same_bits(a, b)
+
+
+def test_gradient_sums_kept_in_registers_give_the_same_bits_for_zero_gradients(monkeypatch):
+    """A dead relu unit whose upstream gradient is negative for every sample has dLoss/dz
+    -0.0 throughout, so its bias gradient is a sum of -0.0s, whose sign depends on how the
+    sum starts (the interpreter's sums give +0.0, a GPU's may not). LaunchConfig.carry starts
+    from -0.0, the identity of float addition, so it keeps whatever sign the partial-gradient
+    row gets."""
+    from gradserve.kernels import triton_fused
+
+    sizes = (3, 4, 1)
+    tensors = random_job(sizes, 1, 32, seed=3)  # one full block: no padding rows (+0.0)
+    tensors["layers.0.bias"][0, 2] = -100.0  # unit 2 never fires
+    tensors["layers.1.weight"][0, 0, 2] = -1.0  # and its upstream gradient is negative
+    tensors["targets"] = tensors["targets"] - 100.0  # outputs above targets: dLoss/dy > 0
+    job = ensemble_job(tensors, sizes, hidden="relu")
+    chosen, results = triton_fused.launch_config, []
+    for carry in (False, True):
+
+        def config(*args, c=carry):
+            return chosen(*args)._replace(carry=c)
+
+        monkeypatch.setattr(triton_fused, "launch_config", config)
+        results.append(engine_tensors(triton_engine.run(job, DEVICE)))
+    assert results[0]["layers.0.bias.grad"][0, 2].item() == 0.0
+    for name, value in results[0].items():
+        assert same_bits(value, results[1][name]), name
