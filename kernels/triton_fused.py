@@ -87,25 +87,38 @@ def _weight_tile(sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXACT: tl.con
 
 
 @triton.jit
+def _padded_tile(base, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXACT: tl.constexpr):
+    """The row-major [d(layer+1), d(layer)] matrix at `base` (a weight or its gradient),
+    zero-padded to [P(layer+1), P(layer)]."""
+    offsets, mask = _weight_tile(sizes, layer, WIDTHS, EXACT)
+    if EXACT[layer] and EXACT[layer + 1]:
+        tile = tl.load(base + offsets)  # no padding: no mask to compute
+    else:  # padded lanes: 0, not whatever lies beyond the matrix
+        tile = tl.load(base + offsets, mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def _padded_vector(base, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXACT: tl.constexpr):
+    """The [d(layer+1)] vector at `base` (a bias or its gradient), zero-padded to
+    [P(layer+1)]."""
+    cols = tl.arange(0, WIDTHS[layer + 1])
+    return tl.load(base + cols, mask=cols < _width(sizes, layer + 1, WIDTHS, EXACT), other=0.0)
+
+
+@triton.jit
 def _layer_weight(w_ptrs, m, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXACT: tl.constexpr):
     """Model m's weight of `layer`, zero-padded to [P(layer+1), P(layer)]."""
     d_in = _width(sizes, layer, WIDTHS, EXACT)
     d_out = _width(sizes, layer + 1, WIDTHS, EXACT)
-    offsets, mask = _weight_tile(sizes, layer, WIDTHS, EXACT)
-    w_model = w_ptrs[layer] + m * (d_out * d_in)
-    if EXACT[layer] and EXACT[layer + 1]:
-        w = tl.load(w_model + offsets)  # no padding: no mask to compute
-    else:
-        w = tl.load(w_model + offsets, mask=mask, other=0.0)
-    return w
+    return _padded_tile(w_ptrs[layer] + m * (d_out * d_in), sizes, layer, WIDTHS, EXACT)
 
 
 @triton.jit
 def _layer_bias(b_ptrs, m, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXACT: tl.constexpr):
     """Model m's bias of `layer`, zero-padded to [P(layer+1)]."""
     d_out = _width(sizes, layer + 1, WIDTHS, EXACT)
-    cols = tl.arange(0, WIDTHS[layer + 1])
-    return tl.load(b_ptrs[layer] + m * d_out + cols, mask=cols < d_out, other=0.0)
+    return _padded_vector(b_ptrs[layer] + m * d_out, sizes, layer, WIDTHS, EXACT)
 
 
 @triton.jit
@@ -118,31 +131,6 @@ def _replaced(values, index: tl.constexpr, value, COUNT: tl.constexpr):
         else:
             out = out + (values[i],)
     return out
-
-
-@triton.jit
-def _load_partial_weight_grad(
-    grad_prog, sizes, layer: tl.constexpr, DW_AT: tl.constexpr, WIDTHS: tl.constexpr,
-    EXACT: tl.constexpr,
-):  # fmt: skip
-    """The program's weight gradient of `layer` so far, zero-padded to its tile."""
-    corner, corner_mask = _weight_tile(sizes, layer, WIDTHS, EXACT)
-    if EXACT[layer] and EXACT[layer + 1]:
-        dw = tl.load(grad_prog + DW_AT[layer] + corner)  # no padding: no mask to compute
-    else:  # padded lanes: 0, not whatever lies beyond the gradient
-        dw = tl.load(grad_prog + DW_AT[layer] + corner, mask=corner_mask, other=0.0)
-    return dw
-
-
-@triton.jit
-def _load_partial_bias_grad(
-    grad_prog, sizes, layer: tl.constexpr, DB_AT: tl.constexpr, WIDTHS: tl.constexpr,
-    EXACT: tl.constexpr,
-):  # fmt: skip
-    """The program's bias gradient of `layer` so far, zero-padded to its width."""
-    cols = tl.arange(0, WIDTHS[layer + 1])
-    mask = cols < _width(sizes, layer + 1, WIDTHS, EXACT)
-    return tl.load(grad_prog + DB_AT[layer] + cols, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -403,10 +391,10 @@ def _fused_mlp_kernel(
                         dbs = _replaced(dbs, layer, dbs[layer] + db, L)
                     else:
                         if blk > 0:
-                            dw += _load_partial_weight_grad(grad_prog, sizes, layer, DW_AT,
-                                                            WIDTHS, EXACT)  # fmt: skip
-                            db += _load_partial_bias_grad(grad_prog, sizes, layer, DB_AT, WIDTHS,
-                                                          EXACT)  # fmt: skip
+                            dw += _padded_tile(grad_prog + DW_AT[layer], sizes, layer, WIDTHS,
+                                               EXACT)  # fmt: skip
+                            db += _padded_vector(grad_prog + DB_AT[layer], sizes, layer, WIDTHS,
+                                                 EXACT)  # fmt: skip
                         _store_partial_grads(grad_prog, dw, db, sizes, layer, DW_AT, DB_AT,
                                              WIDTHS, EXACT)  # fmt: skip
                 if layer > 0 or (WANT_DX and not NORMS):
