@@ -423,31 +423,39 @@ def _sum_partials_kernel(
     out_ptr,  # [R, C] fp32
     S,
     C,
+    lengths,  # each segment's length (elements)
+    STARTS: tl.constexpr,  # each segment's first column
     BLOCK: tl.constexpr,
 ):
-    """out[r] = sum over s of partial[r, s], s ascending: a fixed-order reduction."""
+    """out[r, c] = sum over s of partial[r, s, c], s ascending (a fixed-order reduction),
+    for the columns c in the segments [STARTS[i], STARTS[i] + lengths[i]); the columns
+    between them are neither read (programs never write them) nor written."""
     # grid = (R, cdiv(C, BLOCK))
     r = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < C
+    mask = offs < 0  # all False
+    for i in tl.static_range(len(STARTS)):
+        mask = mask | ((offs >= STARTS[i]) & (offs < STARTS[i] + lengths[i]))
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, S):
         acc += tl.load(partial_ptr + (r * S + s) * C + offs, mask=mask, other=0.0)
     tl.store(out_ptr + r * C + offs, acc, mask=mask)
 
 
-def sum_partials(partial: torch.Tensor) -> torch.Tensor:
-    """[R, S, ...] -> [R, ...] summed over S in a fixed order (no atomics)."""
-    r, s = partial.shape[:2]
+def sum_partials(partial: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """[R, S, C] -> [R, C] summed over S in a fixed order (no atomics), over the columns of
+    the (start, length) `segments` only: the other columns of the result are left unset."""
+    r, s, c = partial.shape
     if s == 1:
         return partial[:, 0]
-    flat = partial.reshape(r, s, -1)
-    out = torch.empty(r, flat.shape[2], device=partial.device, dtype=torch.float32)
+    out = torch.empty(r, c, device=partial.device, dtype=torch.float32)
+    starts, lengths = zip(*segments, strict=True)
+    assert all(0 <= start and start + length <= c for start, length in segments), segments
     block = 1024
-    _sum_partials_kernel[(r, triton.cdiv(flat.shape[2], block))](
-        flat, out, s, flat.shape[2], BLOCK=block
+    _sum_partials_kernel[(r, triton.cdiv(c, block))](
+        partial, out, s, c, lengths, STARTS=starts, BLOCK=block
     )
-    return out.reshape(r, *partial.shape[2:])
+    return out
 
 
 def padded_width(layer_sizes) -> int:
@@ -632,13 +640,15 @@ def fused_mlp(
     )  # fmt: skip
     grads = None, None
     if want_param_grads:
-        summed = sum_partials(partials)  # [M, G]
         shapes = list(zip(sizes[1:], sizes[:-1], strict=True))  # (d(i+1), d(i))
+        weight_at = [(at, d1 * d0) for at, (d1, d0) in zip(layout.weight_offsets, shapes,
+                                                           strict=True)]  # fmt: skip
+        bias_at = [(at, d1) for at, (d1, _) in zip(layout.bias_offsets, shapes, strict=True)]
+        summed = sum_partials(partials, weight_at + bias_at)  # [M, GRAD_ROW]
         grads = (
-            [summed[:, at : at + d1 * d0].view(m, d1, d0)
-             for at, (d1, d0) in zip(layout.weight_offsets, shapes, strict=True)],
-            [summed[:, at : at + d1]
-             for at, (d1, _) in zip(layout.bias_offsets, shapes, strict=True)],
+            [summed[:, at : at + count].view(m, *shape)
+             for (at, count), shape in zip(weight_at, shapes, strict=True)],
+            [summed[:, at : at + count] for at, count in bias_at],
         )  # fmt: skip
     return (
         grads,

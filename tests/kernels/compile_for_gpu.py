@@ -94,7 +94,9 @@ def fused_variants():
     profiled = dict(base, PRECISION=PREC["tf32"], WANT_PARAM_GRADS=True, WANT_DX=True,
                     NORMS=True, CLIP=False, PROFILE=True)  # fmt: skip
     yield triton_fused._fused_mlp_kernel, profiled, types
-    yield triton_fused._sum_partials_kernel, dict(BLOCK=1024), {}
+    # the fused kernel's partial gradients of three layers: weight and bias segments
+    segments = dict(BLOCK=1024, STARTS=(*layout.weight_offsets, *layout.bias_offsets))
+    yield triton_fused._sum_partials_kernel, segments, {"lengths": ("i32",) * 6}
 
 
 def layered_variants():

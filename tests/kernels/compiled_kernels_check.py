@@ -41,7 +41,7 @@ def main() -> int:
 
     def compile_with(block: int) -> Path:  # one specialisation per BLOCK; its disk entry
         compiled = triton_fused._sum_partials_kernel.run(
-            partial, out, 2, 64, BLOCK=block, grid=(4, 1), warmup=True
+            partial, out, 2, 64, (64,), STARTS=(0,), BLOCK=block, grid=(4, 1), warmup=True
         )
         return kernel_disk_cache.entry_of(compiled)
 

@@ -3,6 +3,8 @@
 Shapes stay small: the interpreter runs every program in numpy.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -194,6 +196,33 @@ def test_samples_split_across_programs_reduce_to_the_oracle(monkeypatch):
     monkeypatch.setattr(triton_fused, "sample_splits", one_block_per_program)
     tensors = random_job(MIXED_SIZES, 2, 70, sample_weights=True, seed=12)  # 3 blocks of 32
     check(MIXED_SIZES, tensors, hidden="gelu", loss="mse")
+
+
+def test_partial_gradients_are_summed_in_order_over_the_gradients_only():
+    """sum_partials adds the programs' rows s = 0, 1, 2, ... (each column's float32 sum in
+    that order) and only over the gradients' segments: the room between them, which no
+    program writes, is never read (here +inf and -inf: under the interpreter, numpy warns
+    of an invalid value when a sum adds them, and the warning is an error here)."""
+    from gradserve.kernels.triton_fused import sum_partials
+
+    generator = torch.Generator().manual_seed(5)
+    partial = torch.randn(3, 5, 1100, generator=generator) * 10.0 ** torch.randint(
+        -4, 4, (3, 5, 1100), generator=generator
+    )  # magnitudes apart, so that another order of the additions would round differently
+    segments = [(0, 21), (32, 7), (48, 1000), (1088, 1)]  # crosses a 1024-column block
+    inside = torch.zeros(1100, dtype=torch.bool)
+    for start, length in segments:
+        inside[start : start + length] = True
+    partial[:, 0::2, ~inside] = float("inf")
+    partial[:, 1::2, ~inside] = float("-inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summed = sum_partials(partial.to(DEVICE), segments).cpu()
+    expected = partial[:, 0]
+    for s in range(1, partial.shape[1]):
+        expected = expected + partial[:, s]
+    assert same_bits(summed[:, inside], expected[:, inside])
+    assert torch.isfinite(summed[:, inside]).all()
 
 
 def test_widest_fused_width_128():
