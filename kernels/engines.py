@@ -6,7 +6,7 @@ import torch
 
 from gradserve.kernels import torch_engine
 from gradserve.kernels.spec import EnsembleJob, EnsembleResult
-from gradserve.kernels.triton_engine import FUSED_MAX_WIDTH
+from gradserve.kernels.triton_engine import FUSED_MAX_WIDTH, fits_int32_offsets
 
 
 class EngineUnavailable(Exception):
@@ -36,13 +36,16 @@ def select_engine(
     per_sample_norms: bool = False,
     layer_sizes=(),
     non_finite: bool = False,
+    samples_at_once: int = 0,
 ) -> str:
     """Resolve `auto | torch | triton` to an engine name, or raise EngineUnavailable.
     `per_sample_norms`: the job needs them (as outputs, or to clip gradients); the Triton
     engine computes them in its fused kernel, for widths up to 128. `non_finite`: the job
     accepts NaN and Inf inputs; `auto` then leaves tf32 jobs to torch, whose tf32 keeps NaN
     where the Triton kernels' operand rounding turns the GPU's NaN into -0
-    (triton_common.round_to_tf32)."""
+    (triton_common.round_to_tf32). `samples_at_once`: the samples one launch computes (N,
+    or a streamed job's micro-batch); with `layer_sizes`, whether the Triton kernels' 32-bit
+    offsets within a model reach (triton_engine.fits_int32_offsets)."""
     engines = available_engines(device)
     if backend == "auto" and non_finite and job_precision == "tf32":
         return "torch"
@@ -51,6 +54,13 @@ def select_engine(
             raise EngineUnavailable(
                 "per-sample gradient norms and DP clipping on the triton engine need widths "
                 f"<= {FUSED_MAX_WIDTH}; use the torch engine"
+            )
+        backend = "torch" if backend == "auto" else backend
+    if samples_at_once and layer_sizes and not fits_int32_offsets(samples_at_once, layer_sizes):
+        if backend == "triton":
+            raise EngineUnavailable(
+                "the triton engine needs each model's tensors below 2**31 elements (samples "
+                "x widest layer, and each weight); use the torch engine or fewer samples"
             )
         backend = "torch" if backend == "auto" else backend
     if backend == "auto":

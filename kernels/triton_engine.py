@@ -31,6 +31,16 @@ FLOAT32_MATMUL = "ieee"  # the default
 FUSED_MAX_WIDTH = 128
 
 
+def fits_int32_offsets(num_samples: int, layer_sizes) -> bool:
+    """Whether the kernels' element offsets within one model fit 32 bits: its [N, d]
+    inputs, activations and outputs and its [d(i+1), d(i)] weights. (Bases across the
+    ensemble are 64-bit, so M is free.) Beyond that, 32-bit offsets would wrap: such a job
+    is left to the torch engine."""
+    largest = max(num_samples * max(layer_sizes),
+                  *(a * b for a, b in zip(layer_sizes, layer_sizes[1:], strict=False)))  # fmt: skip
+    return largest < 2**31
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -83,6 +93,8 @@ def run(
         )
     if job.precision not in precisions():
         raise ValueError(f"the triton engine does not run precision {job.precision!r} here")
+    if not fits_int32_offsets(job.num_samples, job.mlp.layer_sizes):
+        raise ValueError("the triton engine needs each model's tensors below 2**31 elements")
     device = torch.device(device)
     want = job.outputs
     f32 = dict(device=device, dtype=torch.float32)

@@ -431,7 +431,7 @@ def _sum_partials_kernel(
     for the columns c in the segments [STARTS[i], STARTS[i] + lengths[i]); the columns
     between them are neither read (programs never write them) nor written."""
     # grid = (R, cdiv(C, BLOCK))
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)  # 64-bit row bases, as the fused kernel's
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < 0  # all False
     for i in tl.static_range(len(STARTS)):

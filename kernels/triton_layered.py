@@ -47,7 +47,10 @@ def _batched_matmul_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # grid = (B, cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q))
-    batch = tl.program_id(0)
+    # 64-bit per-batch bases: the ensemble's buffers can exceed 2**31 elements (each
+    # batch's own stay below: triton_engine.fits_int32_offsets), so offsets within one
+    # stay 32-bit
+    batch = tl.program_id(0).to(tl.int64)
     tiles_q = tl.cdiv(Q, BLOCK_Q)
     tp = tl.program_id(1) // tiles_q
     tq = tl.program_id(1) % tiles_q
@@ -67,15 +70,16 @@ def _batched_matmul_kernel(
         )
         acc += matmul(a, b, PRECISION)
     out_mask = (rp[:, None] < P) & (rq[None, :] < Q)
-    out_offsets = batch * P * Q + rp[:, None] * Q + rq[None, :]
+    out_offsets = rp[:, None] * Q + rq[None, :]
+    aux_batch = aux_ptr + batch * P * Q
     if EPILOGUE == 1:
         bias = tl.load(bias_ptr + batch * Q + rq, mask=rq < Q, other=0.0)
         acc = acc + bias[None, :]
-        tl.store(aux_ptr + out_offsets, activate(acc, ACT, slope), mask=out_mask)
+        tl.store(aux_batch + out_offsets, activate(acc, ACT, slope), mask=out_mask)
     elif EPILOGUE == 2:
-        z = tl.load(aux_ptr + out_offsets, mask=out_mask, other=0.0)
+        z = tl.load(aux_batch + out_offsets, mask=out_mask, other=0.0)
         acc = acc * activation_grad(z, ACT, slope)
-    tl.store(c_ptr + out_offsets, acc, mask=out_mask)
+    tl.store(c_ptr + batch * P * Q + out_offsets, acc, mask=out_mask)
 
 
 @triton.jit
@@ -101,12 +105,13 @@ def _loss_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # grid = (M, cdiv(N, BLOCK_N))
-    m = tl.program_id(0)
+    m = tl.program_id(0).to(tl.int64)  # 64-bit per-model bases, as in the matmul
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, DP)
     mask = (rn[:, None] < N) & (cols[None, :] < d_out)
-    offsets = m * N * d_out + rn[:, None] * d_out + cols[None, :]
-    y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
+    model = m * N * d_out
+    offsets = rn[:, None] * d_out + cols[None, :]
+    y = tl.load(y_ptr + model + offsets, mask=mask, other=0.0)
     per, dy = loss_block(
         y,
         t_ptr + m * stride_tm,
@@ -121,8 +126,8 @@ def _loss_kernel(
         LOSS,
         HAS_WEIGHTS,
     )
-    z = tl.load(z_ptr + offsets, mask=mask, other=0.0)
-    tl.store(dz_ptr + offsets, dy * activation_grad(z, OUTPUT_ACT, slope), mask=mask)
+    z = tl.load(z_ptr + model + offsets, mask=mask, other=0.0)
+    tl.store(dz_ptr + model + offsets, dy * activation_grad(z, OUTPUT_ACT, slope), mask=mask)
     tl.store(per_ptr + m * N + rn, per, mask=rn < N)
 
 
@@ -136,13 +141,14 @@ def _column_sum_kernel(
     BLOCK_C: tl.constexpr,
 ):
     # grid = (B, cdiv(C, BLOCK_C)); rows are added block by block, in order
-    batch = tl.program_id(0)
+    batch = tl.program_id(0).to(tl.int64)  # 64-bit per-batch bases, as in the matmul
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    x_batch = x_ptr + batch * R * C
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         block = tl.load(
-            x_ptr + batch * R * C + rr[:, None] * C + rc[None, :],
+            x_batch + rr[:, None] * C + rc[None, :],
             mask=(rr[:, None] < R) & (rc[None, :] < C),
             other=0.0,
         )

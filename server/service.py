@@ -289,6 +289,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 plan.needs_per_sample_norms,
                 plan.mlp.layer_sizes,
                 plan.allow_non_finite,
+                plan.samples_at_once,
             )
         except EngineUnavailable as e:
             raise unsupported(str(e)) from None

@@ -116,6 +116,13 @@ class JobPlan:
         return self.outputs.per_sample_gradient_norms or self.privacy is not None
 
     @property
+    def samples_at_once(self) -> int:
+        """Samples one engine launch computes: all N, or a streamed job's micro-batch."""
+        if self.micro_batch_samples:
+            return min(self.micro_batch_samples, self.num_samples)
+        return self.num_samples
+
+    @property
     def steps(self) -> int:
         return self.optimizer.steps if self.optimizer is not None else 1
 
@@ -146,12 +153,7 @@ class JobPlan:
         held, samples = 0, self.sample_tensors
         for name, t in self.tensors.items():
             if name in samples:
-                held += (
-                    3
-                    * min(self.micro_batch_samples, self.num_samples)
-                    * t.nbytes
-                    // self.num_samples
-                )
+                held += 3 * self.samples_at_once * t.nbytes // self.num_samples
             else:
                 held += t.nbytes
         return held
@@ -532,8 +534,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         )
     # Activations, their gradients and autograd's saved tensors: about four float64-sized
     # copies of every layer's [M, n, d] activations, n the samples computed at once.
-    at_once = min(micro, n) if micro else n
-    work = 4 * 8 * m * at_once * sum(sizes) + 2 * payload
+    work = 4 * 8 * m * plan.samples_at_once * sum(sizes) + 2 * payload
     if work > config.max_work_bytes:
         raise too_large(
             f"job needs about {work} bytes of working memory; the limit is {config.max_work_bytes}"

@@ -35,3 +35,43 @@ def test_a_forced_engine_refuses_what_it_cannot_run():
         select_engine("triton", "float64", CUDA)
     with pytest.raises(EngineUnavailable, match="not available"):
         select_engine("jax", "float32", CPU)
+
+
+def test_models_beyond_32_bit_offsets_leave_triton():
+    """The Triton kernels index within a model in 32 bits (across models in 64): a model's
+    [N, d] activations or [d(i+1), d(i)] weights of 2**31 elements or more go to torch."""
+    below, at = (2**31 - 1) // 128, 2**31 // 128  # samples with a widest layer of 128
+    assert (
+        select_engine("auto", "float32", CUDA, layer_sizes=(8, 128, 1), samples_at_once=below)
+        == "triton"
+    )
+    assert (
+        select_engine("auto", "float32", CUDA, layer_sizes=(8, 128, 1), samples_at_once=at)
+        == "torch"
+    )
+    assert (
+        select_engine("auto", "float32", CUDA, layer_sizes=(8, 2**16, 2**15), samples_at_once=1)
+        == "torch"
+    )
+    with pytest.raises(EngineUnavailable, match="2\\*\\*31"):
+        select_engine("triton", "float32", CUDA, layer_sizes=(8, 128, 1), samples_at_once=at)
+
+
+def test_triton_engine_refuses_a_model_beyond_32_bit_offsets():
+    """Run directly (as a library), the engine refuses before it allocates anything: the
+    inputs here are one float broadcast to [2**24, 128] (no memory behind them)."""
+    from gradserve.kernels import triton_engine
+    from gradserve.kernels.spec import Activation, EnsembleJob, LossSpec, MLPSpec
+
+    n, sizes = 2**24, (128, 4, 1)
+    job = EnsembleJob(
+        mlp=MLPSpec(sizes, Activation("relu"), Activation("identity")),
+        loss=LossSpec(),
+        weights=[torch.randn(1, 4, 128), torch.randn(1, 1, 4)],
+        biases=[torch.randn(1, 4), torch.randn(1, 1)],
+        inputs=torch.randn(1).expand(n, 128),
+        targets=torch.randn(1).expand(n, 1),
+    )
+    assert job.num_samples == n
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        triton_engine.run(job, "cpu")
