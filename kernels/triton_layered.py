@@ -22,6 +22,18 @@ from gradserve.kernels.triton_common import activate, activation_grad, loss_bloc
 
 
 @triton.jit
+def _batch_and_block(blocks_per_batch):
+    """(batch, block within it) of this program, on a one-axis grid of B * blocks_per_batch
+    programs: a batch's blocks run one after another, and the grid's first axis takes up to
+    2**31 - 1 programs where the others stop at 65535 (a large N's blocks would not fit).
+    The batch comes as int64: the ensemble's buffers can exceed 2**31 elements, so their
+    per-batch bases are 64-bit while offsets within a batch stay 32-bit (a model's own
+    tensors stay below 2**31 elements: triton_engine.fits_int32_offsets)."""
+    program = tl.program_id(0)
+    return (program // blocks_per_batch).to(tl.int64), program % blocks_per_batch
+
+
+@triton.jit
 def _batched_matmul_kernel(
     a_ptr,  # [B, P, K] (any strides)
     b_ptr,  # [B, K, Q] (any strides)
@@ -46,14 +58,11 @@ def _batched_matmul_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # grid = (B, cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q))
-    # 64-bit per-batch bases: the ensemble's buffers can exceed 2**31 elements (each
-    # batch's own stay below: triton_engine.fits_int32_offsets), so offsets within one
-    # stay 32-bit
-    batch = tl.program_id(0).to(tl.int64)
+    # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q),), a batch's tiles one after another
     tiles_q = tl.cdiv(Q, BLOCK_Q)
-    tp = tl.program_id(1) // tiles_q
-    tq = tl.program_id(1) % tiles_q
+    batch, tile = _batch_and_block(tl.cdiv(P, BLOCK_P) * tiles_q)
+    tp = tile // tiles_q
+    tq = tile % tiles_q
     rp = tp * BLOCK_P + tl.arange(0, BLOCK_P)
     rq = tq * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rk = tl.arange(0, BLOCK_K)
@@ -104,9 +113,9 @@ def _loss_kernel(
     DP: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # grid = (M, cdiv(N, BLOCK_N))
-    m = tl.program_id(0).to(tl.int64)  # 64-bit per-model bases, as in the matmul
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # grid = (M * cdiv(N, BLOCK_N),)
+    m, block = _batch_and_block(tl.cdiv(N, BLOCK_N))
+    rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, DP)
     mask = (rn[:, None] < N) & (cols[None, :] < d_out)
     model = m * N * d_out
@@ -140,9 +149,9 @@ def _column_sum_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # grid = (B, cdiv(C, BLOCK_C)); rows are added block by block, in order
-    batch = tl.program_id(0).to(tl.int64)  # 64-bit per-batch bases, as in the matmul
-    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # grid = (B * cdiv(C, BLOCK_C),); rows are added block by block, in order
+    batch, columns = _batch_and_block(tl.cdiv(C, BLOCK_C))
+    rc = columns * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     x_batch = x_ptr + batch * R * C
     for r0 in range(0, R, BLOCK_R):
@@ -175,7 +184,7 @@ def batched_matmul(
     assert b.shape[-2] == k, (a.shape, b.shape)
     c = out if out is not None else torch.empty(batch, p, q, device=a.device, dtype=torch.float32)
     tiles = _tiles(p, q, a.device)
-    grid = (batch, triton.cdiv(p, tiles["BLOCK_P"]) * triton.cdiv(q, tiles["BLOCK_Q"]))
+    grid = (batch * triton.cdiv(p, tiles["BLOCK_P"]) * triton.cdiv(q, tiles["BLOCK_Q"]),)
     _batched_matmul_kernel[grid](
         a, b, c, bias if bias is not None else c, aux if aux is not None else c,
         p, q, k,
@@ -191,7 +200,7 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     """[B, R, C] -> [B, C], rows added in a fixed order."""
     b, r, c = x.shape
     out = torch.empty(b, c, device=x.device, dtype=torch.float32)
-    _column_sum_kernel[(b, triton.cdiv(c, 64))](x, out, r, c, BLOCK_R=32, BLOCK_C=64)
+    _column_sum_kernel[(b * triton.cdiv(c, 64),)](x, out, r, c, BLOCK_R=32, BLOCK_C=64)
     return out
 
 
@@ -260,7 +269,7 @@ def layered_mlp(
     sw = sample_weights if sample_weights is not None else per
     shared_w = sample_weights is not None and sample_weights.dim() == 1
     block_n = 32
-    _loss_kernel[(m, triton.cdiv(n, block_n))](
+    _loss_kernel[(m * triton.cdiv(n, block_n),)](
         hs[-1], zs[-1], targets, sw, dz, per, n, d_out,
         0 if shared_t else targets.stride(0), targets.stride(-1 if loss == 4 else -2),
         0 if shared_w else n, output_slope, delta, scale,

@@ -225,6 +225,37 @@ def test_partial_gradients_are_summed_in_order_over_the_gradients_only():
     assert torch.isfinite(summed[:, inside]).all()
 
 
+def test_per_layer_launches_fit_cuda_grid_limits(monkeypatch):
+    """CUDA runs up to 2**31 - 1 programs on a grid's first axis but 65535 on the others:
+    a per-layer job of 2**22 samples (65536 blocks of 64 in its 1-wide output layer,
+    131072 blocks of 32 in its loss) launches within them. The launches are recorded, not
+    run: the inputs are one float broadcast to [N, 129], so no memory stands behind them."""
+    from gradserve.kernels import triton_layered
+    from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES
+
+    launched = {}
+    for kernel in (triton_layered._batched_matmul_kernel, triton_layered._loss_kernel,
+                   triton_layered._column_sum_kernel):  # fmt: skip
+
+        def record(*args, grid, warmup, name=kernel.__name__, **kwargs):
+            launched.setdefault(name, []).append(grid)
+
+        monkeypatch.setattr(kernel, "run", record)
+    n = 2**22
+    triton_layered.layered_mlp(
+        [torch.randn(1, 1, 129)], [torch.randn(1, 1)], torch.randn(1).expand(n, 129),
+        torch.randn(1).expand(n, 1), None, hidden_act=ACTIVATION_CODES["relu"],
+        output_act=ACTIVATION_CODES["identity"], hidden_slope=0.0, output_slope=0.0,
+        loss=LOSS_CODES["mse"], delta=1.0, scale=1.0 / n, precision=0,
+        want_param_grads=True, want_dx=True, want_y=False,
+    )  # fmt: skip
+    assert sorted(launched) == ["_batched_matmul_kernel", "_column_sum_kernel", "_loss_kernel"]
+    assert launched["_loss_kernel"] == [(n // 32,)]  # one program per block of 32 samples
+    for grids in launched.values():
+        for grid in grids:
+            assert grid[0] < 2**31 and all(axis <= 65535 for axis in grid[1:]), grid
+
+
 def test_widest_fused_width_128():
     tensors = random_job((128, 128, 2), 1, 33, seed=2)
     check((128, 128, 2), tensors, hidden="relu")
