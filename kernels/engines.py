@@ -44,8 +44,8 @@ def select_engine(
     accepts NaN and Inf inputs; `auto` then leaves tf32 jobs to torch, whose tf32 keeps NaN
     where the Triton kernels' operand rounding turns the GPU's NaN into -0
     (triton_common.round_to_tf32). `samples_at_once`: the samples one launch computes (N,
-    or a streamed job's micro-batch); with `layer_sizes`, whether the Triton kernels' 32-bit
-    offsets within a model reach (triton_engine.fits_int32_offsets)."""
+    or a streamed job's micro-batch); with `layer_sizes`, it decides whether the Triton
+    kernels' 32-bit offsets within a model suffice (triton_engine.fits_int32_offsets)."""
     engines = available_engines(device)
     if backend == "auto" and non_finite and job_precision == "tf32":
         return "torch"
