@@ -8,8 +8,9 @@
 # at the target shape (bench/fused_sweep.py, 22 configurations per precision, all compiled
 # first in parallel; rows are written as measured, so a cut-off run keeps them):
 # $OUT/fused_sweep.md. First it runs the tests that check the register-kept launch options
-# against the default bit for bit (register_options_tests.log). `bash bench/gpu_check.sh
-# sweep tf32,bfloat16` times only those precisions' configurations and skips the phases.
+# against the default, each run twice bit for bit (register_options_tests.log).
+# `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
+# configurations and skips the phases.
 # Python packages missing on the machine can be carried as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +41,9 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "${1:-}" = sweep ]; then
   # The launch options that keep values in registers drop barriers: on the hardware, check
-  # that they give the default's bits (random jobs, blocks of 16 samples).
-  echo "== values kept in registers: the same bits as the default"
+  # that each gives the same bits run after run (a race would not) and the default's
+  # results (random jobs, blocks of 16 samples).
+  echo "== values kept in registers: reproducible, and the default's results"
   timeout 120 python3 -m pytest -q -p no:cacheprovider -n 16 -k "registers or same_bits" \
     tests/kernels/test_option_combinations.py tests/kernels/test_triton_engine.py 2>&1 \
     | tee "$OUT/register_options_tests.log" | tail -3

@@ -25,8 +25,11 @@ Two launch options (LaunchConfig) keep values in registers instead: `resident`, 
 block's pre-activations (no scratch, no barrier between forward and backward), and
 `carry`, the parameter gradients summed over the program's blocks (stored once at the
 end instead of loaded and stored per block). Both add the same float32 values in the same
-order, so they give the same bits; they trade memory operations and barriers for
-registers (and spills).
+order (the same bits under the interpreter), except that Triton lays out the reductions
+(tl.sum: the bias gradients over a block's samples, the per-sample norms) in registers as
+it sees fit per configuration, and a layout sets the order of a reduction's additions: on
+a GPU the configurations can differ in those sums' last bits (each is reproducible run to
+run). They trade memory operations and barriers for registers (and spills).
 
 The zero padding is harmless: padded weight rows and columns load as 0, so padded features
 never reach a real one, and their gradients are masked off at the store.
