@@ -10,7 +10,8 @@
 # $OUT/fused_sweep.md. First it runs the tests that check the register-kept launch options
 # against the default, each run twice bit for bit (register_options_tests.log).
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
-# configurations and skips the phases.
+# configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
+# path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
 # Python packages missing on the machine can be carried as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,12 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 'cuda', torch.version.cuda, '| triton', triton.__version__, '| grpcio', grpc.__version__, \
 '| protobuf', p.__version__); print(torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
+
+if [ "${1:-}" = layered ]; then
+  echo "== per-layer GEMM tile shapes at width 1024"
+  timeout 300 python3 bench/layered_sweep.py --out "$OUT/layered_sweep.md" 2>&1 | tail -30
+  exit "${PIPESTATUS[0]}"
+fi
 
 if [ "${1:-}" = sweep ]; then
   # The launch options that keep values in registers drop barriers: on the hardware, check

@@ -165,13 +165,24 @@ def _column_sum_kernel(
     tl.store(out_ptr + batch * C + rc, acc, mask=rc < C)
 
 
+# 128x128 tiles with 8 warps and 3 pipeline stages keep a GPU's tensor cores busy on large
+# products (bench/layered_sweep.py times the alternatives); 64x64 is enough for small ones
+# and the interpreter.
+LARGE_TILES = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32, num_warps=8, num_stages=3)
+SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, num_warps=4)
+
+
+def takes_large_tiles(p: int, q: int) -> bool:
+    """Whether a [P, Q] product is large enough for LARGE_TILES on a GPU."""
+    return min(p, q) >= 128
+
+
 def _tiles(p: int, q: int, device: torch.device) -> dict:
-    """Tile sizes: 128x128 tiles with 8 warps and 3 pipeline stages keep a GPU's tensor
-    cores busy on large products; 64x64 is enough for small ones and the interpreter.
-    Fixed per shape (no autotuning), so results are the same bits in every process."""
-    if device.type == "cuda" and min(p, q) >= 128:
-        return dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, num_warps=4)
+    """Tile sizes of a [P, Q] product. Fixed per shape (no autotuning), so results are the
+    same bits in every process."""
+    if device.type == "cuda" and takes_large_tiles(p, q):
+        return dict(LARGE_TILES)
+    return dict(SMALL_TILES)
 
 
 def batched_matmul(
