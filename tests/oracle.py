@@ -194,13 +194,14 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def assert_same_results(first: dict, second: dict, precision: str, exact: bool) -> None:
-    """Two launch configurations' results for one job (tensors by wire name). `exact`
-    (Triton's interpreter): the same bits, the configurations adding the same float32 values
-    in the same order. On a GPU, Triton reduces a tensor (tl.sum: the bias gradients over a
-    block's samples, the per-sample gradient norms) in the register layout it picks for it,
-    which differs between configurations and sets the order of the additions: there, the
-    same results within the precision's bound (a float32 rounding in a norm moves a clip
-    factor, and through it the operands a reduced-precision matmul rounds)."""
+    """Two runs' results for one job (tensors by wire name). `exact`: the same bits (two
+    runs of one launch configuration; or two configurations under Triton's interpreter,
+    which add the same float32 values in the same order). Else, for two configurations on
+    a GPU: Triton reduces a tensor (tl.sum: the bias gradients over a block's samples, the
+    per-sample gradient norms) in the register layout it picks for it, which differs
+    between configurations and sets the order of the additions, so the same results within
+    the precision's bound (a float32 rounding in a norm moves a clip factor, and through it
+    the operands a reduced-precision matmul rounds)."""
     assert first.keys() == second.keys()
     for name, value in first.items():
         if exact:
