@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
-from bench.fused_sweep import make_job  # noqa: E402
+from bench.sweep import make_job  # noqa: E402
 from gradserve.kernels import triton_engine, triton_fused  # noqa: E402
 
 TARGET = (1024, 256, (32, 64, 64, 64, 1))

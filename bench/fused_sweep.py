@@ -17,19 +17,14 @@ computes the same gradients: `python bench/fused_sweep.py --cpu-check`.
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
 import sys
-import time
 
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
-from gradserve import kernels  # noqa: E402
+from bench import sweep  # noqa: E402
+from bench.common import precision_and_method, write_lines  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine, triton_fused  # noqa: E402
 
 TARGET = (1024, 256, (32, 64, 64, 64, 1))  # M, N, layer sizes: the benchmark target
@@ -52,21 +47,6 @@ CONFIGS = [
 # The targets' precisions first: if the device call runs out of time, their rows are in.
 # "float32 tf32x3": float32 jobs with the engine's float32_matmul="tf32x3".
 PRECISIONS = ("tf32", "float32 tf32x3", "bfloat16", "float32")
-
-
-def make_job(m, n, sizes, precision, device):
-    g = torch.Generator(device=device).manual_seed(0)
-    weights, biases = [], []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        weights.append(torch.randn(m, b, a, device=device, generator=g) * a**-0.5)
-        biases.append(torch.randn(m, b, device=device, generator=g) * 0.1)
-    x = torch.randn(m, n, sizes[0], device=device, generator=g)
-    y = torch.randn(m, n, sizes[-1], device=device, generator=g)
-    return kernels.EnsembleJob(
-        mlp=kernels.MLPSpec(tuple(sizes), kernels.Activation("relu")),
-        loss=kernels.LossSpec("mse"),
-        weights=weights, biases=biases, inputs=x, targets=y, precision=precision,
-    )  # fmt: skip
 
 
 def with_config(
@@ -104,39 +84,13 @@ def run_with(
         triton_fused.launch_config = original
 
 
-def median_ms(fn, device) -> float:
-    if device.type == "cuda":
-        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
-def largest_difference(a, b) -> float:
-    """Largest |a - b| over all parameter gradients, relative to the largest |b|."""
-    pairs = list(zip(a.weight_grads + a.bias_grads, b.weight_grads + b.bias_grads, strict=True))
-    scale = max(float(y.abs().max()) for _, y in pairs)
-    return max(float((x - y).abs().max()) for x, y in pairs) / scale
-
-
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--cpu-check", action="store_true")
-    parser.add_argument(
-        "--compile-workers", type=int, default=None,
-        help="processes compiling the kernels ahead of the timing run (default: one per "
-        "CPU core up to 16 on a GPU, none on the CPU)",
-    )  # fmt: skip
+    parser = sweep.arguments()
     parser.add_argument(
         "--precisions", default=None,
         help=f"comma-separated rows to time (default: {','.join(PRECISIONS)}; "
         "'float32 tf32x3' is written float32-tf32x3)",
     )  # fmt: skip
-    parser.add_argument("--compile-share", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device("cpu" if args.cpu_check else "cuda")
     m, n, sizes = CPU_CHECK if args.cpu_check else TARGET
@@ -147,24 +101,19 @@ def main():
         unknown = set(precisions) - set(PRECISIONS)
         if unknown:
             parser.error(f"unknown precisions {sorted(unknown)}: choose from {PRECISIONS}")
+
+    def compile_one(run):
+        label, config = run
+        precision, method = precision_and_method(label)
+        run_with(sweep.make_job(m, n, sizes, precision, device), device,
+                 *config or (None,) * 5, float32_matmul=method)  # fmt: skip
+
+    passed = ["--cpu-check"] if args.cpu_check else []
+    if args.precisions:
+        passed += ["--precisions", args.precisions]
     runs = [(label, config) for label in precisions for config in [(), *CONFIGS]]
-    if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
-        for label, config in share(runs, args.compile_share):
-            precision, method = precision_and_method(label)
-            try:
-                run_with(make_job(m, n, sizes, precision, device), device,
-                         *config or (None,) * 5, float32_matmul=method)  # fmt: skip
-            except OutOfResources:  # compiled, does not launch: the timing run says so
-                pass
+    if sweep.compile_ahead(__file__, args, runs, compile_one, passed):
         return
-    workers = args.compile_workers
-    if workers is None:
-        workers = 0 if args.cpu_check else min(16, os.cpu_count() or 1, len(runs))
-    if workers:
-        passed = ["--cpu-check"] if args.cpu_check else []
-        if args.precisions:
-            passed += ["--precisions", args.precisions]
-        compile_in_parallel(__file__, workers, passed)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     lines = [
         f"# Fused kernel launch configurations on {card}",
@@ -179,45 +128,32 @@ def main():
         "| launch_config's choice |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def columns(config):
+        block_n, warps, cap, resident, carry = config
+        kept = "registers" if resident else "scratch"
+        sums = "registers" if carry else "partials"
+        return f"{block_n} | {warps} | {cap or ''} | {kept} | {sums}"
+
     worst = 0.0
     for label in precisions:
         precision, method = precision_and_method(label)
-        job = make_job(m, n, sizes, precision, device)
+        job = sweep.make_job(m, n, sizes, precision, device)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         own = triton_fused.launch_config(
             dp, n, m, device, triton_engine.precision_code(precision, method)
         )
         own_config = (own.block_n, own.num_warps, own.max_registers, own.resident, own.carry)
         chosen = run_with(job, device, float32_matmul=method)
-        t_chosen = median_ms(
+        t_chosen = sweep.median_ms(
             lambda job=job, f=method: run_with(job, device, float32_matmul=f), device
         )
-        t_eager = median_ms(lambda job=job: torch_engine.run(job, device), device)
-        for config in CONFIGS:
-            block_n, warps, cap, resident, carry = config
-            kept = "registers" if resident else "scratch"
-            sums = "registers" if carry else "partials"
-            try:
-                result = run_with(job, device, *config, float32_matmul=method)
-            except OutOfResources as error:  # a row that says so, and the sweep goes on
-                lines.append(f"| {label} | {block_n} | {warps} | {cap or ''} | {kept} | {sums} "
-                             f"| does not fit: {error} | | | | |")  # fmt: skip
-                print(lines[-1], flush=True)
-                write_lines(args.out, lines)
-                continue
-            diff = largest_difference(result, chosen)
-            worst = max(worst, diff)
-            t = median_ms(
-                lambda job=job, c=config, f=method: run_with(job, device, *c, float32_matmul=f),
-                device,
-            )
-            mark = "yes" if config == own_config else ""
-            lines.append(
-                f"| {label} | {block_n} | {warps} | {cap or ''} | {kept} | {sums} | {t:.3f} "
-                f"| {t_chosen / t:.2f}x | {t_eager / t:.2f}x | {diff:.1e} | {mark} |"
-            )
-            print(lines[-1], flush=True)
-            write_lines(args.out, lines)  # row by row: a cut-off run keeps what it measured
+        t_eager = sweep.median_ms(lambda job=job: torch_engine.run(job, device), device)
+        worst = max(worst, sweep.time_configurations(
+            label, CONFIGS,
+            lambda config, job=job, f=method: run_with(job, device, *config, float32_matmul=f),
+            columns, own_config, chosen, t_chosen, t_eager, device, lines, args.out,
+        ))  # fmt: skip
         torch.backends.cuda.matmul.allow_tf32 = False
     lines += ["", "'vs chosen' > 1: faster than launch_config's choice. Command: "
               "`python bench/fused_sweep.py`."]  # fmt: skip

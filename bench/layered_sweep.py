@@ -19,17 +19,14 @@ only checks that every tile shape computes the same gradients:
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
-from bench.fused_sweep import largest_difference, make_job, median_ms  # noqa: E402
+from bench import sweep  # noqa: E402
+from bench.common import precision_and_method, write_lines  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine, triton_layered  # noqa: E402
 
 TARGET = (16, 1024, (1024, 1024, 1024, 1))  # M, N, layer sizes: the width-1024 benchmark row
@@ -79,33 +76,20 @@ def run_with(job, device, config, float32_matmul="ieee"):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--cpu-check", action="store_true")
-    parser.add_argument(
-        "--compile-workers", type=int, default=None,
-        help="processes compiling the kernels ahead of the timing run (default: one per "
-        "CPU core up to 16 on a GPU, none on the CPU)",
-    )  # fmt: skip
-    parser.add_argument("--compile-share", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = sweep.arguments().parse_args()
     device = torch.device("cpu" if args.cpu_check else "cuda")
     m, n, sizes = CPU_CHECK if args.cpu_check else TARGET
     precisions = ("float32",) if args.cpu_check else PRECISIONS
+
+    def compile_one(run):
+        label, config = run
+        precision, method = precision_and_method(label)
+        run_with(sweep.make_job(m, n, sizes, precision, device), device, config, method)
+
     runs = [(label, config) for label in precisions for config in CONFIGS]
-    if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
-        for label, config in share(runs, args.compile_share):
-            precision, method = precision_and_method(label)
-            try:
-                run_with(make_job(m, n, sizes, precision, device), device, config, method)
-            except OutOfResources:  # compiled, does not launch: the timing run says so
-                pass
+    passed = ["--cpu-check"] if args.cpu_check else []
+    if sweep.compile_ahead(__file__, args, runs, compile_one, passed):
         return
-    workers = args.compile_workers
-    if workers is None:
-        workers = 0 if args.cpu_check else min(16, os.cpu_count() or 1, len(runs))
-    if workers:
-        compile_in_parallel(__file__, workers, ["--cpu-check"] if args.cpu_check else [])
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
     lines = [
         f"# Per-layer GEMM tile shapes on {card}",
@@ -121,30 +105,16 @@ def main():
     worst = 0.0
     for label in precisions:
         precision, method = precision_and_method(label)
-        job = make_job(m, n, sizes, precision, device)
+        job = sweep.make_job(m, n, sizes, precision, device)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         fixed = run_with(job, device, FIXED, method)
-        t_fixed = median_ms(lambda job=job, f=method: run_with(job, device, FIXED, f), device)
-        t_eager = median_ms(lambda job=job: torch_engine.run(job, device), device)
-        for config in CONFIGS:
-            shape = " | ".join(str(v) for v in config)
-            try:
-                result = run_with(job, device, config, method)
-            except OutOfResources as error:  # a row that says so, and the sweep goes on
-                lines.append(f"| {label} | {shape} | does not fit: {error} | | | | |")
-                print(lines[-1], flush=True)
-                write_lines(args.out, lines)
-                continue
-            diff = largest_difference(result, fixed)
-            worst = max(worst, diff)
-            t = median_ms(lambda job=job, c=config, f=method: run_with(job, device, c, f), device)
-            mark = "yes" if config == FIXED else ""
-            lines.append(
-                f"| {label} | {shape} | {t:.3f} | {t_fixed / t:.2f}x | {t_eager / t:.2f}x "
-                f"| {diff:.1e} | {mark} |"
-            )
-            print(lines[-1], flush=True)
-            write_lines(args.out, lines)  # row by row: a cut-off run keeps what it measured
+        t_fixed = sweep.median_ms(lambda job=job, f=method: run_with(job, device, FIXED, f), device)
+        t_eager = sweep.median_ms(lambda job=job: torch_engine.run(job, device), device)
+        worst = max(worst, sweep.time_configurations(
+            label, CONFIGS, lambda config, job=job, f=method: run_with(job, device, config, f),
+            lambda config: " | ".join(str(v) for v in config), FIXED, fixed, t_fixed, t_eager,
+            device, lines, args.out,
+        ))  # fmt: skip
         torch.backends.cuda.matmul.allow_tf32 = False
     lines += ["", "'vs fixed' > 1: faster than triton_layered._tiles' shape. Command: "
               "`python bench/layered_sweep.py`."]  # fmt: skip

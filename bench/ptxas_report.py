@@ -36,7 +36,8 @@ from triton.runtime import driver  # noqa: E402
 
 from bench.common import precision_and_method, write_table  # noqa: E402
 from bench.compile_only import CompileOnlyDriver  # noqa: E402
-from bench.fused_sweep import CONFIGS, make_job, run_with  # noqa: E402
+from bench.fused_sweep import CONFIGS, run_with  # noqa: E402
+from bench.sweep import make_job  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import triton_engine, triton_fused  # noqa: E402
 

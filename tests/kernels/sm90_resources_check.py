@@ -39,7 +39,7 @@ SM90_SHARED_BYTES = 232448
 
 def main() -> int:
     driver.set_active(CompileOnlyDriver())
-    from bench import fused_sweep, ptxas_report
+    from bench import fused_sweep, ptxas_report, sweep
     from gradserve.kernels import triton_engine, triton_fused
 
     code = triton_engine.precision_code("float32")
@@ -52,7 +52,7 @@ def main() -> int:
           f"spill stores / loads {spills} B")  # fmt: skip
     assert stores <= MAX_SPILL_BYTES, f"{stores} B of spill stores per thread"
 
-    job = fused_sweep.make_job(4, 256, ptxas_report.TARGET_SIZES, "tf32", torch.device("cpu"))
+    job = sweep.make_job(4, 256, ptxas_report.TARGET_SIZES, "tf32", torch.device("cpu"))
     for swept in fused_sweep.CONFIGS:
         if swept[4] and swept[:2] in ((128, 8), (64, 4), (32, 4)):  # carry
             shared = ptxas_report.compile_through_launcher(job, swept).metadata.shared
