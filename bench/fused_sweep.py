@@ -5,9 +5,10 @@ cap) in CONFIGS below in place of launch_config's choice, next to torch eager in
 run, and checks that each configuration's gradients agree with the chosen one's (they
 differ only in the order of float32 sums). bench/ptxas_report.py predicts the registers,
 spills and programs per SM of these configurations without a GPU; this measures what they
-cost. Run it on a GPU after bench/gpu_check.sh (88 configurations; all are compiled
-first, by one process per CPU core up to 16 into Triton's disk cache, then timed one after
-another; rows are written as they are measured):
+cost. Run it on a GPU after bench/gpu_check.sh (88 configurations, less those
+triton_fused.faults_on_gpu refuses; all are compiled first, by one process per CPU core up
+to 16 into Triton's disk cache, then timed one after another; rows are written as they are
+measured):
 
   python bench/fused_sweep.py --out $OUT/fused_sweep.md
 

@@ -9,6 +9,8 @@
 # first in parallel; rows are written as measured, so a cut-off run keeps them):
 # $OUT/fused_sweep.md. First it runs the tests that check the register-kept launch options
 # against the default, each run twice bit for bit (register_options_tests.log).
+# `bash bench/gpu_check.sh configs` checks the fused kernel's block sizes and warp counts
+# against the float64 oracle, one process each (bench/config_check.py: $OUT/config_check.md).
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
@@ -39,6 +41,12 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 'cuda', torch.version.cuda, '| triton', triton.__version__, '| grpcio', grpc.__version__, \
 '| protobuf', p.__version__); print(torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
+
+if [ "${1:-}" = configs ]; then
+  echo "== fused kernel block sizes and warps against the oracle"
+  timeout 170 python3 bench/config_check.py --out "$OUT/config_check.md" 2>&1 | tail -80
+  exit "${PIPESTATUS[0]}"
+fi
 
 if [ "${1:-}" = layered ]; then
   echo "== per-layer GEMM tile shapes at width 1024"

@@ -15,6 +15,7 @@ from triton.runtime.errors import OutOfResources
 
 from bench.common import compile_in_parallel, share, write_lines
 from gradserve import kernels
+from gradserve.kernels.triton_fused import FaultingLaunch
 
 
 def make_job(m, n, sizes, precision, device):
@@ -51,14 +52,15 @@ def arguments() -> argparse.ArgumentParser:
 def compile_ahead(script: str, args, runs: list, run_one, passed: list[str]) -> bool:
     """In a compiling child (--compile-share K/W): run its share of `runs` once with
     `run_one(run)` (a configuration too large for the GPU is compiled, then refused at
-    launch: the timing run says so) and return True, for the child to stop there. Else
-    start the children (one per CPU core up to 16 on a GPU, none on the CPU, unless
-    --compile-workers says otherwise; `passed`: their other options) and return False."""
+    launch, and one known to fault is refused: the timing run says so) and return True, for
+    the child to stop there. Else start the children (one per CPU core up to 16 on a GPU,
+    none on the CPU, unless --compile-workers says otherwise; `passed`: their other
+    options) and return False."""
     if args.compile_share:
         for run in share(runs, args.compile_share):
             try:
                 run_one(run)
-            except OutOfResources:
+            except (OutOfResources, FaultingLaunch):
                 pass
         return True
     workers = args.compile_workers
@@ -93,7 +95,8 @@ def time_configurations(
     """A table row per configuration of `label`'s job: `run(config)` timed (median ms)
     against `reference` (the engine's own choice: its result and its time `t_reference`)
     and torch eager, with the largest gradient difference from the reference's; a
-    configuration too large for the GPU gets a row that says so, and the sweep goes on.
+    configuration too large for the GPU, or known to fault there, gets a row that says so,
+    and the sweep goes on.
     `columns(config)`: the row's configuration cells; `chosen`: the one marked as the
     engine's. Rows are written as they come, so a cut-off run keeps them. Returns the
     largest difference."""
@@ -103,6 +106,8 @@ def time_configurations(
             result = run(config)
         except OutOfResources as error:
             lines.append(f"| {label} | {columns(config)} | does not fit: {error} | | | | |")
+        except FaultingLaunch as error:
+            lines.append(f"| {label} | {columns(config)} | not run: {error} | | | | |")
         else:
             diff = largest_difference(result, reference)
             worst = max(worst, diff)

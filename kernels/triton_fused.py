@@ -481,6 +481,20 @@ class LaunchConfig(NamedTuple):
     carry: bool = False  # parameter gradients summed in registers over a program's blocks
 
 
+class FaultingLaunch(ValueError):
+    """A launch configuration known to compute wrong results or fault on a GPU."""
+
+
+def faults_on_gpu(block_n: int, num_warps: int, precision: int) -> bool:
+    """Tensor-core matmuls in 64-sample blocks with 8 warps: on an H100 with triton 3.6,
+    tf32 and float32 as three tf32 products faulted (illegal memory accesses) at padded
+    widths 64 and 128, and a tf32 job at width 64 that did not fault got input gradients
+    113% off (bench/results/config_check_h100.md). bfloat16 ran there without a fault but
+    its results were not checked: left out alike. IEEE float32 (FMA units) is correct there
+    and is launch_config's choice at width 64."""
+    return block_n == 64 and num_warps == 8 and precision != PRECISION_CODES["float32"]
+
+
 def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int) -> LaunchConfig:
     """How to launch a job.
 
@@ -489,8 +503,10 @@ def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int)
     updates per sample. IEEE float32 multiplies on the FMA units, whose operands need more
     registers: at DP=64 it takes 64 samples per block, which on sm_90 issues about as many
     instructions per sample as 128 (169 against 161) with half the spill traffic
-    (bench/results/ptxas_sm90.md). float32 as three tf32 products (TF32X3) multiplies on
-    the tensor cores and takes tf32's blocks: at 128 samples it issues the fewest
+    (bench/results/ptxas_sm90.md). tf32 at DP=64 also takes 64 samples, with 4 warps: at
+    the benchmark target 1.10x as fast as 128 with 8 warps on an H100
+    (bench/results/fused_sweep_h100.md). float32 as three tf32 products (TF32X3) multiplies
+    on the tensor cores in 128-sample blocks: at 128 samples it issues the fewest
     instructions per sample of the blocks tried on sm_90 (74, against 124 at 64 and 121 at
     32; IEEE float32 at 64: 169), with the most spill traffic; bench/fused_sweep.py
     times them all. S: enough programs to fill the GPU (4 per SM) when M
@@ -502,12 +518,14 @@ def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int)
     """
     if dp == 128:
         block_n = 32
-    elif dp == 64 and precision == PRECISION_CODES["float32"]:
+    elif dp == 64 and precision in (PRECISION_CODES["float32"], PRECISION_CODES["tf32"]):
         block_n = 64
     else:
         block_n = 128
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     num_warps = 4 if dp * block_n <= 32 * 64 else 8
+    if faults_on_gpu(block_n, num_warps, precision):
+        num_warps = 4
     return LaunchConfig(block_n, *sample_splits(n, block_n, m, device), num_warps)
 
 
@@ -598,6 +616,10 @@ def fused_mlp(
     device = x.device
     config = launch_config(dp, n, m, device, precision)
     block_n, splits, per_split = config.block_n, config.splits, config.blocks_per_split
+    if device.type == "cuda" and faults_on_gpu(block_n, config.num_warps, precision):
+        raise FaultingLaunch(
+            f"BLOCK_N={block_n} with {config.num_warps} warps faults in precision {precision}"
+        )
 
     f32 = dict(device=device, dtype=torch.float32)
     unused = torch.empty(1, **f32)

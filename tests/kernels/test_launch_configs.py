@@ -36,3 +36,30 @@ def test_every_swept_tile_shape_of_the_per_layer_path_agrees_with_the_fixed_one(
     rows = {line for line in cpu_check_output("layered_sweep.py") if line.startswith("| float32 |")}
     assert len(rows) == 8 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
     assert any(" 16 | " in row and "0.0e+00" not in row for row in rows)  # K order mattered
+
+
+def test_launch_config_never_picks_a_configuration_that_faults_on_a_gpu():
+    """Tensor-core matmuls in 64-sample blocks with 8 warps faulted or gave wrong input
+    gradients on an H100 (bench/results/config_check_h100.md): launch_config must not pick
+    them for any width, sample count, ensemble size or precision."""
+    import torch
+
+    from gradserve.kernels import triton_fused
+    from gradserve.kernels.triton_common import PRECISION_CODES, TF32X3
+
+    codes = (*PRECISION_CODES.values(), TF32X3)
+    for precision in codes:
+        tensor_cores = precision != PRECISION_CODES["float32"]
+        assert triton_fused.faults_on_gpu(64, 8, precision) == tensor_cores
+        assert not triton_fused.faults_on_gpu(64, 4, precision)
+        assert not triton_fused.faults_on_gpu(128, 8, precision)
+        for dp in (16, 32, 64, 128):
+            for n in (1, 37, 64, 100, 256, 100_000):
+                for m in (1, 3, 1024):
+                    config = triton_fused.launch_config(dp, n, m, torch.device("cpu"), precision)
+                    assert not triton_fused.faults_on_gpu(
+                        config.block_n, config.num_warps, precision
+                    ), (dp, n, m, precision, config)
+    # tf32 at the benchmark target: 64 samples, 4 warps (1.10x as fast as 128/8 there).
+    target = triton_fused.launch_config(64, 256, 1024, torch.device("cpu"), PRECISION_CODES["tf32"])
+    assert (target.block_n, target.num_warps) == (64, 4)

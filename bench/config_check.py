@@ -1,0 +1,144 @@
+"""Every fused-kernel block size and warp count against the float64 oracle on a GPU, each
+configuration in its own process (so that one that faults, e.g. with an illegal memory
+access, names itself and leaves the others running).
+
+A job of each shape and precision runs with launch_config replaced by the configuration
+(bench/fused_sweep.run_with), with input gradients, per-sample losses and sample weights,
+and each output's largest per-model relative L2 error against tests.oracle is reported:
+ok when it is within the precision's tolerance, WRONG when not, and the error when the
+process fails; configurations that triton_fused.faults_on_gpu names are refused by the
+engine ("refused"). Run by `bash bench/gpu_check.sh configs`:
+
+  python bench/config_check.py --out $OUT/config_check.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+
+# (layer sizes, M, N): the benchmark target's widths at a 64-sample job and a 256-sample
+# one, and padded width 128.
+SHAPES = (
+    ((32, 64, 64, 64, 1), 3, 64),
+    ((32, 64, 64, 64, 1), 5, 256),
+    ((17, 96, 96, 5), 2, 100),
+)
+BLOCKS = (32, 64, 128)
+WARPS = (4, 8)
+PRECISIONS = ("tf32", "bfloat16", "float32 tf32x3", "float32")
+
+
+def check_one(sizes, m, n, label, block_n, warps) -> dict:
+    """Run one configuration here and return its largest relative error per output."""
+    import torch
+
+    from bench.common import precision_and_method
+    from bench.fused_sweep import run_with
+    from tests.jobs import ensemble_job, random_job
+    from tests.oracle import engine_tensors, oracle_for
+
+    precision, method = precision_and_method(label)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter
+    tensors = random_job(sizes, m, n, sample_weights=True)
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    job = ensemble_job(tensors, sizes, precision=precision, hidden="gelu", loss="huber")
+    got = engine_tensors(run_with(job, device, block_n, warps, float32_matmul=method))
+    ref = oracle_for(sizes, {k: v.cpu() for k, v in tensors.items()}, hidden="gelu", loss="huber")
+    expected = {
+        "loss": ref.loss,
+        "inputs.grad": ref.input_grads,
+        "per_sample_loss": ref.per_sample_loss,
+        "outputs": ref.outputs,
+        **ref.grads,
+    }
+    errors = {}
+    for name, value in expected.items():
+        g = torch.as_tensor(got[name]).double().cpu()
+        r = value.double().cpu()
+        per_model = [
+            ((g[k] - r[k]).norm() / max(r[k].norm().item(), 1e-6)).item() for k in range(r.shape[0])
+        ]
+        errors[name] = max(per_model)
+    return errors
+
+
+def run_child(case) -> tuple:
+    sizes, m, n, label, block_n, warps = case
+    command = [sys.executable, __file__, "--one", json.dumps(case)]
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    except subprocess.TimeoutExpired:
+        return case, None, "timed out"
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return case, json.loads(line), ""
+    tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
+    return case, None, " / ".join(tail)[-300:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=16)
+    args = parser.parse_args()
+    if args.one:
+        sizes, m, n, label, block_n, warps = json.loads(args.one)
+        print(json.dumps(check_one(tuple(sizes), m, n, label, block_n, warps)))
+        return
+
+    import torch
+
+    from tests.oracle import TOLERANCE
+
+    cases = [
+        (sizes, m, n, label, block_n, warps)
+        for sizes, m, n in SHAPES
+        for label in PRECISIONS
+        for block_n in BLOCKS
+        for warps in WARPS
+    ]
+    lines = [
+        f"# Fused kernel configurations against the float64 oracle on "
+        f"{torch.cuda.get_device_name()}",
+        "",
+        "gelu, huber, sample weights, input gradients; largest per-model relative L2 error "
+        "over the outputs (tf32 bound 2e-3, as tests/kernels/test_tf32_rounding.py).",
+        "",
+        "| layer sizes | M | N | precision | BLOCK_N | warps | verdict | worst output | error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    bad = 0
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        for case, errors, failure in pool.map(run_child, cases):
+            sizes, m, n, label, block_n, warps = case
+            head = f"| {list(sizes)} | {m} | {n} | {label} | {block_n} | {warps} |"
+            if errors is None and "FaultingLaunch" in failure:
+                row = f"{head} refused | | triton_fused.faults_on_gpu |"
+            elif errors is None:
+                row = f"{head} FAILED | | {failure} |"
+                bad += 1
+            else:
+                tol = 2e-3 if label == "tf32" else TOLERANCE[label.split()[0]]
+                name = max(errors, key=errors.get)
+                verdict = "ok" if errors[name] <= tol else "WRONG"
+                bad += verdict != "ok"
+                row = f"{head} {verdict} | {name} | {errors[name]:.2e} |"
+            lines.append(row)
+            print(row, flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write("\n".join(lines) + "\n")
+    print(f"{bad} of {len(cases)} configurations failed or were wrong")
+
+
+if __name__ == "__main__":
+    main()
