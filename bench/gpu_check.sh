@@ -9,8 +9,10 @@
 # first in parallel; rows are written as measured, so a cut-off run keeps them):
 # $OUT/fused_sweep.md. First it runs the tests that check the register-kept launch options
 # against the default, each run twice bit for bit (register_options_tests.log).
-# `bash bench/gpu_check.sh configs` checks the fused kernel's block sizes and warp counts
-# against the float64 oracle, one process each (bench/config_check.py: $OUT/config_check.md).
+# `bash bench/gpu_check.sh configs` checks two chained matmuls alone at the fused kernel's
+# block shapes (bench/chained_dot_check.py: is the 64-row, 8-warp fault Triton's?), then the
+# fused kernel's block sizes and warp counts against the float64 oracle, one process each
+# (bench/config_check.py: $OUT/config_check.md).
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
@@ -43,6 +45,8 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$OUT/env.txt"
 
 if [ "${1:-}" = configs ]; then
+  echo "== two chained matmuls alone: 64 and 128 rows, 4 and 8 warps"
+  timeout 90 python3 bench/chained_dot_check.py 2>&1 | tee "$OUT/chained_dot_check.md"
   echo "== fused kernel block sizes and warps against the oracle"
   timeout 170 python3 bench/config_check.py --out "$OUT/config_check.md" 2>&1 | tail -80
   exit "${PIPESTATUS[0]}"

@@ -63,3 +63,15 @@ def test_launch_config_never_picks_a_configuration_that_faults_on_a_gpu():
     # tf32 at the benchmark target: 64 samples, 4 warps (1.10x as fast as 128/8 there).
     target = triton_fused.launch_config(64, 256, 1024, torch.device("cpu"), PRECISION_CODES["tf32"])
     assert (target.block_n, target.num_warps) == (64, 4)
+
+
+def test_chained_matmul_check_runs_under_the_interpreter():
+    """bench/chained_dot_check.py, which asks the GPU whether the 64-row, 8-warp fault is
+    Triton's, gets every configuration right where layouts do not exist."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "chained_dot_check.py"), "--cpu-check"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sum(" | ok |" in line for line in done.stdout.splitlines()) == 4
