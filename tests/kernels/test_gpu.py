@@ -173,11 +173,19 @@ def test_triton_norms_and_dp_clipping_match_the_torch_engine(precision):
     got = triton_engine.run(job, "cuda")
     ref = torch_engine.run(truth, "cuda")
     tol = TOLERANCE[precision]
-    # The norms by relative L2 error per model, as the gradients: a sample's norm scales with
+
+    # Relative L2 errors per model. The norms so, not elementwise: a sample's norm scales with
     # its residual, and where the prediction nearly meets the target the residual is mostly
     # rounding (bf16 on an H100: 0.5% of the norms off elementwise by over 1%, one by 6.6x).
+    # The bias gradients within each model's whole gradient, not alone: each is a mean of
+    # 1000 samples' terms that largely cancel (the torch engine's own bf16 biases are up to
+    # 4e-2 off the float64 ones on this job on the CPU, its whole gradients 1.5e-2).
+    def whole(result, k):
+        return torch.cat([g[k].double().flatten() for g in result.weight_grads + result.bias_grads])
+
     for a, b in ((got.per_sample_grad_norm, ref.per_sample_grad_norm),
-                 *zip(got.weight_grads + got.bias_grads, ref.weight_grads + ref.bias_grads,
-                      strict=True)):  # fmt: skip
+                 *zip(got.weight_grads, ref.weight_grads, strict=True)):  # fmt: skip
         for k in range(a.shape[0]):
             assert (a[k].double() - b[k]).norm() <= tol * b[k].norm()
+    for k in range(len(ref.loss)):
+        assert (whole(got, k) - whole(ref, k)).norm() <= tol * whole(ref, k).norm()
