@@ -21,12 +21,14 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import run_isolated  # noqa: E402
 
 ROWS = (64, 128)
 WARPS = (4, 8)
@@ -117,18 +119,11 @@ def main() -> None:
     for precision in PRECISIONS if not args.cpu_check else ("tf32",):
         for rows in ROWS:
             for warps in WARPS:
-                done = subprocess.run(
-                    [sys.executable, __file__, "--one", json.dumps([rows, warps, precision])],
-                    capture_output=True, text=True, timeout=300,
-                    env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"),
-                )  # fmt: skip
-                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-                if not lines:
-                    error = " / ".join(done.stderr.strip().splitlines()[-2:])[-200:]
-                    print(f"| {rows} | {warps} | {precision} | FAILED | | | {error} |")
+                r, error = run_isolated(__file__, [rows, warps, precision])
+                if r is None:
+                    print(f"| {rows} | {warps} | {precision} | FAILED | | | {error[-200:]} |")
                     bad += 1
                     continue
-                r = json.loads(lines[-1])
                 # Exact operands: float32 sums in another order, and a rare tie rounding
                 # h otherwise (bf16); a misplaced row or column is off by O(1).
                 ok = r["out"] < 1e-3 and r["colsum"] < 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -22,6 +23,25 @@ def median_seconds(fn, *, repeats: int = 20, warmup: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def run_isolated(script: str, case, timeout: float = 300) -> tuple[dict | None, str]:
+    """Run `script --one <case as JSON>` in its own process (CUDA_LAUNCH_BLOCKING=1, so a
+    fault names the launch that made it) and return (the JSON object it printed last, "")
+    or (None, the end of its error output) when it failed."""
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    try:
+        done = subprocess.run(
+            [sys.executable, script, "--one", json.dumps(case)],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None, "timed out"
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line), ""
+    tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
+    return None, " / ".join(tail)[-300:]
 
 
 def compile_in_parallel(script: str, workers: int, args=()) -> None:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
-import subprocess
 import sys
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import run_isolated  # noqa: E402
 
 # (layer sizes, M, N): the benchmark target's widths at a 64-sample job and a 256-sample
 # one, and padded width 128.
@@ -42,7 +41,7 @@ def check_one(sizes, m, n, label, block_n, warps) -> dict:
     from bench.common import precision_and_method
     from bench.fused_sweep import run_with
     from tests.jobs import ensemble_job, random_job
-    from tests.oracle import engine_tensors, oracle_for
+    from tests.oracle import engine_tensors, oracle_for, relative_errors
 
     precision, method = precision_and_method(label)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter
@@ -51,37 +50,12 @@ def check_one(sizes, m, n, label, block_n, warps) -> dict:
     job = ensemble_job(tensors, sizes, precision=precision, hidden="gelu", loss="huber")
     got = engine_tensors(run_with(job, device, block_n, warps, float32_matmul=method))
     ref = oracle_for(sizes, {k: v.cpu() for k, v in tensors.items()}, hidden="gelu", loss="huber")
-    expected = {
-        "loss": ref.loss,
-        "inputs.grad": ref.input_grads,
-        "per_sample_loss": ref.per_sample_loss,
-        "outputs": ref.outputs,
-        **ref.grads,
-    }
-    errors = {}
-    for name, value in expected.items():
-        g = torch.as_tensor(got[name]).double().cpu()
-        r = value.double().cpu()
-        per_model = [
-            ((g[k] - r[k]).norm() / max(r[k].norm().item(), 1e-6)).item() for k in range(r.shape[0])
-        ]
-        errors[name] = max(per_model)
-    return errors
+    return {name: max(relative_errors(got[name], value)) for name, value in ref.by_name().items()}
 
 
 def run_child(case) -> tuple:
-    sizes, m, n, label, block_n, warps = case
-    command = [sys.executable, __file__, "--one", json.dumps(case)]
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    except subprocess.TimeoutExpired:
-        return case, None, "timed out"
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("{"):
-            return case, json.loads(line), ""
-    tail = [line for line in done.stderr.splitlines() if line.strip()][-3:]
-    return case, None, " / ".join(tail)[-300:]
+    errors, failure = run_isolated(__file__, case, timeout=240)
+    return case, errors, failure
 
 
 def main() -> None:
