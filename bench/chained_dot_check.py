@@ -1,15 +1,25 @@
-"""Is the 64-sample, 8-warp fault the fused kernel's or Triton's? A minimal kernel with the
-fused kernel's forward shape: two chained tensor-core matmuls (the first's result, through
-an activation, is the second's register operand), a column sum of the hidden block (as the
-bias gradient's tl.sum), and a masked store, at 64 and 128 rows with 4 and 8 warps, in
-tf32 and bf16, against torch in float64.
+"""Is the 64-sample, 8-warp fault the fused kernel's or Triton's? A minimal two-layer MLP
+with the fused kernel's matmul pattern, at 64 and 128 rows with 4 and 8 warps, in tf32 and
+bf16, against torch in float64. Two parts, each configuration in its own process so a
+fault names itself:
+
+- forward: two chained tensor-core matmuls (the first's result, through a relu, is the
+  second's register operand), a column sum of the hidden block (as the bias gradient's
+  tl.sum) and a masked store;
+- backward: the forward, then its backward as the fused kernel writes it: each weight
+  gradient is a matmul of a *transposed* pre-activation gradient (itself a matmul's result,
+  still in the tensor cores' accumulator layout) with the layer's input, and the input
+  gradient chains through both weights.
 
 On an H100 with triton 3.6 the fused kernel computed wrong input gradients or faulted at
 64 rows with 8 warps in the tensor-core precisions (bench/results/config_check_h100.md);
 its sm_90 TTGIR has the chained matmuls there as wgmma on 64-row tiles with warpsPerCTA
-[8, 1], two warpgroups along M of a 64-row tile. A WRONG or faulting row here says Triton;
-all ok says the fused kernel's own code. Each configuration runs in its own process, so a
-fault names itself; each row also says the wgmma layouts found in the TTGIR.
+[8, 1], two warpgroups along M of a 64-row tile. flash-linear-attention reports the same
+signature with Triton 3.4 to 3.7 on Hopper (fla-org/flash-linear-attention#640, #984): a
+transposed wgmma accumulator fed to tl.dot in 64-row tiles gave wrong gradients, or
+illegal memory accesses, depending on num_warps. A WRONG or FAILED row here says Triton;
+all ok says the fused kernel's own code. Each row also lists the matmuls' layouts found
+in the TTGIR (wgmma tiles with their warpsPerCTA, or mma v2).
 
   python bench/chained_dot_check.py          (GPU; `bash bench/gpu_check.sh configs`)
   TRITON_INTERPRET=1 python bench/chained_dot_check.py --cpu-check
@@ -22,6 +32,7 @@ import json
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -33,60 +44,115 @@ from bench.common import run_isolated  # noqa: E402
 ROWS = (64, 128)
 WARPS = (4, 8)
 PRECISIONS = ("tf32", "bfloat16")
+PARTS = ("forward", "backward")
 WIDTH = 64
+# Processes at once: each is mostly CUDA start-up and one compile, the GPU work tiny.
+WORKERS = min(8, os.cpu_count() or 1)
 
 
 @triton.jit
-def _chained_dot_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, colsum_ptr, n, ROWS: tl.constexpr,
-                        D: tl.constexpr, BF16: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+def _tf32(a):
+    """An fp32 matmul operand truncated to tf32, as the tensor cores read it (the
+    interpreter would not)."""
+    return (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mm(a, b, BF16: tl.constexpr):
+    if BF16:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        out = tl.dot(_tf32(a), _tf32(b), input_precision="tf32")
+    return out
+
+
+@triton.jit
+def _two_layer_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, colsum_ptr, dw1_ptr, dw2_ptr, dx_ptr, n,
+                      ROWS: tl.constexpr, D: tl.constexpr, BF16: tl.constexpr,
+                      BACKWARD: tl.constexpr):  # fmt: skip
+    block = tl.program_id(0)
+    rows = block * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
     mask = rows[:, None] < n
-    x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
-    w1 = tl.load(w1_ptr + cols[:, None] * D + cols[None, :])
-    w2 = tl.load(w2_ptr + cols[:, None] * D + cols[None, :])
-    if BF16:
-        h = tl.dot(x.to(tl.bfloat16), w1.to(tl.bfloat16), out_dtype=tl.float32)
-    else:
-        h = tl.dot(x, w1, input_precision="tf32")
-    h = tl.where(mask, tl.maximum(h, 0.0), 0.0)
-    tl.store(colsum_ptr + tl.program_id(0) * D + cols, tl.sum(h, 0))
-    if BF16:
-        out = tl.dot(h.to(tl.bfloat16), w2.to(tl.bfloat16), out_dtype=tl.float32)
-    else:  # h truncated to tf32 here, as the tensor cores would (the interpreter does not)
-        h = (h.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        out = tl.dot(h, w2, input_precision="tf32")
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out, mask=mask)
+    tile = rows[:, None] * D + cols[None, :]
+    square = cols[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + tile, mask=mask, other=0.0)
+    w1 = tl.load(w1_ptr + square)  # [out, in], as the fused kernel's weights
+    w2 = tl.load(w2_ptr + square)
+    # forward: z = h @ w^T, the second matmul's left operand the first's result
+    z1 = _mm(x, tl.trans(w1), BF16)
+    h = tl.where(mask, tl.maximum(z1, 0.0), 0.0)
+    tl.store(colsum_ptr + block * D + cols, tl.sum(h, 0))
+    z2 = _mm(h, tl.trans(w2), BF16)
+    tl.store(out_ptr + tile, z2, mask=mask)
+    if BACKWARD:  # loss sum(z2^2)/2: dLoss/dz2 = z2 on the real rows
+        g2 = tl.where(mask, z2, 0.0)
+        tl.store(dw2_ptr + block * D * D + square, _mm(tl.trans(g2), h, BF16))
+        g1 = tl.where(z1 > 0.0, _mm(g2, w2, BF16), 0.0)
+        tl.store(dw1_ptr + block * D * D + square, _mm(tl.trans(g1), x, BF16))
+        tl.store(dx_ptr + tile, _mm(g1, w1, BF16), mask=mask)
 
 
 def to_bf16(t: torch.Tensor) -> torch.Tensor:
-    return t.bfloat16().float()
+    return t.float().bfloat16().double()
 
 
 def to_tf32(t: torch.Tensor) -> torch.Tensor:
-    """The top 19 bits, as the tensor cores read an fp32 operand."""
-    return t.view(torch.int32).bitwise_and(-8192).view(torch.float32)
+    """The top 19 bits of the fp32 value, as the tensor cores read an fp32 operand."""
+    return t.float().view(torch.int32).bitwise_and(-8192).view(torch.float32).double()
 
 
-def check_one(rows: int, warps: int, precision: str, n: int) -> dict:
-    """Run one configuration and return its largest relative errors and wgmma layouts."""
+def reference(x, w1, w2, n: int, rows: int, narrow) -> dict[str, torch.Tensor]:
+    """The kernel's outputs in float64, each matmul operand narrowed as the kernel narrows
+    it (so only the order of float32 sums, and a rare rounding tie, differ)."""
+    blocks = triton.cdiv(n, rows)
+
+    def per_block(a, b):  # sum over each block's rows of a^T b: [blocks, D, D]
+        pad = blocks * rows - n
+        a, b = (torch.nn.functional.pad(t, (0, 0, 0, pad)).view(blocks, rows, -1) for t in (a, b))
+        return narrow(a).transpose(1, 2) @ narrow(b)
+
+    z1 = x @ w1.T
+    h = z1.clamp_min(0)
+    z2 = narrow(h) @ w2.T
+    g1 = (narrow(z2) @ w2) * (z1 > 0)
+    col = torch.nn.functional.pad(h, (0, 0, 0, blocks * rows - n)).view(blocks, rows, -1)
+    return {
+        "out": z2,
+        "colsum": col.sum(1),
+        "dw2": per_block(z2, h),
+        "dw1": per_block(g1, x),
+        "dx": narrow(g1) @ w1,
+    }
+
+
+def check_one(rows: int, warps: int, precision: str, part: str, n: int) -> dict:
+    """Run one configuration: each output's relative L2 error and the matmuls' layouts."""
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     g = torch.Generator().manual_seed(rows + warps)
-    shapes = ((n, WIDTH), (WIDTH, WIDTH), (WIDTH, WIDTH))
-    # Operands exactly representable in the precision: only the sums' order differs.
     narrow = to_bf16 if precision == "bfloat16" else to_tf32
-    x, w1, w2 = (narrow(torch.randn(shape, generator=g)) for shape in shapes)
+    # Loaded operands exactly representable in the precision; scaled to keep values O(1).
+    x = narrow(torch.randn(n, WIDTH, generator=g))
+    w1, w2 = (narrow(torch.randn(WIDTH, WIDTH, generator=g) / WIDTH**0.5) for _ in range(2))
     blocks = triton.cdiv(n, rows)
-    out = torch.full((n, WIDTH), float("nan"), device=device)
-    colsum = torch.full((blocks, WIDTH), float("nan"), device=device)
-    compiled = _chained_dot_kernel[(blocks,)](
-        x.to(device), w1.to(device), w2.to(device), out, colsum, n, ROWS=rows, D=WIDTH,
-        BF16=precision == "bfloat16", num_warps=warps,
+    outputs = {
+        "out": torch.full((n, WIDTH), float("nan"), device=device),
+        "colsum": torch.full((blocks, WIDTH), float("nan"), device=device),
+        "dw1": torch.full((blocks, WIDTH, WIDTH), float("nan"), device=device),
+        "dw2": torch.full((blocks, WIDTH, WIDTH), float("nan"), device=device),
+        "dx": torch.full((n, WIDTH), float("nan"), device=device),
+    }
+    backward = part == "backward"
+    compiled = _two_layer_kernel[(blocks,)](
+        *(t.float().to(device) for t in (x, w1, w2)), *outputs.values(), n, ROWS=rows,
+        D=WIDTH, BF16=precision == "bfloat16", BACKWARD=backward, num_warps=warps,
     )  # fmt: skip
-    h = (x.double() @ w1.double()).clamp_min(0)
-    ref_out = narrow(h.float()).double() @ w2.double()  # the kernel narrows h alike
-    ref_sum = torch.nn.functional.pad(h, (0, 0, 0, blocks * rows - n))
-    ref_sum = ref_sum.view(blocks, rows, WIDTH).sum(1)
+    expected = reference(x, w1, w2, n, rows, narrow)
+    checked = ("out", "colsum", "dw2", "dw1", "dx") if backward else ("out", "colsum")
+    errors = {}
+    for name in checked:
+        got, want = outputs[name].cpu().double(), expected[name]
+        errors[name] = ((got - want).norm() / want.norm()).item()
     layouts = []
     if device == "cuda":
         ttgir = compiled.asm["ttgir"]
@@ -94,11 +160,7 @@ def check_one(rows: int, warps: int, precision: str, n: int) -> dict:
         warps_of = dict(re.findall(wgmma, ttgir, re.M))
         dots = r"(?:warp_group_dot|tt.dot) .* -> tensor<(\d+)x(\d+)xf32, #(mma\d*)>"
         layouts = [f"{r}x{c} {warps_of.get(m, 'mma v2')}" for r, c, m in re.findall(dots, ttgir)]
-    return {
-        "out": ((out.cpu().double() - ref_out).norm() / ref_out.norm()).item(),
-        "colsum": ((colsum.cpu().double() - ref_sum).norm() / ref_sum.norm()).item(),
-        "layouts": layouts,
-    }
+    return {"errors": errors, "layouts": layouts}
 
 
 def main() -> None:
@@ -110,27 +172,29 @@ def main() -> None:
     if args.one:
         print(json.dumps(check_one(*json.loads(args.one), n)))
         return
-    print(
-        "| rows | warps | precision | verdict | out rel. error | column-sum rel. error "
-        "| matmul layouts |"
-    )
+    precisions = PRECISIONS if not args.cpu_check else ("tf32",)
+    cases = [[r, w, p, part] for part in PARTS for p in precisions for r in ROWS for w in WARPS]
+    print("| part | rows | warps | precision | verdict | relative errors | matmul layouts |")
     print("|---|---|---|---|---|---|---|")
     bad = 0
-    for precision in PRECISIONS if not args.cpu_check else ("tf32",):
-        for rows in ROWS:
-            for warps in WARPS:
-                r, error = run_isolated(__file__, [rows, warps, precision])
-                if r is None:
-                    print(f"| {rows} | {warps} | {precision} | FAILED | | | {error[-200:]} |")
-                    bad += 1
-                    continue
-                # Exact operands: float32 sums in another order, and a rare tie rounding
-                # h otherwise (bf16); a misplaced row or column is off by O(1).
-                ok = r["out"] < 1e-3 and r["colsum"] < 1e-5
-                bad += not ok
-                print(f"| {rows} | {warps} | {precision} | {'ok' if ok else 'WRONG'} "
-                      f"| {r['out']:.1e} | {r['colsum']:.1e} | {', '.join(r['layouts'])} |",
-                      flush=True)  # fmt: skip
+    with ThreadPoolExecutor(WORKERS) as pool:
+        # results in case order, each printed as soon as it and those before it are in
+        for (rows, warps, precision, part), (r, error) in zip(
+            cases, pool.map(lambda case: run_isolated(__file__, case), cases), strict=True
+        ):
+            row = f"| {part} | {rows} | {warps} | {precision}"
+            if r is None:
+                print(f"{row} | FAILED | | {error[-200:]} |", flush=True)
+                bad += 1
+                continue
+            # Exact operands: float32 sums in another order, and a rare rounding tie in a
+            # narrowed intermediate; a misplaced row or column is off by O(1).
+            errors = r["errors"]
+            ok = all(e < (1e-5 if name == "colsum" else 1e-3) for name, e in errors.items())
+            bad += not ok
+            listed = ", ".join(f"{name} {e:.1e}" for name, e in errors.items())
+            print(f"{row} | {'ok' if ok else 'WRONG'} | {listed} | {', '.join(r['layouts'])} |",
+                  flush=True)  # fmt: skip
     if bad:
         raise SystemExit(f"{bad} configurations failed or were wrong")
 

@@ -9,8 +9,9 @@
 # first in parallel; rows are written as measured, so a cut-off run keeps them):
 # $OUT/fused_sweep.md. First it runs the tests that check the register-kept launch options
 # against the default, each run twice bit for bit (register_options_tests.log).
-# `bash bench/gpu_check.sh configs` checks two chained matmuls alone at the fused kernel's
-# block shapes (bench/chained_dot_check.py: is the 64-row, 8-warp fault Triton's?), then the
+# `bash bench/gpu_check.sh configs` checks a two-layer MLP's forward and backward alone, with
+# the fused kernel's matmul pattern, at its block shapes (bench/chained_dot_check.py: is the
+# 64-row, 8-warp fault Triton's?), then the
 # fused kernel's block sizes and warp counts against the float64 oracle, one process each
 # (bench/config_check.py: $OUT/config_check.md).
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
@@ -45,8 +46,8 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$OUT/env.txt"
 
 if [ "${1:-}" = configs ]; then
-  echo "== two chained matmuls alone: 64 and 128 rows, 4 and 8 warps"
-  timeout 90 python3 bench/chained_dot_check.py 2>&1 | tee "$OUT/chained_dot_check.md"
+  echo "== a two-layer MLP alone, forward and backward: 64 and 128 rows, 4 and 8 warps"
+  timeout 120 python3 bench/chained_dot_check.py 2>&1 | tee "$OUT/chained_dot_check.md"
   echo "== fused kernel block sizes and warps against the oracle"
   timeout 170 python3 bench/config_check.py --out "$OUT/config_check.md" 2>&1 | tail -80
   exit "${PIPESTATUS[0]}"

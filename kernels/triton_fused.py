@@ -491,7 +491,10 @@ def faults_on_gpu(block_n: int, num_warps: int, precision: int) -> bool:
     widths 64 and 128, and a tf32 job at width 64 that did not fault got input gradients
     113% off (bench/results/config_check_h100.md). bfloat16 ran there without a fault but
     its results were not checked: left out alike. IEEE float32 (FMA units) is correct there
-    and is launch_config's choice at width 64."""
+    and is launch_config's choice at width 64. Other Triton users report the same signature
+    on Hopper with Triton 3.4 to 3.7 (flash-linear-attention issues 640 and 984: matmuls of
+    transposed matmul results in 64-row tiles, wrong or faulting by num_warps), and
+    bench/chained_dot_check.py asks the GPU whether this kernel's pattern alone does it."""
     return block_n == 64 and num_warps == 8 and precision != PRECISION_CODES["float32"]
 
 

@@ -67,6 +67,8 @@ def test_launch_config_never_picks_a_configuration_that_faults_on_a_gpu():
 
 def test_chained_matmul_check_runs_under_the_interpreter():
     """bench/chained_dot_check.py, which asks the GPU whether the 64-row, 8-warp fault is
-    Triton's, gets every configuration right where layouts do not exist."""
+    Triton's, gets every configuration's forward and backward right where layouts do not
+    exist."""
     lines = cpu_check_output("chained_dot_check.py")
-    assert sum(" | ok |" in line for line in lines) == 4
+    assert sum(" | ok |" in line for line in lines) == 8
+    assert sum("dw1" in line and "dx" in line for line in lines) == 4
