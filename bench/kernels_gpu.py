@@ -12,13 +12,17 @@ The Triton kernels are compiled first, in parallel (one process per CPU core up 
 Triton's disk cache), so the timed runs do not queue behind one compile after another.
 
 Usage: python bench/kernels_gpu.py [--out FILE] [--no-compile] [--compile-workers W]
+       TRITON_INTERPRET=1 python bench/kernels_gpu.py --cpu-check   (every row runs, on a
+       few samples under the interpreter, and agrees with the torch engine; times mean nothing)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+import time
 
 import torch
 import triton
@@ -31,24 +35,37 @@ from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
 
 CASES = [
-    # (M, N, layer_sizes, precision, compare with torch.compile). "float32 tf32x3": a float32
-    # job with the engine's float32_matmul="tf32x3"; its peers are the float32 row's.
-    (1024, 256, (32, 64, 64, 64, 1), "float32", True),
-    (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3", True),
-    (1024, 256, (32, 64, 64, 64, 1), "tf32", True),
-    (1024, 256, (32, 64, 64, 64, 1), "bfloat16", True),
-    (4096, 256, (16, 64, 64, 64, 1), "tf32", False),
-    (256, 1024, (64, 128, 128, 128, 8), "bfloat16", False),
-    (256, 1024, (64, 128, 128, 128, 8), "float32", False),
-    (8192, 64, (16, 32, 32, 1), "float32", False),
-    (16, 1024, (1024, 1024, 1024, 1), "float32", False),
-    (16, 1024, (1024, 1024, 1024, 1), "float32 tf32x3", False),
-    (16, 1024, (1024, 1024, 1024, 1), "bfloat16", False),
+    # (M, N, layer_sizes, precision, compare with torch.compile, the engine's path).
+    # "float32 tf32x3": a float32 job with the engine's float32_matmul="tf32x3"; its peers
+    # are the float32 row's. "auto" is the path jobs take (fused up to width 128, per-layer
+    # beyond); the last rows force the per-layer GEMMs on jobs the fused kernel takes, to
+    # see which path is faster there (their peers are timed once, with the "auto" row).
+    (1024, 256, (32, 64, 64, 64, 1), "float32", True, "auto"),
+    (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3", True, "auto"),
+    (1024, 256, (32, 64, 64, 64, 1), "tf32", True, "auto"),
+    (1024, 256, (32, 64, 64, 64, 1), "bfloat16", True, "auto"),
+    (4096, 256, (16, 64, 64, 64, 1), "tf32", False, "auto"),
+    (256, 1024, (64, 128, 128, 128, 8), "bfloat16", False, "auto"),
+    (256, 1024, (64, 128, 128, 128, 8), "float32", False, "auto"),
+    (8192, 64, (16, 32, 32, 1), "float32", False, "auto"),
+    (16, 1024, (1024, 1024, 1024, 1), "float32", False, "auto"),
+    (16, 1024, (1024, 1024, 1024, 1), "float32 tf32x3", False, "auto"),
+    (16, 1024, (1024, 1024, 1024, 1), "bfloat16", False, "auto"),
+    (1024, 256, (32, 64, 64, 64, 1), "float32", True, "per_layer"),
+    (256, 1024, (64, 128, 128, 128, 8), "float32", False, "per_layer"),
+    (256, 1024, (64, 128, 128, 128, 8), "bfloat16", False, "per_layer"),
 ]
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+DEVICE = "cuda"  # "cpu" for --cpu-check
+
+
 def bench(fn) -> float:
+    if DEVICE == "cpu":  # the check runs each row once: one call's ms
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]  # median ms
 
 
@@ -73,13 +90,13 @@ def measured_peaks() -> dict[str, float]:
 
 
 def make_job(m, n, sizes, precision):
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     weights, biases = [], []
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        weights.append(torch.randn(m, b, a, device="cuda", generator=g) * a**-0.5)
-        biases.append(torch.randn(m, b, device="cuda", generator=g) * 0.1)
-    x = torch.randn(m, n, sizes[0], device="cuda", generator=g)
-    y = torch.randn(m, n, sizes[-1], device="cuda", generator=g)
+        weights.append(torch.randn(m, b, a, device=DEVICE, generator=g) * a**-0.5)
+        biases.append(torch.randn(m, b, device=DEVICE, generator=g) * 0.1)
+    x = torch.randn(m, n, sizes[0], device=DEVICE, generator=g)
+    y = torch.randn(m, n, sizes[-1], device=DEVICE, generator=g)
     return kernels.EnsembleJob(
         mlp=kernels.MLPSpec(tuple(sizes), kernels.Activation("relu")),
         loss=kernels.LossSpec("mse"),
@@ -93,7 +110,7 @@ def vmap_grad_fn(sizes, precision):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
-    base = nn.Sequential(*layers).to("cuda")
+    base = nn.Sequential(*layers).to(DEVICE)
 
     def loss_fn(params, x, y):
         return nn.functional.mse_loss(functional_call(base, params, (x,)), y)
@@ -102,7 +119,7 @@ def vmap_grad_fn(sizes, precision):
 
     def run(params, x, y):
         if precision in AUTOCAST:
-            with torch.autocast("cuda", dtype=AUTOCAST[precision]):
+            with torch.autocast(DEVICE, dtype=AUTOCAST[precision]):
                 return g(params, x, y)
         return g(params, x, y)
 
@@ -112,7 +129,7 @@ def vmap_grad_fn(sizes, precision):
 def peer_times(job, sizes, precision, with_compile: bool) -> tuple[float, float, float]:
     """Median ms of torch eager, vmap(grad) and torch.compile(vmap(grad)) (nan if not
     asked) on the job."""
-    t_eager = bench(lambda: torch_engine.run(job, "cuda"))
+    t_eager = bench(lambda: torch_engine.run(job, DEVICE))
     params = {}
     for i in range(len(sizes) - 1):
         params[f"{2 * i}.weight"] = job.weights[i]
@@ -127,6 +144,37 @@ def peer_times(job, sizes, precision, with_compile: bool) -> tuple[float, float,
     return t_eager, t_vmap, t_compile
 
 
+def takes_fused(sizes, path: str) -> bool:
+    return path == "fused" or (path == "auto" and max(sizes) <= triton_engine.FUSED_MAX_WIDTH)
+
+
+def cpu_check() -> None:
+    """Every row's Triton run on a few samples under the interpreter (wide layers cut to 130,
+    still the per-layer path), against the torch engine, and its eager and vmap(grad)
+    peers: the script's own code checked before a GPU call spends minutes on it. bfloat16
+    rows are left out (the interpreter cannot compute bfloat16 dots)."""
+    global DEVICE
+    DEVICE = "cpu"
+    for m, n, sizes, label, _, path in CASES:
+        precision, method = precision_and_method(label)
+        if precision not in triton_engine.precisions():
+            continue
+        sizes = tuple(130 if w > triton_engine.FUSED_MAX_WIDTH else w for w in sizes)
+        job = make_job(min(m, 2), min(n, 5), sizes, precision)
+        got = triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
+        want = torch_engine.run(job, DEVICE)
+        peer_times(job, sizes, precision, with_compile=False)  # the peers' code runs too
+        pairs = zip(got.weight_grads + [got.loss], want.weight_grads + [want.loss], strict=True)
+        error = max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+        # a smoke check of the script (the oracle tests check the engine): tf32 rows differ
+        # from the torch engine's float32 by tf32 rounding
+        verdict = "ok" if error < 1e-2 else "WRONG"
+        fused = "fused" if takes_fused(sizes, path) else "per-layer"
+        print(f"| {label} | {list(sizes)} | {fused} | {verdict} | {error:.1e} |", flush=True)
+        if verdict != "ok":
+            raise SystemExit(f"{label} {sizes} {path}: relative error {error:.1e}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -138,11 +186,16 @@ def main():
         help="processes compiling the Triton kernels ahead of the timing run",
     )  # fmt: skip
     parser.add_argument("--compile-share", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu-check", action="store_true")
     args = parser.parse_args()
+    if args.cpu_check:
+        cpu_check()
+        return
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
-        for m, n, sizes, label, _ in share(CASES, args.compile_share):
+        for m, n, sizes, label, _, path in share(CASES, args.compile_share):
             precision, method = precision_and_method(label)
-            triton_engine.run(make_job(m, n, sizes, precision), "cuda", float32_matmul=method)
+            job = make_job(m, n, sizes, precision)
+            triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
         torch.cuda.synchronize()
         return
     if args.compile_workers:
@@ -157,17 +210,20 @@ def main():
         + f", copy {peaks['copy_gbps']:.0f} GB/s. Loss: mse, hidden relu. "
         "Times: median ms of triton.testing.do_bench.",
         "",
-        "| M | N | layer sizes | precision | triton ms | eager ms | vmap(grad) ms "
+        "| M | N | layer sizes | precision | path | triton ms | eager ms | vmap(grad) ms "
         "| compile(vmap(grad)) ms | vs eager | vs vmap | vs compile | TFLOP/s (% peak) "
         "| GB/s (% copy) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peers = {}  # (M, N, sizes, precision) -> the PyTorch peers' times
-    for m, n, sizes, label, with_compile in CASES:
+    for m, n, sizes, label, with_compile, path in CASES:
         precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        t_triton = bench(lambda job=job, f=method: triton_engine.run(job, "cuda", float32_matmul=f))
+        fused = takes_fused(sizes, path)
+        t_triton = bench(
+            functools.partial(triton_engine.run, job, DEVICE, float32_matmul=method, path=path)
+        )
         key = (m, n, sizes, precision)
         if key not in peers:
             peers[key] = peer_times(job, sizes, precision, with_compile and not args.no_compile)
@@ -181,7 +237,8 @@ def main():
         moved = (job.inputs.numel() + job.targets.numel()) * 4 + 2 * param_bytes
         gbps = moved / t_triton / 1e6
         lines.append(
-            f"| {m} | {n} | {list(sizes)} | {label} | {t_triton:.3f} | {t_eager:.3f} "
+            f"| {m} | {n} | {list(sizes)} | {label} | {'fused' if fused else 'per-layer'} "
+            f"| {t_triton:.3f} | {t_eager:.3f} "
             f"| {t_vmap:.3f} | {t_compile:.3f} | {t_eager / t_triton:.2f}x "
             f"| {t_vmap / t_triton:.2f}x | {t_compile / t_triton:.2f}x "
             f"| {tflops:.1f} ({100 * tflops / peaks[precision]:.0f}%) "

@@ -29,6 +29,10 @@ FLOAT32_MATMULS: tuple[str, ...] = ("ieee", "tf32x3")
 FLOAT32_MATMUL = "ieee"  # the default
 # Widest layer of the fully fused kernel (and of per-sample norms on this engine).
 FUSED_MAX_WIDTH = 128
+# Which kernels run a job: "auto" takes the fused kernel up to FUSED_MAX_WIDTH and the
+# per-layer GEMMs beyond; "fused" and "per_layer" force one (the benchmarks time both
+# paths on the same job; the per-layer path computes no per-sample norms).
+PATHS: tuple[str, ...] = ("auto", "fused", "per_layer")
 
 
 def fits_int32_offsets(num_samples: int, layer_sizes) -> bool:
@@ -80,16 +84,26 @@ def precision_code(precision: str, float32_matmul: str = FLOAT32_MATMUL) -> int:
 
 
 def run(
-    job: EnsembleJob, device: torch.device | str, *, float32_matmul: str = FLOAT32_MATMUL
+    job: EnsembleJob,
+    device: torch.device | str,
+    *,
+    float32_matmul: str = FLOAT32_MATMUL,
+    path: str = "auto",
 ) -> EnsembleResult:
     from gradserve.kernels import triton_fused, triton_layered
     from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES
 
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    fits_fused = max(job.mlp.layer_sizes) <= FUSED_MAX_WIDTH
+    if path == "fused" and not fits_fused:
+        raise ValueError(f"the fused kernel takes layers up to {FUSED_MAX_WIDTH} wide")
+    fused = fits_fused if path == "auto" else path == "fused"
     norms_needed = job.outputs.per_sample_gradient_norms or job.privacy is not None
-    if norms_needed and max(job.mlp.layer_sizes) > FUSED_MAX_WIDTH:
+    if norms_needed and not fused:
         raise ValueError(
-            f"the triton engine computes per-sample gradient norms for widths <= "
-            f"{FUSED_MAX_WIDTH} only"
+            f"the triton engine computes per-sample gradient norms in its fused kernel only "
+            f"(widths <= {FUSED_MAX_WIDTH})"
         )
     if job.precision not in precisions():
         raise ValueError(f"the triton engine does not run precision {job.precision!r} here")
@@ -125,7 +139,7 @@ def run(
         want_y=want.forward_outputs,
     )
 
-    if max(sizes) <= FUSED_MAX_WIDTH:
+    if fused:
         narrow = NARROW_WEIGHTS.get(job.precision)
         operands = [w.to(narrow) for w in weights] if narrow else weights
         (weight_grads, bias_grads), dx, per, y, norms = triton_fused.fused_mlp(

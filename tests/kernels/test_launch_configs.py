@@ -1,6 +1,8 @@
 """The fused kernel computes the same gradients at every launch configuration the GPU
 sweep (bench/fused_sweep.py) may try, and the per-layer path at every tile shape its sweep
-(bench/layered_sweep.py) may try, so their timings compare like with like."""
+(bench/layered_sweep.py) may try, so their timings compare like with like; and the GPU
+scripts' own code (the configuration checks, the kernel benchmark) runs under the
+interpreter before a GPU call spends minutes on it."""
 
 import os
 import subprocess
@@ -72,3 +74,17 @@ def test_chained_matmul_check_runs_under_the_interpreter():
     lines = cpu_check_output("chained_dot_check.py")
     assert sum(" | ok |" in line for line in lines) == 8
     assert sum("dw1" in line and "dx" in line for line in lines) == 4
+
+
+def test_kernel_benchmark_runs_every_row_under_the_interpreter():
+    """bench/kernels_gpu.py, the script each GPU call spends minutes on: every row but the
+    bfloat16 ones (which the interpreter cannot compute) runs on a few samples, its
+    forced per-layer rows included, and agrees with the torch engine."""
+    from bench import kernels_gpu
+
+    lines = cpu_check_output("kernels_gpu.py")
+    rows = [case for case in kernels_gpu.CASES if not case[3].startswith("bfloat16")]
+    assert sum(" | ok | " in line for line in lines) == len(rows)
+    assert sum("| per-layer | ok |" in line for line in lines) == sum(
+        max(case[2]) > 128 or case[5] == "per_layer" for case in rows
+    )

@@ -3,6 +3,7 @@
 Shapes stay small: the interpreter runs every program in numpy.
 """
 
+import dataclasses
 import warnings
 
 import pytest
@@ -30,9 +31,9 @@ EXACT_SIZES = (32, 16, 32, 3)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check(layer_sizes, tensors, precision="float32", **options):
+def check(layer_sizes, tensors, precision="float32", path="auto", **options):
     job = ensemble_job(tensors, layer_sizes, precision=precision, **options)
-    got = triton_engine.run(job, DEVICE)
+    got = triton_engine.run(job, DEVICE, path=path)
     assert got.engine == "triton"
     assert_matches_oracle(
         engine_tensors(got), oracle_for(layer_sizes, tensors, **options), precision
@@ -94,6 +95,31 @@ def test_wide_layer_takes_the_per_layer_path(m, n, shared, loss):
         WIDE_SIZES, m, n, loss=loss, shared_inputs=shared, sample_weights=True, seed=n
     )
     check(WIDE_SIZES, tensors, hidden="gelu", output="tanh", loss=loss)
+
+
+@pytest.mark.parametrize("n", [1, 37])
+@pytest.mark.parametrize("m", [1, 3])
+def test_narrow_networks_forced_onto_the_per_layer_path(m, n):
+    """path="per_layer", which the GPU benchmarks time against the fused kernel on the same
+    job: odd widths the per-layer GEMMs mask to their tiles."""
+    tensors = random_job(
+        ODD_SIZES, m, n, loss="huber", shared_inputs=m == 3, sample_weights=True, seed=m + n
+    )
+    check(ODD_SIZES, tensors, path="per_layer", hidden="silu", output="sigmoid", loss="huber")
+
+
+def test_paths_the_job_cannot_take_are_refused():
+    wide = ensemble_job(random_job(WIDE_SIZES, 1, 4), WIDE_SIZES)
+    with pytest.raises(ValueError, match="up to 128 wide"):
+        triton_engine.run(wide, DEVICE, path="fused")
+    with pytest.raises(ValueError, match="path must be one of"):
+        triton_engine.run(wide, DEVICE, path="layered")
+    job = ensemble_job(random_job(ODD_SIZES, 1, 4), ODD_SIZES)
+    job = dataclasses.replace(
+        job, outputs=dataclasses.replace(job.outputs, per_sample_gradient_norms=True)
+    )
+    with pytest.raises(ValueError, match="norms in its fused kernel only"):
+        triton_engine.run(job, DEVICE, path="per_layer")
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
