@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
+from bench.sweep import make_job  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
 
@@ -89,21 +90,6 @@ def measured_peaks() -> dict[str, float]:
     return peaks
 
 
-def make_job(m, n, sizes, precision):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    weights, biases = [], []
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        weights.append(torch.randn(m, b, a, device=DEVICE, generator=g) * a**-0.5)
-        biases.append(torch.randn(m, b, device=DEVICE, generator=g) * 0.1)
-    x = torch.randn(m, n, sizes[0], device=DEVICE, generator=g)
-    y = torch.randn(m, n, sizes[-1], device=DEVICE, generator=g)
-    return kernels.EnsembleJob(
-        mlp=kernels.MLPSpec(tuple(sizes), kernels.Activation("relu")),
-        loss=kernels.LossSpec("mse"),
-        weights=weights, biases=biases, inputs=x, targets=y, precision=precision,
-    )  # fmt: skip
-
-
 def vmap_grad_fn(sizes, precision):
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -160,7 +146,7 @@ def cpu_check() -> None:
         if precision not in triton_engine.precisions():
             continue
         sizes = tuple(130 if w > triton_engine.FUSED_MAX_WIDTH else w for w in sizes)
-        job = make_job(min(m, 2), min(n, 5), sizes, precision)
+        job = make_job(min(m, 2), min(n, 5), sizes, precision, DEVICE)
         got = triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
         want = torch_engine.run(job, DEVICE)
         peer_times(job, sizes, precision, with_compile=False)  # the peers' code runs too
@@ -194,7 +180,7 @@ def main():
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
         for m, n, sizes, label, _, path in share(CASES, args.compile_share):
             precision, method = precision_and_method(label)
-            job = make_job(m, n, sizes, precision)
+            job = make_job(m, n, sizes, precision, DEVICE)
             triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
         torch.cuda.synchronize()
         return
@@ -218,7 +204,7 @@ def main():
     peers = {}  # (M, N, sizes, precision) -> the PyTorch peers' times
     for m, n, sizes, label, with_compile, path in CASES:
         precision, method = precision_and_method(label)
-        job = make_job(m, n, sizes, precision)
+        job = make_job(m, n, sizes, precision, DEVICE)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         fused = takes_fused(sizes, path)
         t_triton = bench(

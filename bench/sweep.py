@@ -19,7 +19,7 @@ from gradserve.kernels.triton_fused import FaultingLaunch
 
 
 def make_job(m, n, sizes, precision, device):
-    """M relu networks of `sizes`, N per-model samples each, mse: the sweeps' job."""
+    """M relu networks of `sizes`, N per-model samples each, mse: the GPU benchmarks' job."""
     g = torch.Generator(device=device).manual_seed(0)
     weights, biases = [], []
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
