@@ -17,9 +17,13 @@
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
+# `bash bench/gpu_check.sh all [PRECISIONS]` runs the default check, then in the same call
+# the two-layer MLP check and the fused kernel's launch configurations for PRECISIONS
+# (default bfloat16,float32-tf32x3) in whatever is left of about 570 s: one device start
+# for all three (8 files under $OUT).
 # Python packages missing on the machine can be carried as wheels in .whl/.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -121,3 +125,15 @@ kill "$server"; wait "$server" 2>/dev/null
   echo "server job engine: $(grep -o '"engine": "[a-z]*"' "$OUT/server_job.txt")"
   cat "$OUT/kernels_gpu.md" 2>/dev/null | grep '^|'
 } | tee "$OUT/summary.txt"
+
+if [ "${1:-}" = all ]; then
+  echo "== a two-layer MLP alone, forward and backward: 64 and 128 rows, 4 and 8 warps"
+  timeout 120 python3 bench/chained_dot_check.py > "$OUT/chained_dot_check.md" 2>&1
+  grep -E 'WRONG|FAILED|configurations' "$OUT/chained_dot_check.md" || echo "all ok"
+  left=$((570 - SECONDS))
+  if [ "$left" -gt 60 ]; then
+    echo "== fused kernel launch configurations: ${2:-bfloat16,float32-tf32x3} (${left} s)"
+    timeout "$left" python3 bench/fused_sweep.py --out "$OUT/fused_sweep.md" \
+      --precisions "${2:-bfloat16,float32-tf32x3}" 2>&1 | grep '^|' | tail -50
+  fi
+fi
