@@ -19,8 +19,8 @@
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
 # `bash bench/gpu_check.sh all [PRECISIONS]` runs the default check, then in the same call
 # the two-layer MLP check and the fused kernel's launch configurations for PRECISIONS
-# (default bfloat16,float32-tf32x3) in whatever is left of about 570 s: one device start
-# for all three (8 files under $OUT).
+# (default bfloat16,float32-tf32x3,float32: the nearest its targets first) in whatever is
+# left of about 570 s: one device start for all three (8 files under $OUT).
 # Python packages missing on the machine can be carried as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
@@ -132,8 +132,8 @@ if [ "${1:-}" = all ]; then
   grep -E 'WRONG|FAILED|configurations' "$OUT/chained_dot_check.md" || echo "all ok"
   left=$((570 - SECONDS))
   if [ "$left" -gt 60 ]; then
-    echo "== fused kernel launch configurations: ${2:-bfloat16,float32-tf32x3} (${left} s)"
+    echo "== fused kernel launch configurations: ${2:-bfloat16,float32-tf32x3,float32} (${left} s)"
     timeout "$left" python3 bench/fused_sweep.py --out "$OUT/fused_sweep.md" \
-      --precisions "${2:-bfloat16,float32-tf32x3}" 2>&1 | grep '^|' | tail -50
+      --precisions "${2:-bfloat16,float32-tf32x3,float32}" 2>&1 | grep '^|' | tail -50
   fi
 fi
