@@ -11,9 +11,9 @@
 # against the default, each run twice bit for bit (register_options_tests.log).
 # `bash bench/gpu_check.sh configs` checks a two-layer MLP's forward and backward alone, with
 # the fused kernel's matmul pattern, at its block shapes (bench/chained_dot_check.py: is the
-# 64-row, 8-warp fault Triton's?), then the
-# fused kernel's block sizes and warp counts against the float64 oracle, one process each
-# (bench/config_check.py: $OUT/config_check.md).
+# 64-row, 8-warp fault Triton's?), then the fused kernel's block sizes and warp counts
+# against the float64 oracle, one process each (bench/config_check.py:
+# $OUT/config_check.md).
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
