@@ -23,6 +23,7 @@ in the TTGIR (wgmma tiles with their warpsPerCTA, or mma v2).
 
   python bench/chained_dot_check.py          (GPU; `bash bench/gpu_check.sh configs`)
   TRITON_INTERPRET=1 python bench/chained_dot_check.py --cpu-check
+  env -u TRITON_INTERPRET python bench/chained_dot_check.py --static   (layouts, no GPU)
 """
 
 from __future__ import annotations
@@ -154,22 +155,54 @@ def check_one(rows: int, warps: int, precision: str, part: str, n: int) -> dict:
     for name in checked:
         got, want = outputs[name].cpu().double(), expected[name]
         errors[name] = ((got - want).norm() / want.norm()).item()
-    layouts = []
-    if device == "cuda":
-        ttgir = compiled.asm["ttgir"]
-        wgmma = r"^#(mma\d*) = #ttg.nvidia_mma<\{versionMajor = 3.*?warpsPerCTA = (\[\d+, \d+\])"
-        warps_of = dict(re.findall(wgmma, ttgir, re.M))
-        dots = r"(?:warp_group_dot|tt.dot) .* -> tensor<(\d+)x(\d+)xf32, #(mma\d*)>"
-        layouts = [f"{r}x{c} {warps_of.get(m, 'mma v2')}" for r, c, m in re.findall(dots, ttgir)]
+    layouts = matmul_layouts(compiled.asm["ttgir"]) if device == "cuda" else []
     return {"errors": errors, "layouts": layouts}
+
+
+def matmul_layouts(ttgir: str) -> list[str]:
+    """Each matmul's result tile and layout in a kernel's TTGIR, in program order: wgmma
+    (Hopper) with its warpsPerCTA, or mma v2."""
+    wgmma = r"^#(mma\d*) = #ttg.nvidia_mma<\{versionMajor = 3.*?warpsPerCTA = (\[\d+, \d+\])"
+    warps_of = dict(re.findall(wgmma, ttgir, re.M))
+    dots = r"(?:warp_group_dot|tt.dot) .* -> tensor<(\d+)x(\d+)xf32, #(mma\d*)>"
+    return [f"{r}x{c} {warps_of.get(m, 'mma v2')}" for r, c, m in re.findall(dots, ttgir)]
+
+
+def static_layouts(n: int) -> None:
+    """Compile every backward case for sm_90a without a GPU (bench/compile_only.py) and print
+    its matmuls' layouts: what the GPU run's last column will say, ahead of it."""
+    from triton.runtime import driver
+
+    from bench.compile_only import CompileOnlyDriver
+
+    driver.set_active(CompileOnlyDriver())
+    print(f"triton {triton.__version__}, sm_90a, forward and backward")
+    for precision in PRECISIONS:
+        for rows in ROWS:
+            for warps in WARPS:
+                blocks = triton.cdiv(n, rows)
+                shapes = [(n, WIDTH), (WIDTH, WIDTH), (WIDTH, WIDTH), (n, WIDTH),
+                          (blocks, WIDTH), (blocks, WIDTH, WIDTH), (blocks, WIDTH, WIDTH),
+                          (n, WIDTH)]  # fmt: skip
+                compiled = _two_layer_kernel.run(
+                    *(torch.empty(shape) for shape in shapes), n, grid=(blocks,), warmup=True,
+                    ROWS=rows, D=WIDTH, BF16=precision == "bfloat16", BACKWARD=True,
+                    num_warps=warps,
+                )  # fmt: skip
+                layouts = ", ".join(matmul_layouts(compiled.asm["ttgir"]))
+                print(f"| {rows} | {warps} | {precision} | {layouts} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-check", action="store_true")
+    parser.add_argument("--static", action="store_true", help="layouts for sm_90a, no GPU")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     n = 100 if args.cpu_check else 1000  # not a multiple of the rows: masked last block
+    if args.static:
+        static_layouts(n)
+        return
     if args.one:
         print(json.dumps(check_one(*json.loads(args.one), n)))
         return
