@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from gradserve.kernels.triton_common import (
+    LAUNCH_OPTIONS,
     PRECISION_CODES,
     activate,
     activation_grad,
@@ -456,7 +457,7 @@ def sum_partials(partial: torch.Tensor, segments: list[tuple[int, int]]) -> torc
     assert all(0 <= start and start + length <= c for start, length in segments), segments
     block = 1024
     _sum_partials_kernel[(r, triton.cdiv(c, block))](
-        partial, out, s, c, lengths, STARTS=starts, BLOCK=block
+        partial, out, s, c, lengths, STARTS=starts, BLOCK=block, **LAUNCH_OPTIONS
     )
     return out
 
@@ -664,7 +665,7 @@ def fused_mlp(
         # with values carried across them (`carry`) the pipeliner's buffers took more
         # shared memory than an SM has (352 KB at tf32 128/8 on sm_90); without carry,
         # launch_config's choices compile to the same code either way (sm_90, triton 3.6).
-        num_stages=1,
+        num_stages=1, **LAUNCH_OPTIONS,
     )  # fmt: skip
     grads = None, None
     if want_param_grads:

@@ -18,7 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from gradserve.kernels.triton_common import activate, activation_grad, loss_block, matmul
+from gradserve.kernels.triton_common import (
+    LAUNCH_OPTIONS,
+    activate,
+    activation_grad,
+    loss_block,
+    matmul,
+)
 
 
 @triton.jit
@@ -202,7 +208,7 @@ def batched_matmul(
         a.stride(0) if a.dim() == 3 else 0, a.stride(-2), a.stride(-1),
         b.stride(0) if b.dim() == 3 else 0, b.stride(-2), b.stride(-1),
         slope,
-        EPILOGUE=epilogue, ACT=act, PRECISION=precision, **tiles,
+        EPILOGUE=epilogue, ACT=act, PRECISION=precision, **tiles, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return c
 
@@ -211,7 +217,9 @@ def column_sum(x: torch.Tensor) -> torch.Tensor:
     """[B, R, C] -> [B, C], rows added in a fixed order."""
     b, r, c = x.shape
     out = torch.empty(b, c, device=x.device, dtype=torch.float32)
-    _column_sum_kernel[(b * triton.cdiv(c, 64),)](x, out, r, c, BLOCK_R=32, BLOCK_C=64)
+    _column_sum_kernel[(b * triton.cdiv(c, 64),)](
+        x, out, r, c, BLOCK_R=32, BLOCK_C=64, **LAUNCH_OPTIONS
+    )
     return out
 
 
@@ -285,7 +293,7 @@ def layered_mlp(
         0 if shared_t else targets.stride(0), targets.stride(-1 if loss == 4 else -2),
         0 if shared_w else n, output_slope, delta, scale,
         OUTPUT_ACT=output_act, LOSS=loss, HAS_WEIGHTS=sample_weights is not None,
-        DP=max(16, triton.next_power_of_2(d_out)), BLOCK_N=block_n,
+        DP=max(16, triton.next_power_of_2(d_out)), BLOCK_N=block_n, **LAUNCH_OPTIONS,
     )  # fmt: skip
 
     dws, dbs, dx = [None] * num_layers, [None] * num_layers, None
