@@ -86,6 +86,18 @@ def test_triton_float32_as_three_tf32_products(m, n, sizes):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("precision", triton_engine.PRECISIONS)
+@pytest.mark.parametrize("m, n, sizes", SHAPES[:2])
+def test_per_layer_path_on_networks_the_fused_kernel_takes(m, n, sizes, precision):
+    """path="per_layer", which bench/kernels_gpu.py times against the fused kernel on such
+    networks: its results must be right for the times to mean anything."""
+    tensors = random_job(sizes, m, n, sample_weights=True, seed=n + 1)
+    check(
+        triton_engine, sizes, tensors, precision, {"path": "per_layer"}, hidden="gelu",
+        loss="huber",
+    )  # fmt: skip
+
+
 # Every activation and every loss, each in at least one compiled kernel: 8 specialisations
 # instead of all 40 pairs, to keep gpu_check.sh's test step inside its time (each costs a
 # Triton compile). The interpreter suite checks all 40 pairs' arithmetic on CPUs.
