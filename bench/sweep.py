@@ -1,6 +1,7 @@
 """What the configuration sweeps (bench/fused_sweep.py, bench/layered_sweep.py) share: the
 job they time, their options, compiling every configuration ahead in parallel, and the
-timing of each configuration against the engine's own choice and torch eager."""
+timing of each configuration against the engine's own choice and torch eager, and the
+table's ending and gradient check."""
 
 from __future__ import annotations
 
@@ -120,3 +121,15 @@ def time_configurations(
         print(lines[-1], flush=True)
         write_lines(out, lines)
     return worst
+
+
+def finish(lines: list[str], out: str | None, legend: str, worst: float, what: str) -> None:
+    """Write and print the sweep's table with its closing line, then fail if any variant's
+    gradients differ from the reference one's by more than float32 rounding: each adds the
+    same products in another order (bf16 operands round identically in each), so a large
+    difference is a kernel bug."""
+    lines += ["", legend]
+    write_lines(out, lines)
+    print("\n".join(lines))
+    if worst > 1e-4:
+        raise SystemExit(f"{what}'s gradients differ by {worst:.1e} (relative)")
