@@ -72,6 +72,9 @@ def _compute(args) -> int:
         )
     if "inputs" not in tensors or "targets" not in tensors:
         raise SystemExit(f"{args.job}: the job needs 'inputs' and 'targets' tensors")
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+    if out_dir and not os.path.isdir(out_dir):  # say so before the job runs, not after
+        raise SystemExit(f"{args.out}: no such directory {out_dir!r}")
     with connect(args) as client:
         result = client.compute(
             params,

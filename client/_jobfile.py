@@ -29,6 +29,11 @@ def save_job(path: str, tensors: dict[str, np.ndarray], job: dict[str, Any]) -> 
 def load_job(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(tensors, job description); ValueError (or OSError) for a file that is none."""
     if path.endswith(".npz"):
+        # np.load tries anything that is not a zip archive as a pickle (refused, with a
+        # message about pickles); say what is wrong instead.
+        if not zipfile.is_zipfile(path):
+            open(path, "rb").close()  # a missing file: the OSError that names it
+            raise ValueError(f"{path}: not an npz file (no zip archive)")
         try:
             with np.load(path, allow_pickle=False) as f:
                 tensors = {k: f[k] for k in f.files}

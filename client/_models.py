@@ -1,8 +1,9 @@
 """The forms a caller may give an ensemble in, and the way back to the same form.
 
-Accepted: an `nn.Sequential` of Linear + activation modules (M = 1), a list of them (same
-architecture), or a dict of stacked parameters: gradserve's own `layers.{i}.weight` [M, ...]
-names or a `torch.func.stack_module_state` dict of a Sequential (`0.weight`, `2.weight`, ...).
+Accepted: an `nn.Sequential` of Linear + activation modules (M = 1; a lone `nn.Linear` is a
+one-layer network), a list of them (same architecture), or a dict of stacked parameters:
+gradserve's own `layers.{i}.weight` [M, ...] names or a `torch.func.stack_module_state` dict
+of a Sequential (`0.weight`, `2.weight`, ...).
 """
 
 from __future__ import annotations
@@ -73,11 +74,12 @@ def _activation_of(module) -> tuple[str, float] | None:
 
 
 def _sequential_structure(seq) -> tuple[list, tuple | None, tuple | None]:
-    """Linear modules, hidden activation, output activation of an nn.Sequential."""
+    """Linear modules, hidden activation, output activation of an nn.Sequential (or of a
+    lone nn.Linear: a one-layer network)."""
     from torch import nn
 
     linears, acts_after = [], []
-    for module in seq:
+    for module in [seq] if isinstance(seq, nn.Linear) else seq:
         if isinstance(module, nn.Linear):
             if module.bias is None:
                 raise ValueError("Linear layers without bias are not supported")
@@ -148,16 +150,32 @@ def _from_dict(state: dict) -> Ensemble:
     return Ensemble(params, sizes, None, None, "dict", keys, as_torch)
 
 
+def _is_network(x: Any) -> bool:
+    """An nn.Sequential or nn.Linear itself: a subclass may compute something else in its
+    own forward(), which the modules it holds would not show."""
+    return is_torch(x) and type(x).__name__ in ("Sequential", "Linear")
+
+
 def normalize(model: Any) -> Ensemble:
     if isinstance(model, dict):
+        if not model:
+            raise ValueError("the parameter dict is empty")
         return _from_dict(model)
-    if isinstance(model, (list, tuple)) and model and all(is_torch(s) for s in model):
-        return _from_sequentials(list(model), "sequential_list")
-    if is_torch(model) and type(model).__name__ == "Sequential":
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise ValueError("the list of models is empty")
+        odd = next((m for m in model if not _is_network(m)), None)
+        if odd is None:
+            return _from_sequentials(list(model), "sequential_list")
+        raise TypeError(
+            "a list of models must hold nn.Sequential (or nn.Linear) modules "
+            f"(got {type(odd).__name__})"
+        )
+    if _is_network(model):
         return _from_sequentials([model], "sequential")
     raise TypeError(
-        "model must be an nn.Sequential, a list of them, or a dict of stacked parameters "
-        f"(got {type(model).__name__})"
+        "model must be an nn.Sequential (or nn.Linear), a list of them, or a dict of stacked "
+        f"parameters (got {type(model).__name__})"
     )
 
 

@@ -47,7 +47,7 @@ def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | N
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for a in arrays:
-            f.write(memoryview(a).cast("B"))
+            f.write(a.reshape(-1).view(np.uint8))  # no copy; also for an empty tensor
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -205,6 +205,7 @@ def _safetensors_bytes(header) -> bytes:
         ("jobnotobject.safetensors",
          _safetensors_bytes({"__metadata__": {"gradserve.job": "[1]"}})),
         ("broken.npz", b"PK\x03\x04 not really a zip"),
+        ("text.npz", b"inputs,targets\n1,2\n"),
     ],
 )  # fmt: skip
 def test_malformed_job_files_get_a_clear_error_not_a_traceback(tmp_path, name, content):
@@ -213,6 +214,18 @@ def test_malformed_job_files_get_a_clear_error_not_a_traceback(tmp_path, name, c
     out = cli("--address", "127.0.0.1:1", "compute", str(path), check=False)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr and str(path) in out.stderr + out.stdout
+    # numpy's own message for a file that is no zip suggests loading it as a pickle
+    assert "pickle" not in out.stderr
+
+
+def test_an_output_path_in_a_missing_directory_is_refused_before_the_job_runs(tmp_path):
+    """The address leads nowhere: the error must come from the path, before any connection."""
+    cli("example", str(tmp_path))
+    job = next(tmp_path.glob("notebook-*.safetensors"))
+    out_path = tmp_path / "missing" / "grads.safetensors"
+    out = cli("--address", "127.0.0.1:1", "compute", str(job), str(out_path), check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "no such directory" in out.stderr and "UNAVAILABLE" not in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,55 @@ def test_numpy_in_numpy_out(client):
     assert result.gradients["layers.0.weight"].shape == (2, 4, 3)
 
 
+def test_a_lone_linear_and_a_list_of_them_are_one_layer_networks(client):
+    torch.manual_seed(4)
+    nets = [nn.Linear(3, 2) for _ in range(2)]
+    x, y = torch.randn(7, 3), torch.randn(7, 2)
+    single = client.compute(nets[0], x, y)
+    for k, g in torch_grads(nets[0], x, y).items():
+        torch.testing.assert_close(single.gradients[k], g, rtol=1e-5, atol=1e-6)
+    listed = client.compute(nets, x, y)
+    for net, grads in zip(nets, listed.gradients, strict=True):
+        for k, g in torch_grads(net, x, y).items():
+            torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_parameters_and_samples_cross_the_wire_as_their_values(client):
+    """bfloat16 tensors are sent as bfloat16 (2 bytes each) and widened on the server: the
+    result equals the job sent as the same values in float32, bit for bit."""
+    net = make_net(6).to(torch.bfloat16)
+    x, y = torch.randn(9, 3, dtype=torch.bfloat16), torch.randn(9, 2, dtype=torch.bfloat16)
+    half = client.compute(net, x, y)
+    full = client.compute(net.float(), x.float(), y.float())
+    torch.testing.assert_close(half.loss, full.loss, rtol=0, atol=0)
+    for k, g in full.gradients.items():
+        torch.testing.assert_close(half.gradients[k], g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "model, error, message",
+    [
+        ([], ValueError, "list of models is empty"),
+        ({}, ValueError, "parameter dict is empty"),
+        ([nn.Linear(3, 2), "layer"], TypeError, "got str"),
+        (nn.Conv1d(1, 1, 3), TypeError, "got Conv1d"),
+    ],
+)
+def test_an_ensemble_that_is_empty_or_no_network_is_named_before_sending(
+    client, model, error, message
+):
+    with pytest.raises(error, match=message):
+        client.compute(model, torch.randn(4, 3), torch.randn(4, 2))
+
+
+def test_zero_samples_are_the_servers_invalid_argument_not_a_client_crash(client):
+    import grpc
+
+    with pytest.raises(GradserveError) as err:
+        client.compute(make_net(8), torch.randn(0, 3), torch.randn(0, 2))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "inputs" in err.value.details
+
+
 def test_unsupported_module_is_rejected_before_sending(client):
     net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 1))
     with pytest.raises(ValueError, match="Dropout"):
