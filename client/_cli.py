@@ -15,10 +15,12 @@ from gradserve.client._errors import GradserveError
 from gradserve.client._examples import ensemble_network, notebook_network
 from gradserve.client._job import JobOptions, is_parameter
 from gradserve.client._jobfile import load_job, save_job, save_results
+from gradserve.client._progress import ProgressBar
 from gradserve.v1 import gradserve_pb2 as pb
 
 DEFAULT_ADDRESS = os.environ.get("GRADSERVE_ADDRESS", "127.0.0.1:50051")
 OPTION_NAMES = {f.name for f in fields(JobOptions)}
+PROGRESS_MIN_BYTES = 16 << 20  # smaller transfers take well under a second on a LAN
 # JSON types a job file's options may take: those of JobOptions' defaults, and for the
 # options whose default is None, these.
 NUMBER = (int, float)
@@ -34,7 +36,7 @@ def _checked_job_options(path: str, job: dict) -> dict:
     """The job file's options, each of its JSON type (a float option may be written 1)."""
     options = {}
     for name, value in job.items():
-        if name not in OPTION_NAMES or name in ("optimizer_state", "on_step"):
+        if name not in OPTION_NAMES or name in ("optimizer_state", "on_step", "on_progress"):
             continue
         want = OPTION_TYPES[name]
         want = NUMBER if want is float else want
@@ -75,6 +77,10 @@ def _compute(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
     if out_dir and not os.path.isdir(out_dir):  # say so before the job runs, not after
         raise SystemExit(f"{args.out}: no such directory {out_dir!r}")
+    if args.progress or (args.progress is None and not args.json and sys.stderr.isatty()):
+        options["on_progress"] = ProgressBar(
+            sys.stderr, min_bytes=0 if args.progress else PROGRESS_MIN_BYTES
+        )
     with connect(args) as client:
         result = client.compute(
             params,
@@ -228,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("job", help="job file (.safetensors or .npz)")
     c.add_argument("out", nargs="?", help="results file (.safetensors)")
     c.add_argument("--json", action="store_true", help="print a JSON summary")
+    c.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="upload and download progress on stderr (default: on a terminal, for "
+        f"transfers of {PROGRESS_MIN_BYTES >> 20} MiB or more)",
+    )
     c.add_argument("--loss")
     c.add_argument("--reduction", choices=["mean", "sum"])
     c.add_argument("--hidden-activation", dest="hidden_activation")

@@ -139,7 +139,8 @@ class GradientClient:
             output_activation, negative_slope, precision, backend, parameter_gradients,
             input_gradients, per_sample_losses, per_sample_gradient_norms, forward_outputs,
             gradient_dtype, allow_non_finite, tag; DP-SGD: clip_norm, noise_multiplier,
-            noise_seed (see gradserve.v1.PrivacyOptions).
+            noise_seed (see gradserve.v1.PrivacyOptions); on_progress(phase, done_bytes,
+            total_bytes) for the "upload" and the "download" of tensor bytes.
 
         Returns
         -------

@@ -113,6 +113,9 @@ class JobOptions:
     return_optimizer_state: bool = False
     # Called as on_step(step, losses [M]) as each step's losses arrive.
     on_step: Callable[[int, Any], None] | None = None
+    # Called as on_progress(phase, done_bytes, total_bytes) as tensor bytes are handed to
+    # gRPC ("upload") and as result bytes arrive ("download"); a retried job starts again.
+    on_progress: Callable[[str, int, int], None] | None = None
     # > 0: stream the (shared) samples in micro-batches of this many, for N too large for the
     # server to hold at once; the result equals the one-shot one up to float rounding.
     micro_batch_samples: int = 0
@@ -125,20 +128,28 @@ class WireJob:
     ensemble: Ensemble
     as_torch: bool
     on_step: Callable[[int, Any], None] | None = None
+    on_progress: Callable[[str, int, int], None] | None = None
 
     def requests(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
         """Serialized request messages: the header, then each tensor in chunks of at most
         chunk_bytes (gradserve.v1.wire). Small chunks share a message, the first one with
-        the header, so a small job is a single message."""
+        the header, so a small job is a single message. on_progress hears of a message's
+        tensor bytes when gRPC asks for the next one (it has taken this one)."""
         pending = [pb.ComputeRequest(header=self.header).SerializeToString()]
-        pending_bytes = 0
+        pending_bytes = sent = 0
+        total = self.payload_bytes
         for name, offset, piece in self._pieces(chunk_bytes):
             if pending and pending_bytes + len(piece) > chunk_bytes:
                 yield b"".join(pending) if len(pending) > 1 else pending[0]
+                sent += pending_bytes
+                if self.on_progress is not None:
+                    self.on_progress("upload", sent, total)
                 pending, pending_bytes = [], 0
             pending.append(wire.encode_chunk(name, offset, piece))
             pending_bytes += len(piece)
         yield b"".join(pending) if len(pending) > 1 else pending[0]
+        if self.on_progress is not None:
+            self.on_progress("upload", total, total)
 
     def _pieces(self, chunk_bytes: int) -> Iterator[tuple[str, int, memoryview]]:
         """(tensor, offset, bytes) in sending order: tensor after tensor, or for a streamed
@@ -240,7 +251,7 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
         _set_optimizer(header.optimizer, opts)
     header.micro_batch_samples = opts.micro_batch_samples
     as_torch = ensemble.as_torch or any(is_torch(v) for v in (inputs, targets))
-    return WireJob(header, payloads, ensemble, as_torch, opts.on_step)
+    return WireJob(header, payloads, ensemble, as_torch, opts.on_step, opts.on_progress)
 
 
 def _set_optimizer(o: pb.OptimizerOptions, opts: JobOptions) -> None:
@@ -359,6 +370,7 @@ class ResultAssembler:
         self.summary: pb.JobSummary | None = None
         self.steps_reported = 0
         self.untouched: list[np.ndarray] = []  # large result buffers not yet paged in
+        self.result_bytes = self.received_bytes = 0
 
     def _protocol_error(self, message: str) -> GradserveError:
         return GradserveError(grpc.StatusCode.INTERNAL, f"malformed response stream: {message}")
@@ -373,6 +385,7 @@ class ResultAssembler:
                 self.descriptors[d.name] = d
                 self.buffers[d.name] = np.empty(size, dtype=np.uint8)  # no zero-fill
                 self.received[d.name] = 0
+            self.result_bytes = sum(b.nbytes for b in self.buffers.values())
             if not response.chunks:  # the server is still receiving the upload
                 self.untouched = [b for b in self.buffers.values() if b.nbytes >= PREFAULT_BYTES]
         for c in response.chunks:
@@ -383,8 +396,11 @@ class ResultAssembler:
                 raise self._protocol_error(f"chunk of {c.name!r} past its end")
             memoryview(self.buffers[c.name])[c.offset : end] = c.data
             self.received[c.name] = end
+            self.received_bytes += len(c.data)
             if c.name == "losses" and self.job.on_step is not None:
                 self._report_steps()
+        if response.chunks and self.job.on_progress is not None:
+            self.job.on_progress("download", self.received_bytes, self.result_bytes)
         if response.HasField("summary"):
             self.summary = response.summary
 

@@ -50,8 +50,9 @@ def shard_options(opts, index: int, begin: int, end: int):
     """A shard's job options: its models' slice of any incoming optimiser state, and its
     own DP noise seed (seed + shard index: the shards' noise is independent, not that of an
     unsharded job, whose noise is drawn for all M models at once)."""
-    if opts.on_step is not None:
-        raise ValueError("on_step is not supported by compute_sharded; use compute")
+    for callback in ("on_step", "on_progress"):
+        if getattr(opts, callback) is not None:
+            raise ValueError(f"{callback} is not supported by compute_sharded; use compute")
     changes = {}
     if opts.optimizer_state:
         changes["optimizer_state"] = {

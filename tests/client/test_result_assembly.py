@@ -25,7 +25,7 @@ def accepted(*chunks: bytes) -> pb.ComputeResponse:
 
 
 def test_accepted_alone_pages_in_only_the_large_buffers_then_chunks_fill_them():
-    assembler = ResultAssembler(SimpleNamespace(on_step=None))
+    assembler = ResultAssembler(SimpleNamespace(on_step=None, on_progress=None))
     assembler.add(accepted())
     assert [b.nbytes for b in assembler.untouched] == [LARGE * 4]
     assembler.prefault()
@@ -38,7 +38,7 @@ def test_accepted_alone_pages_in_only_the_large_buffers_then_chunks_fill_them():
 
 
 def test_accepted_with_results_pages_in_nothing():
-    assembler = ResultAssembler(SimpleNamespace(on_step=None))
+    assembler = ResultAssembler(SimpleNamespace(on_step=None, on_progress=None))
     small = np.arange(SMALL, dtype=np.float32).tobytes()
     assembler.add(accepted(wire.encode_chunk("small", 0, small)))
     assert assembler.untouched == []
