@@ -23,8 +23,8 @@ from gradserve.client._job import (
     ComputeResult,
     JobOptions,
     ResultAssembler,
+    Upload,
     build_job,
-    uploading,
 )
 from gradserve.client._models import normalize
 from gradserve.v1 import gradserve_pb2 as pb
@@ -104,8 +104,9 @@ class AsyncGradientClient:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
             sent = asyncio.Event()  # gRPC takes the requests on this event loop
+            upload = Upload(job.requests(self.chunk_bytes), sent.set)
             call = compute(
-                uploading(job.requests(self.chunk_bytes), sent.set),
+                upload.messages(),
                 timeout=remaining,
                 metadata=self.connection.metadata,
             )
@@ -119,9 +120,15 @@ class AsyncGradientClient:
                         await asyncio.to_thread(assembler.prefault)
                 return assembler.result()
             except grpc.RpcError as e:
+                if upload.error is not None:
+                    raise upload.error from None
                 delay = self.retry.delay(attempt, e, deadline)
                 if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
+            except asyncio.CancelledError:
+                if upload.error is None:  # this task was cancelled
+                    raise
+                raise upload.error from None  # gRPC's answer to a failed request iterator
             finally:
                 call.cancel()
             await asyncio.sleep(delay)

@@ -25,8 +25,8 @@ from gradserve.client._job import (
     ComputeResult,
     JobOptions,
     ResultAssembler,
+    Upload,
     build_job,
-    uploading,
 )
 from gradserve.client._models import normalize
 from gradserve.client._sharding import merge_results, shard_bounds, shard_options, slice_job
@@ -187,8 +187,9 @@ class GradientClient:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
             sent = threading.Event()
+            upload = Upload(job.requests(self.chunk_bytes), sent.set)
             call = compute(
-                uploading(job.requests(self.chunk_bytes), sent.set),
+                upload.messages(),
                 timeout=remaining,
                 metadata=self.connection.metadata,
             )
@@ -201,6 +202,8 @@ class GradientClient:
                         assembler.prefault()
                 return assembler.result()
             except grpc.RpcError as e:
+                if upload.error is not None:
+                    raise upload.error from None
                 delay = self.retry.delay(attempt, e, deadline)
                 if delay is None:
                     raise GradserveError.from_rpc_error(e) from None

@@ -352,10 +352,24 @@ PREFAULT_BYTES = 1 << 20
 PAGE_BYTES = mmap.PAGESIZE
 
 
-def uploading(requests: Iterator[bytes], done: Callable[[], None]) -> Iterator[bytes]:
-    """The request messages, calling done() once gRPC has taken the last of them."""
-    yield from requests
-    done()
+class Upload:
+    """One attempt's request messages as gRPC takes them (`messages()`), calling done() once
+    it has taken the last. An exception raised while making them (a caller's on_progress)
+    is kept in `error`, so that the caller gets it rather than what gRPC makes of it: status
+    UNKNOWN "Exception iterating requests!", or in asyncio a bare CancelledError."""
+
+    def __init__(self, requests: Iterator[bytes], done: Callable[[], None]):
+        self.requests = requests
+        self.done = done
+        self.error: Exception | None = None
+
+    def messages(self) -> Iterator[bytes]:
+        try:
+            yield from self.requests
+        except Exception as e:
+            self.error = e
+            raise
+        self.done()
 
 
 class ResultAssembler:

@@ -133,3 +133,33 @@ def test_bar_stays_silent_for_transfers_under_its_threshold():
     bar("upload", 1 << 20, 1 << 20)
     bar("download", 0, 15 << 20)
     assert out.getvalue() == ""
+
+
+class CallbackFailed(Exception):
+    pass
+
+
+def failing_in(phase):
+    def on_progress(reported, done, total):
+        if reported == phase:
+            raise CallbackFailed(phase)
+
+    return on_progress
+
+
+@pytest.mark.parametrize("phase", ["upload", "download"])
+def test_a_failing_progress_callback_reaches_the_caller_as_itself(server, phase):
+    """In the upload, gRPC calls the callback while taking request messages and would answer
+    UNKNOWN "Exception iterating requests!" (asyncio: a bare CancelledError) in its place."""
+    params, inputs, targets, _ = job()
+    with GradientClient(server.address, chunk_bytes=CHUNK) as client:
+        with pytest.raises(CallbackFailed, match=phase):
+            client.compute(params, inputs, targets, on_progress=failing_in(phase))
+
+    async def run():
+        async with AsyncGradientClient(server.address, chunk_bytes=CHUNK) as client:
+            with pytest.raises(CallbackFailed, match=phase):
+                await client.compute(params, inputs, targets, on_progress=failing_in(phase))
+            return await client.compute(params, inputs, targets)  # the client still works
+
+    assert asyncio.run(run()).loss.shape == (M,)
