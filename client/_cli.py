@@ -119,6 +119,14 @@ def _compute(args) -> int:
     return 0
 
 
+def _fields(message) -> dict:
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+
+
+def _enum_names(enum, prefix: str, values) -> list[str]:
+    return [enum.Name(v).removeprefix(prefix).lower() for v in values]
+
+
 def _info(args) -> int:
     with connect(args) as client:
         info = client.server_info()
@@ -128,25 +136,40 @@ def _info(args) -> int:
             {
                 "name": e.name,
                 "device": e.device,
-                "precisions": [
-                    pb.Precision.Name(p).removeprefix("PRECISION_").lower() for p in e.precisions
-                ],
+                "precisions": _enum_names(pb.Precision, "PRECISION_", e.precisions),
             }
             for e in info.engines
         ],
-        "activations": [
-            pb.ActivationKind.Name(a).removeprefix("ACTIVATION_KIND_").lower()
-            for a in info.activations
-        ],
-        "losses": [pb.LossKind.Name(k).removeprefix("LOSS_KIND_").lower() for k in info.losses],
-        "limits": {f.name: getattr(info.limits, f.name) for f in info.limits.DESCRIPTOR.fields},
+        "activations": _enum_names(pb.ActivationKind, "ACTIVATION_KIND_", info.activations),
+        "losses": _enum_names(pb.LossKind, "LOSS_KIND_", info.losses),
+        "dtypes": _enum_names(pb.DataType, "DATA_TYPE_", info.dtypes),
+        "limits": _fields(info.limits),
+        "batching": _fields(info.batching),
+        "stats": _fields(info.stats),
     }
     if args.json:
         print(json.dumps(data))
-    else:
-        for key, value in data.items():
-            print(f"{key}: {value}")
+        return 0
+    print(f"gradserve {data['version']}")
+    for e in data["engines"]:
+        print(f"engine {e['name']} on {e['device']}: {', '.join(e['precisions'])}")
+    for key in ("activations", "losses", "dtypes"):
+        print(f"{key}: {', '.join(data[key])}")
+    for key in ("limits", "batching", "stats"):
+        print(f"{key}:")
+        for name, value in data[key].items():
+            print(f"  {name:<22} {_readable(name, value)}")
     return 0
+
+
+def _readable(name: str, value) -> str:
+    """A limit or counter as people read it: byte counts also in MiB/GiB, seconds in ms."""
+    if name.endswith("bytes") and value >= 1 << 20:
+        unit, size = ("GiB", 1 << 30) if value >= 1 << 30 else ("MiB", 1 << 20)
+        return f"{value} ({value / size:g} {unit})"
+    if name.endswith("seconds"):
+        return f"{value * 1000:g} ms"
+    return str(value)
 
 
 def _health(args) -> int:

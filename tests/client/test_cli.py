@@ -128,6 +128,15 @@ def test_info_json_lists_engines_and_limits(server):
     assert "cross_entropy" in info["losses"] and "gelu" in info["activations"]
     assert info["limits"]["default_chunk_bytes"] == 1 << 20
     assert info["limits"]["max_optimizer_steps"] == 100_000
+    assert info["batching"]["max_jobs"] == 256 and "float32" in info["dtypes"]
+    assert info["stats"]["inflight_jobs"] == 0
+
+
+def test_info_text_is_for_people(server):
+    lines = cli("--address", server.address, "info").stdout.splitlines()
+    assert lines[0].startswith("gradserve ") and lines[1].startswith("engine torch on cpu: ")
+    assert "  max_job_bytes          2147483648 (2 GiB)" in lines
+    assert "  max_delay_seconds      2 ms" in lines
 
 
 def test_health_exit_codes(server):
