@@ -37,6 +37,9 @@ async def serve(config: ServerConfig) -> None:
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        # gRPC binds with SO_REUSEPORT by default: a second server started on a port in use
+        # would share it silently, the kernel dealing connections between the two.
+        ("grpc.so_reuseport", 0),
     ]
     if config.max_connection_age_s > 0:
         age_ms = int(config.max_connection_age_s * 1000)

@@ -172,6 +172,17 @@ def test_retries_move_to_a_live_replica(server):
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_port_in_use_ends_the_start_with_a_message(server):
+    """Not a second server sharing the port (gRPC's default SO_REUSEPORT would allow it)."""
+    port = server.address.rsplit(":", 1)[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "gradserve.server", "--port", port],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"could not bind 127.0.0.1:{port}" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize(
     "flags, named",
     [
