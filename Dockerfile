@@ -19,9 +19,9 @@ RUN pip install --no-cache-dir build && python -m build --wheel --outdir /wheels
 
 # --- CPU server: slim Python with the CPU build of torch ----------------------------
 FROM ${PYTHON_IMAGE} AS cpu
-# Where pip finds CPU-only torch wheels (PyTorch publishes a CPU wheel index); left empty,
-# pip takes torch from the default index.
-ARG TORCH_INDEX_URL=""
+# Where pip finds torch: PyTorch's CPU-only wheel index, so the image carries no CUDA
+# libraries (PyPI's torch wheel pulls several GB of them). Empty: the default index.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_SPEC="torch>=2.4"
 RUN useradd --create-home --uid 10001 gradserve
 COPY --from=wheel /wheels /wheels

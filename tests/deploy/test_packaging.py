@@ -1,6 +1,8 @@
-"""The Dockerfile's install steps outside Docker: build the wheel, install it (with the
-server extra) into a fresh virtual environment, start `gradserve-server` from there, away
-from the repository, and run a job with that environment's `gradserve-client`."""
+"""The package as users get it, outside Docker: the wheel installed into a fresh virtual
+environment. With the server extra (the Dockerfile's install steps): `gradserve-server`
+started from there, away from the repository, and a job run with that environment's
+`gradserve-client`. Alone (`pip install gradserve`): a thin client, without torch, whose
+CLI runs a job on a real server."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import pathlib
 import subprocess
 import sys
 import zipfile
+
+import pytest
 
 from tests.servers import run_server
 
@@ -22,29 +26,24 @@ def run(*cmd, **kwargs):
     return out.stdout
 
 
-def test_wheel_installs_and_serves_from_a_fresh_environment(tmp_path):
-    run(
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "--no-deps",
-        "--quiet",
-        "-w",
-        str(tmp_path / "w"),
-        str(ROOT),
-    )
-    (wheel,) = (tmp_path / "w").glob("gradserve-*.whl")
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("wheel")
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(ROOT))
+    (built,) = out.glob("gradserve-*.whl")
+    return built
+
+
+def fresh_venv(path: pathlib.Path) -> list[str]:
+    """A virtual environment without the test's packages; its pip install command."""
+    run(sys.executable, "-m", "venv", str(path))
+    return [str(path / "bin" / "python"), "-m", "pip", "install", "--quiet",
+            "--disable-pip-version-check"]  # fmt: skip
+
+
+def test_wheel_installs_and_serves_from_a_fresh_environment(wheel, tmp_path):
     venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", str(venv))
-    pip = [
-        str(venv / "bin" / "python"),
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-    ]
+    pip = fresh_venv(venv)
     # CPU torch first, as scripts/setup.sh does, so the extra pulls no CUDA build.
     run(*pip, os.environ.get("GRADSERVE_CPU_TORCH_SPEC", "torch==2.13.0"))
     run(*pip, f"{wheel}[server]")
@@ -86,3 +85,24 @@ def test_wheel_installs_and_serves_from_a_fresh_environment(tmp_path):
         assert expected in names
     # Only namespaced packages: nothing installs a top-level client, server, kernels, proto.
     assert {n.split("/")[0] for n in names if not n.startswith("gradserve-")} == {"gradserve"}
+
+
+def test_the_base_install_is_a_thin_client_that_runs_a_job(wheel, server, tmp_path):
+    venv = tmp_path / "venv"
+    python = str(venv / "bin" / "python")
+    run(*fresh_venv(venv), str(wheel))
+    installed = run(python, "-m", "pip", "list", "--format=freeze")
+    names = {line.split("==")[0].lower() for line in installed.splitlines()}
+    assert {"gradserve", "grpcio", "protobuf", "numpy"} <= names
+    assert not names & {"torch", "triton"}
+    # Type hints ship with the packages (PEP 561), for users' type checkers.
+    where = run(python, "-c", "import gradserve.client as c; print(c.__path__[0])").strip()
+    for package in ("client", "v1"):
+        assert (pathlib.Path(where).parent / package / "py.typed").is_file()
+
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    client = [str(venv / "bin" / "gradserve-client"), "--address", server.address]
+    run(*client, "example", str(tmp_path), env=env)
+    job, out = tmp_path / "notebook-2-2-1.safetensors", tmp_path / "grads.safetensors"
+    summary = json.loads(run(*client, "compute", str(job), str(out), "--json", env=env))
+    assert len(summary["loss"]) == 1 and out.stat().st_size > 0
