@@ -98,7 +98,8 @@ class AsyncGradientClient:
         """See GradientClient.compute."""
         job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
         timeout = call_timeout(timeout, self.timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        first_attempt_at = time.monotonic()
+        deadline = None if timeout is None else first_attempt_at + timeout
         for attempt in itertools.count():
             compute = self._computes[next(self._next) % len(self._computes)]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -122,7 +123,7 @@ class AsyncGradientClient:
             except grpc.RpcError as e:
                 if upload.error is not None:
                     raise upload.error from None
-                delay = self.retry.delay(attempt, e, deadline)
+                delay = self.retry.delay(attempt, e, deadline, first_attempt_at)
                 if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
             except asyncio.CancelledError:

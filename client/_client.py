@@ -180,7 +180,8 @@ class GradientClient:
         """Send one job; retry per the policy on the next address. `first` picks the address
         of the first attempt (default: round-robin)."""
         timeout = call_timeout(timeout, self.timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        first_attempt_at = time.monotonic()
+        deadline = None if timeout is None else first_attempt_at + timeout
         start = next(self._next) if first is None else first
         for attempt in itertools.count():
             compute = self._computes[(start + attempt) % len(self._computes)]
@@ -204,7 +205,7 @@ class GradientClient:
             except grpc.RpcError as e:
                 if upload.error is not None:
                     raise upload.error from None
-                delay = self.retry.delay(attempt, e, deadline)
+                delay = self.retry.delay(attempt, e, deadline, first_attempt_at)
                 if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
             finally:

@@ -49,13 +49,19 @@ class RetryPolicy:
     """Retries with exponential back-off and jitter for the status codes that mean "try
     again" (a server draining or restarting, a full queue). Jobs are pure functions of
     their inputs, so running one again is safe. A server's grpc-retry-pushback-ms trailer,
-    when present, sets the wait instead; a negative one (a job over the server's limits)
-    means no retry."""
+    when present, is the least wait; a negative one (a job over the server's limits) means
+    no retry.
+
+    A refusal with a pushback is a busy server shedding load, not a failing one: those are
+    retried beyond max_attempts for up to `busy_retry_s` after the first attempt (and
+    within the call's deadline), so that jobs queued behind a burst (compute_many of large
+    jobs) run when room frees up instead of failing after a few hundred milliseconds."""
 
     max_attempts: int = 4
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
+    busy_retry_s: float = 60.0
     codes: frozenset = field(
         default_factory=lambda: frozenset(
             {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -63,36 +69,58 @@ class RetryPolicy:
     )
 
     def delay(
-        self, attempt: int, error: grpc.RpcError, deadline: float | None = None
+        self,
+        attempt: int,
+        error: grpc.RpcError,
+        deadline: float | None = None,
+        first_attempt_at: float | None = None,
     ) -> float | None:
         """Seconds to wait before attempt `attempt + 1`, or None to give up (a code not to
-        retry, attempts used up, or a wait that would pass `deadline`, a time.monotonic())."""
-        wait = self._wait(attempt, error)
+        retry, attempts and busy time used up, or a wait that would pass `deadline`).
+        `deadline` and `first_attempt_at` are time.monotonic() values; without the latter
+        a busy server's refusals count against max_attempts like any other."""
+        wait = self._wait(attempt, error, first_attempt_at)
         if wait is None or (deadline is not None and time.monotonic() + wait >= deadline):
             return None
         return wait
 
-    def _wait(self, attempt: int, error: grpc.RpcError) -> float | None:
+    def _wait(
+        self, attempt: int, error: grpc.RpcError, first_attempt_at: float | None
+    ) -> float | None:
         code = error.code() if hasattr(error, "code") else None
-        if code not in self.codes or attempt + 1 >= self.max_attempts:
+        if code not in self.codes:
             return None
-        try:
-            trailers = dict(error.trailing_metadata() or ())
-        except Exception:  # noqa: BLE001 - some errors carry no trailers
-            trailers = {}
-        if "grpc-retry-pushback-ms" in trailers:
-            try:
-                pushback = int(trailers["grpc-retry-pushback-ms"])
-            except ValueError:
-                return None
-            # negative (the server's "over a configured limit") or unreadable: no retry,
-            # as gRPC's own retries treat it
-            return pushback / 1000 if pushback >= 0 else None
-        backoff = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
-        return random.uniform(0, backoff)  # full jitter
+        backoff = self.initial_backoff_s * self.multiplier ** min(attempt, 64)
+        wait = random.uniform(0, min(self.max_backoff_s, backoff))  # full jitter
+        pushback = _pushback_s(error)
+        if pushback is None:
+            return wait if attempt + 1 < self.max_attempts else None
+        if pushback < 0:  # the server's "over a configured limit": no retry, as gRPC's own
+            return None
+        wait = max(pushback, wait)
+        if attempt + 1 < self.max_attempts:
+            return wait
+        busy_for = None if first_attempt_at is None else time.monotonic() - first_attempt_at
+        return wait if busy_for is not None and busy_for + wait <= self.busy_retry_s else None
 
 
-NO_RETRIES = RetryPolicy(max_attempts=1)
+def _pushback_s(error: grpc.RpcError) -> float | None:
+    """The grpc-retry-pushback-ms trailer in seconds; None without one, -1 for a negative
+    or unreadable one (gRPC's retries do not retry either)."""
+    try:
+        trailers = dict(error.trailing_metadata() or ())
+    except Exception:  # noqa: BLE001 - some errors carry no trailers
+        return None
+    if "grpc-retry-pushback-ms" not in trailers:
+        return None
+    try:
+        pushback = int(trailers["grpc-retry-pushback-ms"])
+    except ValueError:
+        return -1
+    return pushback / 1000 if pushback >= 0 else -1
+
+
+NO_RETRIES = RetryPolicy(max_attempts=1, busy_retry_s=0)
 
 
 @dataclass

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 import torch
 
-from gradserve.client import NO_RETRIES, AsyncGradientClient, GradientClient, GradserveError
+from gradserve.client import (
+    NO_RETRIES,
+    AsyncGradientClient,
+    GradientClient,
+    GradserveError,
+    RetryPolicy,
+)
 from gradserve.client._job import JobOptions, build_job
 from gradserve.client._models import normalize
 from gradserve.kernels import torch_engine
@@ -283,39 +292,70 @@ def _raw_call(client, tensors, requests=None):
     return client._computes[0](requests or job.requests(), timeout=30)
 
 
+@contextlib.contextmanager
+def slot_held(client, tensors, address):
+    """A job that sends its header and a first chunk, then stays silent: it holds an
+    admission slot until the block ends."""
+    release = threading.Event()
+    first = next(iter(build_job(
+        normalize(params_of(tensors)), tensors["inputs"].numpy(),
+        tensors["targets"].numpy(), None, JobOptions(),
+    ).requests(chunk_bytes=64)))  # fmt: skip
+
+    def stalled():
+        yield first
+        release.wait(30)
+
+    holder = _raw_call(client, tensors, stalled())
+    try:
+        deadline = time.monotonic() + 10
+        while stats(address).inflight_jobs < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield
+    finally:
+        release.set()
+        holder.cancel()
+
+
 def test_refused_jobs_carry_a_retry_pushback_trailer():
     """A server at its bound on admitted jobs says when to retry (100 ms)."""
-    import threading
-
     with run_server("--max-queued-jobs", "1") as server:
         tensors = random_job(SIZES, 1, 4, seed=0)
-        release = threading.Event()
         with GradientClient(server.address, retry=NO_RETRIES) as client:
-            first = next(iter(build_job(
-                normalize(params_of(tensors)), tensors["inputs"].numpy(),
-                tensors["targets"].numpy(), None, JobOptions(),
-            ).requests(chunk_bytes=64)))  # fmt: skip
-
-            def stalled():  # the header and a first chunk, then silence: the job stays admitted
-                yield first
-                release.wait(30)
-
-            holder = _raw_call(client, tensors, stalled())
-            try:
-                deadline = time.monotonic() + 10
-                while stats(server.address).inflight_jobs < 1 and time.monotonic() < deadline:
-                    time.sleep(0.02)
+            with slot_held(client, tensors, server.address):
                 with pytest.raises(grpc.RpcError) as err:
                     list(_raw_call(client, tensors))
-            finally:
-                release.set()
-                holder.cancel()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"] == "100"
     # ...which the client's retry policy follows instead of its own back-off.
-    from gradserve.client import RetryPolicy
-
     assert RetryPolicy().delay(0, err.value) == 0.1
+
+
+def test_a_busy_servers_refusals_are_retried_until_room_frees_up():
+    """The one admission slot stays taken for 1.5 s, longer than four attempts 100 ms apart
+    last: the default policy keeps retrying a busy server's refusals (busy_retry_s) and the
+    job runs once the slot is free; a policy whose busy time is shorter gives up."""
+    with run_server("--max-queued-jobs", "1") as server:
+        tensors = random_job(SIZES, 1, 4, seed=0)
+        job = (params_of(tensors), tensors["inputs"].numpy(), tensors["targets"].numpy())
+        with GradientClient(server.address, retry=NO_RETRIES) as holder_client:
+            with GradientClient(server.address, timeout=60) as client, ThreadPoolExecutor() as pool:
+                with slot_held(holder_client, tensors, server.address):
+                    started = time.monotonic()
+                    waiting = pool.submit(client.compute, *job)
+                    time.sleep(1.5)
+                    assert not waiting.done()
+                # the slot is free: the next retry is admitted
+                assert waiting.result(timeout=10).loss.shape == (1,)
+                assert time.monotonic() - started < 6  # not the holder's 30 s stall
+            impatient = RetryPolicy(initial_backoff_s=0.05, busy_retry_s=0.5)
+            with GradientClient(server.address, retry=impatient, timeout=60) as client:
+                with slot_held(holder_client, tensors, server.address):
+                    started = time.monotonic()
+                    with pytest.raises(GradserveError) as refused:
+                        client.compute(*job)
+                    assert time.monotonic() - started < 1.5
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_a_job_over_the_servers_limits_is_not_retried():
@@ -326,8 +366,6 @@ def test_a_job_over_the_servers_limits_is_not_retried():
         with GradientClient(server.address, retry=NO_RETRIES) as client:
             with pytest.raises(grpc.RpcError) as err:
                 list(_raw_call(client, tensors))
-        from gradserve.client import RetryPolicy
-
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"] == "-1"
         assert RetryPolicy().delay(0, err.value) is None
