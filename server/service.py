@@ -498,7 +498,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         def serialise(d):
             tensor = tensors.pop(d.name)
             nbytes = tensor.numel() * tensor.element_size()
-            return self._io(nbytes, codec.tensor_to_bytes, tensor, d.dtype)
+            return self._io(nbytes, codec.tensor_to_bytes, tensor, d.dtype, d.name)
 
         sent, pending, pending_bytes = 0, [prefix] if prefix else [], 0
         upcoming = serialise(descriptors[0])

@@ -1,5 +1,7 @@
 """Gradients through a real server and the real client equal the float64 oracle."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,38 @@ def test_bfloat16_gradient_transport_is_within_bf16_tolerance(client):
     assert half.summary["bytes_sent"] == full.summary["bytes_sent"] - grad_bytes // 2
     for name, g in full.gradients.items():
         assert_close_per_model(name, half.gradients[name], torch.from_numpy(g), "bfloat16")
+
+
+def test_gradients_beyond_the_transport_dtype_are_refused_not_sent_as_infinities(client):
+    """float16 ends at 65504: a gradient past it is OUT_OF_RANGE naming the tensor and the
+    option to change; bfloat16 (float32's range) carries the same job; NaN and infinities
+    a job allows stay what they are."""
+    import grpc
+
+    from gradserve.client import GradserveError
+
+    tensors = random_job(ODD_SIZES, 2, 9, seed=5)
+    params, targets = params_of(tensors), tensors["targets"].numpy()
+    inputs = tensors["inputs"].numpy() * 1e4  # weight gradients far past 65504
+    with pytest.raises(GradserveError) as err:
+        client.compute(params, inputs, targets, reduction="sum", gradient_dtype="float16")
+    assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+    # the first gradient sent that does not fit (the last layer's, here) is named
+    assert re.match(r"layers\.\d\.(weight|bias)\.grad: \d+ values beyond the range of float16",
+                    err.value.details)  # fmt: skip
+    assert err.value.violations[0][0] == "gradient_dtype"
+    full = client.compute(params, inputs, targets, reduction="sum")
+    half = client.compute(params, inputs, targets, reduction="sum", gradient_dtype="bfloat16")
+    for name, g in full.gradients.items():
+        assert_close_per_model(name, half.gradients[name], torch.from_numpy(g), "bfloat16")
+
+    with_nan = tensors["inputs"].numpy().copy()
+    with_nan[0, 0, 0] = np.nan  # model 0, sample 0
+    result = client.compute(
+        params, with_nan, targets, gradient_dtype="float16", allow_non_finite=True
+    )
+    assert np.isnan(result.gradients["layers.0.weight"][0]).any()
+    assert np.isfinite(result.gradients["layers.0.weight"][1]).all()
 
 
 def test_loss_only_job_sends_no_gradients(client):
