@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -47,10 +49,21 @@ log = logging.getLogger("gradserve.server")
 # Payload checks and result serialisation below this size run on the event loop: measured
 # with 64 concurrent small jobs, thread hops for them cost more than the work itself.
 INLINE_IO_BYTES = 256 << 10
+SAFE_LOG_TEXT = re.compile(r"[\w.:/@+,-]*", re.ASCII)
 
 
 class ClientGone(Exception):
     """Raised on the device thread to stop the optimiser steps of an abandoned job."""
+
+
+def log_value(value) -> str:
+    """A value of the key=value job log line. Text from the client (its tag) is quoted and
+    escaped when it holds anything but plain characters, so that no client can break the
+    line up or write a line of its own into the log."""
+    text = str(value)
+    if isinstance(value, str) and not SAFE_LOG_TEXT.fullmatch(text):
+        return json.dumps(text)
+    return text
 
 
 def result_tensors(plan: JobPlan, result: EnsembleResult) -> dict[str, torch.Tensor]:
@@ -266,7 +279,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     context.peer(),
                     outcome,
                     time.perf_counter() - started,
-                    " ".join(f"{k}={v}" for k, v in info.items()),
+                    " ".join(f"{k}={log_value(v)}" for k, v in info.items()),
                 )
 
     async def _compute(

@@ -136,3 +136,31 @@ def test_a_metrics_port_in_use_ends_the_start_with_a_message(server):
     assert done.returncode != 0
     assert f"--metrics-port {port}" in done.stderr and "Traceback" not in done.stderr
     assert "serving on" not in done.stderr
+
+
+def job_log_lines(server, job_id: str, timeout: float = 10.0) -> list[str]:
+    """The server's log lines that mention the job (the log is read by a thread)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in list(server.log) if f"job={job_id}" in line]
+        if lines:
+            return lines
+        time.sleep(0.05)
+    return []
+
+
+@pytest.mark.parametrize(
+    "tag, logged",
+    [
+        ("sweep-42/trial_7", "tag=sweep-42/trial_7 "),
+        ("run 7\n2026-01-01 00:00:00,000 INFO gradserve.server job=0 outcome=ok",
+         'tag="run 7\\n2026-01-01 00:00:00,000 INFO gradserve.server job=0 outcome=ok" '),
+        ('a"b é', 'tag="a\\"b \\u00e9" '),
+    ],
+)  # fmt: skip
+def test_a_job_logs_one_line_and_its_tag_cannot_forge_another(client, server, tag, logged):
+    t = random_job(SIZES, 2, 5, seed=0)
+    result = client.compute(params_of(t), t["inputs"].numpy(), t["targets"].numpy(), tag=tag)
+    (line,) = job_log_lines(server, result.job_id)
+    assert "outcome=ok" in line and "engine=torch M=2 N=5 layers=[4, 8, 2]" in line
+    assert logged in line and line.endswith("\n") and line.count("\n") == 1
