@@ -191,10 +191,10 @@ def _bench(args) -> int:
 
     report = asyncio.run(
         run_load(
-            args.address,
+            args.address.split(","),
             concurrency=args.concurrency,
             jobs_per_client=args.jobs_per_client,
-            layer_sizes=[int(d) for d in args.layer_sizes.split(",")],
+            layer_sizes=args.layer_sizes,
             models=args.models,
             samples=args.samples,
             timeout=args.timeout or 60.0,
@@ -215,6 +215,8 @@ def _bench(args) -> int:
             f"p95 {data['p95_ms']} ms, p99 {data['p99_ms']} ms, "
             f"{data['mean_jobs_per_launch']} jobs per launch, errors {data['errors']}"
         )
+        if report.first_error:
+            print(f"first error: {report.first_error}", file=sys.stderr)
     return 0 if not report.errors else 1
 
 
@@ -230,6 +232,24 @@ def _example(args) -> int:
         written.append(path)
     print("\n".join(written))
     return 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def layer_sizes(text: str) -> list[int]:
+    """ "16,32,32,1": the widths d0, ..., dL of a network of at least one layer."""
+    sizes = [positive_int(part) for part in text.split(",")]
+    if len(sizes) < 2:
+        raise argparse.ArgumentTypeError(f"needs d0 and at least one layer width, got {text!r}")
+    return sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,11 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(run=_health)
 
     b = sub.add_parser("bench", help="drive the server with concurrent clients")
-    b.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
-    b.add_argument("--jobs-per-client", type=int, default=20)
-    b.add_argument("--layer-sizes", default="16,32,32,1")
-    b.add_argument("--models", type=int, default=1, help="M of each job")
-    b.add_argument("--samples", type=int, default=32, help="N of each job")
+    b.add_argument("--concurrency", type=positive_int, default=64, help="concurrent clients")
+    b.add_argument("--jobs-per-client", type=positive_int, default=20)
+    b.add_argument("--layer-sizes", type=layer_sizes, default="16,32,32,1")
+    b.add_argument("--models", type=positive_int, default=1, help="M of each job")
+    b.add_argument("--samples", type=positive_int, default=32, help="N of each job")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=_bench)
 

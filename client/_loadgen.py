@@ -21,6 +21,7 @@ class LoadReport:
     seconds: float
     latencies: list[float]  # seconds, successful jobs
     jobs_per_launch: float
+    first_error: str | None = None  # "CODE: message" of the first job that failed
 
     @property
     def throughput(self) -> float:
@@ -39,6 +40,7 @@ class LoadReport:
             "p95_ms": round(1e3 * self.percentile(95), 3),
             "p99_ms": round(1e3 * self.percentile(99), 3),
             "mean_jobs_per_launch": round(self.jobs_per_launch, 2),
+            "first_error": self.first_error,
         }
 
 
@@ -56,7 +58,7 @@ def random_ensemble(layer_sizes: list[int], models: int, samples: int, seed: int
 
 
 async def run_load(
-    address: str, *, concurrency: int, jobs_per_client: int, layer_sizes: list[int],
+    address: str | list[str], *, concurrency: int, jobs_per_client: int, layer_sizes: list[int],
     models: int, samples: int, timeout: float = 60.0, **connection,
 ) -> LoadReport:  # fmt: skip
     """connection: AsyncGradientClient's token / TLS arguments. No retries, so that errors
@@ -64,6 +66,7 @@ async def run_load(
     params, x, y = random_ensemble(layer_sizes, models, samples)
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    first_error: list[str] = []
     launch_sizes: list[int] = []
 
     async def one_client() -> None:
@@ -76,6 +79,7 @@ async def run_load(
                     result = await client.compute(params, x, y)
                 except GradserveError as e:
                     errors[e.code.name] = errors.get(e.code.name, 0) + 1
+                    first_error[:] = first_error or [f"{e.code.name}: {e.details}"]
                     continue
                 latencies.append(time.perf_counter() - start)
                 launch_sizes.append(result.summary["jobs_in_launch"])
@@ -89,4 +93,5 @@ async def run_load(
         seconds=seconds,
         latencies=latencies,
         jobs_per_launch=float(np.mean(launch_sizes)) if launch_sizes else 0.0,
+        first_error=first_error[0] if first_error else None,
     )

@@ -190,7 +190,29 @@ def test_bench_reports_throughput_and_latency_percentiles(server):
     assert report["jobs"] == 12 and report["errors"] == {}
     assert report["jobs_per_second"] > 0
     assert 0 < report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
-    assert report["mean_jobs_per_launch"] >= 1
+    assert report["mean_jobs_per_launch"] >= 1 and report["first_error"] is None
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--concurrency", "0"], "--concurrency: must be at least 1, got 0"),
+        (["--samples", "-1"], "--samples: must be at least 1, got -1"),
+        (["--layer-sizes", "4"], "--layer-sizes: needs d0 and at least one layer width"),
+        (["--layer-sizes", "4,0,1"], "--layer-sizes: must be at least 1, got 0"),
+        (["--layer-sizes", "4,x"], "--layer-sizes: 'x' is no whole number"),
+    ],
+)
+def test_bench_refuses_a_load_no_server_could_run(flags, message):
+    out = cli("--address", "127.0.0.1:1", "bench", *flags, check=False)
+    assert out.returncode == 2 and message in out.stderr
+
+
+def test_bench_that_only_failed_says_why_and_exits_nonzero():
+    out = cli("--address", "127.0.0.1:1", "bench", "--concurrency", "2", "--jobs-per-client",
+              "1", check=False)  # fmt: skip
+    assert out.returncode == 1 and "errors {'UNAVAILABLE': 2}" in out.stdout
+    assert "first error: UNAVAILABLE: " in out.stderr
 
 
 def _safetensors_bytes(header) -> bytes:
