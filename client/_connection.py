@@ -140,6 +140,8 @@ class Connection:
         addresses = [address] if isinstance(address, str) else list(address)
         if not addresses:
             raise ValueError("at least one server address is needed")
+        if not all(isinstance(a, str) and a.strip() for a in addresses):
+            raise ValueError(f"server addresses must be non-empty 'host:port' strings: {address!r}")
         material = (root_certificates, client_certificate, client_key)
         use_tls = bool(tls) or any(m is not None for m in material)
         return cls(addresses, token, use_tls, *(_read(m) for m in material))

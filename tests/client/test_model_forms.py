@@ -250,6 +250,13 @@ def test_unusable_client_settings_are_refused_at_construction(cls, settings):
         cls("127.0.0.1:1", **settings)
 
 
+@pytest.mark.parametrize("cls", [GradientClient, AsyncGradientClient])
+@pytest.mark.parametrize("address", ["", [], ["127.0.0.1:1", " "], [None]])
+def test_missing_addresses_are_refused_at_construction(cls, address):
+    with pytest.raises(ValueError, match="address"):
+        cls(address)
+
+
 def test_a_call_timeout_of_zero_is_refused_not_taken_for_the_default(client):
     net = make_net(3)
     with pytest.raises(ValueError, match="timeout"):
