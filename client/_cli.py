@@ -370,3 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the call is cancelled on the way out (no traceback)
+        print("interrupted", file=sys.stderr)
+        return 130

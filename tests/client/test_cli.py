@@ -284,3 +284,32 @@ def test_job_file_options_of_the_wrong_type_are_named(tmp_path, job):
     out = cli("--address", "127.0.0.1:1", "compute", str(path), check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert f"option {next(iter(reversed(job)))!r} has the wrong type" in out.stderr
+
+
+def test_ctrl_c_ends_a_waiting_compute_with_a_message_not_a_traceback(tmp_path):
+    """The "server" accepts connections and never answers, so the job waits until the
+    interrupt."""
+    import signal
+    import socket
+    import time
+
+    cli("example", str(tmp_path))
+    job = next(tmp_path.glob("notebook-*.safetensors"))
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gradserve.client", "--address", address, "compute", str(job)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            conn, _ = silent.accept()  # the client is connected and waiting
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        conn.close()
+    assert proc.returncode == 130 and err.strip().endswith("interrupted")
+    assert "Traceback" not in err
