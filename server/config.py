@@ -172,7 +172,8 @@ def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:
             try:
                 default = kind(environ[variable])
             except ValueError:
-                parser.error(f"{variable}={environ[variable]!r} is not a {kind.__name__}")
+                what = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+                parser.error(f"{variable}={environ[variable]!r} is not {what}")
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,

@@ -59,7 +59,10 @@ def test_option_values_no_server_can_work_with_are_refused(argv, capsys):
 def test_a_malformed_environment_variable_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         parse_config([], environ={"GRADSERVE_PORT": "fifty"})
-    assert "GRADSERVE_PORT" in capsys.readouterr().err
+    assert "GRADSERVE_PORT='fifty' is not a whole number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config([], environ={"GRADSERVE_BATCH_MAX_DELAY_MS": "soon"})
+    assert "GRADSERVE_BATCH_MAX_DELAY_MS='soon' is not a number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
