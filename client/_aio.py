@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from gradserve.client import _health
 from gradserve.client._connection import (
     Connection,
     RetryPolicy,
@@ -27,6 +28,7 @@ from gradserve.client._job import (
     build_job,
 )
 from gradserve.client._models import normalize
+from gradserve.client._sharding import merge_results, sharded_jobs
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -85,6 +87,14 @@ class AsyncGradientClient:
         except grpc.RpcError as e:
             raise GradserveError.from_rpc_error(e) from None
 
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """See GradientClient.health."""
+        try:
+            deadline = call_timeout(timeout, self.timeout)
+            return await _health.check(self._channel, service, timeout=deadline)
+        except grpc.RpcError as e:
+            raise GradserveError.from_rpc_error(e) from None
+
     async def compute(
         self,
         model: Any,
@@ -97,11 +107,35 @@ class AsyncGradientClient:
     ) -> ComputeResult:
         """See GradientClient.compute."""
         job = build_job(normalize(model), inputs, targets, sample_weights, JobOptions(**options))
+        return await self._run(job, timeout)
+
+    async def compute_sharded(
+        self,
+        model: Any,
+        inputs: Any,
+        targets: Any,
+        *,
+        sample_weights: Any = None,
+        shards: int | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> ComputeResult:
+        """See GradientClient.compute_sharded."""
+        ensemble, jobs = sharded_jobs(
+            model, inputs, targets, sample_weights, shards or len(self._computes), options
+        )
+        parts = await asyncio.gather(*(self._run(j, timeout, first=i) for i, j in enumerate(jobs)))
+        return merge_results(ensemble, list(parts))
+
+    async def _run(self, job, timeout: float | None, first: int | None = None) -> ComputeResult:
+        """Send one job; retry per the policy on the next address. `first` picks the address
+        of the first attempt (default: round-robin)."""
         timeout = call_timeout(timeout, self.timeout)
         first_attempt_at = time.monotonic()
         deadline = None if timeout is None else first_attempt_at + timeout
+        start = next(self._next) if first is None else first
         for attempt in itertools.count():
-            compute = self._computes[next(self._next) % len(self._computes)]
+            compute = self._computes[(start + attempt) % len(self._computes)]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
             sent = asyncio.Event()  # gRPC takes the requests on this event loop

@@ -29,7 +29,7 @@ from gradserve.client._job import (
     build_job,
 )
 from gradserve.client._models import normalize
-from gradserve.client._sharding import merge_results, shard_bounds, shard_options, slice_job
+from gradserve.client._sharding import merge_results, sharded_jobs
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -164,13 +164,9 @@ class GradientClient:
         (default: one per server address) that run on different servers at once; the
         results are merged back in order, equal to an unsharded run (DP noise excepted: each
         shard draws its own)."""
-        ensemble = normalize(model)
-        opts = JobOptions(**options)
-        num_models = ensemble.params["layers.0.weight"].shape[0]
-        bounds = shard_bounds(num_models, shards or len(self._computes))
-        jobs = [build_job(*slice_job(ensemble, inputs, targets, sample_weights, opts.loss, a, b),
-                          shard_options(opts, i, a, b))
-                for i, (a, b) in enumerate(bounds)]  # fmt: skip
+        ensemble, jobs = sharded_jobs(
+            model, inputs, targets, sample_weights, shards or len(self._computes), options
+        )
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             parts = list(pool.map(lambda i: self._run(jobs[i], timeout, first=i),
                                   range(len(jobs))))  # fmt: skip

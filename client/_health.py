@@ -38,8 +38,9 @@ def _decode_status(raw: bytes) -> str:
     return STATUS_NAMES.get(status, "UNKNOWN")
 
 
-def check(channel: grpc.Channel, service: str = "", timeout: float | None = None) -> str:
-    """The server's health status name for `service` ("" = the whole server)."""
+def check(channel: grpc.Channel, service: str = "", timeout: float | None = None):
+    """The server's health status name for `service` ("" = the whole server); on an asyncio
+    channel, an awaitable of it."""
     call = channel.unary_unary(
         CHECK_METHOD, request_serializer=_encode_request, response_deserializer=_decode_status
     )

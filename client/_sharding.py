@@ -12,9 +12,22 @@ from typing import Any
 
 import numpy as np
 
-from gradserve.client._job import ComputeResult, result_from_tensors
-from gradserve.client._models import Ensemble, as_array
+from gradserve.client._job import ComputeResult, JobOptions, WireJob, build_job, result_from_tensors
+from gradserve.client._models import Ensemble, as_array, normalize
 from gradserve.client._tensors import is_torch
+
+
+def sharded_jobs(model, inputs, targets, sample_weights, shards: int,
+                 options: dict) -> tuple[Ensemble, list[WireJob]]:  # fmt: skip
+    """One job per contiguous slice of the ensemble's models (at most `shards`), and the
+    ensemble, for merge_results."""
+    ensemble = normalize(model)
+    opts = JobOptions(**options)
+    bounds = shard_bounds(ensemble.params["layers.0.weight"].shape[0], shards)
+    jobs = [build_job(*slice_job(ensemble, inputs, targets, sample_weights, opts.loss, a, b),
+                      shard_options(opts, i, a, b))
+            for i, (a, b) in enumerate(bounds)]  # fmt: skip
+    return ensemble, jobs
 
 
 def shard_bounds(num_models: int, shards: int) -> list[tuple[int, int]]:

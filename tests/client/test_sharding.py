@@ -1,11 +1,13 @@
 """One ensemble sharded across two real servers equals one server's result."""
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from gradserve.client import GradientClient
+from gradserve.client import AsyncGradientClient, GradientClient
 from gradserve.client._sharding import shard_bounds
 from tests.jobs import random_job
 from tests.servers import run_server
@@ -114,3 +116,25 @@ def test_sharded_dp_noise_is_independent_per_shard_and_reproducible(two_servers)
         assert np.array_equal(a[name], b[name])
         noise = a[name] - clean[name]
         assert not np.allclose(noise[:3], noise[3:])  # the shards' noise differs
+
+
+def test_the_async_client_shards_alike_and_checks_health(two_servers):
+    first, second = two_servers
+    t = random_job(SIZES, 5, 8, seed=4)
+    params = {k: v.numpy() for k, v in t.items() if k.startswith("layers.")}
+    args = (params, t["inputs"].numpy(), t["targets"].numpy())
+    with GradientClient(first.address) as single:
+        whole = single.compute(*args, input_gradients=True)
+
+    async def run():
+        async with AsyncGradientClient([first.address, second.address]) as client:
+            sharded = await client.compute_sharded(*args, input_gradients=True)
+            return await client.health(), sharded
+
+    before = [stats(s.address).completed_jobs for s in two_servers]
+    health, sharded = asyncio.run(run())
+    after = [stats(s.address).completed_jobs for s in two_servers]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1]  # one shard each
+    assert health == "SERVING" and sharded.summary["shards"] == 2
+    for name, value in whole.tensors.items():
+        np.testing.assert_allclose(sharded.tensors[name], value, rtol=1e-6, atol=1e-7)
