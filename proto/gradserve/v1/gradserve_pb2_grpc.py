@@ -54,8 +54,11 @@ class GradientServiceServicer:
     def Compute(self, request_iterator, context):
         """Runs one job. Request stream: exactly one header, then chunks, then half-close.
         Response stream: accepted, result chunks, summary. Errors end the stream with a
-        gRPC status: INVALID_ARGUMENT for a malformed job, RESOURCE_EXHAUSTED for a job
-        over the server's limits, UNIMPLEMENTED for an unsupported option.
+        gRPC status: INVALID_ARGUMENT for a malformed job (with a google.rpc.BadRequest
+        naming the field), RESOURCE_EXHAUSTED for a job over the server's limits (trailer
+        grpc-retry-pushback-ms: -1, do not retry) or a busy server (a pushback >= 0: retry
+        after it), OUT_OF_RANGE for a gradient beyond the requested gradient_dtype's range,
+        UNIMPLEMENTED for an unsupported option, UNAVAILABLE while the server drains.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
