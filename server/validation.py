@@ -25,6 +25,7 @@ from gradserve.server.config import ServerConfig
 from gradserve.server.errors import invalid, too_large, unsupported
 from gradserve.v1 import gradserve_pb2 as pb
 
+MIN_RESPONSE_CHUNK_BYTES = 4096
 ACTIVATION_NAMES = {
     pb.ACTIVATION_KIND_UNSPECIFIED: "identity",
     pb.ACTIVATION_KIND_IDENTITY: "identity",
@@ -433,9 +434,13 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
                     f"outputs.{name}",
                 )
     chunk = header.response_chunk_bytes or config.chunk_bytes
-    if not 0 < chunk <= config.max_chunk_bytes:
+    # A floor: results in chunks of a few bytes would cost the event loop, which all jobs
+    # share, a write per few bytes (unless the operator's own default is smaller).
+    smallest = min(MIN_RESPONSE_CHUNK_BYTES, config.chunk_bytes)
+    if not smallest <= chunk <= config.max_chunk_bytes:
         raise invalid(
-            f"response_chunk_bytes must be in [1, {config.max_chunk_bytes}]",
+            f"response_chunk_bytes must be in [{smallest}, {config.max_chunk_bytes}], got "
+            f"{header.response_chunk_bytes}",
             "response_chunk_bytes",
         )
 

@@ -253,6 +253,14 @@ CASES = {
     "cross-entropy class out of range": (ce_targets(SIZES[-1]), INVALID),
     "negative cross-entropy class": (ce_targets(-1), INVALID),
     "float cross-entropy targets": (ce_targets(1, np.float32), INVALID),
+    "results in chunks of a few bytes": (
+        with_header(lambda h: setattr(h, "response_chunk_bytes", 16)),
+        INVALID,
+    ),
+    "result chunks over the message limit": (
+        with_header(lambda h: setattr(h, "response_chunk_bytes", MAX_CHUNK + 1)),
+        INVALID,
+    ),
     "absurd M": (huge_declared_job(), EXHAUSTED),
     "dimension product overflows int64": (overflowing_dims(), EXHAUSTED),
     "width over the limit": (
