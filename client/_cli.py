@@ -252,30 +252,48 @@ def layer_sizes(text: str) -> list[int]:
     return sizes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gradserve-client", description="Run jobs on a gradserve server."
-    )
-    parser.add_argument(
+def connection_arguments(with_defaults: bool) -> argparse.ArgumentParser:
+    """How to reach the server. Given before the command (with defaults) or after it (only
+    what is given there counts, so `compute job.st --address HOST:PORT` works too)."""
+    p = argparse.ArgumentParser(add_help=False)
+
+    def default(value):
+        return value if with_defaults else argparse.SUPPRESS
+
+    p.add_argument(
         "--address",
-        default=DEFAULT_ADDRESS,
-        help="server host:port (env GRADSERVE_ADDRESS; default %(default)s)",
+        default=default(DEFAULT_ADDRESS),
+        help=f"server host:port (env GRADSERVE_ADDRESS; default {DEFAULT_ADDRESS})",
     )
-    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    parser.add_argument(
+    p.add_argument("--timeout", type=float, default=default(None), help="deadline in seconds")
+    p.add_argument(
         "--token",
-        default=os.environ.get("GRADSERVE_TOKEN", ""),
+        default=default(os.environ.get("GRADSERVE_TOKEN", "")),
         help="bearer token (env GRADSERVE_TOKEN)",
     )
-    parser.add_argument("--tls", action="store_true", help="connect with TLS")
-    parser.add_argument("--ca", help="CA certificate to trust (PEM; implies --tls)")
-    parser.add_argument("--cert", help="client certificate (PEM; implies --tls)")
-    parser.add_argument("--key", help="client private key (PEM)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    p.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS")
+    p.add_argument(
+        "--ca", default=default(None), help="CA certificate to trust (PEM; implies --tls)"
+    )
+    p.add_argument("--cert", default=default(None), help="client certificate (PEM; implies --tls)")
+    p.add_argument("--key", default=default(None), help="client private key (PEM)")
+    return p
 
-    c = sub.add_parser("compute", help="run a job file, write the results as safetensors")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradserve-client",
+        description="Run jobs on a gradserve server.",
+        parents=[connection_arguments(with_defaults=True)],
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    connection = [connection_arguments(with_defaults=False)]
+
+    c = sub.add_parser(
+        "compute", parents=connection, help="run a job file, write the results as safetensors"
+    )
     c.add_argument("job", help="job file (.safetensors or .npz)")
-    c.add_argument("out", nargs="?", help="results file (.safetensors)")
+    c.add_argument("out", nargs="?", help="results file (.safetensors, or .npz)")
     c.add_argument("--json", action="store_true", help="print a JSON summary")
     c.add_argument(
         "--progress",
@@ -334,15 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(run=_compute)
 
-    i = sub.add_parser("info", help="show the server's engines, options and limits")
+    i = sub.add_parser(
+        "info", parents=connection, help="show the server's engines, options and limits"
+    )
     i.add_argument("--json", action="store_true")
     i.set_defaults(run=_info)
 
-    h = sub.add_parser("health", help="exit 0 if the server's health service says SERVING")
+    h = sub.add_parser(
+        "health", parents=connection, help="exit 0 if the server's health service says SERVING"
+    )
     h.add_argument("--service", default="", help="service to check (default: the server)")
     h.set_defaults(run=_health)
 
-    b = sub.add_parser("bench", help="drive the server with concurrent clients")
+    b = sub.add_parser("bench", parents=connection, help="drive the server with concurrent clients")
     b.add_argument("--concurrency", type=positive_int, default=64, help="concurrent clients")
     b.add_argument("--jobs-per-client", type=positive_int, default=20)
     b.add_argument("--layer-sizes", type=layer_sizes, default="16,32,32,1")

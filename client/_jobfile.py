@@ -3,7 +3,7 @@
 safetensors: the JSON lies in the header metadata under "gradserve.job".
 npz: the JSON is a 0-d string array named "gradserve.job" (loaded with allow_pickle=False).
 Tensor names are the wire names: layers.{i}.weight, layers.{i}.bias, inputs, targets,
-sample_weights.
+sample_weights. Results files are alike, with the job's summary under "gradserve.summary".
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from gradserve.client import _safetensors
 
 JOB_KEY = "gradserve.job"
+SUMMARY_KEY = "gradserve.summary"
 
 
 def save_job(path: str, tensors: dict[str, np.ndarray], job: dict[str, Any]) -> None:
@@ -59,4 +60,9 @@ def _job_object(path: str, text: str) -> dict[str, Any]:
 
 
 def save_results(path: str, tensors: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
-    _safetensors.save(tensors, path, {"gradserve.summary": json.dumps(summary)})
+    """safetensors, or npz for a path ending in .npz; the summary as JSON beside the tensors
+    (safetensors metadata, or a string array), as in job files."""
+    if path.endswith(".npz"):
+        np.savez(path, **tensors, **{SUMMARY_KEY: np.array(json.dumps(summary))})
+    else:
+        _safetensors.save(tensors, path, {SUMMARY_KEY: json.dumps(summary)})

@@ -313,3 +313,26 @@ def test_ctrl_c_ends_a_waiting_compute_with_a_message_not_a_traceback(tmp_path):
         conn.close()
     assert proc.returncode == 130 and err.strip().endswith("interrupted")
     assert "Traceback" not in err
+
+
+def test_connection_flags_work_after_the_command_and_results_can_be_npz(server, tmp_path):
+    """`compute job out --address HOST:PORT`, as people type it; an .npz results path gets
+    npz (readable without pickle), equal to the safetensors results."""
+    import numpy as np
+
+    from gradserve.client import _safetensors
+
+    cli("example", str(tmp_path))
+    job = str(next(tmp_path.glob("ensemble-*.safetensors")))
+    outs = tmp_path / "grads.safetensors", tmp_path / "grads.npz"
+    for out in outs:
+        cli("--address", "127.0.0.1:1", "compute", job, str(out), "--address", server.address)
+    tensors, metadata = _safetensors.load(str(outs[0]))
+    with np.load(outs[1], allow_pickle=False) as npz:
+        assert set(npz.files) == {*tensors, "gradserve.summary"}
+        for name, value in tensors.items():
+            np.testing.assert_array_equal(npz[name], value)
+        summary = json.loads(str(npz["gradserve.summary"]))
+    assert summary["engine"] == json.loads(metadata["gradserve.summary"])["engine"]
+    health = cli("health", "--address", server.address, "--timeout", "5")
+    assert health.stdout.strip() == "SERVING"
