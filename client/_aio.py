@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Iterable, Sequence
@@ -14,6 +15,7 @@ from gradserve.client import _health
 from gradserve.client._connection import (
     Connection,
     RetryPolicy,
+    busy_refusal,
     call_timeout,
     check_settings,
     compute_callable,
@@ -66,6 +68,7 @@ class AsyncGradientClient:
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._computes = [compute_callable(c) for c in self._channels]
         self._next = itertools.count()
+        self._job_ended = asyncio.Condition()  # as in GradientClient
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -130,6 +133,18 @@ class AsyncGradientClient:
     async def _run(self, job, timeout: float | None, first: int | None = None) -> ComputeResult:
         """Send one job; retry per the policy on the next address. `first` picks the address
         of the first attempt (default: round-robin)."""
+        try:
+            return await self._attempts(job, timeout, first)
+        finally:
+            async with self._job_ended:
+                self._job_ended.notify_all()
+
+    async def _wait_for_a_job_to_end(self, seconds: float) -> None:
+        async with self._job_ended:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._job_ended.wait(), seconds)
+
+    async def _attempts(self, job, timeout: float | None, first: int | None) -> ComputeResult:
         timeout = call_timeout(timeout, self.timeout)
         first_attempt_at = time.monotonic()
         deadline = None if timeout is None else first_attempt_at + timeout
@@ -160,13 +175,17 @@ class AsyncGradientClient:
                 delay = self.retry.delay(attempt, e, deadline, first_attempt_at)
                 if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
+                busy = busy_refusal(e)
             except asyncio.CancelledError:
                 if upload.error is None:  # this task was cancelled
                     raise
                 raise upload.error from None  # gRPC's answer to a failed request iterator
             finally:
                 call.cancel()
-            await asyncio.sleep(delay)
+            if busy:
+                await self._wait_for_a_job_to_end(delay)
+            else:
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def compute_many(

@@ -15,6 +15,7 @@ from gradserve.client import _health
 from gradserve.client._connection import (
     Connection,
     RetryPolicy,
+    busy_refusal,
     call_timeout,
     check_settings,
     compute_callable,
@@ -85,6 +86,10 @@ class GradientClient:
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._computes = [compute_callable(c) for c in self._channels]
         self._next = itertools.count()
+        # Notified as each job of this client ends: a job refused by a busy server retries
+        # then rather than after its whole back-off, as its own siblings (compute_many)
+        # are often what holds the room.
+        self._job_ended = threading.Condition()
 
     def __enter__(self) -> GradientClient:
         return self
@@ -175,6 +180,13 @@ class GradientClient:
     def _run(self, job, timeout: float | None, first: int | None = None) -> ComputeResult:
         """Send one job; retry per the policy on the next address. `first` picks the address
         of the first attempt (default: round-robin)."""
+        try:
+            return self._attempts(job, timeout, first)
+        finally:
+            with self._job_ended:
+                self._job_ended.notify_all()
+
+    def _attempts(self, job, timeout: float | None, first: int | None) -> ComputeResult:
         timeout = call_timeout(timeout, self.timeout)
         first_attempt_at = time.monotonic()
         deadline = None if timeout is None else first_attempt_at + timeout
@@ -204,9 +216,14 @@ class GradientClient:
                 delay = self.retry.delay(attempt, e, deadline, first_attempt_at)
                 if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
+                busy = busy_refusal(e)
             finally:
                 call.cancel()  # no-op when finished; frees the stream if we stopped early
-            time.sleep(delay)
+            if busy:
+                with self._job_ended:
+                    self._job_ended.wait(delay)
+            else:
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     def compute_many(

@@ -104,6 +104,12 @@ class RetryPolicy:
         return wait if busy_for is not None and busy_for + wait <= self.busy_retry_s else None
 
 
+def busy_refusal(error: grpc.RpcError) -> bool:
+    """A busy server's refusal (a pushback >= 0): room frees up as admitted jobs end."""
+    pushback = _pushback_s(error)
+    return pushback is not None and pushback >= 0
+
+
 def _pushback_s(error: grpc.RpcError) -> float | None:
     """The grpc-retry-pushback-ms trailer in seconds; None without one, -1 for a negative
     or unreadable one (gRPC's retries do not retry either)."""

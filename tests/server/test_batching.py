@@ -358,6 +358,48 @@ def test_a_busy_servers_refusals_are_retried_until_room_frees_up():
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_refused_job_retries_as_soon_as_a_sibling_job_ends(asynchronous):
+    """The one admission slot is held by a training job of the same client (40 optimiser
+    steps); the job refused meanwhile would back off for up to 100 s, but retries as soon
+    as its sibling ends: compute_many's case, where a client's own jobs hold the room."""
+    policy = RetryPolicy(initial_backoff_s=100, max_backoff_s=100)
+    slow_job = random_job(SIZES, 4, 20000, seed=1)
+    slow_args = (params_of(slow_job), slow_job["inputs"].numpy(), slow_job["targets"].numpy())
+    training = dict(optimizer="sgd", steps=40, learning_rate=0.01)
+    quick = random_job(SIZES, 1, 4, seed=2)
+    quick_args = (params_of(quick), quick["inputs"].numpy(), quick["targets"].numpy())
+    with run_server("--max-queued-jobs", "1") as server:
+
+        def admitted() -> float:
+            while stats(server.address).inflight_jobs < 1:
+                time.sleep(0.01)
+            return time.monotonic()
+
+        def timed_sync():
+            pool = ThreadPoolExecutor()
+            with GradientClient(server.address, retry=policy) as client, pool:
+                slow = pool.submit(client.compute, *slow_args, **training)
+                started = admitted()
+                client.compute(*quick_args)
+                waited, slow_ended_first = time.monotonic() - started, slow.done()
+                slow.result()
+            return waited, slow_ended_first
+
+        async def timed_async():
+            async with AsyncGradientClient(server.address, retry=policy) as client:
+                slow = asyncio.ensure_future(client.compute(*slow_args, **training))
+                started = await asyncio.to_thread(admitted)
+                await client.compute(*quick_args)
+                waited, slow_ended_first = time.monotonic() - started, slow.done()
+                await slow
+            return waited, slow_ended_first
+
+        waited, slow_ended_first = asyncio.run(timed_async()) if asynchronous else timed_sync()
+    assert slow_ended_first  # the quick job was refused while the slot was taken
+    assert waited < 15  # without the wake-up: a back-off drawn from up to 100 s
+
+
 def test_a_job_over_the_servers_limits_is_not_retried():
     """A job that holds more bytes than the server admits in all can never run there: its
     RESOURCE_EXHAUSTED carries a pushback of -1, and the client does not retry it."""
