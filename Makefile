@@ -29,6 +29,7 @@ bench:
 	$(PY) bench/transfer.py
 	$(PY) bench/batching.py
 	$(PY) bench/privacy.py
+	$(PY) bench/overload.py
 
 clean:
 	rm -rf .venv build *.egg-info
