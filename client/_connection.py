@@ -15,6 +15,7 @@ from gradserve.v1 import wire
 # Every message stays under this: chunks default to 1 MiB, and a header of many descriptors
 # is small. Raised from gRPC's 4 MiB default only to leave room for larger chunk settings.
 MAX_MESSAGE_BYTES = 16 << 20
+MIN_CHUNK_BYTES = 4096  # servers refuse a job sent in many messages much smaller than this
 
 
 def call_timeout(timeout: float | None, default: float | None) -> float | None:
@@ -30,8 +31,12 @@ def check_settings(timeout: float | None, chunk_bytes: int) -> None:
     """A client's default deadline and upload chunk size, refused early when unusable."""
     call_timeout(timeout, None)
     largest = MAX_MESSAGE_BYTES - (1 << 20)  # room for the chunk's framing
-    if not 1 <= chunk_bytes <= largest:
-        raise ValueError(f"chunk_bytes must be in [1, {largest}], got {chunk_bytes}")
+    # Servers bound a job's request messages by its bytes (one per 2 KiB); smaller chunks
+    # would exceed that.
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= largest:
+        raise ValueError(
+            f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {largest}], got {chunk_bytes}"
+        )
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:

@@ -35,6 +35,7 @@ from gradserve.server.streaming import SampleStream, accumulate, scale
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
+    MIN_UPLOAD_CHUNK_BYTES,
     PRECISION_NAMES,
     JobPlan,
     validate_header,
@@ -336,7 +337,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     accepted = b""
                 # else the job came in one message: its accepted message leaves with the
                 # first results, saving a stream operation (most of a small job's cost).
-                async for chunks in self._later_chunks(context, idle):
+                async for chunks in self._later_chunks(context, idle, plan):
                     for chunk in chunks:
                         assembler.add(chunk)
                 job = await self._io(plan.payload_bytes, assembler.finish)
@@ -391,9 +392,17 @@ class GradientService(pb_grpc.GradientServiceServicer):
             )
             info.update(bytes_in=plan.payload_bytes, bytes_out=sent)
 
-    async def _later_chunks(self, context, idle: IdleTimer):
+    async def _later_chunks(self, context, idle: IdleTimer, plan: JobPlan):
         """The chunks of each request message after the first, message by message."""
+        messages = 1
         while (msg := await self._read(context, idle)) is not None:
+            messages += 1
+            if messages > plan.max_request_messages:
+                raise invalid(
+                    f"the job's {plan.payload_bytes} tensor bytes came in more than "
+                    f"{plan.max_request_messages} request messages; send chunks of at least "
+                    f"{MIN_UPLOAD_CHUNK_BYTES} bytes (several small ones may share a message)"
+                )
             if isinstance(msg, wire.MalformedMessage):
                 raise invalid("request message is not a valid ComputeRequest")
             if msg.HasField("header"):
@@ -433,7 +442,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 for chunk in first.chunks:
                     stream.add(chunk)
                 await launch_ready()
-                async for chunks in self._later_chunks(context, idle):
+                async for chunks in self._later_chunks(context, idle, plan):
                     for chunk in chunks:
                         stream.add(chunk)
                     await launch_ready()

@@ -26,6 +26,7 @@ from gradserve.server.errors import invalid, too_large, unsupported
 from gradserve.v1 import gradserve_pb2 as pb
 
 MIN_RESPONSE_CHUNK_BYTES = 4096
+MIN_UPLOAD_CHUNK_BYTES = 4096  # the chunk size request messages are expected to reach
 ACTIVATION_NAMES = {
     pb.ACTIVATION_KIND_UNSPECIFIED: "identity",
     pb.ACTIVATION_KIND_IDENTITY: "identity",
@@ -139,6 +140,20 @@ class JobPlan:
     @property
     def payload_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def max_request_messages(self) -> int:
+        """Most request messages the job may arrive in: one per 2 KiB of its tensor bytes
+        (a client that fills its messages to MIN_UPLOAD_CHUNK_BYTES sends at most that, a
+        small last piece of a tensor closing a message early), plus two per tensor and
+        micro-batch for those last pieces. Bounds what a job sent in tiny messages costs
+        the event loop every job shares."""
+        batches = 1
+        if self.micro_batch_samples:
+            batches += -(-self.num_samples // self.micro_batch_samples)
+        return self.payload_bytes // (MIN_UPLOAD_CHUNK_BYTES // 2) + 2 * len(self.tensors) * (
+            batches + 1
+        )
 
     @property
     def sample_tensors(self) -> list[str]:

@@ -243,7 +243,8 @@ def test_errors_name_the_offending_field(client):
 
 @pytest.mark.parametrize("cls", [GradientClient, AsyncGradientClient])
 @pytest.mark.parametrize(
-    "settings", [dict(timeout=0), dict(timeout=-3), dict(chunk_bytes=0), dict(chunk_bytes=1 << 30)]
+    "settings",
+    [dict(timeout=0), dict(timeout=-3), dict(chunk_bytes=64), dict(chunk_bytes=1 << 30)],
 )
 def test_unusable_client_settings_are_refused_at_construction(cls, settings):
     with pytest.raises(ValueError, match=next(iter(settings))):

@@ -94,6 +94,17 @@ def valid_stream(loss="mse"):
     return [pb.ComputeRequest(header=header_for(t, loss=lk)), *chunks_for(t)]
 
 
+def byte_by_byte():
+    """A valid job whose tensors come one byte per request message."""
+    t = valid_tensors()
+    messages = [
+        pb.ComputeRequest(chunks=[pb.TensorChunk(name=k, offset=i, data=v.tobytes()[i : i + 1])])
+        for k, v in t.items()
+        for i in range(v.nbytes)
+    ]
+    return [pb.ComputeRequest(header=header_for(t)), *messages]
+
+
 def with_header(mutate):
     stream = valid_stream()
     mutate(stream[0].header)
@@ -253,6 +264,7 @@ CASES = {
     "cross-entropy class out of range": (ce_targets(SIZES[-1]), INVALID),
     "negative cross-entropy class": (ce_targets(-1), INVALID),
     "float cross-entropy targets": (ce_targets(1, np.float32), INVALID),
+    "tensors one byte per message": (byte_by_byte(), INVALID),
     "results in chunks of a few bytes": (
         with_header(lambda h: setattr(h, "response_chunk_bytes", 16)),
         INVALID,
