@@ -43,7 +43,7 @@ class GradientClient:
     address : "host:port" of a server, or a list of them: jobs go round-robin, and a retry
         goes to the next one.
     timeout : default deadline in seconds for each job, retries included (None: none).
-    chunk_bytes : size of upload chunks (default 1 MiB).
+    chunk_bytes : size of upload chunks (default 1 MiB, at least 4096).
     token : bearer token for servers that require one.
     tls : use TLS (implied by any of the certificate arguments).
     root_certificates, client_certificate, client_key : PEM bytes or file paths: the CA to
