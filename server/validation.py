@@ -469,7 +469,16 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         )
     m, n, shared = w0_shape[0], in_shape[-2], len(in_shape) == 2
     expected = _expected_shapes(sizes, loss.name, m, n, shared, "sample_weights" in declared)
-    if optimizer is not None and any(name not in expected for name in declared):
+    carries_state = optimizer is not None and any(name not in expected for name in declared)
+    if optimizer is not None and optimizer.start_step and optimizer.state_names:
+        if not carries_state:  # zero moments with a later step's bias correction: neither run
+            raise invalid(
+                f"optimizer.start_step {optimizer.start_step} continues earlier {optimizer.kind} "
+                f"steps: send their state ({', '.join(optimizer.state_names)} of every "
+                "parameter) too, or start at step 0",
+                "optimizer.start_step",
+            )
+    if carries_state:
         # Incoming optimiser state: every parameter's, shaped like it, or none at all.
         for param, (dtypes, shape) in list(expected.items()):
             if param.startswith("layers."):

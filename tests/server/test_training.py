@@ -132,6 +132,12 @@ def test_training_continues_from_returned_state(client):
             ),
             "tensors[layers.0.weight.exp_avg_sq]",
         ),
+        # continuing earlier steps without their state (plain sgd has none, so may)
+        (dict(optimizer="adam", learning_rate=0.1, start_step=3), "optimizer.start_step"),
+        (
+            dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, start_step=3),
+            "optimizer.start_step",
+        ),
     ],
 )
 def test_bad_optimizer_options_are_refused(client, options, field):
