@@ -470,12 +470,20 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
     m, n, shared = w0_shape[0], in_shape[-2], len(in_shape) == 2
     expected = _expected_shapes(sizes, loss.name, m, n, shared, "sample_weights" in declared)
     carries_state = optimizer is not None and any(name not in expected for name in declared)
-    if optimizer is not None and optimizer.start_step and optimizer.state_names:
-        if not carries_state:  # zero moments with a later step's bias correction: neither run
+    if optimizer is not None and optimizer.state_names:
+        # Adam's bias correction counts the steps the state has taken: state and start_step
+        # come together (sgd's momentum buffer has no step count).
+        if optimizer.start_step and not carries_state:
             raise invalid(
                 f"optimizer.start_step {optimizer.start_step} continues earlier {optimizer.kind} "
                 f"steps: send their state ({', '.join(optimizer.state_names)} of every "
                 "parameter) too, or start at step 0",
+                "optimizer.start_step",
+            )
+        if carries_state and not optimizer.start_step and optimizer.kind != "sgd":
+            raise invalid(
+                f"{optimizer.kind} state was sent with optimizer.start_step 0: give the number "
+                "of steps it has taken (the previous result's steps)",
                 "optimizer.start_step",
             )
     if carries_state:

@@ -129,11 +129,25 @@ def test_training_continues_from_returned_state(client):
                 optimizer="adam",
                 learning_rate=0.1,
                 optimizer_state={"layers.0.weight.exp_avg": np.ones((M, 8, 5), np.float32)},
+                start_step=1,
             ),
             "tensors[layers.0.weight.exp_avg_sq]",
         ),
         # continuing earlier steps without their state (plain sgd has none, so may)
         (dict(optimizer="adam", learning_rate=0.1, start_step=3), "optimizer.start_step"),
+        (
+            dict(
+                optimizer="adamw",
+                learning_rate=0.1,
+                optimizer_state={
+                    f"layers.{i}.{p}.{s}": np.ones(shape, np.float32)
+                    for i, w in enumerate(((8, 5), (3, 8)))
+                    for p, shape in (("weight", (M, *w)), ("bias", (M, w[0])))
+                    for s in ("exp_avg", "exp_avg_sq")
+                },
+            ),
+            "optimizer.start_step",
+        ),
         (
             dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, start_step=3),
             "optimizer.start_step",
