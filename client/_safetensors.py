@@ -11,6 +11,8 @@ import struct
 
 import numpy as np
 
+from gradserve.client._tensors import raw_bytes
+
 _TO_CODE = {
     np.dtype("float32"): "F32",
     np.dtype("float64"): "F64",
@@ -47,7 +49,7 @@ def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | N
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for a in arrays:
-            f.write(a.reshape(-1).view(np.uint8))  # no copy; also for an empty tensor
+            f.write(raw_bytes(a))
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

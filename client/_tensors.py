@@ -43,7 +43,7 @@ def to_wire(x: Any) -> tuple[int, tuple[int, ...], memoryview]:
 
         t = x.detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:
-            return pb.DATA_TYPE_BFLOAT16, tuple(t.shape), _raw_bytes(t.view(torch.int16).numpy())
+            return pb.DATA_TYPE_BFLOAT16, tuple(t.shape), raw_bytes(t.view(torch.int16).numpy())
         if t.dtype == torch.bool or not (
             t.is_floating_point() or t.dtype in (torch.int32, torch.int64)
         ):
@@ -57,10 +57,10 @@ def to_wire(x: Any) -> tuple[int, tuple[int, ...], memoryview]:
     a = np.ascontiguousarray(a)
     if a.dtype.byteorder == ">":  # the wire is little-endian
         a = a.astype(a.dtype.newbyteorder("<"))
-    return WIRE_DTYPES[a.dtype], tuple(a.shape), _raw_bytes(a)
+    return WIRE_DTYPES[a.dtype], tuple(a.shape), raw_bytes(a)
 
 
-def _raw_bytes(a: np.ndarray) -> memoryview:
+def raw_bytes(a: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array as a flat memoryview whose len() is its byte count.
     (memoryview.cast refuses an empty shape such as [0, 4], so go through numpy's views.)"""
     return memoryview(a.reshape(-1).view(np.uint8))
