@@ -303,8 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--loss")
     c.add_argument("--reduction", choices=["mean", "sum"])
+    c.add_argument("--huber-delta", dest="huber_delta", type=float, help="delta of loss huber")
     c.add_argument("--hidden-activation", dest="hidden_activation")
     c.add_argument("--output-activation", dest="output_activation")
+    c.add_argument(
+        "--negative-slope", dest="negative_slope", type=float, help="slope of leaky_relu"
+    )
     c.add_argument("--precision", choices=["float32", "tf32", "bfloat16", "float16", "float64"])
     c.add_argument("--backend", choices=["auto", "torch", "triton"])
     c.add_argument(
@@ -341,8 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--steps", type=int, help="optimiser steps")
     c.add_argument("--learning-rate", dest="learning_rate", type=float)
-    c.add_argument("--momentum", type=float)
+    c.add_argument("--momentum", type=float, help="sgd")
+    c.add_argument("--dampening", type=float, help="sgd")
+    c.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="sgd")
     c.add_argument("--weight-decay", dest="weight_decay", type=float)
+    c.add_argument(
+        "--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"), help="adam and adamw"
+    )
+    c.add_argument("--eps", type=float, help="adam and adamw")
+    c.add_argument(
+        "--start-step",
+        dest="start_step",
+        type=int,
+        help="steps the job file's optimiser state has taken (to continue training)",
+    )
     c.add_argument(
         "--return-optimizer-state",
         dest="return_optimizer_state",

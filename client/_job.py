@@ -3,6 +3,7 @@ response stream into result tensors. Shared by the sync and asyncio clients."""
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 from collections.abc import Callable, Iterator
@@ -185,7 +186,47 @@ def _agreeing_activation(given, inferred, what: str):
     return inferred
 
 
+# Options that only mean something to one optimiser: sent with another they would be ignored.
+SGD_ONLY = ("momentum", "dampening", "nesterov")
+ADAM_ONLY = ("betas", "eps")
+
+
+def check_options(opts: JobOptions) -> None:
+    """Refuse options that the wire would carry as something other than what they say: a
+    huber_delta of 0 is the wire's "default 1.0", and options of a feature the job does not
+    use (training options without an optimizer, momentum for adam) would be ignored."""
+    delta = opts.huber_delta
+    if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0):
+        raise ValueError(f"huber_delta must be a positive finite number, got {delta!r}")
+    if opts.noise_seed is not None and not 0 <= opts.noise_seed < 1 << 64:
+        raise ValueError(f"noise_seed must be in [0, 2**64), got {opts.noise_seed}")
+    if opts.optimizer is None:
+        training = {
+            "steps": opts.steps != 1,
+            "learning_rate": opts.learning_rate is not None,
+            "weight_decay": opts.weight_decay is not None,
+            "start_step": opts.start_step != 0,
+            "return_optimizer_state": opts.return_optimizer_state,
+            "optimizer_state": opts.optimizer_state is not None,
+            "on_step": opts.on_step is not None,
+        }
+        training.update({name: bool(getattr(opts, name)) for name in SGD_ONLY})
+        training.update({name: getattr(opts, name) is not None for name in ADAM_ONLY})
+        given = [name for name, is_set in training.items() if is_set]
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of server-side training, which "
+                             "needs optimizer ('sgd', 'adam' or 'adamw')")  # fmt: skip
+        return
+    if opts.optimizer == "sgd":
+        stray = [name for name in ADAM_ONLY if getattr(opts, name) is not None]
+    else:
+        stray = [name for name in SGD_ONLY if getattr(opts, name)]
+    if stray:
+        raise ValueError(f"{', '.join(stray)}: not options of optimizer {opts.optimizer!r}")
+
+
 def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOptions) -> WireJob:
+    check_options(opts)
     hidden = (
         _agreeing_activation(opts.hidden_activation, ensemble.hidden_activation,
                              "hidden_activation") or "relu"
@@ -207,8 +248,6 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
     if sample_weights is not None:
         tensors["sample_weights"] = as_array(sample_weights)
     for name, value in (opts.optimizer_state or {}).items():
-        if opts.optimizer is None:
-            raise ValueError("optimizer_state needs optimizer")
         tensors[name] = as_array(value)
     descriptors, payloads = [], []
     for name, value in tensors.items():

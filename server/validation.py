@@ -297,6 +297,14 @@ def _optimizer(header: pb.JobHeader, config: ServerConfig) -> Optimizer | None:
         raise invalid("optimizer.start_step must be >= 0", "optimizer.start_step")
     if o.nesterov and (o.momentum <= 0 or o.dampening != 0):
         raise invalid("nesterov needs momentum > 0 and dampening 0", "optimizer.nesterov")
+    # An option of the other optimiser would be ignored: refuse it rather than run a job
+    # that differs from the one the caller meant.
+    if kind == "sgd":
+        stray = [name for name in ("beta1", "beta2", "eps") if o.HasField(name)]
+    else:
+        stray = [name for name in ("momentum", "dampening", "nesterov") if getattr(o, name)]
+    if stray:
+        raise invalid(f"optimizer.{stray[0]} is not an option of {kind}", f"optimizer.{stray[0]}")
     decay = o.weight_decay if o.HasField("weight_decay") else (0.01 if kind == "adamw" else 0.0)
     optimizer = Optimizer(
         kind=kind,

@@ -110,6 +110,69 @@ def test_training_flags_print_each_step_and_write_parameters(server, tmp_path):
     assert (results["losses"][-1] < results["losses"][0]).mean() > 0.9  # it trains
 
 
+@pytest.mark.parametrize(
+    "flags, options",
+    [
+        (["--loss", "huber", "--huber-delta", "0.3"], dict(loss="huber", huber_delta=0.3)),
+        (
+            ["--hidden-activation", "leaky_relu", "--negative-slope", "0.3"],
+            dict(hidden_activation="leaky_relu", negative_slope=0.3),
+        ),
+        (
+            ["--optimizer", "sgd", "--momentum", "0.9", "--dampening", "0.5"],
+            dict(optimizer="sgd", momentum=0.9, dampening=0.5),
+        ),
+        (
+            ["--optimizer", "sgd", "--momentum", "0.9", "--nesterov"],
+            dict(optimizer="sgd", momentum=0.9, nesterov=True),
+        ),
+        (
+            ["--optimizer", "adam", "--betas", "0.5", "0.6", "--eps", "0.01"],
+            dict(optimizer="adam", betas=(0.5, 0.6), eps=0.01),
+        ),
+    ],
+)
+def test_option_flags_run_the_job_the_client_runs_with_those_options(
+    server, tmp_path, flags, options
+):
+    from gradserve.client import GradientClient
+    from gradserve.client._jobfile import load_job
+
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    training = ["--steps", "3", "--learning-rate", "0.05"] if "--optimizer" in flags else []
+    if training:
+        options.update(steps=3, learning_rate=0.05)
+    cli("--address", server.address, "compute", job, str(tmp_path / "out.npz"), *flags, *training)
+    with np.load(tmp_path / "out.npz") as f:
+        got = {k: f[k] for k in f.files if k != "gradserve.summary"}
+    tensors, meta = load_job(job)
+    params = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    job_options = {k: v for k, v in meta.items() if k != "layer_sizes"}
+    with GradientClient(server.address) as client:
+        want = client.compute(
+            params, tensors["inputs"], tensors["targets"], **{**job_options, **options}
+        ).tensors
+        # the flags matter: without their values (the defaults) the results differ
+        plain = {k: v for k, v in options.items() if k in ("loss", "hidden_activation")}
+        if training:
+            plain.update(optimizer=options["optimizer"], steps=3, learning_rate=0.05)
+        default = client.compute(
+            params, tensors["inputs"], tensors["targets"], **{**job_options, **plain}
+        ).tensors
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-9, err_msg=k)
+    assert any(not np.allclose(default[k], v) for k, v in want.items())
+
+
+def test_a_training_flag_without_optimizer_is_refused(server, tmp_path):
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "notebook-2-2-1.safetensors")
+    refused = cli("--address", server.address, "compute", job, "--momentum", "0.9", check=False)
+    assert refused.returncode == 2 and "needs optimizer" in refused.stderr, refused.stderr
+
+
 def test_micro_batch_flag_streams_the_same_job(server, tmp_path):
     cli("example", str(tmp_path))
     job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")

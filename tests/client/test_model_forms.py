@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
+from gradserve.client import NO_RETRIES, AsyncGradientClient, GradientClient, GradserveError
 
 
 def make_net(seed, act=nn.Tanh):
@@ -262,3 +262,31 @@ def test_a_call_timeout_of_zero_is_refused_not_taken_for_the_default(client):
     net = make_net(3)
     with pytest.raises(ValueError, match="timeout"):
         client.compute(net, torch.randn(4, 3), torch.randn(4, 2), timeout=0)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # the wire's huber_delta 0 means "the default, 1.0": it would run another loss
+        (dict(loss="huber", huber_delta=0.0), "huber_delta"),
+        (dict(loss="huber", huber_delta=float("nan")), "huber_delta"),
+        # training options without an optimizer would be dropped, returning plain gradients
+        (dict(steps=5), "steps.*needs optimizer"),
+        (dict(learning_rate=0.1), "learning_rate.*needs optimizer"),
+        (dict(momentum=0.9, return_optimizer_state=True), "return_optimizer_state, momentum"),
+        (dict(betas=(0.8, 0.9)), "betas.*needs optimizer"),
+        (dict(on_step=print), "on_step.*needs optimizer"),
+        # an option of the other optimiser would be ignored by this one
+        (dict(optimizer="adam", learning_rate=0.1, momentum=0.9), "momentum: not options"),
+        (dict(optimizer="adamw", learning_rate=0.1, nesterov=True), "nesterov: not options"),
+        (dict(optimizer="sgd", learning_rate=0.1, eps=1e-6), "eps: not options"),
+        (dict(clip_norm=1.0, noise_multiplier=1.0, noise_seed=-1), "noise_seed"),
+        (dict(clip_norm=1.0, noise_multiplier=1.0, noise_seed=1 << 64), "noise_seed"),
+    ],
+)
+def test_options_the_job_would_not_honour_are_refused_before_sending(options, message):
+    """No server listens at this address: each refusal happens before a byte is sent."""
+    net = make_net(3)
+    with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
+        with pytest.raises(ValueError, match=message):
+            dead.compute(net, torch.randn(4, 3), torch.randn(4, 2), **options)

@@ -348,6 +348,29 @@ CASES = {
         ),
         INVALID,
     ),
+    # an option of the other optimiser would be ignored: refused instead
+    "sgd momentum sent with adam": (
+        with_header(
+            lambda h: (
+                setattr(h.optimizer, "kind", pb.OPTIMIZER_KIND_ADAM),
+                setattr(h.optimizer, "steps", 1),
+                setattr(h.optimizer, "learning_rate", 0.1),
+                setattr(h.optimizer, "momentum", 0.9),
+            )
+        ),
+        INVALID,
+    ),
+    "adam eps sent with sgd": (
+        with_header(
+            lambda h: (
+                setattr(h.optimizer, "kind", pb.OPTIMIZER_KIND_SGD),
+                setattr(h.optimizer, "steps", 1),
+                setattr(h.optimizer, "learning_rate", 0.1),
+                setattr(h.optimizer, "eps", 1e-6),
+            )
+        ),
+        INVALID,
+    ),
     "float64 on an engine that lacks it": (
         with_header(
             lambda h: (
