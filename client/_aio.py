@@ -27,8 +27,10 @@ from gradserve.client._job import (
     JobOptions,
     ResultAssembler,
     Upload,
+    WireJob,
     build_job,
 )
+from gradserve.client._many import built_jobs, check_max_in_flight
 from gradserve.client._models import normalize
 from gradserve.client._sharding import merge_results, sharded_jobs
 from gradserve.v1 import gradserve_pb2 as pb
@@ -193,13 +195,15 @@ class AsyncGradientClient:
     ) -> list[ComputeResult | GradserveError]:
         """Run many jobs concurrently (at most `max_in_flight` at once); see
         GradientClient.compute_many."""
+        check_max_in_flight(max_in_flight)
+        built = built_jobs(jobs)
         gate = asyncio.Semaphore(max_in_flight)
 
-        async def one(job: dict[str, Any]) -> ComputeResult | GradserveError:
+        async def one(item: tuple[WireJob, float | None]) -> ComputeResult | GradserveError:
             async with gate:
                 try:
-                    return await self.compute(**job)
+                    return await self._run(*item)
                 except GradserveError as e:
                     return e
 
-        return list(await asyncio.gather(*(one(job) for job in jobs)))
+        return list(await asyncio.gather(*(one(item) for item in built)))

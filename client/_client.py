@@ -27,8 +27,10 @@ from gradserve.client._job import (
     JobOptions,
     ResultAssembler,
     Upload,
+    WireJob,
     build_job,
 )
+from gradserve.client._many import built_jobs, check_max_in_flight
 from gradserve.client._models import normalize
 from gradserve.client._sharding import merge_results, sharded_jobs
 from gradserve.v1 import gradserve_pb2 as pb
@@ -231,13 +233,17 @@ class GradientClient:
     ) -> list[ComputeResult | GradserveError]:
         """Run many jobs with up to `max_in_flight` streams open at once, so the server can
         batch them. Each job is a dict of compute() arguments (model, inputs, targets, ...).
-        Returns, in order, each job's result or the GradserveError it failed with."""
+        Returns, in order, each job's result or the GradserveError it failed with. Every
+        job is checked before any is sent: one the client itself refuses (ValueError,
+        TypeError) raises, naming its position, and none runs."""
+        check_max_in_flight(max_in_flight)
+        built = built_jobs(jobs)
 
-        def one(job: dict[str, Any]) -> ComputeResult | GradserveError:
+        def one(item: tuple[WireJob, float | None]) -> ComputeResult | GradserveError:
             try:
-                return self.compute(**job)
+                return self._run(*item)
             except GradserveError as e:
                 return e
 
         with ThreadPoolExecutor(max_workers=max_in_flight) as pool:
-            return list(pool.map(one, jobs))
+            return list(pool.map(one, built))

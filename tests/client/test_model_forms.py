@@ -218,6 +218,59 @@ def test_compute_many_returns_results_and_errors_in_order(client):
         torch.testing.assert_close(results[2].gradients[k], g, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cls", [GradientClient, AsyncGradientClient])
+@pytest.mark.parametrize(
+    "spoil, error, message",
+    [
+        (lambda job: {**job, "loss": "hinge"}, ValueError, "job 1: unknown loss 'hinge'"),
+        (lambda job: {**job, "lr": 0.1}, TypeError, "job 1: .*unexpected keyword argument 'lr'"),
+        (lambda job: {**job, "timeout": 0}, ValueError, "job 1: timeout"),
+        (
+            lambda job: {k: v for k, v in job.items() if k != "targets"},
+            TypeError,
+            "job 1: missing compute.. argument.s. targets",
+        ),
+        (lambda job: tuple(job.values()), TypeError, "job 1: compute_many takes dicts"),
+    ],
+)
+def test_compute_many_checks_every_job_before_sending_any(server, cls, spoil, error, message):
+    """A job the client refuses raises, naming its place, before the good jobs run (they
+    would otherwise run and their results be dropped with the exception)."""
+    sent = []
+    good = {
+        "model": make_net(7), "inputs": torch.randn(6, 3), "targets": torch.randn(6, 2),
+        "on_progress": lambda *progress: sent.append(progress),
+    }  # fmt: skip
+    bad = spoil(good)
+    jobs = [good, bad, good]
+
+    async def run_async():
+        async with cls(server.address) as aclient:
+            return await aclient.compute_many(jobs)
+
+    with pytest.raises(error, match=message):
+        if cls is GradientClient:
+            with cls(server.address) as c:
+                c.compute_many(jobs)
+        else:
+            asyncio.run(run_async())
+    assert sent == []  # no job's bytes went out
+
+
+@pytest.mark.parametrize("cls", [GradientClient, AsyncGradientClient])
+@pytest.mark.parametrize("max_in_flight", [0, -1, 1.5])
+def test_compute_many_refuses_a_max_in_flight_below_one(cls, max_in_flight):
+    async def run_async():
+        async with cls("127.0.0.1:1") as aclient:
+            return await aclient.compute_many([], max_in_flight=max_in_flight)
+
+    with pytest.raises(ValueError, match="max_in_flight"):
+        if cls is GradientClient:
+            cls("127.0.0.1:1").compute_many([], max_in_flight=max_in_flight)
+        else:
+            asyncio.run(run_async())
+
+
 def test_async_compute_many_matches_sync(server, client):
     jobs = [
         {"model": make_net(s), "inputs": torch.randn(5, 3), "targets": torch.randn(5, 2)}
