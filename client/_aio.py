@@ -162,6 +162,8 @@ class AsyncGradientClient:
                 timeout=remaining,
                 metadata=self.connection.metadata,
             )
+            statuses = ServerStatus()
+            call.add_done_callback(statuses.record)
             try:
                 async for response in call:
                     assembler.add(response)
@@ -171,9 +173,10 @@ class AsyncGradientClient:
                         # Off the event loop: other jobs keep moving.
                         await asyncio.to_thread(assembler.prefault)
                 return assembler.result()
-            except grpc.RpcError as e:
+            except grpc.RpcError as error:
                 if upload.error is not None:
                     raise upload.error from None
+                e = statuses.genuine(error)
                 delay = self.retry.delay(attempt, e, deadline, first_attempt_at)
                 if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
@@ -207,3 +210,51 @@ class AsyncGradientClient:
                     return e
 
         return list(await asyncio.gather(*(one(item) for item in built)))
+
+
+CORE_INTERNAL_DETAILS = "Internal error from Core"
+
+
+class ServerStatus:
+    """The status the server ended a call with, kept from being replaced.
+
+    When a server ends a stream while the client is still sending (a job refused from its
+    header: over the limits, busy, malformed), grpc.aio's write that fails after the
+    server's status arrived replaces that status with INTERNAL "Internal error from Core"
+    (grpc/grpc#36066). The sync API reports the server's status; so does this client, from
+    the status its done callback saw first, so that busy refusals are retried and errors
+    name their cause."""
+
+    def __init__(self) -> None:
+        self.seen: list[grpc.aio.AioRpcError] = []
+
+    def record(self, call: grpc.aio.Call) -> None:
+        # Called as the status is set, so these coroutines finish without suspending.
+        code, details, trailing = (
+            _finished(call.code()), _finished(call.details()), _finished(call.trailing_metadata())
+        )  # fmt: skip
+        if code is not None:
+            self.seen.append(
+                grpc.aio.AioRpcError(
+                    code, grpc.aio.Metadata(), trailing or grpc.aio.Metadata(), details
+                )
+            )
+
+    def genuine(self, error: grpc.RpcError) -> grpc.RpcError:
+        """`error`, or the server's own status where grpc.aio replaced it."""
+        if error.code() != grpc.StatusCode.INTERNAL or error.details() != CORE_INTERNAL_DETAILS:
+            return error
+        for status in self.seen:
+            if status.details() != CORE_INTERNAL_DETAILS:
+                return status
+        return error
+
+
+def _finished(coroutine):
+    """The value of a coroutine that completes without suspending, else None."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    return None

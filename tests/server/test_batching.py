@@ -400,6 +400,42 @@ def test_a_refused_job_retries_as_soon_as_a_sibling_job_ends(asynchronous):
     assert waited < 15  # without the wake-up: a back-off drawn from up to 100 s
 
 
+def test_async_client_sees_the_servers_refusal_of_a_job_it_is_still_uploading():
+    """A job of many messages refused from its header while the client still sends: the
+    async client gets the server's status, not grpc.aio's INTERNAL "Internal error from
+    Core" (grpc/grpc#36066), so a busy refusal is retried until the slot frees and a
+    malformed job names its field."""
+    big = random_job([64, 64, 8], 64, 4000, seed=3)  # ~2 MiB of inputs: several messages
+    big_args = (params_of(big), big["inputs"].numpy(), big["targets"].numpy())
+    tensors = random_job(SIZES, 1, 4, seed=0)
+    with run_server("--max-queued-jobs", "1") as server:
+
+        async def busy_then_free():
+            async with AsyncGradientClient(server.address, timeout=60, chunk_bytes=1 << 16) as c:
+                with GradientClient(server.address, retry=NO_RETRIES) as holder_client:
+                    with slot_held(holder_client, tensors, server.address):
+                        waiting = asyncio.ensure_future(c.compute(*big_args))
+                        await asyncio.sleep(1.0)
+                        assert not waiting.done(), waiting.exception()
+                return await waiting
+
+        assert asyncio.run(busy_then_free()).loss.shape == (64,)
+
+        async def malformed():
+            wrong = (big_args[0], big["inputs"].numpy()[:, :, :63], big_args[2])
+            async with AsyncGradientClient(server.address, chunk_bytes=1 << 16) as c:
+                errors = []
+                for _ in range(5):
+                    with pytest.raises(GradserveError) as err:
+                        await c.compute(*wrong)
+                    errors.append(err.value)
+                return errors
+
+        for error in asyncio.run(malformed()):
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error.details
+            assert error.violations, error.details
+
+
 def test_a_job_over_the_servers_limits_is_not_retried():
     """A job that holds more bytes than the server admits in all can never run there: its
     RESOURCE_EXHAUSTED carries a pushback of -1, and the client does not retry it."""
