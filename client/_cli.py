@@ -32,18 +32,43 @@ OPTION_TYPES = {
 }  # fmt: skip
 
 
+# Keys of a job file's JSON description: the architecture's layer_sizes (the tensors say
+# them too) and the compute() options that are plain values.
+JOB_FILE_OPTIONS = OPTION_NAMES - {"optimizer_state", "on_step", "on_progress"}
+SAMPLE_TENSORS = ("inputs", "targets", "sample_weights")
+
+
 def _checked_job_options(path: str, job: dict) -> dict:
-    """The job file's options, each of its JSON type (a float option may be written 1)."""
+    """The job file's options, each of its JSON type (a float option may be written 1). A
+    key that is none (a misspelt "reducton") is refused rather than silently dropped."""
     options = {}
     for name, value in job.items():
-        if name not in OPTION_NAMES or name in ("optimizer_state", "on_step", "on_progress"):
-            continue
+        if name == "layer_sizes":
+            continue  # checked against the tensors: _check_layer_sizes
+        if name not in JOB_FILE_OPTIONS:
+            raise ValueError(
+                f"{path}: unknown job key {name!r}; known: "
+                f"{', '.join(sorted(JOB_FILE_OPTIONS | {'layer_sizes'}))}"
+            )
         want = OPTION_TYPES[name]
         want = NUMBER if want is float else want
         if isinstance(value, bool) and want is not bool or not isinstance(value, want):
             raise ValueError(f"{path}: option {name!r} has the wrong type: {value!r}")
         options[name] = value
     return options
+
+
+def _check_layer_sizes(path: str, sizes, params: dict) -> None:
+    """A job file's layer_sizes, where given, must be the ones its weights have."""
+    if sizes is None:
+        return
+    count = sum(1 for name in params if name.endswith(".weight"))
+    weights = [params.get(f"layers.{i}.weight") for i in range(count)]
+    if not weights or any(w is None or w.ndim != 3 for w in weights):
+        return  # the client names what is wrong with the parameters themselves
+    actual = [int(weights[0].shape[2])] + [int(w.shape[1]) for w in weights]
+    if sizes != actual:
+        raise ValueError(f"{path}: layer_sizes {sizes} disagree with the weights' {actual}")
 
 
 def connect(args) -> GradientClient:
@@ -65,6 +90,13 @@ def _compute(args) -> int:
     # A job file may carry optimiser state ("layers.0.weight.exp_avg") to continue from.
     params = {k: v for k, v in tensors.items() if is_parameter(k)}
     state = {k: v for k, v in tensors.items() if k.startswith("layers.") and k not in params}
+    unknown = sorted(set(tensors) - set(params) - set(state) - set(SAMPLE_TENSORS))
+    if unknown:  # a misspelt "sample_weight" would otherwise be left out of the job
+        raise ValueError(
+            f"{args.job}: unknown tensor(s) {', '.join(map(repr, unknown))}; a job file holds "
+            "layers.{i}.weight / .bias, optimiser state, inputs, targets and sample_weights"
+        )
+    _check_layer_sizes(args.job, job.get("layer_sizes"), params)
     if state:
         options["optimizer_state"] = state
     if options.get("optimizer") and not args.json:

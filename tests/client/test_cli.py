@@ -1,6 +1,7 @@
 """The gradserve-client CLI against a real server, run as a real subprocess."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -347,6 +348,33 @@ def test_job_file_options_of_the_wrong_type_are_named(tmp_path, job):
     out = cli("--address", "127.0.0.1:1", "compute", str(path), check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert f"option {next(iter(reversed(job)))!r} has the wrong type" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "job, extra, message",
+    [
+        ({"reducton": "sum"}, {}, "unknown job key 'reducton'"),
+        ({"layer_sizes": [3, 1]}, {}, r"layer_sizes \[3, 1\] disagree with the weights' \[2, 1\]"),
+        ({}, {"sample_weight": np.ones(3, np.float32)}, "unknown tensor.s. 'sample_weight'"),
+    ],
+)
+def test_job_file_parts_the_job_would_drop_are_refused(tmp_path, job, extra, message):
+    """A misspelt key or tensor, or layer sizes the weights contradict, would be left out of
+    the job that runs: refused before any connection (the address leads nowhere)."""
+    from gradserve.client._jobfile import save_job
+
+    tensors = {
+        "layers.0.weight": np.ones((1, 1, 2), np.float32),
+        "layers.0.bias": np.zeros((1, 1), np.float32),
+        "inputs": np.ones((3, 2), np.float32),
+        "targets": np.ones((3, 1), np.float32),
+    }
+    path = tmp_path / "job.safetensors"
+    save_job(str(path), {**tensors, **extra}, job)
+    out = cli("--address", "127.0.0.1:1", "compute", str(path), check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert re.search(message, out.stderr), out.stderr
+    assert "UNAVAILABLE" not in out.stderr
 
 
 def test_ctrl_c_ends_a_waiting_compute_with_a_message_not_a_traceback(tmp_path):
