@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -27,10 +27,9 @@ from gradserve.client._job import (
     JobOptions,
     ResultAssembler,
     Upload,
-    WireJob,
     build_job,
 )
-from gradserve.client._many import built_jobs, check_max_in_flight
+from gradserve.client._many import check_max_in_flight, checked_jobs
 from gradserve.client._models import normalize
 from gradserve.client._sharding import merge_results, sharded_jobs
 from gradserve.v1 import gradserve_pb2 as pb
@@ -199,17 +198,17 @@ class AsyncGradientClient:
         """Run many jobs concurrently (at most `max_in_flight` at once); see
         GradientClient.compute_many."""
         check_max_in_flight(max_in_flight)
-        built = built_jobs(jobs)
+        checked = checked_jobs(jobs)
         gate = asyncio.Semaphore(max_in_flight)
 
-        async def one(item: tuple[WireJob, float | None]) -> ComputeResult | GradserveError:
+        async def one(job: Mapping[str, Any]) -> ComputeResult | GradserveError:
             async with gate:
                 try:
-                    return await self._run(*item)
+                    return await self.compute(**job)
                 except GradserveError as e:
                     return e
 
-        return list(await asyncio.gather(*(one(item) for item in built)))
+        return list(await asyncio.gather(*(one(job) for job in checked)))
 
 
 CORE_INTERNAL_DETAILS = "Internal error from Core"

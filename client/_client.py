@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,10 +27,9 @@ from gradserve.client._job import (
     JobOptions,
     ResultAssembler,
     Upload,
-    WireJob,
     build_job,
 )
-from gradserve.client._many import built_jobs, check_max_in_flight
+from gradserve.client._many import check_max_in_flight, checked_jobs
 from gradserve.client._models import normalize
 from gradserve.client._sharding import merge_results, sharded_jobs
 from gradserve.v1 import gradserve_pb2 as pb
@@ -237,13 +236,13 @@ class GradientClient:
         job is checked before any is sent: one the client itself refuses (ValueError,
         TypeError) raises, naming its position, and none runs."""
         check_max_in_flight(max_in_flight)
-        built = built_jobs(jobs)
+        checked = checked_jobs(jobs)
 
-        def one(item: tuple[WireJob, float | None]) -> ComputeResult | GradserveError:
+        def one(job: Mapping[str, Any]) -> ComputeResult | GradserveError:
             try:
-                return self._run(*item)
+                return self.compute(**job)
             except GradserveError as e:
                 return e
 
         with ThreadPoolExecutor(max_workers=max_in_flight) as pool:
-            return list(pool.map(one, built))
+            return list(pool.map(one, checked))

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gradserve.client._connection import call_timeout
-from gradserve.client._job import JobOptions, WireJob, build_job
+from gradserve.client._job import JobOptions, build_job
 from gradserve.client._models import normalize
 
 REQUIRED = ("model", "inputs", "targets")
@@ -22,10 +22,12 @@ def check_max_in_flight(max_in_flight: int) -> None:
         raise ValueError(f"max_in_flight must be a whole number >= 1, got {max_in_flight!r}")
 
 
-def built_jobs(jobs: Iterable[Mapping[str, Any]]) -> list[tuple[WireJob, float | None]]:
-    """Each job (a dict of compute() arguments) as a wire job and its own timeout."""
-    built = []
-    for i, job in enumerate(jobs):
+def checked_jobs(jobs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The jobs (dicts of compute() arguments), each built once to check it. The wire jobs
+    are dropped again: a job converts what it must (a transposed tensor, a list) as it is
+    built, and jobs sharing one such input would each hold a copy if all were kept."""
+    checked = list(jobs)
+    for i, job in enumerate(checked):
         if not isinstance(job, Mapping):
             raise TypeError(
                 f"job {i}: compute_many takes dicts of compute() arguments "
@@ -36,14 +38,12 @@ def built_jobs(jobs: Iterable[Mapping[str, Any]]) -> list[tuple[WireJob, float |
             raise TypeError(f"job {i}: missing compute() argument(s) {', '.join(missing)}")
         options = {k: v for k, v in job.items() if k not in REQUIRED}
         sample_weights = options.pop("sample_weights", None)
-        timeout = options.pop("timeout", None)
         try:
-            call_timeout(timeout, None)
-            wire_job = build_job(
+            call_timeout(options.pop("timeout", None), None)
+            build_job(
                 normalize(job["model"]), job["inputs"], job["targets"], sample_weights,
                 JobOptions(**options),
             )  # fmt: skip
         except (TypeError, ValueError) as e:
             raise type(e)(f"job {i}: {e}") from e
-        built.append((wire_job, timeout))
-    return built
+    return checked
