@@ -200,7 +200,7 @@ def _readable(name: str, value) -> str:
         unit, size = ("GiB", 1 << 30) if value >= 1 << 30 else ("MiB", 1 << 20)
         return f"{value} ({value / size:g} {unit})"
     if name.endswith("seconds"):
-        return f"{value * 1000:g} ms"
+        return f"{value:g} s" if value >= 1 else f"{value * 1000:g} ms"
     return str(value)
 
 

@@ -201,6 +201,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 max_queued_jobs=c.max_queued_jobs,
                 max_inflight_bytes=c.max_inflight_bytes,
                 max_optimizer_steps=c.max_optimizer_steps,
+                max_work_bytes=c.max_work_bytes,
+                upload_idle_timeout_seconds=c.upload_idle_timeout_s,
             ),
             batching=pb.BatchingPolicy(
                 max_delay_seconds=policy.max_delay_s,

@@ -192,6 +192,9 @@ def test_info_json_lists_engines_and_limits(server):
     assert "cross_entropy" in info["losses"] and "gelu" in info["activations"]
     assert info["limits"]["default_chunk_bytes"] == 1 << 20
     assert info["limits"]["max_optimizer_steps"] == 100_000
+    # what a job may need beside its tensors, and how long its upload may stall
+    assert info["limits"]["max_work_bytes"] == 8 << 30
+    assert info["limits"]["upload_idle_timeout_seconds"] == 60
     assert info["batching"]["max_jobs"] == 256 and "float32" in info["dtypes"]
     assert info["stats"]["inflight_jobs"] == 0
 
@@ -201,6 +204,7 @@ def test_info_text_is_for_people(server):
     assert lines[0].startswith("gradserve ") and lines[1].startswith("engine torch on cpu: ")
     assert "  max_job_bytes          2147483648 (2 GiB)" in lines
     assert "  max_delay_seconds      2 ms" in lines
+    assert "  upload_idle_timeout_seconds 60 s" in lines
 
 
 def test_health_exit_codes(server):
