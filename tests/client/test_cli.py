@@ -381,6 +381,16 @@ def test_job_file_parts_the_job_would_drop_are_refused(tmp_path, job, extra, mes
     assert "UNAVAILABLE" not in out.stderr
 
 
+def test_results_are_not_written_over_the_job_file(tmp_path):
+    cli("example", str(tmp_path))
+    job = next(tmp_path.glob("notebook-*.safetensors"))
+    before = job.read_bytes()
+    for out_path in (job, tmp_path / "." / job.name):
+        out = cli("--address", "127.0.0.1:1", "compute", str(job), str(out_path), check=False)
+        assert out.returncode != 0 and "would overwrite the job file" in out.stderr
+    assert job.read_bytes() == before
+
+
 def test_ctrl_c_ends_a_waiting_compute_with_a_message_not_a_traceback(tmp_path):
     """The "server" accepts connections and never answers, so the job waits until the
     interrupt."""
