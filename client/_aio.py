@@ -14,6 +14,7 @@ import grpc
 from gradserve.client import _health
 from gradserve.client._connection import (
     Connection,
+    Failover,
     RetryPolicy,
     busy_refusal,
     call_timeout,
@@ -68,7 +69,7 @@ class AsyncGradientClient:
         self._channel = self._channels[0]
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._computes = [compute_callable(c) for c in self._channels]
-        self._next = itertools.count()
+        self._failover = Failover(len(self._computes))
         self._job_ended = asyncio.Condition()  # as in GradientClient
 
     async def __aenter__(self) -> AsyncGradientClient:
@@ -149,9 +150,9 @@ class AsyncGradientClient:
         timeout = call_timeout(timeout, self.timeout)
         first_attempt_at = time.monotonic()
         deadline = None if timeout is None else first_attempt_at + timeout
-        start = next(self._next) if first is None else first
+        index = self._failover.first(first)
         for attempt in itertools.count():
-            compute = self._computes[(start + attempt) % len(self._computes)]
+            compute = self._computes[index]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
             sent = asyncio.Event()  # gRPC takes the requests on this event loop
@@ -171,12 +172,15 @@ class AsyncGradientClient:
                         await sent.wait()
                         # Off the event loop: other jobs keep moving.
                         await asyncio.to_thread(assembler.prefault)
-                return assembler.result()
+                result = assembler.result()
+                self._failover.answered(index)
+                return result
             except grpc.RpcError as error:
                 if upload.error is not None:
                     raise upload.error from None
                 e = statuses.genuine(error)
                 delay = self.retry.delay(attempt, e, deadline, first_attempt_at)
+                index, delay = self._failover.after(index, e, delay)
                 if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
                 busy = busy_refusal(e)

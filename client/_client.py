@@ -14,6 +14,7 @@ import grpc
 from gradserve.client import _health
 from gradserve.client._connection import (
     Connection,
+    Failover,
     RetryPolicy,
     busy_refusal,
     call_timeout,
@@ -86,7 +87,7 @@ class GradientClient:
         self._channel = self._channels[0]
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._computes = [compute_callable(c) for c in self._channels]
-        self._next = itertools.count()
+        self._failover = Failover(len(self._computes))
         # Notified as each job of this client ends: a job refused by a busy server retries
         # then rather than after its whole back-off, as its own siblings (compute_many)
         # are often what holds the room.
@@ -191,9 +192,9 @@ class GradientClient:
         timeout = call_timeout(timeout, self.timeout)
         first_attempt_at = time.monotonic()
         deadline = None if timeout is None else first_attempt_at + timeout
-        start = next(self._next) if first is None else first
+        index = self._failover.first(first)
         for attempt in itertools.count():
-            compute = self._computes[(start + attempt) % len(self._computes)]
+            compute = self._computes[index]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
             sent = threading.Event()
@@ -210,11 +211,14 @@ class GradientClient:
                         call.add_done_callback(lambda _, event=sent: event.set())  # on failure too
                         sent.wait()
                         assembler.prefault()
-                return assembler.result()
+                result = assembler.result()
+                self._failover.answered(index)
+                return result
             except grpc.RpcError as e:
                 if upload.error is not None:
                     raise upload.error from None
                 delay = self.retry.delay(attempt, e, deadline, first_attempt_at)
+                index, delay = self._failover.after(index, e, delay)
                 if delay is None:
                     raise GradserveError.from_rpc_error(e) from None
                 busy = busy_refusal(e)

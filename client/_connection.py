@@ -3,6 +3,7 @@ addresses (round-robin), TLS, bearer tokens, and the retry policy."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass, field
@@ -132,6 +133,58 @@ def _pushback_s(error: grpc.RpcError) -> float | None:
 
 
 NO_RETRIES = RetryPolicy(max_attempts=1, busy_retry_s=0)
+
+# How long an address whose server did not answer (UNAVAILABLE: down, unreachable,
+# draining) is passed over when a job picks where to go. Short, so that a server back up
+# gets jobs again within about a second.
+DOWN_FOR_S = 1.0
+
+
+class Failover:
+    """Where a client's jobs go among its addresses: round-robin, passing over one whose
+    last attempt got UNAVAILABLE within DOWN_FOR_S while another is not known to be down,
+    and moving a job that got UNAVAILABLE to the next address at once (without back-off)
+    when that one is not known to be down. Back-off is for retrying a server that failed,
+    not for trying another one; with every address down, jobs back off as before. Plain
+    float stores: safe to share between threads and tasks."""
+
+    def __init__(self, count: int):
+        self.down_until = [0.0] * count
+        self._turn = itertools.count()
+
+    def first(self, pinned: int | None = None) -> int:
+        """The first attempt's address: the round-robin turn (or `pinned`, a shard's own),
+        or the next one after it that is not known to be down."""
+        start = next(self._turn) if pinned is None else pinned
+        return self._next_up(start % len(self.down_until), skip_self=False)
+
+    def after(
+        self, index: int, error: grpc.RpcError, delay: float | None
+    ) -> tuple[int, float | None]:
+        """The next attempt's address and wait, after `error` on `index`'s attempt and the
+        retry policy's `delay` (None: no retry, which stays so)."""
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            self.answered(index)  # a server answered, if only to refuse
+            return (index + 1) % len(self.down_until), delay
+        self.down_until[index] = time.monotonic() + DOWN_FOR_S
+        following = self._next_up(index, skip_self=True)
+        if delay is not None and following != index and not self.is_down(following):
+            return following, 0.0
+        return following, delay
+
+    def answered(self, index: int) -> None:
+        self.down_until[index] = 0.0
+
+    def is_down(self, index: int) -> bool:
+        return self.down_until[index] > time.monotonic()
+
+    def _next_up(self, index: int, skip_self: bool) -> int:
+        count = len(self.down_until)
+        for step in range(1 if skip_self else 0, count + 1):
+            candidate = (index + step) % count
+            if not self.is_down(candidate):
+                return candidate
+        return (index + 1) % count if skip_self else index
 
 
 @dataclass
