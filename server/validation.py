@@ -518,8 +518,17 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             raise invalid(f"tensor {name!r} is missing", f"tensors[{name}]")
         got = declared[name]
         if got.dtype not in dtypes:
+            allowed = ", ".join(sorted(pb.DataType.Name(d) for d in dtypes))
+            why = ""
+            if name == "targets":
+                why = (
+                    ": cross_entropy takes class indices"
+                    if loss.name == "cross_entropy"
+                    else f": {loss.name} takes floating-point targets"
+                )
             raise invalid(
-                f"tensor {name!r} has dtype {pb.DataType.Name(got.dtype)}, not allowed",
+                f"tensor {name!r} has dtype {pb.DataType.Name(got.dtype)}{why}; allowed: "
+                f"{allowed}",
                 f"tensors[{name}].dtype",
             )
         got_shape = tuple(got.shape)

@@ -2,6 +2,7 @@
 
 import asyncio
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -343,3 +344,22 @@ def test_options_the_job_would_not_honour_are_refused_before_sending(options, me
     with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
         with pytest.raises(ValueError, match=message):
             dead.compute(net, torch.randn(4, 3), torch.randn(4, 2), **options)
+
+
+@pytest.mark.parametrize(
+    "loss, targets, message",
+    [
+        # one-hot or probability targets, as torch's CrossEntropyLoss also takes
+        ("cross_entropy", np.full((5, 4), 0.25, np.float32), "cross_entropy takes class indices"),
+        ("mse", np.arange(20).reshape(5, 4), "mse takes floating-point targets"),
+    ],
+)
+def test_targets_of_the_wrong_kind_for_the_loss_are_explained(client, loss, targets, message):
+    params = {
+        "layers.0.weight": np.ones((2, 4, 3), np.float32),
+        "layers.0.bias": np.zeros((2, 4), np.float32),
+    }
+    with pytest.raises(GradserveError) as err:
+        client.compute(params, np.ones((5, 3), np.float32), targets, loss=loss)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details and "allowed: DATA_TYPE_" in err.value.details
