@@ -32,7 +32,7 @@ from gradserve.client._job import (
 )
 from gradserve.client._many import check_max_in_flight, checked_jobs
 from gradserve.client._models import normalize
-from gradserve.client._sharding import merge_results, sharded_jobs
+from gradserve.client._sharding import merge_results, shard_count, sharded_jobs
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -126,9 +126,8 @@ class AsyncGradientClient:
         **options: Any,
     ) -> ComputeResult:
         """See GradientClient.compute_sharded."""
-        ensemble, jobs = sharded_jobs(
-            model, inputs, targets, sample_weights, shards or len(self._computes), options
-        )
+        count = shard_count(shards, len(self._computes))
+        ensemble, jobs = sharded_jobs(model, inputs, targets, sample_weights, count, options)
         parts = await asyncio.gather(*(self._run(j, timeout, first=i) for i, j in enumerate(jobs)))
         return merge_results(ensemble, list(parts))
 

@@ -32,7 +32,7 @@ from gradserve.client._job import (
 )
 from gradserve.client._many import check_max_in_flight, checked_jobs
 from gradserve.client._models import normalize
-from gradserve.client._sharding import merge_results, sharded_jobs
+from gradserve.client._sharding import merge_results, shard_count, sharded_jobs
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -171,9 +171,8 @@ class GradientClient:
         (default: one per server address) that run on different servers at once; the
         results are merged back in order, equal to an unsharded run (DP noise excepted: each
         shard draws its own)."""
-        ensemble, jobs = sharded_jobs(
-            model, inputs, targets, sample_weights, shards or len(self._computes), options
-        )
+        count = shard_count(shards, len(self._computes))
+        ensemble, jobs = sharded_jobs(model, inputs, targets, sample_weights, count, options)
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             parts = list(pool.map(lambda i: self._run(jobs[i], timeout, first=i),
                                   range(len(jobs))))  # fmt: skip

@@ -30,6 +30,15 @@ def sharded_jobs(model, inputs, targets, sample_weights, shards: int,
     return ensemble, jobs
 
 
+def shard_count(shards: int | None, addresses: int) -> int:
+    """compute_sharded's `shards`: one per address unless given, and then at least 1."""
+    if shards is None:
+        return addresses
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be a whole number >= 1 (or None), got {shards!r}")
+    return shards
+
+
 def shard_bounds(num_models: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous [begin, end) model ranges of near-equal size, none empty."""
     shards = max(1, min(shards, num_models))

@@ -81,6 +81,17 @@ def test_shard_bounds_cover_every_model_once():
         assert all(b1 == a2 for (_, b1), (a2, _) in zip(bounds, bounds[1:], strict=False))
 
 
+@pytest.mark.parametrize("shards", [0, -1, 1.5, True])
+def test_a_shard_count_below_one_is_refused(shards):
+    """0 was taken for "one per address" and -1 for one shard; no connection is needed."""
+    params = {"layers.0.weight": np.ones((4, 2, 3), np.float32),
+              "layers.0.bias": np.zeros((4, 2), np.float32)}  # fmt: skip
+    with GradientClient("127.0.0.1:1") as client:
+        with pytest.raises(ValueError, match="shards must be"):
+            client.compute_sharded(params, np.ones((5, 3), np.float32),
+                                   np.ones((5, 2), np.float32), shards=shards)  # fmt: skip
+
+
 def test_sharded_training_equals_unsharded_and_continues_from_sharded_state(two_servers):
     t = random_job(SIZES, 5, 11, shared_inputs=True, seed=6)
     params = {k: v.numpy() for k, v in t.items() if k.startswith("layers.")}
