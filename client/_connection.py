@@ -40,6 +40,15 @@ def check_settings(timeout: float | None, chunk_bytes: int) -> None:
         )
 
 
+# While calls are in flight, ping the server this often and drop the connection when a ping
+# goes unanswered this long: a job on a server that stopped answering (a hung or unplugged
+# host) then fails UNAVAILABLE, and is retried elsewhere, instead of waiting forever (a
+# dead peer sends no reset; TCP notices after hours). gradserve servers accept pings down
+# to one a second during calls.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -47,6 +56,14 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         # An address that resolves to several servers (dns:///a-headless-service:50051)
         # spreads jobs over all of them; one server: the same as the default pick_first.
         ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # gRPC core waits this long for any ping's answer (default 60 s), whatever the
+        # keepalive timeout says (grpc/grpc#34647).
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # gRPC would stop pinging after two pings while the server sends nothing (a job
+        # computing): keep pinging.
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 

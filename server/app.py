@@ -40,6 +40,16 @@ async def serve(config: ServerConfig) -> None:
         # gRPC binds with SO_REUSEPORT by default: a second server started on a port in use
         # would share it silently, the kernel dealing connections between the two.
         ("grpc.so_reuseport", 0),
+        # Clients ping during calls to notice a server that stopped answering (a hung or
+        # unplugged host); a job computing or queued sends nothing for a while, and gRPC's
+        # default would count such pings as abuse (more often than every 5 minutes) and
+        # close the connection, failing the job. One a second is no load.
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+        # ...and the server pings clients, so the jobs of one that vanished end (and free
+        # their memory) within about a minute and a half rather than TCP's hours.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.ping_timeout_ms", 20_000),  # else 60 s, whatever the keepalive timeout
     ]
     if config.max_connection_age_s > 0:
         age_ms = int(config.max_connection_age_s * 1000)

@@ -527,8 +527,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
                     else f": {loss.name} takes floating-point targets"
                 )
             raise invalid(
-                f"tensor {name!r} has dtype {pb.DataType.Name(got.dtype)}{why}; allowed: "
-                f"{allowed}",
+                f"tensor {name!r} has dtype {pb.DataType.Name(got.dtype)}{why}; allowed: {allowed}",
                 f"tensors[{name}].dtype",
             )
         got_shape = tuple(got.shape)

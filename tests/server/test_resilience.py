@@ -173,3 +173,85 @@ def test_cancel_mid_download_leaks_nothing(server):
         assert len(received) == 2
         call.cancel()
     wait_idle(server.address)
+
+
+def _params(tensors):
+    return {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+
+
+def test_a_job_on_a_server_that_stopped_answering_moves_to_a_live_one(monkeypatch):
+    """The first server is frozen (SIGSTOP: a hung host sends no reset) while it trains a
+    job; the client's keepalive pings go unanswered, the connection drops and the job is
+    retried on the second server. Without pings the job would wait forever."""
+    import os
+    import signal
+
+    from gradserve.client import _connection
+
+    monkeypatch.setattr(_connection, "KEEPALIVE_TIME_MS", 1000)
+    monkeypatch.setattr(_connection, "KEEPALIVE_TIMEOUT_MS", 1000)
+    tensors = random_job([8, 32, 32, 1], 16, 512, shared_inputs=True, seed=41)
+    args = (_params(tensors), tensors["inputs"].numpy(), tensors["targets"].numpy())
+    training = dict(optimizer="sgd", learning_rate=0.01, steps=300)
+    with run_server() as frozen, run_server() as live:
+        outcome = {}
+
+        def job():
+            with GradientClient([frozen.address, live.address]) as client:
+                try:
+                    outcome["result"] = client.compute(*args, **training)
+                except Exception as e:  # noqa: BLE001 - reported below
+                    outcome["error"] = e
+
+        with GradientClient(frozen.address) as watcher:
+            thread = threading.Thread(target=job, daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 20
+            while watcher.server_info().stats.inflight_jobs < 1:
+                assert time.monotonic() < deadline, "the job never reached the first server"
+                time.sleep(0.01)
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            thread.join(timeout=60)
+            assert not thread.is_alive(), "the job still waits on the frozen server"
+            assert time.monotonic() - started < 30
+        finally:
+            os.kill(frozen.process.pid, signal.SIGCONT)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].losses.shape == (300, 16)
+
+
+def test_client_pings_do_not_end_a_job_the_server_is_silent_on(monkeypatch):
+    """A job queued behind a long one gets nothing from the server for seconds while its
+    client pings every 1.2 s. The server accepts the pings: gRPC's default takes pings more
+    often than every 5 minutes, while it sends nothing, for abuse and closes the connection
+    at the third ("too_many_pings"), failing the job."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradserve.client import NO_RETRIES, GradserveError, _connection
+
+    slow = random_job([8, 32, 32, 1], 16, 512, shared_inputs=True, seed=42)
+    quick = random_job([8, 32, 32, 1], 16, 512, shared_inputs=True, seed=43)
+    with run_server("--batch-max-jobs", "1") as server:
+        with GradientClient(server.address) as first, ThreadPoolExecutor() as pool:
+            # far more steps than 6 s allow: its deadline ends it, and the engine is free
+            holder = pool.submit(
+                first.compute, _params(slow), slow["inputs"].numpy(), slow["targets"].numpy(),
+                optimizer="sgd", learning_rate=0.01, steps=100_000, timeout=6,
+            )  # fmt: skip
+            deadline = time.monotonic() + 20
+            while first.server_info().stats.inflight_jobs < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            monkeypatch.setattr(_connection, "KEEPALIVE_TIME_MS", 1200)
+            started = time.monotonic()
+            with GradientClient(server.address, retry=NO_RETRIES) as pinging:
+                result = pinging.compute(
+                    _params(quick), quick["inputs"].numpy(), quick["targets"].numpy()
+                )
+            waited = time.monotonic() - started
+            with pytest.raises(GradserveError):
+                holder.result(timeout=60)
+    assert result.loss.shape == (16,)
+    assert waited > 4  # queued long enough for three pings
