@@ -47,6 +47,10 @@ def check_settings(timeout: float | None, chunk_bytes: int) -> None:
 # to one a second during calls.
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 20_000
+# A new connection (TCP, TLS, HTTP/2 settings) must be up within this, else the address
+# counts as down and the job moves on: a frozen server's kernel still accepts TCP
+# connections that then never answer, and gRPC's default waits 20 s on one.
+CONNECT_TIMEOUT_MS = 5_000
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
@@ -64,6 +68,8 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         # gRPC would stop pinging after two pings while the server sends nothing (a job
         # computing): keep pinging.
         ("grpc.http2.max_pings_without_data", 0),
+        # gRPC core's least connect timeout (named for the reconnect back-off it bounds).
+        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
     ]
 
 

@@ -222,6 +222,30 @@ def test_a_job_on_a_server_that_stopped_answering_moves_to_a_live_one(monkeypatc
     assert outcome["result"].losses.shape == (300, 16)
 
 
+def test_a_new_client_passes_over_a_frozen_server_it_cannot_connect_to(monkeypatch):
+    """A frozen server's kernel still completes TCP handshakes, but no HTTP/2 follows: the
+    connection attempt times out (1 s here) and the job runs on the live server."""
+    import os
+    import signal
+
+    from gradserve.client import _connection
+
+    monkeypatch.setattr(_connection, "CONNECT_TIMEOUT_MS", 1000)
+    tensors = random_job([8, 32, 32, 1], 4, 64, shared_inputs=True, seed=44)
+    args = (_params(tensors), tensors["inputs"].numpy(), tensors["targets"].numpy())
+    with run_server() as frozen, run_server() as live:
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with GradientClient([frozen.address, live.address], timeout=60) as client:
+                result = client.compute(*args)
+            took = time.monotonic() - started
+        finally:
+            os.kill(frozen.process.pid, signal.SIGCONT)
+    assert result.loss.shape == (4,)
+    assert took < 10  # gRPC's default connect timeout alone is 20 s
+
+
 def test_client_pings_do_not_end_a_job_the_server_is_silent_on(monkeypatch):
     """A job queued behind a long one gets nothing from the server for seconds while its
     client pings every 1.2 s. The server accepts the pings: gRPC's default takes pings more
