@@ -52,11 +52,13 @@ async def serve(config: ServerConfig) -> None:
         ("grpc.http2.ping_timeout_ms", 20_000),  # else 60 s, whatever the keepalive timeout
     ]
     if config.max_connection_age_s > 0:
-        age_ms = int(config.max_connection_age_s * 1000)
-        # Streams in progress get as long again to finish before the connection closes.
+        # Past its age a connection takes no new streams (its client reconnects for the next
+        # job, re-resolving the address), but jobs in progress on it run to their end: a
+        # grace period would cut a long job (training) off at every attempt, as its retries
+        # start again from the beginning on a connection just as old at the same point.
         options += [
-            ("grpc.max_connection_age_ms", age_ms),
-            ("grpc.max_connection_age_grace_ms", age_ms),
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", 2**31 - 1),  # gRPC's "unlimited"
         ]
     server = grpc.aio.server(
         interceptors=[BearerTokenAuth(token)] if token else None, options=options

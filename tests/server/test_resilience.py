@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradserve.client import GradientClient
+from gradserve.client import NO_RETRIES, GradientClient
 from gradserve.client._loadgen import run_load
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
@@ -279,3 +279,19 @@ def test_client_pings_do_not_end_a_job_the_server_is_silent_on(monkeypatch):
                 holder.result(timeout=60)
     assert result.loss.shape == (16,)
     assert waited > 4  # queued long enough for three pings
+
+
+def test_a_job_outlasting_the_connection_age_runs_to_its_end():
+    """--max-connection-age-s closes connections so that clients re-resolve; a job longer
+    than the age (and than age + grace, were there one) still finishes on its connection,
+    and the next job goes over a new one."""
+    tensors = random_job([8, 32, 32, 1], 16, 512, shared_inputs=True, seed=45)
+    args = (_params(tensors), tensors["inputs"].numpy(), tensors["targets"].numpy())
+    with run_server("--max-connection-age-s", "0.5") as server:
+        with GradientClient(server.address, retry=NO_RETRIES, timeout=120) as client:
+            started = time.monotonic()
+            trained = client.compute(*args, optimizer="sgd", learning_rate=0.01, steps=2000)
+            took = time.monotonic() - started
+            again = client.compute(*args)
+    assert trained.losses.shape == (2000, 16) and again.loss.shape == (16,)
+    assert took > 1.0, f"the job took {took:.2f} s, not past age + grace"
