@@ -71,6 +71,7 @@ class AsyncGradientClient:
         self._computes = [compute_callable(c) for c in self._channels]
         self._failover = Failover(len(self._computes))
         self._job_ended = asyncio.Condition()  # as in GradientClient
+        self._closed = False
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -79,6 +80,7 @@ class AsyncGradientClient:
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         for channel in self._channels:
             await channel.close()
 
@@ -184,9 +186,15 @@ class AsyncGradientClient:
                     raise GradserveError.from_rpc_error(e) from None
                 busy = busy_refusal(e)
             except asyncio.CancelledError:
-                if upload.error is None:  # this task was cancelled
-                    raise
-                raise upload.error from None  # gRPC's answer to a failed request iterator
+                if upload.error is not None:  # gRPC's answer to a failed request iterator
+                    raise upload.error from None
+                if self._closed and not _task_cancelling():
+                    # grpc.aio cancels the calls of a closed channel: tell the caller, whose
+                    # own task was not cancelled, as the sync client does.
+                    raise GradserveError(
+                        grpc.StatusCode.CANCELLED, "the client was closed while the job ran"
+                    ) from None
+                raise  # this task was cancelled
             finally:
                 call.cancel()
             if busy:
@@ -250,6 +258,13 @@ class ServerStatus:
             if status.details() != CORE_INTERNAL_DETAILS:
                 return status
         return error
+
+
+def _task_cancelling() -> bool:
+    """Whether someone asked to cancel the current task (Python 3.11+ can tell)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
 
 
 def _finished(coroutine):

@@ -1,6 +1,7 @@
 """The client accepts each ensemble form and returns results in the same form and kind."""
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -363,3 +364,44 @@ def test_targets_of_the_wrong_kind_for_the_loss_are_explained(client, loss, targ
         client.compute(params, np.ones((5, 3), np.float32), targets, loss=loss)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details and "allowed: DATA_TYPE_" in err.value.details
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_closing_the_client_ends_its_running_jobs_with_cancelled(server, asynchronous):
+    """The job's caller gets GradserveError(CANCELLED), as from any failed job; the asyncio
+    client used to raise CancelledError into a task nobody had cancelled."""
+    import threading
+
+    net = make_net(4)
+    x, y = torch.randn(512, 3), torch.randn(512, 2)
+    training = dict(optimizer="sgd", learning_rate=0.01, steps=100_000)
+
+    async def run_async():
+        client = AsyncGradientClient(server.address)
+        job = asyncio.ensure_future(client.compute(net, x, y, **training))
+        await asyncio.sleep(0.5)
+        await client.close()
+        return await asyncio.wait_for(job, 30)
+
+    def run_sync():
+        client = GradientClient(server.address)
+        outcome = {}
+
+        def job():
+            try:
+                outcome["result"] = client.compute(net, x, y, **training)
+            except GradserveError as e:
+                outcome["error"] = e
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        time.sleep(0.5)
+        client.close()
+        thread.join(30)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("result")
+
+    with pytest.raises(GradserveError) as err:
+        asyncio.run(run_async()) if asynchronous else run_sync()
+    assert err.value.code == grpc.StatusCode.CANCELLED
