@@ -1,5 +1,6 @@
 """Connection settings shared by the sync and asyncio clients: channels to one or more
-addresses (round-robin), TLS, bearer tokens, and the retry policy."""
+addresses (round-robin, passing over those that do not answer), keepalive, TLS, bearer
+tokens, and the retry policy."""
 
 from __future__ import annotations
 
