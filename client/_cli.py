@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import fields
 
@@ -36,6 +37,8 @@ OPTION_TYPES = {
 # them too) and the compute() options that are plain values.
 JOB_FILE_OPTIONS = OPTION_NAMES - {"optimizer_state", "on_step", "on_progress"}
 SAMPLE_TENSORS = ("inputs", "targets", "sample_weights")
+# Optimiser state a job file may carry to continue training (torch.optim's names).
+OPTIMIZER_STATE = re.compile(r"layers\.\d+\.(weight|bias)\.(exp_avg|exp_avg_sq|momentum_buffer)")
 
 
 def _checked_job_options(path: str, job: dict) -> dict:
@@ -89,7 +92,7 @@ def _compute(args) -> int:
             options[key] = tuple(options[key])
     # A job file may carry optimiser state ("layers.0.weight.exp_avg") to continue from.
     params = {k: v for k, v in tensors.items() if is_parameter(k)}
-    state = {k: v for k, v in tensors.items() if k.startswith("layers.") and k not in params}
+    state = {k: v for k, v in tensors.items() if OPTIMIZER_STATE.fullmatch(k)}
     unknown = sorted(set(tensors) - set(params) - set(state) - set(SAMPLE_TENSORS))
     if unknown:  # a misspelt "sample_weight" would otherwise be left out of the job
         raise ValueError(

@@ -195,9 +195,12 @@ def check_options(opts: JobOptions) -> None:
     """Refuse options that the wire would carry as something other than what they say: a
     huber_delta of 0 is the wire's "default 1.0", and options of a feature the job does not
     use (training options without an optimizer, momentum for adam) would be ignored."""
-    delta = opts.huber_delta
-    if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0):
-        raise ValueError(f"huber_delta must be a positive finite number, got {delta!r}")
+    try:
+        delta = float(opts.huber_delta)
+    except (TypeError, ValueError):
+        delta = math.nan
+    if not (math.isfinite(delta) and delta > 0):
+        raise ValueError(f"huber_delta must be a positive finite number, got {opts.huber_delta!r}")
     if opts.noise_seed is not None and not 0 <= opts.noise_seed < 1 << 64:
         raise ValueError(f"noise_seed must be in [0, 2**64), got {opts.noise_seed}")
     if opts.optimizer is None:

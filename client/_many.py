@@ -7,6 +7,7 @@ Shared by the sync and asyncio clients.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,8 +19,19 @@ REQUIRED = ("model", "inputs", "targets")
 
 
 def check_max_in_flight(max_in_flight: int) -> None:
-    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+    if not whole_number(max_in_flight) or max_in_flight < 1:
         raise ValueError(f"max_in_flight must be a whole number >= 1, got {max_in_flight!r}")
+
+
+def whole_number(value) -> bool:
+    """An int or an integer-like (numpy's), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def checked_jobs(jobs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from gradserve.client._job import ComputeResult, JobOptions, WireJob, build_job, result_from_tensors
+from gradserve.client._many import whole_number
 from gradserve.client._models import Ensemble, as_array, normalize
 from gradserve.client._tensors import is_torch
 
@@ -34,7 +35,7 @@ def shard_count(shards: int | None, addresses: int) -> int:
     """compute_sharded's `shards`: one per address unless given, and then at least 1."""
     if shards is None:
         return addresses
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+    if not whole_number(shards) or shards < 1:
         raise ValueError(f"shards must be a whole number >= 1 (or None), got {shards!r}")
     return shards
 

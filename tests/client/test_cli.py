@@ -360,6 +360,7 @@ def test_job_file_options_of_the_wrong_type_are_named(tmp_path, job):
         ({"reducton": "sum"}, {}, "unknown job key 'reducton'"),
         ({"layer_sizes": [3, 1]}, {}, r"layer_sizes \[3, 1\] disagree with the weights' \[2, 1\]"),
         ({}, {"sample_weight": np.ones(3, np.float32)}, "unknown tensor.s. 'sample_weight'"),
+        ({}, {"layers.0.wieght": np.ones((1, 1, 2), np.float32)}, "'layers.0.wieght'"),
     ],
 )
 def test_job_file_parts_the_job_would_drop_are_refused(tmp_path, job, extra, message):

@@ -405,3 +405,17 @@ def test_closing_the_client_ends_its_running_jobs_with_cancelled(server, asynchr
     with pytest.raises(GradserveError) as err:
         asyncio.run(run_async()) if asynchronous else run_sync()
     assert err.value.code == grpc.StatusCode.CANCELLED
+
+
+def test_numpy_scalars_are_taken_for_numbers(client):
+    """Options computed with numpy (np.float32, np.int64) are accepted like Python's."""
+    net = make_net(5)
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    result = client.compute(net, x, y, loss="huber", huber_delta=np.float32(0.5))
+    net.zero_grad()
+    nn.functional.huber_loss(net(x), y, delta=0.5).backward()
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(result.gradients[k], p.grad, rtol=1e-5, atol=1e-6)
+    job = {"model": net, "inputs": x, "targets": y}
+    assert len(client.compute_many([job, job], max_in_flight=np.int64(2))) == 2
+    assert client.compute_sharded(net, x, y, shards=np.int64(1)).loss.shape == ()
