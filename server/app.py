@@ -30,6 +30,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT, an IPv6 host in brackets ([::1]:50051): gRPC reads "::1:50051" as
+    another address."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 async def serve(config: ServerConfig) -> None:
     device = resolve_device(config.device)
     keep_message_memory(config.chunk_bytes)
@@ -68,7 +76,7 @@ async def serve(config: ServerConfig) -> None:
     health = Health(server)
     enable_reflection(server)
     credentials = server_credentials(config)
-    address = f"{config.host}:{config.port}"
+    address = host_port(config.host, config.port)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -84,14 +92,13 @@ async def serve(config: ServerConfig) -> None:
         except OSError as e:
             raise SystemExit(f"--metrics-port {config.metrics_port}: {e}") from None
         if metrics_port is not None:
-            log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
+            log.info("metrics on http://%s/metrics", host_port(config.host, metrics_port))
     await service.start()  # engines warm before the port accepts a job
     await server.start()
     await health.set_serving(True)
     log.info(
-        "serving on %s:%d device=%s tls=%s auth=%s",
-        config.host,
-        port,
+        "serving on %s device=%s tls=%s auth=%s",
+        host_port(config.host, port),
         device,
         credentials is not None,
         "token" if token else "none",

@@ -199,3 +199,22 @@ def test_unusable_security_files_or_address_end_the_start_with_a_message(flags, 
     )  # fmt: skip
     assert done.returncode != 0
     assert named in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_ipv6_host_is_served():
+    """--host ::1 binds [::1]:PORT (written without brackets, gRPC took it for another
+    address and the start failed)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    tensors = random_job([3, 4, 2], 2, 5, seed=7)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    with run_server("--host", "::1") as server:
+        assert server.address.startswith("[::1]:")
+        with GradientClient(server.address) as client:
+            result = client.compute(params, tensors["inputs"].numpy(), tensors["targets"].numpy())
+    assert result.loss.shape == (2,)
