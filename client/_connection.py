@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,6 +212,10 @@ class Failover:
         return (index + 1) % count if skip_self else index
 
 
+# "::1:50051", "fe80::1": an IPv6 address without the brackets that set its port apart
+IPV6_UNBRACKETED = re.compile(r"[0-9a-fA-F:.]+")
+
+
 @dataclass
 class Connection:
     """How to reach the servers: addresses, TLS material, token."""
@@ -230,6 +235,11 @@ class Connection:
             raise ValueError("at least one server address is needed")
         if not all(isinstance(a, str) and a.strip() for a in addresses):
             raise ValueError(f"server addresses must be non-empty 'host:port' strings: {address!r}")
+        for a in addresses:
+            if a.count(":") > 1 and IPV6_UNBRACKETED.fullmatch(a):  # gRPC reads it otherwise
+                raise ValueError(
+                    f"server address {a!r}: write an IPv6 address in brackets, as '[::1]:50051'"
+                )
         material = (root_certificates, client_certificate, client_key)
         use_tls = bool(tls) or any(m is not None for m in material)
         return cls(addresses, token, use_tls, *(_read(m) for m in material))

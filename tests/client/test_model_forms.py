@@ -307,8 +307,10 @@ def test_unusable_client_settings_are_refused_at_construction(cls, settings):
 
 
 @pytest.mark.parametrize("cls", [GradientClient, AsyncGradientClient])
-@pytest.mark.parametrize("address", ["", [], ["127.0.0.1:1", " "], [None]])
-def test_missing_addresses_are_refused_at_construction(cls, address):
+@pytest.mark.parametrize(
+    "address", ["", [], ["127.0.0.1:1", " "], [None], "::1:50051", ["[::1]:1", "fe80::1"]]
+)
+def test_missing_or_unreadable_addresses_are_refused_at_construction(cls, address):
     with pytest.raises(ValueError, match="address"):
         cls(address)
 
