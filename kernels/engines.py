@@ -67,7 +67,10 @@ def select_engine(
         triton_ok = "triton" in engines and job_precision in engines["triton"]
         return "triton" if triton_ok and device.type == "cuda" else "torch"
     if backend not in engines:
-        raise EngineUnavailable(f"engine {backend!r} is not available on this server")
+        raise EngineUnavailable(
+            f"engine {backend!r} is not available on this server (device {device.type}; "
+            f"it has {', '.join(sorted(engines))}; the triton engine needs CUDA and Triton)"
+        )
     if job_precision not in engines[backend]:
         raise EngineUnavailable(f"engine {backend!r} does not run precision {job_precision!r}")
     return backend

@@ -30,11 +30,17 @@ def test_per_sample_norms_of_wide_networks_leave_triton():
         select_engine("triton", "float32", CUDA, True, (8, 200, 1))
 
 
-def test_a_forced_engine_refuses_what_it_cannot_run():
+def test_a_forced_engine_refuses_what_it_cannot_run(monkeypatch):
     with pytest.raises(EngineUnavailable, match="float64"):
         select_engine("triton", "float64", CUDA)
     with pytest.raises(EngineUnavailable, match="not available"):
         select_engine("jax", "float32", CPU)
+    # a server without Triton (the test run interprets it): the message says what it has
+    from gradserve.kernels import engines
+
+    monkeypatch.setattr(engines, "triton_available", lambda: False)
+    with pytest.raises(EngineUnavailable, match=r"device cpu; it has torch; .* needs CUDA"):
+        select_engine("triton", "float32", CPU)
 
 
 def test_models_beyond_32_bit_offsets_leave_triton():
