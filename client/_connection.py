@@ -80,8 +80,8 @@ class RetryPolicy:
     """Retries with exponential back-off and jitter for the status codes that mean "try
     again" (a server draining or restarting, a full queue). Jobs are pure functions of
     their inputs, so running one again is safe. A server's grpc-retry-pushback-ms trailer,
-    when present, is the least wait; a negative one (a job over the server's limits) means
-    no retry.
+    when present, is the wait instead (up to a quarter more, spread); a negative one (a job
+    over the server's limits) means no retry.
 
     A refusal with a pushback is a busy server shedding load, not a failing one: those are
     retried beyond max_attempts for up to `busy_retry_s` after the first attempt (and
@@ -121,14 +121,17 @@ class RetryPolicy:
         code = error.code() if hasattr(error, "code") else None
         if code not in self.codes:
             return None
-        backoff = self.initial_backoff_s * self.multiplier ** min(attempt, 64)
-        wait = random.uniform(0, min(self.max_backoff_s, backoff))  # full jitter
         pushback = _pushback_s(error)
         if pushback is None:
+            backoff = self.initial_backoff_s * self.multiplier ** min(attempt, 64)
+            wait = random.uniform(0, min(self.max_backoff_s, backoff))  # full jitter
             return wait if attempt + 1 < self.max_attempts else None
         if pushback < 0:  # the server's "over a configured limit": no retry, as gRPC's own
             return None
-        wait = max(pushback, wait)
+        # A busy server says when to come back (longer while many wait), and its wait
+        # replaces the back-off, as in gRPC's own retries; spread a little so that the
+        # jobs it refused together do not all return at once.
+        wait = pushback * random.uniform(1.0, 1.25)
         if attempt + 1 < self.max_attempts:
             return wait
         busy_for = None if first_attempt_at is None else time.monotonic() - first_attempt_at

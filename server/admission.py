@@ -5,28 +5,62 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from gradserve.server.errors import JobError, too_large
 
-# Suggested wait before retrying a refused job, sent as gRPC's retry pushback trailer.
-RETRY_PUSHBACK_MS = 100
+# Refused jobs' retries the server aims to see per second at most, whatever their number.
+RETRIES_PER_S = 100
+MAX_PUSHBACK_S = 10.0
+
+
+class RetryPacer:
+    """The wait a refused job is told (gRPC's retry pushback trailer, which clients follow):
+    the least one while few refused jobs wait, so that a retry finds room soon after it
+    frees, and longer when many wait, so that their retries come about RETRIES_PER_S a
+    second in all. A job told to wait p seconds comes back once per p, so over a span of T
+    seconds the waits told add up to about T times the number of jobs waiting: each second
+    that sum estimates the crowd, and the next second's pushback shares RETRIES_PER_S
+    among it."""
+
+    def __init__(self, least_s: float, clock: Callable[[], float] = time.monotonic):
+        self.least_s = least_s
+        self.pushback_s = least_s
+        self.clock = clock
+        self.window_start = clock()
+        self.told_s = 0.0  # the waits told since window_start
+
+    def pushback_ms(self) -> int:
+        """The pushback for a refusal now (and counts it)."""
+        now = self.clock()
+        elapsed = now - self.window_start
+        if elapsed >= 1.0:
+            waiting = self.told_s / elapsed
+            if elapsed > 2 * (self.pushback_s + 1.0):
+                waiting = 0  # they would all have come back by now: the crowd has gone
+            self.pushback_s = min(MAX_PUSHBACK_S, max(self.least_s, waiting / RETRIES_PER_S))
+            self.window_start, self.told_s = now, 0.0
+        self.told_s += self.pushback_s
+        return round(self.pushback_s * 1000)
 
 
 class ServerBusy(JobError):
-    def __init__(self, message: str):
+    def __init__(self, message: str, pushback_ms: int):
+        message = f"{message}; retry in {pushback_ms} ms"
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
-        self.retry_pushback_ms = RETRY_PUSHBACK_MS
+        self.retry_pushback_ms = pushback_ms
 
 
 class Admission:
-    def __init__(self, max_inflight_bytes: int, max_queued_jobs: int):
+    def __init__(self, max_inflight_bytes: int, max_queued_jobs: int, retry_pushback_ms: int):
         self.max_inflight_bytes = max_inflight_bytes
         self.max_queued_jobs = max_queued_jobs
         self.inflight_bytes = 0
         self.inflight_jobs = 0
+        self.pacer = RetryPacer(retry_pushback_ms / 1000)
         self._idle: asyncio.Event | None = None
 
     async def wait_idle(self) -> None:
@@ -45,14 +79,14 @@ class Admission:
             )
         if self.inflight_jobs >= self.max_queued_jobs:
             raise ServerBusy(
-                f"server busy: {self.inflight_jobs} jobs admitted (limit "
-                f"{self.max_queued_jobs}); retry in {RETRY_PUSHBACK_MS} ms"
+                f"server busy: {self.inflight_jobs} jobs admitted (limit {self.max_queued_jobs})",
+                self.pacer.pushback_ms(),
             )
         if self.inflight_bytes + nbytes > self.max_inflight_bytes:
             raise ServerBusy(
                 f"server busy: {self.inflight_bytes} bytes held by admitted jobs, this job "
-                f"needs {nbytes}, limit {self.max_inflight_bytes}; retry in "
-                f"{RETRY_PUSHBACK_MS} ms"
+                f"needs {nbytes}, limit {self.max_inflight_bytes}",
+                self.pacer.pushback_ms(),
             )
         self.inflight_bytes += nbytes
         self.inflight_jobs += 1

@@ -42,6 +42,9 @@ class ServerConfig:
     max_layers: int = 64
     # Most optimiser steps one job may ask for.
     max_optimizer_steps: int = 100_000
+    # The least wait before a refused job's retry that the server suggests (the pushback
+    # trailer); more while many refused jobs wait (admission.RetryPacer).
+    retry_pushback_ms: int = 100
     # A job whose request stream is silent this long is ended with DEADLINE_EXCEEDED.
     upload_idle_timeout_s: float = 60.0
     # Close client connections after this many seconds (0: never), so that clients using
@@ -97,6 +100,7 @@ HELP = {
     "max_width": "largest layer width",
     "max_layers": "largest number of linear layers",
     "max_optimizer_steps": "most optimiser steps per job",
+    "retry_pushback_ms": "least wait before a refused job's retry that the server suggests",
     "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
     "max_connection_age_s": "close client connections after this many seconds (0: never)",
     "drain_grace_s": "after SIGTERM, seconds admitted jobs get to finish",

@@ -153,7 +153,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
             ),
             on_launch=lambda *launch: self.metrics.launched(*launch),
         )
-        self.admission = Admission(config.max_inflight_bytes, config.max_queued_jobs)
+        self.admission = Admission(
+            config.max_inflight_bytes, config.max_queued_jobs, config.retry_pushback_ms
+        )
         self.buffers = BufferPool(config.reuse_buffer_bytes)
         # Payload checks and result serialisation: off the event loop, and off the device
         # thread so they never wait behind a launch.
