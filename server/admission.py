@@ -28,6 +28,7 @@ class RetryPacer:
 
     def __init__(self, least_s: float, clock: Callable[[], float] = time.monotonic):
         self.least_s = least_s
+        self.most_s = max(MAX_PUSHBACK_S, least_s)
         self.pushback_s = least_s
         self.clock = clock
         self.window_start = clock()
@@ -41,7 +42,7 @@ class RetryPacer:
             waiting = self.told_s / elapsed
             if elapsed > 2 * (self.pushback_s + 1.0):
                 waiting = 0  # they would all have come back by now: the crowd has gone
-            self.pushback_s = min(MAX_PUSHBACK_S, max(self.least_s, waiting / RETRIES_PER_S))
+            self.pushback_s = min(self.most_s, max(self.least_s, waiting / RETRIES_PER_S))
             self.window_start, self.told_s = now, 0.0
         self.told_s += self.pushback_s
         return round(self.pushback_s * 1000)

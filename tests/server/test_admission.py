@@ -57,3 +57,13 @@ def test_the_wait_is_capped_and_falls_back_once_the_crowd_is_gone():
     assert pacer.pushback_s == MAX_PUSHBACK_S
     clock.now += 30  # nobody refused for a while
     assert pacer.pushback_ms() == 100
+
+
+def test_a_least_wait_above_the_cap_is_kept():
+    """--retry-pushback-ms beyond the usual cap is the operator's word: never less."""
+    clock = Clock()
+    pacer = RetryPacer(100.0, clock)
+    clock.now += 5
+    assert pacer.pushback_ms() == 100_000
+    crowd(pacer, clock, waiting=3, seconds=400)
+    assert pacer.pushback_ms() == 100_000
