@@ -192,7 +192,7 @@ def test_a_job_on_a_server_that_stopped_answering_moves_to_a_live_one(monkeypatc
     monkeypatch.setattr(_connection, "KEEPALIVE_TIMEOUT_MS", 1000)
     tensors = random_job([8, 32, 32, 1], 16, 512, shared_inputs=True, seed=41)
     args = (_params(tensors), tensors["inputs"].numpy(), tensors["targets"].numpy())
-    training = dict(optimizer="sgd", learning_rate=0.01, steps=300)
+    training = dict(optimizer="sgd", learning_rate=0.01, steps=2000)  # seconds: frozen mid-job
     with run_server() as frozen, run_server() as live:
         outcome = {}
 
@@ -219,7 +219,7 @@ def test_a_job_on_a_server_that_stopped_answering_moves_to_a_live_one(monkeypatc
         finally:
             os.kill(frozen.process.pid, signal.SIGCONT)
     assert "error" not in outcome, outcome.get("error")
-    assert outcome["result"].losses.shape == (300, 16)
+    assert outcome["result"].losses.shape == (2000, 16)
 
 
 def test_a_new_client_passes_over_a_frozen_server_it_cannot_connect_to(monkeypatch):
