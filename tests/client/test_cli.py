@@ -327,6 +327,22 @@ def test_an_output_path_in_a_missing_directory_is_refused_before_the_job_runs(tm
     assert "no such directory" in out.stderr and "UNAVAILABLE" not in out.stderr
 
 
+def tiny_job_file(tmp_path, job: dict, extra: dict | None = None):
+    """A one-layer [2, 1] job file with the JSON description `job` (and `extra` tensors)."""
+    from gradserve.client._jobfile import save_job
+
+    tensors = {
+        "layers.0.weight": np.ones((1, 1, 2), np.float32),
+        "layers.0.bias": np.zeros((1, 1), np.float32),
+        "inputs": np.ones((3, 2), np.float32),
+        "targets": np.ones((3, 1), np.float32),
+        **(extra or {}),
+    }
+    path = tmp_path / "job.safetensors"
+    save_job(str(path), tensors, job)
+    return path
+
+
 @pytest.mark.parametrize(
     "job",
     [
@@ -337,18 +353,7 @@ def test_an_output_path_in_a_missing_directory_is_refused_before_the_job_runs(tm
     ],
 )
 def test_job_file_options_of_the_wrong_type_are_named(tmp_path, job):
-    import numpy as np
-
-    from gradserve.client._jobfile import save_job
-
-    tensors = {
-        "layers.0.weight": np.ones((1, 1, 2), np.float32),
-        "layers.0.bias": np.zeros((1, 1), np.float32),
-        "inputs": np.ones((3, 2), np.float32),
-        "targets": np.ones((3, 1), np.float32),
-    }
-    path = tmp_path / "job.safetensors"
-    save_job(str(path), tensors, job)
+    path = tiny_job_file(tmp_path, job)
     out = cli("--address", "127.0.0.1:1", "compute", str(path), check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert f"option {next(iter(reversed(job)))!r} has the wrong type" in out.stderr
@@ -366,16 +371,7 @@ def test_job_file_options_of_the_wrong_type_are_named(tmp_path, job):
 def test_job_file_parts_the_job_would_drop_are_refused(tmp_path, job, extra, message):
     """A misspelt key or tensor, or layer sizes the weights contradict, would be left out of
     the job that runs: refused before any connection (the address leads nowhere)."""
-    from gradserve.client._jobfile import save_job
-
-    tensors = {
-        "layers.0.weight": np.ones((1, 1, 2), np.float32),
-        "layers.0.bias": np.zeros((1, 1), np.float32),
-        "inputs": np.ones((3, 2), np.float32),
-        "targets": np.ones((3, 1), np.float32),
-    }
-    path = tmp_path / "job.safetensors"
-    save_job(str(path), {**tensors, **extra}, job)
+    path = tiny_job_file(tmp_path, job, extra)
     out = cli("--address", "127.0.0.1:1", "compute", str(path), check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert re.search(message, out.stderr), out.stderr
