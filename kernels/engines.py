@@ -8,6 +8,12 @@ from gradserve.kernels import torch_engine
 from gradserve.kernels.spec import EnsembleJob, EnsembleResult
 from gradserve.kernels.triton_engine import FUSED_MAX_WIDTH, fits_int32_offsets
 
+# Under `auto`, IEEE float32 jobs with a layer wider than this run on the torch engine: on
+# an H100 the Triton kernels (FMA units, no tensor cores) took 3.4x torch's time at widths
+# of 128 (fused, [64, 128, 128, 128, 8]) and 1.5x at 1024 (per-layer), and matched it at
+# 64 (bench/results/kernels_gpu_h100.md). Other precisions were as fast or faster on Triton.
+AUTO_TRITON_MAX_FLOAT32_WIDTH = 64
+
 
 class EngineUnavailable(Exception):
     """The requested engine cannot run this job here (maps to UNIMPLEMENTED)."""
@@ -39,6 +45,8 @@ def select_engine(
     samples_at_once: int = 0,
 ) -> str:
     """Resolve `auto | torch | triton` to an engine name, or raise EngineUnavailable.
+    `auto` runs Triton on CUDA except where torch was measured faster (IEEE float32 jobs
+    wider than AUTO_TRITON_MAX_FLOAT32_WIDTH) or Triton cannot run the job as asked.
     `per_sample_norms`: the job needs them (as outputs, or to clip gradients); the Triton
     engine computes them in its fused kernel, for widths up to 128. `non_finite`: the job
     accepts NaN and Inf inputs; `auto` then leaves tf32 jobs to torch, whose tf32 keeps NaN
@@ -48,6 +56,13 @@ def select_engine(
     kernels' 32-bit offsets within a model suffice (triton_engine.fits_int32_offsets)."""
     engines = available_engines(device)
     if backend == "auto" and non_finite and job_precision == "tf32":
+        return "torch"
+    if (
+        backend == "auto"
+        and job_precision == "float32"
+        and layer_sizes
+        and max(layer_sizes) > AUTO_TRITON_MAX_FLOAT32_WIDTH
+    ):
         return "torch"
     if per_sample_norms and layer_sizes and max(layer_sizes) > FUSED_MAX_WIDTH:
         if backend == "triton":
