@@ -21,7 +21,7 @@ from gradserve.client._connection import (
     check_settings,
     compute_callable,
 )
-from gradserve.client._errors import GradserveError
+from gradserve.client._errors import GradserveError, client_closed
 from gradserve.client._job import (
     DEFAULT_CHUNK_BYTES,
     ComputeResult,
@@ -84,7 +84,12 @@ class AsyncGradientClient:
         for channel in self._channels:
             await channel.close()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise client_closed()
+
     async def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
+        self._check_open()
         try:
             return await self._stub.GetServerInfo(
                 pb.GetServerInfoRequest(),
@@ -96,6 +101,7 @@ class AsyncGradientClient:
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """See GradientClient.health."""
+        self._check_open()
         try:
             deadline = call_timeout(timeout, self.timeout)
             return await _health.check(self._channel, service, timeout=deadline)
@@ -153,6 +159,7 @@ class AsyncGradientClient:
         deadline = None if timeout is None else first_attempt_at + timeout
         index = self._failover.first(first)
         for attempt in itertools.count():
+            self._check_open()  # closed before the job or while it waited to retry
             compute = self._computes[index]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
@@ -191,9 +198,7 @@ class AsyncGradientClient:
                 if self._closed and not _task_cancelling():
                     # grpc.aio cancels the calls of a closed channel: tell the caller, whose
                     # own task was not cancelled, as the sync client does.
-                    raise GradserveError(
-                        grpc.StatusCode.CANCELLED, "the client was closed while the job ran"
-                    ) from None
+                    raise client_closed(while_running=True) from None
                 raise  # this task was cancelled
             finally:
                 call.cancel()

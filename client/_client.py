@@ -21,7 +21,7 @@ from gradserve.client._connection import (
     check_settings,
     compute_callable,
 )
-from gradserve.client._errors import GradserveError
+from gradserve.client._errors import GradserveError, client_closed
 from gradserve.client._job import (
     DEFAULT_CHUNK_BYTES,
     ComputeResult,
@@ -92,6 +92,7 @@ class GradientClient:
         # then rather than after its whole back-off, as its own siblings (compute_many)
         # are often what holds the room.
         self._job_ended = threading.Condition()
+        self._closed = False
 
     def __enter__(self) -> GradientClient:
         return self
@@ -100,11 +101,17 @@ class GradientClient:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         for channel in self._channels:
             channel.close()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise client_closed()
+
     def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         """The server's version, engines, supported options and limits."""
+        self._check_open()
         try:
             return self._stub.GetServerInfo(
                 pb.GetServerInfoRequest(),
@@ -116,6 +123,7 @@ class GradientClient:
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 status of the server ("SERVING", "NOT_SERVING", ...)."""
+        self._check_open()
         try:
             deadline = call_timeout(timeout, self.timeout)
             return _health.check(self._channel, service, timeout=deadline)
@@ -193,6 +201,7 @@ class GradientClient:
         deadline = None if timeout is None else first_attempt_at + timeout
         index = self._failover.first(first)
         for attempt in itertools.count():
+            self._check_open()  # closed before the job or while it waited to retry
             compute = self._computes[index]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             assembler = ResultAssembler(job)
@@ -216,6 +225,8 @@ class GradientClient:
             except grpc.RpcError as e:
                 if upload.error is not None:
                     raise upload.error from None
+                if self._closed:
+                    raise client_closed(while_running=True) from None
                 delay = self.retry.delay(attempt, e, deadline, first_attempt_at)
                 index, delay = self._failover.after(index, e, delay)
                 if delay is None:

@@ -24,6 +24,13 @@ class GradserveError(Exception):
         return cls(code, details or "", _field_violations(error))
 
 
+def client_closed(while_running: bool = False) -> GradserveError:
+    """A job or call on a closed client: CANCELLED, as gRPC reports calls a closing channel
+    ended, so that compute_many returns it among its results."""
+    when = "while the job ran" if while_running else "before this call"
+    return GradserveError(grpc.StatusCode.CANCELLED, f"the client was closed {when}")
+
+
 def _field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
     try:
         trailers = dict(error.trailing_metadata() or ())

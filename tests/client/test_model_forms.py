@@ -407,6 +407,48 @@ def test_closing_the_client_ends_its_running_jobs_with_cancelled(server, asynchr
     with pytest.raises(GradserveError) as err:
         asyncio.run(run_async()) if asynchronous else run_sync()
     assert err.value.code == grpc.StatusCode.CANCELLED
+    assert err.value.details == "the client was closed while the job ran"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_closed_client_answers_each_call_with_cancelled(server, asynchronous):
+    """Not gRPC's own ValueError / UsageError about channels; compute_many returns the
+    error for each job, as for any failed job."""
+    net = make_net(4)
+    job = dict(model=net, inputs=torch.randn(5, 3), targets=torch.randn(5, 2))
+
+    async def calls_async():
+        client = AsyncGradientClient(server.address)
+        await client.compute(**job)  # the channel has been used
+        await client.close()
+        for call in (client.compute(**job), client.server_info(), client.health(),
+                     client.compute_sharded(**job)):  # fmt: skip
+            with pytest.raises(GradserveError) as err:
+                await call
+            yield err.value
+        for outcome in await client.compute_many([job, job]):
+            yield outcome
+
+    def calls_sync():
+        client = GradientClient(server.address)
+        client.compute(**job)
+        client.close()
+        for call in (lambda: client.compute(**job), client.server_info, client.health,
+                     lambda: client.compute_sharded(**job)):  # fmt: skip
+            with pytest.raises(GradserveError) as err:
+                call()
+            yield err.value
+        yield from client.compute_many([job, job])
+
+    async def collect():
+        return [e async for e in calls_async()]
+
+    errors = asyncio.run(collect()) if asynchronous else list(calls_sync())
+    assert len(errors) == 6
+    for e in errors:
+        assert isinstance(e, GradserveError)
+        assert e.code == grpc.StatusCode.CANCELLED
+        assert e.details == "the client was closed before this call"
 
 
 def test_numpy_scalars_are_taken_for_numbers(client):
