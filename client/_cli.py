@@ -192,10 +192,11 @@ def _info(args) -> int:
         print(f"engine {e['name']} on {e['device']}: {', '.join(e['precisions'])}")
     for key in ("activations", "losses", "dtypes"):
         print(f"{key}: {', '.join(data[key])}")
+    width = max(len(name) for key in ("limits", "batching", "stats") for name in data[key])
     for key in ("limits", "batching", "stats"):
         print(f"{key}:")
         for name, value in data[key].items():
-            print(f"  {name:<22} {_readable(name, value)}")
+            print(f"  {name:<{width}}  {_readable(name, value)}")
     return 0
 
 

@@ -202,9 +202,12 @@ def test_info_json_lists_engines_and_limits(server):
 def test_info_text_is_for_people(server):
     lines = cli("--address", server.address, "info").stdout.splitlines()
     assert lines[0].startswith("gradserve ") and lines[1].startswith("engine torch on cpu: ")
-    assert "  max_job_bytes          2147483648 (2 GiB)" in lines
-    assert "  max_delay_seconds      2 ms" in lines
-    assert "  upload_idle_timeout_seconds 60 s" in lines
+    rows = {line.split()[0]: line for line in lines if line.startswith("  ")}
+    assert rows["max_job_bytes"].split(None, 1)[1] == "2147483648 (2 GiB)"
+    assert rows["max_delay_seconds"].split(None, 1)[1] == "2 ms"
+    assert rows["upload_idle_timeout_seconds"].split(None, 1)[1] == "60 s"
+    # every value in one column, past the longest name
+    assert len({len(row) - len(row.split(None, 1)[1]) for row in rows.values()}) == 1
 
 
 def test_health_exit_codes(server):
