@@ -18,6 +18,7 @@ from gradserve.client._models import Ensemble, as_array
 from gradserve.client._tensors import (
     DATA_TYPE_BY_NAME,
     NUMPY_DTYPES,
+    float64_as_float32,
     from_wire,
     is_torch,
     to_wire,
@@ -252,6 +253,8 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
         tensors["sample_weights"] = as_array(sample_weights)
     for name, value in (opts.optimizer_state or {}).items():
         tensors[name] = as_array(value)
+    if opts.precision != "float64":
+        tensors = {name: float64_as_float32(value) for name, value in tensors.items()}
     descriptors, payloads = [], []
     for name, value in tensors.items():
         dtype, shape, data = to_wire(value)

@@ -60,6 +60,30 @@ def to_wire(x: Any) -> tuple[int, tuple[int, ...], memoryview]:
     return WIRE_DTYPES[a.dtype], tuple(a.shape), raw_bytes(a)
 
 
+# The largest finite float32; the server refuses a float64 value beyond it in a job that
+# computes in float32, naming the tensor (server/assembly.check_values).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float64_as_float32(x: Any) -> Any:
+    """A float64 array or tensor rounded to float32, for a job that computes in float32
+    (every precision but float64): the engines round their float64 inputs to float32 first,
+    to nearest as numpy and torch do here, so the results are the same bits and the upload
+    half the bytes. Anything else, and float64 values beyond float32's range (the server
+    names them), is returned as it is."""
+    if is_torch(x):
+        import torch
+
+        if x.dtype != torch.float64 or x.numel() == 0:
+            return x
+        low, high = (float(v) for v in torch.aminmax(x.detach()))
+        return x if max(-low, high) > FLOAT32_MAX else x.detach().to(torch.float32)
+    if not isinstance(x, np.ndarray) or x.dtype != np.float64 or x.size == 0:
+        return x
+    low, high = float(x.min()), float(x.max())
+    return x if max(-low, high) > FLOAT32_MAX else x.astype(np.float32)
+
+
 def raw_bytes(a: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array as a flat memoryview whose len() is its byte count.
     (memoryview.cast refuses an empty shape such as [0, 4], so go through numpy's views.)"""

@@ -85,6 +85,48 @@ def test_numpy_in_numpy_out(client):
     assert result.gradients["layers.0.weight"].shape == (2, 4, 3)
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("precision", ["float32", "float16", "float64"])
+def test_float64_arrays_travel_as_float32_to_jobs_that_compute_in_float32(client, kind, precision):
+    """numpy's default dtype: the engines round float64 to float32 first for every precision
+    but float64, so the client sends float32 (half the bytes) and the results are the same
+    bits; float64 jobs get every float64 bit, and values past float32's range still reach
+    the server, which names them."""
+    rng = np.random.default_rng(11)
+    job = {
+        "model": {
+            "layers.0.weight": rng.standard_normal((2, 5, 3)),
+            "layers.0.bias": rng.standard_normal((2, 5)),
+            "layers.1.weight": rng.standard_normal((2, 2, 5)),
+            "layers.1.bias": rng.standard_normal((2, 2)),
+        },
+        "inputs": rng.standard_normal((7, 3)) * 1e-3 + 1 / 3,  # bits beyond float32's
+        "targets": rng.standard_normal((2, 7, 2)),
+        "sample_weights": rng.random(7),
+    }
+    convert = torch.from_numpy if kind == "torch" else np.asarray
+    float64 = {k: convert(v) if k != "model" else {n: convert(p) for n, p in v.items()}
+               for k, v in job.items()}  # fmt: skip
+    float32 = {k: convert(v.astype(np.float32)) if k != "model"
+               else {n: convert(p.astype(np.float32)) for n, p in v.items()}
+               for k, v in job.items()}  # fmt: skip
+    options = dict(precision=precision, input_gradients=True, per_sample_losses=True)
+    wide, narrow = client.compute(**float64, **options), client.compute(**float32, **options)
+    elements = sum(np.size(v) for v in [*job["model"].values(), *list(job.values())[1:]])
+    if precision == "float64":
+        assert wide.summary["bytes_received"] == 8 * elements
+        assert wide.tensors["loss"].dtype == (torch.float64 if kind == "torch" else np.float64)
+    else:
+        assert wide.summary["bytes_received"] == narrow.summary["bytes_received"]
+        assert wide.summary["bytes_received"] == 4 * elements
+        for name, value in narrow.tensors.items():
+            np.testing.assert_array_equal(np.asarray(wide.tensors[name]), np.asarray(value))
+    beyond = dict(float64, inputs=convert(np.full((7, 3), -1e39)))
+    with pytest.raises(GradserveError, match="beyond float32's range") as err:
+        client.compute(**beyond, precision="float32")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_a_lone_linear_and_a_list_of_them_are_one_layer_networks(client):
     torch.manual_seed(4)
     nets = [nn.Linear(3, 2) for _ in range(2)]
