@@ -135,7 +135,8 @@ def _compute(args) -> int:
     }
     if args.out:
         out = {k: np.ascontiguousarray(v) for k, v in result.tensors.items()}
-        save_results(args.out, out, summary)
+        bfloat16 = [name for name, d in result.wire_dtypes.items() if d == "bfloat16"]
+        save_results(args.out, out, summary, bfloat16)
         summary["out"] = args.out
     if args.json:
         print(json.dumps(summary))

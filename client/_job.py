@@ -18,6 +18,7 @@ from gradserve.client._models import Ensemble, as_array
 from gradserve.client._tensors import (
     DATA_TYPE_BY_NAME,
     NUMPY_DTYPES,
+    dtype_name,
     float64_as_float32,
     from_wire,
     is_torch,
@@ -348,6 +349,9 @@ class ComputeResult:
     losses: Any = None
     parameters: Any = None
     optimizer_state: dict[str, Any] | None = None
+    # Each result tensor's dtype on the wire by name ("float32", "bfloat16", ...): numpy
+    # has no bfloat16, so numpy callers receive bfloat16 results widened (exactly) to float32.
+    wire_dtypes: dict[str, str] = field(default_factory=dict)
 
 
 _PARAMETER = re.compile(r"layers\.\d+\.(weight|bias)")
@@ -500,6 +504,7 @@ class ResultAssembler:
         return result_from_tensors(
             self.job.ensemble,
             tensors,
+            wire_dtypes={name: dtype_name(d.dtype) for name, d in self.descriptors.items()},
             job_id=self.accepted.job_id,
             engine=self.accepted.engine,
             device=self.accepted.device,

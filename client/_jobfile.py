@@ -59,10 +59,14 @@ def _job_object(path: str, text: str) -> dict[str, Any]:
     return job
 
 
-def save_results(path: str, tensors: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
+def save_results(
+    path: str, tensors: dict[str, np.ndarray], summary: dict[str, Any], bfloat16=()
+) -> None:
     """safetensors, or npz for a path ending in .npz; the summary as JSON beside the tensors
-    (safetensors metadata, or a string array), as in job files."""
+    (safetensors metadata, or a string array), as in job files. `bfloat16`: names of
+    tensors that came as bfloat16 (widened to float32 in numpy), stored as bfloat16 in
+    safetensors; npz, which has no such dtype, keeps them float32."""
     if path.endswith(".npz"):
         np.savez(path, **tensors, **{SUMMARY_KEY: np.array(json.dumps(summary))})
     else:
-        _safetensors.save(tensors, path, {SUMMARY_KEY: json.dumps(summary)})
+        _safetensors.save(tensors, path, {SUMMARY_KEY: json.dumps(summary)}, bfloat16)

@@ -26,16 +26,24 @@ _FROM_CODE = {v: k for k, v in _TO_CODE.items()}
 _MAX_HEADER = 100 << 20
 
 
-def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None):
+def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None,
+         bfloat16=()):  # fmt: skip
+    """`bfloat16`: names of float32 tensors that hold bfloat16 values (widened from it, as
+    load and the client widen them), stored as BF16: their upper 16 bits, exactly."""
     header: dict = {}
     offset = 0
     arrays = []
     for name, value in tensors.items():
         a = np.ascontiguousarray(value)
-        if a.dtype not in _TO_CODE:
+        code = _TO_CODE.get(a.dtype)
+        if name in bfloat16:
+            if a.dtype != np.float32 or (a.view(np.uint32) & 0xFFFF).any():
+                raise ValueError(f"{name}: holds values that are not bfloat16")
+            a, code = (a.view(np.uint32) >> 16).astype("<u2"), "BF16"
+        if code is None:
             raise ValueError(f"{name}: dtype {a.dtype} cannot be stored")
         header[name] = {
-            "dtype": _TO_CODE[a.dtype],
+            "dtype": code,
             "shape": list(a.shape),
             "data_offsets": [offset, offset + a.nbytes],
         }

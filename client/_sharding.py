@@ -109,6 +109,7 @@ def merge_results(ensemble: Ensemble, parts: list[ComputeResult]) -> ComputeResu
     return result_from_tensors(
         ensemble,
         tensors,
+        wire_dtypes=parts[0].wire_dtypes,
         job_id=",".join(p.job_id for p in parts),
         engine=",".join(sorted({p.engine for p in parts})),
         device=",".join(sorted({p.device for p in parts})),

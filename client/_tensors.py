@@ -32,6 +32,11 @@ DATA_TYPE_BY_NAME = {
 }
 
 
+def dtype_name(dtype: int) -> str:
+    """A wire DataType's name as the client's options spell it ("bfloat16")."""
+    return pb.DataType.Name(dtype).removeprefix("DATA_TYPE_").lower()
+
+
 def is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 

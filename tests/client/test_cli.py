@@ -1,6 +1,7 @@
 """The gradserve-client CLI against a real server, run as a real subprocess."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
+import safetensors.torch
 import torch
 
 from tests.oracle import assert_close_per_model, oracle
@@ -244,6 +246,41 @@ def test_our_safetensors_files_are_read_by_the_reference_library(tmp_path):
     ours, _ = _safetensors.load(str(tmp_path / "y.safetensors"))
     for k, v in data.items():
         np.testing.assert_array_equal(ours[k], v)
+    # float32 that holds bfloat16 values is stored as BF16; anything else is refused
+    bf16 = {"g": torch.randn(3, 5).to(torch.bfloat16)}
+    _safetensors.save({"g": bf16["g"].float().numpy()}, str(tmp_path / "z.safetensors"),
+                      bfloat16={"g"})  # fmt: skip
+    torch.testing.assert_close(safetensors.torch.load_file(str(tmp_path / "z.safetensors")),
+                               bf16, rtol=0, atol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="not bfloat16"):
+        _safetensors.save({"a": data["a"] / 3}, str(tmp_path / "w.safetensors"), bfloat16={"a"})
+
+
+def test_bfloat16_gradients_are_written_as_bfloat16(server, tmp_path):
+    """--gradient-dtype bfloat16 halves the gradients' bytes on the wire, and in the
+    safetensors file too (torch reads them as bfloat16); npz has no bfloat16: float32."""
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    paths = {name: str(tmp_path / name) for name in ("f32.safetensors", "bf16.safetensors",
+                                                      "bf16.npz")}  # fmt: skip
+    cli("--address", server.address, "compute", job, paths["f32.safetensors"])
+    for name in ("bf16.safetensors", "bf16.npz"):
+        cli("--address", server.address, "compute", job, paths[name],
+            "--gradient-dtype", "bfloat16")  # fmt: skip
+    full = safetensors.torch.load_file(paths["f32.safetensors"])
+    half = safetensors.torch.load_file(paths["bf16.safetensors"])
+    widened = np.load(paths["bf16.npz"])
+    assert half["loss"].dtype == torch.float32
+    torch.testing.assert_close(half["loss"], full["loss"], rtol=0, atol=0)
+    grads = [k for k in full if k.endswith(".grad")]
+    assert len(grads) == 6
+    for k in grads:
+        assert half[k].dtype == torch.bfloat16 and widened[k].dtype == np.float32
+        torch.testing.assert_close(half[k], full[k].to(torch.bfloat16), rtol=0, atol=0)
+        np.testing.assert_array_equal(widened[k], half[k].float().numpy())
+    size = {name: os.path.getsize(path) for name, path in paths.items()}
+    grad_bytes = sum(full[k].numel() * 4 for k in grads)
+    assert size["f32.safetensors"] - size["bf16.safetensors"] > 0.45 * grad_bytes
 
 
 def test_bench_reports_throughput_and_latency_percentiles(server):

@@ -122,6 +122,11 @@ def test_bfloat16_gradient_transport_is_within_bf16_tolerance(client):
     )
     grad_bytes = sum(v.nbytes for k, v in full.tensors.items() if k.endswith(".grad"))
     assert half.summary["bytes_sent"] == full.summary["bytes_sent"] - grad_bytes // 2
+    # numpy has no bfloat16: the result says which tensors it widened
+    assert {k for k, d in half.wire_dtypes.items() if d == "bfloat16"} == {
+        k for k in full.tensors if k.endswith(".grad")
+    }
+    assert set(full.wire_dtypes.values()) == {"float32"}
     for name, g in full.gradients.items():
         assert_close_per_model(name, half.gradients[name], torch.from_numpy(g), "bfloat16")
 
