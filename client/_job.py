@@ -132,6 +132,9 @@ class WireJob:
     as_torch: bool
     on_step: Callable[[int, Any], None] | None = None
     on_progress: Callable[[str, int, int], None] | None = None
+    # Optimiser steps already handed to on_step, over all attempts: a retried job trains
+    # from its first step again, and on_step hears only of the steps past these.
+    steps_handed: int = 0
 
     def requests(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
         """Serialized request messages: the header, then each tensor in chunks of at most
@@ -485,8 +488,11 @@ class ResultAssembler:
         row = models * NUMPY_DTYPES[d.dtype].itemsize
         while (self.steps_reported + 1) * row <= self.received["losses"]:
             k = self.steps_reported
-            raw = self.buffers["losses"][k * row : (k + 1) * row]
-            self.job.on_step(k, from_wire(raw.copy(), d.dtype, (models,), self.job.as_torch))
+            if k >= self.job.steps_handed:
+                raw = self.buffers["losses"][k * row : (k + 1) * row]
+                losses = from_wire(raw.copy(), d.dtype, (models,), self.job.as_torch)
+                self.job.on_step(k, losses)
+                self.job.steps_handed = k + 1
             self.steps_reported += 1
 
     def result(self) -> ComputeResult:

@@ -182,7 +182,8 @@ def _params(tensors):
 def test_a_job_on_a_server_that_stopped_answering_moves_to_a_live_one(monkeypatch):
     """The first server is frozen (SIGSTOP: a hung host sends no reset) while it trains a
     job; the client's keepalive pings go unanswered, the connection drops and the job is
-    retried on the second server. Without pings the job would wait forever."""
+    retried on the second server. Without pings the job would wait forever. The retry
+    trains from the first step again; on_step hears of each step once."""
     import os
     import signal
 
@@ -192,7 +193,15 @@ def test_a_job_on_a_server_that_stopped_answering_moves_to_a_live_one(monkeypatc
     monkeypatch.setattr(_connection, "KEEPALIVE_TIMEOUT_MS", 1000)
     tensors = random_job([8, 32, 32, 1], 16, 512, shared_inputs=True, seed=41)
     args = (_params(tensors), tensors["inputs"].numpy(), tensors["targets"].numpy())
-    training = dict(optimizer="sgd", learning_rate=0.01, steps=2000)  # seconds: frozen mid-job
+    steps, seen, stepping = 2000, [], threading.Event()
+
+    def on_step(k, losses):
+        seen.append(k)
+        if k >= 10:
+            stepping.set()
+
+    # seconds of training: frozen mid-job
+    training = dict(optimizer="sgd", learning_rate=0.01, steps=steps, on_step=on_step)
     with run_server() as frozen, run_server() as live:
         outcome = {}
 
@@ -203,13 +212,9 @@ def test_a_job_on_a_server_that_stopped_answering_moves_to_a_live_one(monkeypatc
                 except Exception as e:  # noqa: BLE001 - reported below
                     outcome["error"] = e
 
-        with GradientClient(frozen.address) as watcher:
-            thread = threading.Thread(target=job, daemon=True)
-            thread.start()
-            deadline = time.monotonic() + 20
-            while watcher.server_info().stats.inflight_jobs < 1:
-                assert time.monotonic() < deadline, "the job never reached the first server"
-                time.sleep(0.01)
+        thread = threading.Thread(target=job, daemon=True)
+        thread.start()
+        assert stepping.wait(20), "the job never trained on the first server"
         os.kill(frozen.process.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -218,8 +223,11 @@ def test_a_job_on_a_server_that_stopped_answering_moves_to_a_live_one(monkeypatc
             assert time.monotonic() - started < 30
         finally:
             os.kill(frozen.process.pid, signal.SIGCONT)
+        with GradientClient(live.address) as watcher:  # the retry ran there
+            assert watcher.server_info().stats.completed_jobs == 1
     assert "error" not in outcome, outcome.get("error")
-    assert outcome["result"].losses.shape == (2000, 16)
+    assert outcome["result"].losses.shape == (steps, 16)
+    assert seen == list(range(steps))
 
 
 def test_a_new_client_passes_over_a_frozen_server_it_cannot_connect_to(monkeypatch):
