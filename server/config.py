@@ -47,6 +47,10 @@ class ServerConfig:
     retry_pushback_ms: int = 100
     # A job whose request stream is silent this long is ended with DEADLINE_EXCEEDED.
     upload_idle_timeout_s: float = 60.0
+    # While a job waits or computes, an empty response after this many seconds of silence
+    # on its stream (0: never), so that proxies' read timeouts do not end it
+    # (server.heartbeats; nginx's grpc_read_timeout is 300 s in deploy/nginx).
+    heartbeat_s: float = 30.0
     # Close client connections after this many seconds (0: never), so that clients using
     # DNS round-robin (a Kubernetes headless Service) re-resolve and find new replicas.
     max_connection_age_s: float = 0.0
@@ -102,6 +106,8 @@ HELP = {
     "max_optimizer_steps": "most optimiser steps per job",
     "retry_pushback_ms": "least wait before a refused job's retry that the server suggests",
     "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
+    "heartbeat_s": "send an empty response after this many silent seconds of a waiting or "
+    "computing job, for proxies' read timeouts (0: never)",
     "max_connection_age_s": "close client connections after this many seconds (0: never)",
     "drain_grace_s": "after SIGTERM, seconds admitted jobs get to finish",
     "metrics_port": "Prometheus metrics HTTP port (0: a free port, -1: off)",
@@ -130,6 +136,7 @@ AT_LEAST = {
     "batch_max_delay_ms": 0,
     "max_connection_age_s": 0,
     "drain_grace_s": 0,
+    "heartbeat_s": 0,
     "reuse_buffer_bytes": 0,
     "max_kernel_cache_bytes": 0,
 }

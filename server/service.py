@@ -30,6 +30,7 @@ from gradserve.server.errors import (
     status_details,
     unsupported,
 )
+from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
 from gradserve.server.metrics import Metrics
 from gradserve.server.streaming import SampleStream, accumulate, scale
 from gradserve.server.validation import (
@@ -349,7 +350,12 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 uploaded = time.perf_counter()
                 with refusing_out_of_memory():
                     if plan.optimizer is None:
-                        launched = await self.batcher.submit(job, engine, plan.payload_bytes)
+                        launched, accepted = await awaited_with_heartbeats(
+                            self.batcher.submit(job, engine, plan.payload_bytes),
+                            context.write,
+                            self.config.heartbeat_s,
+                            accepted,
+                        )
                     else:
                         launched, streamed = await self._train(
                             context, plan, job, engine, accepted, descriptors[0].dtype
@@ -455,7 +461,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     raise invalid(
                         f"request stream ended before all tensor bytes arrived: {stream.missing()}"
                     )
-                await settle()
+                # the last micro-batch: no request bytes come any more, nor results yet
+                await awaited_with_heartbeats(settle(), context.write, self.config.heartbeat_s)
         finally:
             if inflight is not None:
                 inflight.cancel()
@@ -491,11 +498,18 @@ class GradientService(pb_grpc.GradientServiceServicer):
         try:
             while not launch.done():
                 next_step = asyncio.ensure_future(steps.get())
-                await asyncio.wait({next_step, launch}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {next_step, launch},
+                    timeout=self.config.heartbeat_s or None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if next_step.done():
                     await send(*next_step.result())
-                else:
-                    next_step.cancel()
+                    continue
+                next_step.cancel()
+                if not launch.done():  # a silent interval: queued, or a long step
+                    await context.write(prefix or HEARTBEAT)
+                    prefix = b""
             launched = launch.result()  # raises the launch's error
             while not steps.empty():
                 await send(*steps.get_nowait())

@@ -29,7 +29,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def nginx(replicas: list[str], runtime: pathlib.Path):
+def nginx(replicas: list[str], runtime: pathlib.Path, read_timeout: str | None = None):
+    """The deployment's nginx in front of `replicas`; `read_timeout` replaces its
+    grpc_read_timeout (300 s) to test silences in seconds."""
     nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
     if not pathlib.Path(nginx_bin).exists():
         pytest.fail("nginx is not installed (scripts/test.sh installs it)")
@@ -40,6 +42,9 @@ def nginx(replicas: list[str], runtime: pathlib.Path):
         "\n        ".join(f"server {r} max_fails=1 fail_timeout=10s;" for r in replicas),
     )
     conf = conf.replace("${LISTEN}", listen).replace("${RUNTIME_DIR}", str(runtime))
+    if read_timeout is not None:
+        assert "grpc_read_timeout 300s;" in conf
+        conf = conf.replace("grpc_read_timeout 300s;", f"grpc_read_timeout {read_timeout};")
     path = runtime / "nginx.conf"
     path.write_text(conf)
     subprocess.run(
@@ -92,3 +97,48 @@ def test_killing_a_replica_during_a_stream_of_jobs_loses_none(tmp_path):
     assert first.process.returncode == -signal.SIGKILL
     assert served_by_second_before > 0  # nginx spread jobs over both replicas
     assert second_jobs - served_by_second_before >= 40 - 15  # the rest went to the survivor
+
+
+@pytest.mark.parametrize("heartbeat_s", ["0", "0.5"])
+def test_a_job_queued_past_the_proxys_read_timeout_is_kept_by_heartbeats(tmp_path, heartbeat_s):
+    """nginx ends a response stream silent for its grpc_read_timeout (2 s here, 300 s
+    deployed), whatever pings cross it. A job queued behind a training job (one job per
+    launch) hears nothing for seconds: without heartbeats nginx cuts it (504: UNAVAILABLE);
+    with them it completes."""
+    import threading
+
+    from gradserve.client import NO_RETRIES, GradserveError
+
+    tensors = random_job((8, 32, 1), 16, 512, shared_inputs=True, seed=50)
+    args = (
+        {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")},
+        tensors["inputs"].numpy(),
+        tensors["targets"].numpy(),
+    )
+    flags = ("--batch-max-jobs", "1", "--heartbeat-s", heartbeat_s)
+    with run_server(*flags) as replica, nginx([replica.address], tmp_path, "2s") as address:
+        stepping = threading.Event()
+
+        def train():  # directly: it streams its steps' losses, never silent
+            with GradientClient(replica.address) as direct:
+                with contextlib.suppress(GradserveError):  # its deadline ends it
+                    direct.compute(*args, optimizer="sgd", learning_rate=0.01, steps=100_000,
+                                   on_step=lambda k, _: stepping.set(), timeout=6)  # fmt: skip
+
+        def outcome():
+            with GradientClient(address, retry=NO_RETRIES, timeout=60) as client:
+                try:
+                    return client.compute(*args)
+                except GradserveError as e:
+                    return e
+
+        trainer = threading.Thread(target=train, daemon=True)
+        trainer.start()
+        assert stepping.wait(30)
+        result = outcome()  # queued until the training job's 6 s deadline ends it
+        trainer.join(60)
+    if heartbeat_s == "0":
+        assert isinstance(result, GradserveError) and result.code == grpc.StatusCode.UNAVAILABLE
+    else:
+        assert not isinstance(result, GradserveError), result
+        assert result.summary["queue_seconds"] > 3 and result.loss.shape == (16,)

@@ -1,0 +1,84 @@
+"""Heartbeats: a job that waits or computes with nothing to send gets an empty response
+after each --heartbeat-s of silence (proxies end silent streams; see
+test_load_balancer for nginx), its accepted message first."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from gradserve.client import GradientClient, GradserveError
+from gradserve.client._job import JobOptions, build_job
+from gradserve.client._models import normalize
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import wire
+from tests.jobs import random_job
+from tests.servers import run_server
+
+
+def job_args(seed: int):
+    tensors = random_job((8, 32, 1), 16, 512, shared_inputs=True, seed=seed)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    return params, tensors["inputs"].numpy(), tensors["targets"].numpy()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_queued_job_hears_heartbeats_then_its_results(training):
+    options = dict(optimizer="sgd", learning_rate=0.01, steps=3) if training else {}
+    args = job_args(51)
+    with run_server("--batch-max-jobs", "1", "--heartbeat-s", "0.2") as server:
+        stepping = threading.Event()
+
+        def occupy():  # holds the only launch for about 2 s
+            with GradientClient(server.address) as busy:
+                with contextlib.suppress(GradserveError):
+                    busy.compute(*args, optimizer="sgd", learning_rate=0.01, steps=100_000,
+                                 on_step=lambda k, _: stepping.set(), timeout=2)  # fmt: skip
+
+        occupier = threading.Thread(target=occupy, daemon=True)
+        occupier.start()
+        assert stepping.wait(30)
+        job = build_job(normalize(args[0]), *args[1:], None, JobOptions(**options))
+        with grpc.insecure_channel(server.address) as channel:
+            call = channel.stream_stream(wire.COMPUTE_METHOD)(job.requests(), timeout=60)
+            responses = [pb.ComputeResponse.FromString(raw) for raw in call]
+        occupier.join(30)
+        with GradientClient(server.address) as client:
+            alone = client.compute(*args, **options)
+    # one message job: its accepted message waits for results, but goes as the first beat
+    assert responses[0].HasField("accepted") and not responses[0].chunks
+    empty = [r for r in responses[1:-1] if r.ByteSize() == 0]
+    assert len(empty) >= 3  # queued about 2 s at one beat per 0.2 s
+    assert responses[-1].HasField("summary")
+    names = [c.name for r in responses for c in r.chunks]
+    received = {n: b"".join(c.data for r in responses for c in r.chunks if c.name == n)
+                for n in names}  # fmt: skip
+    key = "losses" if training else "loss"
+    expected = np.asarray(alone.losses if training else alone.loss, np.float32).tobytes()
+    assert received[key] == expected
+
+
+def test_heartbeats_can_be_turned_off():
+    args = job_args(52)
+    with run_server("--batch-max-jobs", "1", "--heartbeat-s", "0") as server:
+        stepping = threading.Event()
+
+        def occupy():
+            with GradientClient(server.address) as busy:
+                with contextlib.suppress(GradserveError):
+                    busy.compute(*args, optimizer="sgd", learning_rate=0.01, steps=100_000,
+                                 on_step=lambda k, _: stepping.set(), timeout=1)  # fmt: skip
+
+        occupier = threading.Thread(target=occupy, daemon=True)
+        occupier.start()
+        assert stepping.wait(30)
+        job = build_job(normalize(args[0]), *args[1:], None, JobOptions())
+        with grpc.insecure_channel(server.address) as channel:
+            call = channel.stream_stream(wire.COMPUTE_METHOD)(job.requests(), timeout=60)
+            responses = [pb.ComputeResponse.FromString(raw) for raw in call]
+        occupier.join(30)
+    assert len(responses) == 1 and responses[0].HasField("summary")
