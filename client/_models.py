@@ -55,7 +55,6 @@ def _activation_of(module) -> tuple[str, float] | None:
         nn.Tanh: "tanh",
         nn.Sigmoid: "sigmoid",
         nn.SiLU: "silu",
-        nn.Identity: "identity",
     }
     for cls, name in simple.items():
         if type(module) is cls:
@@ -73,13 +72,26 @@ def _activation_of(module) -> tuple[str, float] | None:
     return None
 
 
+def _flattened(seq) -> list:
+    """The modules of a Sequential, those of Sequentials nested in it in their place (a
+    network built from blocks)."""
+    from torch import nn
+
+    modules = []
+    for module in seq:
+        modules += _flattened(module) if type(module) is nn.Sequential else [module]
+    return modules
+
+
 def _sequential_structure(seq) -> tuple[list, tuple | None, tuple | None]:
     """Linear modules, hidden activation, output activation of an nn.Sequential (or of a
     lone nn.Linear: a one-layer network)."""
     from torch import nn
 
     linears, acts_after = [], []
-    for module in [seq] if isinstance(seq, nn.Linear) else seq:
+    for module in [seq] if isinstance(seq, nn.Linear) else _flattened(seq):
+        if type(module) is nn.Identity:  # computes nothing, wherever it stands
+            continue
         if isinstance(module, nn.Linear):
             if module.bias is None:
                 raise ValueError("Linear layers without bias are not supported")

@@ -140,6 +140,31 @@ def test_a_lone_linear_and_a_list_of_them_are_one_layer_networks(client):
             torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        # blocks: Sequentials nested in the Sequential, their modules in their place
+        lambda: nn.Sequential(nn.Sequential(nn.Linear(3, 5), nn.Tanh()),
+                              nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.Linear(4, 2)),
+        # nn.Identity computes nothing: a configurable activation or output set to none
+        lambda: nn.Sequential(nn.Linear(3, 5), nn.Identity(), nn.Tanh(), nn.Linear(5, 4),
+                              nn.Tanh(), nn.Identity(), nn.Linear(4, 2), nn.Identity()),
+        lambda: nn.Sequential(nn.Linear(3, 5), nn.Identity(), nn.Linear(5, 2)),
+    ],
+)  # fmt: skip
+def test_nested_sequentials_and_identities_are_the_network_they_compute(client, build):
+    torch.manual_seed(12)
+    nets = [build() for _ in range(2)]
+    x, y = torch.randn(7, 3), torch.randn(7, 2)
+    single = client.compute(nets[0], x, y)
+    listed = client.compute(nets, x, y)
+    for net, grads in [(nets[0], single.gradients), *zip(nets, listed.gradients, strict=True)]:
+        expected = torch_grads(net, x, y)
+        assert set(grads) == set(expected)  # the Sequential's own parameter names
+        for k, g in expected.items():
+            torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_parameters_and_samples_cross_the_wire_as_their_values(client):
     """bfloat16 tensors are sent as bfloat16 (2 bytes each) and widened on the server: the
     result equals the job sent as the same values in float32, bit for bit."""
