@@ -227,7 +227,8 @@ class DynamicBatcher:
 
         def work(jobs: list[EnsembleJob]) -> tuple[list[EnsembleResult], float]:
             started = time.perf_counter()
-            result = kernels.run(merge(jobs), live[0].engine, self.worker.device)
+            with self.worker.threads_for(flops / steps):
+                result = kernels.run(merge(jobs), live[0].engine, self.worker.device)
             if self.worker.device.type == "cuda":
                 torch.cuda.synchronize(self.worker.device)
             return split(result, sizes), time.perf_counter() - started

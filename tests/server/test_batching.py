@@ -495,3 +495,39 @@ def test_a_batch_that_runs_out_of_memory_is_retried_job_by_job(monkeypatch):
         torch.testing.assert_close(got.result.loss, alone.loss)
         for g, ref in zip(got.result.weight_grads, alone.weight_grads, strict=True):
             torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_small_cpu_launches_run_on_one_thread_and_large_ones_on_all(monkeypatch):
+    """A second intra-op thread gains little on a small launch and takes a core from the
+    event loop serving small jobs (server.worker.SMALL_CPU_LAUNCH_FLOPS)."""
+    from gradserve import kernels
+    from gradserve.server import batching
+    from gradserve.server.worker import SMALL_CPU_LAUNCH_FLOPS, DeviceWorker
+
+    real_run, threads_seen = kernels.run, []
+
+    def engine(job, name, device):
+        threads_seen.append(torch.get_num_threads())
+        return real_run(job, name, device)
+
+    monkeypatch.setattr(batching.kernels, "run", engine)
+    small, large = (1, 32), (64, 2048)  # (M, N) of [16, 32, 32, 1] jobs
+    jobs = [ensemble_job(random_job(SIZES, m, n, seed=60), SIZES) for m, n in (small, large)]
+    assert kernels.flops(jobs[0].mlp, *small) < SMALL_CPU_LAUNCH_FLOPS
+    assert kernels.flops(jobs[1].mlp, *large) >= SMALL_CPU_LAUNCH_FLOPS
+
+    async def run():
+        batcher = batching.DynamicBatcher(DeviceWorker(torch.device("cpu")),
+                                          batching.BatchingPolicy(max_delay_s=0))  # fmt: skip
+        batcher.start()
+        try:
+            return [await batcher.submit(j, "torch", 1) for j in jobs]
+        finally:
+            await batcher.stop()
+
+    before = torch.get_num_threads()
+    launched = asyncio.run(run())
+    assert threads_seen == [1, before]
+    assert torch.get_num_threads() == before  # restored
+    for got, job in zip(launched, jobs, strict=True):
+        torch.testing.assert_close(got.result.loss, torch_engine.run(job).loss)
