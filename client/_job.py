@@ -331,7 +331,8 @@ class ComputeResult:
         a list of Sequentials), or None when not requested.
     input_gradients [M, N, d0], per_sample_loss [M, N], per_sample_grad_norm [M, N],
     outputs [M, N, dL]: when requested.
-    tensors: every result tensor by its wire name ("layers.0.weight.grad", ...).
+    tensors: every result tensor by its wire name ("layers.0.weight.grad", ...), and
+    wire_dtypes the dtype each came in ("bfloat16" ones reach numpy callers as float32).
     After optimiser steps (gradients None): losses [steps, M], the loss at each step;
     parameters, the updated parameters in the caller's form; optimizer_state by wire name
     ("layers.0.weight.exp_avg", ...) when requested, to pass back as optimizer_state; loss
@@ -352,8 +353,7 @@ class ComputeResult:
     losses: Any = None
     parameters: Any = None
     optimizer_state: dict[str, Any] | None = None
-    # Each result tensor's dtype on the wire by name ("float32", "bfloat16", ...): numpy
-    # has no bfloat16, so numpy callers receive bfloat16 results widened (exactly) to float32.
+    # numpy has no bfloat16: numpy callers receive bfloat16 results widened (exactly).
     wire_dtypes: dict[str, str] = field(default_factory=dict)
 
 
