@@ -9,11 +9,13 @@ launches alone). Shared tensors ([N, ...]) are expanded per model when jobs are 
 Policy (in the spirit of Triton Inference Server's dynamic batcher): one launch at a time
 per device. When the engine is free, the oldest waiting job's key is served: its batch
 launches as soon as it is full (max_jobs, max_models or max_bytes) or the oldest job has
-waited max_delay; jobs arriving while a launch runs simply queue, so under load batches
-grow without any added delay. A job cancelled while queued leaves the queue at once; one
-cancelled during a launch is computed with the others and its results dropped. A batch
-whose launch runs out of memory is launched again job by job, so that a job that fits by
-itself is not refused for its batch-mates.
+waited max_delay, or at once when every job the server holds waits in the queue: no
+caller is busy with the server, and a lone caller's job would only wait (such a wait was
+half the time of a small job's round trip). Jobs arriving while a launch runs simply
+queue, so under load batches grow without any added delay. A job cancelled while queued
+leaves the queue at once; one cancelled during a launch is computed with the others and
+its results dropped. A batch whose launch runs out of memory is launched again job by job,
+so that a job that fits by itself is not refused for its batch-mates.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ class DynamicBatcher:
         # on_launch(engine, device, jobs, models, flops), after every successful launch
         self.on_launch = on_launch
         self.queue: collections.deque[_Waiting] = collections.deque()
-        self._arrived = asyncio.Event()
+        self._arrived = asyncio.Event()  # a job was queued, or one the server held ended
+        self._held = 0  # jobs the server holds, from admission to their end (holding())
         self._task: asyncio.Task | None = None
         self.launches = 0
         self.launched_jobs = 0
@@ -156,6 +159,24 @@ class DynamicBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    @contextlib.contextmanager
+    def holding(self):
+        """Around a job's life in the server, from its admission to its end: while a job is
+        held outside the queue (uploading, or receiving its results: its caller may send
+        more), the idle engine holds a batch for up to max_delay for others to join."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            if self._all_held_queued():  # nothing else could join: launch what waits now
+                self._arrived.set()
+
+    def _all_held_queued(self) -> bool:
+        """Every job the server holds waits in the queue (with none held, jobs submitted
+        directly, as by a library caller, always get the wait)."""
+        return 0 < self._held <= len(self.queue)
 
     @property
     def queued_jobs(self) -> int:
@@ -205,7 +226,7 @@ class DynamicBatcher:
                 continue
             batch, full = self._next_batch()
             wait = batch[0].enqueued_at + self.policy.max_delay_s - time.perf_counter()
-            if not full and wait > 0:
+            if not full and wait > 0 and not self._all_held_queued():
                 self._arrived.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), wait)

@@ -95,7 +95,7 @@ HELP = {
     "max_work_bytes": "largest estimated engine working memory per job",
     "max_inflight_bytes": "largest total of payload bytes held across jobs",
     "max_queued_jobs": "most jobs admitted at once",
-    "batch_max_delay_ms": "longest wait of a batch's first job for others (ms)",
+    "batch_max_delay_ms": "longest wait of a batch's first job for others that could join (ms)",
     "batch_max_jobs": "most jobs in one engine launch (1 disables batching)",
     "batch_max_models": "most models in one engine launch",
     "batch_max_bytes": "most payload bytes in one engine launch",

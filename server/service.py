@@ -322,7 +322,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         descriptors = plan.result_descriptors()
         result_bytes = sum(codec.nbytes(d.dtype, d.shape) for d in descriptors)
 
-        with self.admission.reserve(plan.held_bytes + result_bytes):
+        with self.admission.reserve(plan.held_bytes + result_bytes), self.batcher.holding():
             accepted = pb.ComputeResponse(
                 accepted=pb.JobAccepted(
                     job_id=job_id, engine=engine, device=str(self.device), results=descriptors

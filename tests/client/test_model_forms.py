@@ -265,9 +265,10 @@ def test_deadline_exceeded_surfaces_as_its_code(server):
     import grpc
 
     net = make_net(2)
+    training = dict(optimizer="sgd", learning_rate=0.01, steps=100_000)  # minutes here
     with GradientClient(server.address) as c:
         with pytest.raises(GradserveError) as err:
-            c.compute(net, torch.randn(4, 3), torch.randn(4, 2), timeout=1e-4)
+            c.compute(net, torch.randn(4, 3), torch.randn(4, 2), timeout=0.5, **training)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 

@@ -90,7 +90,11 @@ def batching_server():
 def test_concurrent_jobs_share_launches_and_get_their_solo_results(batching_server):
     jobs = [random_job(SIZES, 1, 32, seed=s) for s in range(32)]
     before = stats(batching_server.address)
-    results = asyncio.run(compute_all(batching_server.address, jobs))
+    # another caller's job mid-upload: the first arrivals wait for the rest (all queued,
+    # they would launch at once, a few at a time as the client's streams come in)
+    with GradientClient(batching_server.address) as client:
+        with slot_held(client, random_job(SIZES, 1, 4, seed=0), batching_server.address):
+            results = asyncio.run(compute_all(batching_server.address, jobs))
     after = stats(batching_server.address)
     launches = after.launches - before.launches
     assert after.launched_jobs - before.launched_jobs == 32
@@ -131,7 +135,11 @@ def test_shared_input_jobs_merge_into_one_launch(batching_server):
                 )
             )
 
-    for result, tensors in zip(asyncio.run(run()), jobs, strict=True):
+    # another caller's job mid-upload keeps the first arrivals waiting for the rest
+    with GradientClient(batching_server.address) as client:
+        with slot_held(client, random_job(SIZES, 1, 4, seed=0), batching_server.address):
+            results = asyncio.run(run())
+    for result, tensors in zip(results, jobs, strict=True):
         assert result.summary["jobs_in_launch"] == 5
         ref = solo(tensors)
         np.testing.assert_allclose(
@@ -154,7 +162,11 @@ def test_cancelled_job_inside_a_batch_leaves_the_others_correct(batching_server)
             tasks[3].cancel()
             return await asyncio.gather(*tasks, return_exceptions=True)
 
-    results = asyncio.run(run())
+    # Another caller's job, stalled mid-upload, keeps the batch waiting (all queued, it
+    # would launch at once).
+    with GradientClient(batching_server.address) as client:
+        with slot_held(client, random_job(SIZES, 1, 4, seed=0), batching_server.address):
+            results = asyncio.run(run())
     assert isinstance(results[3], asyncio.CancelledError)
     for i, (result, tensors) in enumerate(zip(results, jobs, strict=True)):
         if i != 3:
@@ -166,17 +178,35 @@ def test_deadline_shorter_than_the_queue_delay_leaks_nothing():
     with run_server("--batch-max-delay-ms", "1500") as server:
         tensors = random_job(SIZES, 1, 32, seed=1)
         with GradientClient(server.address) as client:
-            with pytest.raises(GradserveError) as err:
-                client.compute(
-                    params_of(tensors),
-                    tensors["inputs"].numpy(),
-                    tensors["targets"].numpy(),
-                    timeout=0.3,
-                )
+            # another caller's job mid-upload: the queued one waits the delay for it
+            with slot_held(client, random_job(SIZES, 1, 4, seed=0), server.address):
+                with pytest.raises(GradserveError) as err:
+                    client.compute(
+                        params_of(tensors),
+                        tensors["inputs"].numpy(),
+                        tensors["targets"].numpy(),
+                        timeout=0.3,
+                    )
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         idle = wait_until_idle(server.address)
         assert idle.launched_jobs == 0  # it left the queue before any launch
-        assert idle.failed_jobs == 1
+        assert idle.failed_jobs == 2  # and the stalled job, cancelled
+
+
+def test_a_lone_callers_job_launches_at_once_and_others_wait_for_company():
+    """The batch delay is for jobs that could join: when every job the server holds is
+    queued, the batch launches at once (a sequential caller's job used to wait the whole
+    delay, 2 ms by default: about half a small job's round trip); while another caller's
+    job is on its way, the queued one waits for it, up to the delay."""
+    with run_server("--batch-max-delay-ms", "1500") as server:
+        tensors = random_job(SIZES, 1, 32, seed=2)
+        args = (params_of(tensors), tensors["inputs"].numpy(), tensors["targets"].numpy())
+        with GradientClient(server.address, timeout=30) as client:
+            alone = [client.compute(*args).summary["queue_seconds"] for _ in range(3)]
+            with slot_held(client, random_job(SIZES, 1, 4, seed=0), server.address):
+                accompanied = client.compute(*args).summary["queue_seconds"]
+    assert max(alone) < 0.5
+    assert accompanied >= 1.5
 
 
 def test_flood_past_the_admission_bound_is_refused_and_the_rest_succeed():

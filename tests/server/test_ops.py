@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import time
@@ -89,20 +90,23 @@ def test_metrics_are_scraped_and_parsed():
 
 
 def test_sigterm_drains_in_flight_jobs_refuses_new_ones_and_exits_zero():
+    from tests.server.test_batching import slot_held
+
     with run_server("--batch-max-delay-ms", "1500") as srv:
         jobs = [random_job(SIZES, 1, 6, seed=s) for s in range(4)]
 
         async def scenario():
             async with AsyncGradientClient(srv.address, timeout=60) as client:
-                in_flight = [
-                    asyncio.ensure_future(
-                        client.compute(params_of(t), t["inputs"].numpy(), t["targets"].numpy())
-                    )
-                    for t in jobs
-                ]
-                with GradientClient(srv.address) as probe:  # wait until all four are queued
+                with GradientClient(srv.address) as probe, contextlib.ExitStack() as held:
+                    # another caller's job stalled mid-upload: queued jobs wait the delay
+                    held.enter_context(slot_held(probe, random_job(SIZES, 1, 4), srv.address))
+                    in_flight = [
+                        asyncio.ensure_future(client.compute(
+                            params_of(t), t["inputs"].numpy(), t["targets"].numpy()))
+                        for t in jobs
+                    ]  # fmt: skip
                     deadline = time.monotonic() + 30
-                    while probe.server_info().stats.queued_jobs < 4:
+                    while probe.server_info().stats.queued_jobs < 4:  # all four queued
                         assert time.monotonic() < deadline
                         await asyncio.sleep(0.02)
                     srv.process.send_signal(signal.SIGTERM)
@@ -114,7 +118,8 @@ def test_sigterm_drains_in_flight_jobs_refuses_new_ones_and_exits_zero():
                         probe.compute(
                             params_of(late), late["inputs"].numpy(), late["targets"].numpy()
                         )
-                return await asyncio.gather(*in_flight), refused.value
+                    held.close()  # the stalled caller gives up; the queued jobs run
+                    return await asyncio.gather(*in_flight), refused.value
 
         results, refused = asyncio.run(scenario())
         assert refused.code == grpc.StatusCode.UNAVAILABLE
