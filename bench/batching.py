@@ -39,29 +39,32 @@ def peak_rss_mib(pid: int) -> float:
 
 
 LAYER_SIZES, SAMPLES, CONCURRENCY = [16, 32, 32, 1], 32, 64
+LONE_JOBS = 300
 
 
-def gradserve_load(address: str, jobs: int) -> dict:
+def gradserve_load(address: str, jobs: int, concurrency: int = CONCURRENCY) -> dict:
     """`gradserve-client bench` in its own process: 64 clients, `jobs` jobs each."""
     cmd = [sys.executable, "-m", "gradserve.client", "--address", address, "bench",
-           "--concurrency", str(CONCURRENCY), "--jobs-per-client", str(jobs),
+           "--concurrency", str(concurrency), "--jobs-per-client", str(jobs),
            "--layer-sizes", ",".join(map(str, LAYER_SIZES)), "--models", "1",
            "--samples", str(SAMPLES), "--json"]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
 
-def echo_load(address: str, calls: int, nbytes: int) -> dict:
+def echo_load(address: str, calls: int, nbytes: int, concurrency: int = CONCURRENCY) -> dict:
     """bench/echo_load.py in its own process: the same callers, raw grpcio, no service."""
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "echo_load.py"), address,
-           str(CONCURRENCY), str(calls), str(nbytes)]  # fmt: skip
+           str(concurrency), str(calls), str(nbytes)]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     report = json.loads(out.stdout)
     report["jobs_per_second"] = report.pop("calls_per_second")
     return report
 
 
-def measure(server_cmd: list[str], port_file: str, load, per_client: int) -> tuple[dict, float]:
+def measure(
+    server_cmd: list[str], port_file: str, load, per_client: int, concurrency: int = CONCURRENCY
+) -> tuple[dict, float]:
     """Start the server, warm it up, run the load; adds CPU ms per job of both sides."""
     server, address = start(server_cmd, port_file)
     try:
@@ -70,7 +73,7 @@ def measure(server_cmd: list[str], port_file: str, load, per_client: int) -> tup
         client_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         report = load(address, per_client)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        jobs = CONCURRENCY * per_client
+        jobs = concurrency * per_client
         report["server_cpu_ms_per_job"] = 1e3 * (cpu_seconds(server.pid) - server_cpu) / jobs
         client_seconds = after.ru_utime + after.ru_stime - client_cpu.ru_utime - client_cpu.ru_stime
         report["client_cpu_ms_per_job"] = 1e3 * client_seconds / jobs
@@ -80,20 +83,20 @@ def measure(server_cmd: list[str], port_file: str, load, per_client: int) -> tup
         server.wait()
 
 
-def run(flags: list[str], per_client: int) -> tuple[dict, float]:
+def run(flags: list[str], per_client: int, concurrency: int = CONCURRENCY) -> tuple[dict, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "gradserve.server", "--port", "0", "--port-file",
                f"{tmp}/port", "--log-level", "WARNING", *flags]  # fmt: skip
-        return measure(cmd, f"{tmp}/port", gradserve_load, per_client)
+        load = lambda address, n: gradserve_load(address, n, concurrency)  # noqa: E731
+        return measure(cmd, f"{tmp}/port", load, per_client, concurrency)
 
 
-def run_echo(nbytes: int, per_client: int) -> tuple[dict, float]:
+def run_echo(nbytes: int, per_client: int, concurrency: int = CONCURRENCY) -> tuple[dict, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "echo_server.py"),
                f"{tmp}/port"]  # fmt: skip
-        return measure(
-            cmd, f"{tmp}/port", lambda address, n: echo_load(address, n, nbytes), per_client
-        )
+        load = lambda address, n: echo_load(address, n, nbytes, concurrency)  # noqa: E731
+        return measure(cmd, f"{tmp}/port", load, per_client, concurrency)
 
 
 def request_bytes() -> int:
@@ -133,6 +136,9 @@ def main():
     on, rss_on = run([], per_client)
     off, rss_off = run(["--batch-max-jobs", "1"], per_client)
     echo, rss_echo = run_echo(nbytes, per_client)
+    # A lone caller, one job after another: what the batch delay would cost it.
+    lone, _ = run([], LONE_JOBS, concurrency=1)
+    lone_echo, _ = run_echo(nbytes, LONE_JOBS, concurrency=1)
     one, per_64 = launch_ms(1), launch_ms(CONCURRENCY) / CONCURRENCY
     rows = []
     for name, r, rss in (
@@ -184,7 +190,12 @@ def main():
         f"({grpc_cost:.2f} + {one:.3f}) / ({grpc_cost:.2f} + {per_64:.3f}) = {ideal:.2f}x on "
         "these cores. The measured ratio can exceed that because without batching the "
         "launches also queue one by one on the engine thread, which then waits for the "
-        "event loop's GIL. Command: `python bench/batching.py`.",
+        "event loop's GIL.\n\n"
+        f"A lone caller (one client, {LONE_JOBS} jobs one after another, default policy): "
+        f"p50 {lone['p50_ms']:.3f} ms per job; the raw echo of the same bytes p50 "
+        f"{lone_echo['p50_ms']:.3f} ms ({lone['p50_ms'] / lone_echo['p50_ms']:.2f}x). Its "
+        "jobs launch at once rather than waiting the batch delay (2 ms) for company: "
+        "every job the server holds is queued. Command: `python bench/batching.py`.",
     )
 
 
