@@ -15,7 +15,7 @@ from gradserve.client._client import GradientClient
 from gradserve.client._errors import GradserveError
 from gradserve.client._examples import ensemble_network, notebook_network
 from gradserve.client._job import JobOptions, is_parameter
-from gradserve.client._jobfile import load_job, save_job, save_results
+from gradserve.client._jobfile import load_job, save_job, save_results, strict_json
 from gradserve.client._progress import ProgressBar
 from gradserve.v1 import gradserve_pb2 as pb
 
@@ -139,7 +139,7 @@ def _compute(args) -> int:
         save_results(args.out, out, summary, bfloat16)
         summary["out"] = args.out
     if args.json:
-        print(json.dumps(summary))
+        print(strict_json(summary))
     else:
         losses = summary["loss"]
         shown = ", ".join(f"{v:.6g}" for v in losses[:8]) + (" ..." if len(losses) > 8 else "")

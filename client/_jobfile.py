@@ -9,6 +9,7 @@ sample_weights. Results files are alike, with the job's summary under "gradserve
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from typing import Any
 
@@ -18,6 +19,23 @@ from gradserve.client import _safetensors
 
 JOB_KEY = "gradserve.job"
 SUMMARY_KEY = "gradserve.summary"
+
+
+def strict_json(value: Any) -> str:
+    """JSON that every parser reads: a NaN or infinite number (the loss of a job that
+    allows non-finite inputs) becomes null, as JavaScript writes it, where Python's json
+    would write the bare NaN / Infinity that strict parsers (jq, browsers) refuse."""
+
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), allow_nan=False)
 
 
 def save_job(path: str, tensors: dict[str, np.ndarray], job: dict[str, Any]) -> None:
@@ -67,6 +85,6 @@ def save_results(
     tensors that came as bfloat16 (widened to float32 in numpy), stored as bfloat16 in
     safetensors; npz, which has no such dtype, keeps them float32."""
     if path.endswith(".npz"):
-        np.savez(path, **tensors, **{SUMMARY_KEY: np.array(json.dumps(summary))})
+        np.savez(path, **tensors, **{SUMMARY_KEY: np.array(strict_json(summary))})
     else:
-        _safetensors.save(tensors, path, {SUMMARY_KEY: json.dumps(summary)}, bfloat16)
+        _safetensors.save(tensors, path, {SUMMARY_KEY: strict_json(summary)}, bfloat16)

@@ -283,6 +283,36 @@ def test_bfloat16_gradients_are_written_as_bfloat16(server, tmp_path):
     assert size["f32.safetensors"] - size["bf16.safetensors"] > 0.45 * grad_bytes
 
 
+def strict_loads(text: str):
+    """json.loads that refuses NaN and Infinity, as jq and browsers do."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_stays_json_when_a_loss_is_nan(server, tmp_path):
+    """A job that allows non-finite inputs can have a NaN loss: --json and the results
+    file's summary write it as null (Python's json would write a bare NaN)."""
+    from gradserve.client._jobfile import load_job, save_job
+
+    cli("example", str(tmp_path))
+    tensors, job = load_job(str(tmp_path / "ensemble-64x16-32-32-1.safetensors"))
+    models = tensors["layers.0.weight"].shape[0]
+    tensors["inputs"] = np.repeat(tensors["inputs"][None], models, axis=0)  # per model
+    tensors["inputs"][0, 0, 0] = np.nan  # model 0 only
+    save_job(str(tmp_path / "nan.safetensors"), tensors, dict(job, allow_non_finite=True))
+    out = tmp_path / "out.safetensors"
+    printed = cli("--address", server.address, "compute", str(tmp_path / "nan.safetensors"),
+                  str(out), "--json").stdout  # fmt: skip
+    summary = strict_loads(printed)
+    assert summary["loss"][0] is None and all(isinstance(v, float) for v in summary["loss"][1:])
+    with open(out, "rb") as f:
+        header = strict_loads(f.read(int.from_bytes(f.read(8), "little")).decode())
+    assert strict_loads(header["__metadata__"]["gradserve.summary"])["loss"][0] is None
+
+
 def test_bench_reports_throughput_and_latency_percentiles(server):
     out = cli(
         "--address",
