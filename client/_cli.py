@@ -355,17 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
         dest="gradient_dtype",
         choices=["float32", "float64", "bfloat16", "float16"],
     )
-    c.add_argument("--input-gradients", dest="input_gradients", action="store_true", default=None)
+    # Each output and switch also in its --no- form, to turn off what a job file turns on.
+    on_off = argparse.BooleanOptionalAction
     c.add_argument(
-        "--per-sample-losses", dest="per_sample_losses", action="store_true", default=None
-    )
-    c.add_argument(
-        "--per-sample-gradient-norms",
-        dest="per_sample_gradient_norms",
-        action="store_true",
+        "--parameter-gradients",
+        dest="parameter_gradients",
+        action=on_off,
         default=None,
+        help="parameter gradients (on by default)",
     )
-    c.add_argument("--forward-outputs", dest="forward_outputs", action="store_true", default=None)
+    c.add_argument("--input-gradients", dest="input_gradients", action=on_off, default=None)
+    c.add_argument("--per-sample-losses", dest="per_sample_losses", action=on_off, default=None)
+    c.add_argument(
+        "--per-sample-gradient-norms", dest="per_sample_gradient_norms", action=on_off, default=None
+    )
+    c.add_argument("--forward-outputs", dest="forward_outputs", action=on_off, default=None)
+    c.add_argument(
+        "--allow-non-finite",
+        dest="allow_non_finite",
+        action=on_off,
+        default=None,
+        help="accept NaN and Inf in the job's tensors",
+    )
+    c.add_argument("--tag", help="free-form text for the server's log line of the job")
     c.add_argument(
         "--clip-norm", dest="clip_norm", type=float, help="DP-SGD: clip per-sample gradients"
     )
@@ -401,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--return-optimizer-state",
         dest="return_optimizer_state",
-        action="store_true",
+        action=on_off,
         default=None,
         help="return the optimiser state too (a job file carrying it continues training)",
     )

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -167,6 +168,42 @@ def test_option_flags_run_the_job_the_client_runs_with_those_options(
     for k, v in want.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-9, err_msg=k)
     assert any(not np.allclose(default[k], v) for k, v in want.items())
+
+
+def test_output_and_switch_flags_turn_on_and_off_what_the_job_file_says(server, tmp_path):
+    from gradserve.client._jobfile import load_job, save_job
+
+    cli("example", str(tmp_path))
+    tensors, job = load_job(str(tmp_path / "ensemble-64x16-32-32-1.safetensors"))
+    path = str(tmp_path / "job.safetensors")
+    save_job(path, tensors, dict(job, input_gradients=True))
+
+    def names(*flags):
+        out = str(tmp_path / "out.safetensors")
+        cli("--address", server.address, "compute", path, out, *flags)
+        return set(safetensors.numpy.load_file(out))
+
+    grads = {f"layers.{i}.{kind}.grad" for i in range(3) for kind in ("weight", "bias")}
+    assert names() == {"loss", "inputs.grad", *grads}
+    assert names("--no-input-gradients") == {"loss", *grads}
+    assert names("--no-parameter-gradients", "--forward-outputs") == {
+        "loss",
+        "inputs.grad",
+        "outputs",
+    }
+    # NaN inputs: refused unless allowed
+    models = tensors["layers.0.weight"].shape[0]
+    tensors["inputs"] = np.repeat(tensors["inputs"][None], models, axis=0)
+    tensors["inputs"][1, 2, 3] = np.nan
+    save_job(path, tensors, job)
+    refused = cli("--address", server.address, "compute", path, check=False)
+    assert refused.returncode != 0 and "allow_non_finite" in refused.stderr
+    assert "grad" in cli("--address", server.address, "compute", path, "--allow-non-finite",
+                         "--tag", "nan-run-7").stdout  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not any("nan-run-7" in line for line in server.log):  # the job's log line
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_a_training_flag_without_optimizer_is_refused(server, tmp_path):
