@@ -13,8 +13,8 @@ import torch
 # CPU launches of fewer FLOPs (per step) than this run on one of torch's threads. A second
 # thread gains little on them (0.24 vs 0.20 ms for 12 tiny jobs in one launch, alone), while
 # under a load of small jobs it takes a core from the event loop that serves them: with 64
-# clients of M=1, N=32, [16, 32, 32, 1] jobs, about 1.2x the jobs per second on two
-# cores with one thread (bench/batching.py).
+# clients of M=1, N=32, [16, 32, 32, 1] jobs (`gradserve-client bench`, bench/batching.py's
+# load), 1.15x the jobs per second on two cores with one thread (six runs each way).
 SMALL_CPU_LAUNCH_FLOPS = 1e7
 
 
