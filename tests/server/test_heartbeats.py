@@ -20,6 +20,35 @@ from tests.jobs import random_job
 from tests.servers import run_server
 
 
+@contextlib.contextmanager
+def engine_occupied(address: str, args, seconds: float):
+    """Another caller's training job holds the only launch (--batch-max-jobs 1) for about
+    `seconds`, from its first step on."""
+    stepping = threading.Event()
+
+    def occupy():
+        with GradientClient(address) as busy:
+            with contextlib.suppress(GradserveError):  # its deadline ends it
+                busy.compute(*args, optimizer="sgd", learning_rate=0.01, steps=100_000,
+                             on_step=lambda k, _: stepping.set(), timeout=seconds)  # fmt: skip
+
+    occupier = threading.Thread(target=occupy, daemon=True)
+    occupier.start()
+    assert stepping.wait(30)
+    try:
+        yield
+    finally:
+        occupier.join(30)
+
+
+def queued_responses(address: str, args, **options) -> list[pb.ComputeResponse]:
+    """The raw responses of a job sent as the client sends it."""
+    job = build_job(normalize(args[0]), *args[1:], None, JobOptions(**options))
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream(wire.COMPUTE_METHOD)(job.requests(), timeout=60)
+        return [pb.ComputeResponse.FromString(raw) for raw in call]
+
+
 def job_args(seed: int):
     tensors = random_job((8, 32, 1), 16, 512, shared_inputs=True, seed=seed)
     params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
@@ -31,22 +60,8 @@ def test_a_queued_job_hears_heartbeats_then_its_results(training):
     options = dict(optimizer="sgd", learning_rate=0.01, steps=3) if training else {}
     args = job_args(51)
     with run_server("--batch-max-jobs", "1", "--heartbeat-s", "0.2") as server:
-        stepping = threading.Event()
-
-        def occupy():  # holds the only launch for about 2 s
-            with GradientClient(server.address) as busy:
-                with contextlib.suppress(GradserveError):
-                    busy.compute(*args, optimizer="sgd", learning_rate=0.01, steps=100_000,
-                                 on_step=lambda k, _: stepping.set(), timeout=2)  # fmt: skip
-
-        occupier = threading.Thread(target=occupy, daemon=True)
-        occupier.start()
-        assert stepping.wait(30)
-        job = build_job(normalize(args[0]), *args[1:], None, JobOptions(**options))
-        with grpc.insecure_channel(server.address) as channel:
-            call = channel.stream_stream(wire.COMPUTE_METHOD)(job.requests(), timeout=60)
-            responses = [pb.ComputeResponse.FromString(raw) for raw in call]
-        occupier.join(30)
+        with engine_occupied(server.address, args, 2):
+            responses = queued_responses(server.address, args, **options)
         with GradientClient(server.address) as client:
             alone = client.compute(*args, **options)
     # one message job: its accepted message waits for results, but goes as the first beat
@@ -65,20 +80,6 @@ def test_a_queued_job_hears_heartbeats_then_its_results(training):
 def test_heartbeats_can_be_turned_off():
     args = job_args(52)
     with run_server("--batch-max-jobs", "1", "--heartbeat-s", "0") as server:
-        stepping = threading.Event()
-
-        def occupy():
-            with GradientClient(server.address) as busy:
-                with contextlib.suppress(GradserveError):
-                    busy.compute(*args, optimizer="sgd", learning_rate=0.01, steps=100_000,
-                                 on_step=lambda k, _: stepping.set(), timeout=1)  # fmt: skip
-
-        occupier = threading.Thread(target=occupy, daemon=True)
-        occupier.start()
-        assert stepping.wait(30)
-        job = build_job(normalize(args[0]), *args[1:], None, JobOptions())
-        with grpc.insecure_channel(server.address) as channel:
-            call = channel.stream_stream(wire.COMPUTE_METHOD)(job.requests(), timeout=60)
-            responses = [pb.ComputeResponse.FromString(raw) for raw in call]
-        occupier.join(30)
+        with engine_occupied(server.address, args, 1):
+            responses = queued_responses(server.address, args)
     assert len(responses) == 1 and responses[0].HasField("summary")

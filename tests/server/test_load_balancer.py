@@ -105,38 +105,19 @@ def test_a_job_queued_past_the_proxys_read_timeout_is_kept_by_heartbeats(tmp_pat
     deployed), whatever pings cross it. A job queued behind a training job (one job per
     launch) hears nothing for seconds: without heartbeats nginx cuts it (504: UNAVAILABLE);
     with them it completes."""
-    import threading
-
     from gradserve.client import NO_RETRIES, GradserveError
+    from tests.server.test_heartbeats import engine_occupied, job_args
 
-    tensors = random_job((8, 32, 1), 16, 512, shared_inputs=True, seed=50)
-    args = (
-        {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")},
-        tensors["inputs"].numpy(),
-        tensors["targets"].numpy(),
-    )
+    args = job_args(50)
     flags = ("--batch-max-jobs", "1", "--heartbeat-s", heartbeat_s)
     with run_server(*flags) as replica, nginx([replica.address], tmp_path, "2s") as address:
-        stepping = threading.Event()
-
-        def train():  # directly: it streams its steps' losses, never silent
-            with GradientClient(replica.address) as direct:
-                with contextlib.suppress(GradserveError):  # its deadline ends it
-                    direct.compute(*args, optimizer="sgd", learning_rate=0.01, steps=100_000,
-                                   on_step=lambda k, _: stepping.set(), timeout=6)  # fmt: skip
-
-        def outcome():
+        # the training job goes to the replica directly: it streams its steps' losses
+        with engine_occupied(replica.address, args, 6):
             with GradientClient(address, retry=NO_RETRIES, timeout=60) as client:
-                try:
-                    return client.compute(*args)
+                try:  # queued until the training job's 6 s deadline ends it
+                    result = client.compute(*args)
                 except GradserveError as e:
-                    return e
-
-        trainer = threading.Thread(target=train, daemon=True)
-        trainer.start()
-        assert stepping.wait(30)
-        result = outcome()  # queued until the training job's 6 s deadline ends it
-        trainer.join(60)
+                    result = e
     if heartbeat_s == "0":
         assert isinstance(result, GradserveError) and result.code == grpc.StatusCode.UNAVAILABLE
     else:
