@@ -269,6 +269,7 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
             layer_sizes=ensemble.layer_sizes,
             hidden_activation=_activation(hidden),
             output_activation=_activation(output),
+            layers_without_bias=ensemble.layers_without_bias,
         ),
         loss=pb.Loss(
             kind=_choice(LOSSES, opts.loss, "loss"),

@@ -30,6 +30,7 @@ class Ensemble:
     form: str  # "sequential" | "sequential_list" | "dict"
     original_keys: dict[str, str]  # gradserve name -> caller's key
     as_torch: bool
+    layers_without_bias: tuple[int, ...] = ()  # nn.Linear(..., bias=False): no bias sent
 
     def gradients_back(self, grads: dict[str, Any]) -> Any:
         """{"layers.0.weight.grad": [M, ...]} -> the caller's form, keys and kind."""
@@ -93,8 +94,6 @@ def _sequential_structure(seq) -> tuple[list, tuple | None, tuple | None]:
         if type(module) is nn.Identity:  # computes nothing, wherever it stands
             continue
         if isinstance(module, nn.Linear):
-            if module.bias is None:
-                raise ValueError("Linear layers without bias are not supported")
             linears.append(module)
             acts_after.append(None)
             continue
@@ -117,20 +116,24 @@ def _from_sequentials(seqs: list, form: str) -> Ensemble:
 
     structures = [_sequential_structure(s) for s in seqs]
     linears, hidden, output = structures[0]
-    sizes = [linears[0].in_features] + [lin.out_features for lin in linears]
+
+    def architecture(linears):
+        sizes = [linears[0].in_features] + [lin.out_features for lin in linears]
+        return sizes, tuple(i for i, lin in enumerate(linears) if lin.bias is None)
+
+    sizes, without_bias = architecture(linears)
     for other, h, o in structures[1:]:
-        other_sizes = [other[0].in_features] + [lin.out_features for lin in other]
-        if other_sizes != sizes or h != hidden or o != output:
+        if architecture(other) != (sizes, without_bias) or h != hidden or o != output:
             raise ValueError("every Sequential of an ensemble must have the same architecture")
     names = {id(p): n for n, p in seqs[0].named_parameters()}
     params, keys = {}, {}
     for i, lin in enumerate(linears):
-        for kind in ("weight", "bias"):
+        for kind in ("weight", "bias") if i not in without_bias else ("weight",):
             params[f"layers.{i}.{kind}"] = torch.stack(
                 [getattr(st[0][i], kind).detach() for st in structures]
             )
             keys[f"layers.{i}.{kind}.grad"] = names[id(getattr(lin, kind))]
-    return Ensemble(params, sizes, hidden, output, form, keys, as_torch=True)
+    return Ensemble(params, sizes, hidden, output, form, keys, True, without_bias)
 
 
 def _from_dict(state: dict) -> Ensemble:
@@ -144,10 +147,12 @@ def _from_dict(state: dict) -> Ensemble:
         layers.setdefault(int(match["index"]), {})[match["kind"]] = (key, as_array(value))
     if len(prefixes) != 1:
         raise ValueError(f"parameter keys must share one prefix, got {sorted(prefixes)}")
-    params, keys = {}, {}
+    params, keys, without_bias = {}, {}, []
     for i, index in enumerate(sorted(layers)):
-        if set(layers[index]) != {"weight", "bias"}:
-            raise ValueError(f"layer {index} needs both a weight and a bias")
+        if "weight" not in layers[index]:
+            raise ValueError(f"layer {index} has a bias but no weight")
+        if "bias" not in layers[index]:
+            without_bias.append(i)  # as nn.Linear(..., bias=False)
         for kind, (key, value) in layers[index].items():
             params[f"layers.{i}.{kind}"] = value
             keys[f"layers.{i}.{kind}.grad"] = key
@@ -159,7 +164,7 @@ def _from_dict(state: dict) -> Ensemble:
         int(params[f"layers.{i}.weight"].shape[1]) for i in range(num_layers)
     ]
     as_torch = any(is_torch(v) for v in params.values())
-    return Ensemble(params, sizes, None, None, "dict", keys, as_torch)
+    return Ensemble(params, sizes, None, None, "dict", keys, as_torch, tuple(without_bias))
 
 
 def _is_network(x: Any) -> bool:

@@ -51,10 +51,26 @@ class MLPSpec:
     layer_sizes: tuple[int, ...]
     hidden_activation: Activation = Activation("relu")
     output_activation: Activation = Activation("identity")
+    # Layers without a bias (nn.Linear(..., bias=False)), sorted. Engines compute them with
+    # a zero bias, whose gradient they return as zeros (so optimiser steps keep it zero),
+    # and leave it out of per-sample gradient norms.
+    layers_without_bias: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_sizes) - 1
+
+    def has_bias(self, layer: int) -> bool:
+        return layer not in self.layers_without_bias
+
+    def parameter_names(self) -> list[str]:
+        """Wire names of the parameters, first layer first ("layers.0.weight", ...)."""
+        names = []
+        for i in range(self.num_layers):
+            names.append(f"layers.{i}.weight")
+            if self.has_bias(i):
+                names.append(f"layers.{i}.bias")
+        return names
 
     def activation_after(self, layer: int) -> Activation:
         last = layer == self.num_layers - 1

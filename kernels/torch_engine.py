@@ -80,14 +80,15 @@ def forward_loss(job: EnsembleJob, weights, biases, x, targets, sample_weights, 
     return reduce_loss(per, job.loss, job.mlp.layer_sizes[-1]), per, y
 
 
-def per_sample_gradient_norms(trace, dz) -> torch.Tensor:
+def per_sample_gradient_norms(trace, dz, mlp: MLPSpec) -> torch.Tensor:
     """Norm of each sample's gradient over all weights and biases, [M, N], without forming
     per-sample gradients: a sample's weight gradient in a linear layer is the outer product
     of its dLoss/dz and its layer input, so its squared norm is |dz|^2 * |a|^2 (plus |dz|^2
-    for the bias)."""
+    for the bias, where the layer has one)."""
     total = 0
-    for (h_t, _), g in zip(trace, dz, strict=True):
-        total = total + g.square().sum(dim=1) * (h_t.square().sum(dim=1) + 1)
+    for i, ((h_t, _), g) in enumerate(zip(trace, dz, strict=True)):
+        bias = 1 if mlp.has_bias(i) else 0
+        total = total + g.square().sum(dim=1) * (h_t.square().sum(dim=1) + bias)
     return total.sqrt()
 
 
@@ -210,7 +211,7 @@ def _run(job: EnsembleJob, device: torch.device) -> EnsembleResult:
         grads = list(torch.autograd.grad(loss.sum(), wrt)) if wrt else []
         dz = grads[len(leaves) :]
         grads = grads[: len(leaves)]
-        norms = per_sample_gradient_norms(trace, dz) if norms_needed else None
+        norms = per_sample_gradient_norms(trace, dz, job.mlp) if norms_needed else None
 
     result = EnsembleResult(loss=loss.detach(), engine="torch", device=str(device))
     if want.parameter_gradients and dp is not None:

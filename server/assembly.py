@@ -130,12 +130,17 @@ class PayloadAssembler:
 def engine_job(plan: JobPlan, t: dict[str, torch.Tensor], **overrides) -> EnsembleJob:
     """The engine job of a plan over its tensors by wire name; `overrides`: EnsembleJob
     fields that differ from the plan's."""
-    num_layers = plan.mlp.num_layers
+    num_layers, m = plan.mlp.num_layers, plan.num_models
+    sizes = plan.mlp.layer_sizes
     fields = dict(
         mlp=plan.mlp,
         loss=plan.loss,
         weights=[t[f"layers.{i}.weight"] for i in range(num_layers)],
-        biases=[t[f"layers.{i}.bias"] for i in range(num_layers)],
+        # a layer without a bias computes with a zero one (kernels.spec.MLPSpec)
+        biases=[
+            t[f"layers.{i}.bias"] if plan.mlp.has_bias(i) else torch.zeros(m, sizes[i + 1])
+            for i in range(num_layers)
+        ],  # fmt: skip
         inputs=t["inputs"],
         targets=t["targets"],
         sample_weights=t.get("sample_weights"),

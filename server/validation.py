@@ -132,9 +132,7 @@ class JobPlan:
         """Names of the optimiser state tensors of every parameter (none without steps)."""
         if self.optimizer is None:
             return []
-        params = [
-            f"layers.{i}.{kind}" for i in range(self.mlp.num_layers) for kind in ("weight", "bias")
-        ]
+        params = self.mlp.parameter_names()
         return [f"{p}.{s}" for p in params for s in self.optimizer.state_names]
 
     @property
@@ -192,8 +190,9 @@ class JobPlan:
             for i in reversed(range(self.mlp.num_layers)):
                 w = (m, sizes[i + 1], sizes[i])
                 out.append(codec.descriptor(f"layers.{i}.weight.grad", self.gradient_dtype, w))
-                b = (m, sizes[i + 1])
-                out.append(codec.descriptor(f"layers.{i}.bias.grad", self.gradient_dtype, b))
+                if self.mlp.has_bias(i):
+                    b = (m, sizes[i + 1])
+                    out.append(codec.descriptor(f"layers.{i}.bias.grad", self.gradient_dtype, b))
         if self.outputs.input_gradients:
             out.append(codec.descriptor("inputs.grad", self.gradient_dtype, (m, n, sizes[0])))
         return out
@@ -205,7 +204,8 @@ class JobPlan:
         out = [codec.descriptor("losses", dtype, (self.optimizer.steps, m))]
         for i in reversed(range(self.mlp.num_layers)):
             out.append(codec.descriptor(f"layers.{i}.weight", dtype, (m, sizes[i + 1], sizes[i])))
-            out.append(codec.descriptor(f"layers.{i}.bias", dtype, (m, sizes[i + 1])))
+            if self.mlp.has_bias(i):
+                out.append(codec.descriptor(f"layers.{i}.bias", dtype, (m, sizes[i + 1])))
         if self.optimizer.return_state:
             shapes = {d.name: tuple(d.shape) for d in out}
             for name in self.optimizer_state_names():
@@ -394,13 +394,26 @@ def _layer_sizes(arch: pb.Architecture, config: ServerConfig) -> tuple[int, ...]
     return sizes
 
 
-def _expected_shapes(sizes, loss: str, m: int, n: int, shared: bool, has_weights: bool):
+def _layers_without_bias(arch: pb.Architecture, num_layers: int) -> tuple[int, ...]:
+    layers = tuple(arch.layers_without_bias)
+    if any(not 0 <= i < num_layers for i in layers) or len(set(layers)) != len(layers):
+        raise invalid(
+            f"architecture.layers_without_bias must name distinct layers in [0, {num_layers}), "
+            f"got {list(layers)}",
+            "architecture.layers_without_bias",
+        )
+    return tuple(sorted(layers))
+
+
+def _expected_shapes(mlp: MLPSpec, loss: str, m: int, n: int, shared: bool, has_weights: bool):
     """name -> (allowed dtypes, expected shape) for every tensor the job must carry."""
+    sizes = mlp.layer_sizes
     lead = (n,) if shared else (m, n)
     expected = {}
     for i in range(len(sizes) - 1):
         expected[f"layers.{i}.weight"] = (codec.FLOAT_DTYPES, (m, sizes[i + 1], sizes[i]))
-        expected[f"layers.{i}.bias"] = (codec.FLOAT_DTYPES, (m, sizes[i + 1]))
+        if mlp.has_bias(i):
+            expected[f"layers.{i}.bias"] = (codec.FLOAT_DTYPES, (m, sizes[i + 1]))
     expected["inputs"] = (codec.FLOAT_DTYPES, (*lead, sizes[0]))
     if loss == "cross_entropy":
         expected["targets"] = (codec.INT_DTYPES, lead)
@@ -436,6 +449,8 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
     sizes = _layer_sizes(header.architecture, config)
     hidden = _activation(header.architecture.hidden_activation, "hidden_activation")
     output = _activation(header.architecture.output_activation, "output_activation")
+    no_bias = _layers_without_bias(header.architecture, len(sizes) - 1)
+    mlp = MLPSpec(sizes, hidden, output, no_bias)
     loss = _loss(header.loss)
     precision = _enum(header.precision, PRECISION_NAMES, "precision")
     backend = _enum(header.backend, BACKEND_NAMES, "backend")
@@ -476,7 +491,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             f"{list(w0_shape)} and {list(in_shape)}"
         )
     m, n, shared = w0_shape[0], in_shape[-2], len(in_shape) == 2
-    expected = _expected_shapes(sizes, loss.name, m, n, shared, "sample_weights" in declared)
+    expected = _expected_shapes(mlp, loss.name, m, n, shared, "sample_weights" in declared)
     carries_state = optimizer is not None and any(name not in expected for name in declared)
     if optimizer is not None and optimizer.state_names:
         # Adam's bias correction counts the steps the state has taken: state and start_step
@@ -502,8 +517,11 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
                     expected[f"{param}.{state}"] = (dtypes, shape)
     for name in declared:
         if name not in expected:
+            without = [f"layers.{i}.bias" for i in mlp.layers_without_bias]
+            why = " (architecture.layers_without_bias names its layer)" if name in without else ""
             raise invalid(
-                f"unexpected tensor {name!r} (expected {sorted(expected)})", f"tensors[{name}]"
+                f"unexpected tensor {name!r}{why} (expected {sorted(expected)})",
+                f"tensors[{name}]",
             )
     tensors: dict[str, TensorSpec] = {}
     # dimensions of each sample tensor when shared by all models ([N, ...])
@@ -555,7 +573,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
     if n > config.max_samples:
         raise too_large(f"N={n} samples exceed the limit of {config.max_samples}")
     plan = JobPlan(
-        mlp=MLPSpec(sizes, hidden, output),
+        mlp=mlp,
         loss=loss,
         outputs=OutputRequest(
             parameter_gradients=not header.outputs.skip_parameter_gradients,

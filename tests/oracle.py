@@ -66,10 +66,12 @@ def oracle(
     for k in range(m):
         mods: list[nn.Module] = []
         for i in range(num_layers):
-            lin = nn.Linear(layer_sizes[i], layer_sizes[i + 1]).double()
+            has_bias = f"layers.{i}.bias" in params  # else nn.Linear(..., bias=False)
+            lin = nn.Linear(layer_sizes[i], layer_sizes[i + 1], bias=has_bias).double()
             with torch.no_grad():
                 lin.weight.copy_(params[f"layers.{i}.weight"][k].double())
-                lin.bias.copy_(params[f"layers.{i}.bias"][k].double())
+                if has_bias:
+                    lin.bias.copy_(params[f"layers.{i}.bias"][k].double())
             mods.append(lin)
             if i < num_layers - 1:
                 mods.append(activation_module(hidden, negative_slope))
@@ -104,7 +106,8 @@ def oracle(
         for i in range(num_layers):
             lin = net[2 * i]
             grads.setdefault(f"layers.{i}.weight.grad", []).append(lin.weight.grad)
-            grads.setdefault(f"layers.{i}.bias.grad", []).append(lin.bias.grad)
+            if lin.bias is not None:
+                grads.setdefault(f"layers.{i}.bias.grad", []).append(lin.bias.grad)
     return OracleResult(
         loss=torch.stack(losses),
         grads={k: torch.stack(v) for k, v in grads.items()},

@@ -34,16 +34,19 @@ def per_sample_gradients(tensors, sizes, hidden, loss, reduction) -> dict[str, t
     count = 1 if reduction == "sum" else n * (1 if loss == "cross_entropy" else sizes[-1])
     layers = len(sizes) - 1
     out: dict[str, list[torch.Tensor]] = {}
+    # a layer whose bias is missing has none (nn.Linear(..., bias=False))
+    kinds = [("weight", "bias") if f"layers.{i}.bias" in tensors else ("weight",)
+             for i in range(layers)]  # fmt: skip
     for k in range(m):
         mods = []
         for i in range(layers):
-            mods.append(nn.Linear(sizes[i], sizes[i + 1]).double())
+            mods.append(nn.Linear(sizes[i], sizes[i + 1], bias=len(kinds[i]) == 2).double())
             mods.append(activation_module(hidden if i < layers - 1 else "identity"))
         net = nn.Sequential(*mods)
         params = {
             f"{2 * i}.{kind}": tensors[f"layers.{i}.{kind}"][k].double()
             for i in range(layers)
-            for kind in ("weight", "bias")
+            for kind in kinds[i]
         }
         x = tensors["inputs"][k].double()
         t = tensors["targets"][k]
@@ -56,7 +59,7 @@ def per_sample_gradients(tensors, sizes, hidden, loss, reduction) -> dict[str, t
 
         grads = vmap(grad(f), in_dims=(None, 0, 0, 0))(params, x, t, w)
         for i in range(layers):
-            for kind in ("weight", "bias"):
+            for kind in kinds[i]:
                 out.setdefault(f"layers.{i}.{kind}", []).append(grads[f"{2 * i}.{kind}"])
     return {name: torch.stack(g) for name, g in out.items()}
 

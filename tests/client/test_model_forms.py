@@ -165,6 +165,71 @@ def test_nested_sequentials_and_identities_are_the_network_they_compute(client, 
             torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6)
 
 
+def bias_free_net(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 6, bias=False), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
+                         nn.Linear(5, 2, bias=False))  # fmt: skip
+
+
+def test_layers_without_bias_in_every_form(client):
+    """nn.Linear(..., bias=False) as torch computes it: no bias is sent and none comes back,
+    for a Sequential, a list of them, their stack_module_state and a dict of arrays."""
+    nets = [bias_free_net(20 + k) for k in range(2)]
+    x, y = torch.randn(7, 3), torch.randn(7, 2)
+    single = client.compute(nets[0], x, y)
+    assert set(single.gradients) == {"0.weight", "2.weight", "2.bias", "4.weight"}
+    listed = client.compute(nets, x, y)
+    params, _ = torch.func.stack_module_state(nets)
+    stacked = client.compute(dict(params), x, y, hidden_activation="tanh")
+    arrays = {f"layers.{i}.weight": params[f"{2 * i}.weight"].detach().numpy() for i in range(3)}
+    arrays["layers.1.bias"] = params["2.bias"].detach().numpy()
+    numpy = client.compute(arrays, x.numpy(), y.numpy(), hidden_activation="tanh")
+    assert single.summary["bytes_received"] == 4 * (18 + 30 + 5 + 10 + 21 + 14)
+    for k, net in enumerate(nets):
+        expected = torch_grads(net, x, y)
+        got = [listed.gradients[k], {n: g[k] for n, g in stacked.gradients.items()},
+               {n: torch.from_numpy(numpy.gradients[f"layers.{int(n[0]) // 2}.{n[2:]}"][k])
+                for n in expected}]  # fmt: skip
+        if k == 0:
+            got.append(single.gradients)
+        for grads in got:
+            assert set(grads) == set(expected)
+            for n, g in expected.items():
+                torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6)
+
+
+def test_training_a_network_with_layers_without_bias(client):
+    net = bias_free_net(22)
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    result = client.compute(net, x, y, optimizer="adam", learning_rate=0.01, steps=5,
+                            return_optimizer_state=True)  # fmt: skip
+    assert set(result.parameters) == {"0.weight", "2.weight", "2.bias", "4.weight"}
+    assert not any(".bias" in n and not n.startswith("layers.1.") for n in result.optimizer_state)
+    optim = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(5):
+        optim.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        optim.step()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(result.parameters[n], p.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_per_sample_norms_of_a_network_with_layers_without_bias(client):
+    """Each sample's gradient norm over the parameters it has (torch.func per-sample)."""
+    net = bias_free_net(23)
+    x, y = torch.randn(9, 3), torch.randn(9, 2)
+    result = client.compute(net, x, y, per_sample_gradient_norms=True)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def own_loss(p, xn, yn):  # a sample's contribution to the mean loss
+        out = torch.func.functional_call(net, p, (xn[None],))
+        return nn.functional.mse_loss(out, yn[None], reduction="sum") / (9 * 2)
+
+    grads = torch.func.vmap(torch.func.grad(own_loss), in_dims=(None, 0, 0))(params, x, y)
+    want = sum(g.reshape(9, -1).square().sum(1) for g in grads.values()).sqrt()
+    torch.testing.assert_close(result.per_sample_grad_norm[0], want, rtol=1e-5, atol=1e-8)
+
+
 def test_bfloat16_parameters_and_samples_cross_the_wire_as_their_values(client):
     """bfloat16 tensors are sent as bfloat16 (2 bytes each) and widened on the server: the
     result equals the job sent as the same values in float32, bit for bit."""

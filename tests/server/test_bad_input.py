@@ -231,6 +231,23 @@ CASES = {
         with_header(lambda h: h.tensors.add(name="extra", dtype=pb.DATA_TYPE_FLOAT32, shape=[1])),
         INVALID,
     ),
+    # layers without a bias: indices in range, each once, and no bias tensor for them
+    "layer without bias out of range": (
+        with_header(lambda h: h.architecture.layers_without_bias.append(len(SIZES) - 1)),
+        INVALID,
+    ),
+    "negative layer without bias": (
+        with_header(lambda h: h.architecture.layers_without_bias.append(-1)),
+        INVALID,
+    ),
+    "layer without bias named twice": (
+        with_header(lambda h: h.architecture.layers_without_bias.extend([0, 0])),
+        INVALID,
+    ),
+    "bias sent for a layer without one": (
+        with_header(lambda h: h.architecture.layers_without_bias.append(1)),
+        INVALID,
+    ),
     "stream ends before all bytes": (valid_stream()[:-1], INVALID),
     "duplicate chunk": (valid_stream() + [valid_stream()[2]], INVALID),
     "chunks out of order": (

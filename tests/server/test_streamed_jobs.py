@@ -214,3 +214,16 @@ def test_four_million_samples_stream_through_bounded_server_memory():
         for j in range(m):
             err = np.linalg.norm(result.gradients[k][j] - ref[j].numpy()) / ref[j].norm().item()
             assert err < 1e-4, (k, j, err)  # float32 sums over 4M samples, in 200 groups
+
+
+def test_streamed_layers_without_bias_equal_one_shot(client):
+    """Plain and DP-clipped gradients of a network whose first and last layers have no
+    bias: the streamed job's equal the one-shot job's, and no such bias comes back."""
+    params, x, y, kw = shared_job(3, 700, weights=False)
+    del params["layers.0.bias"], params["layers.2.bias"]
+    for opts in ({}, dict(clip_norm=0.05)):
+        whole = client.compute(params, x, y, **opts)
+        streamed = client.compute(params, x, y, micro_batch_samples=128, **opts)
+        assert sorted(streamed.gradients) == sorted(params)
+        for name, g in whole.gradients.items():
+            np.testing.assert_allclose(streamed.gradients[name], g, rtol=1e-4, atol=1e-7)

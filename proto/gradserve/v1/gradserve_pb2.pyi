@@ -115,14 +115,16 @@ class Activation(_message.Message):
     def __init__(self, kind: _Optional[_Union[ActivationKind, str]] = ..., negative_slope: _Optional[float] = ...) -> None: ...
 
 class Architecture(_message.Message):
-    __slots__ = ("layer_sizes", "hidden_activation", "output_activation")
+    __slots__ = ("layer_sizes", "hidden_activation", "output_activation", "layers_without_bias")
     LAYER_SIZES_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_WITHOUT_BIAS_FIELD_NUMBER: _ClassVar[int]
     layer_sizes: _containers.RepeatedScalarFieldContainer[int]
     hidden_activation: Activation
     output_activation: Activation
-    def __init__(self, layer_sizes: _Optional[_Iterable[int]] = ..., hidden_activation: _Optional[_Union[Activation, _Mapping]] = ..., output_activation: _Optional[_Union[Activation, _Mapping]] = ...) -> None: ...
+    layers_without_bias: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer_sizes: _Optional[_Iterable[int]] = ..., hidden_activation: _Optional[_Union[Activation, _Mapping]] = ..., output_activation: _Optional[_Union[Activation, _Mapping]] = ..., layers_without_bias: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Loss(_message.Message):
     __slots__ = ("kind", "reduction", "huber_delta")
