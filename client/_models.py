@@ -4,7 +4,7 @@ Accepted: an `nn.Sequential` of Linear + activation modules (M = 1; a lone `nn.L
 one-layer network), a list of them (same architecture), or a dict of stacked parameters:
 gradserve's own `layers.{i}.weight` [M, ...] names or a `torch.func.stack_module_state` dict
 of a Sequential (`0.weight`, `2.weight`, ...). A layer without a bias (nn.Linear(...,
-bias=False), or no bias key in a dict) is sent as one (Architecture.layers_without_bias).
+bias=False), or no bias key in a dict) is sent without one (Architecture.layers_without_bias).
 """
 
 from __future__ import annotations
