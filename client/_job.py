@@ -327,7 +327,8 @@ def _set_optimizer(o: pb.OptimizerOptions, opts: JobOptions) -> None:
 class ComputeResult:
     """What a job returned, in the kind (numpy or torch) and form the caller gave.
 
-    loss: [M] per-model loss (a scalar for a single nn.Sequential).
+    loss: [M] per-model loss. For a single nn.Sequential every result but `tensors` comes
+    without the model axis, as torch gives it: the loss a scalar, outputs [N, dL], ...
     gradients: parameter gradients keyed like the caller's parameters (a list of dicts for
         a list of Sequentials), or None when not requested.
     input_gradients [M, N, d0], per_sample_loss [M, N], per_sample_grad_norm [M, N],
@@ -369,19 +370,26 @@ def is_parameter(name: str) -> bool:
 def result_from_tensors(ensemble: Ensemble, tensors: dict[str, Any], **meta) -> ComputeResult:
     """A ComputeResult from result tensors by wire name, in the caller's form and kind;
     `meta`: job_id, engine, device, summary."""
+    # A single nn.Sequential's results have no model axis, as torch gives them for it
+    # (its loss a scalar, its outputs [N, dL] like net(x), its input gradients like x.grad).
+    one = ensemble.form == "sequential"
+
+    def per_model(t):
+        return t[0] if one and t is not None else t
+
     if "losses" in tensors:  # optimiser steps
         params = {k: v for k, v in tensors.items() if is_parameter(k)}
         state = {k: v for k, v in tensors.items() if k.startswith("layers.") and k not in params}
         losses = tensors["losses"]
         return ComputeResult(
-            loss=losses[-1][0] if ensemble.form == "sequential" else losses[-1],
+            loss=per_model(losses[-1]),
             gradients=None,
             input_gradients=None,
             per_sample_loss=None,
             per_sample_grad_norm=None,
             outputs=None,
             tensors=tensors,
-            losses=losses,
+            losses=losses[:, 0] if one else losses,
             parameters=ensemble.parameters_back(params),
             optimizer_state=state or None,
             **meta,
@@ -389,12 +397,12 @@ def result_from_tensors(ensemble: Ensemble, tensors: dict[str, Any], **meta) -> 
     grads = {k: v for k, v in tensors.items() if k.startswith("layers.")}
     loss = tensors["loss"]
     return ComputeResult(
-        loss=loss[0] if ensemble.form == "sequential" else loss,
+        loss=per_model(loss),
         gradients=ensemble.gradients_back(grads) if grads else None,
-        input_gradients=tensors.get("inputs.grad"),
-        per_sample_loss=tensors.get("per_sample_loss"),
-        per_sample_grad_norm=tensors.get("per_sample_grad_norm"),
-        outputs=tensors.get("outputs"),
+        input_gradients=per_model(tensors.get("inputs.grad")),
+        per_sample_loss=per_model(tensors.get("per_sample_loss")),
+        per_sample_grad_norm=per_model(tensors.get("per_sample_grad_norm")),
+        outputs=per_model(tensors.get("outputs")),
         tensors=tensors,
         **meta,
     )

@@ -34,6 +34,25 @@ def test_single_sequential_returns_scalar_loss_and_its_own_parameter_names(clien
         torch.testing.assert_close(result.gradients[k], g, rtol=1e-5, atol=1e-6)
 
 
+def test_a_single_sequentials_results_have_no_model_axis(client):
+    """As torch gives them for one network: outputs like net(x), input gradients like
+    x.grad, one value per sample, one loss per step; `tensors` keeps the wire's [1, ...]."""
+    net = make_net(1)
+    x, y = torch.randn(11, 3, requires_grad=True), torch.randn(11, 2)
+    result = client.compute(net, x.detach(), y, input_gradients=True, forward_outputs=True,
+                            per_sample_losses=True, per_sample_gradient_norms=True)  # fmt: skip
+    out = net(x)
+    nn.functional.mse_loss(out, y).backward()
+    torch.testing.assert_close(result.outputs, out.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.input_gradients, x.grad, rtol=1e-5, atol=1e-7)
+    assert result.per_sample_loss.shape == result.per_sample_grad_norm.shape == (11,)
+    assert result.tensors["outputs"].shape == (1, 11, 2)
+    trained = client.compute(net, x.detach(), y, optimizer="sgd", learning_rate=0.1, steps=4)
+    assert trained.losses.shape == (4,) and trained.loss == trained.losses[-1]
+    listed = client.compute([net], x.detach(), y, forward_outputs=True)
+    assert listed.outputs.shape == (1, 11, 2) and listed.loss.shape == (1,)
+
+
 @pytest.mark.parametrize("hidden_slope", [0.0, 0.2])
 def test_sequential_leaky_relus_keep_their_slopes(client, hidden_slope):
     """Each LeakyReLU's own slope reaches the server, 0 included (the wire's 0 means the
@@ -227,7 +246,7 @@ def test_per_sample_norms_of_a_network_with_layers_without_bias(client):
 
     grads = torch.func.vmap(torch.func.grad(own_loss), in_dims=(None, 0, 0))(params, x, y)
     want = sum(g.reshape(9, -1).square().sum(1) for g in grads.values()).sqrt()
-    torch.testing.assert_close(result.per_sample_grad_norm[0], want, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(result.per_sample_grad_norm, want, rtol=1e-5, atol=1e-8)
 
 
 def test_bfloat16_parameters_and_samples_cross_the_wire_as_their_values(client):
