@@ -29,7 +29,6 @@ SHAPES = (
     ((32, 64, 64, 64, 1), 5, 256),
     ((17, 96, 96, 5), 2, 100),
 )
-BLOCKS = (32, 64, 128)
 WARPS = (4, 8)
 PRECISIONS = ("tf32", "bfloat16", "float32 tf32x3", "float32")
 
@@ -58,31 +57,40 @@ def run_child(case) -> tuple:
     return case, errors, failure
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument(
+        "--shapes", default=None,
+        help='JSON list of [layer sizes, M, N], e.g. \'[[[16, 48, 48, 3], 5, 33]]\'',
+    )  # fmt: skip
+    parser.add_argument("--blocks", default="32,64,128", help="BLOCK_N values, comma-separated")
+    parser.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help="comma-separated, e.g. bfloat16,float16"
+    )
     args = parser.parse_args()
     if args.one:
         sizes, m, n, label, block_n, warps = json.loads(args.one)
         print(json.dumps(check_one(tuple(sizes), m, n, label, block_n, warps)))
-        return
+        return 0
 
     import torch
 
     from tests.oracle import TOLERANCE
 
+    shapes = [(tuple(s), m, n) for s, m, n in json.loads(args.shapes)] if args.shapes else SHAPES
     cases = [
         (sizes, m, n, label, block_n, warps)
-        for sizes, m, n in SHAPES
-        for label in PRECISIONS
-        for block_n in BLOCKS
+        for sizes, m, n in shapes
+        for label in args.precisions.split(",")
+        for block_n in map(int, args.blocks.split(","))
         for warps in WARPS
     ]
     lines = [
         f"# Fused kernel configurations against the float64 oracle on "
-        f"{torch.cuda.get_device_name()}",
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'the interpreter'}",
         "",
         "gelu, huber, sample weights, input gradients; largest per-model relative L2 error "
         "over the outputs (tf32 bound 2e-3, as tests/kernels/test_tf32_rounding.py).",
@@ -112,7 +120,8 @@ def main() -> None:
                 with open(args.out, "w") as f:
                     f.write("\n".join(lines) + "\n")
     print(f"{bad} of {len(cases)} configurations failed or were wrong")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

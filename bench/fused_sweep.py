@@ -61,8 +61,8 @@ def with_config(
     and gradient sums stay replaced (None for all but the cap: its own choice)."""
     chosen = triton_fused.launch_config
 
-    def config(dp, n, m, device, precision):
-        own = chosen(dp, n, m, device, precision)
+    def config(widths, n, m, device, precision):
+        own = chosen(widths, n, m, device, precision)
         block = block_n or own.block_n
         return triton_fused.LaunchConfig(
             block, *triton_fused.sample_splits(n, block, m, device), warps or own.num_warps,
@@ -95,7 +95,6 @@ def main():
     args = parser.parse_args()
     device = torch.device("cpu" if args.cpu_check else "cuda")
     m, n, sizes = CPU_CHECK if args.cpu_check else TARGET
-    dp = triton_fused.padded_width(sizes)
     precisions = ("float32", "float32 tf32x3") if args.cpu_check else PRECISIONS
     if args.precisions:
         precisions = tuple(p.replace("-", " ") for p in args.precisions.split(","))
@@ -142,7 +141,11 @@ def main():
         job = sweep.make_job(m, n, sizes, precision, device)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         own = triton_fused.launch_config(
-            dp, n, m, device, triton_engine.precision_code(precision, method)
+            triton_fused.padded_widths(sizes),
+            n,
+            m,
+            device,
+            triton_engine.precision_code(precision, method),
         )
         own_config = (own.block_n, own.num_warps, own.max_registers, own.resident, own.carry)
         chosen = run_with(job, device, float32_matmul=method)

@@ -14,6 +14,9 @@
 # 64-row, 8-warp fault Triton's?), then the fused kernel's block sizes and warp counts
 # against the float64 oracle, one process each (bench/config_check.py:
 # $OUT/config_check.md).
+# `bash bench/gpu_check.sh configs --shapes JSON --precisions LIST` checks only those shapes
+# and precisions (bench/config_check.py's options), without the two-layer MLP check.
+# `bash bench/gpu_check.sh tests PYTEST_ARGS` runs only those GPU tests (gpu_tests.log).
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
@@ -50,10 +53,20 @@ export PYTHONPATH=/tmp/gradserve-src:$PWD${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$OUT/env.txt"
 
 if [ "${1:-}" = configs ]; then
-  echo "== a two-layer MLP alone, forward and backward: 64 and 128 rows, 4 and 8 warps"
-  timeout 120 python3 bench/chained_dot_check.py 2>&1 | tee "$OUT/chained_dot_check.md"
+  if [ $# -eq 1 ]; then
+    echo "== a two-layer MLP alone, forward and backward: 64 and 128 rows, 4 and 8 warps"
+    timeout 120 python3 bench/chained_dot_check.py 2>&1 | tee "$OUT/chained_dot_check.md"
+  fi
   echo "== fused kernel block sizes and warps against the oracle"
-  timeout 170 python3 bench/config_check.py --out "$OUT/config_check.md" 2>&1 | tail -80
+  timeout "${CONFIGS_TIMEOUT:-170}" python3 bench/config_check.py --out "$OUT/config_check.md" \
+    "${@:2}" 2>&1 | tail -100
+  exit "${PIPESTATUS[0]}"
+fi
+
+if [ "${1:-}" = tests ]; then
+  # `bash bench/gpu_check.sh tests PYTEST_ARGS`: only those GPU tests
+  timeout "${TESTS_TIMEOUT:-270}" python3 -m pytest -v -p no:cacheprovider -n 16 "${@:2}" 2>&1 \
+    | tee "$OUT/gpu_tests.log" | grep -E "FAILED|Error|passed|failed" | tail -40
   exit "${PIPESTATUS[0]}"
 fi
 

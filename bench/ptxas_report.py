@@ -142,7 +142,7 @@ def main() -> None:
     rows = []
     for label in ("float32", "float32 tf32x3", "tf32", "bfloat16"):
         code = triton_engine.precision_code(*precision_and_method(label))
-        own = triton_fused.launch_config(max(widths), 256, 1024, torch.device("cpu"), code)
+        own = triton_fused.launch_config(widths, 256, 1024, torch.device("cpu"), code)
         # none of it depends on the device
         chosen = (own.block_n, own.num_warps, own.max_registers, own.resident, own.carry)
         for config in CONFIGS:
@@ -152,7 +152,9 @@ def main() -> None:
                 print(rows[-1], flush=True)
         rows.append(row(label, chosen, False, True, chosen))
         print(rows[-1], flush=True)
-        wide = triton_fused.launch_config(128, 256, 1024, torch.device("cpu"), code)
+        wide = triton_fused.launch_config(
+            triton_fused.padded_widths(WIDE_SIZES), 256, 1024, torch.device("cpu"), code
+        )
         wide_chosen = (wide.block_n, wide.num_warps, wide.max_registers, wide.resident,
                        wide.carry)  # fmt: skip
         rows.append(row(label, wide_chosen, False, False, wide_chosen, WIDE_SIZES))

@@ -39,6 +39,7 @@ Torch twin: torch_engine.forward_loss (same math, autograd for the backward).
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -499,8 +500,21 @@ def faults_on_gpu(block_n: int, num_warps: int, precision: int) -> bool:
     return block_n == 64 and num_warps == 8 and precision != PRECISION_CODES["float32"]
 
 
-def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int) -> LaunchConfig:
-    """How to launch a job.
+def wrong_on_gpu(widths: tuple[int, ...], block_n: int, precision: int) -> bool:
+    """bfloat16 and float16 in blocks of 64 or 128 samples, in a network with a layer from
+    padded width 16 to 64: on an H100 with triton 3.6 that layer's weight gradient and the
+    input gradients came out 100-130% off, with 4 warps and with 8, while 32-sample blocks
+    were right in every network tried, as were the same blocks with input width 32 or hidden
+    width 32 (bench/results/config_check_h100_half.md). tf32 and float32 were right there."""
+    half = precision in (PRECISION_CODES["bfloat16"], PRECISION_CODES["float16"])
+    narrow_to_64 = any(a == 16 and b == 64 for a, b in itertools.pairwise(widths))
+    return half and narrow_to_64 and block_n > 32
+
+
+def launch_config(
+    widths: tuple[int, ...], n: int, m: int, device: torch.device, precision: int
+) -> LaunchConfig:
+    """How to launch a job whose layer widths pad to `widths`.
 
     BLOCK_N: 128 samples per block up to DP=64, 32 at DP=128, keeping the [BLOCK_N, DP]
     fp32 blocks in registers; larger blocks mean fewer weight reloads and partial-gradient
@@ -519,7 +533,9 @@ def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int)
     capped alternatives (more programs per SM, some spills) against this choice, and the
     `resident` and `carry` options (off here: on sm_90 they cut a block's barriers and
     shared and global memory operations, and add spills; bench/results/ptxas_sm90.md).
+    Configurations that fail on a GPU (faults_on_gpu, wrong_on_gpu) are never chosen.
     """
+    dp = max(widths)
     if dp == 128:
         block_n = 32
     elif dp == 64 and precision in (PRECISION_CODES["float32"], PRECISION_CODES["tf32"]):
@@ -527,6 +543,8 @@ def launch_config(dp: int, n: int, m: int, device: torch.device, precision: int)
     else:
         block_n = 128
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    if wrong_on_gpu(widths, block_n, precision):
+        block_n = 32
     num_warps = 4 if dp * block_n <= 32 * 64 else 8
     if faults_on_gpu(block_n, num_warps, precision):
         num_warps = 4
@@ -618,7 +636,7 @@ def fused_mlp(
     exact = tuple(d == p for d, p in zip(sizes, widths, strict=True))
     dp = max(widths)
     device = x.device
-    config = launch_config(dp, n, m, device, precision)
+    config = launch_config(widths, n, m, device, precision)
     block_n, splits, per_split = config.block_n, config.splits, config.blocks_per_split
     if device.type == "cuda" and faults_on_gpu(block_n, config.num_warps, precision):
         raise FaultingLaunch(

@@ -43,7 +43,9 @@ def main() -> int:
     from gradserve.kernels import triton_engine, triton_fused
 
     code = triton_engine.precision_code("float32")
-    config = triton_fused.launch_config(128, 256, 4, torch.device("cpu"), code)
+    config = triton_fused.launch_config(
+        triton_fused.padded_widths(ptxas_report.WIDE_SIZES), 256, 4, torch.device("cpu"), code
+    )
     chosen = (config.block_n, config.num_warps, None, config.resident, config.carry)
     found = ptxas_report.row("float32", chosen, False, False, chosen, ptxas_report.WIDE_SIZES)
     registers, spills = found[8], found[9]
