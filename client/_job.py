@@ -114,7 +114,8 @@ class JobOptions:
     optimizer_state: dict[str, Any] | None = None
     start_step: int = 0
     return_optimizer_state: bool = False
-    # Called as on_step(step, losses [M]) as each step's losses arrive.
+    # Called as on_step(step, losses [M]) as each step's losses arrive (for a single
+    # nn.Sequential the loss alone, as ComputeResult.losses has no model axis for it).
     on_step: Callable[[int, Any], None] | None = None
     # Called as on_progress(phase, done_bytes, total_bytes) as tensor bytes are handed to
     # gRPC ("upload") and as result bytes arrive ("download"); a retried job starts again.
@@ -500,7 +501,7 @@ class ResultAssembler:
             if k >= self.job.steps_handed:
                 raw = self.buffers["losses"][k * row : (k + 1) * row]
                 losses = from_wire(raw.copy(), d.dtype, (models,), self.job.as_torch)
-                self.job.on_step(k, losses)
+                self.job.on_step(k, losses[0] if self.job.ensemble.form == "sequential" else losses)
                 self.job.steps_handed = k + 1
             self.steps_reported += 1
 

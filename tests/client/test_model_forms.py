@@ -47,8 +47,11 @@ def test_a_single_sequentials_results_have_no_model_axis(client):
     torch.testing.assert_close(result.input_gradients, x.grad, rtol=1e-5, atol=1e-7)
     assert result.per_sample_loss.shape == result.per_sample_grad_norm.shape == (11,)
     assert result.tensors["outputs"].shape == (1, 11, 2)
-    trained = client.compute(net, x.detach(), y, optimizer="sgd", learning_rate=0.1, steps=4)
+    seen = []
+    trained = client.compute(net, x.detach(), y, optimizer="sgd", learning_rate=0.1, steps=4,
+                             on_step=lambda k, loss: seen.append(loss))  # fmt: skip
     assert trained.losses.shape == (4,) and trained.loss == trained.losses[-1]
+    assert all(loss.shape == () for loss in seen) and torch.equal(torch.stack(seen), trained.losses)
     listed = client.compute([net], x.detach(), y, forward_outputs=True)
     assert listed.outputs.shape == (1, 11, 2) and listed.loss.shape == (1,)
 
