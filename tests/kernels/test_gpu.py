@@ -93,6 +93,36 @@ def test_half_precision_layers_from_width_16_to_64(m, n, sizes, precision):
     check(triton_engine, sizes, tensors, precision, hidden="gelu", loss="huber")
 
 
+# Networks whose layers, between them, go from every padded width to every other one:
+# (P(i), P(i+1)) over {16, 32, 64} where 64 is the widest (launch_config's blocks of 64 and
+# 128 samples) and every pair with 128 (blocks of 32). A half-precision miscompile on an
+# H100 hid in one such pair (16 to 64) while the benchmark's and the tests' other networks
+# passed.
+WIDTH_PAIR_NETWORKS = [
+    (13, 16, 29, 50, 64),  # 16-16, 16-32, 32-64, 64-64
+    (64, 31, 17, 9, 40),  # 64-32, 32-32, 32-16, 16-64
+    (17, 50, 3),  # 32-64, 64-16
+    (9, 100, 128, 20),  # 16-128, 128-128, 128-32
+    (20, 90, 50, 70, 5),  # 32-128, 128-64, 64-128, 128-16
+]
+
+
+@pytest.mark.parametrize(
+    "precision, float32_matmul",
+    [*((p, "ieee") for p in triton_engine.PRECISIONS), ("float32", "tf32x3")],
+)
+@pytest.mark.parametrize("n", [40, 300])
+@pytest.mark.parametrize("sizes", WIDTH_PAIR_NETWORKS)
+def test_every_pair_of_padded_widths(sizes, n, precision, float32_matmul):
+    """Each precision on every pair of adjacent padded widths, in the blocks launch_config
+    picks for 40 samples (64 or fewer per block) and for 300 (its largest)."""
+    tensors = random_job(sizes, 3, n, sample_weights=True, seed=n + len(sizes))
+    check(
+        triton_engine, sizes, tensors, precision, {"float32_matmul": float32_matmul},
+        hidden="gelu", loss="huber",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("m, n, sizes", SHAPES)
 def test_triton_float32_as_three_tf32_products(m, n, sizes):
     """float32_matmul="tf32x3" (float32 jobs on the tensor cores) held to float32's bound."""
