@@ -43,7 +43,6 @@ def select_engine(
     layer_sizes=(),
     non_finite: bool = False,
     samples_at_once: int = 0,
-    layers_without_bias: bool = False,
 ) -> str:
     """Resolve `auto | torch | triton` to an engine name, or raise EngineUnavailable.
     `auto` runs Triton on CUDA except where torch was measured faster (IEEE float32 jobs
@@ -54,9 +53,7 @@ def select_engine(
     where the Triton kernels' operand rounding turns the GPU's NaN into -0
     (triton_common.round_to_tf32). `samples_at_once`: the samples one launch computes (N,
     or a streamed job's micro-batch); with `layer_sizes`, it decides whether the Triton
-    kernels' 32-bit offsets within a model suffice (triton_engine.fits_int32_offsets).
-    `layers_without_bias`: some layer has no bias; the Triton kernels' per-sample norms
-    count every layer's bias, so such jobs that need norms run on torch."""
+    kernels' 32-bit offsets within a model suffice (triton_engine.fits_int32_offsets)."""
     engines = available_engines(device)
     if backend == "auto" and non_finite and job_precision == "tf32":
         return "torch"
@@ -67,13 +64,6 @@ def select_engine(
         and max(layer_sizes) > AUTO_TRITON_MAX_FLOAT32_WIDTH
     ):
         return "torch"
-    if per_sample_norms and layers_without_bias:
-        if backend == "triton":
-            raise EngineUnavailable(
-                "per-sample gradient norms and DP clipping on the triton engine need a bias "
-                "in every layer; use the torch engine"
-            )
-        backend = "torch" if backend == "auto" else backend
     if per_sample_norms and layer_sizes and max(layer_sizes) > FUSED_MAX_WIDTH:
         if backend == "triton":
             raise EngineUnavailable(

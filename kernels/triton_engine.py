@@ -146,6 +146,8 @@ def run(
             operands, biases, x, targets, sample_weights, **options, want_norms=norms_needed,
             clip=job.privacy.clip_norm if job.privacy is not None else None,
             own_scale=privacy.own_loss_scale(job) if job.privacy is not None else 1.0,
+            # only jobs with norms specialise on it: the other passes compute every bias
+            biased=tuple(map(job.mlp.has_bias, range(len(sizes) - 1))) if norms_needed else None,
         )  # fmt: skip
         if job.privacy is not None and weight_grads is not None:
             privacy.add_noise(

@@ -242,6 +242,7 @@ def _fused_mlp_kernel(
     DP: tl.constexpr,  # the scratch's row stride: the largest of WIDTHS
     WIDTHS: tl.constexpr,  # (P0, ..., PL): each layer width padded to a power of two >= 16
     EXACT: tl.constexpr,  # per width: d(i) == P(i) (no padding, no masks)
+    BIASED: tl.constexpr,  # per layer: it has a bias, which counts in per-sample norms
     DW_AT: tl.constexpr,  # GradientLayout: each layer's weight gradient in a program's row
     DB_AT: tl.constexpr,  # ... and its bias gradient
     GRAD_ROW: tl.constexpr,  # ... and the row's length
@@ -345,8 +346,9 @@ def _fused_mlp_kernel(
 
         if NORMS:
             # A first backward pass for each sample's gradient norm: a linear layer's weight
-            # gradient of one sample is dz a^T, so its squared norm is |dz|^2 (|a|^2 + 1)
-            # with the bias. Input gradients come from this pass (clipping leaves them be).
+            # gradient of one sample is dz a^T, so its squared norm is |dz|^2 |a|^2, and
+            # |dz|^2 more with the bias (dz itself). Input gradients come from this pass
+            # (clipping leaves them be).
             gn = g
             sq = tl.zeros([BLOCK_N], dtype=tl.float32)
             for layer in tl.static_range(L - 1, -1, -1):  # last layer first
@@ -362,7 +364,10 @@ def _fused_mlp_kernel(
                     # padded input features may be non-zero (sigmoid(0)): count real ones only
                     real = tl.arange(0, WIDTHS[layer]) < _width(sizes, layer, WIDTHS, EXACT)
                     h_in = tl.where(real[None, :], h_in, 0.0)
-                sq += tl.sum(dz * dz, 1) * (tl.sum(h_in * h_in, 1) + 1.0)
+                if BIASED[layer]:
+                    sq += tl.sum(dz * dz, 1) * (tl.sum(h_in * h_in, 1) + 1.0)
+                else:
+                    sq += tl.sum(dz * dz, 1) * tl.sum(h_in * h_in, 1)
                 if layer > 0 or WANT_DX:
                     w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
                     gn = matmul(dz, w, PRECISION)
@@ -610,6 +615,7 @@ def fused_mlp(
     want_norms: bool = False,
     clip: float | None = None,
     own_scale: float = 1.0,
+    biased: tuple[bool, ...] | None = None,
     profile: list | None = None,
 ):
     """Launcher: check -> allocate -> grid -> launch. Returns (weight gradients L x [M,
@@ -617,6 +623,8 @@ def fused_mlp(
     per-sample losses [M, N], outputs [M, N, dL] or None, per-sample gradient norms [M, N]
     or None. The gradients are views of one buffer (contiguous per model).
     With `clip` (DP-SGD) the gradients are clipped sums (want_norms is implied).
+    `biased`: per layer, whether it has a bias (default: all do); the norms leave out those
+    that do not (their zero biases' gradients are computed and left for the caller to drop).
 
     `profile` (benchmarks only): a list to receive (LaunchConfig, stamps), the kernel then
     built with timers. stamps int64 [M * S, 3 + blocks_per_split * (2L + 4)]: per program
@@ -671,7 +679,9 @@ def fused_mlp(
         0 if shared_t else targets.stride(0), targets.stride(-2 if loss != 4 else -1),
         0 if shared_w else n,
         hidden_slope, output_slope, delta, scale, clip or 0.0, own_scale,
-        L=num_layers, DP=dp, WIDTHS=widths, EXACT=exact, DW_AT=layout.weight_offsets,
+        L=num_layers, DP=dp, WIDTHS=widths, EXACT=exact,
+        BIASED=tuple(int(b) for b in biased) if biased else (1,) * num_layers,
+        DW_AT=layout.weight_offsets,
         DB_AT=layout.bias_offsets, GRAD_ROW=layout.row, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
         OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,

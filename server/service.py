@@ -309,7 +309,6 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 plan.mlp.layer_sizes,
                 plan.allow_non_finite,
                 plan.samples_at_once,
-                bool(plan.mlp.layers_without_bias),
             )
         except EngineUnavailable as e:
             raise unsupported(str(e)) from None
