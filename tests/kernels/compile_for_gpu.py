@@ -61,7 +61,7 @@ def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
 def fused_variants():
     widths = (16, 32, 32, 16)  # layer sizes (5, 32, 17, 3): the second needs no padding
     layout = triton_fused.GradientLayout.of(widths)
-    base = dict(L=3, DP=32, WIDTHS=widths, EXACT=(False, True, False, False),
+    base = dict(L=3, DP=32, WIDTHS=widths, EXACT=(False, True, False, False), BIASED=(1, 1, 1),
                 DW_AT=layout.weight_offsets, DB_AT=layout.bias_offsets, GRAD_ROW=layout.row,
                 BLOCK_N=32,
                 HIDDEN_ACT=ACT["gelu"], OUTPUT_ACT=ACT["sigmoid"], LOSS=LOSS["huber"],
@@ -90,6 +90,10 @@ def fused_variants():
     ce = dict(base, LOSS=LOSS["cross_entropy"], PRECISION=PREC["float32"], WANT_PARAM_GRADS=True,
               WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
     yield triton_fused._fused_mlp_kernel, ce, {**types, "t_ptr": "*i64"}
+    # norms and clipping of a network with layers without a bias
+    bias_free = dict(base, PRECISION=PREC["bfloat16"], WANT_PARAM_GRADS=True, WANT_DX=True,
+                     NORMS=True, CLIP=True, BIASED=(0, 1, 0))  # fmt: skip
+    yield triton_fused._fused_mlp_kernel, bias_free, {**types, "w_ptrs": ("*bf16",) * base["L"]}
     # the benchmarks' profiling build (timers: inline PTX the interpreter cannot run)
     profiled = dict(base, PRECISION=PREC["tf32"], WANT_PARAM_GRADS=True, WANT_DX=True,
                     NORMS=True, CLIP=False, PROFILE=True)  # fmt: skip
