@@ -14,9 +14,10 @@
 # 64-row, 8-warp fault Triton's?), then the fused kernel's block sizes and warp counts
 # against the float64 oracle, one process each (bench/config_check.py:
 # $OUT/config_check.md).
-# `bash bench/gpu_check.sh configs --shapes JSON --precisions LIST` checks only those shapes
-# and precisions (bench/config_check.py's options), without the two-layer MLP check.
-# `bash bench/gpu_check.sh tests PYTEST_ARGS` runs only those GPU tests (gpu_tests.log).
+# `bash bench/gpu_check.sh configs --shapes JSON --blocks LIST --precisions LIST` checks
+# only those (bench/config_check.py's options), without the two-layer MLP check, within
+# $CONFIGS_TIMEOUT seconds (170). `bash bench/gpu_check.sh tests PYTEST_ARGS` runs only
+# those GPU tests (gpu_tests.log) within $TESTS_TIMEOUT seconds (270).
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).

@@ -507,10 +507,11 @@ def faults_on_gpu(block_n: int, num_warps: int, precision: int) -> bool:
 
 def wrong_on_gpu(widths: tuple[int, ...], block_n: int, precision: int) -> bool:
     """bfloat16 and float16 in blocks of 64 or 128 samples, in a network with a layer from
-    padded width 16 to 64: on an H100 with triton 3.6 that layer's weight gradient and the
-    input gradients came out 100-130% off, with 4 warps and with 8, while 32-sample blocks
-    were right in every network tried, as were the same blocks with input width 32 or hidden
-    width 32 (bench/results/config_check_h100_half.md). tf32 and float32 were right there."""
+    padded width 16 to 64 (an input or hidden width of 16 or less next to one of 33-64): on
+    an H100 with triton 3.6 that layer's weight gradient and the gradients below it came out
+    100-190% off, with 4 warps and with 8, while 16- and 32-sample blocks were right in every
+    network tried, as were the same blocks with input width 32 or hidden width 32
+    (bench/results/config_check_h100_half.md). tf32 and float32 were right there."""
     half = precision in (PRECISION_CODES["bfloat16"], PRECISION_CODES["float16"])
     narrow_to_64 = any(a == 16 and b == 64 for a, b in itertools.pairwise(widths))
     return half and narrow_to_64 and block_n > 32

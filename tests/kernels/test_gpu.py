@@ -86,7 +86,7 @@ def test_triton_engine_in_64_sample_blocks(m, n, sizes, precision, float32_matmu
 )  # fmt: skip
 def test_half_precision_layers_from_width_16_to_64(m, n, sizes, precision):
     """A layer from padded width 16 to 64 in bfloat16 / float16 got weight and input
-    gradients 100-130% off on an H100 in 64- and 128-sample blocks
+    gradients 100-190% off on an H100 in 64- and 128-sample blocks
     (triton_fused.wrong_on_gpu): the blocks launch_config picks for such networks, the
     16-sample block of a small job, and the per-layer path, against the oracle."""
     tensors = random_job(sizes, m, n, sample_weights=True, seed=n)

@@ -84,7 +84,7 @@ WIDTHS = (
 
 def test_half_precision_layers_from_width_16_to_64_take_32_sample_blocks():
     """bfloat16 / float16 networks with a layer from padded width 16 to 64 got weight and
-    input gradients 100-130% off in 64- and 128-sample blocks on an H100, and right in
+    input gradients 100-190% off in 64- and 128-sample blocks on an H100, and right in
     32-sample blocks (bench/results/config_check_h100_half.md); the other networks and
     precisions keep their blocks."""
     import torch
