@@ -21,6 +21,11 @@ illegal memory accesses, depending on num_warps. A WRONG or FAILED row here says
 all ok says the fused kernel's own code. Each row also lists the matmuls' layouts found
 in the TTGIR (wgmma tiles with their warpsPerCTA, or mma v2).
 
+The backward also runs with inputs 16 wide (the first weight [64, 16]): in bfloat16 and
+float16 the fused kernel got that layer's weight gradient and the input gradients 100-190%
+off on an H100 in 64- and 128-row blocks, and right at input width 32
+(bench/results/config_check_h100_half.md, triton_fused.wrong_on_gpu).
+
   python bench/chained_dot_check.py          (GPU; `bash bench/gpu_check.sh configs`)
   TRITON_INTERPRET=1 python bench/chained_dot_check.py --cpu-check
   env -u TRITON_INTERPRET python bench/chained_dot_check.py --static   (layouts, no GPU)
@@ -29,6 +34,7 @@ in the TTGIR (wgmma tiles with their warpsPerCTA, or mma v2).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -46,7 +52,8 @@ ROWS = (64, 128)
 WARPS = (4, 8)
 PRECISIONS = ("tf32", "bfloat16")
 PARTS = ("forward", "backward")
-WIDTH = 64
+WIDTH = 64  # the hidden width
+NARROW_INPUT = 16  # the input width of the backward's extra cases
 # Processes at once: each is mostly CUDA start-up and one compile, the GPU work tiny.
 WORKERS = min(8, os.cpu_count() or 1)
 
@@ -69,16 +76,19 @@ def _mm(a, b, BF16: tl.constexpr):
 
 @triton.jit
 def _two_layer_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, colsum_ptr, dw1_ptr, dw2_ptr, dx_ptr, n,
-                      ROWS: tl.constexpr, D: tl.constexpr, BF16: tl.constexpr,
-                      BACKWARD: tl.constexpr):  # fmt: skip
+                      ROWS: tl.constexpr, D_IN: tl.constexpr, D: tl.constexpr,
+                      BF16: tl.constexpr, BACKWARD: tl.constexpr):  # fmt: skip
     block = tl.program_id(0)
     rows = block * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
+    in_cols = tl.arange(0, D_IN)
     mask = rows[:, None] < n
     tile = rows[:, None] * D + cols[None, :]
+    in_tile = rows[:, None] * D_IN + in_cols[None, :]
     square = cols[:, None] * D + cols[None, :]
-    x = tl.load(x_ptr + tile, mask=mask, other=0.0)
-    w1 = tl.load(w1_ptr + square)  # [out, in], as the fused kernel's weights
+    first = cols[:, None] * D_IN + in_cols[None, :]
+    x = tl.load(x_ptr + in_tile, mask=mask, other=0.0)
+    w1 = tl.load(w1_ptr + first)  # [out, in], as the fused kernel's weights
     w2 = tl.load(w2_ptr + square)
     # forward: z = h @ w^T, the second matmul's left operand the first's result
     z1 = _mm(x, tl.trans(w1), BF16)
@@ -90,8 +100,8 @@ def _two_layer_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, colsum_ptr, dw1_ptr, dw2_p
         g2 = tl.where(mask, z2, 0.0)
         tl.store(dw2_ptr + block * D * D + square, _mm(tl.trans(g2), h, BF16))
         g1 = tl.where(z1 > 0.0, _mm(g2, w2, BF16), 0.0)
-        tl.store(dw1_ptr + block * D * D + square, _mm(tl.trans(g1), x, BF16))
-        tl.store(dx_ptr + tile, _mm(g1, w1, BF16), mask=mask)
+        tl.store(dw1_ptr + block * D * D_IN + first, _mm(tl.trans(g1), x, BF16))
+        tl.store(dx_ptr + in_tile, _mm(g1, w1, BF16), mask=mask)
 
 
 def to_bf16(t: torch.Tensor) -> torch.Tensor:
@@ -128,26 +138,27 @@ def reference(x, w1, w2, n: int, rows: int, narrow) -> dict[str, torch.Tensor]:
     }
 
 
-def check_one(rows: int, warps: int, precision: str, part: str, n: int) -> dict:
+def check_one(rows: int, warps: int, precision: str, part: str, d_in: int, n: int) -> dict:
     """Run one configuration: each output's relative L2 error and the matmuls' layouts."""
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     g = torch.Generator().manual_seed(rows + warps)
     narrow = to_bf16 if precision == "bfloat16" else to_tf32
     # Loaded operands exactly representable in the precision; scaled to keep values O(1).
-    x = narrow(torch.randn(n, WIDTH, generator=g))
-    w1, w2 = (narrow(torch.randn(WIDTH, WIDTH, generator=g) / WIDTH**0.5) for _ in range(2))
+    x = narrow(torch.randn(n, d_in, generator=g))
+    w1 = narrow(torch.randn(WIDTH, d_in, generator=g) / d_in**0.5)
+    w2 = narrow(torch.randn(WIDTH, WIDTH, generator=g) / WIDTH**0.5)
     blocks = triton.cdiv(n, rows)
     outputs = {
         "out": torch.full((n, WIDTH), float("nan"), device=device),
         "colsum": torch.full((blocks, WIDTH), float("nan"), device=device),
-        "dw1": torch.full((blocks, WIDTH, WIDTH), float("nan"), device=device),
+        "dw1": torch.full((blocks, WIDTH, d_in), float("nan"), device=device),
         "dw2": torch.full((blocks, WIDTH, WIDTH), float("nan"), device=device),
-        "dx": torch.full((n, WIDTH), float("nan"), device=device),
+        "dx": torch.full((n, d_in), float("nan"), device=device),
     }
     backward = part == "backward"
     compiled = _two_layer_kernel[(blocks,)](
         *(t.float().to(device) for t in (x, w1, w2)), *outputs.values(), n, ROWS=rows,
-        D=WIDTH, BF16=precision == "bfloat16", BACKWARD=backward, num_warps=warps,
+        D_IN=d_in, D=WIDTH, BF16=precision == "bfloat16", BACKWARD=backward, num_warps=warps,
     )  # fmt: skip
     expected = reference(x, w1, w2, n, rows, narrow)
     checked = ("out", "colsum", "dw2", "dw1", "dx") if backward else ("out", "colsum")
@@ -168,29 +179,45 @@ def matmul_layouts(ttgir: str) -> list[str]:
     return [f"{r}x{c} {warps_of.get(m, 'mma v2')}" for r, c, m in re.findall(dots, ttgir)]
 
 
+def operand_swizzles(ttgir: str) -> list[str]:
+    """The shared-memory layouts of a kernel's wgmma operands in its TTGIR: swizzle width,
+    element bits, and "T" where transposed. Of the cases here, only 16-bit operands of 16
+    columns get 32-byte swizzling (bfloat16 with inputs 16 wide), the configuration the
+    fused kernel computed wrongly on an H100 in 64- and 128-row blocks."""
+    found = re.findall(
+        r"= #ttg\.nvmma_shared<\{swizzlingByteWidth = (\d+), transposed = (\w+), "
+        r"elementBitWidth = (\d+)\}>", ttgir,
+    )  # fmt: skip
+    return sorted({f"{w}B/{bits}b{' T' if t == 'true' else ''}" for w, t, bits in found})
+
+
 def static_layouts(n: int) -> None:
     """Compile every backward case for sm_90a without a GPU (bench/compile_only.py) and print
-    its matmuls' layouts: what the GPU run's last column will say, ahead of it."""
+    its matmuls' layouts and its operands' shared-memory swizzles: what the GPU run's last
+    column will say, ahead of it."""
     from triton.runtime import driver
 
     from bench.compile_only import CompileOnlyDriver
 
     driver.set_active(CompileOnlyDriver())
     print(f"triton {triton.__version__}, sm_90a, forward and backward")
-    for precision in PRECISIONS:
-        for rows in ROWS:
-            for warps in WARPS:
-                blocks = triton.cdiv(n, rows)
-                shapes = [(n, WIDTH), (WIDTH, WIDTH), (WIDTH, WIDTH), (n, WIDTH),
-                          (blocks, WIDTH), (blocks, WIDTH, WIDTH), (blocks, WIDTH, WIDTH),
-                          (n, WIDTH)]  # fmt: skip
-                compiled = _two_layer_kernel.run(
-                    *(torch.empty(shape) for shape in shapes), n, grid=(blocks,), warmup=True,
-                    ROWS=rows, D=WIDTH, BF16=precision == "bfloat16", BACKWARD=True,
-                    num_warps=warps,
-                )  # fmt: skip
-                layouts = ", ".join(matmul_layouts(compiled.asm["ttgir"]))
-                print(f"| {rows} | {warps} | {precision} | {layouts} |")
+    print("| input width | rows | warps | precision | matmul layouts | operand swizzles |")
+    print("|---|---|---|---|---|---|")
+    for d_in, precision, rows, warps in itertools.product(
+        (WIDTH, NARROW_INPUT), PRECISIONS, ROWS, WARPS
+    ):
+        blocks = triton.cdiv(n, rows)
+        shapes = [(n, d_in), (WIDTH, d_in), (WIDTH, WIDTH), (n, WIDTH), (blocks, WIDTH),
+                  (blocks, WIDTH, d_in), (blocks, WIDTH, WIDTH), (n, d_in)]  # fmt: skip
+        compiled = _two_layer_kernel.run(
+            *(torch.empty(shape) for shape in shapes), n, grid=(blocks,), warmup=True,
+            ROWS=rows, D_IN=d_in, D=WIDTH, BF16=precision == "bfloat16", BACKWARD=True,
+            num_warps=warps,
+        )  # fmt: skip
+        ttgir = compiled.asm["ttgir"]
+        layouts = ", ".join(matmul_layouts(ttgir))
+        swizzles = ", ".join(operand_swizzles(ttgir))
+        print(f"| {d_in} | {rows} | {warps} | {precision} | {layouts} | {swizzles} |")
 
 
 def main() -> None:
@@ -207,16 +234,19 @@ def main() -> None:
         print(json.dumps(check_one(*json.loads(args.one), n)))
         return
     precisions = PRECISIONS if not args.cpu_check else ("tf32",)
-    cases = [[r, w, p, part] for part in PARTS for p in precisions for r in ROWS for w in WARPS]
-    print("| part | rows | warps | precision | verdict | relative errors | matmul layouts |")
-    print("|---|---|---|---|---|---|---|")
+    cases = [[r, w, p, part, WIDTH] for part in PARTS for p in precisions for r in ROWS
+             for w in WARPS]  # fmt: skip
+    cases += [[r, w, p, "backward", NARROW_INPUT] for p in precisions for r in ROWS for w in WARPS]
+    print("| part | input width | rows | warps | precision | verdict | relative errors "
+          "| matmul layouts |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     bad = 0
     with ThreadPoolExecutor(WORKERS) as pool:
         # results in case order, each printed as soon as it and those before it are in
-        for (rows, warps, precision, part), (r, error) in zip(
+        for (rows, warps, precision, part, d_in), (r, error) in zip(
             cases, pool.map(lambda case: run_isolated(__file__, case), cases), strict=True
         ):
-            row = f"| {part} | {rows} | {warps} | {precision}"
+            row = f"| {part} | {d_in} | {rows} | {warps} | {precision}"
             if r is None:
                 print(f"{row} | FAILED | | {error[-200:]} |", flush=True)
                 bad += 1

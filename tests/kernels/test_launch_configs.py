@@ -124,8 +124,9 @@ def test_chained_matmul_check_runs_under_the_interpreter():
     Triton's, gets every configuration's forward and backward right where layouts do not
     exist."""
     lines = cpu_check_output("chained_dot_check.py")
-    assert sum(" | ok |" in line for line in lines) == 8
-    assert sum("dw1" in line and "dx" in line for line in lines) == 4
+    assert sum(" | ok |" in line for line in lines) == 12
+    assert sum("dw1" in line and "dx" in line for line in lines) == 8
+    assert sum(line.startswith("| backward | 16 |") for line in lines) == 4  # inputs 16 wide
 
 
 def test_kernel_benchmark_runs_every_row_under_the_interpreter():
