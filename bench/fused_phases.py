@@ -76,7 +76,7 @@ def run_profiled(job, device, records: list, float32_matmul: str = "ieee") -> No
     original = triton_fused.fused_mlp
     triton_fused.fused_mlp = functools.partial(original, profile=records)
     try:
-        triton_engine.run(job, device, float32_matmul=float32_matmul)
+        triton_engine.run(job, device, float32_matmul=float32_matmul, path="fused")
     finally:
         triton_fused.fused_mlp = original
 
@@ -98,7 +98,7 @@ def main() -> None:
             if profiled:
                 run_profiled(job, device, [], method)
             else:
-                triton_engine.run(job, device, float32_matmul=method)
+                triton_engine.run(job, device, float32_matmul=method, path="fused")
         torch.cuda.synchronize()
         return
     compile_in_parallel(__file__, min(len(builds), os.cpu_count() or 1))
@@ -117,7 +117,7 @@ def main() -> None:
         job = make_job(m, n, sizes, precision, device)
 
         def plain_run(job=job, method=method):
-            triton_engine.run(job, device, float32_matmul=method)
+            triton_engine.run(job, device, float32_matmul=method, path="fused")
 
         def profiled_run(job=job, method=method, records=None):
             run_profiled(job, device, [] if records is None else records, method)

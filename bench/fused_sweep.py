@@ -80,7 +80,7 @@ def run_with(
     original = triton_fused.launch_config
     triton_fused.launch_config = with_config(block_n, warps, max_registers, resident, carry)
     try:
-        return triton_engine.run(job, device, float32_matmul=float32_matmul)
+        return triton_engine.run(job, device, float32_matmul=float32_matmul, path="fused")
     finally:
         triton_fused.launch_config = original
 

@@ -38,18 +38,19 @@ from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
 CASES = [
     # (M, N, layer_sizes, precision, compare with torch.compile, the engine's path).
     # "float32 tf32x3": a float32 job with the engine's float32_matmul="tf32x3"; its peers
-    # are the float32 row's. "auto" is the path jobs take (fused up to width 128, per-layer
-    # beyond); the last rows force the per-layer GEMMs on jobs the fused kernel takes, to
-    # see which path is faster there (their peers are timed once, with the "auto" row). At
-    # padded width 128 the per-layer path was 2x (bfloat16) and 3.4x (float32) as fast as
-    # the fused kernel on an H100, at one job size: tf32 there, and a small job, tell
-    # whether `auto` should take it.
+    # are the float32 row's. "auto" is the path jobs take (triton_engine.takes_fused: fused
+    # up to width 128, but per-layer for bfloat16 / float16 wider than 64; per-layer
+    # beyond); "fused" and "per_layer" rows force one on jobs both paths take, to see which
+    # is faster there (their peers are timed once, with the first row of the job). At padded
+    # width 128 the per-layer path was 2x (bfloat16) and 3.4x (float32) as fast as the fused
+    # kernel on an H100, at one job size; tf32 there and a small bfloat16 job tell how far
+    # that holds.
     (1024, 256, (32, 64, 64, 64, 1), "float32", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "tf32", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "bfloat16", True, "auto"),
     (4096, 256, (16, 64, 64, 64, 1), "tf32", False, "auto"),
-    (256, 1024, (64, 128, 128, 128, 8), "bfloat16", False, "auto"),
+    (256, 1024, (64, 128, 128, 128, 8), "bfloat16", False, "fused"),
     (256, 1024, (64, 128, 128, 128, 8), "float32", False, "auto"),
     (8192, 64, (16, 32, 32, 1), "float32", False, "auto"),
     (16, 1024, (1024, 1024, 1024, 1), "float32", False, "auto"),
@@ -60,7 +61,7 @@ CASES = [
     (256, 1024, (64, 128, 128, 128, 8), "bfloat16", False, "per_layer"),
     (256, 1024, (64, 128, 128, 128, 8), "tf32", False, "auto"),
     (256, 1024, (64, 128, 128, 128, 8), "tf32", False, "per_layer"),
-    (64, 64, (64, 128, 128, 128, 8), "bfloat16", False, "auto"),
+    (64, 64, (64, 128, 128, 128, 8), "bfloat16", False, "fused"),
     (64, 64, (64, 128, 128, 128, 8), "bfloat16", False, "per_layer"),
 ]
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,8 +138,8 @@ def peer_times(job, sizes, precision, with_compile: bool) -> tuple[float, float,
     return t_eager, t_vmap, t_compile
 
 
-def takes_fused(sizes, path: str) -> bool:
-    return path == "fused" or (path == "auto" and max(sizes) <= triton_engine.FUSED_MAX_WIDTH)
+def takes_fused(sizes, precision: str, path: str) -> bool:
+    return triton_engine.takes_fused(precision, sizes, False, path)
 
 
 def cpu_check() -> None:
@@ -164,7 +165,7 @@ def cpu_check() -> None:
         # 5 samples reached 4.6e-2 ([32, 128, 128, 8]; the fused and per-layer paths, each
         # rounding its operands, agreed with each other to 1e-4 there)
         verdict = "ok" if error < (5e-2 if precision == "tf32" else 1e-5) else "WRONG"
-        fused = "fused" if takes_fused(sizes, path) else "per-layer"
+        fused = "fused" if takes_fused(sizes, precision, path) else "per-layer"
         print(f"| {label} | {list(sizes)} | {fused} | {verdict} | {error:.1e} |", flush=True)
         if verdict != "ok":
             raise SystemExit(f"{label} {sizes} {path}: relative error {error:.1e}")
@@ -215,7 +216,7 @@ def main():
         precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision, DEVICE)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        fused = takes_fused(sizes, path)
+        fused = takes_fused(sizes, precision, path)
         t_triton = bench(
             functools.partial(triton_engine.run, job, DEVICE, float32_matmul=method, path=path)
         )

@@ -2,7 +2,8 @@
 
 Widths up to 128 take the fully fused kernel (triton_fused.py: one launch for the whole
 job, plus a fixed-order reduction of per-program partial gradients when samples are split
-across programs); wider networks take the per-layer GEMM path (triton_layered.py). Both
+across programs); wider networks, and bfloat16 / float16 ones wider than 64 that need no
+per-sample norms, take the per-layer GEMM path (triton_layered.py; takes_fused). Both
 compute in fp32 with matmul operands in the job's precision, and are bit-identical from
 run to run. Kernels are specialised per architecture (depth, padded widths, activations,
 loss, precision are compile-time constants) and Triton caches each specialisation, so only
@@ -30,9 +31,28 @@ FLOAT32_MATMUL = "ieee"  # the default
 # Widest layer of the fully fused kernel (and of per-sample norms on this engine).
 FUSED_MAX_WIDTH = 128
 # Which kernels run a job: "auto" takes the fused kernel up to FUSED_MAX_WIDTH and the
-# per-layer GEMMs beyond; "fused" and "per_layer" force one (the benchmarks time both
-# paths on the same job; the per-layer path computes no per-sample norms).
+# per-layer GEMMs beyond (see takes_fused); "fused" and "per_layer" force one (the
+# benchmarks time both paths on the same job; the per-layer path computes no per-sample
+# norms).
 PATHS: tuple[str, ...] = ("auto", "fused", "per_layer")
+# bfloat16 and float16 networks wider than this take the per-layer GEMMs under "auto" even
+# where the fused kernel fits: at padded width 128 the fused kernel works in 32-sample
+# blocks, and on an H100 ([64, 128, 128, 128, 8], M=256, N=1024, bfloat16) it took 2.836 ms
+# to the per-layer path's 1.401 ms (torch eager 2.836 ms; bench/results/kernels_gpu_h100.md).
+# float16 runs the same tensor-core code. Jobs that need per-sample norms stay fused.
+AUTO_FUSED_MAX_HALF_WIDTH = 64
+HALF_PRECISIONS: tuple[str, ...] = ("bfloat16", "float16")
+
+
+def takes_fused(precision: str, layer_sizes, norms_needed: bool, path: str = "auto") -> bool:
+    """Whether a job runs on the fused kernel (else the per-layer GEMMs), for a path the job
+    can take (`run` refuses the others)."""
+    if path != "auto":
+        return path == "fused"
+    widest = max(layer_sizes)
+    if widest > FUSED_MAX_WIDTH:
+        return False
+    return norms_needed or not (precision in HALF_PRECISIONS and widest > AUTO_FUSED_MAX_HALF_WIDTH)
 
 
 def fits_int32_offsets(num_samples: int, layer_sizes) -> bool:
@@ -98,8 +118,8 @@ def run(
     fits_fused = max(job.mlp.layer_sizes) <= FUSED_MAX_WIDTH
     if path == "fused" and not fits_fused:
         raise ValueError(f"the fused kernel takes layers up to {FUSED_MAX_WIDTH} wide")
-    fused = fits_fused if path == "auto" else path == "fused"
     norms_needed = job.outputs.per_sample_gradient_norms or job.privacy is not None
+    fused = takes_fused(job.precision, job.mlp.layer_sizes, norms_needed, path)
     if norms_needed and not fused:
         raise ValueError(
             f"the triton engine computes per-sample gradient norms in its fused kernel only "

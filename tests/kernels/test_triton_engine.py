@@ -417,3 +417,47 @@ def test_gradient_sums_kept_in_registers_give_the_same_bits_for_zero_gradients(m
     dead = [result["layers.0.bias.grad"][0, 2] for result in results]
     assert dead[0].item() == 0.0 and same_bits(dead[0], dead[1])
     assert_same_results(results[0], results[1], "float32", exact=DEVICE == "cpu")
+
+
+def test_auto_path_takes_the_per_layer_gemms_for_wide_half_precision_networks():
+    """At padded width 128 the fused kernel runs 32-sample blocks and took twice the
+    per-layer path's time in bfloat16 on an H100: `auto` sends bfloat16 / float16 networks
+    wider than 64 to the per-layer GEMMs, unless they need per-sample norms (fused only)."""
+    takes = triton_engine.takes_fused
+    for precision in ("bfloat16", "float16"):
+        assert takes(precision, (64, 64, 1), False)
+        assert not takes(precision, (64, 65, 1), False)
+        assert not takes(precision, (17, 96, 128, 5), False)
+        assert takes(precision, (17, 96, 128, 5), True)  # norms: the fused kernel's
+        assert takes(precision, (17, 96, 5), False, "fused")
+    for precision in ("float32", "tf32"):
+        assert takes(precision, (17, 96, 128, 5), False)
+    assert not takes("tf32", (5, 150, 3), False) and not takes("float16", (5, 150, 3), True)
+
+
+def test_auto_path_runs_those_networks_on_the_path_it_names(monkeypatch):
+    """A float16 network 96 wide runs on the per-layer GEMMs without norms and on the fused
+    kernel with them, each against the oracle / torch engine."""
+    if "float16" not in triton_engine.precisions():
+        pytest.skip("float16 is not computed here")
+    from gradserve.kernels import torch_engine, triton_fused, triton_layered
+
+    sizes = (9, 96, 5)
+    tensors = random_job(sizes, 2, 21, seed=31)
+    calls = []
+    for module, name in ((triton_fused, "fused_mlp"), (triton_layered, "layered_mlp")):
+        original = getattr(module, name)
+
+        def recorded(*args, original=original, name=name, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+    check(sizes, tensors, precision="float16", hidden="tanh")
+    assert calls == ["layered_mlp"]
+    job = ensemble_job(tensors, sizes, precision="float16", hidden="tanh")
+    job.outputs = dataclasses.replace(job.outputs, per_sample_gradient_norms=True)
+    got = triton_engine.run(job, DEVICE)
+    assert calls[1:] == ["fused_mlp"]
+    assert_close_per_model("per_sample_grad_norm", got.per_sample_grad_norm.cpu(),
+                           torch_engine.run(job).per_sample_grad_norm, "float16")  # fmt: skip
