@@ -124,6 +124,18 @@ def test_every_pair_of_padded_widths(sizes, n, precision, float32_matmul):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+@pytest.mark.parametrize("sizes", WIDTH_PAIR_NETWORKS)
+def test_every_pair_of_padded_widths_on_the_per_layer_path(sizes, precision):
+    """The per-layer GEMMs, which bfloat16 and float16 networks wider than 64 take under
+    `auto` (triton_engine.takes_fused), on the same width pairs."""
+    tensors = random_job(sizes, 3, 300, sample_weights=True, seed=len(sizes))
+    check(
+        triton_engine, sizes, tensors, precision, {"path": "per_layer"}, hidden="gelu",
+        loss="huber",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("m, n, sizes", SHAPES)
 def test_triton_float32_as_three_tf32_products(m, n, sizes):
     """float32_matmul="tf32x3" (float32 jobs on the tensor cores) held to float32's bound."""
