@@ -138,10 +138,6 @@ def peer_times(job, sizes, precision, with_compile: bool) -> tuple[float, float,
     return t_eager, t_vmap, t_compile
 
 
-def takes_fused(sizes, precision: str, path: str) -> bool:
-    return triton_engine.takes_fused(precision, sizes, False, path)
-
-
 def cpu_check() -> None:
     """Every row's Triton run on a few samples under the interpreter (wide layers cut to 130,
     still the per-layer path), against the torch engine, and its eager and vmap(grad)
@@ -165,7 +161,7 @@ def cpu_check() -> None:
         # 5 samples reached 4.6e-2 ([32, 128, 128, 8]; the fused and per-layer paths, each
         # rounding its operands, agreed with each other to 1e-4 there)
         verdict = "ok" if error < (5e-2 if precision == "tf32" else 1e-5) else "WRONG"
-        fused = "fused" if takes_fused(sizes, precision, path) else "per-layer"
+        fused = "fused" if triton_engine.takes_fused(precision, sizes, False, path) else "per-layer"
         print(f"| {label} | {list(sizes)} | {fused} | {verdict} | {error:.1e} |", flush=True)
         if verdict != "ok":
             raise SystemExit(f"{label} {sizes} {path}: relative error {error:.1e}")
@@ -216,7 +212,7 @@ def main():
         precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision, DEVICE)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        fused = takes_fused(sizes, precision, path)
+        fused = triton_engine.takes_fused(precision, sizes, False, path)
         t_triton = bench(
             functools.partial(triton_engine.run, job, DEVICE, float32_matmul=method, path=path)
         )

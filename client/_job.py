@@ -371,13 +371,7 @@ def is_parameter(name: str) -> bool:
 def result_from_tensors(ensemble: Ensemble, tensors: dict[str, Any], **meta) -> ComputeResult:
     """A ComputeResult from result tensors by wire name, in the caller's form and kind;
     `meta`: job_id, engine, device, summary."""
-    # A single nn.Sequential's results have no model axis, as torch gives them for it
-    # (its loss a scalar, its outputs [N, dL] like net(x), its input gradients like x.grad).
-    one = ensemble.form == "sequential"
-
-    def per_model(t):
-        return t[0] if one and t is not None else t
-
+    per_model = ensemble.per_model
     if "losses" in tensors:  # optimiser steps
         params = {k: v for k, v in tensors.items() if is_parameter(k)}
         state = {k: v for k, v in tensors.items() if k.startswith("layers.") and k not in params}
@@ -390,7 +384,7 @@ def result_from_tensors(ensemble: Ensemble, tensors: dict[str, Any], **meta) -> 
             per_sample_grad_norm=None,
             outputs=None,
             tensors=tensors,
-            losses=losses[:, 0] if one else losses,
+            losses=losses[:, 0] if ensemble.form == "sequential" else losses,
             parameters=ensemble.parameters_back(params),
             optimizer_state=state or None,
             **meta,
@@ -501,7 +495,7 @@ class ResultAssembler:
             if k >= self.job.steps_handed:
                 raw = self.buffers["losses"][k * row : (k + 1) * row]
                 losses = from_wire(raw.copy(), d.dtype, (models,), self.job.as_torch)
-                self.job.on_step(k, losses[0] if self.job.ensemble.form == "sequential" else losses)
+                self.job.on_step(k, self.job.ensemble.per_model(losses))
                 self.job.steps_handed = k + 1
             self.steps_reported += 1
 

@@ -33,6 +33,12 @@ class Ensemble:
     as_torch: bool
     layers_without_bias: tuple[int, ...] = ()  # nn.Linear(..., bias=False): no bias sent
 
+    def per_model(self, value: Any) -> Any:
+        """A result with a leading model axis in the caller's form: a single nn.Sequential's
+        without it, as torch gives them for one network (its loss a scalar, its outputs
+        [N, dL] like net(x), its input gradients like x.grad); None stays None."""
+        return value[0] if self.form == "sequential" and value is not None else value
+
     def gradients_back(self, grads: dict[str, Any]) -> Any:
         """{"layers.0.weight.grad": [M, ...]} -> the caller's form, keys and kind."""
         named = {self.original_keys[k]: v for k, v in grads.items()}

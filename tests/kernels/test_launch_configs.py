@@ -11,16 +11,22 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def cpu_check_output(script: str, *options: str) -> list[str]:
-    """The output lines of `bench/<script> --cpu-check` under the interpreter, which exits 0
-    only if every configuration's gradients agree with the expected ones."""
+def interpreted_output(script: str, *options: str) -> list[str]:
+    """The output lines of `bench/<script> <options>` under the interpreter, which must
+    exit 0."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", script), "--cpu-check", *options],
+        [sys.executable, os.path.join(ROOT, "bench", script), *options],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout.splitlines()
+
+
+def cpu_check_output(script: str, *options: str) -> list[str]:
+    """The output lines of `bench/<script> --cpu-check`, which exits 0 only if every
+    configuration's gradients agree with the expected ones."""
+    return interpreted_output(script, "--cpu-check", *options)
 
 
 def test_every_swept_configuration_agrees_with_the_chosen_one():
@@ -107,15 +113,12 @@ def test_half_precision_layers_from_width_16_to_64_take_32_sample_blocks():
 def test_configuration_check_runs_under_the_interpreter():
     """bench/config_check.py, which found the wrong half-precision blocks on a GPU, with the
     options that narrow it to a few shapes, blocks and precisions."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
     shapes = "[[[16, 48, 48, 3], 2, 33], [[5, 13, 7, 3], 1, 1]]"
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "config_check.py"), "--shapes", shapes,
-         "--blocks", "16,32", "--precisions", "float32,tf32", "--workers", "2"],
-        capture_output=True, text=True, env=env, timeout=300,
+    lines = interpreted_output(
+        "config_check.py", "--shapes", shapes, "--blocks", "16,32",
+        "--precisions", "float32,tf32", "--workers", "2",
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| [")]
+    rows = [line for line in lines if line.startswith("| [")]
     assert len(rows) == 2 * 2 * 2 * 2 and all(" | ok | " in row for row in rows), rows
 
 
