@@ -39,19 +39,19 @@ CASES = [
     # (M, N, layer_sizes, precision, compare with torch.compile, the engine's path).
     # "float32 tf32x3": a float32 job with the engine's float32_matmul="tf32x3"; its peers
     # are the float32 row's. "auto" is the path jobs take (triton_engine.takes_fused: fused
-    # up to width 128, but per-layer for bfloat16 / float16 wider than 64; per-layer
-    # beyond); "fused" and "per_layer" rows force one on jobs both paths take, to see which
-    # is faster there (their peers are timed once, with the first row of the job). At padded
-    # width 128 the per-layer path was 2x (bfloat16) and 3.4x (float32) as fast as the fused
-    # kernel on an H100, at one job size; tf32 there and a small bfloat16 job tell how far
-    # that holds.
+    # up to width 128, but per-layer for bfloat16 / float16 / IEEE float32 wider than 64;
+    # per-layer beyond); "fused" and "per_layer" rows force one on jobs both paths take, to
+    # see which is faster there (their peers are timed once, with the first row of the job).
+    # At padded width 128 the per-layer path was 2x (bfloat16) and 3.4x (float32) as fast
+    # as the fused kernel on an H100, at one job size; tf32 there and small bfloat16 and
+    # float32 jobs tell how far that holds.
     (1024, 256, (32, 64, 64, 64, 1), "float32", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "tf32", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "bfloat16", True, "auto"),
     (4096, 256, (16, 64, 64, 64, 1), "tf32", False, "auto"),
     (256, 1024, (64, 128, 128, 128, 8), "bfloat16", False, "fused"),
-    (256, 1024, (64, 128, 128, 128, 8), "float32", False, "auto"),
+    (256, 1024, (64, 128, 128, 128, 8), "float32", False, "fused"),
     (8192, 64, (16, 32, 32, 1), "float32", False, "auto"),
     (16, 1024, (1024, 1024, 1024, 1), "float32", False, "auto"),
     (16, 1024, (1024, 1024, 1024, 1), "float32 tf32x3", False, "auto"),
@@ -63,6 +63,8 @@ CASES = [
     (256, 1024, (64, 128, 128, 128, 8), "tf32", False, "per_layer"),
     (64, 64, (64, 128, 128, 128, 8), "bfloat16", False, "fused"),
     (64, 64, (64, 128, 128, 128, 8), "bfloat16", False, "per_layer"),
+    (64, 64, (64, 128, 128, 128, 8), "float32", False, "fused"),
+    (64, 64, (64, 128, 128, 128, 8), "float32", False, "per_layer"),
 ]
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -161,7 +163,8 @@ def cpu_check() -> None:
         # 5 samples reached 4.6e-2 ([32, 128, 128, 8]; the fused and per-layer paths, each
         # rounding its operands, agreed with each other to 1e-4 there)
         verdict = "ok" if error < (5e-2 if precision == "tf32" else 1e-5) else "WRONG"
-        fused = "fused" if triton_engine.takes_fused(precision, sizes, False, path) else "per-layer"
+        fused = triton_engine.takes_fused(precision, sizes, False, path, method)
+        fused = "fused" if fused else "per-layer"
         print(f"| {label} | {list(sizes)} | {fused} | {verdict} | {error:.1e} |", flush=True)
         if verdict != "ok":
             raise SystemExit(f"{label} {sizes} {path}: relative error {error:.1e}")
@@ -212,7 +215,7 @@ def main():
         precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision, DEVICE)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        fused = triton_engine.takes_fused(precision, sizes, False, path)
+        fused = triton_engine.takes_fused(precision, sizes, False, path, method)
         t_triton = bench(
             functools.partial(triton_engine.run, job, DEVICE, float32_matmul=method, path=path)
         )

@@ -14,6 +14,11 @@ per precision and, for the default memory placement, with the DP norm and clip p
 plus the same kernel with every layer padded to the widest (64) for comparison. "Programs
 per SM" is what registers and shared memory allow: a latency-bound kernel wants more than
 one.
+For kernels on the FMA units (IEEE float32) it also gives the bytes of shared memory each
+thread loads per FMA: an H100 SM reads 128 bytes of shared memory a clock against 128 FMAs
+a clock, so above one byte per FMA shared memory rather than the FMA units sets the pace,
+unless the threads of a warp read the same words (a broadcast, served once). The same
+figures for the per-layer path's GEMMs at the tiles a GPU gives them follow the table.
 None of it predicts time: measure on a GPU before changing triton_fused.launch_config.
 Usage: env -u TRITON_INTERPRET python bench/ptxas_report.py
 """
@@ -39,7 +44,7 @@ from bench.compile_only import CompileOnlyDriver  # noqa: E402
 from bench.fused_sweep import CONFIGS, run_with  # noqa: E402
 from bench.sweep import make_job  # noqa: E402
 from gradserve import kernels  # noqa: E402
-from gradserve.kernels import triton_engine, triton_fused  # noqa: E402
+from gradserve.kernels import triton_engine, triton_fused, triton_layered  # noqa: E402
 
 KERNEL = triton_fused._fused_mlp_kernel
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -91,7 +96,7 @@ def ptxas_usage(ptx: str) -> tuple[str, str, str]:
 
 
 def sass_mix(cubin: bytes) -> collections.Counter:
-    """Opcode counts of the cubin's SASS (nvdisasm)."""
+    """Counts of the cubin's SASS opcodes with their modifiers ("LDS.128"; nvdisasm)."""
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -99,10 +104,39 @@ def sass_mix(cubin: bytes) -> collections.Counter:
                               capture_output=True, text=True, check=True).stdout  # fmt: skip
     ops = collections.Counter()
     for line in sass.splitlines():
-        found = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", line)
+        found = re.match(
+            r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)",
+            line,
+        )
         if found:
             ops[found.group(1)] += 1
     return ops
+
+
+def count(ops: collections.Counter, prefixes) -> int:
+    """Instructions whose opcode (with modifiers) starts with one of `prefixes`."""
+    return sum(n for op, n in ops.items() if op.startswith(tuple(prefixes)))
+
+
+def shared_bytes_loaded(op: str) -> int:
+    """Bytes one thread loads from shared memory with one `op`, 0 for other opcodes. LDSM
+    (ldmatrix) loads 8x8 16-bit matrices, 4 bytes of each per thread."""
+    parts = op.split(".")
+    if parts[0] == "LDSM":
+        return 4 * (int(parts[-1]) if parts[-1].isdigit() else 1)
+    if parts[0] != "LDS":
+        return 0
+    widths = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
+    return next((widths[m] for m in parts[1:] if m in widths), 4)
+
+
+def shared_bytes_per_fma(ops: collections.Counter) -> str:
+    """Shared-memory bytes a thread loads per FFMA, for kernels without tensor-core MMAs
+    (blank for the others: their MMAs read shared memory themselves)."""
+    ffma = count(ops, ("FFMA",))
+    if not ffma or count(ops, CLASSES["tensor-core MMA"]):
+        return ""
+    return f"{sum(shared_bytes_loaded(op) * n for op, n in ops.items()) / ffma:.2f}"
 
 
 def row(label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES) -> list:
@@ -125,14 +159,62 @@ def row(label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES)
         triton_fused.padded_widths = padded_widths
     regs, spills, frame = ptxas_usage(compiled.asm["ptx"])
     ops = sass_mix(compiled.asm["cubin"])
-    counts = [sum(n for op, n in ops.items() if op.startswith(p)) for p in CLASSES.values()]
+    counts = [count(ops, prefixes) for prefixes in CLASSES.values()]
     # Programs an SM holds by registers (64K per SM) and shared memory (227 KB per block).
     per_sm = min(65536 // (int(regs) * 32 * warps), 232448 // max(1, compiled.metadata.shared))
     return [label, block_n, warps, cap or "", "registers" if resident else "scratch",
             "registers" if carry else "partials",
             "yes" if dp_pass else "", str(widths), regs, spills, frame,
             compiled.metadata.shared // 1024, per_sm,
-            sum(ops.values()), *counts, "yes" if tuple(config) == chosen else ""]  # fmt: skip
+            sum(ops.values()), *counts, shared_bytes_per_fma(ops),
+            "yes" if tuple(config) == chosen else ""]  # fmt: skip
+
+
+def layered_rows(sizes=WIDE_SIZES, n: int = 256) -> list:
+    """The per-layer path's float32 GEMMs for `sizes` and N=`n`, compiled through its
+    launcher at the tiles a GPU gives each product (triton_layered._tiles): a row per
+    specialisation, with the product that first compiled it."""
+    job = make_job(4, n, sizes, "float32", torch.device("cpu"))
+    gemm = triton_layered._batched_matmul_kernel
+    launched = [gemm, triton_layered._loss_kernel, triton_layered._column_sum_kernel]
+    compiled = {}  # hash -> (EPILOGUE, P, Q, K, options, kernel)
+
+    def compile_only(kernel):
+        run = kernel.run
+
+        def compile_kernel(*args, grid, warmup, **kwargs):
+            binary = run(*args, grid=grid, warmup=True, **kwargs)
+            if kernel is gemm:
+                compiled.setdefault(binary.hash, (kwargs, args[5:8], binary))
+            return binary
+
+        return compile_kernel
+
+    for kernel in launched:
+        kernel.run = compile_only(kernel)
+    tiles = triton_layered._tiles
+    triton_layered._tiles = lambda p, q, device: tiles(p, q, torch.device("cuda"))
+    try:
+        triton_engine.run(job, torch.device("cpu"), path="per_layer")
+    finally:
+        triton_layered._tiles = tiles
+        for kernel in launched:
+            del kernel.run
+    names = {0: "C = A @ B (dW, dX)", 1: "forward: + bias, act", 2: "dZ: * act'"}
+    rows = []
+    for options, (p, q, k), binary in compiled.values():
+        regs, spills, _ = ptxas_usage(binary.asm["ptx"])
+        ops = sass_mix(binary.asm["cubin"])
+        rows.append([names[options["EPILOGUE"]], f"{p} x {q} x {k}",
+                     f"{options['BLOCK_P']} x {options['BLOCK_Q']} x {options['BLOCK_K']}",
+                     options["num_warps"], options.get("num_stages", ""), regs, spills,
+                     count(ops, ("FFMA",)), shared_bytes_per_fma(ops)])  # fmt: skip
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def main() -> None:
@@ -178,6 +260,7 @@ def main() -> None:
             "programs per SM",
             "SASS instructions",
             *CLASSES,
+            "shared B loaded per FMA",
             "launch_config's choice",
         ],  # fmt: skip
         rows,
@@ -187,7 +270,25 @@ def main() -> None:
         f"to the widest) for comparison; and {list(WIDE_SIZES)} (padded widths "
         f"{triton_fused.padded_widths(WIDE_SIZES)}) at launch_config's choice. Triton "
         f"{triton.__version__}, sm_90a; ptxas -v of the PTX, nvdisasm of the cubin. "
-        "Command: `env -u TRITON_INTERPRET python bench/ptxas_report.py`.",
+        "Command: `env -u TRITON_INTERPRET python bench/ptxas_report.py`.\n\n"
+        f"## The per-layer path's GEMMs, float32 (IEEE), {list(WIDE_SIZES)}, N=256\n\n"
+        "Each specialisation the per-layer path compiles for that job, at the tiles a GPU "
+        "gives it; the product (P x Q x K) that first compiled it; FFMA counted in the "
+        "SASS (the K loop's body once, not per iteration).\n\n"
+        + markdown_table(
+            [
+                "GEMM",
+                "P x Q x K",
+                "tile P x Q x K",
+                "warps",
+                "stages",
+                "registers",
+                "spill stores / loads (B)",
+                "FFMA",
+                "shared B loaded per FMA",
+            ],
+            layered_rows(),
+        ),  # fmt: skip
     )
 
 

@@ -9,9 +9,11 @@ from gradserve.kernels.spec import EnsembleJob, EnsembleResult
 from gradserve.kernels.triton_engine import FUSED_MAX_WIDTH, fits_int32_offsets
 
 # Under `auto`, IEEE float32 jobs with a layer wider than this run on the torch engine: on
-# an H100 the Triton kernels (FMA units, no tensor cores) took 3.4x torch's time at widths
-# of 128 (fused, [64, 128, 128, 128, 8]) and 1.5x at 1024 (per-layer), and matched it at
-# 64 (bench/results/kernels_gpu_h100.md). Other precisions were as fast or faster on Triton.
+# an H100 the Triton kernels (FMA units, no tensor cores) at best matched torch at widths
+# of 128 ([64, 128, 128, 128, 8]: the per-layer path, which the Triton engine takes there,
+# 3.168 ms against torch's 3.169; the fused kernel 3.4x torch's time) and took 1.5x its
+# time at 1024 (per-layer), and matched it at 64 (bench/results/kernels_gpu_h100.md). Other
+# precisions were as fast or faster on Triton.
 AUTO_TRITON_MAX_FLOAT32_WIDTH = 64
 
 

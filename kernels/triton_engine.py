@@ -2,12 +2,12 @@
 
 Widths up to 128 take the fully fused kernel (triton_fused.py: one launch for the whole
 job, plus a fixed-order reduction of per-program partial gradients when samples are split
-across programs); wider networks, and bfloat16 / float16 ones wider than 64 that need no
-per-sample norms, take the per-layer GEMM path (triton_layered.py; takes_fused). Both
-compute in fp32 with matmul operands in the job's precision, and are bit-identical from
-run to run. Kernels are specialised per architecture (depth, padded widths, activations,
-loss, precision are compile-time constants) and Triton caches each specialisation, so only
-the first job of a new architecture pays the compile.
+across programs); wider networks, and bfloat16 / float16 / IEEE float32 ones wider than 64
+that need no per-sample norms, take the per-layer GEMM path (triton_layered.py;
+takes_fused). Both compute in fp32 with matmul operands in the job's precision, and are
+bit-identical from run to run. Kernels are specialised per architecture (depth, padded
+widths, activations, loss, precision are compile-time constants) and Triton caches each
+specialisation, so only the first job of a new architecture pays the compile.
 
 On a machine without CUDA the engine runs under Triton's interpreter when
 TRITON_INTERPRET=1 is set (that is how the tests exercise it on CPUs).
@@ -35,16 +35,27 @@ FUSED_MAX_WIDTH = 128
 # benchmarks time both paths on the same job; the per-layer path computes no per-sample
 # norms).
 PATHS: tuple[str, ...] = ("auto", "fused", "per_layer")
-# bfloat16 and float16 networks wider than this take the per-layer GEMMs under "auto" even
-# where the fused kernel fits: at padded width 128 the fused kernel works in 32-sample
-# blocks, and on an H100 ([64, 128, 128, 128, 8], M=256, N=1024, bfloat16) it took 2.836 ms
-# to the per-layer path's 1.401 ms (torch eager 2.836 ms; bench/results/kernels_gpu_h100.md).
-# float16 runs the same tensor-core code. Jobs that need per-sample norms stay fused.
-AUTO_FUSED_MAX_HALF_WIDTH = 64
+# Networks wider than this take the per-layer GEMMs under "auto" even where the fused
+# kernel fits, in the precisions where the per-layer path measured faster at padded width
+# 128 on an H100 ([64, 128, 128, 128, 8], M=256, N=1024; bench/results/kernels_gpu_h100.md):
+# bfloat16, where the fused kernel works in 32-sample blocks there (2.836 ms against the
+# per-layer path's 1.401 ms), and float32 on the FMA units ("ieee": 10.663 ms against
+# 3.168 ms; there the fused kernel's 32-sample blocks spill registers and load 2.0 bytes
+# of shared memory per FMA, the per-layer GEMMs 1.4 to 1.7; bench/results/ptxas_sm90.md).
+# float16 runs bfloat16's tensor-core code. Jobs that need per-sample norms stay fused
+# (the per-layer path has none); tf32 and float32 as three tf32 products, not measured
+# there, stay fused.
+AUTO_FUSED_MAX_WIDTH = 64
 HALF_PRECISIONS: tuple[str, ...] = ("bfloat16", "float16")
 
 
-def takes_fused(precision: str, layer_sizes, norms_needed: bool, path: str = "auto") -> bool:
+def takes_fused(
+    precision: str,
+    layer_sizes,
+    norms_needed: bool,
+    path: str = "auto",
+    float32_matmul: str = FLOAT32_MATMUL,
+) -> bool:
     """Whether a job runs on the fused kernel (else the per-layer GEMMs), for a path the job
     can take (`run` refuses the others)."""
     if path != "auto":
@@ -52,7 +63,10 @@ def takes_fused(precision: str, layer_sizes, norms_needed: bool, path: str = "au
     widest = max(layer_sizes)
     if widest > FUSED_MAX_WIDTH:
         return False
-    return norms_needed or not (precision in HALF_PRECISIONS and widest > AUTO_FUSED_MAX_HALF_WIDTH)
+    faster_per_layer = precision in HALF_PRECISIONS or (
+        precision == "float32" and float32_matmul == "ieee"
+    )
+    return norms_needed or not (faster_per_layer and widest > AUTO_FUSED_MAX_WIDTH)
 
 
 def fits_int32_offsets(num_samples: int, layer_sizes) -> bool:
@@ -119,7 +133,7 @@ def run(
     if path == "fused" and not fits_fused:
         raise ValueError(f"the fused kernel takes layers up to {FUSED_MAX_WIDTH} wide")
     norms_needed = job.outputs.per_sample_gradient_norms or job.privacy is not None
-    fused = takes_fused(job.precision, job.mlp.layer_sizes, norms_needed, path)
+    fused = takes_fused(job.precision, job.mlp.layer_sizes, norms_needed, path, float32_matmul)
     if norms_needed and not fused:
         raise ValueError(
             f"the triton engine computes per-sample gradient norms in its fused kernel only "

@@ -124,11 +124,11 @@ def test_every_pair_of_padded_widths(sizes, n, precision, float32_matmul):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("sizes", WIDTH_PAIR_NETWORKS)
 def test_every_pair_of_padded_widths_on_the_per_layer_path(sizes, precision):
-    """The per-layer GEMMs, which bfloat16 and float16 networks wider than 64 take under
-    `auto` (triton_engine.takes_fused), on the same width pairs."""
+    """The per-layer GEMMs, which bfloat16, float16 and IEEE float32 networks wider than 64
+    take under `auto` (triton_engine.takes_fused), on the same width pairs."""
     tensors = random_job(sizes, 3, 300, sample_weights=True, seed=len(sizes))
     check(
         triton_engine, sizes, tensors, precision, {"path": "per_layer"}, hidden="gelu",

@@ -126,7 +126,7 @@ def test_paths_the_job_cannot_take_are_refused():
 @pytest.mark.parametrize("n", [1, 70])  # 70: three blocks of 32 samples in one program
 def test_fused_layers_padded_to_different_widths(n, shared):
     tensors = random_job(MIXED_SIZES, 2, n, shared_inputs=shared, sample_weights=True, seed=n)
-    check(MIXED_SIZES, tensors, hidden="sigmoid", output="softplus", loss="huber")
+    check(MIXED_SIZES, tensors, path="fused", hidden="sigmoid", output="softplus", loss="huber")
 
 
 @pytest.mark.parametrize("n", [1, 70])  # 70: three blocks of 32 samples in one program
@@ -140,7 +140,7 @@ def test_fused_kernel_leaves_the_jobs_tensors_unchanged():
     tensors = random_job(MIXED_SIZES, 2, 40, sample_weights=True, seed=13)
     job = ensemble_job(tensors, MIXED_SIZES, hidden="tanh")
     before = [t.clone() for t in (*job.weights, *job.biases, job.inputs, job.targets)]
-    triton_engine.run(job, DEVICE)
+    triton_engine.run(job, DEVICE, path="fused")
     after = (*job.weights, *job.biases, job.inputs, job.targets)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
@@ -163,7 +163,8 @@ def test_networks_whose_widths_pad_alike_share_one_kernel(monkeypatch):
 
     monkeypatch.setattr(triton_fused, "_fused_mlp_kernel", Recording())
     for sizes in [(37, 5, 70, 3), (40, 9, 100, 2)]:
-        triton_engine.run(ensemble_job(random_job(sizes, 2, 20, seed=3), sizes), DEVICE)
+        job = ensemble_job(random_job(sizes, 2, 20, seed=3), sizes)
+        triton_engine.run(job, DEVICE, path="fused")
     assert len(seen) == 2 and seen[0] == seen[1]
 
 
@@ -222,7 +223,7 @@ def test_samples_split_across_programs_reduce_to_the_oracle(monkeypatch):
 
     monkeypatch.setattr(triton_fused, "sample_splits", one_block_per_program)
     tensors = random_job(MIXED_SIZES, 2, 70, sample_weights=True, seed=12)  # 3 blocks of 32
-    check(MIXED_SIZES, tensors, hidden="gelu", loss="mse")
+    check(MIXED_SIZES, tensors, path="fused", hidden="gelu", loss="mse")
 
 
 def test_partial_gradients_are_summed_in_order_over_the_gradients_only():
@@ -285,7 +286,7 @@ def test_per_layer_launches_fit_cuda_grid_limits(monkeypatch):
 
 def test_widest_fused_width_128():
     tensors = random_job((128, 128, 2), 1, 33, seed=2)
-    check((128, 128, 2), tensors, hidden="relu")
+    check((128, 128, 2), tensors, path="fused", hidden="relu")
 
 
 @pytest.mark.parametrize("sizes", [ODD_SIZES, WIDE_SIZES])
@@ -348,9 +349,9 @@ def test_values_kept_in_registers_give_the_same_results(monkeypatch, sizes, n, o
             return chosen(*args)._replace(resident=r, carry=c)
 
         monkeypatch.setattr(triton_fused, "launch_config", config)
-        results.append(engine_tensors(triton_engine.run(job, DEVICE)))
+        results.append(engine_tensors(triton_engine.run(job, DEVICE, path="fused")))
         if DEVICE == "cuda":
-            again = engine_tensors(triton_engine.run(job, DEVICE))
+            again = engine_tensors(triton_engine.run(job, DEVICE, path="fused"))
             assert_same_results(results[-1], again, "float32", exact=True)
     memory = results[0]
     for registers in results[1:]:
@@ -419,19 +420,21 @@ def test_gradient_sums_kept_in_registers_give_the_same_bits_for_zero_gradients(m
     assert_same_results(results[0], results[1], "float32", exact=DEVICE == "cpu")
 
 
-def test_auto_path_takes_the_per_layer_gemms_for_wide_half_precision_networks():
-    """At padded width 128 the fused kernel runs 32-sample blocks and took twice the
-    per-layer path's time in bfloat16 on an H100: `auto` sends bfloat16 / float16 networks
-    wider than 64 to the per-layer GEMMs, unless they need per-sample norms (fused only)."""
+def test_auto_path_takes_the_per_layer_gemms_where_they_were_faster_at_width_128():
+    """At padded width 128 the per-layer path took half the fused kernel's time in bfloat16
+    and under a third in IEEE float32 on an H100: `auto` sends bfloat16 / float16 / IEEE
+    float32 networks wider than 64 to the per-layer GEMMs, unless they need per-sample norms
+    (fused only). tf32 and float32 as three tf32 products stay fused."""
     takes = triton_engine.takes_fused
-    for precision in ("bfloat16", "float16"):
+    for precision in ("bfloat16", "float16", "float32"):
         assert takes(precision, (64, 64, 1), False)
         assert not takes(precision, (64, 65, 1), False)
         assert not takes(precision, (17, 96, 128, 5), False)
         assert takes(precision, (17, 96, 128, 5), True)  # norms: the fused kernel's
         assert takes(precision, (17, 96, 5), False, "fused")
-    for precision in ("float32", "tf32"):
-        assert takes(precision, (17, 96, 128, 5), False)
+    assert not takes("float32", (17, 96, 5), False, float32_matmul="ieee")
+    assert takes("float32", (17, 96, 5), False, float32_matmul="tf32x3")
+    assert takes("tf32", (17, 96, 128, 5), False)
     assert not takes("tf32", (5, 150, 3), False) and not takes("float16", (5, 150, 3), True)
 
 
