@@ -179,13 +179,17 @@ def _k_halves(a, b):
 
 
 @triton.jit
-def _ieee_dot(a, b):
-    """a @ b on the FMA units, in K-chunks of at most 32. With a whole 128-long K in one
-    dot, ptxas gave the fused kernel 32 registers and ~55 KB of spills per thread (over
-    half its instructions local loads and stores); in chunks it keeps 255 registers and
-    spills under 1.5 KB (tests/kernels/sm90_resources_check.py)."""
+def _ieee_dot(a, b, K_CHUNK: tl.constexpr):
+    """a @ b on the FMA units, in K-chunks of K_CHUNK (16 or 32), at most four. Triton
+    keeps a chunk's operands in registers while it multiplies them: with a whole 128-long K
+    in one dot, ptxas gave the fused kernel 32 registers and ~55 KB of spills per thread
+    (over half its instructions local loads and stores); chunks of at most 32 keep 255
+    registers and under 1.5 KB of spills (tests/kernels/sm90_resources_check.py). The
+    fused kernel's chunks of 16 (32 where K is 128) spill less again at every block size
+    (none at its launch at the benchmark target); the per-layer GEMM's 32-long K-tiles
+    spill more in chunks of 16 (bench/results/ptxas_sm90.md)."""
     K: tl.constexpr = a.shape[1]
-    if K > 64:
+    if K >= 4 * K_CHUNK:
         a0, a1, b0, b1 = _k_halves(a, b)
         a00, a01, b00, b01 = _k_halves(a0, b0)
         a10, a11, b10, b11 = _k_halves(a1, b1)
@@ -193,7 +197,7 @@ def _ieee_dot(a, b):
         out = tl.dot(a01, b01, out, input_precision="ieee")
         out = tl.dot(a10, b10, out, input_precision="ieee")
         out = tl.dot(a11, b11, out, input_precision="ieee")
-    elif K > 32:
+    elif K >= 2 * K_CHUNK:
         a0, a1, b0, b1 = _k_halves(a, b)
         out = tl.dot(a0, b0, input_precision="ieee")
         out = tl.dot(a1, b1, out, input_precision="ieee")
@@ -203,9 +207,10 @@ def _ieee_dot(a, b):
 
 
 @triton.jit
-def matmul(a, b, PRECISION: tl.constexpr):
+def matmul(a, b, PRECISION: tl.constexpr, FMA_K_CHUNK: tl.constexpr):
     """a @ b with fp32 accumulation; operands rounded to tf32 or narrowed to bf16/fp16 when
-    asked, or float32 as three tf32 products (TF32X3)."""
+    asked, or float32 as three tf32 products (TF32X3). IEEE float32 multiplies on the FMA
+    units in K-chunks of FMA_K_CHUNK (_ieee_dot)."""
     if PRECISION == 1:
         out = tl.dot(tf32_operand(a), tf32_operand(b), input_precision="tf32")
     elif PRECISION == 4:
@@ -224,7 +229,7 @@ def matmul(a, b, PRECISION: tl.constexpr):
     elif PRECISION == 3:
         out = tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
     else:
-        out = _ieee_dot(a, b)
+        out = _ieee_dot(a, b, FMA_K_CHUNK)
     return out
 
 

@@ -83,7 +83,7 @@ def _batched_matmul_kernel(
         b = tl.load(
             b_base + kk[:, None] * stride_bk, mask=(kk[:, None] < K) & (rq[None, :] < Q), other=0.0
         )
-        acc += matmul(a, b, PRECISION)
+        acc += matmul(a, b, PRECISION, BLOCK_K)  # one chunk: the K-tile itself
     out_mask = (rp[:, None] < P) & (rq[None, :] < Q)
     out_offsets = rp[:, None] * Q + rq[None, :]
     aux_batch = aux_ptr + batch * P * Q

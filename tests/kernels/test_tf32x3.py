@@ -17,6 +17,7 @@ import triton.language as tl
 from gradserve import kernels
 from gradserve.kernels import triton_engine
 from gradserve.kernels.triton_common import PRECISION_CODES, TF32X3, matmul, split_tf32
+from gradserve.kernels.triton_fused import FMA_K_CHUNK
 from tests import per_sample
 from tests.jobs import ensemble_job, random_job
 from tests.kernels.test_privacy import grads_of, median_own_norm, private_job
@@ -42,7 +43,8 @@ def _split_kernel(x_ptr, hi_ptr, lo_ptr, BLOCK: tl.constexpr):
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, S: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.arange(0, S)[:, None] * S + tl.arange(0, S)[None, :]
-    tl.store(c_ptr + tile, matmul(tl.load(a_ptr + tile), tl.load(b_ptr + tile), PRECISION))
+    a, b = tl.load(a_ptr + tile), tl.load(b_ptr + tile)
+    tl.store(c_ptr + tile, matmul(a, b, PRECISION, FMA_K_CHUNK))  # as the fused kernel does
 
 
 def split(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
