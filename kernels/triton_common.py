@@ -185,9 +185,10 @@ def _ieee_dot(a, b, K_CHUNK: tl.constexpr):
     in one dot, ptxas gave the fused kernel 32 registers and ~55 KB of spills per thread
     (over half its instructions local loads and stores); chunks of at most 32 keep 255
     registers and under 1.5 KB of spills (tests/kernels/sm90_resources_check.py). The
-    fused kernel's chunks of 16 (32 where K is 128) spill less again at every block size
-    (none at its launch at the benchmark target); the per-layer GEMM's 32-long K-tiles
-    spill more in chunks of 16 (bench/results/ptxas_sm90.md)."""
+    fused kernel's chunks of 16 (32 where K is 128) spill less again, at every block size
+    and warp count (none at its launch at the benchmark target, was 208 B; 164 B at width
+    128, was 376 B); the per-layer GEMM's 32-long K-tiles spill more in chunks of 16
+    (bench/results/ptxas_sm90.md)."""
     K: tl.constexpr = a.shape[1]
     if K >= 4 * K_CHUNK:
         a0, a1, b0, b1 = _k_halves(a, b)

@@ -529,13 +529,13 @@ def launch_config(
     fp32 blocks in registers; larger blocks mean fewer weight reloads and partial-gradient
     updates per sample. IEEE float32 multiplies on the FMA units, whose operands need more
     registers: at DP=64 it takes 64 samples per block, which on sm_90 issues about as many
-    instructions per sample as 128 (169 against 161) with half the spill traffic
-    (bench/results/ptxas_sm90.md). tf32 at DP=64 also takes 64 samples, with 4 warps: at
-    the benchmark target 1.10x as fast as 128 with 8 warps on an H100
-    (bench/results/fused_sweep_h100.md). float32 as three tf32 products (TF32X3) multiplies
+    instructions per sample as 128 (168 against 161) and spills no registers (128: about
+    0.5 KB per thread; bench/results/ptxas_sm90.md). tf32 at DP=64 also takes 64
+    samples, with 4 warps: at the benchmark target 1.10x as fast as 128 with 8 warps on an
+    H100 (bench/results/fused_sweep_h100.md). float32 as three tf32 products (TF32X3) multiplies
     on the tensor cores in 128-sample blocks: at 128 samples it issues the fewest
     instructions per sample of the blocks tried on sm_90 (74, against 124 at 64 and 121 at
-    32; IEEE float32 at 64: 169), with the most spill traffic; bench/fused_sweep.py
+    32; IEEE float32 at 64: 168), with the most spill traffic; bench/fused_sweep.py
     times them all. S: enough programs to fill the GPU (4 per SM) when M
     alone does not; on the interpreter one split is enough. No register cap: at 255
     registers a program of 8 warps has an SM to itself; bench/fused_sweep.py measures the
