@@ -23,8 +23,9 @@
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
 # `bash bench/gpu_check.sh all [PRECISIONS]` runs the default check, then in the same call
 # the two-layer MLP check and the fused kernel's launch configurations for PRECISIONS
-# (default bfloat16,float32-tf32x3,float32: the nearest its targets first) in whatever is
-# left of about 570 s: one device start for all three (8 files under $OUT).
+# (default float32,bfloat16,float32-tf32x3: IEEE float32's launch configurations and
+# K-chunks have never been timed on a GPU, bfloat16's were in part) in whatever is left of
+# about 570 s: one device start for all three (8 files under $OUT).
 # Python packages missing on the machine can be carried as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
@@ -154,8 +155,8 @@ if [ "${1:-}" = all ] && [ $((570 - SECONDS)) -gt 30 ]; then
   fi
   left=$((570 - SECONDS))
   if [ "$left" -gt 60 ]; then
-    echo "== fused kernel launch configurations: ${2:-bfloat16,float32-tf32x3,float32} (${left} s)"
+    echo "== fused kernel launch configurations: ${2:-float32,bfloat16,float32-tf32x3} (${left} s)"
     timeout "$left" python3 bench/fused_sweep.py --out "$OUT/fused_sweep.md" \
-      --precisions "${2:-bfloat16,float32-tf32x3,float32}" 2>&1 | grep '^|' | tail -50
+      --precisions "${2:-float32,bfloat16,float32-tf32x3}" 2>&1 | grep '^|' | tail -50
   fi
 fi
