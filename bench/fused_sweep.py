@@ -5,7 +5,7 @@ cap) in CONFIGS below in place of launch_config's choice, next to torch eager in
 run, and checks that each configuration's gradients agree with the chosen one's (they
 differ only in the order of float32 sums). bench/ptxas_report.py predicts the registers,
 spills and programs per SM of these configurations without a GPU; this measures what they
-cost. Run it on a GPU after bench/gpu_check.sh (88 configurations, less those
+cost. Run it on a GPU after bench/gpu_check.sh (89 configurations, less those
 triton_fused.faults_on_gpu refuses; all are compiled first, by one process per CPU core up
 to 16 into Triton's disk cache, then timed one after another; rows are written as they are
 measured):
@@ -45,6 +45,10 @@ CONFIGS = [
     (64, 4, 168, False, False),
     (128, 8, 128, False, False),
 ]  # fmt: skip
+# IEEE float32 is also timed at launch_config's own configuration with the K-chunks it had
+# before they were 16 (LaunchConfig.fma_k_chunk; 16 spill less on sm_90:
+# bench/results/ptxas_sm90.md), in a row of its own.
+OTHER_FMA_K_CHUNK = 32
 # The targets' precisions first: if the device call runs out of time, their rows are in.
 # "float32 tf32x3": float32 jobs with the engine's float32_matmul="tf32x3".
 PRECISIONS = ("tf32", "float32 tf32x3", "bfloat16", "float32")
@@ -56,9 +60,11 @@ def with_config(
     max_registers: int | None = None,
     resident: bool | None = None,
     carry: bool | None = None,
+    fma_k_chunk: int | None = None,
 ):
-    """launch_config with BLOCK_N, num_warps, the register cap and where the pre-activations
-    and gradient sums stay replaced (None for all but the cap: its own choice)."""
+    """launch_config with BLOCK_N, num_warps, the register cap, where the pre-activations
+    and gradient sums stay and IEEE float32's K-chunks replaced (None for all but the cap:
+    its own choice)."""
     chosen = triton_fused.launch_config
 
     def config(widths, n, m, device, precision):
@@ -67,7 +73,7 @@ def with_config(
         return triton_fused.LaunchConfig(
             block, *triton_fused.sample_splits(n, block, m, device), warps or own.num_warps,
             max_registers, own.resident if resident is None else resident,
-            own.carry if carry is None else carry,
+            own.carry if carry is None else carry, fma_k_chunk or own.fma_k_chunk,
         )  # fmt: skip
 
     return config
@@ -75,10 +81,12 @@ def with_config(
 
 def run_with(
     job, device, block_n=None, warps=None, max_registers=None, resident=None, carry=None,
-    float32_matmul="ieee",
+    float32_matmul="ieee", fma_k_chunk=None,
 ):  # fmt: skip
     original = triton_fused.launch_config
-    triton_fused.launch_config = with_config(block_n, warps, max_registers, resident, carry)
+    triton_fused.launch_config = with_config(
+        block_n, warps, max_registers, resident, carry, fma_k_chunk
+    )
     try:
         return triton_engine.run(job, device, float32_matmul=float32_matmul, path="fused")
     finally:
@@ -103,15 +111,18 @@ def main():
             parser.error(f"unknown precisions {sorted(unknown)}: choose from {PRECISIONS}")
 
     def compile_one(run):
-        label, config = run
+        label, config, fma_k_chunk = run
         precision, method = precision_and_method(label)
         run_with(sweep.make_job(m, n, sizes, precision, device), device,
-                 *config or (None,) * 5, float32_matmul=method)  # fmt: skip
+                 *config or (None,) * 5, float32_matmul=method,
+                 fma_k_chunk=fma_k_chunk)  # fmt: skip
 
     passed = ["--cpu-check"] if args.cpu_check else []
     if args.precisions:
         passed += ["--precisions", args.precisions]
-    runs = [(label, config) for label in precisions for config in [(), *CONFIGS]]
+    runs = [(label, config, None) for label in precisions for config in [(), *CONFIGS]]
+    if "float32" in precisions:
+        runs.append(("float32", (), OTHER_FMA_K_CHUNK))
     if sweep.compile_ahead(__file__, args, runs, compile_one, passed):
         return
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)"
@@ -158,6 +169,13 @@ def main():
             lambda config, job=job, f=method: run_with(job, device, *config, float32_matmul=f),
             columns, own_config, chosen, t_chosen, t_eager, device, lines, args.out,
         ))  # fmt: skip
+        if label == "float32":
+            worst = max(worst, sweep.time_configurations(
+                f"float32 K-chunks of {OTHER_FMA_K_CHUNK}", [own_config],
+                lambda config, job=job: run_with(job, device, *config,
+                                                 fma_k_chunk=OTHER_FMA_K_CHUNK),
+                columns, None, chosen, t_chosen, t_eager, device, lines, args.out,
+            ))  # fmt: skip
         torch.backends.cuda.matmul.allow_tf32 = False
     legend = (
         "'vs chosen' > 1: faster than launch_config's choice. Command: "

@@ -41,7 +41,7 @@ from triton.runtime import driver  # noqa: E402
 
 from bench.common import precision_and_method, write_table  # noqa: E402
 from bench.compile_only import CompileOnlyDriver  # noqa: E402
-from bench.fused_sweep import CONFIGS, run_with  # noqa: E402
+from bench.fused_sweep import CONFIGS, OTHER_FMA_K_CHUNK, run_with  # noqa: E402
 from bench.sweep import make_job  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import triton_engine, triton_fused, triton_layered  # noqa: E402
@@ -61,10 +61,12 @@ CLASSES = {
 }
 
 
-def compile_through_launcher(job, config: tuple, float32_matmul: str = "ieee"):
+def compile_through_launcher(
+    job, config: tuple, float32_matmul: str = "ieee", fma_k_chunk: int | None = None
+):
     """The kernel the engine's launcher would run for `job` with this (BLOCK_N, warps,
-    register cap, resident, carry): the arguments' real specialisation (alignment, divisibility by
-    16), not a hand-made one."""
+    register cap, resident, carry) and IEEE float32 K-chunks (None: the kernel's own): the
+    arguments' real specialisation (alignment, divisibility by 16), not a hand-made one."""
     compiled = []
     run = KERNEL.run
 
@@ -74,7 +76,8 @@ def compile_through_launcher(job, config: tuple, float32_matmul: str = "ieee"):
 
     KERNEL.run = compile_only
     try:
-        run_with(job, torch.device("cpu"), *config, float32_matmul=float32_matmul)
+        run_with(job, torch.device("cpu"), *config, float32_matmul=float32_matmul,
+                 fma_k_chunk=fma_k_chunk)  # fmt: skip
     finally:
         del KERNEL.run
     return compiled[0]
@@ -139,9 +142,12 @@ def shared_bytes_per_fma(ops: collections.Counter) -> str:
     return f"{sum(shared_bytes_loaded(op) * n for op, n in ops.items()) / ffma:.2f}"
 
 
-def row(label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES) -> list:
+def row(
+    label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES, fma_k_chunk=None
+) -> list:
     """`label`: a precision, or "float32 tf32x3" (float32_matmul="tf32x3"); `config` and
-    `chosen`: (BLOCK_N, warps, register cap, resident, carry)."""
+    `chosen`: (BLOCK_N, warps, register cap, resident, carry); `fma_k_chunk`: IEEE float32's
+    K-chunks in place of the kernel's own."""
     block_n, warps, cap, resident, carry = config
     precision, float32_matmul = precision_and_method(label)
     m, n = 4, 256  # M only sets the grid; N = 256 as in the benchmark
@@ -154,7 +160,7 @@ def row(label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES)
     padded_widths = triton_fused.padded_widths
     triton_fused.padded_widths = lambda sizes: widths
     try:
-        compiled = compile_through_launcher(job, config, float32_matmul)
+        compiled = compile_through_launcher(job, config, float32_matmul, fma_k_chunk)
     finally:
         triton_fused.padded_widths = padded_widths
     regs, spills, frame = ptxas_usage(compiled.asm["ptx"])
@@ -162,12 +168,24 @@ def row(label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES)
     counts = [count(ops, prefixes) for prefixes in CLASSES.values()]
     # Programs an SM holds by registers (64K per SM) and shared memory (227 KB per block).
     per_sm = min(65536 // (int(regs) * 32 * warps), 232448 // max(1, compiled.metadata.shared))
+    if fma_k_chunk:
+        label = f"{label} K-chunks of {fma_k_chunk}"
     return [label, block_n, warps, cap or "", "registers" if resident else "scratch",
             "registers" if carry else "partials",
             "yes" if dp_pass else "", str(widths), regs, spills, frame,
             compiled.metadata.shared // 1024, per_sm,
             sum(ops.values()), *counts, shared_bytes_per_fma(ops),
-            "yes" if tuple(config) == chosen else ""]  # fmt: skip
+            "yes" if tuple(config) == chosen and not fma_k_chunk else ""]  # fmt: skip
+
+
+def other_k_chunks(chosen, wide_chosen) -> list:
+    """IEEE float32 at launch_config's choices for TARGET_SIZES and WIDE_SIZES with
+    fused_sweep.OTHER_FMA_K_CHUNK in place of the kernel's K-chunks."""
+    rows = []
+    for sizes, config in ((TARGET_SIZES, chosen), (WIDE_SIZES, wide_chosen)):
+        rows.append(row("float32", config, False, False, config, sizes, OTHER_FMA_K_CHUNK))
+        print(rows[-1], flush=True)
+    return rows
 
 
 def layered_rows(sizes=WIDE_SIZES, n: int = 256) -> list:
@@ -241,6 +259,8 @@ def main() -> None:
                        wide.carry)  # fmt: skip
         rows.append(row(label, wide_chosen, False, False, wide_chosen, WIDE_SIZES))
         print(rows[-1], flush=True)
+        if label == "float32":  # both again with the K-chunks the kernel had before 16
+            rows += other_k_chunks(chosen, wide_chosen)
     write_table(
         "ptxas_sm90.md",
         "Fused kernel on sm_90a (H100): registers, spills and SASS from ptxas, no GPU needed",
@@ -268,7 +288,9 @@ def main() -> None:
         f"gradients, compiled through the engine's launcher (the arguments specialised as on "
         f"a GPU). Padded widths {widths} as the engine runs it; {uniform} (every layer padded "
         f"to the widest) for comparison; and {list(WIDE_SIZES)} (padded widths "
-        f"{triton_fused.padded_widths(WIDE_SIZES)}) at launch_config's choice. Triton "
+        f"{triton_fused.padded_widths(WIDE_SIZES)}) at launch_config's choice; for IEEE "
+        f"float32 both launch choices again with K-chunks of {OTHER_FMA_K_CHUNK} (the "
+        "kernel's before they were 16: LaunchConfig.fma_k_chunk). Triton "
         f"{triton.__version__}, sm_90a; ptxas -v of the PTX, nvdisasm of the cubin. "
         "Command: `env -u TRITON_INTERPRET python bench/ptxas_report.py`.\n\n"
         f"## The per-layer path's GEMMs, float32 (IEEE), {list(WIDE_SIZES)}, N=256\n\n"

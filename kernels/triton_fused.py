@@ -60,8 +60,9 @@ from gradserve.kernels.triton_common import (
 
 NEGATIVE_ZERO_BITS = tl.constexpr(-(2**31))  # -0.0 as an int32 bit pattern (0x80000000)
 # IEEE float32 products on the FMA units in K-chunks of 16 (32 where K is 128): fewer
-# register spills than chunks of 32 at every block size on sm_90 (triton_common._ieee_dot).
-FMA_K_CHUNK = tl.constexpr(16)
+# register spills than chunks of 32 at every block size on sm_90 (triton_common._ieee_dot;
+# bench/fused_sweep.py times both).
+FMA_K_CHUNK = 16
 
 
 @triton.jit
@@ -263,6 +264,7 @@ def _fused_mlp_kernel(
     PROFILE: tl.constexpr,  # record phase timings (fused_mlp's `profile`)
     RESIDENT: tl.constexpr,  # pre-activations stay in registers, not in the scratch
     CARRY: tl.constexpr,  # parameter gradients summed in registers, stored once at the end
+    FMA_K_CHUNK: tl.constexpr,  # IEEE float32 products' K-chunks (triton_common._ieee_dot)
 ):
     # 64-bit per-model offsets: a large ensemble's buffers can exceed 2**31 elements
     m = tl.program_id(0).to(tl.int64)
@@ -489,6 +491,7 @@ class LaunchConfig(NamedTuple):
     max_registers: int | None = None  # ptxas register cap (None: its own choice)
     resident: bool = False  # pre-activations kept in registers instead of the scratch
     carry: bool = False  # parameter gradients summed in registers over a program's blocks
+    fma_k_chunk: int = FMA_K_CHUNK  # IEEE float32 products' K-chunks
 
 
 class FaultingLaunch(ValueError):
@@ -691,7 +694,7 @@ def fused_mlp(
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
         WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,
         PROFILE=profile is not None, RESIDENT=config.resident,
-        CARRY=config.carry and want_param_grads,
+        CARRY=config.carry and want_param_grads, FMA_K_CHUNK=config.fma_k_chunk,
         num_warps=config.num_warps, maxnreg=config.max_registers,
         # No software pipelining of the loop over blocks: a program walks few blocks, and
         # with values carried across them (`carry`) the pipeliner's buffers took more

@@ -66,7 +66,8 @@ def fused_variants():
                 BLOCK_N=32,
                 HIDDEN_ACT=ACT["gelu"], OUTPUT_ACT=ACT["sigmoid"], LOSS=LOSS["huber"],
                 HAS_WEIGHTS=True,
-                WANT_Y=True, PROFILE=False, RESIDENT=False, CARRY=False)  # fmt: skip
+                WANT_Y=True, PROFILE=False, RESIDENT=False, CARRY=False,
+                FMA_K_CHUNK=triton_fused.FMA_K_CHUNK)  # fmt: skip
     types = {"profile_ptr": "*i64", "sizes": ("i32",) * (base["L"] + 1)}
     for precision, (grads, dx, norms, clip) in itertools.product(
         ("float32", "tf32", "bfloat16", "float16"),
@@ -87,6 +88,8 @@ def fused_variants():
     # float32 as three tf32 products (float32_matmul="tf32x3"), every pass on
     x3 = dict(base, PRECISION=TF32X3, WANT_PARAM_GRADS=True, WANT_DX=True, NORMS=True, CLIP=True)
     yield triton_fused._fused_mlp_kernel, x3, types
+    # IEEE float32 in K-chunks of 32 (bench/fused_sweep.py times it against the default)
+    yield triton_fused._fused_mlp_kernel, dict(x3, PRECISION=PREC["float32"], FMA_K_CHUNK=32), types
     ce = dict(base, LOSS=LOSS["cross_entropy"], PRECISION=PREC["float32"], WANT_PARAM_GRADS=True,
               WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
     yield triton_fused._fused_mlp_kernel, ce, {**types, "t_ptr": "*i64"}

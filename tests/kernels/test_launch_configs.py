@@ -35,6 +35,8 @@ def test_every_swept_configuration_agrees_with_the_chosen_one():
     for label in ("float32", "float32 tf32x3"):  # IEEE FMAs, and three tf32 products
         rows = {line for line in lines if line.startswith(f"| {label} |")}
         assert len(rows) == 22 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
+    # IEEE float32 at its own configuration with the K-chunks it had before (32)
+    assert len({line for line in lines if line.startswith("| float32 K-chunks of 32 |")}) == 1
 
 
 def test_every_swept_tile_shape_of_the_per_layer_path_agrees_with_the_fixed_one():
