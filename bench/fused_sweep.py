@@ -47,7 +47,7 @@ CONFIGS = [
 ]  # fmt: skip
 # IEEE float32 is also timed at launch_config's own configuration with the K-chunks it had
 # before they were 16 (LaunchConfig.fma_k_chunk; 16 spill less on sm_90:
-# bench/results/ptxas_sm90.md), in a row of its own.
+# bench/results/ptxas_sm90.md), in a row of its own before the others.
 OTHER_FMA_K_CHUNK = 32
 # The targets' precisions first: if the device call runs out of time, their rows are in.
 # "float32 tf32x3": float32 jobs with the engine's float32_matmul="tf32x3".
@@ -164,18 +164,18 @@ def main():
             lambda job=job, f=method: run_with(job, device, float32_matmul=f), device
         )
         t_eager = sweep.median_ms(lambda job=job: torch_engine.run(job, device), device)
-        worst = max(worst, sweep.time_configurations(
-            label, CONFIGS,
-            lambda config, job=job, f=method: run_with(job, device, *config, float32_matmul=f),
-            columns, own_config, chosen, t_chosen, t_eager, device, lines, args.out,
-        ))  # fmt: skip
-        if label == "float32":
+        if label == "float32":  # first, so that a run cut short still has it
             worst = max(worst, sweep.time_configurations(
                 f"float32 K-chunks of {OTHER_FMA_K_CHUNK}", [own_config],
                 lambda config, job=job: run_with(job, device, *config,
                                                  fma_k_chunk=OTHER_FMA_K_CHUNK),
                 columns, None, chosen, t_chosen, t_eager, device, lines, args.out,
             ))  # fmt: skip
+        worst = max(worst, sweep.time_configurations(
+            label, CONFIGS,
+            lambda config, job=job, f=method: run_with(job, device, *config, float32_matmul=f),
+            columns, own_config, chosen, t_chosen, t_eager, device, lines, args.out,
+        ))  # fmt: skip
         torch.backends.cuda.matmul.allow_tf32 = False
     legend = (
         "'vs chosen' > 1: faster than launch_config's choice. Command: "
