@@ -34,7 +34,11 @@ CPU_CHECK = (1, 130, (20, 150, 140, 3))  # 130 x 150 x 140 products take the lar
 # (BLOCK_P, BLOCK_Q, BLOCK_K, warps, stages). The fixed shape first. Then shorter K steps;
 # half tiles with 4 warps (168 registers on sm_90 for float32: three programs, 12 warps,
 # per SM where the fixed shape has one of 8, the same FMAs per shared-memory load); a
-# deeper pipeline; and small tiles (more programs, less reuse).
+# deeper pipeline; and small tiles (more programs, less reuse). Last, twice the outputs per
+# thread (128x128 with 4 warps, 256x128 with 8): for IEEE float32 on sm_90, 1.25-1.39 bytes
+# of shared memory loaded per FMA against the fixed shape's 1.38-1.52, with up to 0.3 KB
+# of register spills where the fixed shape has none (bench/ptxas_report.py's measure,
+# triton 3.6).
 FIXED = tuple(triton_layered.LARGE_TILES[key]
               for key in ("BLOCK_P", "BLOCK_Q", "BLOCK_K", "num_warps", "num_stages"))  # fmt: skip
 CONFIGS = [
@@ -46,6 +50,8 @@ CONFIGS = [
     (128, 64, 32, 4, 4),
     (128, 64, 16, 4, 4),
     (64, 64, 32, 4, 3),
+    (128, 128, 32, 4, 3),
+    (256, 128, 32, 8, 3),
 ]
 # The width-1024 targets' precisions first: float32 (IEEE, the one behind its target),
 # then bfloat16; float32 as three tf32 products last.
