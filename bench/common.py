@@ -90,15 +90,17 @@ def machine() -> str:
     )
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def write_table(name: str, title: str, header: list[str], rows: list[list], notes: str = ""):
     for row in rows:
         if len(row) != len(header):  # a cell under the wrong heading reads as a wrong number
             raise ValueError(f"{name}: {len(row)} cells under {len(header)} headings: {row}")
     os.makedirs(RESULTS, exist_ok=True)
-    lines = [f"# {title}", "", f"Machine: {machine()}", ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines = [f"# {title}", "", f"Machine: {machine()}", "", markdown_table(header, rows)]
     if notes:
         lines += ["", notes]
     text = "\n".join(lines) + "\n"

@@ -15,10 +15,11 @@ plus the same kernel with every layer padded to the widest (64) for comparison. 
 per SM" is what registers and shared memory allow: a latency-bound kernel wants more than
 one.
 For kernels on the FMA units (IEEE float32) it also gives the bytes of shared memory each
-thread loads per FMA: an H100 SM reads 128 bytes of shared memory a clock against 128 FMAs
-a clock, so above one byte per FMA shared memory rather than the FMA units sets the pace,
-unless the threads of a warp read the same words (a broadcast, served once). The same
-figures for the per-layer path's GEMMs at the tiles a GPU gives them follow the table.
+thread loads per FMA: an H100 SM returns 128 bytes of shared memory a clock (a register
+per thread of a warp) against 128 FMAs a clock, so above one byte per FMA shared memory
+rather than the FMA units sets the pace, unless pairs of threads read the same address
+(two values packed per register return). The same figures for the per-layer path's GEMMs
+at the tiles a GPU gives them follow the table.
 None of it predicts time: measure on a GPU before changing triton_fused.launch_config.
 Usage: env -u TRITON_INTERPRET python bench/ptxas_report.py
 """
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-from bench.common import precision_and_method, write_table  # noqa: E402
+from bench.common import markdown_table, precision_and_method, write_table  # noqa: E402
 from bench.compile_only import CompileOnlyDriver  # noqa: E402
 from bench.fused_sweep import CONFIGS, OTHER_FMA_K_CHUNK, run_with  # noqa: E402
 from bench.sweep import make_job  # noqa: E402
@@ -195,7 +196,7 @@ def layered_rows(sizes=WIDE_SIZES, n: int = 256) -> list:
     job = make_job(4, n, sizes, "float32", torch.device("cpu"))
     gemm = triton_layered._batched_matmul_kernel
     launched = [gemm, triton_layered._loss_kernel, triton_layered._column_sum_kernel]
-    compiled = {}  # hash -> (EPILOGUE, P, Q, K, options, kernel)
+    compiled = {}  # hash -> (launch options, (P, Q, K), compiled kernel)
 
     def compile_only(kernel):
         run = kernel.run
@@ -228,11 +229,6 @@ def layered_rows(sizes=WIDE_SIZES, n: int = 256) -> list:
                      options["num_warps"], options.get("num_stages", ""), regs, spills,
                      count(ops, ("FFMA",)), shared_bytes_per_fma(ops)])  # fmt: skip
     return rows
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def main() -> None:
