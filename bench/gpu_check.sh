@@ -21,6 +21,9 @@
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
+# `bash bench/gpu_check.sh fma` times IEEE float32 products in a chain of 64-wide layers,
+# Triton's tl.dot against Gluon kernels with larger per-thread tiles (bench/fma_tiles.py:
+# $OUT/fma_tiles.md).
 # `bash bench/gpu_check.sh all [PRECISIONS]` runs the default check, then in the same call
 # the two-layer MLP check and the fused kernel's launch configurations for PRECISIONS
 # (default float32,bfloat16,float32-tf32x3: IEEE float32's launch configurations and
@@ -69,6 +72,12 @@ if [ "${1:-}" = tests ]; then
   # `bash bench/gpu_check.sh tests PYTEST_ARGS`: only those GPU tests
   timeout "${TESTS_TIMEOUT:-270}" python3 -m pytest -v -p no:cacheprovider -n 16 "${@:2}" 2>&1 \
     | tee "$OUT/gpu_tests.log" | grep -E "FAILED|Error|passed|failed" | tail -40
+  exit "${PIPESTATUS[0]}"
+fi
+
+if [ "${1:-}" = fma ]; then
+  echo "== IEEE float32 products by outputs per thread: tl.dot against Gluon's tiles"
+  timeout 240 python3 bench/fma_tiles.py --out "$OUT/fma_tiles.md" 2>&1 | tail -20
   exit "${PIPESTATUS[0]}"
 fi
 
