@@ -79,7 +79,8 @@ tiles load a column of 8 samples and a row of 8 weights (two 16-byte loads each)
 FMAs. None of it is a time: `bash bench/gpu_check.sh fma` measures."""
 
 
-@triton.jit
+# One compile a row for the check's layers and the timed ones alike.
+@triton.jit(do_not_specialize=["layers"])
 def _chain_tl_dot(x_ptr, w_ptr, out_ptr, layers, BM: tl.constexpr, W: tl.constexpr,
                   K_CHUNK: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -91,7 +92,7 @@ def _chain_tl_dot(x_ptr, w_ptr, out_ptr, layers, BM: tl.constexpr, W: tl.constex
     tl.store(out_ptr + rows[:, None] * W + cols[None, :], h)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["layers"])
 def _chain_gluon(x_ptr, w_ptr, out_ptr, layers, BM: gl.constexpr, W: gl.constexpr,
                  ACC: gl.constexpr):  # fmt: skip
     rows = gl.program_id(0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
