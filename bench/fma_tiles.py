@@ -1,8 +1,8 @@
 """How fast can a Triton kernel multiply in IEEE float32 on the FMA units, by outputs per thread?
 
 The fused kernel's IEEE float32 products are `tl.dot(input_precision="ieee")`, which Triton
-lowers to FMAs with each thread computing at most a 4x4 block of outputs at a time; every
-FMA then costs a thread 2 to 3 bytes of shared-memory loads, and an H100 SM returns 128
+lowers to FMAs with each thread computing at most a 4x4 block of outputs at a time; each
+FMA then costs a thread 1.5 to 3 bytes of shared-memory loads, and an H100 SM returns 128
 bytes of shared memory a clock against 128 FMAs (bench/results/ptxas_sm90.md). Gluon
 (`triton.experimental.gluon`, Triton's explicit-layout language, in the same wheel) lets a
 kernel choose its per-thread tile: 8x8 outputs halve the bytes per FMA, as cuBLAS's SGEMM
