@@ -193,8 +193,11 @@ def float32_peak() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def gpu_rows(out_path: str | None, header: list[str], lines: list[str]) -> None:
+def gpu_rows(out_path: str | None, header: list[str], lines: list[str]) -> int:
+    """Check and time every row, writing the table after each; the number of rows that
+    were wrong or failed."""
     x64, w64, x, w = inputs("cuda")
+    bad = 0
     peak = float32_peak()
     flops = 2 * ROWS * WIDTH * WIDTH * LAYERS
     lines += [f"torch float32 matmul (8192^3): {peak:.1f} TFLOP/s", "",
@@ -208,9 +211,11 @@ def gpu_rows(out_path: str | None, header: list[str], lines: list[str]) -> None:
             cells = [verdict(error), f"{ms:.3f}", f"{tflops:.1f}", f"{100 * tflops / peak:.0f}%"]
         except Exception as exc:  # noqa: BLE001 (a row that fails to build or run says why)
             cells = [f"FAILED: {type(exc).__name__}: {str(exc)[:120]}", "", "", ""]
+        bad += "WRONG" in cells[0] or "FAILED" in cells[0]
         lines.append("| " + " | ".join(str(c) for c in label(config) + cells) + " |")
         print(lines[-1], flush=True)
         write_lines(out_path, lines)
+    return bad
 
 
 def cpu_check() -> int:
@@ -256,7 +261,7 @@ def main() -> None:
     header = product + [f"relative error, {CHECK_LAYERS} layers", "ms", "TFLOP/s",
                         "of torch's float32"]  # fmt: skip
     lines = title + [f"GPU: {torch.cuda.get_device_name()}"]
-    gpu_rows(args.out, header, lines)
+    sys.exit(1 if gpu_rows(args.out, header, lines) else 0)
 
 
 if __name__ == "__main__":
