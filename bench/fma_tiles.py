@@ -185,20 +185,14 @@ def static_rows() -> list:
     return rows
 
 
-def float32_peak() -> float:
-    """torch's float32 matmul (cuBLAS, no tf32) at 8192 cubed, TFLOP/s."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a = torch.randn(8192, 8192, device="cuda")
-    ms = triton.testing.do_bench(lambda: a @ a)
-    return 2 * 8192**3 / ms / 1e9
-
-
 def gpu_rows(out_path: str | None, header: list[str], lines: list[str]) -> int:
     """Check and time every row, writing the table after each; the number of rows that
     were wrong or failed."""
+    from bench.kernels_gpu import measured_peaks
+
     x64, w64, x, w = inputs("cuda")
     bad = 0
-    peak = float32_peak()
+    peak = measured_peaks()["float32"]  # torch's float32 matmul (no tf32) at 8192 cubed
     flops = 2 * ROWS * WIDTH * WIDTH * LAYERS
     lines += [f"torch float32 matmul (8192^3): {peak:.1f} TFLOP/s", "",
               markdown_table(header, [])]  # fmt: skip
