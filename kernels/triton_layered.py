@@ -18,25 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gradserve.kernels.triton_common import (
-    LAUNCH_OPTIONS,
-    activate,
-    activation_grad,
-    loss_block,
-    matmul,
-)
-
-
-@triton.jit
-def _batch_and_block(blocks_per_batch):
-    """(batch, block within it) of this program, on a one-axis grid of B * blocks_per_batch
-    programs: a batch's blocks run one after another, and the grid's first axis takes up to
-    2**31 - 1 programs where the others stop at 65535 (a large N's blocks would not fit).
-    The batch comes as int64: the ensemble's buffers can exceed 2**31 elements, so their
-    per-batch bases are 64-bit while offsets within a batch stay 32-bit (a model's own
-    tensors stay below 2**31 elements: triton_engine.fits_int32_offsets)."""
-    program = tl.program_id(0)
-    return (program // blocks_per_batch).to(tl.int64), program % blocks_per_batch
+from gradserve.kernels.gemm_common import batch_and_block, store_product
+from gradserve.kernels.triton_common import LAUNCH_OPTIONS, activation_grad, loss_block, matmul
 
 
 @triton.jit
@@ -66,7 +49,7 @@ def _batched_matmul_kernel(
 ):
     # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q),), a batch's tiles one after another
     tiles_q = tl.cdiv(Q, BLOCK_Q)
-    batch, tile = _batch_and_block(tl.cdiv(P, BLOCK_P) * tiles_q)
+    batch, tile = batch_and_block(tl.cdiv(P, BLOCK_P) * tiles_q)
     tp = tile // tiles_q
     tq = tile % tiles_q
     rp = tp * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -84,17 +67,7 @@ def _batched_matmul_kernel(
             b_base + kk[:, None] * stride_bk, mask=(kk[:, None] < K) & (rq[None, :] < Q), other=0.0
         )
         acc += matmul(a, b, PRECISION, BLOCK_K)  # one chunk: the K-tile itself
-    out_mask = (rp[:, None] < P) & (rq[None, :] < Q)
-    out_offsets = rp[:, None] * Q + rq[None, :]
-    aux_batch = aux_ptr + batch * P * Q
-    if EPILOGUE == 1:
-        bias = tl.load(bias_ptr + batch * Q + rq, mask=rq < Q, other=0.0)
-        acc = acc + bias[None, :]
-        tl.store(aux_batch + out_offsets, activate(acc, ACT, slope), mask=out_mask)
-    elif EPILOGUE == 2:
-        z = tl.load(aux_batch + out_offsets, mask=out_mask, other=0.0)
-        acc = acc * activation_grad(z, ACT, slope)
-    tl.store(c_ptr + batch * P * Q + out_offsets, acc, mask=out_mask)
+    store_product(acc, rp, rq, P, Q, batch, c_ptr, bias_ptr, aux_ptr, slope, EPILOGUE, ACT)
 
 
 @triton.jit
@@ -120,7 +93,7 @@ def _loss_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # grid = (M * cdiv(N, BLOCK_N),)
-    m, block = _batch_and_block(tl.cdiv(N, BLOCK_N))
+    m, block = batch_and_block(tl.cdiv(N, BLOCK_N))
     rn = block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, DP)
     mask = (rn[:, None] < N) & (cols[None, :] < d_out)
@@ -156,7 +129,7 @@ def _column_sum_kernel(
     BLOCK_C: tl.constexpr,
 ):
     # grid = (B * cdiv(C, BLOCK_C),); rows are added block by block, in order
-    batch, columns = _batch_and_block(tl.cdiv(C, BLOCK_C))
+    batch, columns = batch_and_block(tl.cdiv(C, BLOCK_C))
     rc = columns * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     x_batch = x_ptr + batch * R * C
@@ -176,6 +149,17 @@ def _column_sum_kernel(
 # and the interpreter.
 LARGE_TILES = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32, num_warps=8, num_stages=3)
 SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, num_warps=4)
+
+
+# Which kernel multiplies IEEE float32 products (PRECISION 0): "tl.dot", the kernel above
+# (Triton gives a thread at most 4x4 outputs: 1.4 to 1.7 shared-memory bytes per FMA on
+# sm_90, and 67% of torch's float32 matmul at width 1024 on an H100), or "gluon", the same
+# GEMM with 8x8 outputs a thread (gluon_matmul.py: 1.00 byte per FMA, no spills). Checked
+# against the float64 oracle on the CPU (gluon_cpu) and compiled for sm_90; the GPU tests
+# check both and bench/layered_sweep.py times both. Not yet timed on a GPU, so not the
+# default.
+IEEE_GEMMS = ("tl.dot", "gluon")
+IEEE_GEMM = "tl.dot"
 
 
 def takes_large_tiles(p: int, q: int) -> bool:
@@ -200,6 +184,12 @@ def batched_matmul(
     q = b.shape[-1]
     assert b.shape[-2] == k, (a.shape, b.shape)
     c = out if out is not None else torch.empty(batch, p, q, device=a.device, dtype=torch.float32)
+    if precision == 0 and IEEE_GEMM == "gluon":
+        from gradserve.kernels import gluon_matmul  # Gluon: Triton 3.6 and later
+
+        gluon_matmul.launch(a, b, c, bias, aux, batch, epilogue=epilogue, act=act, slope=slope,
+                            tiles=gluon_matmul.tiles_for(p, q, a.device))  # fmt: skip
+        return c
     tiles = _tiles(p, q, a.device)
     grid = (batch * triton.cdiv(p, tiles["BLOCK_P"]) * triton.cdiv(q, tiles["BLOCK_Q"]),)
     _batched_matmul_kernel[grid](

@@ -1,0 +1,221 @@
+"""Runs Gluon kernels on the CPU, one program after another, as TRITON_INTERPRET=1 runs
+Triton kernels: Triton's interpreter has no Gluon (a Gluon launch there fails with "0
+active drivers"), and without this a Gluon kernel could only be checked on a GPU.
+
+What it checks: the kernel's arithmetic, indexing, masks and its use of shared memory as
+memory (a slice loaded after a store reads what was stored). What it cannot: layouts only
+say how a GPU spreads a tensor over its threads, so they are carried and checked for
+agreement where Gluon checks them, and otherwise ignored; barriers are no-ops, because one
+program runs at a time, so a missing barrier (a race between a program's threads) does not
+show here. Those are checked where the kernel compiles (sm_90 compiles in the tests) and
+on a GPU.
+
+Built on Triton's interpreter (its numpy builder and argument handling), with the Gluon
+operations it lacks added: shared-memory allocations are numpy arrays, loads and stores of
+them copies, slices views. Nested `@triton.jit` helpers run with the same semantics, so a
+Gluon kernel may call the Triton helpers the other kernels use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from contextlib import contextmanager
+
+import numpy as np
+import triton
+import triton.language as tl
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonJITFunction
+from triton.experimental.gluon.language import _core as gl_core
+from triton.experimental.gluon.language._layouts import SliceLayout
+from triton.experimental.gluon.language._semantic import GluonSemantic
+from triton.runtime import interpreter as interp
+
+
+class _SharedHandle:
+    """A shared-memory allocation or a view of one: `data` is a numpy view."""
+
+    def __init__(self, data: np.ndarray):
+        self.data = data
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options(interp.InterpreterOptions):
+    num_ctas: int = 1  # one program at a time: no clusters
+    num_warps: int = 4
+
+
+class _GluonBuilder(interp.InterpreterBuilder):
+    """Triton's interpreter builder with the Gluon operations and types a kernel uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.options = _Options()
+
+    # Types: a distributed tensor is a block; layouts are not IR here but stay on the
+    # Python types, where Gluon's semantics check them.
+    def get_distributed_ty(self, element_ty, shape, layout):
+        return tl.block_type(element_ty, list(shape))
+
+    def get_shared_mem_desc_ty(self, element_ty, shape, layout, alloc_shape):
+        return tl.block_type(element_ty, list(shape))
+
+    def __getattr__(self, name):
+        # get_blocked_layout, get_slice_layout, get_swizzled_shared_layout, ...: layouts are
+        # carried by the Python types, so their IR form is never used.
+        if name.startswith("get_") and name.endswith("_layout"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(f"the Gluon CPU runner has no {name!r}")
+
+    def get_gluon_layout_from_tensor(self, handle):
+        raise NotImplementedError(
+            "the Gluon CPU runner does not infer result layouts (permute, reshape, join, "
+            "split, reductions): only layouts the kernel states, and expand_dims'"
+        )
+
+    def create_broadcast(self, arg, shape):
+        shape = shape.shape if hasattr(shape, "shape") else shape
+        return super().create_broadcast(arg, shape)
+
+    def create_convert_layout(self, ty, value):
+        return value
+
+    def create_set_auto_layout(self, layout, value):
+        return value
+
+    def create_local_alloc(self, ty, value=None):
+        data = np.zeros(ty.shape, dtype=interp._get_np_dtype(ty.element_ty))
+        if value is not None:
+            data[...] = value.data
+        return _SharedHandle(data)
+
+    def create_local_load(self, ty, handle):
+        return interp.TensorHandle(handle.data.copy(), ty.element_ty)
+
+    def create_local_store(self, handle, value):
+        handle.data[...] = value.data
+
+    def create_local_dealloc(self, handle):
+        pass
+
+    def create_memdesc_subslice(self, ty, handle, offsets):
+        index = tuple(slice(o, o + n) for o, n in zip(offsets, ty.shape, strict=True))
+        return _SharedHandle(handle.data[index])
+
+    def create_memdesc_index(self, ty, handle, index):
+        return _SharedHandle(handle.data[int(index.data.item())])
+
+    def create_memdesc_trans(self, ty, handle, order):
+        return _SharedHandle(np.transpose(handle.data, order))
+
+
+class _GluonCpuSemantic(GluonSemantic):
+    """Gluon's semantics on the CPU builder. Gluon asks the compiler for the layout of
+    some results (expand_dims' parent layout); here it follows from the operand's."""
+
+    def expand_dims(self, input, axis):
+        layout = input.type.layout
+        if not isinstance(layout, SliceLayout) or layout.dim != axis:
+            raise ValueError(f"expand_dims on axis {axis} of a tensor laid out as {layout}")
+        shape = list(input.shape)
+        shape.insert(axis, 1)
+        handle = self.builder.create_expand_dims(input.handle, axis)
+        return self.tensor(handle, gl.distributed_type(input.type.scalar, shape, layout.parent))
+
+
+_builder = _GluonBuilder()
+_semantic = _GluonCpuSemantic(_builder)
+
+
+def _takes_semantic(member) -> bool:
+    """Builtins, and the functions the compiler hands its semantics to without marking
+    them builtin (shared_memory_descriptor.slice)."""
+    if getattr(member, gl_core.GLUON_BUILTIN, False) or tl.core.is_builtin(member):
+        return True
+    return inspect.isfunction(member) and "_semantic" in inspect.signature(member).parameters
+
+
+def _unpatched(member):
+    """The language function behind an interpreter binding. Triton's interpreter binds a
+    builtin to its semantics as `lambda *args, member=builtin, **kwargs` and leaves some
+    bound after a kernel (those of modules only its own helpers see, as tl.core from
+    tl.cdiv); the runner binds as `_member=`."""
+    while True:
+        bound = getattr(member, "__kwdefaults__", None) or {}
+        inner = bound.get("member", bound.get("_member"))
+        if inner is None:
+            return member
+        member = inner
+
+
+def _bind(member):
+    """`member` with the runner's semantics, whatever semantics its caller passes."""
+
+    def bound(*args, _member=member, **kwargs):
+        kwargs.pop("_semantic", None)
+        return _member(*args, **kwargs, _semantic=_semantic)
+
+    return bound
+
+
+def _patch_builtins(owner, scope) -> None:
+    for name, member in inspect.getmembers(owner):
+        member = _unpatched(member)
+        if _takes_semantic(member):
+            scope.set_attr(owner, name, _bind(member))
+
+
+@contextmanager
+def _gluon_language():
+    """Gluon's and Triton's language bound to the CPU semantics, and @triton.jit helpers
+    called as plain functions under them, for the duration."""
+    scope = interp._LangPatchScope()
+    try:
+        for owner in (gl, gl_core, gl.shared_memory_descriptor, tl, tl.core, tl.math, tl.tensor):
+            _patch_builtins(owner, scope)
+        interp._patch_lang_tensor(tl.tensor, scope)
+        interp._patch_lang_core(tl, scope)
+        scope.set_attr(gl, "static_range", tl.static_range)
+
+        def call_helper(self, *args, **kwargs):
+            return self.rewrite()(*args, **kwargs)
+
+        scope.set_attr(interp.InterpretedFunction, "__call__", call_helper)
+        # Gluon's own jit functions (gl.zeros, ...) and a kernel's Gluon helpers likewise.
+        scope.set_attr(GluonJITFunction, "__call__", lambda self, *a, **k: self.fn(*a, **k))
+        yield
+    finally:
+        scope.restore()
+
+
+def run(kernel, grid, *args, **kwargs) -> None:
+    """Launch the Gluon kernel `kernel` (a @gluon.jit function) on CPU tensors, as
+    `kernel[grid](*args, **kwargs)` would on a GPU. Launch options (num_warps, ...) are
+    accepted and ignored."""
+    fn = kernel.fn
+    executor = interp.GridExecutor(fn, kernel.arg_names, grid)
+    constexprs = {param.name for param in kernel.params if param.is_constexpr}
+    names = set(inspect.signature(fn).parameters)
+    kwargs = {k: v for k, v in kwargs.items() if k in names}
+    args_hst, kwargs_hst = executor._init_args_hst(args, kwargs)
+    with _gluon_language():
+        call_args = inspect.getcallargs(fn, *args_hst, **kwargs_hst)
+        call_args = {
+            name: value if name in constexprs else interp._implicit_cvt(value)
+            for name, value in call_args.items()
+        }
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        _builder.set_grid_dim(*grid)
+        for x in range(grid[0]):
+            for y in range(grid[1]):
+                for z in range(grid[2]):
+                    _builder.set_grid_idx(x, y, z)
+                    fn(**call_args)
+    executor._restore_args_dev(args, args_hst, kwargs, kwargs_hst)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), and so Gluon
+    kernels here."""
+    return triton.knobs.runtime.interpret

@@ -1,0 +1,176 @@
+"""The per-layer path's batched GEMM in IEEE float32 as a Gluon kernel: each thread
+computes an 8x8 block of outputs, where Triton's tl.dot gives a thread at most 4x4.
+
+Why: on the FMA units a product's speed is set by the shared memory each FMA needs. A
+thread with an r x c block of outputs loads r + c operands per r * c FMAs: 4x4 costs 2
+bytes per FMA, 8x8 one, and an H100 SM returns 128 bytes of shared memory a clock against
+128 FMAs (bench/results/fma_tiles_sm90.md). Gluon (triton.experimental.gluon, in the same
+wheel as Triton) lets the kernel say which outputs each thread holds.
+
+Same interface and results as triton_layered._batched_matmul_kernel with PRECISION 0: C
+= A @ B with the same epilogues (gemm_common.store_product), every product accumulated
+with FMAs in K order, so results are bit-identical run to run. The K loop per tile: the
+A and B tiles go from registers into shared memory (A column-major, so a thread's 8 rows
+of a column are contiguous, B row-major), then each of BLOCK_K steps adds the outer
+product of a column of A and a row of B, while the next tiles' global loads are in flight.
+
+Under TRITON_INTERPRET=1 the launcher runs it with gluon_cpu (Triton's interpreter has no
+Gluon).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from gradserve.kernels import gluon_cpu
+from gradserve.kernels.gemm_common import batch_and_block, store_product
+from gradserve.kernels.triton_common import LAUNCH_OPTIONS
+
+# Gluon's CTA barrier is thread_barrier in triton 3.6 and barrier from 3.7.
+if hasattr(gl, "barrier"):
+
+    @gluon.jit
+    def _sync_threads():
+        gl.barrier()
+
+else:
+
+    @gluon.jit
+    def _sync_threads():
+        gl.thread_barrier()
+
+
+@gluon.jit
+def _fp32_batched_matmul_kernel(
+    a_ptr,  # [B, P, K] (any strides)
+    b_ptr,  # [B, K, Q] (any strides)
+    c_ptr,  # [B, P, Q] contiguous output
+    bias_ptr,  # [B, Q] (EPILOGUE 1)
+    aux_ptr,  # [B, P, Q] contiguous (store_product)
+    P,
+    Q,
+    K,
+    stride_ab,
+    stride_ap,
+    stride_ak,
+    stride_bb,
+    stride_bk,
+    stride_bq,
+    slope,
+    EPILOGUE: gl.constexpr,
+    ACT: gl.constexpr,
+    BLOCK_P: gl.constexpr,
+    BLOCK_Q: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    ACC: gl.constexpr,  # the accumulator's layout: 8x8 outputs a thread
+    A_LOAD: gl.constexpr,  # layouts the operand tiles are loaded in (coalesced for
+    B_LOAD: gl.constexpr,  # their strides)
+):
+    # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q),), a batch's tiles one after another
+    tiles_q = gl.cdiv(Q, BLOCK_Q)
+    batch, tile = batch_and_block(gl.cdiv(P, BLOCK_P) * tiles_q)
+    tp = tile // tiles_q
+    tq = tile % tiles_q
+
+    ap = tp * BLOCK_P + gl.arange(0, BLOCK_P, layout=gl.SliceLayout(1, A_LOAD))
+    ak = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, A_LOAD))
+    bk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, B_LOAD))
+    bq = tq * BLOCK_Q + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, B_LOAD))
+    a_ptrs = a_ptr + batch * stride_ab + ap[:, None] * stride_ap + ak[None, :] * stride_ak
+    b_ptrs = b_ptr + batch * stride_bb + bk[:, None] * stride_bk + bq[None, :] * stride_bq
+    a_rows = ap[:, None] < P
+    b_cols = bq[None, :] < Q
+
+    # A column-major (order [0, 1]): column k of the tile is contiguous, and a thread's 8
+    # rows of it are two 16-byte loads. B row-major: likewise a thread's 8 columns of row k.
+    a_s = gl.allocate_shared_memory(
+        gl.float32, [BLOCK_P, BLOCK_K], gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
+    )
+    b_s = gl.allocate_shared_memory(
+        gl.float32, [BLOCK_K, BLOCK_Q], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    )
+    a_next = gl.load(a_ptrs, mask=a_rows & (ak[None, :] < K), other=0.0)
+    b_next = gl.load(b_ptrs, mask=(bk[:, None] < K) & b_cols, other=0.0)
+    acc = gl.zeros([BLOCK_P, BLOCK_Q], gl.float32, ACC)
+    for k0 in range(0, K, BLOCK_K):
+        _sync_threads()  # every thread is done with the previous tiles
+        a_s.store(a_next)
+        b_s.store(b_next)
+        _sync_threads()  # and all of these tiles are in
+        # The next tiles' loads go out before this tile's FMAs, which hide their latency
+        # (past the end of K they are masked off: no memory is read).
+        k1 = k0 + BLOCK_K
+        a_next = gl.load(a_ptrs + k1 * stride_ak, mask=a_rows & (k1 + ak[None, :] < K), other=0.0)
+        b_next = gl.load(b_ptrs + k1 * stride_bk, mask=(k1 + bk[:, None] < K) & b_cols, other=0.0)
+        for k in gl.static_range(BLOCK_K):
+            acc += a_s.slice(k, 1, dim=1).load(ACC) * b_s.slice(k, 1, dim=0).load(ACC)
+
+    rp = tp * BLOCK_P + gl.arange(0, BLOCK_P, layout=gl.SliceLayout(1, ACC))
+    rq = tq * BLOCK_Q + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, ACC))
+    store_product(acc, rp, rq, P, Q, batch, c_ptr, bias_ptr, aux_ptr, slope, EPILOGUE, ACT)
+
+
+def _accumulator(block_p: int, block_q: int, warps: int) -> gl.BlockedLayout:
+    """8x8 outputs a thread, a warp's 32 threads as 4 x 8 (32 x 64 outputs), the warps
+    stacked along P and then Q so that they cover [block_p, block_q] exactly."""
+    warps_q = block_q // 64
+    warps_p = warps // warps_q
+    assert warps_p * 32 == block_p and warps_q * 64 == block_q, (block_p, block_q, warps)
+    return gl.BlockedLayout([8, 8], [4, 8], [warps_p, warps_q], [1, 0])
+
+
+def _operand_load(rows: int, cols: int, warps: int, contiguous: int) -> gl.BlockedLayout:
+    """A layout for loading a [rows, cols] tile whose dimension `contiguous` is contiguous
+    in memory: 4 consecutive elements a thread along it (one 16-byte load where aligned),
+    a warp's threads along it first."""
+    threads_along = min(32, max(1, (rows, cols)[contiguous] // 4))
+    size, threads = [1, 1], [1, 1]
+    size[contiguous] = 4
+    threads[contiguous] = threads_along
+    threads[1 - contiguous] = 32 // threads_along
+    warps_per_cta = [1, 1]
+    warps_per_cta[1 - contiguous] = warps
+    return gl.BlockedLayout(size, threads, warps_per_cta, [contiguous, 1 - contiguous])
+
+
+# 128 x 128 tiles of 8 warps for large products (each warp 32 x 64 outputs, 2 CTAs an SM by
+# registers), 64 x 64 of 2 warps for small ones; K in steps of 16 (16 KB of shared memory
+# for the large tiles).
+LARGE_TILES = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=16, num_warps=8)
+SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=2)
+
+
+def launch(a, b, c, bias, aux, batch: int, *, epilogue: int, act: int, slope: float,
+           tiles: dict) -> None:  # fmt: skip
+    """C[i] = a[i] @ b[i] (+ epilogue), as triton_layered.batched_matmul describes, on the
+    Gluon kernel. a [B|-, P, K], b [B|-, K, Q] fp32, any strides (stride 0 over a shared
+    batch); c [B, P, Q] fp32 contiguous."""
+    p, k = a.shape[-2], a.shape[-1]
+    q = b.shape[-1]
+    bp, bq, bk, warps = tiles["BLOCK_P"], tiles["BLOCK_Q"], tiles["BLOCK_K"], tiles["num_warps"]
+    strides_a = (a.stride(0) if a.dim() == 3 else 0, a.stride(-2), a.stride(-1))
+    strides_b = (b.stride(0) if b.dim() == 3 else 0, b.stride(-2), b.stride(-1))
+    layouts = dict(
+        ACC=_accumulator(bp, bq, warps),
+        A_LOAD=_operand_load(bp, bk, warps, contiguous=1 if strides_a[2] == 1 else 0),
+        B_LOAD=_operand_load(bk, bq, warps, contiguous=1 if strides_b[2] == 1 else 0),
+    )
+    grid = (batch * triton.cdiv(p, bp) * triton.cdiv(q, bq),)
+    args = (a, b, c, bias if bias is not None else c, aux if aux is not None else c,
+            p, q, k, *strides_a, *strides_b, slope)  # fmt: skip
+    meta = dict(EPILOGUE=epilogue, ACT=act, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=bk, **layouts)
+    if gluon_cpu.interpreting():
+        gluon_cpu.run(_fp32_batched_matmul_kernel, grid, *args, **meta)
+    else:
+        options = {key: tiles[key] for key in ("num_warps", "maxnreg") if key in tiles}
+        _fp32_batched_matmul_kernel[grid](*args, **meta, **options, **LAUNCH_OPTIONS)
+
+
+def tiles_for(p: int, q: int, device: torch.device) -> dict:
+    """The tiles of a [P, Q] product: large ones where both sides fill them on a GPU."""
+    if device.type == "cuda" and min(p, q) >= 128:
+        return dict(LARGE_TILES)
+    return dict(SMALL_TILES)

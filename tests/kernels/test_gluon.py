@@ -1,0 +1,225 @@
+"""The Gluon kernels on the CPU (kernels/gluon_cpu.py runs them one program at a time):
+the runner itself, the IEEE float32 batched GEMM (gluon_matmul.py) against float64 torch,
+and the per-layer engine path on it against the float64 oracle."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+
+from gradserve import kernels  # noqa: E402
+from gradserve.kernels import gluon_cpu, gluon_matmul, triton_engine, triton_layered  # noqa: E402
+from gradserve.kernels.triton_common import ACTIVATION_CODES  # noqa: E402
+from tests.jobs import ensemble_job, random_job  # noqa: E402
+from tests.oracle import (  # noqa: E402
+    assert_matches_oracle,
+    assert_same_results,
+    engine_tensors,
+    oracle_for,
+)
+
+pytestmark = pytest.mark.skipif(
+    not gluon_cpu.interpreting(), reason="the CPU runner is for TRITON_INTERPRET=1"
+)
+
+TILE = gl.BlockedLayout([2, 2], [4, 8], [2, 1], [1, 0])  # 16 x 16, as 2 warps would hold it
+
+
+@gluon.jit
+def _product_through_shared(x_ptr, y_ptr, out_ptr, N: gl.constexpr, LAYOUT: gl.constexpr):
+    """out = x @ y for N x N tiles, from slices of shared memory (columns of x, rows of y),
+    written back over x's buffer and read from it: what a slice or a load reads is what
+    was last stored there."""
+    rows = gl.arange(0, N, layout=gl.SliceLayout(1, LAYOUT))
+    cols = gl.arange(0, N, layout=gl.SliceLayout(0, LAYOUT))
+    offsets = rows[:, None] * N + cols[None, :]
+    x_s = gl.allocate_shared_memory(
+        gl.float32, [N, N], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), gl.load(x_ptr + offsets)
+    )
+    y_s = gl.allocate_shared_memory(gl.float32, [N, N], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    y_s.store(gl.load(y_ptr + offsets))
+    acc = gl.zeros([N, N], gl.float32, LAYOUT)
+    for k in gl.static_range(N):
+        acc += x_s.slice(k, 1, dim=1).load(LAYOUT) * y_s.slice(k, 1, dim=0).load(LAYOUT)
+    x_s.store(acc)
+    gl.store(out_ptr + offsets, x_s.load(LAYOUT))
+
+
+@gluon.jit
+def _add_in_two_layouts(x_ptr, out_ptr, N: gl.constexpr, A: gl.constexpr, B: gl.constexpr):
+    a = gl.load(x_ptr + gl.arange(0, N, layout=A))
+    b = gl.load(x_ptr + gl.arange(0, N, layout=B))
+    gl.store(out_ptr + gl.arange(0, N, layout=A), a + b)
+
+
+def test_runner_keeps_shared_memory_as_memory():
+    x, y = torch.randn(16, 16), torch.randn(16, 16)
+    out = torch.full_like(x, float("nan"))
+    gluon_cpu.run(_product_through_shared, (1,), x, y, out, 16, TILE, num_warps=2)
+    torch.testing.assert_close(out.double(), x.double() @ y.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_runner_refuses_what_gluon_refuses_a_layout_mismatch():
+    """Operands in different layouts need a convert_layout in Gluon; the runner says so as
+    the GPU compiler would, instead of computing what no GPU build would run."""
+    x, out = torch.randn(32), torch.empty(32)
+    a = gl.BlockedLayout([1], [32], [1], [0])
+    b = gl.BlockedLayout([2], [32], [1], [0])
+    with pytest.raises(ValueError, match="[Ll]ayout mismatch"):
+        gluon_cpu.run(_add_in_two_layouts, (1,), x, out, 32, a, b)
+    gluon_cpu.run(_add_in_two_layouts, (1,), x, out, 32, a, a)
+    assert torch.equal(out, 2 * x)
+
+
+# (P, K, Q): one of everything, odd sizes, and sizes crossing the large tiles' edges
+SHAPES = [(1, 1, 1), (1, 37, 1), (37, 70, 45), (130, 33, 129)]
+
+
+def _operands(p, k, q, batch, a_layout, b_layout, seed):
+    """a [B, P, K] and b [B, K, Q] with the strides the per-layer path gives them: "rows"
+    (K contiguous, as activations), "columns" (P contiguous, dZ^T), "shared" (one a for
+    every batch, stride 0); b "rows" (Q contiguous, W) or "columns" (K contiguous, W^T)."""
+    gen = torch.Generator().manual_seed(seed)
+    if a_layout == "columns":
+        a = torch.randn(batch, k, p, generator=gen).transpose(1, 2)
+    else:
+        a = torch.randn(1 if a_layout == "shared" else batch, p, k, generator=gen)
+        a = a[0] if a_layout == "shared" else a
+    if b_layout == "columns":
+        b = torch.randn(batch, q, k, generator=gen).transpose(1, 2)
+    else:
+        b = torch.randn(batch, k, q, generator=gen)
+    return a, b
+
+
+def _gemm(a, b, batch, epilogue, act, tiles, bias=None, aux=None, slope=0.1):
+    p, q = a.shape[-2], b.shape[-1]
+    c = torch.full((batch, p, q), float("nan"))
+    gluon_matmul.launch(a, b, c, bias, aux, batch, epilogue=epilogue, act=act, slope=slope,
+                        tiles=tiles)  # fmt: skip
+    return c
+
+
+def _assert_within_fp32_bound(got, expected, bound_scale):
+    """Every output within the float32 error bound of a K-long sum of products: K units
+    in the last place of sum |a_k b_k| (each FMA rounds once), plus a few of the value."""
+    eps = 2.0**-24
+    bound = bound_scale * eps + 4 * eps * expected.abs() + 1e-30
+    err = (got.double() - expected).abs()
+    assert torch.all(err <= bound), f"largest error / bound: {(err / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("tiles", ["small", "large"])
+@pytest.mark.parametrize("layouts", [("rows", "columns"), ("columns", "rows"),
+                                     ("rows", "rows"), ("shared", "columns")])  # fmt: skip
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_matches_float64_products(shape, layouts, tiles):
+    p, k, q = shape
+    batch = 2
+    a, b = _operands(p, k, q, batch, *layouts, seed=p + k + q)
+    tiles = gluon_matmul.LARGE_TILES if tiles == "large" else gluon_matmul.SMALL_TILES
+    got = _gemm(a, b, batch, epilogue=0, act=0, tiles=tiles)
+    a64, b64 = a.double(), b.double()
+    expected = a64 @ b64
+    _assert_within_fp32_bound(got, expected, k * (a64.abs() @ b64.abs()))
+
+
+@pytest.mark.parametrize("act", kernels.ACTIVATIONS)
+def test_gemm_epilogues_for_every_activation(act):
+    """Forward (+ bias, then act stored beside) and backward (* act'(Z)) epilogues."""
+    p, k, q, batch = 37, 70, 45, 2
+    a, b = _operands(p, k, q, batch, "rows", "columns", seed=11)
+    code = ACTIVATION_CODES[act]
+    gen = torch.Generator().manual_seed(12)
+    bias = torch.randn(batch, q, generator=gen)
+    h = torch.full((batch, p, q), float("nan"))
+    z = _gemm(a, b, batch, epilogue=1, act=code, tiles=gluon_matmul.SMALL_TILES, bias=bias, aux=h)
+    a64, b64 = a.double(), b.double()
+    z64 = a64 @ b64 + bias.double()[:, None, :]
+    bound = k * (a64.abs() @ b64.abs()) + bias.double().abs()[:, None, :]
+    _assert_within_fp32_bound(z, z64, bound)
+    # act(Z) from the kernel's own Z: the activation's float32 accuracy, not the product's
+    from tests.oracle import activation_module
+
+    module = activation_module(act, negative_slope=0.1)
+    torch.testing.assert_close(h.double(), module(z.double()), rtol=2e-6, atol=2e-6)
+
+    zin = torch.randn(batch, p, q, generator=gen)
+    got = _gemm(a, b, batch, epilogue=2, act=code, tiles=gluon_matmul.SMALL_TILES, aux=zin)
+    zgrad = zin.double().requires_grad_()
+    (derivative,) = torch.autograd.grad(module(zgrad).sum(), zgrad)
+    product = a64 @ b64
+    expected = product * derivative
+    # the product's bound, scaled by the derivative, and the derivative's own float32 error
+    bound = k * (a64.abs() @ b64.abs()) * derivative.abs() + 64 * product.abs()
+    _assert_within_fp32_bound(got, expected, bound)
+
+
+def test_gemm_gives_the_same_bits_twice():
+    a, b = _operands(130, 33, 129, 2, "columns", "rows", seed=5)
+    first = _gemm(a, b, 2, epilogue=0, act=0, tiles=gluon_matmul.LARGE_TILES)
+    second = _gemm(a, b, 2, epilogue=0, act=0, tiles=gluon_matmul.LARGE_TILES)
+    assert torch.equal(first, second)
+
+
+WIDE_SIZES = (5, 150, 3)  # wider than the fused kernel's 128: the per-layer path
+
+
+@pytest.fixture
+def gluon_gemm(monkeypatch):
+    """The per-layer path with IEEE float32 products on the Gluon kernel; the launches it
+    made."""
+    launched = []
+    launch = gluon_matmul.launch
+
+    def counted(*args, **kwargs):
+        launched.append(kwargs["epilogue"])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_layered, "IEEE_GEMM", "gluon")
+    monkeypatch.setattr(gluon_matmul, "launch", counted)
+    return launched
+
+
+def _check(sizes, tensors, **options):
+    job = ensemble_job(tensors, sizes, **options)
+    got = triton_engine.run(job, "cpu", path="per_layer")
+    assert_matches_oracle(engine_tensors(got), oracle_for(sizes, tensors, **options), "float32")
+    return got
+
+
+@pytest.mark.parametrize("hidden", kernels.ACTIVATIONS)
+def test_per_layer_path_on_gluon_matches_oracle_for_every_activation(gluon_gemm, hidden):
+    tensors = random_job(WIDE_SIZES, 2, 21, seed=3)
+    _check(WIDE_SIZES, tensors, hidden=hidden, output="tanh", negative_slope=0.2)
+    # forward (+ bias, act) per layer, then dW (no epilogue) and dZ (* act') or dX
+    assert sorted(set(gluon_gemm)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("loss", kernels.LOSSES)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+@pytest.mark.parametrize("m, n", [(1, 1), (3, 37)])
+def test_per_layer_path_on_gluon_matches_oracle_for_every_loss(gluon_gemm, m, n, shared, loss):
+    tensors = random_job(
+        WIDE_SIZES, m, n, loss=loss, shared_inputs=shared, sample_weights=True, seed=m + n
+    )
+    _check(WIDE_SIZES, tensors, hidden="gelu", output="identity", loss=loss)
+
+
+def test_per_layer_path_on_gluon_gives_the_same_bits_twice(gluon_gemm):
+    sizes = (7, 33, 150, 2)
+    tensors = random_job(sizes, 2, 19, seed=4)
+    first = engine_tensors(_check(sizes, tensors, hidden="silu"))
+    second = engine_tensors(_check(sizes, tensors, hidden="silu"))
+    assert_same_results(first, second, "float32", exact=True)
+
+
+def test_other_precisions_stay_on_tl_dot(gluon_gemm):
+    """The Gluon GEMM is IEEE float32's: tf32 jobs keep Triton's tensor-core kernel."""
+    tensors = random_job(WIDE_SIZES, 2, 9, seed=6)
+    job = ensemble_job(tensors, WIDE_SIZES, precision="tf32")
+    triton_engine.run(job, "cpu", path="per_layer")
+    assert gluon_gemm == []
