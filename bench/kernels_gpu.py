@@ -30,7 +30,14 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
+from bench.common import (  # noqa: E402
+    compile_in_parallel,
+    engine_method,
+    precision_and_method,
+    run_triton,
+    share,
+    write_lines,
+)
 from bench.sweep import make_job  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
@@ -54,6 +61,7 @@ CASES = [
     (256, 1024, (64, 128, 128, 128, 8), "float32", False, "fused"),
     (8192, 64, (16, 32, 32, 1), "float32", False, "auto"),
     (16, 1024, (1024, 1024, 1024, 1), "float32", False, "auto"),
+    (16, 1024, (1024, 1024, 1024, 1), "float32 gluon", False, "auto"),
     (16, 1024, (1024, 1024, 1024, 1), "float32 tf32x3", False, "auto"),
     (16, 1024, (1024, 1024, 1024, 1), "bfloat16", False, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32", True, "per_layer"),
@@ -65,6 +73,11 @@ CASES = [
     (64, 64, (64, 128, 128, 128, 8), "bfloat16", False, "per_layer"),
     (64, 64, (64, 128, 128, 128, 8), "float32", False, "fused"),
     (64, 64, (64, 128, 128, 128, 8), "float32", False, "per_layer"),
+    # "float32 gluon" (here and after width 1024's float32 row, timed early for its
+    # target): IEEE float32 with the per-layer products on the Gluon GEMM (8x8 outputs a
+    # thread; triton_layered.IEEE_GEMM), on float32 jobs the per-layer path runs.
+    (256, 1024, (64, 128, 128, 128, 8), "float32 gluon", False, "per_layer"),
+    (1024, 256, (32, 64, 64, 64, 1), "float32 gluon", True, "per_layer"),
 ]
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,7 +166,7 @@ def cpu_check() -> None:
             continue
         sizes = tuple(130 if w > triton_engine.FUSED_MAX_WIDTH else w for w in sizes)
         job = make_job(min(m, 2), min(n, 5), sizes, precision, DEVICE)
-        got = triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
+        got = run_triton(job, DEVICE, method, path)
         want = torch_engine.run(job, DEVICE)
         peer_times(job, sizes, precision, with_compile=False)  # the peers' code runs too
         pairs = zip(got.weight_grads + [got.loss], want.weight_grads + [want.loss], strict=True)
@@ -163,7 +176,7 @@ def cpu_check() -> None:
         # 5 samples reached 4.6e-2 ([32, 128, 128, 8]; the fused and per-layer paths, each
         # rounding its operands, agreed with each other to 1e-4 there)
         verdict = "ok" if error < (5e-2 if precision == "tf32" else 1e-5) else "WRONG"
-        fused = triton_engine.takes_fused(precision, sizes, False, path, method)
+        fused = triton_engine.takes_fused(precision, sizes, False, path, engine_method(method))
         fused = "fused" if fused else "per-layer"
         print(f"| {label} | {list(sizes)} | {fused} | {verdict} | {error:.1e} |", flush=True)
         if verdict != "ok":
@@ -190,7 +203,7 @@ def main():
         for m, n, sizes, label, _, path in share(CASES, args.compile_share):
             precision, method = precision_and_method(label)
             job = make_job(m, n, sizes, precision, DEVICE)
-            triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
+            run_triton(job, DEVICE, method, path)
         torch.cuda.synchronize()
         return
     if args.compile_workers:
@@ -215,10 +228,8 @@ def main():
         precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision, DEVICE)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        fused = triton_engine.takes_fused(precision, sizes, False, path, method)
-        t_triton = bench(
-            functools.partial(triton_engine.run, job, DEVICE, float32_matmul=method, path=path)
-        )
+        fused = triton_engine.takes_fused(precision, sizes, False, path, engine_method(method))
+        t_triton = bench(functools.partial(run_triton, job, DEVICE, method, path))
         key = (m, n, sizes, precision)
         if key not in peers:
             peers[key] = peer_times(job, sizes, precision, with_compile and not args.no_compile)

@@ -12,6 +12,11 @@ products in another order: float32 rounding only). Run it on a GPU:
 
   python bench/layered_sweep.py --out $OUT/layered_sweep.md
 
+IEEE float32 also runs on the Gluon GEMM (kernels/gluon_matmul.py: 8x8 outputs a thread,
+one shared-memory byte per FMA where tl.dot's tiles load 1.4 to 1.7) in the tile shapes of
+GLUON_CONFIGS, against the same fixed shape: whether it is faster, and in which tiles, is
+what decides triton_layered.IEEE_GEMM.
+
 On the CPU (TRITON_INTERPRET=1, a small shape whose products reach 128 on both sides) it
 only checks that every tile shape computes the same gradients:
 `python bench/layered_sweep.py --cpu-check`.
@@ -27,7 +32,7 @@ import triton
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench import sweep  # noqa: E402
 from bench.common import precision_and_method  # noqa: E402
-from gradserve.kernels import torch_engine, triton_engine, triton_layered  # noqa: E402
+from gradserve.kernels import gluon_matmul, torch_engine, triton_engine, triton_layered  # noqa: E402
 
 TARGET = (16, 1024, (1024, 1024, 1024, 1))  # M, N, layer sizes: the width-1024 benchmark row
 CPU_CHECK = (1, 130, (20, 150, 140, 3))  # 130 x 150 x 140 products take the large tiles
@@ -39,19 +44,32 @@ CPU_CHECK = (1, 130, (20, 150, 140, 3))  # 130 x 150 x 140 products take the lar
 # of shared memory loaded per FMA against the fixed shape's 1.38-1.52, with up to 0.3 KB
 # of register spills where the fixed shape has none (bench/ptxas_report.py's measure,
 # triton 3.6).
-FIXED = tuple(triton_layered.LARGE_TILES[key]
-              for key in ("BLOCK_P", "BLOCK_Q", "BLOCK_K", "num_warps", "num_stages"))  # fmt: skip
+FIXED = ("tl.dot",) + tuple(triton_layered.LARGE_TILES[key]
+                            for key in ("BLOCK_P", "BLOCK_Q", "BLOCK_K", "num_warps",
+                                        "num_stages"))  # fmt: skip
 CONFIGS = [
     FIXED,
-    (128, 128, 16, 8, 3),
-    (128, 128, 16, 8, 4),
-    (128, 64, 32, 4, 3),
-    (64, 128, 32, 4, 3),
-    (128, 64, 32, 4, 4),
-    (128, 64, 16, 4, 4),
-    (64, 64, 32, 4, 3),
-    (128, 128, 32, 4, 3),
-    (256, 128, 32, 8, 3),
+    ("tl.dot", 128, 128, 16, 8, 3),
+    ("tl.dot", 128, 128, 16, 8, 4),
+    ("tl.dot", 128, 64, 32, 4, 3),
+    ("tl.dot", 64, 128, 32, 4, 3),
+    ("tl.dot", 128, 64, 32, 4, 4),
+    ("tl.dot", 128, 64, 16, 4, 4),
+    ("tl.dot", 64, 64, 32, 4, 3),
+    ("tl.dot", 128, 128, 32, 4, 3),
+    ("tl.dot", 256, 128, 32, 8, 3),
+]
+# The Gluon GEMM's (BLOCK_P, BLOCK_Q, BLOCK_K, warps, register cap), IEEE float32 only. Its
+# large tiles first (gluon_matmul.LARGE_TILES: 130-141 registers on sm_90, so one 8-warp
+# program per SM); capped at 128 registers, two programs an SM fit (8-28 B of spills);
+# K steps of 8 and 32; half tiles with 4 warps (more programs, the same bytes per FMA).
+GLUON_CONFIGS = [
+    ("gluon", 128, 128, 16, 8, None),
+    ("gluon", 128, 128, 16, 8, 128),
+    ("gluon", 128, 128, 8, 8, None),
+    ("gluon", 128, 128, 32, 8, None),
+    ("gluon", 128, 64, 16, 4, None),
+    ("gluon", 64, 128, 16, 4, None),
 ]
 # The width-1024 targets' precisions first: float32 (IEEE, the one behind its target),
 # then bfloat16; float32 as three tf32 products last.
@@ -59,26 +77,39 @@ PRECISIONS = ("float32", "bfloat16", "float32 tf32x3")
 
 
 def tiles_of(config):
-    """triton_layered._tiles with `config` for the products a GPU gives large tiles (on
-    the CPU too, for the check); the others keep the small ones."""
-    block_p, block_q, block_k, warps, stages = config
+    """The tiles function of the config's kernel (triton_layered._tiles or
+    gluon_matmul.tiles_for) with `config` for the products a GPU gives large tiles (on the
+    CPU too, for the check); the others keep the small ones."""
+    kernel, block_p, block_q, block_k, warps, last = config
+    small = triton_layered.SMALL_TILES if kernel == "tl.dot" else gluon_matmul.SMALL_TILES
+    large = dict(BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps)
+    if kernel == "tl.dot":
+        large["num_stages"] = last
+    elif last is not None:
+        large["maxnreg"] = last
 
     def tiles(p, q, device):
-        if not triton_layered.takes_large_tiles(p, q):
-            return dict(triton_layered.SMALL_TILES)
-        return dict(BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps,
-                    num_stages=stages)  # fmt: skip
+        return dict(large if triton_layered.takes_large_tiles(p, q) else small)
 
     return tiles
 
 
 def run_with(job, device, config, float32_matmul="ieee"):
-    fixed = triton_layered._tiles
-    triton_layered._tiles = tiles_of(config)
+    kernel = config[0]
+    owner, name = (triton_layered, "_tiles") if kernel == "tl.dot" else (gluon_matmul, "tiles_for")
+    fixed, gemm = getattr(owner, name), triton_layered.IEEE_GEMM
+    setattr(owner, name, tiles_of(config))
+    triton_layered.IEEE_GEMM = kernel
     try:
         return triton_engine.run(job, device, float32_matmul=float32_matmul)
     finally:
-        triton_layered._tiles = fixed
+        setattr(owner, name, fixed)
+        triton_layered.IEEE_GEMM = gemm
+
+
+def configs_of(label: str) -> list:
+    """IEEE float32 takes the Gluon GEMM's tiles too; the other precisions tl.dot's only."""
+    return CONFIGS + GLUON_CONFIGS if label == "float32" else CONFIGS
 
 
 def main():
@@ -92,7 +123,7 @@ def main():
         precision, method = precision_and_method(label)
         run_with(sweep.make_job(m, n, sizes, precision, device), device, config, method)
 
-    runs = [(label, config) for label in precisions for config in CONFIGS]
+    runs = [(label, config) for label in precisions for config in configs_of(label)]
     passed = ["--cpu-check"] if args.cpu_check else []
     if sweep.compile_ahead(__file__, args, runs, compile_one, passed):
         return
@@ -104,9 +135,10 @@ def main():
         f"triton {triton.__version__}. Times: median ms"
         + (" of triton.testing.do_bench." if device.type == "cuda" else " (interpreter)."),
         "",
-        "| precision | BLOCK_P | BLOCK_Q | BLOCK_K | warps | stages | triton ms | vs fixed "
-        "| vs eager | max grad difference vs fixed | the fixed shape |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| precision | kernel | BLOCK_P | BLOCK_Q | BLOCK_K | warps | stages (tl.dot) or "
+        "register cap (gluon) | triton ms | vs fixed | vs eager | max grad difference vs "
+        "fixed | the fixed shape |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     worst = 0.0
     for label in precisions:
@@ -117,8 +149,10 @@ def main():
         t_fixed = sweep.median_ms(lambda job=job, f=method: run_with(job, device, FIXED, f), device)
         t_eager = sweep.median_ms(lambda job=job: torch_engine.run(job, device), device)
         worst = max(worst, sweep.time_configurations(
-            label, CONFIGS, lambda config, job=job, f=method: run_with(job, device, config, f),
-            lambda config: " | ".join(str(v) for v in config), FIXED, fixed, t_fixed, t_eager,
+            label, configs_of(label),
+            lambda config, job=job, f=method: run_with(job, device, config, f),
+            lambda config: " | ".join("" if v is None else str(v) for v in config), FIXED, fixed,
+            t_fixed, t_eager,
             device, lines, args.out,
         ))  # fmt: skip
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -76,8 +76,12 @@ def evictions() -> int:
     return _evictions
 
 
-# The Triton engine's kernel modules.
-_MODULES = ("gradserve.kernels.triton_fused", "gradserve.kernels.triton_layered")
+# The Triton engine's kernel modules (gluon_matmul: Gluon kernels, cached alike).
+_MODULES = (
+    "gradserve.kernels.triton_fused",
+    "gradserve.kernels.triton_layered",
+    "gradserve.kernels.gluon_matmul",
+)
 
 
 def engine_kernels() -> list:

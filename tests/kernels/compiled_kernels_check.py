@@ -11,6 +11,7 @@ Usage: python -m tests.kernels.compiled_kernels_check
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -33,9 +34,14 @@ def main() -> int:
 
     assert kernel_disk_cache.cache_dir() == Path(cache)
 
+    expected = [triton_fused._fused_mlp_kernel, triton_fused._sum_partials_kernel,
+                triton_layered._batched_matmul_kernel]  # fmt: skip
+    if importlib.util.find_spec("triton.experimental.gluon"):  # Triton 3.6 and later
+        from gradserve.kernels import gluon_matmul
+
+        expected.append(gluon_matmul._fp32_batched_matmul_kernel)
     kernels = compiled_kernels.engine_kernels()
-    for kernel in (triton_fused._fused_mlp_kernel, triton_fused._sum_partials_kernel,
-                   triton_layered._batched_matmul_kernel):  # fmt: skip
+    for kernel in expected:
         assert kernel in kernels, kernel
     partial, out = torch.zeros(4, 2, 64), torch.zeros(4, 64)
 

@@ -14,6 +14,7 @@ from gradserve import kernels  # noqa: E402
 from gradserve.kernels import gluon_cpu, gluon_matmul, triton_engine, triton_layered  # noqa: E402
 from gradserve.kernels.triton_common import ACTIVATION_CODES  # noqa: E402
 from tests.jobs import ensemble_job, random_job  # noqa: E402
+from tests.kernels.gemm_checks import assert_within_fp32_bound, operands  # noqa: E402
 from tests.oracle import (  # noqa: E402
     assert_matches_oracle,
     assert_same_results,
@@ -78,38 +79,12 @@ def test_runner_refuses_what_gluon_refuses_a_layout_mismatch():
 SHAPES = [(1, 1, 1), (1, 37, 1), (37, 70, 45), (130, 33, 129)]
 
 
-def _operands(p, k, q, batch, a_layout, b_layout, seed):
-    """a [B, P, K] and b [B, K, Q] with the strides the per-layer path gives them: "rows"
-    (K contiguous, as activations), "columns" (P contiguous, dZ^T), "shared" (one a for
-    every batch, stride 0); b "rows" (Q contiguous, W) or "columns" (K contiguous, W^T)."""
-    gen = torch.Generator().manual_seed(seed)
-    if a_layout == "columns":
-        a = torch.randn(batch, k, p, generator=gen).transpose(1, 2)
-    else:
-        a = torch.randn(1 if a_layout == "shared" else batch, p, k, generator=gen)
-        a = a[0] if a_layout == "shared" else a
-    if b_layout == "columns":
-        b = torch.randn(batch, q, k, generator=gen).transpose(1, 2)
-    else:
-        b = torch.randn(batch, k, q, generator=gen)
-    return a, b
-
-
 def _gemm(a, b, batch, epilogue, act, tiles, bias=None, aux=None, slope=0.1):
     p, q = a.shape[-2], b.shape[-1]
     c = torch.full((batch, p, q), float("nan"))
     gluon_matmul.launch(a, b, c, bias, aux, batch, epilogue=epilogue, act=act, slope=slope,
                         tiles=tiles)  # fmt: skip
     return c
-
-
-def _assert_within_fp32_bound(got, expected, bound_scale):
-    """Every output within the float32 error bound of a K-long sum of products: K units
-    in the last place of sum |a_k b_k| (each FMA rounds once), plus a few of the value."""
-    eps = 2.0**-24
-    bound = bound_scale * eps + 4 * eps * expected.abs() + 1e-30
-    err = (got.double() - expected).abs()
-    assert torch.all(err <= bound), f"largest error / bound: {(err / bound).max():.3g}"
 
 
 @pytest.mark.parametrize("tiles", ["small", "large"])
@@ -119,19 +94,19 @@ def _assert_within_fp32_bound(got, expected, bound_scale):
 def test_gemm_matches_float64_products(shape, layouts, tiles):
     p, k, q = shape
     batch = 2
-    a, b = _operands(p, k, q, batch, *layouts, seed=p + k + q)
+    a, b = operands(p, k, q, batch, *layouts, seed=p + k + q)
     tiles = gluon_matmul.LARGE_TILES if tiles == "large" else gluon_matmul.SMALL_TILES
     got = _gemm(a, b, batch, epilogue=0, act=0, tiles=tiles)
     a64, b64 = a.double(), b.double()
     expected = a64 @ b64
-    _assert_within_fp32_bound(got, expected, k * (a64.abs() @ b64.abs()))
+    assert_within_fp32_bound(got, expected, k * (a64.abs() @ b64.abs()))
 
 
 @pytest.mark.parametrize("act", kernels.ACTIVATIONS)
 def test_gemm_epilogues_for_every_activation(act):
     """Forward (+ bias, then act stored beside) and backward (* act'(Z)) epilogues."""
     p, k, q, batch = 37, 70, 45, 2
-    a, b = _operands(p, k, q, batch, "rows", "columns", seed=11)
+    a, b = operands(p, k, q, batch, "rows", "columns", seed=11)
     code = ACTIVATION_CODES[act]
     gen = torch.Generator().manual_seed(12)
     bias = torch.randn(batch, q, generator=gen)
@@ -140,7 +115,7 @@ def test_gemm_epilogues_for_every_activation(act):
     a64, b64 = a.double(), b.double()
     z64 = a64 @ b64 + bias.double()[:, None, :]
     bound = k * (a64.abs() @ b64.abs()) + bias.double().abs()[:, None, :]
-    _assert_within_fp32_bound(z, z64, bound)
+    assert_within_fp32_bound(z, z64, bound)
     # act(Z) from the kernel's own Z: the activation's float32 accuracy, not the product's
     from tests.oracle import activation_module
 
@@ -155,11 +130,11 @@ def test_gemm_epilogues_for_every_activation(act):
     expected = product * derivative
     # the product's bound, scaled by the derivative, and the derivative's own float32 error
     bound = k * (a64.abs() @ b64.abs()) * derivative.abs() + 64 * product.abs()
-    _assert_within_fp32_bound(got, expected, bound)
+    assert_within_fp32_bound(got, expected, bound)
 
 
 def test_gemm_gives_the_same_bits_twice():
-    a, b = _operands(130, 33, 129, 2, "columns", "rows", seed=5)
+    a, b = operands(130, 33, 129, 2, "columns", "rows", seed=5)
     first = _gemm(a, b, 2, epilogue=0, act=0, tiles=gluon_matmul.LARGE_TILES)
     second = _gemm(a, b, 2, epilogue=0, act=0, tiles=gluon_matmul.LARGE_TILES)
     assert torch.equal(first, second)

@@ -264,3 +264,50 @@ def test_triton_norms_and_dp_clipping_match_the_torch_engine(precision):
             assert (a[k].double() - b[k]).norm() <= tol * b[k].norm()
     for k in range(len(ref.loss)):
         assert (whole(got, k) - whole(ref, k)).norm() <= tol * whole(ref, k).norm()
+
+
+@pytest.fixture
+def gluon_gemm(monkeypatch):
+    """IEEE float32's per-layer products on the Gluon GEMM (triton_layered.IEEE_GEMM)."""
+    pytest.importorskip("triton.experimental.gluon")
+    from gradserve.kernels import triton_layered
+
+    monkeypatch.setattr(triton_layered, "IEEE_GEMM", "gluon")
+
+
+@pytest.mark.parametrize(
+    "m, n, sizes", [SHAPES[2], (2, 1024, (1024, 1024, 1024, 1)), (3, 300, (20, 90, 50, 70, 5))]
+)
+def test_per_layer_float32_on_the_gluon_gemm(gluon_gemm, m, n, sizes):
+    """The Gluon GEMM (kernels/gluon_matmul.py) is checked on CPUs by gluon_cpu, which runs
+    a program's threads as one and so cannot see a race between them (a missing barrier):
+    here on the hardware, in both its tile sizes, against the oracle, and twice for the
+    same bits."""
+    tensors = random_job(sizes, m, n, sample_weights=True, seed=n)
+    check(triton_engine, sizes, tensors, "float32", {"path": "per_layer"}, hidden="gelu",
+          loss="huber")  # fmt: skip
+    job = ensemble_job({k: v.cuda() for k, v in tensors.items()}, sizes, hidden="gelu")
+    first = triton_engine.run(job, "cuda", path="per_layer")
+    poison_allocator()
+    second = triton_engine.run(job, "cuda", path="per_layer")
+    for a, b in zip(first.weight_grads + first.bias_grads, second.weight_grads + second.bias_grads,
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layouts", [("rows", "columns"), ("columns", "rows"), ("shared", "rows")])
+def test_gluon_gemm_at_scale_within_the_float32_bound(layouts):
+    """The Gluon GEMM alone on products with the per-layer path's strides, sized off its
+    128-wide tiles: every output within float32's error bound of float64 products."""
+    from gradserve.kernels import gluon_matmul
+    from tests.kernels.gemm_checks import assert_within_fp32_bound, operands
+
+    pytest.importorskip("triton.experimental.gluon")
+    p, k, q, batch = 1000, 1030, 1027, 3
+    a, b = operands(p, k, q, batch, *layouts, seed=7)
+    c = torch.empty(batch, p, q, device="cuda")
+    poison_allocator()
+    gluon_matmul.launch(a.cuda(), b.cuda(), c, None, None, batch, epilogue=0, act=0, slope=0.0,
+                        tiles=gluon_matmul.tiles_for(p, q, c.device))  # fmt: skip
+    a64, b64 = a.double(), b.double()
+    assert_within_fp32_bound(c.cpu(), a64 @ b64, k * (a64.abs() @ b64.abs()))

@@ -41,10 +41,12 @@ def test_every_swept_configuration_agrees_with_the_chosen_one():
 
 def test_every_swept_tile_shape_of_the_per_layer_path_agrees_with_the_fixed_one():
     """The per-layer GEMM's tile shapes that bench/layered_sweep.py times compute the same
-    gradients up to float32 rounding (K steps of 16 add the same products in another order)."""
+    gradients up to float32 rounding (K steps of 16 add the same products in another order),
+    tl.dot's and the Gluon GEMM's."""
     lines = cpu_check_output("layered_sweep.py", "--compile-workers", "2")
     rows = {line for line in lines if line.startswith("| float32 |")}
-    assert len(rows) == 10 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
+    assert len(rows) == 16 and sum(row.rstrip(" |").endswith("yes") for row in rows) == 1
+    assert sum(row.startswith("| float32 | gluon |") for row in rows) == 6
     assert any(" 16 | " in row and "0.0e+00" not in row for row in rows)  # K order mattered
 
 

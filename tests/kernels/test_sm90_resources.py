@@ -11,3 +11,11 @@ def test_fused_kernel_fits_an_sm90_sm():
     done = run_module("tests.kernels.sm90_resources_check")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "registers" in done.stdout and "shared memory" in done.stdout
+
+
+@pytest.mark.timeout(600)
+def test_gluon_gemm_loads_one_shared_byte_per_fma_without_spills():
+    pytest.importorskip("triton.experimental.gluon")
+    done = run_module("tests.kernels.gluon_sm90_check")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("1.00 shared B per FMA") == 6, done.stdout
