@@ -67,29 +67,9 @@ def share(items: list, spec: str) -> list:
 def precision_and_method(label: str) -> tuple[str, str]:
     """A benchmark row's precision label -> (the job's precision, its float32 method):
     "float32 tf32x3" -> ("float32", "tf32x3"), "float32 gluon" -> ("float32", "gluon"),
-    "tf32" -> ("tf32", "ieee"). run_triton runs a job by it."""
+    "tf32" -> ("tf32", "ieee")."""
     precision, _, method = label.partition(" ")
     return precision, method or "ieee"
-
-
-def engine_method(method: str) -> str:
-    """The Triton engine's float32_matmul for a row's method ("gluon" multiplies IEEE
-    float32, on another kernel: see run_triton)."""
-    return "ieee" if method == "gluon" else method
-
-
-def run_triton(job, device, method: str = "ieee", path: str = "auto"):
-    """triton_engine.run for a row's float32 method: "ieee" and "tf32x3" as the engine's
-    float32_matmul, "gluon" IEEE float32 with the per-layer path's products on the Gluon
-    GEMM (triton_layered.IEEE_GEMM; kernels/gluon_matmul.py)."""
-    from gradserve.kernels import triton_engine, triton_layered
-
-    default = triton_layered.IEEE_GEMM
-    triton_layered.IEEE_GEMM = "gluon" if method == "gluon" else default
-    try:
-        return triton_engine.run(job, device, float32_matmul=engine_method(method), path=path)
-    finally:
-        triton_layered.IEEE_GEMM = default
 
 
 def write_lines(path: str | None, lines: list[str]) -> None:

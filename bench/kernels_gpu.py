@@ -30,30 +30,25 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import (  # noqa: E402
-    compile_in_parallel,
-    engine_method,
-    precision_and_method,
-    run_triton,
-    share,
-    write_lines,
-)
+from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
 from bench.sweep import make_job  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
 
 CASES = [
     # (M, N, layer_sizes, precision, compare with torch.compile, the engine's path).
-    # "float32 tf32x3": a float32 job with the engine's float32_matmul="tf32x3"; its peers
-    # are the float32 row's. "auto" is the path jobs take (triton_engine.takes_fused: fused
-    # up to width 128, but per-layer for bfloat16 / float16 / IEEE float32 wider than 64;
-    # per-layer beyond); "fused" and "per_layer" rows force one on jobs both paths take, to
-    # see which is faster there (their peers are timed once, with the first row of the job).
+    # "float32 tf32x3", "float32 gluon": a float32 job with the engine's float32_matmul
+    # "tf32x3" or "gluon"; their peers are the float32 row's. "auto" is the path jobs take
+    # (triton_engine.takes_fused: fused up to width 128, but per-layer for bfloat16 /
+    # float16 / IEEE float32 wider than 64; per-layer beyond); "fused" and "per_layer" rows
+    # force one on jobs both paths take, to see which is faster there (their peers are
+    # timed once, with the first row of the job).
     # At padded width 128 the per-layer path was 2x (bfloat16) and 3.4x (float32) as fast
     # as the fused kernel on an H100, at one job size; tf32 there and small bfloat16 and
     # float32 jobs tell how far that holds.
     (1024, 256, (32, 64, 64, 64, 1), "float32", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3", True, "auto"),
+    (1024, 256, (32, 64, 64, 64, 1), "float32 gluon", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "tf32", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "bfloat16", True, "auto"),
     (4096, 256, (16, 64, 64, 64, 1), "tf32", False, "auto"),
@@ -73,11 +68,12 @@ CASES = [
     (64, 64, (64, 128, 128, 128, 8), "bfloat16", False, "per_layer"),
     (64, 64, (64, 128, 128, 128, 8), "float32", False, "fused"),
     (64, 64, (64, 128, 128, 128, 8), "float32", False, "per_layer"),
-    # "float32 gluon" (here and after width 1024's float32 row, timed early for its
-    # target): IEEE float32 with the per-layer products on the Gluon GEMM (8x8 outputs a
-    # thread; triton_layered.IEEE_GEMM), on float32 jobs the per-layer path runs.
+    # "float32 gluon" (here, and early at the target and width 1024 for their targets):
+    # IEEE float32 on the Gluon kernels (float32_matmul="gluon": up to 8x8 outputs a
+    # thread), fused up to width 64, per-layer where float32 takes that path.
     (256, 1024, (64, 128, 128, 128, 8), "float32 gluon", False, "per_layer"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 gluon", True, "per_layer"),
+    (8192, 64, (16, 32, 32, 1), "float32 gluon", False, "auto"),
 ]
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -166,7 +162,7 @@ def cpu_check() -> None:
             continue
         sizes = tuple(130 if w > triton_engine.FUSED_MAX_WIDTH else w for w in sizes)
         job = make_job(min(m, 2), min(n, 5), sizes, precision, DEVICE)
-        got = run_triton(job, DEVICE, method, path)
+        got = triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
         want = torch_engine.run(job, DEVICE)
         peer_times(job, sizes, precision, with_compile=False)  # the peers' code runs too
         pairs = zip(got.weight_grads + [got.loss], want.weight_grads + [want.loss], strict=True)
@@ -176,7 +172,7 @@ def cpu_check() -> None:
         # 5 samples reached 4.6e-2 ([32, 128, 128, 8]; the fused and per-layer paths, each
         # rounding its operands, agreed with each other to 1e-4 there)
         verdict = "ok" if error < (5e-2 if precision == "tf32" else 1e-5) else "WRONG"
-        fused = triton_engine.takes_fused(precision, sizes, False, path, engine_method(method))
+        fused = triton_engine.takes_fused(precision, sizes, False, path, method)
         fused = "fused" if fused else "per-layer"
         print(f"| {label} | {list(sizes)} | {fused} | {verdict} | {error:.1e} |", flush=True)
         if verdict != "ok":
@@ -203,7 +199,7 @@ def main():
         for m, n, sizes, label, _, path in share(CASES, args.compile_share):
             precision, method = precision_and_method(label)
             job = make_job(m, n, sizes, precision, DEVICE)
-            run_triton(job, DEVICE, method, path)
+            triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
         torch.cuda.synchronize()
         return
     if args.compile_workers:
@@ -228,8 +224,10 @@ def main():
         precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision, DEVICE)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        fused = triton_engine.takes_fused(precision, sizes, False, path, engine_method(method))
-        t_triton = bench(functools.partial(run_triton, job, DEVICE, method, path))
+        fused = triton_engine.takes_fused(precision, sizes, False, path, method)
+        t_triton = bench(
+            functools.partial(triton_engine.run, job, DEVICE, float32_matmul=method, path=path)
+        )
         key = (m, n, sizes, precision)
         if key not in peers:
             peers[key] = peer_times(job, sizes, precision, with_compile and not args.no_compile)

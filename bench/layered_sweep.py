@@ -15,7 +15,7 @@ products in another order: float32 rounding only). Run it on a GPU:
 IEEE float32 also runs on the Gluon GEMM (kernels/gluon_matmul.py: 8x8 outputs a thread,
 one shared-memory byte per FMA where tl.dot's tiles load 1.4 to 1.7) in the tile shapes of
 GLUON_CONFIGS, against the same fixed shape: whether it is faster, and in which tiles, is
-what decides triton_layered.IEEE_GEMM.
+what decides whether float32_matmul="gluon" should be the default.
 
 On the CPU (TRITON_INTERPRET=1, a small shape whose products reach 128 on both sides) it
 only checks that every tile shape computes the same gradients:
@@ -95,16 +95,16 @@ def tiles_of(config):
 
 
 def run_with(job, device, config, float32_matmul="ieee"):
-    kernel = config[0]
-    owner, name = (triton_layered, "_tiles") if kernel == "tl.dot" else (gluon_matmul, "tiles_for")
-    fixed, gemm = getattr(owner, name), triton_layered.IEEE_GEMM
+    """The job with `config`'s tiles; a Gluon config runs IEEE float32 on the Gluon GEMM
+    (float32_matmul="gluon")."""
+    gluon = config[0] == "gluon"
+    owner, name = (gluon_matmul, "tiles_for") if gluon else (triton_layered, "_tiles")
+    fixed = getattr(owner, name)
     setattr(owner, name, tiles_of(config))
-    triton_layered.IEEE_GEMM = kernel
     try:
-        return triton_engine.run(job, device, float32_matmul=float32_matmul)
+        return triton_engine.run(job, device, float32_matmul="gluon" if gluon else float32_matmul)
     finally:
         setattr(owner, name, fixed)
-        triton_layered.IEEE_GEMM = gemm
 
 
 def configs_of(label: str) -> list:

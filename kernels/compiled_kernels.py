@@ -76,10 +76,11 @@ def evictions() -> int:
     return _evictions
 
 
-# The Triton engine's kernel modules (gluon_matmul: Gluon kernels, cached alike).
+# The Triton engine's kernel modules (gluon_*: Gluon kernels, cached alike).
 _MODULES = (
     "gradserve.kernels.triton_fused",
     "gradserve.kernels.triton_layered",
+    "gradserve.kernels.gluon_fused",
     "gradserve.kernels.gluon_matmul",
 )
 

@@ -106,8 +106,21 @@ class _GluonBuilder(interp.InterpreterBuilder):
     def create_memdesc_index(self, ty, handle, index):
         return _SharedHandle(handle.data[int(index.data.item())])
 
-    def create_memdesc_trans(self, ty, handle, order):
+    def create_memdesc_trans(self, handle, order):
         return _SharedHandle(np.transpose(handle.data, order))
+
+    def create_memdesc_reshape(self, handle, shape):
+        data = handle.data.reshape(shape)
+        if not np.shares_memory(data, handle.data):  # a copy would not be shared memory
+            raise NotImplementedError("reshape of a non-contiguous shared-memory view")
+        return _SharedHandle(data)
+
+    def create_memdesc_reinterpret(self, ty, handle):
+        return self.create_memdesc_reshape(handle, ty.shape)
+
+    def get_gluon_layout_from_memdesc(self, handle):
+        # Views' types need a shared layout; which one does not matter here.
+        return gl.SwizzledSharedLayout(1, 1, 1, list(reversed(range(handle.data.ndim))))
 
 
 class _GluonCpuSemantic(GluonSemantic):
@@ -122,6 +135,24 @@ class _GluonCpuSemantic(GluonSemantic):
         shape.insert(axis, 1)
         handle = self.builder.create_expand_dims(input.handle, axis)
         return self.tensor(handle, gl.distributed_type(input.type.scalar, shape, layout.parent))
+
+
+def _reduce(input, axis, combine_fn, keep_dims=False, **kwargs):
+    """tl.reduce (and so tl.sum, tl.max, ...) by the interpreter's numpy reductions, with
+    the layout Gluon gives the result: the input's, sliced along the reduced axis."""
+    inputs = input if isinstance(input, tuple) else (input,)
+    results = interp.ReduceOps(axis, combine_fn, keep_dims).apply(inputs)
+    layout = getattr(inputs[0].type, "layout", None)
+    if layout is not None and axis is not None:
+        if not keep_dims:
+            layout = SliceLayout(axis, layout)
+        results = tuple(
+            tl.tensor(r.handle, gl.distributed_type(r.dtype, list(r.shape), layout))
+            if r.shape
+            else r
+            for r in results
+        )
+    return results if isinstance(input, tuple) else results[0]
 
 
 _builder = _GluonBuilder()
@@ -177,6 +208,8 @@ def _gluon_language():
         interp._patch_lang_tensor(tl.tensor, scope)
         interp._patch_lang_core(tl, scope)
         scope.set_attr(gl, "static_range", tl.static_range)
+        for owner in (gl, gl_core, tl, tl.core):
+            scope.set_attr(owner, "reduce", _reduce)
 
         def call_helper(self, *args, **kwargs):
             return self.rewrite()(*args, **kwargs)

@@ -25,8 +25,13 @@ from gradserve.kernels.spec import EnsembleJob, EnsembleResult
 PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16", "float16")
 # How float32 jobs multiply: "ieee", fp32 FMAs (on a GPU, the FMA units), or "tf32x3",
 # three tf32 tensor-core products per matmul that together keep fp32 accuracy
-# (triton_common.split_tf32). The benchmarks and GPU tests measure both.
-FLOAT32_MATMULS: tuple[str, ...] = ("ieee", "tf32x3")
+# (triton_common.split_tf32). The benchmarks and GPU tests measure both. "gluon": IEEE
+# fp32 FMAs too, in Gluon kernels whose threads each compute up to 8x8 outputs where
+# tl.dot gives them 4x4, loading half the shared memory per FMA (gluon_fused.py for fused
+# jobs without per-sample norms up to padded width 64, gluon_matmul.py for the per-layer
+# GEMMs; the other jobs run as under "ieee"). Checked against the oracle on CPUs
+# (gluon_cpu.py) and compiled for sm_90 in the tests; not yet timed on a GPU.
+FLOAT32_MATMULS: tuple[str, ...] = ("ieee", "tf32x3", "gluon")
 FLOAT32_MATMUL = "ieee"  # the default
 # Widest layer of the fully fused kernel (and of per-sample norms on this engine).
 FUSED_MAX_WIDTH = 128
@@ -64,7 +69,7 @@ def takes_fused(
     if widest > FUSED_MAX_WIDTH:
         return False
     faster_per_layer = precision in HALF_PRECISIONS or (
-        precision == "float32" and float32_matmul == "ieee"
+        precision == "float32" and float32_matmul in ("ieee", "gluon")
     )
     return norms_needed or not (faster_per_layer and widest > AUTO_FUSED_MAX_WIDTH)
 
@@ -173,7 +178,16 @@ def run(
         want_y=want.forward_outputs,
     )
 
-    if fused:
+    gluon = float32_matmul == "gluon" and job.precision == "float32"
+    if fused and gluon and not norms_needed and max(triton_fused.padded_widths(sizes)) <= 64:
+        from gradserve.kernels import gluon_fused  # Gluon: Triton 3.6 and later
+
+        norms = None
+        ieee = {key: value for key, value in options.items() if key != "precision"}
+        (weight_grads, bias_grads), dx, per, y = gluon_fused.fused_mlp(
+            weights, biases, x, targets, sample_weights, **ieee
+        )
+    elif fused:
         narrow = NARROW_WEIGHTS.get(job.precision)
         operands = [w.to(narrow) for w in weights] if narrow else weights
         (weight_grads, bias_grads), dx, per, y, norms = triton_fused.fused_mlp(
@@ -193,8 +207,9 @@ def run(
         if narrow:
             weights, x = [w.to(narrow) for w in weights], x.to(narrow)
         (weight_grads, bias_grads), dx, per, y = triton_layered.layered_mlp(
-            weights, biases, x, targets, sample_weights, **options, narrow=narrow
-        )
+            weights, biases, x, targets, sample_weights, **options, narrow=narrow,
+            ieee_gemm="gluon" if gluon else "tl.dot",
+        )  # fmt: skip
     return EnsembleResult(
         loss=per.sum(dim=1) * scale,
         weight_grads=weight_grads,

@@ -151,15 +151,12 @@ LARGE_TILES = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32, num_warps=8, num_stages
 SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, num_warps=4)
 
 
-# Which kernel multiplies IEEE float32 products (PRECISION 0): "tl.dot", the kernel above
-# (Triton gives a thread at most 4x4 outputs: 1.4 to 1.7 shared-memory bytes per FMA on
-# sm_90, and 67% of torch's float32 matmul at width 1024 on an H100), or "gluon", the same
-# GEMM with 8x8 outputs a thread (gluon_matmul.py: 1.00 byte per FMA, no spills). Checked
-# against the float64 oracle on the CPU (gluon_cpu) and compiled for sm_90; the GPU tests
-# check both and bench/layered_sweep.py times both. Not yet timed on a GPU, so not the
-# default.
+# Kernels for IEEE float32 products (PRECISION 0), layered_mlp's `ieee_gemm`: "tl.dot",
+# the kernel above (Triton gives a thread at most 4x4 outputs: 1.4 to 1.7 shared-memory
+# bytes per FMA on sm_90, and 67% of torch's float32 matmul at width 1024 on an H100), or
+# "gluon", the same GEMM with 8x8 outputs a thread (gluon_matmul.py: 1.00 byte per FMA, no
+# spills), which triton_engine.run(..., float32_matmul="gluon") selects.
 IEEE_GEMMS = ("tl.dot", "gluon")
-IEEE_GEMM = "tl.dot"
 
 
 def takes_large_tiles(p: int, q: int) -> bool:
@@ -176,15 +173,16 @@ def _tiles(p: int, q: int, device: torch.device) -> dict:
 
 
 def batched_matmul(
-    a, b, *, bias=None, aux=None, epilogue=0, act=0, slope=0.0, precision=0, batch: int, out=None
-):
+    a, b, *, bias=None, aux=None, epilogue=0, act=0, slope=0.0, precision=0, batch: int, out=None,
+    ieee_gemm: str = "tl.dot",
+):  # fmt: skip
     """Launcher: C[i] = a[i] @ b[i] (+ epilogue). a [B|-, P, K], b [B|-, K, Q] (stride 0 over
-    a shared batch), C [B, P, Q] fp32 contiguous."""
+    a shared batch), C [B, P, Q] fp32 contiguous; IEEE float32 on the `ieee_gemm` kernel."""
     p, k = a.shape[-2], a.shape[-1]
     q = b.shape[-1]
     assert b.shape[-2] == k, (a.shape, b.shape)
     c = out if out is not None else torch.empty(batch, p, q, device=a.device, dtype=torch.float32)
-    if precision == 0 and IEEE_GEMM == "gluon":
+    if precision == 0 and ieee_gemm == "gluon":
         from gradserve.kernels import gluon_matmul  # Gluon: Triton 3.6 and later
 
         gluon_matmul.launch(a, b, c, bias, aux, batch, epilogue=epilogue, act=act, slope=slope,
@@ -232,6 +230,7 @@ def layered_mlp(
     want_dx,
     want_y,
     narrow: torch.dtype | None = None,
+    ieee_gemm: str = "tl.dot",
 ):
     """Forward, loss and backward layer by layer. weights[i] [M, d(i+1), d(i)] fp32 (or
     `narrow`), biases[i] [M, d(i+1)] fp32, x [M, N, d0] or [N, d0] (fp32 or `narrow`).
@@ -243,7 +242,12 @@ def layered_mlp(
     would be rounded to it anyway, so the results are the same bits, with half the bytes
     loaded and the tensor cores' shared-memory operand read as loaded, not converted first.
     Pre-activations, outputs and dLoss/dZ stay fp32 (activation derivatives, the loss and
-    the bias gradients' sums need them)."""
+    the bias gradients' sums need them).
+
+    `ieee_gemm`: the kernel of IEEE float32 products (IEEE_GEMMS)."""
+    if ieee_gemm not in IEEE_GEMMS:
+        raise ValueError(f"ieee_gemm must be one of {IEEE_GEMMS}, not {ieee_gemm!r}")
+    gemm = dict(precision=precision, ieee_gemm=ieee_gemm)
     m = weights[0].shape[0]
     n = x.shape[-2]
     num_layers = len(weights)
@@ -264,7 +268,7 @@ def layered_mlp(
             epilogue=1,
             act=act,
             slope=slope,
-            precision=precision,
+            **gemm,
             batch=m,
             out=z,
         )
@@ -290,7 +294,7 @@ def layered_mlp(
     for i in reversed(range(num_layers)):
         if want_param_grads:
             # dW = dZ^T @ H: dZ^T as a [P=d_out, K=N] operand via swapped strides
-            dws[i] = batched_matmul(dz.transpose(1, 2), hs[i], precision=precision, batch=m)
+            dws[i] = batched_matmul(dz.transpose(1, 2), hs[i], **gemm, batch=m)
             dbs[i] = column_sum(dz)
         if i > 0:
             dz = batched_matmul(
@@ -300,10 +304,10 @@ def layered_mlp(
                 epilogue=2,
                 act=hidden_act,
                 slope=hidden_slope,
-                precision=precision,
+                **gemm,
                 batch=m,
             )
         elif want_dx:
-            dx = batched_matmul(dz, weights[0], precision=precision, batch=m)
+            dx = batched_matmul(dz, weights[0], **gemm, batch=m)
     grads = (dws, dbs) if want_param_grads else (None, None)
     return grads, dx, per, (hs[-1] if want_y else None)

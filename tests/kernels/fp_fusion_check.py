@@ -31,7 +31,7 @@ GLUON = importlib.util.find_spec("triton.experimental.gluon") is not None  # Tri
 
 def main() -> int:
     driver.set_active(CompileOnlyDriver())
-    from gradserve.kernels import triton_engine, triton_fused, triton_layered
+    from gradserve.kernels import triton_engine, triton_fused
     from tests.jobs import ensemble_job, random_job
 
     compiled = {}
@@ -48,18 +48,17 @@ def main() -> int:
         job = ensemble_job(random_job(sizes, 2, 37, seed=1), sizes)
         for path in ("fused", "per_layer"):
             triton_engine.run(job, "cpu", path=path)
-        if GLUON:  # IEEE float32's per-layer products on the Gluon GEMM
-            triton_layered.IEEE_GEMM = "gluon"
-            triton_engine.run(job, "cpu", path="per_layer")
+        if GLUON:  # IEEE float32 on the Gluon kernels, fused and per-layer
+            for path in ("fused", "per_layer"):
+                triton_engine.run(job, "cpu", path=path, float32_matmul="gluon")
         # the sum of per-program partials, which a job on the CPU never splits for
         triton_fused.sum_partials(torch.zeros(2, 3, 64), [(0, 64)])
     finally:
         JITFunction.run = launch
-        triton_layered.IEEE_GEMM = "tl.dot"
     expected = {"_fused_mlp_kernel", "_sum_partials_kernel", "_batched_matmul_kernel",
                 "_loss_kernel", "_column_sum_kernel"}  # fmt: skip
     if GLUON:
-        expected.add("_fp32_batched_matmul_kernel")
+        expected |= {"_fp32_batched_matmul_kernel", "_fused_fp32_kernel"}
     assert set(compiled) == expected, sorted(compiled)
     for name, kernel in sorted(compiled.items()):
         fused = kernel.metadata.enable_fp_fusion

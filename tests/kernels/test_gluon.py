@@ -11,11 +11,12 @@ from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
 from gradserve import kernels  # noqa: E402
-from gradserve.kernels import gluon_cpu, gluon_matmul, triton_engine, triton_layered  # noqa: E402
+from gradserve.kernels import gluon_cpu, gluon_fused, gluon_matmul, triton_engine  # noqa: E402
 from gradserve.kernels.triton_common import ACTIVATION_CODES  # noqa: E402
 from tests.jobs import ensemble_job, random_job  # noqa: E402
 from tests.kernels.gemm_checks import assert_within_fp32_bound, operands  # noqa: E402
 from tests.oracle import (  # noqa: E402
+    assert_close_per_model,
     assert_matches_oracle,
     assert_same_results,
     engine_tensors,
@@ -145,8 +146,7 @@ WIDE_SIZES = (5, 150, 3)  # wider than the fused kernel's 128: the per-layer pat
 
 @pytest.fixture
 def gluon_gemm(monkeypatch):
-    """The per-layer path with IEEE float32 products on the Gluon kernel; the launches it
-    made."""
+    """The epilogues of the Gluon GEMM's launches while a test runs."""
     launched = []
     launch = gluon_matmul.launch
 
@@ -154,14 +154,13 @@ def gluon_gemm(monkeypatch):
         launched.append(kwargs["epilogue"])
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(triton_layered, "IEEE_GEMM", "gluon")
     monkeypatch.setattr(gluon_matmul, "launch", counted)
     return launched
 
 
 def _check(sizes, tensors, **options):
     job = ensemble_job(tensors, sizes, **options)
-    got = triton_engine.run(job, "cpu", path="per_layer")
+    got = triton_engine.run(job, "cpu", path="per_layer", float32_matmul="gluon")
     assert_matches_oracle(engine_tensors(got), oracle_for(sizes, tensors, **options), "float32")
     return got
 
@@ -196,5 +195,102 @@ def test_other_precisions_stay_on_tl_dot(gluon_gemm):
     """The Gluon GEMM is IEEE float32's: tf32 jobs keep Triton's tensor-core kernel."""
     tensors = random_job(WIDE_SIZES, 2, 9, seed=6)
     job = ensemble_job(tensors, WIDE_SIZES, precision="tf32")
-    triton_engine.run(job, "cpu", path="per_layer")
+    triton_engine.run(job, "cpu", path="per_layer", float32_matmul="gluon")
     assert gluon_gemm == []
+
+
+# The fused kernel (gluon_fused.py): float32_matmul="gluon" on fused jobs without per-sample
+# norms up to padded width 64.
+ODD_SIZES = (5, 13, 7, 3)  # every width padded, to 16
+MIXED_SIZES = (37, 5, 60, 3)  # padded 64, 16, 64, 16: products of every shape pair
+TARGET_SIZES = (32, 64, 64, 64, 1)  # the benchmark target's network: unpadded widths
+
+
+@pytest.fixture
+def gluon_fused_runs(monkeypatch):
+    """How many jobs ran on the Gluon fused kernel while a test runs."""
+    runs = []
+    fused_mlp = gluon_fused.fused_mlp
+
+    def counted(*args, **kwargs):
+        runs.append(kwargs)
+        return fused_mlp(*args, **kwargs)
+
+    monkeypatch.setattr(gluon_fused, "fused_mlp", counted)
+    return runs
+
+
+def _check_fused(sizes, tensors, **options):
+    job = ensemble_job(tensors, sizes, **options)
+    got = triton_engine.run(job, "cpu", float32_matmul="gluon")
+    assert_matches_oracle(engine_tensors(got), oracle_for(sizes, tensors, **options), "float32")
+    return got
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+@pytest.mark.parametrize("loss", kernels.LOSSES)
+@pytest.mark.parametrize("hidden", kernels.ACTIVATIONS)
+def test_fused_on_gluon_matches_oracle_for_every_activation_and_loss(
+    gluon_fused_runs, hidden, loss, shared
+):
+    tensors = random_job(ODD_SIZES, 3, 37, loss=loss, shared_inputs=shared, seed=3)
+    _check_fused(ODD_SIZES, tensors, hidden=hidden, loss=loss)
+    assert len(gluon_fused_runs) == 1
+
+
+@pytest.mark.parametrize("output", kernels.ACTIVATIONS)
+def test_fused_on_gluon_output_activations(gluon_fused_runs, output):
+    tensors = random_job(MIXED_SIZES, 2, 17, sample_weights=True, seed=5)
+    _check_fused(MIXED_SIZES, tensors, hidden="leaky_relu", output=output, negative_slope=0.2,
+                 output_slope=0.05, loss="huber", huber_delta=0.3)  # fmt: skip
+    assert len(gluon_fused_runs) == 1
+
+
+@pytest.mark.parametrize("n", [1, 37, 300])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+def test_fused_on_gluon_matches_oracle_for_ensemble_and_sample_counts(
+    gluon_fused_runs, m, n, shared
+):
+    """N=300: three blocks of 128 samples, the partial gradients added block after block."""
+    sizes = TARGET_SIZES if n == 300 else MIXED_SIZES
+    tensors = random_job(sizes, m, n, loss="cross_entropy" if sizes[-1] > 1 else "mse",
+                         shared_inputs=shared, sample_weights=True, seed=m * n)  # fmt: skip
+    loss = "cross_entropy" if sizes[-1] > 1 else "mse"
+    _check_fused(sizes, tensors, hidden="silu", loss=loss, reduction="sum")
+    assert len(gluon_fused_runs) == 1
+
+
+@pytest.mark.parametrize("param_grads, input_grads", [(False, True), (True, False), (False, False)])
+def test_fused_on_gluon_computes_only_what_is_asked(gluon_fused_runs, param_grads, input_grads):
+    tensors = random_job(MIXED_SIZES, 2, 21, seed=11)
+    job = ensemble_job(tensors, MIXED_SIZES, hidden="tanh")
+    job.outputs = kernels.OutputRequest(param_grads, input_grads, True, True)
+    got = engine_tensors(triton_engine.run(job, "cpu", float32_matmul="gluon"))
+    assert ("layers.0.weight.grad" in got) == param_grads
+    assert ("inputs.grad" in got) == input_grads
+    expected = oracle_for(MIXED_SIZES, tensors, hidden="tanh").by_name()
+    for name, value in got.items():
+        assert_close_per_model(name, value, expected[name], "float32")
+    assert len(gluon_fused_runs) == 1
+
+
+def test_fused_on_gluon_gives_the_same_bits_twice(gluon_fused_runs):
+    tensors = random_job(TARGET_SIZES, 2, 300, seed=4)
+    first = engine_tensors(_check_fused(TARGET_SIZES, tensors, hidden="gelu"))
+    second = engine_tensors(_check_fused(TARGET_SIZES, tensors, hidden="gelu"))
+    assert_same_results(first, second, "float32", exact=True)
+
+
+@pytest.mark.parametrize(
+    "sizes, norms", [((5, 100, 3), False), (ODD_SIZES, True)], ids=["width_128", "norms"]
+)
+def test_fused_jobs_beyond_the_gluon_kernel_run_on_triton_s(gluon_fused_runs, sizes, norms):
+    """Padded width 128 and per-sample norms: the Triton fused kernel's, as under "ieee"."""
+    tensors = random_job(sizes, 2, 9, seed=6)
+    job = ensemble_job(tensors, sizes)
+    if norms:
+        job.outputs = kernels.OutputRequest(True, True, True, True, per_sample_gradient_norms=True)
+    got = triton_engine.run(job, "cpu", float32_matmul="gluon", path="fused")
+    assert_matches_oracle(engine_tensors(got), oracle_for(sizes, tensors), "float32")
+    assert gluon_fused_runs == []

@@ -266,30 +266,21 @@ def test_triton_norms_and_dp_clipping_match_the_torch_engine(precision):
         assert (whole(got, k) - whole(ref, k)).norm() <= tol * whole(ref, k).norm()
 
 
-@pytest.fixture
-def gluon_gemm(monkeypatch):
-    """IEEE float32's per-layer products on the Gluon GEMM (triton_layered.IEEE_GEMM)."""
-    pytest.importorskip("triton.experimental.gluon")
-    from gradserve.kernels import triton_layered
-
-    monkeypatch.setattr(triton_layered, "IEEE_GEMM", "gluon")
-
-
 @pytest.mark.parametrize(
     "m, n, sizes", [SHAPES[2], (2, 1024, (1024, 1024, 1024, 1)), (3, 300, (20, 90, 50, 70, 5))]
 )
-def test_per_layer_float32_on_the_gluon_gemm(gluon_gemm, m, n, sizes):
+def test_per_layer_float32_on_the_gluon_gemm(m, n, sizes):
     """The Gluon GEMM (kernels/gluon_matmul.py) is checked on CPUs by gluon_cpu, which runs
     a program's threads as one and so cannot see a race between them (a missing barrier):
     here on the hardware, in both its tile sizes, against the oracle, and twice for the
     same bits."""
     tensors = random_job(sizes, m, n, sample_weights=True, seed=n)
-    check(triton_engine, sizes, tensors, "float32", {"path": "per_layer"}, hidden="gelu",
-          loss="huber")  # fmt: skip
+    gluon = {"path": "per_layer", "float32_matmul": "gluon"}
+    check(triton_engine, sizes, tensors, "float32", gluon, hidden="gelu", loss="huber")
     job = ensemble_job({k: v.cuda() for k, v in tensors.items()}, sizes, hidden="gelu")
-    first = triton_engine.run(job, "cuda", path="per_layer")
+    first = triton_engine.run(job, "cuda", **gluon)
     poison_allocator()
-    second = triton_engine.run(job, "cuda", path="per_layer")
+    second = triton_engine.run(job, "cuda", **gluon)
     for a, b in zip(first.weight_grads + first.bias_grads, second.weight_grads + second.bias_grads,
                     strict=True):  # fmt: skip
         assert torch.equal(a, b)
@@ -311,3 +302,31 @@ def test_gluon_gemm_at_scale_within_the_float32_bound(layouts):
                         tiles=gluon_matmul.tiles_for(p, q, c.device))  # fmt: skip
     a64, b64 = a.double(), b.double()
     assert_within_fp32_bound(c.cpu(), a64 @ b64, k * (a64.abs() @ b64.abs()))
+
+
+@pytest.mark.parametrize("hidden, loss", ACTIVATION_LOSS_PAIRS[:4])
+@pytest.mark.parametrize(
+    "m, n, sizes", [SHAPES[0], (8, 1000, (37, 5, 60, 3)), (3, 100, (16, 64, 64, 1))]
+)
+def test_fused_float32_on_the_gluon_kernel(m, n, sizes, hidden, loss):
+    """The Gluon fused kernel (kernels/gluon_fused.py, float32_matmul="gluon"): checked on
+    CPUs by gluon_cpu, which runs a program's threads as one and so cannot see a race
+    between them; here on the hardware against the oracle: the benchmark target, every
+    width padded (1000 samples: 8 blocks of 128, split across programs), a small job."""
+    pytest.importorskip("triton.experimental.gluon")
+    tensors = random_job(sizes, m, n, loss=loss, sample_weights=True, seed=n)
+    check(triton_engine, sizes, tensors, "float32", {"float32_matmul": "gluon"},
+          hidden=hidden, loss=loss)  # fmt: skip
+
+
+def test_fused_float32_on_the_gluon_kernel_is_deterministic_at_scale():
+    pytest.importorskip("triton.experimental.gluon")
+    sizes = (32, 64, 64, 64, 1)
+    tensors = {k: v.cuda() for k, v in random_job(sizes, 1024, 256, seed=3).items()}
+    job = ensemble_job(tensors, sizes, hidden="relu")
+    first = triton_engine.run(job, "cuda", float32_matmul="gluon")
+    poison_allocator()
+    second = triton_engine.run(job, "cuda", float32_matmul="gluon")
+    for a, b in zip(first.weight_grads + first.bias_grads, second.weight_grads + second.bias_grads,
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
