@@ -18,4 +18,5 @@ def test_gluon_gemm_loads_one_shared_byte_per_fma_without_spills():
     pytest.importorskip("triton.experimental.gluon")
     done = run_module("tests.kernels.gluon_sm90_check")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count("1.00 shared B per FMA") == 6, done.stdout
+    assert done.stdout.count("shared B loaded per FMA 1.00") == 6, done.stdout
+    assert done.stdout.count("Gluon fused") == 2, done.stdout
