@@ -18,10 +18,11 @@ through shared memory to be the next product's operand, W stays in shared memory
 Each row is checked against torch in float64 on the GPU, then timed: TFLOP/s and its
 fraction of torch's float32 matmul on the same card in the same run.
 
-Gluon kernels do not run in Triton's interpreter: `--cpu-check` checks the tl.dot rows
-there (and so the inputs, reference and check), and `--static` compiles every row for
-sm_90a without a GPU and gives registers, spills, FFMAs and the shared-memory bytes each
-thread loads per FMA (ptxas and nvdisasm from the Triton wheel).
+`--cpu-check` checks every row on the CPU (the tl.dot rows under Triton's interpreter, the
+Gluon rows through kernels/gluon_cpu.py, which has no way to see a missing barrier), and so
+the inputs, reference and check; `--static` compiles every row for sm_90a without a GPU
+and gives registers, spills, FFMAs and the shared-memory bytes each thread loads per FMA
+(ptxas and nvdisasm from the Triton wheel).
 
   python bench/fma_tiles.py --out out/gpu/fma_tiles.md      (GPU; gpu_check.sh fma)
   TRITON_INTERPRET=1 python bench/fma_tiles.py --cpu-check
@@ -42,6 +43,8 @@ from triton.experimental.gluon import language as gl
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import markdown_table, write_lines  # noqa: E402
+from gradserve.kernels import gluon_cpu  # noqa: E402
+from gradserve.kernels.gluon_matmul import _sync_threads  # noqa: E402
 from gradserve.kernels.triton_common import _ieee_dot  # noqa: E402
 
 WIDTH = 64  # the layers' width: the benchmark target's hidden width
@@ -104,9 +107,9 @@ def _chain_gluon(x_ptr, w_ptr, out_ptr, layers, BM: gl.constexpr, W: gl.constexp
     w_s = gl.allocate_shared_memory(gl.float32, [W, W], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), w)
     h_s = gl.allocate_shared_memory(gl.float32, [BM, W], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]))
     for _ in range(layers):
-        gl.thread_barrier()  # every thread has read the previous layer's h
+        _sync_threads()  # every thread has read the previous layer's h
         h_s.store(h)
-        gl.thread_barrier()  # and every thread's part of this one is there
+        _sync_threads()  # and every thread's part of this one is there
         acc = gl.zeros([BM, W], gl.float32, ACC)
         for k in gl.static_range(W):
             acc += h_s.slice(k, 1, dim=1).load(ACC) * w_s.slice(k, 1, dim=0).load(ACC)
@@ -129,6 +132,8 @@ def launch(config, x, w, out, layers: int, warmup: bool = False):
         return _chain_tl_dot.run(x, w, out, layers, bm, WIDTH, FUSED_K_CHUNK, grid=grid,
                                  warmup=warmup, num_warps=warps)  # fmt: skip
     acc = acc_layout(bm, warps, tile, threads)
+    if gluon_cpu.interpreting():
+        return gluon_cpu.run(_chain_gluon, grid, x, w, out, layers, bm, WIDTH, acc)
     return _chain_gluon.run(x, w, out, layers, bm, WIDTH, acc, grid=grid, warmup=warmup,
                             num_warps=warps)  # fmt: skip
 
@@ -213,19 +218,17 @@ def gpu_rows(out_path: str | None, header: list[str], lines: list[str]) -> int:
 
 
 def cpu_check() -> int:
-    """The tl.dot rows under the interpreter on a few samples, checked as on the GPU: the
-    inputs, the reference and the check itself, before a GPU call relies on them. Gluon
-    rows cannot run here. Exit status 1 if a row is wrong."""
+    """Every row on a few samples on the CPU (tl.dot's under the interpreter, Gluon's
+    through gluon_cpu), checked as on the GPU: the kernels' arithmetic, the inputs, the
+    reference and the check itself, before a GPU call relies on them. Exit status 1 if a
+    row is wrong."""
     global ROWS
     ROWS = 256
     x64, w64, x, w = inputs("cpu")
     wrong = 0
     for config in CONFIGS:
-        if config[0] == "gluon":
-            cell = "not run (Gluon has no interpreter)"
-        else:
-            cell = verdict(relative_error(config, x64, w64, x, w))
-            wrong += "WRONG" in cell
+        cell = verdict(relative_error(config, x64, w64, x, w))
+        wrong += "WRONG" in cell
         print("| " + " | ".join(str(c) for c in label(config) + [cell]) + " |", flush=True)
     return 1 if wrong else 0
 
@@ -234,7 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--static", action="store_true", help="compile for sm_90a, no GPU")
     parser.add_argument("--cpu-check", action="store_true",
-                        help="the tl.dot rows under TRITON_INTERPRET=1, checked only")  # fmt: skip
+                        help="every row on the CPU (TRITON_INTERPRET=1), checked only")  # fmt: skip
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args()
     title = [f"# IEEE float32 products by outputs per thread: a chain of {LAYERS} layers "
