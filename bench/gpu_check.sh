@@ -21,6 +21,9 @@
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
+# `bash bench/gpu_check.sh gluon` checks float32_matmul="gluon" (kernels/gluon_*.py) against
+# the oracle on the GPU and times the benchmark's IEEE float32 rows on tl.dot and on Gluon
+# ($OUT/gluon_tests.log, $OUT/kernels_gpu_gluon.md; within 6 minutes by its steps' limits).
 # `bash bench/gpu_check.sh fma` times IEEE float32 products in a chain of 64-wide layers,
 # Triton's tl.dot against Gluon kernels with larger per-thread tiles (bench/fma_tiles.py:
 # $OUT/fma_tiles.md).
@@ -73,6 +76,20 @@ if [ "${1:-}" = tests ]; then
   timeout "${TESTS_TIMEOUT:-270}" python3 -m pytest -v -p no:cacheprovider -n 16 "${@:2}" 2>&1 \
     | tee "$OUT/gpu_tests.log" | grep -E "FAILED|Error|passed|failed" | tail -40
   exit "${PIPESTATUS[0]}"
+fi
+
+if [ "${1:-}" = gluon ]; then
+  # float32_matmul="gluon" alone (150 s + 200 s at most): its kernels against the oracle on the
+  # hardware, where a race between threads would show, then the benchmark's IEEE float32
+  # rows on tl.dot and on Gluon, with their PyTorch peers.
+  echo "== the Gluon kernels against the oracle on the GPU"
+  timeout 150 python3 -m pytest -v -p no:cacheprovider -n 16 -k gluon tests/kernels/test_gpu.py \
+    2>&1 | tee "$OUT/gluon_tests.log" | grep -E "FAILED|Error|passed|failed" | tail -20
+  tests_status=${PIPESTATUS[0]}
+  echo "== IEEE float32 on tl.dot and on Gluon"
+  timeout 200 python3 bench/kernels_gpu.py --labels float32,float32-gluon \
+    --out "$OUT/kernels_gpu_gluon.md" 2>&1 | grep '^|'
+  exit "$tests_status"
 fi
 
 if [ "${1:-}" = fma ]; then

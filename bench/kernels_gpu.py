@@ -12,6 +12,7 @@ The Triton kernels are compiled first, in parallel (one process per CPU core up 
 Triton's disk cache), so the timed runs do not queue behind one compile after another.
 
 Usage: python bench/kernels_gpu.py [--out FILE] [--no-compile] [--compile-workers W]
+                                   [--labels float32,float32-gluon]
        TRITON_INTERPRET=1 python bench/kernels_gpu.py --cpu-check   (every row runs, on a
        few samples under the interpreter, and agrees with the torch engine; times mean nothing)
 """
@@ -191,19 +192,27 @@ def main():
     )  # fmt: skip
     parser.add_argument("--compile-share", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cpu-check", action="store_true")
+    parser.add_argument(
+        "--labels", default="",
+        help="only the rows of these precision labels, comma-separated, '-' for ' ' "
+        "(float32,float32-gluon: IEEE float32 on tl.dot and on Gluon)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.cpu_check:
         cpu_check()
         return
+    labels = {label.replace("-", " ") for label in args.labels.split(",") if label}
+    cases = [case for case in CASES if not labels or case[3] in labels]
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
-        for m, n, sizes, label, _, path in share(CASES, args.compile_share):
+        for m, n, sizes, label, _, path in share(cases, args.compile_share):
             precision, method = precision_and_method(label)
             job = make_job(m, n, sizes, precision, DEVICE)
             triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
         torch.cuda.synchronize()
         return
     if args.compile_workers:
-        compile_in_parallel(__file__, min(args.compile_workers, len(CASES)))
+        passed = ("--labels", args.labels) if args.labels else ()
+        compile_in_parallel(__file__, min(args.compile_workers, len(cases)), passed)
     card = torch.cuda.get_device_name()
     peaks = measured_peaks()
     lines = [
@@ -220,7 +229,7 @@ def main():
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peers = {}  # (M, N, sizes, precision) -> the PyTorch peers' times
-    for m, n, sizes, label, with_compile, path in CASES:
+    for m, n, sizes, label, with_compile, path in cases:
         precision, method = precision_and_method(label)
         job = make_job(m, n, sizes, precision, DEVICE)
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
