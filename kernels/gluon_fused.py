@@ -38,6 +38,7 @@ from triton.experimental.gluon import language as gl
 from gradserve.kernels import gluon_cpu, triton_fused
 from gradserve.kernels.gluon_matmul import _sync_threads
 from gradserve.kernels.triton_common import LAUNCH_OPTIONS, activate, activation_grad, loss_block
+from gradserve.kernels.triton_fused import _width  # d(i): a constant where unpadded
 
 # Widest padded layer it takes: the products' operands for 64-wide layers in blocks of 128
 # samples fit 4 warps at 8x8 outputs a thread.
@@ -62,17 +63,6 @@ else:
     @gluon.jit
     def _as_buffers(smem, shape: gl.constexpr, layout: gl.constexpr):
         return smem._reinterpret(gl.float32, shape, layout)
-
-
-@gluon.jit
-def _width(sizes, i: gl.constexpr, WIDTHS: gl.constexpr, EXACT: gl.constexpr):
-    """d(i): a compile-time constant where it equals its padded width P(i), else the
-    launch's value (as triton_fused._width)."""
-    if EXACT[i]:
-        d = WIDTHS[i]
-    else:
-        d = sizes[i]
-    return d
 
 
 @gluon.jit
