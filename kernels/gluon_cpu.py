@@ -71,7 +71,7 @@ class _GluonBuilder(interp.InterpreterBuilder):
     def get_gluon_layout_from_tensor(self, handle):
         raise NotImplementedError(
             "the Gluon CPU runner does not infer result layouts (permute, reshape, join, "
-            "split, reductions): only layouts the kernel states, and expand_dims'"
+            "split of registers): only those the kernel states, expand_dims' and reductions'"
         )
 
     def create_broadcast(self, arg, shape):
@@ -224,9 +224,10 @@ def _gluon_language():
 
 def run(kernel, grid, *args, **kwargs) -> None:
     """Launch the Gluon kernel `kernel` (a @gluon.jit function) on CPU tensors, as
-    `kernel[grid](*args, **kwargs)` would on a GPU. Launch options (num_warps, ...) are
-    accepted and ignored."""
+    `kernel[grid](*args, **kwargs)` would on a GPU. Launch options are accepted; only
+    num_warps means anything here (what gl.num_warps() returns)."""
     fn = kernel.fn
+    _builder.options = _Options(num_warps=kwargs.get("num_warps", 4))  # for gl.num_warps()
     executor = interp.GridExecutor(fn, kernel.arg_names, grid)
     constexprs = {param.name for param in kernel.params if param.is_constexpr}
     names = set(inspect.signature(fn).parameters)

@@ -111,6 +111,16 @@ def available() -> bool:
 NARROW_WEIGHTS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def gluon_available() -> bool:
+    """Whether Triton has Gluon (3.6 and later: the API the Gluon kernels are written to)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon") is not None
+    except ImportError:  # no triton at all
+        return False
+
+
 def precision_code(precision: str, float32_matmul: str = FLOAT32_MATMUL) -> int:
     """The kernels' PRECISION constant for a job's precision."""
     from gradserve.kernels.triton_common import PRECISION_CODES, TF32X3
@@ -119,6 +129,8 @@ def precision_code(precision: str, float32_matmul: str = FLOAT32_MATMUL) -> int:
         raise ValueError(f"float32_matmul must be one of {FLOAT32_MATMULS}, not {float32_matmul!r}")
     if precision == "float32" and float32_matmul == "tf32x3":
         return TF32X3
+    if float32_matmul == "gluon" and not gluon_available():
+        raise ValueError("float32_matmul='gluon' needs Triton with Gluon (3.6 or later)")
     return PRECISION_CODES[precision]
 
 

@@ -294,3 +294,11 @@ def test_fused_jobs_beyond_the_gluon_kernel_run_on_triton_s(gluon_fused_runs, si
     got = triton_engine.run(job, "cpu", float32_matmul="gluon", path="fused")
     assert_matches_oracle(engine_tensors(got), oracle_for(sizes, tensors), "float32")
     assert gluon_fused_runs == []
+
+
+def test_gluon_without_gluon_in_triton_is_refused_clearly(monkeypatch):
+    """Triton before 3.6 has no Gluon: float32_matmul="gluon" says so before anything runs."""
+    monkeypatch.setattr(triton_engine, "gluon_available", lambda: False)
+    tensors = random_job(ODD_SIZES, 1, 3, seed=1)
+    with pytest.raises(ValueError, match="needs Triton with Gluon"):
+        triton_engine.run(ensemble_job(tensors, ODD_SIZES), "cpu", float32_matmul="gluon")
