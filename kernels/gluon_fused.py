@@ -19,9 +19,13 @@ Each product is a sum of rank-1 updates read from shared memory:
   outputs at 8x8 a thread occupy only 64 threads: the program's threads form G groups
   (GROUPS), group g adds samples g, g + G, g + 2G, ... ([G, Q, K] sums), and the G sums
   are added at the end (a fixed order: the same bits every run).
-Layouts are computed by the launcher per width (`block_layout`, `gradient_layout`).
-A thread reads back from the scratch only what it stored there (same layout both ways), so
-the scratch needs no barrier; shared memory does, around each product's stores.
+Shared memory: a_s (a block transposed; for dW the same memory holds the layer's input
+row-major, h_s), w_s and dz_s, 80 KB at 128 samples and width 64; with what the compiler
+adds for its reductions, two programs of 4 warps fit an SM, as their 255 registers do
+(bench/results/gluon_sm90.md). Layouts are computed by the launcher per width
+(`block_layout`, `gradient_layout`, `weight_layout`). A thread reads back from the scratch
+only what it stored there (same layout both ways), so the scratch needs no barrier; shared
+memory does, around each product's stores.
 
 Under TRITON_INTERPRET=1 the launcher runs it with gluon_cpu.
 """
@@ -380,12 +384,10 @@ def weight_layout(d_out: int, d_in: int, warps: int = NUM_WARPS) -> gl.BlockedLa
     return _blocked([d_out, d_in], [1, 4], warps)
 
 
-def takes(precision: int, widths, norms_needed: bool) -> bool:
-    """Whether a fused job can run on this kernel: IEEE float32, no per-sample norms, padded
-    widths up to MAX_WIDTH."""
-    from gradserve.kernels.triton_common import PRECISION_CODES
-
-    return precision == PRECISION_CODES["float32"] and not norms_needed and max(widths) <= MAX_WIDTH
+def takes(layer_sizes, norms_needed: bool) -> bool:
+    """Whether an IEEE float32 fused job can run on this kernel: no per-sample norms (the
+    Triton kernel computes them), padded widths up to MAX_WIDTH."""
+    return not norms_needed and max(triton_fused.padded_widths(layer_sizes)) <= MAX_WIDTH
 
 
 def fused_mlp(weights, biases, x, targets, sample_weights, *, hidden_act, output_act,

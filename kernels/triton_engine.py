@@ -191,9 +191,12 @@ def run(
     )
 
     gluon = float32_matmul == "gluon" and job.precision == "float32"
-    if fused and gluon and not norms_needed and max(triton_fused.padded_widths(sizes)) <= 64:
+    fused_on_gluon = False
+    if gluon and fused:
         from gradserve.kernels import gluon_fused  # Gluon: Triton 3.6 and later
 
+        fused_on_gluon = gluon_fused.takes(sizes, norms_needed)
+    if fused_on_gluon:
         norms = None
         ieee = {key: value for key, value in options.items() if key != "precision"}
         (weight_grads, bias_grads), dx, per, y = gluon_fused.fused_mlp(
