@@ -17,6 +17,27 @@ from gradserve.kernels.triton_engine import FUSED_MAX_WIDTH, fits_int32_offsets
 AUTO_TRITON_MAX_FLOAT32_WIDTH = 64
 
 
+# How the Triton engine multiplies float32 jobs (triton_engine.FLOAT32_MATMULS): the
+# server's --float32-matmul, for every job of the process.
+_float32_matmul = "ieee"
+
+
+def set_float32_matmul(method: str) -> None:
+    """Make the Triton engine multiply float32 jobs by `method` from now on."""
+    from gradserve.kernels import triton_engine
+
+    if method not in triton_engine.FLOAT32_MATMULS:
+        raise ValueError(f"float32_matmul must be one of {triton_engine.FLOAT32_MATMULS}")
+    if method == "gluon" and not triton_engine.gluon_available():
+        raise ValueError("float32_matmul='gluon' needs Triton with Gluon (3.6 or later)")
+    global _float32_matmul
+    _float32_matmul = method
+
+
+def float32_matmul() -> str:
+    return _float32_matmul
+
+
 class EngineUnavailable(Exception):
     """The requested engine cannot run this job here (maps to UNIMPLEMENTED)."""
 
@@ -138,7 +159,7 @@ def _run(job: EnsembleJob, engine: str, device: torch.device) -> EnsembleResult:
     if engine == "triton":
         from gradserve.kernels import compiled_kernels, triton_engine
 
-        result = triton_engine.run(job, device)
+        result = triton_engine.run(job, device, float32_matmul=_float32_matmul)
         compiled_kernels.enforce()  # the process keeps a bounded number of compiled kernels
         return result
     raise EngineUnavailable(f"unknown engine {engine!r}")

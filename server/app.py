@@ -97,11 +97,12 @@ async def serve(config: ServerConfig) -> None:
     await server.start()
     await health.set_serving(True)
     log.info(
-        "serving on %s device=%s tls=%s auth=%s",
+        "serving on %s device=%s tls=%s auth=%s float32_matmul=%s",
         host_port(config.host, port),
         device,
         credentials is not None,
         "token" if token else "none",
+        config.float32_matmul,
     )
     if config.port_file:
         with open(config.port_file + ".tmp", "w") as f:

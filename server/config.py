@@ -9,6 +9,8 @@ import os
 import re
 from dataclasses import dataclass, fields
 
+from gradserve.kernels.triton_engine import FLOAT32_MATMULS, gluon_available
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -76,6 +78,8 @@ class ServerConfig:
     # Bytes of Triton's on-disk kernel cache kept (kernels.kernel_disk_cache): pruned, least
     # recently used first, at start and whenever the compiled kernels are dropped.
     max_kernel_cache_bytes: int = 1 * GiB
+    # How the Triton engine multiplies float32 jobs (kernels.triton_engine.FLOAT32_MATMULS).
+    float32_matmul: str = "ieee"
     log_level: str = "INFO"
 
     @property
@@ -120,6 +124,9 @@ HELP = {
     "max_compiled_kernels": "most compiled Triton kernels kept in memory (beyond: all dropped)",
     "max_kernel_cache_bytes": "bytes of Triton's on-disk kernel cache kept (least recently "
     "used removed first)",
+    "float32_matmul": "how the triton engine multiplies float32 jobs: ieee (IEEE fp32 FMAs), "
+    "tf32x3 (three tf32 tensor-core products, fp32 accuracy) or gluon (IEEE fp32 FMAs in "
+    "Gluon kernels with 8x8 outputs a thread; not yet timed on a GPU)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 
@@ -165,6 +172,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.log_level.upper() not in LOG_LEVELS:
         parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+    if args.float32_matmul not in FLOAT32_MATMULS:
+        parser.error(f"--float32-matmul must be one of {', '.join(FLOAT32_MATMULS)}")
+    if args.float32_matmul == "gluon" and not gluon_available():
+        parser.error("--float32-matmul gluon needs Triton with Gluon (3.6 or later)")
 
 
 def parse_config(argv: list[str] | None = None, environ=None) -> ServerConfig:

@@ -16,7 +16,7 @@ import torch
 
 import gradserve
 from gradserve import kernels
-from gradserve.kernels import EngineUnavailable, EnsembleResult, compiled_kernels
+from gradserve.kernels import EngineUnavailable, EnsembleResult, compiled_kernels, engines
 from gradserve.server import codec
 from gradserve.server.admission import Admission
 from gradserve.server.assembly import PayloadAssembler
@@ -139,6 +139,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
     def __init__(self, config: ServerConfig, device: torch.device):
         self.config = config
         compiled_kernels.set_limit(config.max_compiled_kernels)
+        engines.set_float32_matmul(config.float32_matmul)
         compiled_kernels.set_disk_limit(config.max_kernel_cache_bytes)
         if device.type == "cuda":  # only GPU jobs compile: a CPU server leaves the cache be
             compiled_kernels.prune_disk()

@@ -48,6 +48,7 @@ def test_chunk_size_above_the_accepted_maximum_is_refused():
         ["--device", "foo"],
         ["--device", "cuda:x"],
         ["--log-level", "LOUD"],
+        ["--float32-matmul", "fast"],
     ],
 )
 def test_option_values_no_server_can_work_with_are_refused(argv, capsys):
@@ -75,7 +76,18 @@ def test_a_malformed_environment_variable_is_refused_by_name(capsys):
         ["--max-connection-age-s", "0"],
         ["--device", "cuda:1"],
         ["--log-level", "debug"],
+        ["--float32-matmul", "tf32x3"],
     ],
 )
 def test_boundary_values_are_accepted(argv):
     parse_config(argv, environ={})
+
+
+def test_gluon_float32_matmul_needs_triton_with_gluon(monkeypatch, capsys):
+    from gradserve.server import config as server_config
+
+    assert parse_config(["--float32-matmul", "gluon"], environ={}).float32_matmul == "gluon"
+    monkeypatch.setattr(server_config, "gluon_available", lambda: False)
+    with pytest.raises(SystemExit):
+        parse_config([], environ={"GRADSERVE_FLOAT32_MATMUL": "gluon"})
+    assert "--float32-matmul gluon needs Triton with Gluon" in capsys.readouterr().err
