@@ -34,10 +34,6 @@ def set_float32_matmul(method: str) -> None:
     _float32_matmul = method
 
 
-def float32_matmul() -> str:
-    return _float32_matmul
-
-
 class EngineUnavailable(Exception):
     """The requested engine cannot run this job here (maps to UNIMPLEMENTED)."""
 
