@@ -7,9 +7,10 @@ bytes per FMA, 8x8 one, and an H100 SM returns 128 bytes of shared memory a cloc
 128 FMAs (bench/results/fma_tiles_sm90.md). Gluon (triton.experimental.gluon, in the same
 wheel as Triton) lets the kernel say which outputs each thread holds.
 
-Same interface and results as triton_layered._batched_matmul_kernel with PRECISION 0: C
-= A @ B with the same epilogues (gemm_common.store_product), every product accumulated
-with FMAs in K order, so results are bit-identical run to run. The K loop per tile: the
+Same interface as triton_layered._batched_matmul_kernel with PRECISION 0, and its results
+up to float32 rounding: C = A @ B with the same epilogues (gemm_common.store_product),
+every output accumulated with FMAs in K order (tl.dot's adds per-tile sums instead), so
+results are bit-identical run to run. The K loop per tile: the
 A and B tiles go from registers into shared memory (A column-major, so a thread's 8 rows
 of a column are contiguous, B row-major), then each of BLOCK_K steps adds the outer
 product of a column of A and a row of B, while the next tiles' global loads are in flight.
@@ -136,9 +137,10 @@ def _operand_load(rows: int, cols: int, warps: int, contiguous: int) -> gl.Block
     return gl.BlockedLayout(size, threads, warps_per_cta, [contiguous, 1 - contiguous])
 
 
-# 128 x 128 tiles of 8 warps for large products (each warp 32 x 64 outputs, 2 CTAs an SM by
-# registers), 64 x 64 of 2 warps for small ones; K in steps of 16 (16 KB of shared memory
-# for the large tiles).
+# 128 x 128 tiles of 8 warps for large products (each warp 32 x 64 outputs; 130-141
+# registers on sm_90, so one program an SM: bench/layered_sweep.py also times a 128-register
+# cap, two programs an SM), 64 x 64 of 2 warps for small ones; K in steps of 16 (16 KB of
+# shared memory for the large tiles; bench/results/gluon_sm90.md).
 LARGE_TILES = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=16, num_warps=8)
 SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=2)
 
