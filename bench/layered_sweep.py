@@ -36,8 +36,9 @@ from gradserve.kernels import gluon_matmul, torch_engine, triton_engine, triton_
 
 TARGET = (16, 1024, (1024, 1024, 1024, 1))  # M, N, layer sizes: the width-1024 benchmark row
 CPU_CHECK = (1, 130, (20, 150, 140, 3))  # 130 x 150 x 140 products take the large tiles
-# (BLOCK_P, BLOCK_Q, BLOCK_K, warps, stages). The fixed shape first. Then shorter K steps;
-# half tiles with 4 warps (168 registers on sm_90 for float32: three programs, 12 warps,
+# ("tl.dot", BLOCK_P, BLOCK_Q, BLOCK_K, warps, stages): triton_layered's kernel. The fixed
+# shape first. Then shorter K steps; half tiles with 4 warps (168 registers on sm_90 for
+# float32: three programs, 12 warps,
 # per SM where the fixed shape has one of 8, the same FMAs per shared-memory load); a
 # deeper pipeline; and small tiles (more programs, less reuse). Last, twice the outputs per
 # thread (128x128 with 4 warps, 256x128 with 8): for IEEE float32 on sm_90, 1.25-1.39 bytes
@@ -59,10 +60,11 @@ CONFIGS = [
     ("tl.dot", 128, 128, 32, 4, 3),
     ("tl.dot", 256, 128, 32, 8, 3),
 ]
-# The Gluon GEMM's (BLOCK_P, BLOCK_Q, BLOCK_K, warps, register cap), IEEE float32 only. Its
-# large tiles first (gluon_matmul.LARGE_TILES: 130-141 registers on sm_90, so one 8-warp
-# program per SM); capped at 128 registers, two programs an SM fit (8-28 B of spills);
-# K steps of 8 and 32; half tiles with 4 warps (more programs, the same bytes per FMA).
+# ("gluon", BLOCK_P, BLOCK_Q, BLOCK_K, warps, register cap): the Gluon GEMM, IEEE float32
+# only. Its large tiles first (gluon_matmul.LARGE_TILES: 130-141 registers on sm_90, so
+# one 8-warp program per SM); capped at 128 registers, two programs an SM fit (8-28 B of
+# spills); K steps of 8 and 32; half tiles with 4 warps (more programs, the same bytes per
+# FMA).
 GLUON_CONFIGS = [
     ("gluon", 128, 128, 16, 8, None),
     ("gluon", 128, 128, 16, 8, 128),
