@@ -1,6 +1,7 @@
 """The Gluon kernels on the CPU (kernels/gluon_cpu.py runs them one program at a time):
 the runner itself, the IEEE float32 batched GEMM (gluon_matmul.py) against float64 torch,
-and the per-layer engine path on it against the float64 oracle."""
+and float32_matmul="gluon" through the engine (the per-layer path on that GEMM, fused jobs
+on gluon_fused.py) against the float64 oracle."""
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from gradserve.kernels.triton_common import ACTIVATION_CODES  # noqa: E402
 from tests.jobs import ensemble_job, random_job  # noqa: E402
 from tests.kernels.gemm_checks import assert_within_fp32_bound, operands  # noqa: E402
 from tests.oracle import (  # noqa: E402
+    activation_module,
     assert_close_per_model,
     assert_matches_oracle,
     assert_same_results,
@@ -118,8 +120,6 @@ def test_gemm_epilogues_for_every_activation(act):
     bound = k * (a64.abs() @ b64.abs()) + bias.double().abs()[:, None, :]
     assert_within_fp32_bound(z, z64, bound)
     # act(Z) from the kernel's own Z: the activation's float32 accuracy, not the product's
-    from tests.oracle import activation_module
-
     module = activation_module(act, negative_slope=0.1)
     torch.testing.assert_close(h.double(), module(z.double()), rtol=2e-6, atol=2e-6)
 
