@@ -46,6 +46,7 @@ from bench.common import markdown_table, write_lines  # noqa: E402
 from gradserve.kernels import gluon_cpu  # noqa: E402
 from gradserve.kernels.gluon_matmul import _sync_threads  # noqa: E402
 from gradserve.kernels.triton_common import _ieee_dot  # noqa: E402
+from gradserve.kernels.triton_engine import interpreted  # noqa: E402
 
 WIDTH = 64  # the layers' width: the benchmark target's hidden width
 LAYERS = 64  # layers a program runs: enough products to time the FMA units, not the loads
@@ -132,7 +133,7 @@ def launch(config, x, w, out, layers: int, warmup: bool = False):
         return _chain_tl_dot.run(x, w, out, layers, bm, WIDTH, FUSED_K_CHUNK, grid=grid,
                                  warmup=warmup, num_warps=warps)  # fmt: skip
     acc = acc_layout(bm, warps, tile, threads)
-    if gluon_cpu.interpreting():
+    if interpreted():
         return gluon_cpu.run(_chain_gluon, grid, x, w, out, layers, bm, WIDTH, acc)
     return _chain_gluon.run(x, w, out, layers, bm, WIDTH, acc, grid=grid, warmup=warmup,
                             num_warps=warps)  # fmt: skip

@@ -30,9 +30,14 @@ from triton.runtime import driver  # noqa: E402
 
 from bench.common import write_table  # noqa: E402
 from bench.compile_only import CompileOnlyDriver  # noqa: E402
-from bench.ptxas_report import count, ptxas_usage, sass_mix, shared_bytes_per_fma  # noqa: E402
+from bench.ptxas_report import (  # noqa: E402
+    count,
+    programs_per_sm,
+    ptxas_usage,
+    sass_mix,
+    shared_bytes_per_fma,
+)
 
-SM90_SHARED_BYTES = 232448  # what one thread block may use on sm_90 (227 KB)
 TARGET_SIZES = (32, 64, 64, 64, 1)
 # Every width padded (to 64, 16, 64, 16): masks everywhere, and products of every shape.
 PADDED_SIZES = (37, 5, 60, 3)
@@ -66,7 +71,7 @@ def _cells(binary, warps: int, per_fma: bool = True) -> list:
     regs, spills, _ = ptxas_usage(binary.asm["ptx"])
     ops = sass_mix(binary.asm["cubin"])
     shared = binary.metadata.shared
-    per_sm = min(65536 // (int(regs) * 32 * warps), SM90_SHARED_BYTES // max(1, shared))
+    per_sm = programs_per_sm(int(regs), warps, shared)
     instructions, ffma = sum(ops.values()), count(ops, ("FFMA",))
     if not per_fma:
         return [warps, int(regs), spills, round(shared / 1024), per_sm, instructions, "", "", ""]

@@ -62,6 +62,17 @@ CLASSES = {
 }
 
 
+# What one thread block may use of an sm_90 SM's shared memory (227 KB), and its registers.
+SM90_SHARED_BYTES = 232448
+SM90_REGISTERS = 65536
+
+
+def programs_per_sm(registers: int, warps: int, shared_bytes: int) -> int:
+    """Programs an sm_90 SM holds by registers and shared memory."""
+    by_registers = SM90_REGISTERS // (registers * 32 * warps)
+    return min(by_registers, SM90_SHARED_BYTES // max(1, shared_bytes))
+
+
 def compile_through_launcher(
     job, config: tuple, float32_matmul: str = "ieee", fma_k_chunk: int | None = None
 ):
@@ -168,7 +179,7 @@ def row(
     ops = sass_mix(compiled.asm["cubin"])
     counts = [count(ops, prefixes) for prefixes in CLASSES.values()]
     # Programs an SM holds by registers (64K per SM) and shared memory (227 KB per block).
-    per_sm = min(65536 // (int(regs) * 32 * warps), 232448 // max(1, compiled.metadata.shared))
+    per_sm = programs_per_sm(int(regs), warps, compiled.metadata.shared)
     if fma_k_chunk:
         label = f"{label} K-chunks of {fma_k_chunk}"
     return [label, block_n, warps, cap or "", "registers" if resident else "scratch",

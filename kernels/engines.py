@@ -26,10 +26,7 @@ def set_float32_matmul(method: str) -> None:
     """Make the Triton engine multiply float32 jobs by `method` from now on."""
     from gradserve.kernels import triton_engine
 
-    if method not in triton_engine.FLOAT32_MATMULS:
-        raise ValueError(f"float32_matmul must be one of {triton_engine.FLOAT32_MATMULS}")
-    if method == "gluon" and not triton_engine.gluon_available():
-        raise ValueError("float32_matmul='gluon' needs Triton with Gluon (3.6 or later)")
+    triton_engine.precision_code("float32", method)  # refuses what no job could run
     global _float32_matmul
     _float32_matmul = method
 

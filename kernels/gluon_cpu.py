@@ -23,7 +23,6 @@ import inspect
 from contextlib import contextmanager
 
 import numpy as np
-import triton
 import triton.language as tl
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonJITFunction
@@ -247,9 +246,3 @@ def run(kernel, grid, *args, **kwargs) -> None:
                     _builder.set_grid_idx(x, y, z)
                     fn(**call_args)
     executor._restore_args_dev(args, args_hst, kwargs, kwargs_hst)
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), and so Gluon
-    kernels here."""
-    return triton.knobs.runtime.interpret

@@ -42,6 +42,7 @@ from triton.experimental.gluon import language as gl
 from gradserve.kernels import gluon_cpu, triton_fused
 from gradserve.kernels.gluon_matmul import _sync_threads
 from gradserve.kernels.triton_common import LAUNCH_OPTIONS, activate, activation_grad, loss_block
+from gradserve.kernels.triton_engine import interpreted
 from gradserve.kernels.triton_fused import _width  # d(i): a constant where unpadded
 
 # Widest padded layer it takes: the products' operands for 64-wide layers in blocks of 128
@@ -447,7 +448,7 @@ def fused_mlp(weights, biases, x, targets, sample_weights, *, hidden_act, output
         UNROLL=UNROLL,
     )  # fmt: skip
     grid = (m, splits)
-    if gluon_cpu.interpreting():
+    if interpreted():
         gluon_cpu.run(_fused_fp32_kernel, grid, *args, **meta)
     else:
         _fused_fp32_kernel[grid](*args, **meta, num_warps=NUM_WARPS, num_stages=1,

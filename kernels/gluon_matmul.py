@@ -29,6 +29,7 @@ from triton.experimental.gluon import language as gl
 from gradserve.kernels import gluon_cpu
 from gradserve.kernels.gemm_common import batch_and_block, store_product
 from gradserve.kernels.triton_common import LAUNCH_OPTIONS
+from gradserve.kernels.triton_engine import interpreted
 
 # Gluon's CTA barrier is thread_barrier in triton 3.6 and barrier from 3.7.
 if hasattr(gl, "barrier"):
@@ -164,7 +165,7 @@ def launch(a, b, c, bias, aux, batch: int, *, epilogue: int, act: int, slope: fl
     args = (a, b, c, bias if bias is not None else c, aux if aux is not None else c,
             p, q, k, *strides_a, *strides_b, slope)  # fmt: skip
     meta = dict(EPILOGUE=epilogue, ACT=act, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=bk, **layouts)
-    if gluon_cpu.interpreting():
+    if interpreted():
         gluon_cpu.run(_fp32_batched_matmul_kernel, grid, *args, **meta)
     else:
         options = {key: tiles[key] for key in ("num_warps", "maxnreg") if key in tiles}

@@ -26,7 +26,8 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run with the interpreter off"
 from triton.runtime import driver  # noqa: E402
 
 from bench.compile_only import CompileOnlyDriver  # noqa: E402
-from bench.gluon_report import HEADER, SM90_SHARED_BYTES, fused_rows, gemm_rows  # noqa: E402
+from bench.gluon_report import HEADER, fused_rows, gemm_rows  # noqa: E402
+from bench.ptxas_report import SM90_SHARED_BYTES  # noqa: E402
 
 # Spill stores per thread allowed in the fused kernel (all 255 registers in use): at the
 # target 0 B (triton 3.9) and 12 B (3.6); with every width padded (64, 16, 64, 16) 0.1 KB

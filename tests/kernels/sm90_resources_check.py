@@ -34,13 +34,12 @@ from bench.compile_only import CompileOnlyDriver  # noqa: E402
 
 # Spill stores per thread allowed. With K-chunks: 0.2 KB (triton 3.6), 1.0 KB (3.9).
 MAX_SPILL_BYTES = 8192
-# Shared memory one thread block may use on sm_90 (227 KB).
-SM90_SHARED_BYTES = 232448
 
 
 def main() -> int:
     driver.set_active(CompileOnlyDriver())
     from bench import fused_sweep, ptxas_report, sweep
+    from bench.ptxas_report import SM90_SHARED_BYTES
     from gradserve.kernels import triton_engine, triton_fused
 
     code = triton_engine.precision_code("float32")

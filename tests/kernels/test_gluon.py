@@ -26,7 +26,7 @@ from tests.oracle import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.skipif(
-    not gluon_cpu.interpreting(), reason="the CPU runner is for TRITON_INTERPRET=1"
+    not triton_engine.interpreted(), reason="the CPU runner is for TRITON_INTERPRET=1"
 )
 
 TILE = gl.BlockedLayout([2, 2], [4, 8], [2, 1], [1, 0])  # 16 x 16, as 2 warps would hold it
@@ -159,8 +159,10 @@ def gluon_gemm(monkeypatch):
 
 
 def _check(sizes, tensors, **options):
+    """float32_matmul="gluon" on the job against the oracle: on the per-layer path where a
+    layer is wider than 128, else on the fused kernel."""
     job = ensemble_job(tensors, sizes, **options)
-    got = triton_engine.run(job, "cpu", path="per_layer", float32_matmul="gluon")
+    got = triton_engine.run(job, "cpu", float32_matmul="gluon")
     assert_matches_oracle(engine_tensors(got), oracle_for(sizes, tensors, **options), "float32")
     return got
 
@@ -220,13 +222,6 @@ def gluon_fused_runs(monkeypatch):
     return runs
 
 
-def _check_fused(sizes, tensors, **options):
-    job = ensemble_job(tensors, sizes, **options)
-    got = triton_engine.run(job, "cpu", float32_matmul="gluon")
-    assert_matches_oracle(engine_tensors(got), oracle_for(sizes, tensors, **options), "float32")
-    return got
-
-
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
 @pytest.mark.parametrize("loss", kernels.LOSSES)
 @pytest.mark.parametrize("hidden", kernels.ACTIVATIONS)
@@ -234,14 +229,14 @@ def test_fused_on_gluon_matches_oracle_for_every_activation_and_loss(
     gluon_fused_runs, hidden, loss, shared
 ):
     tensors = random_job(ODD_SIZES, 3, 37, loss=loss, shared_inputs=shared, seed=3)
-    _check_fused(ODD_SIZES, tensors, hidden=hidden, loss=loss)
+    _check(ODD_SIZES, tensors, hidden=hidden, loss=loss)
     assert len(gluon_fused_runs) == 1
 
 
 @pytest.mark.parametrize("output", kernels.ACTIVATIONS)
 def test_fused_on_gluon_output_activations(gluon_fused_runs, output):
     tensors = random_job(MIXED_SIZES, 2, 17, sample_weights=True, seed=5)
-    _check_fused(MIXED_SIZES, tensors, hidden="leaky_relu", output=output, negative_slope=0.2,
+    _check(MIXED_SIZES, tensors, hidden="leaky_relu", output=output, negative_slope=0.2,
                  output_slope=0.05, loss="huber", huber_delta=0.3)  # fmt: skip
     assert len(gluon_fused_runs) == 1
 
@@ -257,7 +252,7 @@ def test_fused_on_gluon_matches_oracle_for_ensemble_and_sample_counts(
     tensors = random_job(sizes, m, n, loss="cross_entropy" if sizes[-1] > 1 else "mse",
                          shared_inputs=shared, sample_weights=True, seed=m * n)  # fmt: skip
     loss = "cross_entropy" if sizes[-1] > 1 else "mse"
-    _check_fused(sizes, tensors, hidden="silu", loss=loss, reduction="sum")
+    _check(sizes, tensors, hidden="silu", loss=loss, reduction="sum")
     assert len(gluon_fused_runs) == 1
 
 
@@ -277,8 +272,8 @@ def test_fused_on_gluon_computes_only_what_is_asked(gluon_fused_runs, param_grad
 
 def test_fused_on_gluon_gives_the_same_bits_twice(gluon_fused_runs):
     tensors = random_job(TARGET_SIZES, 2, 300, seed=4)
-    first = engine_tensors(_check_fused(TARGET_SIZES, tensors, hidden="gelu"))
-    second = engine_tensors(_check_fused(TARGET_SIZES, tensors, hidden="gelu"))
+    first = engine_tensors(_check(TARGET_SIZES, tensors, hidden="gelu"))
+    second = engine_tensors(_check(TARGET_SIZES, tensors, hidden="gelu"))
     assert_same_results(first, second, "float32", exact=True)
 
 

@@ -182,17 +182,26 @@ def test_torch_engine_on_cuda_every_precision(precision):
     check(torch_engine, sizes, tensors, precision, hidden="silu")
 
 
-@pytest.mark.parametrize("m, n, sizes", [(1024, 256, (32, 64, 64, 64, 1)), SHAPES[2]])
-def test_triton_engine_is_deterministic_at_scale(m, n, sizes):
-    tensors = {k: v.cuda() for k, v in random_job(sizes, m, n, seed=3).items()}
-    job = ensemble_job(tensors, sizes, hidden="relu")
-    first = triton_engine.run(job, "cuda")
+def assert_same_bits_twice(job, **run_options):
+    """Two runs of the job, the allocator poisoned between them, give identical gradients."""
+    first = triton_engine.run(job, "cuda", **run_options)
     poison_allocator()
-    second = triton_engine.run(job, "cuda")
+    second = triton_engine.run(job, "cuda", **run_options)
     for a, b in zip(
         first.weight_grads + first.bias_grads, second.weight_grads + second.bias_grads, strict=True
     ):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("float32_matmul", ["ieee", "gluon"])
+@pytest.mark.parametrize("m, n, sizes", [(1024, 256, (32, 64, 64, 64, 1)), SHAPES[2]])
+def test_triton_engine_is_deterministic_at_scale(m, n, sizes, float32_matmul):
+    """ "gluon": the Gluon fused kernel at the target, the Gluon GEMM on the per-layer path."""
+    if float32_matmul == "gluon":
+        pytest.importorskip("triton.experimental.gluon")
+    tensors = {k: v.cuda() for k, v in random_job(sizes, m, n, seed=3).items()}
+    job = ensemble_job(tensors, sizes, hidden="relu")
+    assert_same_bits_twice(job, float32_matmul=float32_matmul)
 
 
 def test_dropped_kernels_come_back_with_the_same_bits():
@@ -278,22 +287,17 @@ def test_per_layer_float32_on_the_gluon_gemm(m, n, sizes):
     gluon = {"path": "per_layer", "float32_matmul": "gluon"}
     check(triton_engine, sizes, tensors, "float32", gluon, hidden="gelu", loss="huber")
     job = ensemble_job({k: v.cuda() for k, v in tensors.items()}, sizes, hidden="gelu")
-    first = triton_engine.run(job, "cuda", **gluon)
-    poison_allocator()
-    second = triton_engine.run(job, "cuda", **gluon)
-    for a, b in zip(first.weight_grads + first.bias_grads, second.weight_grads + second.bias_grads,
-                    strict=True):  # fmt: skip
-        assert torch.equal(a, b)
+    assert_same_bits_twice(job, **gluon)
 
 
 @pytest.mark.parametrize("layouts", [("rows", "columns"), ("columns", "rows"), ("shared", "rows")])
 def test_gluon_gemm_at_scale_within_the_float32_bound(layouts):
     """The Gluon GEMM alone on products with the per-layer path's strides, sized off its
     128-wide tiles: every output within float32's error bound of float64 products."""
+    pytest.importorskip("triton.experimental.gluon")
     from gradserve.kernels import gluon_matmul
     from tests.kernels.gemm_checks import assert_within_fp32_bound, operands
 
-    pytest.importorskip("triton.experimental.gluon")
     p, k, q, batch = 1000, 1030, 1027, 3
     a, b = operands(p, k, q, batch, *layouts, seed=7)
     c = torch.empty(batch, p, q, device="cuda")
@@ -317,16 +321,3 @@ def test_fused_float32_on_the_gluon_kernel(m, n, sizes, hidden, loss):
     tensors = random_job(sizes, m, n, loss=loss, sample_weights=True, seed=n)
     check(triton_engine, sizes, tensors, "float32", {"float32_matmul": "gluon"},
           hidden=hidden, loss=loss)  # fmt: skip
-
-
-def test_fused_float32_on_the_gluon_kernel_is_deterministic_at_scale():
-    pytest.importorskip("triton.experimental.gluon")
-    sizes = (32, 64, 64, 64, 1)
-    tensors = {k: v.cuda() for k, v in random_job(sizes, 1024, 256, seed=3).items()}
-    job = ensemble_job(tensors, sizes, hidden="relu")
-    first = triton_engine.run(job, "cuda", float32_matmul="gluon")
-    poison_allocator()
-    second = triton_engine.run(job, "cuda", float32_matmul="gluon")
-    for a, b in zip(first.weight_grads + first.bias_grads, second.weight_grads + second.bias_grads,
-                    strict=True):  # fmt: skip
-        assert torch.equal(a, b)
