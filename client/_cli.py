@@ -175,6 +175,7 @@ def _info(args) -> int:
                 "name": e.name,
                 "device": e.device,
                 "precisions": _enum_names(pb.Precision, "PRECISION_", e.precisions),
+                "float32_matmul": e.float32_matmul,
             }
             for e in info.engines
         ],
@@ -190,7 +191,8 @@ def _info(args) -> int:
         return 0
     print(f"gradserve {data['version']}")
     for e in data["engines"]:
-        print(f"engine {e['name']} on {e['device']}: {', '.join(e['precisions'])}")
+        how = f" (float32 matmul: {e['float32_matmul']})" if e["float32_matmul"] else ""
+        print(f"engine {e['name']} on {e['device']}: {', '.join(e['precisions'])}{how}")
     for key in ("activations", "losses", "dtypes"):
         print(f"{key}: {', '.join(data[key])}")
     width = max(len(name) for key in ("limits", "batching", "stats") for name in data[key])

@@ -31,6 +31,11 @@ def set_float32_matmul(method: str) -> None:
     _float32_matmul = method
 
 
+def float32_matmul() -> str:
+    """How the Triton engine multiplies float32 jobs now (set_float32_matmul)."""
+    return _float32_matmul
+
+
 class EngineUnavailable(Exception):
     """The requested engine cannot run this job here (maps to UNIMPLEMENTED)."""
 

@@ -179,18 +179,19 @@ class GradientService(pb_grpc.GradientServiceServicer):
         self.io.shutdown(wait=False, cancel_futures=True)
 
     async def GetServerInfo(self, request, context):
-        engines = [
+        engine_infos = [
             pb.EngineInfo(
                 name=name,
                 device=str(self.device),
                 precisions=[k for k, v in PRECISION_NAMES.items() if v in precisions and k != 0],
+                float32_matmul=engines.float32_matmul() if name == "triton" else "",
             )
             for name, precisions in kernels.available_engines(self.device).items()
         ]
         c, policy = self.config, self.batcher.policy
         return pb.GetServerInfoResponse(
             version=gradserve.__version__,
-            engines=engines,
+            engines=engine_infos,
             activations=sorted(k for k in ACTIVATION_NAMES if k),
             losses=sorted(k for k in LOSS_NAMES if k),
             dtypes=sorted(codec.ITEM_SIZES),

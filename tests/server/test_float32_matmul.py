@@ -16,7 +16,8 @@ NETWORKS = [(37, 5, 60, 3), (5, 150, 3)]
 
 def test_a_gluon_server_matches_the_oracle_and_differs_from_ieee_in_its_last_bits():
     """Both servers give the oracle's gradients; the Gluon kernels add the same products in
-    another order, so some float32 results differ in their last bits: the flag took."""
+    another order, so some float32 results differ in their last bits: the flag took (and
+    GetServerInfo says so)."""
     from gradserve.client import GradientClient
 
     results = {}
@@ -24,6 +25,9 @@ def test_a_gluon_server_matches_the_oracle_and_differs_from_ieee_in_its_last_bit
         with run_server("--float32-matmul", method) as server:
             assert f"float32_matmul={method}" in "".join(server.log)
             with GradientClient(server.address, timeout=120) as client:
+                engines = {e.name: e for e in client.server_info().engines}
+                assert engines["triton"].float32_matmul == method
+                assert engines["torch"].float32_matmul == ""  # torch's float32 is IEEE
                 for sizes in NETWORKS:
                     tensors = random_job(sizes, 2, 37, sample_weights=True, seed=len(sizes))
                     result = check(client, sizes, tensors, hidden_activation="gelu",
