@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # The CPU torch build this project is tested with; override for another release.
 CPU_TORCH_SPEC=${GRADSERVE_CPU_TORCH_SPEC:-torch==2.13.0}
+# With it, the Triton whose interpreter the tests run the kernels on: kernels/gluon_cpu.py
+# uses the interpreter's internals, which a new release may change (on a GPU machine torch
+# brings the Triton it was built with).
+CPU_TRITON_SPEC=${GRADSERVE_CPU_TRITON_SPEC:-triton==3.9.0}
+LINUX_X86="platform_system == 'Linux' and platform_machine == 'x86_64'"  # Triton's wheels
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
@@ -18,7 +23,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${PIP[@]}" torch
   else
-    "${PIP[@]}" "$CPU_TORCH_SPEC"
+    "${PIP[@]}" "$CPU_TORCH_SPEC" "$CPU_TRITON_SPEC; $LINUX_X86"
   fi
 fi
 "${PIP[@]}" -e '.[server,dev]'
