@@ -19,6 +19,10 @@ Each product is a sum of rank-1 updates read from shared memory:
   outputs at 8x8 a thread occupy only 64 threads: the program's threads form G groups
   (GROUPS), group g adds samples g, g + G, g + 2G, ... ([G, Q, K] sums), and the G sums
   are added at the end (a fixed order: the same bits every run).
+An output layer of at most NARROW_OUTPUT units (a regression head: the benchmark target's
+is one unit wide) skips these products, which would pad it to 16 outputs: per unit, the
+forward pass is a row reduction over its inputs, dW a column reduction over the block's
+samples (fixed orders too), the input gradient an outer product.
 Shared memory: a_s (a block transposed; for dW the same memory holds the layer's input
 row-major, h_s), w_s and dz_s, 80 KB at 128 samples and width 64; with what the compiler
 adds for its reductions, two programs of 4 warps fit an SM, as their 255 registers do
@@ -51,6 +55,12 @@ MAX_WIDTH = 64
 BLOCK_N = 128
 NUM_WARPS = 4
 UNROLL = 4  # rank-1 updates per loop iteration (every padded width is a multiple of 16)
+# Output layers this narrow skip the padded products (the layer is padded to 16 outputs,
+# whose forward product gives each thread 2x8 outputs: 2.5 bytes of shared memory per FMA):
+# each output unit is a row reduction forward and a column reduction and an outer product
+# backward, about 3 x 64 FMAs a thread at the benchmark target against 3 x 1024 for the
+# padded products, 9% of its block's FMAs (a static count: not timed).
+NARROW_OUTPUT = 4
 ROW_MAJOR = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
 
 
@@ -92,6 +102,18 @@ def _layer_weight(w_ptrs, m, sizes, layer: gl.constexpr, WIDTHS: gl.constexpr,
     d_out = _width(sizes, layer + 1, WIDTHS, EXACT)
     offsets, mask = _weight_offsets(sizes, layer, WIDTHS, EXACT, LAYOUT)
     return gl.load(w_ptrs[layer] + m * (d_out * d_in) + offsets, mask=mask, other=0.0)
+
+
+@gluon.jit
+def _weight_row(w_ptrs, m, sizes, layer: gl.constexpr, row: gl.constexpr, WIDTHS: gl.constexpr,
+                EXACT: gl.constexpr, LAYOUT: gl.constexpr):  # fmt: skip
+    """Row `row` of model m's weight of `layer` (output unit `row`'s weights), zero-padded
+    to [P(layer)], in LAYOUT."""
+    d_in = _width(sizes, layer, WIDTHS, EXACT)
+    d_out = _width(sizes, layer + 1, WIDTHS, EXACT)
+    cols = gl.arange(0, WIDTHS[layer], layout=LAYOUT)
+    at = w_ptrs[layer] + m * (d_out * d_in) + row * d_in + cols
+    return gl.load(at, mask=cols < d_in, other=0.0)
 
 
 @gluon.jit
@@ -176,6 +198,65 @@ def _weight_gradient(dz_s, h_s, K: gl.constexpr, Q: gl.constexpr, G: gl.constexp
 
 
 @gluon.jit
+def _narrow_output(h, w_ptrs, m, sizes, layer: gl.constexpr, D: gl.constexpr,
+                   WIDTHS: gl.constexpr, EXACT: gl.constexpr, BLOCK_N: gl.constexpr,
+                   P_OUT: gl.constexpr, IN_LAYOUT: gl.constexpr,
+                   OUT_LAYOUT: gl.constexpr):  # fmt: skip
+    """h @ W^T of the output layer `layer` for D (<= NARROW_OUTPUT) output units: per unit,
+    each sample's dot product of its inputs h [BLOCK_N, P(layer)] (IN_LAYOUT) with the
+    unit's weights, a row reduction; returned as [BLOCK_N, P_OUT] in OUT_LAYOUT, zero past
+    D, as the padded product gives it."""
+    cols = gl.arange(0, P_OUT, layout=gl.SliceLayout(0, OUT_LAYOUT))
+    z = gl.zeros([BLOCK_N, P_OUT], gl.float32, OUT_LAYOUT)
+    for j in gl.static_range(D):
+        w_j = _weight_row(w_ptrs, m, sizes, layer, j, WIDTHS, EXACT, gl.SliceLayout(0, IN_LAYOUT))
+        z_j = gl.convert_layout(gl.sum(h * w_j[None, :], 1), gl.SliceLayout(1, OUT_LAYOUT))
+        z = gl.where(cols[None, :] == j, z_j[:, None], z)
+    return z
+
+
+@gluon.jit
+def _output_unit_dz(dz, j: gl.constexpr, P_OUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
+                    IN_LAYOUT: gl.constexpr):  # fmt: skip
+    """Column j of dz [BLOCK_N, P_OUT] (OUT_LAYOUT), as [BLOCK_N] in IN_LAYOUT's rows."""
+    cols = gl.arange(0, P_OUT, layout=gl.SliceLayout(0, OUT_LAYOUT))
+    dz_j = gl.sum(gl.where(cols[None, :] == j, dz, 0.0), 1)
+    return gl.convert_layout(dz_j, gl.SliceLayout(1, IN_LAYOUT))
+
+
+@gluon.jit
+def _narrow_weight_gradient(dz, h_in, D: gl.constexpr, P_IN: gl.constexpr, P_OUT: gl.constexpr,
+                            IN_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
+                            DW_LAYOUT: gl.constexpr):  # fmt: skip
+    """The output layer's weight gradient dz^T @ h_in for D output units (as
+    _narrow_output), [P_OUT, P_IN] in DW_LAYOUT, zero past row D: row j is a column
+    reduction over the block's samples of dz_j * h_in (h_in [BLOCK_N, P_IN] in IN_LAYOUT,
+    dz [BLOCK_N, P_OUT] in OUT_LAYOUT)."""
+    rows = gl.arange(0, P_OUT, layout=gl.SliceLayout(1, DW_LAYOUT))
+    dw = gl.zeros([P_OUT, P_IN], gl.float32, DW_LAYOUT)
+    for j in gl.static_range(D):
+        dz_j = _output_unit_dz(dz, j, P_OUT, OUT_LAYOUT, IN_LAYOUT)
+        dw_j = gl.convert_layout(gl.sum(dz_j[:, None] * h_in, 0), gl.SliceLayout(0, DW_LAYOUT))
+        dw = gl.where(rows[:, None] == j, dw_j[None, :], dw)
+    return dw
+
+
+@gluon.jit
+def _narrow_input_gradient(dz, w_ptrs, m, sizes, layer: gl.constexpr, D: gl.constexpr,
+                           WIDTHS: gl.constexpr, EXACT: gl.constexpr, BLOCK_N: gl.constexpr,
+                           P_IN: gl.constexpr, P_OUT: gl.constexpr, IN_LAYOUT: gl.constexpr,
+                           OUT_LAYOUT: gl.constexpr):  # fmt: skip
+    """dLoss/dh = dz @ W of the output layer `layer` for D output units (as
+    _narrow_output): [BLOCK_N, P_IN] in IN_LAYOUT, the sum of dz_j w_j in j order."""
+    g = gl.zeros([BLOCK_N, P_IN], gl.float32, IN_LAYOUT)
+    for j in gl.static_range(D):
+        dz_j = _output_unit_dz(dz, j, P_OUT, OUT_LAYOUT, IN_LAYOUT)
+        w_j = _weight_row(w_ptrs, m, sizes, layer, j, WIDTHS, EXACT, gl.SliceLayout(0, IN_LAYOUT))
+        g += dz_j[:, None] * w_j[None, :]
+    return g
+
+
+@gluon.jit
 def _add_to_partials(grad_prog, dw, db, first, sizes, layer: gl.constexpr, DW_AT: gl.constexpr,
                      DB_AT: gl.constexpr, WIDTHS: gl.constexpr, EXACT: gl.constexpr,
                      DW_LAYOUT: gl.constexpr, DB_LAYOUT: gl.constexpr):  # fmt: skip
@@ -240,6 +321,7 @@ def _fused_fp32_kernel(
     WEIGHTS: gl.constexpr,  # per layer: the layout its [P(i+1), P(i)] weight is loaded and
     # its gradient added to the partials in (spread over every thread, 4 elements at a time)
     UNROLL: gl.constexpr,
+    NARROW_OUT: gl.constexpr,  # the output layer's width where NARROW_OUTPUT takes it, else 0
 ):
     m = gl.program_id(0).to(gl.int64)  # 64-bit per-model offsets, as triton_fused's
     s = gl.program_id(1)
@@ -263,14 +345,20 @@ def _fused_fp32_kernel(
 
         # forward: each layer's pre-activation to the scratch for the backward pass
         for layer in gl.static_range(L):
-            w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT,
-                              gl.constexpr(WEIGHTS[layer]))  # fmt: skip
-            _sync_threads()  # every thread is done with the previous product's operands
-            a_s.slice(0, WIDTHS[layer]).permute((1, 0)).store(h)
-            w_s.slice(0, WIDTHS[layer]).slice(0, WIDTHS[layer + 1], dim=1).permute((1, 0)).store(w)
-            _sync_threads()
-            z = _row_product(a_s, w_s, WIDTHS[layer], WIDTHS[layer + 1],
-                             gl.constexpr(BLOCKS[layer + 1]), BLOCK_N, DP, UNROLL)  # fmt: skip
+            if layer == L - 1 and NARROW_OUT > 0:
+                z = _narrow_output(h, w_ptrs, m, sizes, layer, NARROW_OUT, WIDTHS, EXACT,
+                                   BLOCK_N, WIDTHS[L], gl.constexpr(BLOCKS[layer]),
+                                   gl.constexpr(BLOCKS[L]))  # fmt: skip
+            else:
+                w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT,
+                                  gl.constexpr(WEIGHTS[layer]))  # fmt: skip
+                _sync_threads()  # every thread is done with the previous product's operands
+                a_s.slice(0, WIDTHS[layer]).permute((1, 0)).store(h)
+                w_t = w_s.slice(0, WIDTHS[layer]).slice(0, WIDTHS[layer + 1], dim=1)
+                w_t.permute((1, 0)).store(w)
+                _sync_threads()
+                z = _row_product(a_s, w_s, WIDTHS[layer], WIDTHS[layer + 1],
+                                 gl.constexpr(BLOCKS[layer + 1]), BLOCK_N, DP, UNROLL)  # fmt: skip
             z += _layer_bias(b_ptrs, m, sizes, layer, WIDTHS, EXACT,
                              gl.SliceLayout(0, BLOCKS[layer + 1]))[None, :]  # fmt: skip
             gl.store(_scratch_block(z_prog, layer, WIDTHS, BLOCK_N, DP,
@@ -309,19 +397,31 @@ def _fused_fp32_kernel(
                         h_in = _input_block(x_ptr, m, stride_xm, stride_xn, row0, N, sizes,
                                             WIDTHS, EXACT, BLOCK_N,
                                             gl.constexpr(BLOCKS[0]))  # fmt: skip
-                    _sync_threads()
-                    dz_s.slice(0, WIDTHS[layer + 1], dim=1).store(dz)
-                    h_s.slice(0, WIDTHS[layer], dim=1).store(h_in)
-                    _sync_threads()
-                    dw = _weight_gradient(dz_s, h_s, WIDTHS[layer], WIDTHS[layer + 1],
-                                          GROUPS[layer], gl.constexpr(GRADS[layer]), BLOCK_N,
-                                          DP)  # fmt: skip
+                    if layer == L - 1 and NARROW_OUT > 0:
+                        dw = _narrow_weight_gradient(dz, h_in, NARROW_OUT, WIDTHS[layer],
+                                                     WIDTHS[L], gl.constexpr(BLOCKS[layer]),
+                                                     gl.constexpr(BLOCKS[L]),
+                                                     gl.constexpr(WEIGHTS[layer]))  # fmt: skip
+                    else:
+                        _sync_threads()
+                        dz_s.slice(0, WIDTHS[layer + 1], dim=1).store(dz)
+                        h_s.slice(0, WIDTHS[layer], dim=1).store(h_in)
+                        _sync_threads()
+                        dw = _weight_gradient(dz_s, h_s, WIDTHS[layer], WIDTHS[layer + 1],
+                                              GROUPS[layer], gl.constexpr(GRADS[layer]),
+                                              BLOCK_N, DP)  # fmt: skip
                     _add_to_partials(grad_prog, dw, db, blk == 0, sizes, layer, DW_AT, DB_AT,
                                      WIDTHS, EXACT, gl.constexpr(WEIGHTS[layer]),
                                      gl.SliceLayout(0, BLOCKS[layer + 1]))  # fmt: skip
-                    # dz back from dz_s, as this thread stored it (registers are dearer)
-                    dz = dz_s.slice(0, WIDTHS[layer + 1], dim=1).load(BLOCKS[layer + 1])
-                if layer > 0 or WANT_DX:
+                    if layer < L - 1 or NARROW_OUT == 0:
+                        # dz back from dz_s, as this thread stored it (registers are dearer)
+                        dz = dz_s.slice(0, WIDTHS[layer + 1], dim=1).load(BLOCKS[layer + 1])
+                if layer == L - 1 and NARROW_OUT > 0 and (layer > 0 or WANT_DX):
+                    g = _narrow_input_gradient(dz, w_ptrs, m, sizes, layer, NARROW_OUT, WIDTHS,
+                                               EXACT, BLOCK_N, WIDTHS[layer], WIDTHS[L],
+                                               gl.constexpr(BLOCKS[layer]),
+                                               gl.constexpr(BLOCKS[L]))  # fmt: skip
+                elif layer > 0 or WANT_DX:
                     w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT,
                                       gl.constexpr(WEIGHTS[layer]))  # fmt: skip
                     _sync_threads()
@@ -445,7 +545,7 @@ def fused_mlp(weights, biases, x, targets, sample_weights, *, hidden_act, output
         BLOCKS=tuple(block_layout(block_n, p) for p in widths),
         GRADS=tuple(g[1] for g in gradients), GROUPS=tuple(g[0] for g in gradients),
         WEIGHTS=tuple(weight_layout(widths[i + 1], widths[i]) for i in range(num_layers)),
-        UNROLL=UNROLL,
+        UNROLL=UNROLL, NARROW_OUT=d_out if d_out <= NARROW_OUTPUT else 0,
     )  # fmt: skip
     grid = (m, splits)
     if interpreted():

@@ -203,8 +203,12 @@ def test_other_precisions_stay_on_tl_dot(gluon_gemm):
 
 # The fused kernel (gluon_fused.py): float32_matmul="gluon" on fused jobs without per-sample
 # norms up to padded width 64.
+# Outputs up to gluon_fused.NARROW_OUTPUT wide take its reductions, wider ones the padded
+# products: each network below has a twin with a wide output layer.
 ODD_SIZES = (5, 13, 7, 3)  # every width padded, to 16
+ODD_WIDE_OUT = (5, 13, 7, 9)
 MIXED_SIZES = (37, 5, 60, 3)  # padded 64, 16, 64, 16: products of every shape pair
+MIXED_WIDE_OUT = (37, 5, 60, 20)  # padded 64, 16, 64, 32
 TARGET_SIZES = (32, 64, 64, 64, 1)  # the benchmark target's network: unpadded widths
 
 
@@ -222,23 +226,54 @@ def gluon_fused_runs(monkeypatch):
     return runs
 
 
+@pytest.mark.parametrize("sizes", [ODD_SIZES, ODD_WIDE_OUT], ids=["narrow_out", "wide_out"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
 @pytest.mark.parametrize("loss", kernels.LOSSES)
 @pytest.mark.parametrize("hidden", kernels.ACTIVATIONS)
 def test_fused_on_gluon_matches_oracle_for_every_activation_and_loss(
-    gluon_fused_runs, hidden, loss, shared
+    gluon_fused_runs, hidden, loss, shared, sizes
 ):
-    tensors = random_job(ODD_SIZES, 3, 37, loss=loss, shared_inputs=shared, seed=3)
-    _check(ODD_SIZES, tensors, hidden=hidden, loss=loss)
+    tensors = random_job(sizes, 3, 37, loss=loss, shared_inputs=shared, seed=3)
+    _check(sizes, tensors, hidden=hidden, loss=loss)
     assert len(gluon_fused_runs) == 1
 
 
+@pytest.mark.parametrize("sizes", [MIXED_SIZES, MIXED_WIDE_OUT], ids=["narrow_out", "wide_out"])
 @pytest.mark.parametrize("output", kernels.ACTIVATIONS)
-def test_fused_on_gluon_output_activations(gluon_fused_runs, output):
-    tensors = random_job(MIXED_SIZES, 2, 17, sample_weights=True, seed=5)
-    _check(MIXED_SIZES, tensors, hidden="leaky_relu", output=output, negative_slope=0.2,
-                 output_slope=0.05, loss="huber", huber_delta=0.3)  # fmt: skip
+def test_fused_on_gluon_output_activations(gluon_fused_runs, output, sizes):
+    tensors = random_job(sizes, 2, 17, sample_weights=True, seed=5)
+    _check(sizes, tensors, hidden="leaky_relu", output=output, negative_slope=0.2,
+           output_slope=0.05, loss="huber", huber_delta=0.3)  # fmt: skip
     assert len(gluon_fused_runs) == 1
+
+
+# Output widths either side of NARROW_OUTPUT (4), single-layer networks (the output layer's
+# input is the job's), and an output padded to 64.
+@pytest.mark.parametrize(
+    "sizes", [(6, 20, 1), (6, 20, 2), (6, 20, 4), (6, 20, 5), (9, 1), (9, 4), (9, 7), (3, 40, 64)]
+)
+def test_fused_on_gluon_output_widths(gluon_fused_runs, sizes):
+    tensors = random_job(sizes, 2, 29, sample_weights=True, seed=sum(sizes))
+    job = ensemble_job(tensors, sizes, hidden="tanh", output="sigmoid", loss="bce_with_logits")
+    job.outputs = kernels.OutputRequest(True, True, True, True)
+    got = engine_tensors(triton_engine.run(job, "cpu", float32_matmul="gluon"))
+    expected = oracle_for(sizes, tensors, hidden="tanh", output="sigmoid",
+                          loss="bce_with_logits").by_name()  # fmt: skip
+    assert "inputs.grad" in got and "outputs" in got
+    for name, value in got.items():
+        assert_close_per_model(name, value, expected[name], "float32")
+    assert len(gluon_fused_runs) == 1
+
+
+def test_fused_on_gluon_narrow_outputs_take_the_reductions(monkeypatch):
+    """With NARROW_OUTPUT 0 a 4-wide output layer runs on the padded products: both ways
+    match the oracle, in different last bits (the reductions add in another order)."""
+    sizes = (6, 20, 4)
+    tensors = random_job(sizes, 2, 29, seed=8)
+    reduced = engine_tensors(_check(sizes, tensors, hidden="gelu"))
+    monkeypatch.setattr(gluon_fused, "NARROW_OUTPUT", 0)
+    products = engine_tensors(_check(sizes, tensors, hidden="gelu"))
+    assert any((reduced[name] != products[name]).any() for name in reduced)
 
 
 @pytest.mark.parametrize("n", [1, 37, 300])
@@ -256,15 +291,19 @@ def test_fused_on_gluon_matches_oracle_for_ensemble_and_sample_counts(
     assert len(gluon_fused_runs) == 1
 
 
+@pytest.mark.parametrize("sizes", [MIXED_SIZES, MIXED_WIDE_OUT, (9, 1)],
+                         ids=["narrow_out", "wide_out", "one_layer"])  # fmt: skip
 @pytest.mark.parametrize("param_grads, input_grads", [(False, True), (True, False), (False, False)])
-def test_fused_on_gluon_computes_only_what_is_asked(gluon_fused_runs, param_grads, input_grads):
-    tensors = random_job(MIXED_SIZES, 2, 21, seed=11)
-    job = ensemble_job(tensors, MIXED_SIZES, hidden="tanh")
+def test_fused_on_gluon_computes_only_what_is_asked(
+    gluon_fused_runs, param_grads, input_grads, sizes
+):
+    tensors = random_job(sizes, 2, 21, seed=11)
+    job = ensemble_job(tensors, sizes, hidden="tanh")
     job.outputs = kernels.OutputRequest(param_grads, input_grads, True, True)
     got = engine_tensors(triton_engine.run(job, "cpu", float32_matmul="gluon"))
     assert ("layers.0.weight.grad" in got) == param_grads
     assert ("inputs.grad" in got) == input_grads
-    expected = oracle_for(MIXED_SIZES, tensors, hidden="tanh").by_name()
+    expected = oracle_for(sizes, tensors, hidden="tanh").by_name()
     for name, value in got.items():
         assert_close_per_model(name, value, expected[name], "float32")
     assert len(gluon_fused_runs) == 1
