@@ -20,6 +20,7 @@ Usage: python bench/kernels_gpu.py [--out FILE] [--no-compile] [--compile-worker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -34,7 +35,7 @@ sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
 from bench.sweep import make_job  # noqa: E402
 from gradserve import kernels  # noqa: E402
-from gradserve.kernels import torch_engine, triton_engine  # noqa: E402
+from gradserve.kernels import gluon_fused, torch_engine, triton_engine  # noqa: E402
 
 CASES = [
     # (M, N, layer_sizes, precision, compare with torch.compile, the engine's path).
@@ -50,6 +51,7 @@ CASES = [
     (1024, 256, (32, 64, 64, 64, 1), "float32", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 gluon", True, "auto"),
+    (1024, 256, (32, 64, 64, 64, 1), "float32 gluon padded", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "tf32", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "bfloat16", True, "auto"),
     (4096, 256, (16, 64, 64, 64, 1), "tf32", False, "auto"),
@@ -77,6 +79,24 @@ CASES = [
     (8192, 64, (16, 32, 32, 1), "float32 gluon", False, "auto"),
 ]
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# "float32 gluon padded": "float32 gluon" with the output layer computed as the products
+# padded to 16 outputs (gluon_fused.NARROW_OUTPUT 0), to time what its reductions save.
+PADDED = " padded"
+
+
+@contextlib.contextmanager
+def row_engine(label: str):
+    """(the job's precision, its float32 method) for a row label, with the Gluon fused
+    kernel's narrow-output reductions off for the whole block where the label says
+    "padded"."""
+    precision, method = precision_and_method(label.removesuffix(PADDED))
+    saved = gluon_fused.NARROW_OUTPUT
+    if label.endswith(PADDED):
+        gluon_fused.NARROW_OUTPUT = 0
+    try:
+        yield precision, method
+    finally:
+        gluon_fused.NARROW_OUTPUT = saved
 
 
 DEVICE = "cuda"  # "cpu" for --cpu-check
@@ -158,12 +178,12 @@ def cpu_check() -> None:
     global DEVICE
     DEVICE = "cpu"
     for m, n, sizes, label, _, path in CASES:
-        precision, method = precision_and_method(label)
-        if precision not in triton_engine.precisions():
-            continue
-        sizes = tuple(130 if w > triton_engine.FUSED_MAX_WIDTH else w for w in sizes)
-        job = make_job(min(m, 2), min(n, 5), sizes, precision, DEVICE)
-        got = triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
+        with row_engine(label) as (precision, method):
+            if precision not in triton_engine.precisions():
+                continue
+            sizes = tuple(130 if w > triton_engine.FUSED_MAX_WIDTH else w for w in sizes)
+            job = make_job(min(m, 2), min(n, 5), sizes, precision, DEVICE)
+            got = triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
         want = torch_engine.run(job, DEVICE)
         peer_times(job, sizes, precision, with_compile=False)  # the peers' code runs too
         pairs = zip(got.weight_grads + [got.loss], want.weight_grads + [want.loss], strict=True)
@@ -205,9 +225,9 @@ def main():
     cases = [case for case in CASES if not labels or case[3] in labels]
     if args.compile_share:  # a child of compile_in_parallel: run its share once, no timing
         for m, n, sizes, label, _, path in share(cases, args.compile_share):
-            precision, method = precision_and_method(label)
-            job = make_job(m, n, sizes, precision, DEVICE)
-            triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
+            with row_engine(label) as (precision, method):
+                job = make_job(m, n, sizes, precision, DEVICE)
+                triton_engine.run(job, DEVICE, float32_matmul=method, path=path)
         torch.cuda.synchronize()
         return
     if args.compile_workers:
@@ -230,13 +250,13 @@ def main():
     ]
     peers = {}  # (M, N, sizes, precision) -> the PyTorch peers' times
     for m, n, sizes, label, with_compile, path in cases:
-        precision, method = precision_and_method(label)
-        job = make_job(m, n, sizes, precision, DEVICE)
-        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        fused = triton_engine.takes_fused(precision, sizes, False, path, method)
-        t_triton = bench(
-            functools.partial(triton_engine.run, job, DEVICE, float32_matmul=method, path=path)
-        )
+        with row_engine(label) as (precision, method):
+            job = make_job(m, n, sizes, precision, DEVICE)
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            fused = triton_engine.takes_fused(precision, sizes, False, path, method)
+            t_triton = bench(
+                functools.partial(triton_engine.run, job, DEVICE, float32_matmul=method, path=path)
+            )
         key = (m, n, sizes, precision)
         if key not in peers:
             peers[key] = peer_times(job, sizes, precision, with_compile and not args.no_compile)
