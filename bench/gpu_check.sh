@@ -23,8 +23,9 @@
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
 # `bash bench/gpu_check.sh gluon` checks float32_matmul="gluon" (kernels/gluon_*.py) against
 # the oracle on the GPU and times the benchmark's IEEE float32 rows on tl.dot and on Gluon,
-# and the target on Gluon with its output layer as padded products ("float32 gluon padded")
-# ($OUT/gluon_tests.log, $OUT/kernels_gpu_gluon.md; within 6 minutes by its steps' limits).
+# and the target on both with the output layer as padded products instead of reductions
+# ("float32 padded", "float32 gluon padded") ($OUT/gluon_tests.log,
+# $OUT/kernels_gpu_gluon.md; within 6 minutes by its steps' limits).
 # `bash bench/gpu_check.sh fma` times IEEE float32 products in a chain of 64-wide layers,
 # Triton's tl.dot against Gluon kernels with larger per-thread tiles (bench/fma_tiles.py:
 # $OUT/fma_tiles.md).
@@ -88,7 +89,8 @@ if [ "${1:-}" = gluon ]; then
     2>&1 | tee "$OUT/gluon_tests.log" | grep -E "FAILED|Error|passed|failed" | tail -20
   tests_status=${PIPESTATUS[0]}
   echo "== IEEE float32 on tl.dot and on Gluon"
-  timeout 200 python3 bench/kernels_gpu.py --labels float32,float32-gluon,float32-gluon-padded \
+  timeout 200 python3 bench/kernels_gpu.py \
+    --labels float32,float32-padded,float32-gluon,float32-gluon-padded \
     --out "$OUT/kernels_gpu_gluon.md" 2>&1 | grep '^|'
   exit "$tests_status"
 fi

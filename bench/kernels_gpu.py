@@ -35,7 +35,7 @@ sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
 from bench.sweep import make_job  # noqa: E402
 from gradserve import kernels  # noqa: E402
-from gradserve.kernels import gluon_fused, torch_engine, triton_engine  # noqa: E402
+from gradserve.kernels import gluon_fused, torch_engine, triton_engine, triton_fused  # noqa: E402
 
 CASES = [
     # (M, N, layer_sizes, precision, compare with torch.compile, the engine's path).
@@ -49,6 +49,7 @@ CASES = [
     # as the fused kernel on an H100, at one job size; tf32 there and small bfloat16 and
     # float32 jobs tell how far that holds.
     (1024, 256, (32, 64, 64, 64, 1), "float32", True, "auto"),
+    (1024, 256, (32, 64, 64, 64, 1), "float32 padded", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 gluon", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 gluon padded", True, "auto"),
@@ -79,24 +80,25 @@ CASES = [
     (8192, 64, (16, 32, 32, 1), "float32 gluon", False, "auto"),
 ]
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-# "float32 gluon padded": "float32 gluon" with the output layer computed as the products
-# padded to 16 outputs (gluon_fused.NARROW_OUTPUT 0), to time what its reductions save.
+# "float32 padded", "float32 gluon padded": IEEE float32 on the fused kernel (tl.dot, or
+# Gluon's) with the output layer computed as the products padded to 16 outputs
+# (triton_fused.NARROW_OUTPUT and gluon_fused.NARROW_OUTPUT 0), to time what the
+# reductions that replace them save.
 PADDED = " padded"
 
 
 @contextlib.contextmanager
 def row_engine(label: str):
-    """(the job's precision, its float32 method) for a row label, with the Gluon fused
-    kernel's narrow-output reductions off for the whole block where the label says
-    "padded"."""
+    """(the job's precision, its float32 method) for a row label, with the fused kernels'
+    narrow-output reductions off for the whole block where the label says "padded"."""
     precision, method = precision_and_method(label.removesuffix(PADDED))
-    saved = gluon_fused.NARROW_OUTPUT
+    saved = triton_fused.NARROW_OUTPUT, gluon_fused.NARROW_OUTPUT
     if label.endswith(PADDED):
-        gluon_fused.NARROW_OUTPUT = 0
+        triton_fused.NARROW_OUTPUT = gluon_fused.NARROW_OUTPUT = 0
     try:
         yield precision, method
     finally:
-        gluon_fused.NARROW_OUTPUT = saved
+        triton_fused.NARROW_OUTPUT, gluon_fused.NARROW_OUTPUT = saved
 
 
 DEVICE = "cuda"  # "cpu" for --cpu-check

@@ -34,6 +34,14 @@ run). They trade memory operations and barriers for registers (and spills).
 The zero padding is harmless: padded weight rows and columns load as 0, so padded features
 never reach a real one, and their gradients are masked off at the store.
 
+In IEEE float32 (products on the FMA units) an output layer of at most NARROW_OUTPUT units (a
+regression head: the benchmark target's is one unit wide) skips the products that would pad
+it to 16 outputs: per unit, the forward pass is a row reduction of h * w_j over the unit's
+inputs, dW_j a column reduction of dz_j * h_in over the block's samples, the input gradient
+the sum of dz_j w_j in unit order (fixed orders: the same bits every run). The padded
+columns stay 0, as the products give them. The tensor-core precisions keep the products: a
+16-wide tile is one small MMA there, and their reductions would run on the FMA units.
+
 Torch twin: torch_engine.forward_loss (same math, autograd for the backward).
 """
 
@@ -63,6 +71,9 @@ NEGATIVE_ZERO_BITS = tl.constexpr(-(2**31))  # -0.0 as an int32 bit pattern (0x8
 # register spills than chunks of 32 at every block size on sm_90 (triton_common._ieee_dot;
 # bench/fused_sweep.py times both).
 FMA_K_CHUNK = 16
+# IEEE float32 output layers up to this many units run as reductions, not padded products
+# (the module docstring); 0 turns them off (bench/kernels_gpu.py's "float32 padded" row).
+NARROW_OUTPUT = 4
 
 
 @triton.jit
@@ -128,6 +139,84 @@ def _layer_bias(b_ptrs, m, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr, EXA
     """Model m's bias of `layer`, zero-padded to [P(layer+1)]."""
     d_out = _width(sizes, layer + 1, WIDTHS, EXACT)
     return _padded_vector(b_ptrs[layer] + m * d_out, sizes, layer, WIDTHS, EXACT)
+
+
+@triton.jit
+def _weight_row(w_ptrs, m, sizes, layer: tl.constexpr, row, WIDTHS: tl.constexpr,
+                EXACT: tl.constexpr):  # fmt: skip
+    """Row `row` of model m's weight of `layer` (output unit `row`'s weights), zero-padded
+    to [P(layer)]."""
+    d_in = _width(sizes, layer, WIDTHS, EXACT)
+    d_out = _width(sizes, layer + 1, WIDTHS, EXACT)
+    cols = tl.arange(0, WIDTHS[layer])
+    at = w_ptrs[layer] + m * (d_out * d_in) + row * d_in + cols
+    return tl.load(at, mask=cols < d_in, other=0.0)
+
+
+@triton.jit
+def _narrow_output(h, w_ptrs, m, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr,
+                   EXACT: tl.constexpr, BLOCK_N: tl.constexpr, P_OUT: tl.constexpr):  # fmt: skip
+    """h @ W^T of the output layer `layer` (at most NARROW_OUTPUT units): per unit, each
+    sample's dot product of its inputs h [BLOCK_N, P(layer)] with the unit's weights, a row
+    reduction; [BLOCK_N, P_OUT], zero past the last unit as the padded product gives it."""
+    cols = tl.arange(0, P_OUT)
+    z = tl.zeros([BLOCK_N, P_OUT], dtype=tl.float32)
+    for j in range(0, _width(sizes, layer + 1, WIDTHS, EXACT)):
+        w_j = _weight_row(w_ptrs, m, sizes, layer, j, WIDTHS, EXACT)
+        z_j = tl.sum(h * w_j[None, :], 1)
+        z = tl.where(cols[None, :] == j, z_j[:, None], z)
+    return z
+
+
+@triton.jit
+def _output_unit_dz(dz, j, P_OUT: tl.constexpr):
+    """Column j of the output layer's dz [BLOCK_N, P_OUT], as [BLOCK_N]."""
+    cols = tl.arange(0, P_OUT)
+    return tl.sum(tl.where(cols[None, :] == j, dz, 0.0), 1)
+
+
+@triton.jit
+def _narrow_weight_gradient(dz, h_in, d_out, P_IN: tl.constexpr, P_OUT: tl.constexpr):
+    """The output layer's weight gradient dz^T @ h_in (as _narrow_output, d_out units):
+    [P_OUT, P_IN], zero past row d_out; row j a column reduction over the block's samples
+    of dz_j * h_in (h_in [BLOCK_N, P_IN], dz [BLOCK_N, P_OUT])."""
+    rows = tl.arange(0, P_OUT)
+    dw = tl.zeros([P_OUT, P_IN], dtype=tl.float32)
+    for j in range(0, d_out):
+        dz_j = _output_unit_dz(dz, j, P_OUT)
+        dw_j = tl.sum(dz_j[:, None] * h_in, 0)
+        dw = tl.where(rows[:, None] == j, dw_j[None, :], dw)
+    return dw
+
+
+@triton.jit
+def _narrow_input_gradient(dz, w_ptrs, m, sizes, layer: tl.constexpr, WIDTHS: tl.constexpr,
+                           EXACT: tl.constexpr, BLOCK_N: tl.constexpr, P_IN: tl.constexpr,
+                           P_OUT: tl.constexpr):  # fmt: skip
+    """dLoss/dh = dz @ W of the output layer `layer` (as _narrow_output): [BLOCK_N, P_IN],
+    the sum of dz_j w_j in unit order."""
+    g = tl.zeros([BLOCK_N, P_IN], dtype=tl.float32)
+    for j in range(0, _width(sizes, layer + 1, WIDTHS, EXACT)):
+        dz_j = _output_unit_dz(dz, j, P_OUT)
+        w_j = _weight_row(w_ptrs, m, sizes, layer, j, WIDTHS, EXACT)
+        g += dz_j[:, None] * w_j[None, :]
+    return g
+
+
+@triton.jit
+def _layer_input_gradient(dz, w_ptrs, m, sizes, layer: tl.constexpr, L: tl.constexpr,
+                          WIDTHS: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PRECISION: tl.constexpr, FMA_K_CHUNK: tl.constexpr,
+                          NARROW_OUT: tl.constexpr):  # fmt: skip
+    """dLoss/d(the input of `layer`) = dz @ W: the product, or a narrow output layer's
+    reductions."""
+    if layer == L - 1 and NARROW_OUT:
+        g = _narrow_input_gradient(dz, w_ptrs, m, sizes, layer, WIDTHS, EXACT, BLOCK_N,
+                                   WIDTHS[layer], WIDTHS[L])  # fmt: skip
+    else:
+        w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
+        g = matmul(dz, w, PRECISION, FMA_K_CHUNK)
+    return g
 
 
 @triton.jit
@@ -265,6 +354,7 @@ def _fused_mlp_kernel(
     RESIDENT: tl.constexpr,  # pre-activations stay in registers, not in the scratch
     CARRY: tl.constexpr,  # parameter gradients summed in registers, stored once at the end
     FMA_K_CHUNK: tl.constexpr,  # IEEE float32 products' K-chunks (triton_common._ieee_dot)
+    NARROW_OUT: tl.constexpr,  # the output layer runs as reductions (narrow_output)
 ):
     # 64-bit per-model offsets: a large ensemble's buffers can exceed 2**31 elements
     m = tl.program_id(0).to(tl.int64)
@@ -313,9 +403,14 @@ def _fused_mlp_kernel(
         # forward: keep each layer's pre-activation for the backward pass
         zs = ()
         for layer in tl.static_range(L):
-            w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
             b = _layer_bias(b_ptrs, m, sizes, layer, WIDTHS, EXACT)
-            z = matmul(h, tl.trans(w), PRECISION, FMA_K_CHUNK) + b[None, :]
+            if layer == L - 1 and NARROW_OUT:
+                z = _narrow_output(h, w_ptrs, m, sizes, layer, WIDTHS, EXACT, BLOCK_N,
+                                   WIDTHS[L])  # fmt: skip
+            else:
+                w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
+                z = matmul(h, tl.trans(w), PRECISION, FMA_K_CHUNK)
+            z += b[None, :]
             if RESIDENT:
                 zs = zs + (z,)
             else:
@@ -374,8 +469,9 @@ def _fused_mlp_kernel(
                 else:
                     sq += tl.sum(dz * dz, 1) * tl.sum(h_in * h_in, 1)
                 if layer > 0 or WANT_DX:
-                    w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
-                    gn = matmul(dz, w, PRECISION, FMA_K_CHUNK)
+                    gn = _layer_input_gradient(dz, w_ptrs, m, sizes, layer, L, WIDTHS, EXACT,
+                                               BLOCK_N, PRECISION, FMA_K_CHUNK,
+                                               NARROW_OUT)  # fmt: skip
             if WANT_DX:
                 dx_offsets = rn[:, None] * d_in + in_cols[None, :]
                 tl.store(dx_model + dx_offsets, gn, mask=x_mask)
@@ -398,7 +494,11 @@ def _fused_mlp_kernel(
                         zs, z_prog, x_model + x_offsets, x_mask, rows, hidden_slope, layer,
                         BLOCK_N, DP, WIDTHS, HIDDEN_ACT, RESIDENT,
                     )  # fmt: skip
-                    dw = matmul(tl.trans(dz), h_in, PRECISION, FMA_K_CHUNK)
+                    if layer == L - 1 and NARROW_OUT:
+                        dw = _narrow_weight_gradient(dz, h_in, d_out, WIDTHS[layer],
+                                                     WIDTHS[L])  # fmt: skip
+                    else:
+                        dw = matmul(tl.trans(dz), h_in, PRECISION, FMA_K_CHUNK)
                     db = tl.sum(dz, 0)
                     # fixed order: this program's blocks, one after another
                     if CARRY:
@@ -413,8 +513,9 @@ def _fused_mlp_kernel(
                         _store_partial_grads(grad_prog, dw, db, sizes, layer, DW_AT, DB_AT,
                                              WIDTHS, EXACT)  # fmt: skip
                 if layer > 0 or (WANT_DX and not NORMS):
-                    w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
-                    g = matmul(dz, w, PRECISION, FMA_K_CHUNK)
+                    g = _layer_input_gradient(dz, w_ptrs, m, sizes, layer, L, WIDTHS, EXACT,
+                                              BLOCK_N, PRECISION, FMA_K_CHUNK,
+                                              NARROW_OUT)  # fmt: skip
                 _stamp(stamps, 2 * L + 2 - layer, PROFILE)
             if WANT_DX and not NORMS:
                 dx_offsets = rn[:, None] * d_in + in_cols[None, :]
@@ -575,6 +676,13 @@ def sample_splits(n: int, block_n: int, m: int, device: torch.device) -> tuple[i
     return triton.cdiv(blocks, per_split), per_split
 
 
+def narrow_output(d_out: int, precision: int) -> bool:
+    """The kernel's NARROW_OUT: whether the output layer runs as reductions (IEEE float32,
+    at most NARROW_OUTPUT units) instead of the padded products. A loop over the units, not
+    the width itself, is compiled in: output widths 1 to NARROW_OUTPUT share one kernel."""
+    return precision == PRECISION_CODES["float32"] and d_out <= NARROW_OUTPUT
+
+
 class GradientLayout(NamedTuple):
     """Where each layer's weight and bias gradient lie in a program's row of partial
     gradients. Laid out for the padded widths, `of(padded_widths(sizes))`: each layer gets
@@ -695,6 +803,7 @@ def fused_mlp(
         WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,
         PROFILE=profile is not None, RESIDENT=config.resident,
         CARRY=config.carry and want_param_grads, FMA_K_CHUNK=config.fma_k_chunk,
+        NARROW_OUT=narrow_output(d_out, precision),
         num_warps=config.num_warps, maxnreg=config.max_registers,
         # No software pipelining of the loop over blocks: a program walks few blocks, and
         # with values carried across them (`carry`) the pipeliner's buffers took more

@@ -11,6 +11,7 @@ import torch
 
 from gradserve import kernels
 from gradserve.kernels import triton_engine
+from tests import per_sample
 from tests.jobs import ensemble_job, random_job
 from tests.oracle import (
     assert_close_per_model,
@@ -28,6 +29,11 @@ WIDE_SIZES = (5, 150, 3)  # a layer wider than 128 takes the per-layer GEMM path
 MIXED_SIZES = (37, 5, 70, 3)
 # Powers of two >= 16 but the output: layers 0 and 1 load without masks, layer 2 with.
 EXACT_SIZES = (32, 16, 32, 3)
+# In IEEE float32 an output layer up to triton_fused.NARROW_OUTPUT (4) units wide runs as
+# reductions, a wider one as the padded products: twins of the networks above with wide
+# output layers keep the products checked in float32.
+ODD_WIDE_OUT = (5, 13, 7, 9)
+MIXED_WIDE_OUT = (37, 5, 70, 20)  # padded 64, 16, 128, 32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -41,12 +47,13 @@ def check(layer_sizes, tensors, precision="float32", path="auto", **options):
     return got
 
 
+@pytest.mark.parametrize("sizes", [ODD_SIZES, ODD_WIDE_OUT], ids=["narrow_out", "wide_out"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
 @pytest.mark.parametrize("loss", kernels.LOSSES)
 @pytest.mark.parametrize("hidden", kernels.ACTIVATIONS)
-def test_fused_matches_oracle_for_every_activation_and_loss(hidden, loss, shared):
-    tensors = random_job(ODD_SIZES, 3, 37, loss=loss, shared_inputs=shared, seed=3)
-    check(ODD_SIZES, tensors, hidden=hidden, loss=loss)
+def test_fused_matches_oracle_for_every_activation_and_loss(hidden, loss, shared, sizes):
+    tensors = random_job(sizes, 3, 37, loss=loss, shared_inputs=shared, seed=3)
+    check(sizes, tensors, hidden=hidden, loss=loss)
 
 
 @pytest.mark.parametrize("n", [1, 37])
@@ -65,10 +72,51 @@ def test_sum_reduction_and_sample_weights(loss):
     check(ODD_SIZES, tensors, hidden="tanh", loss=loss, reduction="sum")
 
 
+@pytest.mark.parametrize("sizes", [(4, 9, 2), (4, 9, 6)], ids=["narrow_out", "wide_out"])
 @pytest.mark.parametrize("output", kernels.ACTIVATIONS)
-def test_output_activations(output):
-    tensors = random_job((4, 9, 2), 2, 17, seed=5)
-    check((4, 9, 2), tensors, hidden="softplus", output=output)
+def test_output_activations(output, sizes):
+    tensors = random_job(sizes, 2, 17, seed=5)
+    check(sizes, tensors, hidden="softplus", output=output)
+
+
+# Output widths either side of NARROW_OUTPUT (4), one-layer networks (the output layer's
+# input is the job's) and an output padded to 64, with every result the kernel computes
+# from the output layer: the forward pass, dW and the input gradient, in the main backward
+# pass and in the per-sample norm pass (against vmap(grad) per-sample gradients in float64).
+@pytest.mark.parametrize(
+    "sizes", [(6, 20, 1), (6, 20, 2), (6, 20, 4), (6, 20, 5), (9, 1), (9, 4), (9, 7), (3, 40, 64)]
+)
+@pytest.mark.parametrize("norms", [False, True], ids=["", "norms"])
+def test_fused_output_widths(sizes, norms):
+    tensors = random_job(sizes, 2, 29, loss="bce_with_logits", sample_weights=True, seed=sum(sizes))
+    options = dict(hidden="tanh", loss="bce_with_logits")
+    job = ensemble_job(tensors, sizes, **options)
+    job.outputs = kernels.OutputRequest(True, True, True, True, norms)
+    got = triton_engine.run(job, DEVICE, path="fused")
+    assert_matches_oracle(engine_tensors(got), oracle_for(sizes, tensors, **options), "float32")
+    assert got.input_grads is not None and got.outputs is not None
+    if norms:  # the norm pass (its own input gradient, from the output layer's reductions)
+        grads = per_sample.per_sample_gradients(tensors, sizes, "tanh", "bce_with_logits", "mean")
+        torch.testing.assert_close(got.per_sample_grad_norm.double().cpu(),
+                                   per_sample.norms(grads), rtol=1e-5, atol=1e-9)  # fmt: skip
+
+
+def test_narrow_outputs_take_the_reductions(monkeypatch):
+    """With NARROW_OUTPUT 0 a 4-wide float32 output layer runs on the padded products: both
+    ways match the oracle, in different last bits (the reductions add in another order)."""
+    from gradserve.kernels import triton_fused
+
+    sizes = (6, 20, 4)
+    tensors = random_job(sizes, 2, 29, seed=8)
+    job = ensemble_job(tensors, sizes, hidden="gelu")
+    job.outputs = kernels.OutputRequest(True, True, True, True)
+    reduced = engine_tensors(triton_engine.run(job, DEVICE, path="fused"))
+    monkeypatch.setattr(triton_fused, "NARROW_OUTPUT", 0)
+    products = engine_tensors(triton_engine.run(job, DEVICE, path="fused"))
+    expected = oracle_for(sizes, tensors, hidden="gelu")
+    assert_matches_oracle(reduced, expected, "float32")
+    assert_matches_oracle(products, expected, "float32")
+    assert any((reduced[name] != products[name]).any() for name in reduced)
 
 
 def test_leaky_relu_slope_and_huber_delta():
@@ -190,15 +238,16 @@ def test_fused_awkward_shapes(sizes, m, n):
     check(sizes, tensors, hidden="softplus", output="sigmoid")
 
 
+@pytest.mark.parametrize("sizes", [ODD_SIZES, ODD_WIDE_OUT], ids=["narrow_out", "wide_out"])
 @pytest.mark.parametrize("param_grads, input_grads", [(False, True), (True, False), (False, False)])
-def test_fused_computes_only_what_is_asked(param_grads, input_grads):
-    tensors = random_job(ODD_SIZES, 2, 21, seed=11)
-    job = ensemble_job(tensors, ODD_SIZES, hidden="tanh")
+def test_fused_computes_only_what_is_asked(param_grads, input_grads, sizes):
+    tensors = random_job(sizes, 2, 21, seed=11)
+    job = ensemble_job(tensors, sizes, hidden="tanh")
     job.outputs = kernels.OutputRequest(param_grads, input_grads, True, True)
     got = engine_tensors(triton_engine.run(job, DEVICE))
     assert ("layers.0.weight.grad" in got) == param_grads
     assert ("inputs.grad" in got) == input_grads
-    ref = oracle_for(ODD_SIZES, tensors, hidden="tanh")
+    ref = oracle_for(sizes, tensors, hidden="tanh")
     for name, value in got.items():
         expected = ref.grads[name] if name in ref.grads else getattr(ref, _ORACLE[name])
         assert_close_per_model(name, value, expected, "float32")
