@@ -23,8 +23,9 @@
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
 # `bash bench/gpu_check.sh gluon` checks float32_matmul="gluon" (kernels/gluon_*.py) against
 # the oracle on the GPU and times the benchmark's IEEE float32 rows on tl.dot and on Gluon,
-# and the target on both with the output layer as padded products instead of reductions
-# ("float32 padded", "float32 gluon padded") ($OUT/gluon_tests.log,
+# and the target on both (and as three tf32 products) with the output layer as padded
+# products instead of reductions ("float32 padded", "float32 gluon padded", "float32
+# tf32x3 padded") ($OUT/gluon_tests.log,
 # $OUT/kernels_gpu_gluon.md; within 6 minutes by its steps' limits).
 # `bash bench/gpu_check.sh fma` times IEEE float32 products in a chain of 64-wide layers,
 # Triton's tl.dot against Gluon kernels with larger per-thread tiles (bench/fma_tiles.py:
@@ -82,15 +83,15 @@ fi
 
 if [ "${1:-}" = gluon ]; then
   # float32_matmul="gluon" alone (150 s + 200 s at most): its kernels against the oracle on the
-  # hardware, where a race between threads would show, then the benchmark's IEEE float32
-  # rows on tl.dot and on Gluon, with their PyTorch peers.
+  # hardware, where a race between threads would show, then the benchmark's float32 rows
+  # (IEEE on tl.dot and on Gluon, three tf32 products), with their PyTorch peers.
   echo "== the Gluon kernels against the oracle on the GPU"
   timeout 150 python3 -m pytest -v -p no:cacheprovider -n 16 -k gluon tests/kernels/test_gpu.py \
     2>&1 | tee "$OUT/gluon_tests.log" | grep -E "FAILED|Error|passed|failed" | tail -20
   tests_status=${PIPESTATUS[0]}
-  echo "== IEEE float32 on tl.dot and on Gluon"
+  echo "== float32: IEEE on tl.dot and on Gluon, three tf32 products"
   timeout 200 python3 bench/kernels_gpu.py \
-    --labels float32,float32-padded,float32-gluon,float32-gluon-padded \
+    --labels float32,float32-padded,float32-gluon,float32-gluon-padded,float32-tf32x3,float32-tf32x3-padded \
     --out "$OUT/kernels_gpu_gluon.md" 2>&1 | grep '^|'
   exit "$tests_status"
 fi

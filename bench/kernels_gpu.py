@@ -51,6 +51,7 @@ CASES = [
     (1024, 256, (32, 64, 64, 64, 1), "float32", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 padded", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3", True, "auto"),
+    (1024, 256, (32, 64, 64, 64, 1), "float32 tf32x3 padded", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 gluon", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "float32 gluon padded", True, "auto"),
     (1024, 256, (32, 64, 64, 64, 1), "tf32", True, "auto"),
@@ -80,8 +81,8 @@ CASES = [
     (8192, 64, (16, 32, 32, 1), "float32 gluon", False, "auto"),
 ]
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-# "float32 padded", "float32 gluon padded": IEEE float32 on the fused kernel (tl.dot, or
-# Gluon's) with the output layer computed as the products padded to 16 outputs
+# "... padded": float32 on the fused kernel (IEEE or three tf32 products on tl.dot, IEEE on
+# Gluon) with the output layer computed as the products padded to 16 outputs
 # (triton_fused.NARROW_OUTPUT and gluon_fused.NARROW_OUTPUT 0), to time what the
 # reductions that replace them save.
 PADDED = " padded"

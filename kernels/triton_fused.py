@@ -34,13 +34,14 @@ run). They trade memory operations and barriers for registers (and spills).
 The zero padding is harmless: padded weight rows and columns load as 0, so padded features
 never reach a real one, and their gradients are masked off at the store.
 
-In IEEE float32 (products on the FMA units) an output layer of at most NARROW_OUTPUT units (a
-regression head: the benchmark target's is one unit wide) skips the products that would pad
-it to 16 outputs: per unit, the forward pass is a row reduction of h * w_j over the unit's
-inputs, dW_j a column reduction of dz_j * h_in over the block's samples, the input gradient
-the sum of dz_j w_j in unit order (fixed orders: the same bits every run). The padded
-columns stay 0, as the products give them. The tensor-core precisions keep the products: a
-16-wide tile is one small MMA there, and their reductions would run on the FMA units.
+In float32 an output layer of at most NARROW_OUTPUT units (a regression head: the benchmark
+target's is one unit wide) skips the products that would pad it to 16 outputs: per unit, the
+forward pass is a row reduction of h * w_j over the unit's inputs, dW_j a column reduction
+of dz_j * h_in over the block's samples, the input gradient the sum of dz_j w_j in unit
+order (fixed orders: the same bits every run), all in IEEE fp32 FMAs. The padded columns
+stay 0, as the products give them. This holds for IEEE float32 (products on the FMA units)
+and for float32 as three tf32 products (each padded product three MMAs and the operands'
+splits); tf32, bfloat16 and float16 keep the products (one small MMA each).
 
 Torch twin: torch_engine.forward_loss (same math, autograd for the backward).
 """
@@ -57,6 +58,7 @@ import triton.language as tl
 from gradserve.kernels.triton_common import (
     LAUNCH_OPTIONS,
     PRECISION_CODES,
+    TF32X3,
     activate,
     activation_grad,
     cycle_counter,
@@ -71,8 +73,8 @@ NEGATIVE_ZERO_BITS = tl.constexpr(-(2**31))  # -0.0 as an int32 bit pattern (0x8
 # register spills than chunks of 32 at every block size on sm_90 (triton_common._ieee_dot;
 # bench/fused_sweep.py times both).
 FMA_K_CHUNK = 16
-# IEEE float32 output layers up to this many units run as reductions, not padded products
-# (the module docstring); 0 turns them off (bench/kernels_gpu.py's "float32 padded" row).
+# float32 output layers up to this many units run as reductions, not padded products (the
+# module docstring); 0 turns them off (bench/kernels_gpu.py's "... padded" rows).
 NARROW_OUTPUT = 4
 
 
@@ -677,10 +679,14 @@ def sample_splits(n: int, block_n: int, m: int, device: torch.device) -> tuple[i
 
 
 def narrow_output(d_out: int, precision: int) -> bool:
-    """The kernel's NARROW_OUT: whether the output layer runs as reductions (IEEE float32,
-    at most NARROW_OUTPUT units) instead of the padded products. A loop over the units, not
-    the width itself, is compiled in: output widths 1 to NARROW_OUTPUT share one kernel."""
-    return precision == PRECISION_CODES["float32"] and d_out <= NARROW_OUTPUT
+    """The kernel's NARROW_OUT: whether the output layer runs as reductions (float32, IEEE
+    or as three tf32 products, at most NARROW_OUTPUT units) instead of the padded products.
+    Compiled for sm_90a at the benchmark target, the reductions issue fewer instructions a
+    block and spill no more in every launch configuration launch_config picks for these
+    precisions (bench/results/ptxas_sm90.md); not yet timed on a GPU (bench/kernels_gpu.py's
+    "padded" rows). A loop over the units, not the width itself, is compiled in: output
+    widths 1 to NARROW_OUTPUT share one kernel."""
+    return precision in (PRECISION_CODES["float32"], TF32X3) and d_out <= NARROW_OUTPUT
 
 
 class GradientLayout(NamedTuple):

@@ -60,7 +60,7 @@ def compile_kernel(kernel, constexprs: dict, types: dict, arch: int) -> int:
 
 def fused_variants():
     # Each variant's NARROW_OUT is the launcher's for this 3-wide output layer: the
-    # reductions in IEEE float32, the padded products otherwise.
+    # reductions in float32 (IEEE and TF32X3), the padded products otherwise.
     for kernel, meta, types in _fused_variants():
         if kernel is triton_fused._fused_mlp_kernel and "NARROW_OUT" not in meta:
             meta = dict(meta, NARROW_OUT=triton_fused.narrow_output(3, meta["PRECISION"]))
@@ -99,9 +99,11 @@ def _fused_variants():
     yield triton_fused._fused_mlp_kernel, x3, types
     # IEEE float32 in K-chunks of 32 (bench/fused_sweep.py times it against the default)
     yield triton_fused._fused_mlp_kernel, dict(x3, PRECISION=PREC["float32"], FMA_K_CHUNK=32), types
-    # IEEE float32 with its output layer as padded products (NARROW_OUTPUT 0), every pass on
-    padded = dict(x3, PRECISION=PREC["float32"], NARROW_OUT=False)
-    yield triton_fused._fused_mlp_kernel, padded, types
+    # float32 (IEEE, three tf32 products) with the output layer as padded products
+    # (NARROW_OUTPUT 0), every pass on
+    for precision in (PREC["float32"], TF32X3):
+        padded = dict(x3, PRECISION=precision, NARROW_OUT=False)
+        yield triton_fused._fused_mlp_kernel, padded, types
     ce = dict(base, LOSS=LOSS["cross_entropy"], PRECISION=PREC["float32"], WANT_PARAM_GRADS=True,
               WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
     yield triton_fused._fused_mlp_kernel, ce, {**types, "t_ptr": "*i64"}

@@ -106,6 +106,7 @@ def test_infinite_operands_give_infinities_not_nan():
     [
         ((32, 64, 64, 64, 1), 3, 64, "relu", "mse"),  # the benchmark target's widths
         ((5, 13, 7, 3), 3, 37, "gelu", "cross_entropy"),  # odd widths
+        ((5, 13, 7, 9), 3, 37, "gelu", "cross_entropy"),  # an output layer on the products
         ((17, 96, 96, 5), 2, 50, "tanh", "huber"),
         ((5, 150, 3), 2, 40, "silu", "mse"),  # a wide layer: the per-layer path
         ((3, 1), 1, 1, "tanh", "mse"),  # M = 1, N = 1

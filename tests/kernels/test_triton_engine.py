@@ -29,7 +29,7 @@ WIDE_SIZES = (5, 150, 3)  # a layer wider than 128 takes the per-layer GEMM path
 MIXED_SIZES = (37, 5, 70, 3)
 # Powers of two >= 16 but the output: layers 0 and 1 load without masks, layer 2 with.
 EXACT_SIZES = (32, 16, 32, 3)
-# In IEEE float32 an output layer up to triton_fused.NARROW_OUTPUT (4) units wide runs as
+# In float32 an output layer up to triton_fused.NARROW_OUTPUT (4) units wide runs as
 # reductions, a wider one as the padded products: twins of the networks above with wide
 # output layers keep the products checked in float32.
 ODD_WIDE_OUT = (5, 13, 7, 9)
@@ -87,12 +87,13 @@ def test_output_activations(output, sizes):
     "sizes", [(6, 20, 1), (6, 20, 2), (6, 20, 4), (6, 20, 5), (9, 1), (9, 4), (9, 7), (3, 40, 64)]
 )
 @pytest.mark.parametrize("norms", [False, True], ids=["", "norms"])
-def test_fused_output_widths(sizes, norms):
+@pytest.mark.parametrize("method", ["ieee", "tf32x3"])
+def test_fused_output_widths(sizes, norms, method):
     tensors = random_job(sizes, 2, 29, loss="bce_with_logits", sample_weights=True, seed=sum(sizes))
     options = dict(hidden="tanh", loss="bce_with_logits")
     job = ensemble_job(tensors, sizes, **options)
     job.outputs = kernels.OutputRequest(True, True, True, True, norms)
-    got = triton_engine.run(job, DEVICE, path="fused")
+    got = triton_engine.run(job, DEVICE, path="fused", float32_matmul=method)
     assert_matches_oracle(engine_tensors(got), oracle_for(sizes, tensors, **options), "float32")
     assert got.input_grads is not None and got.outputs is not None
     if norms:  # the norm pass (its own input gradient, from the output layer's reductions)
@@ -101,7 +102,8 @@ def test_fused_output_widths(sizes, norms):
                                    per_sample.norms(grads), rtol=1e-5, atol=1e-9)  # fmt: skip
 
 
-def test_narrow_outputs_take_the_reductions(monkeypatch):
+@pytest.mark.parametrize("method", ["ieee", "tf32x3"])
+def test_narrow_outputs_take_the_reductions(monkeypatch, method):
     """With NARROW_OUTPUT 0 a 4-wide float32 output layer runs on the padded products: both
     ways match the oracle, in different last bits (the reductions add in another order)."""
     from gradserve.kernels import triton_fused
@@ -110,9 +112,9 @@ def test_narrow_outputs_take_the_reductions(monkeypatch):
     tensors = random_job(sizes, 2, 29, seed=8)
     job = ensemble_job(tensors, sizes, hidden="gelu")
     job.outputs = kernels.OutputRequest(True, True, True, True)
-    reduced = engine_tensors(triton_engine.run(job, DEVICE, path="fused"))
+    reduced = engine_tensors(triton_engine.run(job, DEVICE, path="fused", float32_matmul=method))
     monkeypatch.setattr(triton_fused, "NARROW_OUTPUT", 0)
-    products = engine_tensors(triton_engine.run(job, DEVICE, path="fused"))
+    products = engine_tensors(triton_engine.run(job, DEVICE, path="fused", float32_matmul=method))
     expected = oracle_for(sizes, tensors, hidden="gelu")
     assert_matches_oracle(reduced, expected, "float32")
     assert_matches_oracle(products, expected, "float32")
