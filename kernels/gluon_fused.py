@@ -105,7 +105,7 @@ def _layer_weight(w_ptrs, m, sizes, layer: gl.constexpr, WIDTHS: gl.constexpr,
 
 
 @gluon.jit
-def _weight_row(w_ptrs, m, sizes, layer: gl.constexpr, row: gl.constexpr, WIDTHS: gl.constexpr,
+def _weight_row(w_ptrs, m, sizes, layer: gl.constexpr, row, WIDTHS: gl.constexpr,
                 EXACT: gl.constexpr, LAYOUT: gl.constexpr):  # fmt: skip
     """Row `row` of model m's weight of `layer` (output unit `row`'s weights), zero-padded
     to [P(layer)], in LAYOUT."""
@@ -198,17 +198,16 @@ def _weight_gradient(dz_s, h_s, K: gl.constexpr, Q: gl.constexpr, G: gl.constexp
 
 
 @gluon.jit
-def _narrow_output(h, w_ptrs, m, sizes, layer: gl.constexpr, D: gl.constexpr,
-                   WIDTHS: gl.constexpr, EXACT: gl.constexpr, BLOCK_N: gl.constexpr,
-                   P_OUT: gl.constexpr, IN_LAYOUT: gl.constexpr,
-                   OUT_LAYOUT: gl.constexpr):  # fmt: skip
-    """h @ W^T of the output layer `layer` for D (<= NARROW_OUTPUT) output units: per unit,
-    each sample's dot product of its inputs h [BLOCK_N, P(layer)] (IN_LAYOUT) with the
-    unit's weights, a row reduction; returned as [BLOCK_N, P_OUT] in OUT_LAYOUT, zero past
-    D, as the padded product gives it."""
+def _narrow_output(h, w_ptrs, m, sizes, layer: gl.constexpr, WIDTHS: gl.constexpr,
+                   EXACT: gl.constexpr, BLOCK_N: gl.constexpr, P_OUT: gl.constexpr,
+                   IN_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr):  # fmt: skip
+    """h @ W^T of the output layer `layer` (at most NARROW_OUTPUT units): per unit, each
+    sample's dot product of its inputs h [BLOCK_N, P(layer)] (IN_LAYOUT) with the unit's
+    weights, a row reduction; returned as [BLOCK_N, P_OUT] in OUT_LAYOUT, zero past the
+    last unit, as the padded product gives it."""
     cols = gl.arange(0, P_OUT, layout=gl.SliceLayout(0, OUT_LAYOUT))
     z = gl.zeros([BLOCK_N, P_OUT], gl.float32, OUT_LAYOUT)
-    for j in gl.static_range(D):
+    for j in range(0, _width(sizes, layer + 1, WIDTHS, EXACT)):
         w_j = _weight_row(w_ptrs, m, sizes, layer, j, WIDTHS, EXACT, gl.SliceLayout(0, IN_LAYOUT))
         z_j = gl.convert_layout(gl.sum(h * w_j[None, :], 1), gl.SliceLayout(1, OUT_LAYOUT))
         z = gl.where(cols[None, :] == j, z_j[:, None], z)
@@ -216,7 +215,7 @@ def _narrow_output(h, w_ptrs, m, sizes, layer: gl.constexpr, D: gl.constexpr,
 
 
 @gluon.jit
-def _output_unit_dz(dz, j: gl.constexpr, P_OUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
+def _output_unit_dz(dz, j, P_OUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
                     IN_LAYOUT: gl.constexpr):  # fmt: skip
     """Column j of dz [BLOCK_N, P_OUT] (OUT_LAYOUT), as [BLOCK_N] in IN_LAYOUT's rows."""
     cols = gl.arange(0, P_OUT, layout=gl.SliceLayout(0, OUT_LAYOUT))
@@ -225,16 +224,16 @@ def _output_unit_dz(dz, j: gl.constexpr, P_OUT: gl.constexpr, OUT_LAYOUT: gl.con
 
 
 @gluon.jit
-def _narrow_weight_gradient(dz, h_in, D: gl.constexpr, P_IN: gl.constexpr, P_OUT: gl.constexpr,
+def _narrow_weight_gradient(dz, h_in, d_out, P_IN: gl.constexpr, P_OUT: gl.constexpr,
                             IN_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr,
                             DW_LAYOUT: gl.constexpr):  # fmt: skip
-    """The output layer's weight gradient dz^T @ h_in for D output units (as
-    _narrow_output), [P_OUT, P_IN] in DW_LAYOUT, zero past row D: row j is a column
-    reduction over the block's samples of dz_j * h_in (h_in [BLOCK_N, P_IN] in IN_LAYOUT,
-    dz [BLOCK_N, P_OUT] in OUT_LAYOUT)."""
+    """The output layer's weight gradient dz^T @ h_in (as _narrow_output, d_out units),
+    [P_OUT, P_IN] in DW_LAYOUT, zero past row d_out: row j is a column reduction over the
+    block's samples of dz_j * h_in (h_in [BLOCK_N, P_IN] in IN_LAYOUT, dz [BLOCK_N, P_OUT]
+    in OUT_LAYOUT)."""
     rows = gl.arange(0, P_OUT, layout=gl.SliceLayout(1, DW_LAYOUT))
     dw = gl.zeros([P_OUT, P_IN], gl.float32, DW_LAYOUT)
-    for j in gl.static_range(D):
+    for j in range(0, d_out):
         dz_j = _output_unit_dz(dz, j, P_OUT, OUT_LAYOUT, IN_LAYOUT)
         dw_j = gl.convert_layout(gl.sum(dz_j[:, None] * h_in, 0), gl.SliceLayout(0, DW_LAYOUT))
         dw = gl.where(rows[:, None] == j, dw_j[None, :], dw)
@@ -242,14 +241,14 @@ def _narrow_weight_gradient(dz, h_in, D: gl.constexpr, P_IN: gl.constexpr, P_OUT
 
 
 @gluon.jit
-def _narrow_input_gradient(dz, w_ptrs, m, sizes, layer: gl.constexpr, D: gl.constexpr,
-                           WIDTHS: gl.constexpr, EXACT: gl.constexpr, BLOCK_N: gl.constexpr,
-                           P_IN: gl.constexpr, P_OUT: gl.constexpr, IN_LAYOUT: gl.constexpr,
+def _narrow_input_gradient(dz, w_ptrs, m, sizes, layer: gl.constexpr, WIDTHS: gl.constexpr,
+                           EXACT: gl.constexpr, BLOCK_N: gl.constexpr, P_IN: gl.constexpr,
+                           P_OUT: gl.constexpr, IN_LAYOUT: gl.constexpr,
                            OUT_LAYOUT: gl.constexpr):  # fmt: skip
-    """dLoss/dh = dz @ W of the output layer `layer` for D output units (as
-    _narrow_output): [BLOCK_N, P_IN] in IN_LAYOUT, the sum of dz_j w_j in j order."""
+    """dLoss/dh = dz @ W of the output layer `layer` (as _narrow_output): [BLOCK_N, P_IN]
+    in IN_LAYOUT, the sum of dz_j w_j in unit order."""
     g = gl.zeros([BLOCK_N, P_IN], gl.float32, IN_LAYOUT)
-    for j in gl.static_range(D):
+    for j in range(0, _width(sizes, layer + 1, WIDTHS, EXACT)):
         dz_j = _output_unit_dz(dz, j, P_OUT, OUT_LAYOUT, IN_LAYOUT)
         w_j = _weight_row(w_ptrs, m, sizes, layer, j, WIDTHS, EXACT, gl.SliceLayout(0, IN_LAYOUT))
         g += dz_j[:, None] * w_j[None, :]
@@ -321,7 +320,7 @@ def _fused_fp32_kernel(
     WEIGHTS: gl.constexpr,  # per layer: the layout its [P(i+1), P(i)] weight is loaded and
     # its gradient added to the partials in (spread over every thread, 4 elements at a time)
     UNROLL: gl.constexpr,
-    NARROW_OUT: gl.constexpr,  # the output layer's width where NARROW_OUTPUT takes it, else 0
+    NARROW_OUT: gl.constexpr,  # the output layer runs as reductions (at most NARROW_OUTPUT)
 ):
     m = gl.program_id(0).to(gl.int64)  # 64-bit per-model offsets, as triton_fused's
     s = gl.program_id(1)
@@ -345,9 +344,9 @@ def _fused_fp32_kernel(
 
         # forward: each layer's pre-activation to the scratch for the backward pass
         for layer in gl.static_range(L):
-            if layer == L - 1 and NARROW_OUT > 0:
-                z = _narrow_output(h, w_ptrs, m, sizes, layer, NARROW_OUT, WIDTHS, EXACT,
-                                   BLOCK_N, WIDTHS[L], gl.constexpr(BLOCKS[layer]),
+            if layer == L - 1 and NARROW_OUT:
+                z = _narrow_output(h, w_ptrs, m, sizes, layer, WIDTHS, EXACT, BLOCK_N,
+                                   WIDTHS[L], gl.constexpr(BLOCKS[layer]),
                                    gl.constexpr(BLOCKS[L]))  # fmt: skip
             else:
                 w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT,
@@ -397,8 +396,8 @@ def _fused_fp32_kernel(
                         h_in = _input_block(x_ptr, m, stride_xm, stride_xn, row0, N, sizes,
                                             WIDTHS, EXACT, BLOCK_N,
                                             gl.constexpr(BLOCKS[0]))  # fmt: skip
-                    if layer == L - 1 and NARROW_OUT > 0:
-                        dw = _narrow_weight_gradient(dz, h_in, NARROW_OUT, WIDTHS[layer],
+                    if layer == L - 1 and NARROW_OUT:
+                        dw = _narrow_weight_gradient(dz, h_in, d_out, WIDTHS[layer],
                                                      WIDTHS[L], gl.constexpr(BLOCKS[layer]),
                                                      gl.constexpr(BLOCKS[L]),
                                                      gl.constexpr(WEIGHTS[layer]))  # fmt: skip
@@ -413,12 +412,12 @@ def _fused_fp32_kernel(
                     _add_to_partials(grad_prog, dw, db, blk == 0, sizes, layer, DW_AT, DB_AT,
                                      WIDTHS, EXACT, gl.constexpr(WEIGHTS[layer]),
                                      gl.SliceLayout(0, BLOCKS[layer + 1]))  # fmt: skip
-                    if layer < L - 1 or NARROW_OUT == 0:
+                    if layer < L - 1 or not NARROW_OUT:
                         # dz back from dz_s, as this thread stored it (registers are dearer)
                         dz = dz_s.slice(0, WIDTHS[layer + 1], dim=1).load(BLOCKS[layer + 1])
-                if layer == L - 1 and NARROW_OUT > 0 and (layer > 0 or WANT_DX):
-                    g = _narrow_input_gradient(dz, w_ptrs, m, sizes, layer, NARROW_OUT, WIDTHS,
-                                               EXACT, BLOCK_N, WIDTHS[layer], WIDTHS[L],
+                if layer == L - 1 and NARROW_OUT and (layer > 0 or WANT_DX):
+                    g = _narrow_input_gradient(dz, w_ptrs, m, sizes, layer, WIDTHS, EXACT,
+                                               BLOCK_N, WIDTHS[layer], WIDTHS[L],
                                                gl.constexpr(BLOCKS[layer]),
                                                gl.constexpr(BLOCKS[L]))  # fmt: skip
                 elif layer > 0 or WANT_DX:
@@ -545,7 +544,7 @@ def fused_mlp(weights, biases, x, targets, sample_weights, *, hidden_act, output
         BLOCKS=tuple(block_layout(block_n, p) for p in widths),
         GRADS=tuple(g[1] for g in gradients), GROUPS=tuple(g[0] for g in gradients),
         WEIGHTS=tuple(weight_layout(widths[i + 1], widths[i]) for i in range(num_layers)),
-        UNROLL=UNROLL, NARROW_OUT=d_out if d_out <= NARROW_OUTPUT else 0,
+        UNROLL=UNROLL, NARROW_OUT=d_out <= NARROW_OUTPUT,
     )  # fmt: skip
     grid = (m, splits)
     if interpreted():
