@@ -21,11 +21,11 @@
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
-# `bash bench/gpu_check.sh gluon` checks float32_matmul="gluon" (kernels/gluon_*.py) against
-# the oracle on the GPU and times the benchmark's IEEE float32 rows on tl.dot and on Gluon,
-# and the target on both (and as three tf32 products) with the output layer as padded
-# products instead of reductions ("float32 padded", "float32 gluon padded", "float32
-# tf32x3 padded") ($OUT/gluon_tests.log,
+# `bash bench/gpu_check.sh gluon` checks the float32 kernels (float32_matmul="gluon",
+# kernels/gluon_*.py, and tl.dot's IEEE and three-tf32-product ones) against the oracle on
+# the GPU and times the benchmark's float32 rows on tl.dot and on Gluon, and the target on
+# each with the output layer as padded products instead of reductions ("float32 padded",
+# "float32 gluon padded", "float32 tf32x3 padded") ($OUT/gluon_tests.log,
 # $OUT/kernels_gpu_gluon.md; within 6 minutes by its steps' limits).
 # `bash bench/gpu_check.sh fma` times IEEE float32 products in a chain of 64-wide layers,
 # Triton's tl.dot against Gluon kernels with larger per-thread tiles (bench/fma_tiles.py:
@@ -82,12 +82,14 @@ if [ "${1:-}" = tests ]; then
 fi
 
 if [ "${1:-}" = gluon ]; then
-  # float32_matmul="gluon" alone (150 s + 200 s at most): its kernels against the oracle on the
-  # hardware, where a race between threads would show, then the benchmark's float32 rows
-  # (IEEE on tl.dot and on Gluon, three tf32 products), with their PyTorch peers.
-  echo "== the Gluon kernels against the oracle on the GPU"
-  timeout 150 python3 -m pytest -v -p no:cacheprovider -n 16 -k gluon tests/kernels/test_gpu.py \
-    2>&1 | tee "$OUT/gluon_tests.log" | grep -E "FAILED|Error|passed|failed" | tail -20
+  # float32 alone (150 s + 200 s at most): its kernels against the oracle on the hardware
+  # (Gluon's, where a race between threads would show, and tl.dot's, IEEE and three tf32
+  # products, with their narrow output layers as reductions), then the benchmark's float32
+  # rows (IEEE on tl.dot and on Gluon, three tf32 products), with their PyTorch peers.
+  echo "== the float32 kernels against the oracle on the GPU"
+  timeout 150 python3 -m pytest -v -p no:cacheprovider -n 16 \
+    -k "gluon or float32 or ieee or three_tf32" tests/kernels/test_gpu.py 2>&1 \
+    | tee "$OUT/gluon_tests.log" | grep -E "FAILED|Error|passed|failed" | tail -20
   tests_status=${PIPESTATUS[0]}
   echo "== float32: IEEE on tl.dot and on Gluon, three tf32 products"
   timeout 200 python3 bench/kernels_gpu.py \

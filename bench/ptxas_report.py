@@ -155,11 +155,13 @@ def shared_bytes_per_fma(ops: collections.Counter) -> str:
 
 
 def row(
-    label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES, fma_k_chunk=None
-) -> list:
+    label, config, dp_pass: bool, uniform: bool, chosen, sizes=TARGET_SIZES, fma_k_chunk=None,
+    padded_output: bool = False,
+) -> list:  # fmt: skip
     """`label`: a precision, or "float32 tf32x3" (float32_matmul="tf32x3"); `config` and
     `chosen`: (BLOCK_N, warps, register cap, resident, carry); `fma_k_chunk`: IEEE float32's
-    K-chunks in place of the kernel's own."""
+    K-chunks in place of the kernel's own; `padded_output`: a narrow float32 output layer
+    as the padded products (triton_fused.NARROW_OUTPUT 0), not reductions."""
     block_n, warps, cap, resident, carry = config
     precision, float32_matmul = precision_and_method(label)
     m, n = 4, 256  # M only sets the grid; N = 256 as in the benchmark
@@ -169,12 +171,14 @@ def row(
     widths = triton_fused.padded_widths(sizes)
     if uniform:
         widths = (max(widths),) * len(widths)
-    padded_widths = triton_fused.padded_widths
+    padded_widths, narrow = triton_fused.padded_widths, triton_fused.NARROW_OUTPUT
     triton_fused.padded_widths = lambda sizes: widths
+    if padded_output:
+        triton_fused.NARROW_OUTPUT = 0
     try:
         compiled = compile_through_launcher(job, config, float32_matmul, fma_k_chunk)
     finally:
-        triton_fused.padded_widths = padded_widths
+        triton_fused.padded_widths, triton_fused.NARROW_OUTPUT = padded_widths, narrow
     regs, spills, frame = ptxas_usage(compiled.asm["ptx"])
     ops = sass_mix(compiled.asm["cubin"])
     counts = [count(ops, prefixes) for prefixes in CLASSES.values()]
@@ -182,12 +186,15 @@ def row(
     per_sm = programs_per_sm(int(regs), warps, compiled.metadata.shared)
     if fma_k_chunk:
         label = f"{label} K-chunks of {fma_k_chunk}"
+    if padded_output:
+        label = f"{label}, output layer padded"
     return [label, block_n, warps, cap or "", "registers" if resident else "scratch",
             "registers" if carry else "partials",
             "yes" if dp_pass else "", str(widths), regs, spills, frame,
             compiled.metadata.shared // 1024, per_sm,
             sum(ops.values()), *counts, shared_bytes_per_fma(ops),
-            "yes" if tuple(config) == chosen and not fma_k_chunk else ""]  # fmt: skip
+            "yes" if tuple(config) == chosen and not (fma_k_chunk or padded_output)
+            else ""]  # fmt: skip
 
 
 def other_k_chunks(chosen, wide_chosen) -> list:
@@ -268,6 +275,10 @@ def main() -> None:
         print(rows[-1], flush=True)
         if label == "float32":  # both again with the K-chunks the kernel had before 16
             rows += other_k_chunks(chosen, wide_chosen)
+        if label in ("float32", "float32 tf32x3"):  # the output layer as before reductions
+            for dp_pass in (False, True):
+                rows.append(row(label, chosen, dp_pass, False, chosen, padded_output=True))
+                print(rows[-1], flush=True)
     write_table(
         "ptxas_sm90.md",
         "Fused kernel on sm_90a (H100): registers, spills and SASS from ptxas, no GPU needed",
@@ -297,7 +308,10 @@ def main() -> None:
         f"to the widest) for comparison; and {list(WIDE_SIZES)} (padded widths "
         f"{triton_fused.padded_widths(WIDE_SIZES)}) at launch_config's choice; for IEEE "
         f"float32 both launch choices again with K-chunks of {OTHER_FMA_K_CHUNK} (the "
-        "kernel's before they were 16: LaunchConfig.fma_k_chunk). Triton "
+        "kernel's before they were 16: LaunchConfig.fma_k_chunk); for float32 (IEEE and "
+        "tf32x3) the launch choice again with its one-unit output layer as the products "
+        'padded to 16 outputs ("output layer padded": triton_fused.NARROW_OUTPUT 0) '
+        "instead of reductions. Triton "
         f"{triton.__version__}, sm_90a; ptxas -v of the PTX, nvdisasm of the cubin. "
         "Command: `env -u TRITON_INTERPRET python bench/ptxas_report.py`.\n\n"
         f"## The per-layer path's GEMMs, float32 (IEEE), {list(WIDE_SIZES)}, N=256\n\n"
