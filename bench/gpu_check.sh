@@ -88,7 +88,7 @@ if [ "${1:-}" = gluon ]; then
   # rows (IEEE on tl.dot and on Gluon, three tf32 products), with their PyTorch peers.
   echo "== the float32 kernels against the oracle on the GPU"
   timeout 150 python3 -m pytest -v -p no:cacheprovider -n 16 \
-    -k "gluon or float32 or ieee or three_tf32" tests/kernels/test_gpu.py 2>&1 \
+    -k "gluon or float32 or three_tf32 or deterministic" tests/kernels/test_gpu.py 2>&1 \
     | tee "$OUT/gluon_tests.log" | grep -E "FAILED|Error|passed|failed" | tail -20
   tests_status=${PIPESTATUS[0]}
   echo "== float32: IEEE on tl.dot and on Gluon, three tf32 products"

@@ -157,3 +157,33 @@ def test_fma_tile_benchmark_checks_its_rows_on_the_cpu():
     lines = cpu_check_output("fma_tiles.py")
     assert sum(line.startswith("| tl.dot |") and "(right)" in line for line in lines) == 4
     assert sum(line.startswith("| gluon |") and "(right)" in line for line in lines) == 6
+
+
+def test_gpu_check_asks_for_rows_and_tests_that_exist():
+    """bench/gpu_check.sh names benchmark rows (--labels) and GPU tests (-k) by text, which
+    only a GPU call would find misspelt: every label is a row of bench/kernels_gpu.py, and
+    the float32 check's selection holds the Gluon kernels' tests and tl.dot's float32
+    ones at the benchmark target (its narrow output layer's reductions)."""
+    import re
+
+    from bench import kernels_gpu
+
+    with open(os.path.join(ROOT, "bench", "gpu_check.sh")) as f:
+        script = f.read()
+    labels = [label for found in re.findall(r"--labels ([\w,-]+)", script)
+              for label in found.split(",")]  # fmt: skip
+    assert labels
+    rows = {case[3] for case in kernels_gpu.CASES}
+    assert {label.replace("-", " ") for label in labels} <= rows
+    (selection,) = re.findall(r'-k "([^"]+)" tests/kernels/test_gpu.py', script)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "-k", selection, os.path.join(ROOT, "tests", "kernels", "test_gpu.py")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:]
+    chosen = done.stdout
+    assert "test_fused_float32_on_the_gluon_kernel" in chosen
+    assert "test_triton_engine_every_precision[24-256-sizes0-float32]" in chosen
+    assert "test_triton_float32_as_three_tf32_products[24-256-sizes0]" in chosen
+    assert "bfloat16" not in chosen  # the other precisions are the full check's
