@@ -405,14 +405,14 @@ def _fused_mlp_kernel(
         # forward: keep each layer's pre-activation for the backward pass
         zs = ()
         for layer in tl.static_range(L):
-            b = _layer_bias(b_ptrs, m, sizes, layer, WIDTHS, EXACT)
             if layer == L - 1 and NARROW_OUT:
+                b = _layer_bias(b_ptrs, m, sizes, layer, WIDTHS, EXACT)
                 z = _narrow_output(h, w_ptrs, m, sizes, layer, WIDTHS, EXACT, BLOCK_N,
-                                   WIDTHS[L])  # fmt: skip
+                                   WIDTHS[L]) + b[None, :]  # fmt: skip
             else:
                 w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT)
-                z = matmul(h, tl.trans(w), PRECISION, FMA_K_CHUNK)
-            z += b[None, :]
+                b = _layer_bias(b_ptrs, m, sizes, layer, WIDTHS, EXACT)
+                z = matmul(h, tl.trans(w), PRECISION, FMA_K_CHUNK) + b[None, :]
             if RESIDENT:
                 zs = zs + (z,)
             else:
