@@ -174,9 +174,10 @@ def test_paths_the_job_cannot_take_are_refused():
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
 @pytest.mark.parametrize("n", [1, 70])  # 70: three blocks of 32 samples in one program
-def test_fused_layers_padded_to_different_widths(n, shared):
-    tensors = random_job(MIXED_SIZES, 2, n, shared_inputs=shared, sample_weights=True, seed=n)
-    check(MIXED_SIZES, tensors, path="fused", hidden="sigmoid", output="softplus", loss="huber")
+@pytest.mark.parametrize("sizes", [MIXED_SIZES, MIXED_WIDE_OUT], ids=["narrow_out", "wide_out"])
+def test_fused_layers_padded_to_different_widths(n, shared, sizes):
+    tensors = random_job(sizes, 2, n, shared_inputs=shared, sample_weights=True, seed=n)
+    check(sizes, tensors, path="fused", hidden="sigmoid", output="softplus", loss="huber")
 
 
 @pytest.mark.parametrize("n", [1, 70])  # 70: three blocks of 32 samples in one program
@@ -273,8 +274,9 @@ def test_samples_split_across_programs_reduce_to_the_oracle(monkeypatch):
         return triton_fused.triton.cdiv(n, block_n), 1
 
     monkeypatch.setattr(triton_fused, "sample_splits", one_block_per_program)
-    tensors = random_job(MIXED_SIZES, 2, 70, sample_weights=True, seed=12)  # 3 blocks of 32
-    check(MIXED_SIZES, tensors, path="fused", hidden="gelu", loss="mse")
+    for sizes in (MIXED_SIZES, MIXED_WIDE_OUT):
+        tensors = random_job(sizes, 2, 70, sample_weights=True, seed=12)  # 3 blocks of 32
+        check(sizes, tensors, path="fused", hidden="gelu", loss="mse")
 
 
 def test_partial_gradients_are_summed_in_order_over_the_gradients_only():
