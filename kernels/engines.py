@@ -6,7 +6,7 @@ import torch
 
 from gradserve.kernels import torch_engine
 from gradserve.kernels.spec import EnsembleJob, EnsembleResult
-from gradserve.kernels.triton_engine import FUSED_MAX_WIDTH, fits_int32_offsets
+from gradserve.kernels.triton_engine import FLOAT32_MATMUL, FUSED_MAX_WIDTH, fits_int32_offsets
 
 # Under `auto`, IEEE float32 jobs with a layer wider than this run on the torch engine: on
 # an H100 the Triton kernels (FMA units, no tensor cores) at best matched torch at widths
@@ -19,7 +19,7 @@ AUTO_TRITON_MAX_FLOAT32_WIDTH = 64
 
 # How the Triton engine multiplies float32 jobs (triton_engine.FLOAT32_MATMULS): the
 # server's --float32-matmul, for every job of the process.
-_float32_matmul = "ieee"
+_float32_matmul = FLOAT32_MATMUL
 
 
 def set_float32_matmul(method: str) -> None:

@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
-from gradserve.kernels.triton_engine import FLOAT32_MATMULS, gluon_available
+from gradserve.kernels.triton_engine import FLOAT32_MATMUL, FLOAT32_MATMULS, gluon_available
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -79,7 +79,7 @@ class ServerConfig:
     # recently used first, at start and whenever the compiled kernels are dropped.
     max_kernel_cache_bytes: int = 1 * GiB
     # How the Triton engine multiplies float32 jobs (kernels.triton_engine.FLOAT32_MATMULS).
-    float32_matmul: str = "ieee"
+    float32_matmul: str = FLOAT32_MATMUL
     log_level: str = "INFO"
 
     @property
