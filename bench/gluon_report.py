@@ -43,7 +43,8 @@ TARGET_SIZES = (32, 64, 64, 64, 1)
 PADDED_SIZES = (37, 5, 60, 3)
 HEADER = ["kernel", "job or product", "tiles / block", "warps", "registers",
           "spill stores / loads (B)", "shared memory (KB)", "programs per SM",
-          "SASS instructions", "FFMA", "FFMA share", "shared B loaded per FMA"]  # fmt: skip
+          "SASS instructions", "barriers", "FFMA", "FFMA share",
+          "shared B loaded per FMA"]  # fmt: skip
 
 
 class _CompileOnly:
@@ -73,10 +74,11 @@ def _cells(binary, warps: int, per_fma: bool = True) -> list:
     shared = binary.metadata.shared
     per_sm = programs_per_sm(int(regs), warps, shared)
     instructions, ffma = sum(ops.values()), count(ops, ("FFMA",))
+    cells = [warps, int(regs), spills, round(shared / 1024), per_sm, instructions,
+             count(ops, ("BAR",))]  # fmt: skip
     if not per_fma:
-        return [warps, int(regs), spills, round(shared / 1024), per_sm, instructions, "", "", ""]
-    return [warps, int(regs), spills, round(shared / 1024), per_sm, instructions, ffma,
-            f"{100 * ffma / instructions:.0f}%", shared_bytes_per_fma(ops)]  # fmt: skip
+        return cells + ["", "", ""]
+    return cells + [ffma, f"{100 * ffma / instructions:.0f}%", shared_bytes_per_fma(ops)]
 
 
 def gemm_rows(batch: int = 2, n: int = 256, width: int = 1024) -> list:

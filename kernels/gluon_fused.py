@@ -18,14 +18,14 @@ Each product is a sum of rank-1 updates read from shared memory:
 - dW = dz^T @ h: the [Q, K] gradient reduces over the block's samples, whose 64 x 64
   outputs at 8x8 a thread occupy only 64 threads: the program's threads form G groups
   (GROUPS), group g adds samples g, g + G, g + 2G, ... ([G, Q, K] sums), and the G sums
-  are added at the end (a fixed order: the same bits every run).
+  are added at the end, through shared memory, in group order (the same bits every run).
 An output layer of at most NARROW_OUTPUT units (a regression head: the benchmark target's
 is one unit wide) skips these products, which would pad it to 16 outputs: per unit, the
 forward pass is a row reduction over its inputs, dW a column reduction over the block's
 samples (fixed orders too), the input gradient an outer product.
 Shared memory: a_s (a block transposed; for dW the same memory holds the layer's input
-row-major, h_s), w_s and dz_s, 80 KB at 128 samples and width 64; with what the compiler
-adds for its reductions, two programs of 4 warps fit an SM, as their 255 registers do
+row-major, h_s, then the groups' sums), w_s and dz_s, 80 KB at 128 samples and width 64:
+two programs of 4 warps fit an SM, as their registers (211 at the target, triton 3.6) do
 (bench/results/gluon_sm90.md). Layouts are computed by the launcher per width
 (`block_layout`, `gradient_layout`, `weight_layout`). A thread reads back from the scratch
 only what it stored there (same layout both ways), so the scratch needs no barrier; shared
@@ -62,6 +62,7 @@ UNROLL = 4  # rank-1 updates per loop iteration (every padded width is a multipl
 # padded products, 9% of its block's FMAs (a static count: not timed).
 NARROW_OUTPUT = 4
 ROW_MAJOR = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+ROW_MAJOR_3D = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
 
 
 # A view of shared memory as buffers to index at run time (shared_memory_descriptor.index
@@ -182,10 +183,17 @@ def _row_product(a_s, w_s, K: gl.constexpr, Q: gl.constexpr, LAYOUT: gl.constexp
 
 @gluon.jit
 def _weight_gradient(dz_s, h_s, K: gl.constexpr, Q: gl.constexpr, G: gl.constexpr,
-                     LAYOUT: gl.constexpr, BLOCK_N: gl.constexpr, DP: gl.constexpr):  # fmt: skip
-    """[Q, K] = dz^T @ h over the block's samples, dz and h row-major in dz_s and h_s: G
-    groups of threads each sum every G-th sample ([G, Q, K] in LAYOUT), then the groups'
-    sums are added."""
+                     LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr, BLOCK_N: gl.constexpr,
+                     DP: gl.constexpr):  # fmt: skip
+    """[Q, K] = dz^T @ h over the block's samples, dz and h row-major in dz_s and h_s, in
+    OUT_LAYOUT: G groups of threads each sum every G-th sample ([G, Q, K] in LAYOUT), then
+    the groups' sums are added in group order, through h_s (free once the sums are made;
+    the launcher keeps G * Q * K within it). Not gl.sum over the groups: across warps the
+    compiler reduces through a 2 KB scratch, a [2, 64, 64] sum in 32 rounds of two barriers
+    (at the benchmark target on sm_90a, triton 3.9: 189 of the kernel's 230 barriers).
+    Adding the sums here instead took the kernel at the target from 6808 SASS instructions
+    to 5200, 255 registers and 12 B of spills to 211 and none, 112 KB of shared memory to
+    81 (triton 3.6, bench/results/gluon_sm90.md)."""
     # [j, g]: sample j * G + g
     dz_g = _as_buffers(dz_s, [BLOCK_N // G, G, DP], ROW_MAJOR)
     h_g = _as_buffers(h_s, [BLOCK_N // G, G, DP], ROW_MAJOR)
@@ -194,7 +202,20 @@ def _weight_gradient(dz_s, h_s, K: gl.constexpr, Q: gl.constexpr, G: gl.constexp
         dz = dz_g.index(j).slice(0, Q, dim=1).load(gl.SliceLayout(2, LAYOUT))
         h = h_g.index(j).slice(0, K, dim=1).load(gl.SliceLayout(1, LAYOUT))
         acc += dz[:, :, None] * h[:, None, :]
-    return gl.sum(acc, 0)
+    if G == 1:
+        dw = gl.convert_layout(gl.sum(acc, 0), OUT_LAYOUT)
+    else:
+        # h_s as [Q, K] buffers, viewed whole (to store the [G, Q, K] sums) and by buffer
+        sums_shape: gl.constexpr = [BLOCK_N * DP // (Q * K), Q, K]
+        sums = _as_buffers(h_s, sums_shape, ROW_MAJOR_3D)
+        buffers = _as_buffers(h_s, sums_shape, ROW_MAJOR)
+        _sync_threads()  # every thread is done reading h_s
+        sums.slice(0, G).store(acc)
+        _sync_threads()
+        dw = buffers.index(0).load(OUT_LAYOUT)
+        for g in gl.static_range(1, G):
+            dw += buffers.index(g).load(OUT_LAYOUT)
+    return dw
 
 
 @gluon.jit
@@ -408,7 +429,8 @@ def _fused_fp32_kernel(
                         _sync_threads()
                         dw = _weight_gradient(dz_s, h_s, WIDTHS[layer], WIDTHS[layer + 1],
                                               GROUPS[layer], gl.constexpr(GRADS[layer]),
-                                              BLOCK_N, DP)  # fmt: skip
+                                              gl.constexpr(WEIGHTS[layer]), BLOCK_N,
+                                              DP)  # fmt: skip
                     _add_to_partials(grad_prog, dw, db, blk == 0, sizes, layer, DW_AT, DB_AT,
                                      WIDTHS, EXACT, gl.constexpr(WEIGHTS[layer]),
                                      gl.SliceLayout(0, BLOCKS[layer + 1]))  # fmt: skip
@@ -466,13 +488,17 @@ def block_layout(block_n: int, width: int, warps: int = NUM_WARPS) -> gl.Blocked
     return _blocked([block_n, width], _tile(block_n, width, 32 * warps), warps)
 
 
-def gradient_layout(d_out: int, d_in: int, block_n: int, warps: int = NUM_WARPS):
+def gradient_layout(d_out: int, d_in: int, block_n: int, capacity: int,
+                    warps: int = NUM_WARPS):  # fmt: skip
     """(G, the layout of [G, d_out, d_in] weight-gradient sums): d_out x d_in outputs at
-    up to 8x8 a thread, in as many groups of threads as the rest of the threads make."""
+    up to 8x8 a thread, in as many groups of threads as the rest of the threads make and
+    as many [d_out, d_in] sums as `capacity` floats hold (the shared memory they are added
+    in; with fewer groups, smaller tiles keep every thread busy)."""
     threads = 32 * warps
     tile = _tile(d_out, d_in, 1)
     groups = max(1, min(block_n, threads // ((d_out // tile[0]) * (d_in // tile[1]))))
-    groups = 1 << int(math.log2(groups))
+    groups = 1 << int(math.log2(min(groups, max(1, capacity // (d_out * d_in)))))
+    tile = _tile(d_out, d_in, threads // groups)
     return groups, _blocked([groups, d_out, d_in], [1, *tile], warps)
 
 
@@ -525,7 +551,9 @@ def fused_mlp(weights, biases, x, targets, sample_weights, *, hidden_act, output
     shared_t = targets.dim() == (1 if loss == 4 else 2)
     sw = sample_weights if sample_weights is not None else unused
     shared_w = sample_weights is not None and sample_weights.dim() == 1
-    gradients = [gradient_layout(widths[i + 1], widths[i], block_n) for i in range(num_layers)]
+    gradients = [
+        gradient_layout(widths[i + 1], widths[i], block_n, dp * block_n) for i in range(num_layers)
+    ]
 
     args = (
         x, tuple(weights), tuple(biases), targets, sw, partials, dx, per, y, scratch,
