@@ -6,9 +6,13 @@ What it checks: the kernel's arithmetic, indexing, masks and its use of shared m
 memory (a slice loaded after a store reads what was stored). What it cannot: layouts only
 say how a GPU spreads a tensor over its threads, so they are carried and checked for
 agreement where Gluon checks them, and otherwise ignored; barriers are no-ops, because one
-program runs at a time, so a missing barrier (a race between a program's threads) does not
-show here. Those are checked where the kernel compiles (sm_90 compiles in the tests) and
-on a GPU.
+program runs at a time, so a missing barrier (a race between a program's threads) would
+not show here. In compiled code there is none to miss: the compiler's shared-memory
+barrier analysis (membar) puts a barrier wherever a thread may read or overwrite what
+another stored, in Gluon kernels as in Triton's (for sm_90a, the fused kernel at the
+benchmark target compiles to 38 barriers without its own and 41 with them on triton 3.9,
+34 and 37 on 3.6), so the kernels' barriers say where threads meet rather than make it
+so. A GPU checks the rest.
 
 Built on Triton's interpreter (its numpy builder and argument handling), with the Gluon
 operations it lacks added: shared-memory allocations are numpy arrays, loads and stores of
