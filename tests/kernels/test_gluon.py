@@ -3,6 +3,8 @@ the runner itself, the IEEE float32 batched GEMM (gluon_matmul.py) against float
 and float32_matmul="gluon" through the engine (the per-layer path on that GEMM, fused jobs
 on gluon_fused.py) against the float64 oracle."""
 
+import math
+
 import pytest
 import torch
 
@@ -274,6 +276,28 @@ def test_fused_on_gluon_narrow_outputs_take_the_reductions(monkeypatch):
     monkeypatch.setattr(gluon_fused, "NARROW_OUTPUT", 0)
     products = engine_tensors(_check(sizes, tensors, hidden="gelu"))
     assert any((reduced[name] != products[name]).any() for name in reduced)
+
+
+@pytest.mark.parametrize("block_n", [16, 32, 64, 128])
+def test_weight_gradient_groups_fit_their_shared_memory_and_use_every_thread(block_n):
+    """gradient_layout: more than one group's [Q, K] sums fit the layer input's shared
+    memory (DP x block_n floats), where they are added (one group adds nothing across
+    threads), and every thread holds its own outputs (no layout dimension wider than the
+    tensor, which would give threads copies)."""
+    widths = [16, 32, 64]
+    for q, k, dp in [(q, k, dp) for q in widths for k in widths for dp in widths]:
+        if dp < max(q, k):
+            continue
+        groups, layout = gluon_fused.gradient_layout(q, k, block_n, dp * block_n)
+        assert 1 <= groups <= block_n, (q, k, dp)
+        assert groups == 1 or groups * q * k <= dp * block_n, (q, k, dp)
+        shape = [groups, q, k]
+        for d in range(3):
+            covered = (layout.size_per_thread[d] * layout.threads_per_warp[d]
+                       * layout.warps_per_cta[d])  # fmt: skip
+            assert covered <= shape[d], (q, k, dp, layout)
+        assert math.prod(layout.threads_per_warp) == 32
+        assert math.prod(layout.warps_per_cta) == gluon_fused.NUM_WARPS
 
 
 @pytest.mark.parametrize("n", [1, 37, 300])
