@@ -310,14 +310,17 @@ def test_gluon_gemm_at_scale_within_the_float32_bound(layouts):
 
 @pytest.mark.parametrize("hidden, loss", ACTIVATION_LOSS_PAIRS[:4])
 @pytest.mark.parametrize(
-    "m, n, sizes", [SHAPES[0], (8, 1000, (37, 5, 60, 3)), (3, 100, (16, 64, 64, 10))]
+    "m, n, sizes",
+    [SHAPES[0], (8, 1000, (37, 5, 60, 3)), (3, 100, (16, 64, 64, 10)), (5, 9, (32, 64, 64, 64, 1))],
 )
 def test_fused_float32_on_the_gluon_kernel(m, n, sizes, hidden, loss):
     """The Gluon fused kernel (kernels/gluon_fused.py, float32_matmul="gluon"): checked on
     CPUs by gluon_cpu, which runs a program's threads as one and so cannot see a race
     between them; here on the hardware against the oracle: the benchmark target, every
     width padded (1000 samples: 8 blocks of 128, split across programs; both with narrow
-    output layers, as reductions), a small job whose output layer takes the products."""
+    output layers, as reductions), a small job whose output layer takes the products, and
+    the target's network on 9 samples (blocks of 16: one group of threads a weight
+    gradient, where the others add their groups' sums through shared memory)."""
     pytest.importorskip("triton.experimental.gluon")
     tensors = random_job(sizes, m, n, loss=loss, sample_weights=True, seed=n)
     check(triton_engine, sizes, tensors, "float32", {"float32_matmul": "gluon"},
