@@ -5,12 +5,13 @@ outputs of each product (kernels/gluon_fused.py, kernels/gluon_matmul.py), to lo
 byte of shared memory per FMA where Triton's tl.dot loads 1.4 to 2.3 (an H100 SM returns
 128 bytes of shared memory a clock against 128 FMAs). This compiles them through their
 launchers, as on a GPU, and reports registers and spills (ptxas -v), shared memory,
-programs per SM, and from the SASS (nvdisasm) the FFMAs' share of the instructions and
-the shared-memory bytes loaded per FFMA (bench/ptxas_report.py's measure). The Gluon
-fused kernel's products loop over K (the Triton kernel's are unrolled), so its static
-counts are not a block's work and those columns are left blank for both fused kernels; the
-Gluon kernel's product loops load 1.00 byte per FMA (4 rank-1 updates an iteration: 256
-FFMA, 16 LDS.128), and bench/results/ptxas_sm90.md has the Triton kernel's mix.
+programs per SM, and from the SASS (nvdisasm) the barriers, the FFMAs' share of the
+instructions and the shared-memory bytes loaded per FFMA (bench/ptxas_report.py's
+measure). The Gluon fused kernel's products loop over K (the Triton kernel's are
+unrolled), so its static counts are not a block's work and those columns are left blank
+for both fused kernels; the Gluon kernel's product loops load 1.00 byte per FMA (4 rank-1
+updates an iteration: 256 FFMA, 16 LDS.128), and bench/results/ptxas_sm90.md has the
+Triton kernel's mix.
 None of it is a time: `bash bench/gpu_check.sh` times float32_matmul="gluon".
 
   env -u TRITON_INTERPRET python bench/gluon_report.py    (bench/results/gluon_sm90.md)
