@@ -684,8 +684,8 @@ def narrow_output(d_out: int, precision: int) -> bool:
     Compiled for sm_90a at the benchmark target in launch_config's blocks, the reductions
     issue fewer instructions a block, and with triton 3.6 (the GPU image's) spill no more
     (bench/results/ptxas_sm90.md); not yet timed on a GPU (bench/kernels_gpu.py's "padded"
-    rows). A loop over the units, not
-    the width itself, is compiled in: output widths 1 to NARROW_OUTPUT share one kernel."""
+    rows). A loop over the units, not the width itself, is compiled in: output widths 1 to
+    NARROW_OUTPUT share one kernel."""
     return precision in (PRECISION_CODES["float32"], TF32X3) and d_out <= NARROW_OUTPUT
 
 
