@@ -155,9 +155,9 @@ def main() -> None:
         f"Triton {triton.__version__}, sm_90a; ptxas -v of the PTX, nvdisasm of the cubin, "
         "compiled through the kernels' launchers (the arguments specialised as on a GPU). "
         "Programs per SM: what registers (64K) and shared memory (227 KB) allow. FFMA share: "
-        "of the SASS instructions (the GEMM's K loop counted once). Shared B loaded per FMA: "
-        "over the whole kernel. Fused kernels: see the script's docstring. Command: "
-        "`env -u TRITON_INTERPRET python bench/gluon_report.py`.",
+        "of the SASS instructions (the GEMM's K loop, two K steps, counted once). Shared B "
+        "loaded per FMA: over the whole kernel. Fused kernels: see the script's docstring. "
+        "Command: `env -u TRITON_INTERPRET python bench/gluon_report.py`.",
     )
 
 

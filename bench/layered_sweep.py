@@ -60,14 +60,15 @@ CONFIGS = [
     ("tl.dot", 128, 128, 32, 4, 3),
     ("tl.dot", 256, 128, 32, 8, 3),
 ]
-# ("gluon", BLOCK_P, BLOCK_Q, BLOCK_K, warps, register cap): the Gluon GEMM, IEEE float32
-# only. Its large tiles first (gluon_matmul.LARGE_TILES: 130-141 registers on sm_90, so
-# one 8-warp program per SM); capped at 128 registers, two programs an SM fit (8-28 B of
-# spills); K steps of 8 and 32; half tiles with 4 warps (more programs, the same bytes per
-# FMA).
+# ("gluon", BLOCK_P, BLOCK_Q, BLOCK_K, warps, options): the Gluon GEMM, IEEE float32 only.
+# Its large tiles first (gluon_matmul.LARGE_TILES: 129-143 registers on sm_90, so one
+# 8-warp program per SM, two copies of the tiles in shared memory: one barrier a K step);
+# the tiles in one copy (two barriers a step); capped at 128 registers, two programs an SM
+# fit; K steps of 8 and 32; half tiles with 4 warps (more programs, the same bytes per FMA).
 GLUON_CONFIGS = [
     ("gluon", 128, 128, 16, 8, None),
-    ("gluon", 128, 128, 16, 8, 128),
+    ("gluon", 128, 128, 16, 8, {"buffers": 1}),
+    ("gluon", 128, 128, 16, 8, {"maxnreg": 128}),
     ("gluon", 128, 128, 8, 8, None),
     ("gluon", 128, 128, 32, 8, None),
     ("gluon", 128, 64, 16, 4, None),
@@ -87,8 +88,8 @@ def tiles_of(config):
     large = dict(BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=warps)
     if kernel == "tl.dot":
         large["num_stages"] = last
-    elif last is not None:
-        large["maxnreg"] = last
+    else:
+        large.update(last or {})
 
     def tiles(p, q, device):
         return dict(large if triton_layered.takes_large_tiles(p, q) else small)
@@ -107,6 +108,13 @@ def run_with(job, device, config, float32_matmul="ieee"):
         return triton_engine.run(job, device, float32_matmul="gluon" if gluon else float32_matmul)
     finally:
         setattr(owner, name, fixed)
+
+
+def _cell(value) -> str:
+    """A config's value as a table cell: options as `name value`."""
+    if isinstance(value, dict):
+        return ", ".join(f"{name} {v}" for name, v in value.items())
+    return "" if value is None else str(value)
 
 
 def configs_of(label: str) -> list:
@@ -138,7 +146,7 @@ def main():
         + (" of triton.testing.do_bench." if device.type == "cuda" else " (interpreter)."),
         "",
         "| precision | kernel | BLOCK_P | BLOCK_Q | BLOCK_K | warps | stages (tl.dot) or "
-        "register cap (gluon) | triton ms | vs fixed | vs eager | max grad difference vs "
+        "options (gluon) | triton ms | vs fixed | vs eager | max grad difference vs "
         "fixed | the fixed shape |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -153,7 +161,7 @@ def main():
         worst = max(worst, sweep.time_configurations(
             label, configs_of(label),
             lambda config, job=job, f=method: run_with(job, device, config, f),
-            lambda config: " | ".join("" if v is None else str(v) for v in config), FIXED, fixed,
+            lambda config: " | ".join(_cell(v) for v in config), FIXED, fixed,
             t_fixed, t_eager,
             device, lines, args.out,
         ))  # fmt: skip

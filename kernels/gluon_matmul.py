@@ -10,10 +10,13 @@ wheel as Triton) lets the kernel say which outputs each thread holds.
 Same interface as triton_layered._batched_matmul_kernel with PRECISION 0, and its results
 up to float32 rounding: C = A @ B with the same epilogues (gemm_common.store_product),
 every output accumulated with FMAs in K order (tl.dot's adds per-tile sums instead), so
-results are bit-identical run to run. The K loop per tile: the
-A and B tiles go from registers into shared memory (A column-major, so a thread's 8 rows
-of a column are contiguous, B row-major), then each of BLOCK_K steps adds the outer
-product of a column of A and a row of B, while the next tiles' global loads are in flight.
+results are bit-identical run to run. The K loop per tile: each of BLOCK_K steps adds the
+outer product of a column of A and a row of B from the tiles in shared memory (A
+column-major, so a thread's 8 rows of a column are contiguous, B row-major), while the
+next tiles' global loads are in flight; those then go from registers into the other copy
+of the tiles, and one barrier a K step lets every thread on (shared memory double-buffered
+as in CUTLASS's SIMT GEMMs; `buffers=1` keeps one copy, two barriers a step, which
+bench/layered_sweep.py times against).
 
 Under TRITON_INTERPRET=1 the launcher runs it with gluon_cpu (Triton's interpreter has no
 Gluon).
@@ -46,6 +49,26 @@ else:
 
 
 @gluon.jit
+def _k_step(acc, a_s, b_s, a_next_s, b_next_s, a_ptrs, b_ptrs, a_rows, b_cols, ak, bk, k1, K,
+            stride_ak, stride_bk, ACC: gl.constexpr, BLOCK_K: gl.constexpr,
+            BUFFERS: gl.constexpr):  # fmt: skip
+    """One K step: acc plus the products of the tiles in a_s and b_s, and the tiles from
+    K offset k1 on stored into a_next_s and b_next_s (the same memory with one copy)."""
+    # The next tiles' loads go out before this tile's FMAs, which hide their latency (past
+    # the end of K they are masked off: no memory is read).
+    a_next = gl.load(a_ptrs + k1 * stride_ak, mask=a_rows & (k1 + ak[None, :] < K), other=0.0)
+    b_next = gl.load(b_ptrs + k1 * stride_bk, mask=(k1 + bk[:, None] < K) & b_cols, other=0.0)
+    for k in gl.static_range(BLOCK_K):
+        acc += a_s.slice(k, 1, dim=1).load(ACC) * b_s.slice(k, 1, dim=0).load(ACC)
+    if BUFFERS == 1:
+        _sync_threads()  # every thread is done with the tiles about to be overwritten
+    a_next_s.store(a_next)
+    b_next_s.store(b_next)
+    _sync_threads()  # the next tiles are in
+    return acc
+
+
+@gluon.jit
 def _fp32_batched_matmul_kernel(
     a_ptr,  # [B, P, K] (any strides)
     b_ptr,  # [B, K, Q] (any strides)
@@ -70,6 +93,7 @@ def _fp32_batched_matmul_kernel(
     ACC: gl.constexpr,  # the accumulator's layout: 8x8 outputs a thread
     A_LOAD: gl.constexpr,  # layouts the operand tiles are loaded in (coalesced for
     B_LOAD: gl.constexpr,  # their strides)
+    BUFFERS: gl.constexpr,  # shared-memory copies of the operand tiles: 1 or 2
 ):
     # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q),), a batch's tiles one after another
     tiles_q = gl.cdiv(Q, BLOCK_Q)
@@ -88,27 +112,39 @@ def _fp32_batched_matmul_kernel(
 
     # A column-major (order [0, 1]): column k of the tile is contiguous, and a thread's 8
     # rows of it are two 16-byte loads. B row-major: likewise a thread's 8 columns of row k.
-    a_s = gl.allocate_shared_memory(
+    # With two copies of each, a K step's FMAs read one while the next tiles are stored
+    # into the other, one barrier a step where one copy needs two. Separate allocations
+    # rather than one indexed: the compiler's barrier analysis (triton 3.6) takes a store
+    # into any part of an allocation for a hazard on all of it and would put the second
+    # barrier back.
+    a_s0 = gl.allocate_shared_memory(
         gl.float32, [BLOCK_P, BLOCK_K], gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
     )
-    b_s = gl.allocate_shared_memory(
+    b_s0 = gl.allocate_shared_memory(
         gl.float32, [BLOCK_K, BLOCK_Q], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     )
-    a_next = gl.load(a_ptrs, mask=a_rows & (ak[None, :] < K), other=0.0)
-    b_next = gl.load(b_ptrs, mask=(bk[:, None] < K) & b_cols, other=0.0)
+    if BUFFERS == 2:
+        a_s1 = gl.allocate_shared_memory(
+            gl.float32, [BLOCK_P, BLOCK_K], gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
+        )
+        b_s1 = gl.allocate_shared_memory(
+            gl.float32, [BLOCK_K, BLOCK_Q], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        )
+    else:
+        a_s1 = a_s0
+        b_s1 = b_s0
+    a_s0.store(gl.load(a_ptrs, mask=a_rows & (ak[None, :] < K), other=0.0))
+    b_s0.store(gl.load(b_ptrs, mask=(bk[:, None] < K) & b_cols, other=0.0))
+    _sync_threads()  # the first tiles are in
     acc = gl.zeros([BLOCK_P, BLOCK_Q], gl.float32, ACC)
-    for k0 in range(0, K, BLOCK_K):
-        _sync_threads()  # every thread is done with the previous tiles
-        a_s.store(a_next)
-        b_s.store(b_next)
-        _sync_threads()  # and all of these tiles are in
-        # The next tiles' loads go out before this tile's FMAs, which hide their latency
-        # (past the end of K they are masked off: no memory is read).
-        k1 = k0 + BLOCK_K
-        a_next = gl.load(a_ptrs + k1 * stride_ak, mask=a_rows & (k1 + ak[None, :] < K), other=0.0)
-        b_next = gl.load(b_ptrs + k1 * stride_bk, mask=(k1 + bk[:, None] < K) & b_cols, other=0.0)
-        for k in gl.static_range(BLOCK_K):
-            acc += a_s.slice(k, 1, dim=1).load(ACC) * b_s.slice(k, 1, dim=0).load(ACC)
+    # Two K steps an iteration, so that each copy has a fixed role in each.
+    for k0 in range(0, K, 2 * BLOCK_K):
+        acc = _k_step(acc, a_s0, b_s0, a_s1, b_s1, a_ptrs, b_ptrs, a_rows, b_cols, ak, bk,
+                      k0 + BLOCK_K, K, stride_ak, stride_bk, ACC, BLOCK_K, BUFFERS)  # fmt: skip
+        if k0 + BLOCK_K < K:
+            acc = _k_step(acc, a_s1, b_s1, a_s0, b_s0, a_ptrs, b_ptrs, a_rows, b_cols, ak, bk,
+                          k0 + 2 * BLOCK_K, K, stride_ak, stride_bk, ACC, BLOCK_K,
+                          BUFFERS)  # fmt: skip
 
     rp = tp * BLOCK_P + gl.arange(0, BLOCK_P, layout=gl.SliceLayout(1, ACC))
     rq = tq * BLOCK_Q + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, ACC))
@@ -138,12 +174,12 @@ def _operand_load(rows: int, cols: int, warps: int, contiguous: int) -> gl.Block
     return gl.BlockedLayout(size, threads, warps_per_cta, [contiguous, 1 - contiguous])
 
 
-# 128 x 128 tiles of 8 warps for large products (each warp 32 x 64 outputs; 130-141
+# 128 x 128 tiles of 8 warps for large products (each warp 32 x 64 outputs; 129-143
 # registers on sm_90, so one program an SM: bench/layered_sweep.py also times a 128-register
-# cap, two programs an SM), 64 x 64 of 2 warps for small ones; K in steps of 16 (16 KB of
-# shared memory for the large tiles; bench/results/gluon_sm90.md).
-LARGE_TILES = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=16, num_warps=8)
-SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=2)
+# cap, two programs an SM), 64 x 64 of 2 warps for small ones; K in steps of 16, the tiles
+# in two copies (32 KB of shared memory for the large tiles; bench/results/gluon_sm90.md).
+LARGE_TILES = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=16, num_warps=8, buffers=2)
+SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=2, buffers=2)
 
 
 def launch(a, b, c, bias, aux, batch: int, *, epilogue: int, act: int, slope: float,
@@ -164,7 +200,8 @@ def launch(a, b, c, bias, aux, batch: int, *, epilogue: int, act: int, slope: fl
     grid = (batch * triton.cdiv(p, bp) * triton.cdiv(q, bq),)
     args = (a, b, c, bias if bias is not None else c, aux if aux is not None else c,
             p, q, k, *strides_a, *strides_b, slope)  # fmt: skip
-    meta = dict(EPILOGUE=epilogue, ACT=act, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=bk, **layouts)
+    meta = dict(EPILOGUE=epilogue, ACT=act, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=bk,
+                BUFFERS=tiles.get("buffers", 2), **layouts)  # fmt: skip
     if interpreted():
         gluon_cpu.run(_fp32_batched_matmul_kernel, grid, *args, **meta)
     else:

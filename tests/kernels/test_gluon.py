@@ -80,8 +80,9 @@ def test_runner_refuses_what_gluon_refuses_a_layout_mismatch():
     assert torch.equal(out, 2 * x)
 
 
-# (P, K, Q): one of everything, odd sizes, and sizes crossing the large tiles' edges
-SHAPES = [(1, 1, 1), (1, 37, 1), (37, 70, 45), (130, 33, 129)]
+# (P, K, Q): one of everything, odd sizes, sizes crossing the large tiles' edges, and K in
+# an odd (1, 3, 5) and an even (4) number of steps of 16: the K loop takes two an iteration
+SHAPES = [(1, 1, 1), (1, 37, 1), (37, 70, 45), (130, 33, 129), (33, 64, 65)]
 
 
 def _gemm(a, b, batch, epilogue, act, tiles, bias=None, aux=None, slope=0.1):
@@ -92,7 +93,14 @@ def _gemm(a, b, batch, epilogue, act, tiles, bias=None, aux=None, slope=0.1):
     return c
 
 
-@pytest.mark.parametrize("tiles", ["small", "large"])
+TILES = {
+    "small": gluon_matmul.SMALL_TILES,
+    "large": gluon_matmul.LARGE_TILES,
+    "one buffer": dict(gluon_matmul.SMALL_TILES, buffers=1),  # the sweep's alternative
+}
+
+
+@pytest.mark.parametrize("tiles", list(TILES))
 @pytest.mark.parametrize("layouts", [("rows", "columns"), ("columns", "rows"),
                                      ("rows", "rows"), ("shared", "columns")])  # fmt: skip
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -100,8 +108,7 @@ def test_gemm_matches_float64_products(shape, layouts, tiles):
     p, k, q = shape
     batch = 2
     a, b = operands(p, k, q, batch, *layouts, seed=p + k + q)
-    tiles = gluon_matmul.LARGE_TILES if tiles == "large" else gluon_matmul.SMALL_TILES
-    got = _gemm(a, b, batch, epilogue=0, act=0, tiles=tiles)
+    got = _gemm(a, b, batch, epilogue=0, act=0, tiles=TILES[tiles])
     a64, b64 = a.double(), b.double()
     expected = a64 @ b64
     assert_within_fp32_bound(got, expected, k * (a64.abs() @ b64.abs()))

@@ -290,10 +290,13 @@ def test_per_layer_float32_on_the_gluon_gemm(m, n, sizes):
     assert_same_bits_twice(job, **gluon)
 
 
+@pytest.mark.parametrize("buffers", [2, 1])
 @pytest.mark.parametrize("layouts", [("rows", "columns"), ("columns", "rows"), ("shared", "rows")])
-def test_gluon_gemm_at_scale_within_the_float32_bound(layouts):
+def test_gluon_gemm_at_scale_within_the_float32_bound(layouts, buffers):
     """The Gluon GEMM alone on products with the per-layer path's strides, sized off its
-    128-wide tiles: every output within float32's error bound of float64 products."""
+    128-wide tiles: every output within float32's error bound of float64 products, with
+    its tiles in two copies in shared memory (one barrier a K step) and in one (the
+    alternative bench/layered_sweep.py times)."""
     pytest.importorskip("triton.experimental.gluon")
     from gradserve.kernels import gluon_matmul
     from tests.kernels.gemm_checks import assert_within_fp32_bound, operands
@@ -302,8 +305,9 @@ def test_gluon_gemm_at_scale_within_the_float32_bound(layouts):
     a, b = operands(p, k, q, batch, *layouts, seed=7)
     c = torch.empty(batch, p, q, device="cuda")
     poison_allocator()
+    tiles = dict(gluon_matmul.tiles_for(p, q, c.device), buffers=buffers)
     gluon_matmul.launch(a.cuda(), b.cuda(), c, None, None, batch, epilogue=0, act=0, slope=0.0,
-                        tiles=gluon_matmul.tiles_for(p, q, c.device))  # fmt: skip
+                        tiles=tiles)  # fmt: skip
     a64, b64 = a.double(), b.double()
     assert_within_fp32_bound(c.cpu(), a64 @ b64, k * (a64.abs() @ b64.abs()))
 
