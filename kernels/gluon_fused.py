@@ -25,11 +25,12 @@ forward pass is a row reduction over its inputs, dW a column reduction over the 
 samples (fixed orders too), the input gradient an outer product.
 Shared memory: a_s (a block transposed; for dW the same memory holds the layer's input
 row-major, h_s, then the groups' sums), w_s and dz_s, 80 KB at 128 samples and width 64:
-two programs of 4 warps fit an SM, as their registers (211 at the target, triton 3.6) do
+two programs of 4 warps fit an SM, as their registers (230 at the target, triton 3.6) do
 (bench/results/gluon_sm90.md). Layouts are computed by the launcher per width
-(`block_layout`, `gradient_layout`, `weight_layout`). A thread reads back from the scratch
-only what it stored there (same layout both ways), so the scratch needs no barrier; shared
-memory does, around each product's stores.
+(`block_layout`, `gradient_layout`, `weight_layout`; a thread's 8 columns as two runs of
+4, so that the products' shared-memory loads have no bank conflicts). A thread reads back
+from the scratch only what it stored there (same layout both ways), so the scratch needs
+no barrier; shared memory does, around each product's stores.
 
 Under TRITON_INTERPRET=1 the launcher runs it with gluon_cpu.
 """
@@ -458,7 +459,12 @@ def _fused_fp32_kernel(
 
 def _blocked(shape, per_thread, warps: int) -> gl.BlockedLayout:
     """A blocked layout of `shape` with `per_thread` elements a thread: a warp's lanes along
-    the last dimensions first, its warps along the first."""
+    the last dimensions first, its warps along the first. Along the last dimension a
+    thread's elements are runs of at most 4, a layout's width apart (8 as two runs of 4):
+    a quarter-warp's threads then load or store 16 contiguous bytes each, 128 together,
+    from a row-major tile in shared memory without bank conflicts, where runs of 8 put
+    two threads of each quarter-warp on the same banks (Triton's gl.bank_conflicts: 1 per
+    wavefront, against 0)."""
     tiles = [s // t for s, t in zip(shape, per_thread, strict=True)]
     lanes, left = [1] * len(shape), 32
     for d in reversed(range(len(shape))):
@@ -471,7 +477,8 @@ def _blocked(shape, per_thread, warps: int) -> gl.BlockedLayout:
         left //= warps_per[d]
     warps_per[0] *= left
     order = list(reversed(range(len(shape))))
-    return gl.BlockedLayout(list(per_thread), lanes, warps_per, order)
+    runs = [*per_thread[:-1], min(4, per_thread[-1])]
+    return gl.BlockedLayout(runs, lanes, warps_per, order)
 
 
 def _tile(rows: int, cols: int, threads: int) -> list[int]:

@@ -153,11 +153,15 @@ def _fp32_batched_matmul_kernel(
 
 def _accumulator(block_p: int, block_q: int, warps: int) -> gl.BlockedLayout:
     """8x8 outputs a thread, a warp's 32 threads as 4 x 8 (32 x 64 outputs), the warps
-    stacked along P and then Q so that they cover [block_p, block_q] exactly."""
+    stacked along P and then Q so that they cover [block_p, block_q] exactly. A thread's 8
+    columns are two runs of 4, half the tile apart: the 8 threads of a quarter-warp then
+    load 128 contiguous bytes of a B row, one 16-byte load each, where 8 contiguous
+    columns a thread put two of them on the same banks (Triton's gl.bank_conflicts: 1 per
+    wavefront, against 0)."""
     warps_q = block_q // 64
     warps_p = warps // warps_q
     assert warps_p * 32 == block_p and warps_q * 64 == block_q, (block_p, block_q, warps)
-    return gl.BlockedLayout([8, 8], [4, 8], [warps_p, warps_q], [1, 0])
+    return gl.BlockedLayout([8, 4], [4, 8], [warps_p, warps_q], [1, 0])
 
 
 def _operand_load(rows: int, cols: int, warps: int, contiguous: int) -> gl.BlockedLayout:
