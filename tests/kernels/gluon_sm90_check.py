@@ -31,6 +31,7 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run with the interpreter off"
 
+import triton  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.runtime import driver  # noqa: E402
@@ -59,7 +60,8 @@ GEMM_BARRIERS = 3
 def _bank_conflicts(REGISTERS: gl.constexpr, SHARED: gl.constexpr, SHAPE: gl.constexpr,
                     TAG: gl.constexpr):  # fmt: skip
     """Prints the bank conflicts per wavefront of loading SHAPE in the REGISTERS layout
-    from shared memory in the SHARED layout (TAG makes each call compile anew)."""
+    from shared memory in the SHARED layout, as it compiles (TAG makes each call compile
+    anew in a process; `_conflicts` bypasses the compiler's cache on disk)."""
     registers: gl.constexpr = gl.distributed_type(gl.float32, list(SHAPE), REGISTERS)
     shared: gl.constexpr = gl.shared_memory_descriptor_type(gl.float32, list(SHAPE), SHARED,
                                                             list(SHAPE))  # fmt: skip
@@ -71,7 +73,8 @@ def _conflicts(registers, shape, order, warps: int) -> int:
     shape whose dimension order[0] is contiguous: the addresses of a row or column slice of
     the kernels' tiles (their slices are contiguous, 16-byte aligned)."""
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), triton.knobs.compilation.scope():
+        triton.knobs.compilation.always_compile = True
         _bank_conflicts.warmup(REGISTERS=registers, SHARED=gl.SwizzledSharedLayout(1, 1, 1, order),
                                SHAPE=tuple(shape), TAG=next(_TAGS), num_warps=warps,
                                grid=(1,))  # fmt: skip
