@@ -164,24 +164,37 @@ def _accumulator(block_p: int, block_q: int, warps: int) -> gl.BlockedLayout:
     return gl.BlockedLayout([8, 4], [4, 8], [warps_p, warps_q], [1, 0])
 
 
-def _operand_load(rows: int, cols: int, warps: int, contiguous: int) -> gl.BlockedLayout:
-    """A layout for loading a [rows, cols] tile whose dimension `contiguous` is contiguous
-    in memory: 4 consecutive elements a thread along it (one 16-byte load where aligned),
-    a warp's threads along it first."""
-    threads_along = min(32, max(1, (rows, cols)[contiguous] // 4))
-    size, threads = [1, 1], [1, 1]
+def _operand_load(rows: int, cols: int, warps: int, contiguous: int,
+                  tile_contiguous: int) -> gl.BlockedLayout:  # fmt: skip
+    """A layout for loading a [rows, cols] operand tile whose dimension `contiguous` is
+    contiguous in memory, to store it into shared memory whose dimension `tile_contiguous`
+    is: 4 consecutive elements a thread along `contiguous` (one 16-byte load where
+    aligned). A warp's lanes go along the dimension contiguous in shared memory: where the
+    two agree, the loads are coalesced and so are the stores; where they differ (a product's
+    operand loaded along K, stored transposed), 32 lanes along the tile's contiguous
+    dimension store each element as one 128-byte row of it, where lanes along K would put
+    4 of a quarter-warp's threads on each bank (Triton's gl.bank_conflicts: 3 per
+    wavefront, against 0); the global loads then take 16 bytes of 32 rows each, and the
+    other 16 bytes of those 32-byte sectors are the next lanes' along K."""
+    shape = (rows, cols)
+    size = [1, 1]
     size[contiguous] = 4
-    threads[contiguous] = threads_along
-    threads[1 - contiguous] = 32 // threads_along
-    warps_per_cta = [1, 1]
-    warps_per_cta[1 - contiguous] = warps
-    return gl.BlockedLayout(size, threads, warps_per_cta, [contiguous, 1 - contiguous])
+    along = tile_contiguous
+    tiles = [shape[d] // size[d] for d in range(2)]
+    threads, warps_per = [1, 1], [1, 1]
+    threads[along] = min(32, max(1, tiles[along]))
+    threads[1 - along] = 32 // threads[along]
+    warps_per[along] = min(warps, max(1, tiles[along] // threads[along]))
+    warps_per[1 - along] = warps // warps_per[along]
+    return gl.BlockedLayout(size, threads, warps_per, [contiguous, 1 - contiguous])
 
 
-# 128 x 128 tiles of 8 warps for large products (each warp 32 x 64 outputs; 129-143
-# registers on sm_90, so one program an SM: bench/layered_sweep.py also times a 128-register
-# cap, two programs an SM), 64 x 64 of 2 warps for small ones; K in steps of 16, the tiles
-# in two copies (32 KB of shared memory for the large tiles; bench/results/gluon_sm90.md).
+# 128 x 128 tiles of 8 warps for large products (each warp 32 x 64 outputs; 128-142
+# registers on sm_90: one program an SM above 128, two at 128, as ptxas gives dW, and on
+# triton 3.6 the forward product, with 12 B spilled around its K loop;
+# bench/layered_sweep.py also times a 128-register cap), 64 x 64 of 2 warps for small ones;
+# K in steps of 16, the tiles in two copies (32 KB of shared memory for the large tiles;
+# bench/results/gluon_sm90.md).
 LARGE_TILES = dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=16, num_warps=8, buffers=2)
 SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=2, buffers=2)
 
@@ -198,8 +211,8 @@ def launch(a, b, c, bias, aux, batch: int, *, epilogue: int, act: int, slope: fl
     strides_b = (b.stride(0) if b.dim() == 3 else 0, b.stride(-2), b.stride(-1))
     layouts = dict(
         ACC=_accumulator(bp, bq, warps),
-        A_LOAD=_operand_load(bp, bk, warps, contiguous=1 if strides_a[2] == 1 else 0),
-        B_LOAD=_operand_load(bk, bq, warps, contiguous=1 if strides_b[2] == 1 else 0),
+        A_LOAD=_operand_load(bp, bk, warps, 1 if strides_a[2] == 1 else 0, tile_contiguous=0),
+        B_LOAD=_operand_load(bk, bq, warps, 1 if strides_b[2] == 1 else 0, tile_contiguous=1),
     )
     grid = (batch * triton.cdiv(p, bp) * triton.cdiv(q, bq),)
     args = (a, b, c, bias if bias is not None else c, aux if aux is not None else c,

@@ -12,9 +12,10 @@ The fused kernel (kernels/gluon_fused.py), through the engine at the benchmark t
 network and at odd widths, with and without input gradients: few register spills, few
 barriers, and the shared memory of two programs an SM (whose registers let two run).
 
-Both: the shared-memory loads in their product loops, the operands of every FMA, have no
-bank conflicts in the layouts the launchers give them (Triton's own count,
-gl.bank_conflicts, for sm_90a; gluon_cpu ignores layouts, so only this sees them). Run by
+Both: the shared-memory loads in their product loops, the operands of every FMA, and the
+GEMM's transposing tile stores have no bank conflicts in the layouts the launchers give
+them (Triton's own count, gl.bank_conflicts, for sm_90a; gluon_cpu ignores layouts, so
+only this sees them). Run by
 tests/kernels/test_sm90_resources.py in a subprocess, because TRITON_INTERPRET must be off
 when kernels are defined.
 
@@ -86,15 +87,25 @@ _TAGS = itertools.count()
 
 def product_load_conflicts() -> list:
     """(kernel, operand, bank conflicts) of each product loop's shared-memory loads: the
-    GEMM's A columns (column-major tiles) and B rows at both tile sizes; the fused kernel's
+    GEMM's A columns (column-major tiles) and B rows at both tile sizes, and the stores of
+    its tiles where they are transposed (operands loaded along K); the fused kernel's
     block columns (a block transposed) and weight rows, and its weight gradients' dz and h
     rows, at the benchmark target's widths and 128 samples."""
     rows = []
     for tiles in (gluon_matmul.LARGE_TILES, gluon_matmul.SMALL_TILES):
-        bp, bq, warps = tiles["BLOCK_P"], tiles["BLOCK_Q"], tiles["num_warps"]
+        bp, bq, bk, warps = (tiles[key] for key in ("BLOCK_P", "BLOCK_Q", "BLOCK_K", "num_warps"))
         acc = gluon_matmul._accumulator(bp, bq, warps)
         rows.append((f"GEMM {bp}x{bq}", "A column", _conflicts(acc, [bp, 1], [0, 1], warps)))
         rows.append((f"GEMM {bp}x{bq}", "B row", _conflicts(acc, [1, bq], [1, 0], warps)))
+        # the tiles stored transposed: the forward product's A and B, loaded along K
+        a_load = gluon_matmul._operand_load(bp, bk, warps, 1, tile_contiguous=0)
+        b_load = gluon_matmul._operand_load(bk, bq, warps, 0, tile_contiguous=1)
+        rows.append(
+            (f"GEMM {bp}x{bq}", "A tile store", _conflicts(a_load, [bp, bk], [0, 1], warps))
+        )
+        rows.append(
+            (f"GEMM {bp}x{bq}", "B tile store", _conflicts(b_load, [bk, bq], [1, 0], warps))
+        )
     block_n, warps = gluon_fused.BLOCK_N, gluon_fused.NUM_WARPS
     for d_in, d_out in [(32, 64), (64, 64)]:
         name = f"fused {d_in}->{d_out}"
