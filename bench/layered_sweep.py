@@ -61,8 +61,8 @@ CONFIGS = [
     ("tl.dot", 256, 128, 32, 8, 3),
 ]
 # ("gluon", BLOCK_P, BLOCK_Q, BLOCK_K, warps, options): the Gluon GEMM, IEEE float32 only.
-# Its large tiles first (gluon_matmul.LARGE_TILES: 129-143 registers on sm_90, so one
-# 8-warp program per SM, two copies of the tiles in shared memory: one barrier a K step);
+# Its large tiles first (gluon_matmul.LARGE_TILES: 128-142 registers on sm_90, one or two
+# 8-warp programs per SM, two copies of the tiles in shared memory: one barrier a K step);
 # the tiles in one copy (two barriers a step); capped at 128 registers, two programs an SM
 # fit; K steps of 8 and 32; half tiles with 4 warps (more programs, the same bytes per FMA).
 GLUON_CONFIGS = [

@@ -91,8 +91,8 @@ def _fp32_batched_matmul_kernel(
     BLOCK_Q: gl.constexpr,
     BLOCK_K: gl.constexpr,
     ACC: gl.constexpr,  # the accumulator's layout: 8x8 outputs a thread
-    A_LOAD: gl.constexpr,  # layouts the operand tiles are loaded in (coalesced for
-    B_LOAD: gl.constexpr,  # their strides)
+    A_LOAD: gl.constexpr,  # layouts the operand tiles are loaded in, for their strides
+    B_LOAD: gl.constexpr,  # and the tiles' (_operand_load)
     BUFFERS: gl.constexpr,  # shared-memory copies of the operand tiles: 1 or 2
 ):
     # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q),), a batch's tiles one after another
