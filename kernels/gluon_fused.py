@@ -25,7 +25,7 @@ forward pass is a row reduction over its inputs, dW a column reduction over the 
 samples (fixed orders too), the input gradient an outer product.
 Shared memory: a_s (a block transposed; for dW the same memory holds the layer's input
 row-major, h_s, then the groups' sums), w_s and dz_s, 80 KB at 128 samples and width 64:
-two programs of 4 warps fit an SM, as their registers (230 at the target, triton 3.6) do
+two programs of 4 warps fit an SM, as their registers (231 at the target, triton 3.6) do
 (bench/results/gluon_sm90.md). Layouts are computed by the launcher per width
 (`block_layout`, `gradient_layout`, `weight_layout`; a thread's 8 columns as two runs of
 4, so that the products' shared-memory loads have no bank conflicts). A thread reads back
@@ -341,6 +341,8 @@ def _fused_fp32_kernel(
     GROUPS: gl.constexpr,  # per layer: G
     WEIGHTS: gl.constexpr,  # per layer: the layout its [P(i+1), P(i)] weight is loaded and
     # its gradient added to the partials in (spread over every thread, 4 elements at a time)
+    WEIGHTS_T: gl.constexpr,  # per layer: the layout its weight is loaded in to be stored
+    # transposed (the forward product's W^T)
     UNROLL: gl.constexpr,
     NARROW_OUT: gl.constexpr,  # the output layer runs as reductions (at most NARROW_OUTPUT)
 ):
@@ -372,7 +374,7 @@ def _fused_fp32_kernel(
                                    gl.constexpr(BLOCKS[L]))  # fmt: skip
             else:
                 w = _layer_weight(w_ptrs, m, sizes, layer, WIDTHS, EXACT,
-                                  gl.constexpr(WEIGHTS[layer]))  # fmt: skip
+                                  gl.constexpr(WEIGHTS_T[layer]))  # fmt: skip
                 _sync_threads()  # every thread is done with the previous product's operands
                 a_s.slice(0, WIDTHS[layer]).permute((1, 0)).store(h)
                 w_t = w_s.slice(0, WIDTHS[layer]).slice(0, WIDTHS[layer + 1], dim=1)
@@ -517,6 +519,22 @@ def weight_layout(d_out: int, d_in: int, warps: int = NUM_WARPS) -> gl.BlockedLa
     return _blocked([d_out, d_in], [1, 4], warps)
 
 
+def transposed_weight_layout(d_out: int, d_in: int, warps: int = NUM_WARPS) -> gl.BlockedLayout:
+    """The layout a [d_out, d_in] weight tile is loaded in to be stored transposed (W^T in
+    w_s, row k the weights from input k): 4 consecutive elements of a row a thread (one
+    16-byte load), a warp's lanes along d_out first, so that a warp stores each of its
+    elements as consecutive floats of a row of W^T; weight_layout's lanes along d_in put
+    each quarter-warp's stores on one bank (Triton's gl.bank_conflicts at 64 x 64: 15 per
+    wavefront, against 0). Where d_out leaves lanes or warps over for d_in than it has,
+    weight_layout's."""
+    lanes = [min(32, d_out), 32 // min(32, d_out)]
+    warps_per = [min(warps, max(1, d_out // lanes[0])), 1]
+    warps_per[1] = warps // warps_per[0]
+    if 4 * lanes[1] * warps_per[1] > d_in:
+        return weight_layout(d_out, d_in, warps)
+    return gl.BlockedLayout([1, 4], lanes, warps_per, [1, 0])
+
+
 def takes(layer_sizes, norms_needed: bool) -> bool:
     """Whether an IEEE float32 fused job can run on this kernel: no per-sample norms (the
     Triton kernel computes them), padded widths up to MAX_WIDTH."""
@@ -579,6 +597,8 @@ def fused_mlp(weights, biases, x, targets, sample_weights, *, hidden_act, output
         BLOCKS=tuple(block_layout(block_n, p) for p in widths),
         GRADS=tuple(g[1] for g in gradients), GROUPS=tuple(g[0] for g in gradients),
         WEIGHTS=tuple(weight_layout(widths[i + 1], widths[i]) for i in range(num_layers)),
+        WEIGHTS_T=tuple(transposed_weight_layout(widths[i + 1], widths[i])
+                        for i in range(num_layers)),  # fmt: skip
         UNROLL=UNROLL, NARROW_OUT=d_out <= NARROW_OUTPUT,
     )  # fmt: skip
     grid = (m, splits)

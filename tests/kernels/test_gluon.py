@@ -307,6 +307,23 @@ def test_weight_gradient_groups_fit_their_shared_memory_and_use_every_thread(blo
         assert math.prod(layout.warps_per_cta) == gluon_fused.NUM_WARPS
 
 
+def test_transposed_weight_layout_gives_every_weight_to_one_thread():
+    """transposed_weight_layout (the forward product's W^T, loaded with lanes along d_out)
+    covers no dimension of a [d_out, d_in] weight more than once, for every width pair with
+    4 weights for each thread (16 x 16 has 2: any layout of 4 a thread repeats some)."""
+    for d_out in [16, 32, 64]:
+        for d_in in [16, 32, 64]:
+            if d_out * d_in < 4 * 32 * gluon_fused.NUM_WARPS:
+                continue
+            layout = gluon_fused.transposed_weight_layout(d_out, d_in)
+            for d, size in enumerate((d_out, d_in)):
+                covered = (layout.size_per_thread[d] * layout.threads_per_warp[d]
+                           * layout.warps_per_cta[d])  # fmt: skip
+                assert covered <= size, (d_out, d_in, layout)
+            assert math.prod(layout.threads_per_warp) == 32
+            assert math.prod(layout.warps_per_cta) == gluon_fused.NUM_WARPS
+
+
 @pytest.mark.parametrize("n", [1, 37, 300])
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
