@@ -16,9 +16,9 @@ Both: their shared-memory accesses have no bank conflicts in the layouts the lau
 give them, the product loops' loads (the operands of every FMA) and the stores that feed
 them, but for the fused kernel's transposed blocks (bench/bank_conflicts.py: Triton's own
 count, gl.bank_conflicts, for sm_90a; gluon_cpu ignores layouts, so only this sees them).
-Run by
-tests/kernels/test_sm90_resources.py in a subprocess, because TRITON_INTERPRET must be off
-when kernels are defined.
+
+Run by tests/kernels/test_sm90_resources.py in a subprocess, because TRITON_INTERPRET must
+be off when kernels are defined.
 
 Usage: python -m tests.kernels.gluon_sm90_check
 """
