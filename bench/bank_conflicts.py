@@ -2,14 +2,14 @@
 
 The Gluon kernels (kernels/gluon_matmul.py, kernels/gluon_fused.py) say which thread holds
 which element of every tensor, so they also decide which shared-memory banks a warp's
-loads and stores hit: a quarter-warp's 16-byte accesses that share banks take a wavefront
-each (an SM returns 128 bytes of shared memory a clock). This counts them with Triton's
-own model, `gl.bank_conflicts` (the excess accesses per wavefront of the ld.shared /
-st.shared instructions a register layout and a shared layout compile to), compiling a
-probe per access for sm_90a, for every access of the kernels' product loops and for the
-stores that feed them, in the layouts the launchers give them. gluon_cpu ignores layouts,
-so only this sees them; tests/kernels/gluon_sm90_check.py holds the conflict-free ones at
-0. None of it is a time.
+loads and stores hit: a quarter-warp's 16-byte accesses that share banks are served one
+wavefront after another (an SM returns 128 bytes of shared memory a clock). This counts
+them with Triton's own model, `gl.bank_conflicts` (the excess accesses per wavefront of the
+ld.shared / st.shared instructions a register layout and a shared layout compile to),
+compiling a probe per access for sm_90a, for every access of the kernels' product loops
+and for the stores that feed them, in the layouts the launchers give them. gluon_cpu
+ignores layouts, so only this sees them; tests/kernels/gluon_sm90_check.py holds the
+conflict-free ones at 0. None of it is a time.
 
   env -u TRITON_INTERPRET python bench/bank_conflicts.py   (bench/results/bank_conflicts_sm90.md)
 """
