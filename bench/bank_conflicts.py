@@ -40,7 +40,7 @@ from gradserve.kernels import gluon_fused, gluon_matmul  # noqa: E402
 # of 512 bytes apart, on the same banks. A layout conversion before the store
 # (gl.convert_layout to lanes along the samples) compiled to stmatrix stores but grew the
 # kernel at the target from 5112 SASS instructions to 7528 (triton 3.9; the forward
-# products' FMAs in the SASS from 768 to 2560): not taken without a GPU to time it.
+# products' FMAs in the PTX from 768 to 2560): not taken without a GPU to time it.
 KNOWN = {"h stored transposed", "dz stored transposed"}
 
 
