@@ -81,8 +81,8 @@ def gemm_accesses() -> list:
         bp, bq, bk, warps = (tiles[key] for key in ("BLOCK_P", "BLOCK_Q", "BLOCK_K", "num_warps"))
         name = f"GEMM {bp} x {bq} x {bk}"
         acc = gluon_matmul._accumulator(bp, bq, warps)
-        a_load = gluon_matmul._operand_load(bp, bk, warps, 1, tile_contiguous=0)
-        b_load = gluon_matmul._operand_load(bk, bq, warps, 0, tile_contiguous=1)
+        a_load = gluon_matmul.operand_load(bp, bk, warps, 1, tile_contiguous=0)
+        b_load = gluon_matmul.operand_load(bk, bq, warps, 0, tile_contiguous=1)
         rows += [
             (name, "A column", "every rank-1 update", conflicts(acc, [bp, 1], [0, 1], warps)),
             (name, "B row", "every rank-1 update", conflicts(acc, [1, bq], [1, 0], warps)),

@@ -45,7 +45,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from gradserve.kernels import gluon_cpu, triton_fused
-from gradserve.kernels.gluon_matmul import _sync_threads
+from gradserve.kernels.gluon_matmul import _sync_threads, operand_load
 from gradserve.kernels.triton_common import LAUNCH_OPTIONS, activate, activation_grad, loss_block
 from gradserve.kernels.triton_engine import interpreted
 from gradserve.kernels.triton_fused import _width  # d(i): a constant where unpadded
@@ -521,18 +521,16 @@ def weight_layout(d_out: int, d_in: int, warps: int = NUM_WARPS) -> gl.BlockedLa
 
 def transposed_weight_layout(d_out: int, d_in: int, warps: int = NUM_WARPS) -> gl.BlockedLayout:
     """The layout a [d_out, d_in] weight tile is loaded in to be stored transposed (W^T in
-    w_s, row k the weights from input k): 4 consecutive elements of a row a thread (one
-    16-byte load), a warp's lanes along d_out first, so that a warp stores each of its
-    elements as consecutive floats of a row of W^T; weight_layout's lanes along d_in put
-    each quarter-warp's stores on one bank (Triton's gl.bank_conflicts at 64 x 64: 15 per
-    wavefront, against 0). Where d_out leaves lanes or warps over for d_in than it has,
-    weight_layout's."""
-    lanes = [min(32, d_out), 32 // min(32, d_out)]
-    warps_per = [min(warps, max(1, d_out // lanes[0])), 1]
-    warps_per[1] = warps // warps_per[0]
-    if 4 * lanes[1] * warps_per[1] > d_in:
+    w_s, row k the weights from input k): as the GEMM loads an operand it stores transposed
+    (gluon_matmul.operand_load: 4 consecutive elements of a row a thread, a warp's lanes
+    along d_out), so that a warp stores each of its elements as consecutive floats of a row
+    of W^T; weight_layout's lanes along d_in put each quarter-warp's stores on one bank
+    (Triton's gl.bank_conflicts at 64 x 64: 15 per wavefront, against 0). Where d_out leaves
+    lanes or warps over for d_in than it has, weight_layout's."""
+    layout = operand_load(d_out, d_in, warps, contiguous=1, tile_contiguous=0)
+    if 4 * layout.threads_per_warp[1] * layout.warps_per_cta[1] > d_in:
         return weight_layout(d_out, d_in, warps)
-    return gl.BlockedLayout([1, 4], lanes, warps_per, [1, 0])
+    return layout
 
 
 def takes(layer_sizes, norms_needed: bool) -> bool:

@@ -92,7 +92,7 @@ def _fp32_batched_matmul_kernel(
     BLOCK_K: gl.constexpr,
     ACC: gl.constexpr,  # the accumulator's layout: 8x8 outputs a thread
     A_LOAD: gl.constexpr,  # layouts the operand tiles are loaded in, for their strides
-    B_LOAD: gl.constexpr,  # and the tiles' (_operand_load)
+    B_LOAD: gl.constexpr,  # and the tiles' (operand_load)
     BUFFERS: gl.constexpr,  # shared-memory copies of the operand tiles: 1 or 2
 ):
     # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q),), a batch's tiles one after another
@@ -164,7 +164,7 @@ def _accumulator(block_p: int, block_q: int, warps: int) -> gl.BlockedLayout:
     return gl.BlockedLayout([8, 4], [4, 8], [warps_p, warps_q], [1, 0])
 
 
-def _operand_load(rows: int, cols: int, warps: int, contiguous: int,
+def operand_load(rows: int, cols: int, warps: int, contiguous: int,
                   tile_contiguous: int) -> gl.BlockedLayout:  # fmt: skip
     """A layout for loading a [rows, cols] operand tile whose dimension `contiguous` is
     contiguous in memory, to store it into shared memory whose dimension `tile_contiguous`
@@ -211,8 +211,8 @@ def launch(a, b, c, bias, aux, batch: int, *, epilogue: int, act: int, slope: fl
     strides_b = (b.stride(0) if b.dim() == 3 else 0, b.stride(-2), b.stride(-1))
     layouts = dict(
         ACC=_accumulator(bp, bq, warps),
-        A_LOAD=_operand_load(bp, bk, warps, 1 if strides_a[2] == 1 else 0, tile_contiguous=0),
-        B_LOAD=_operand_load(bk, bq, warps, 1 if strides_b[2] == 1 else 0, tile_contiguous=1),
+        A_LOAD=operand_load(bp, bk, warps, 1 if strides_a[2] == 1 else 0, tile_contiguous=0),
+        B_LOAD=operand_load(bk, bq, warps, 1 if strides_b[2] == 1 else 0, tile_contiguous=1),
     )
     grid = (batch * triton.cdiv(p, bp) * triton.cdiv(q, bq),)
     args = (a, b, c, bias if bias is not None else c, aux if aux is not None else c,
