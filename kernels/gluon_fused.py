@@ -23,14 +23,16 @@ An output layer of at most NARROW_OUTPUT units (a regression head: the benchmark
 is one unit wide) skips these products, which would pad it to 16 outputs: per unit, the
 forward pass is a row reduction over its inputs, dW a column reduction over the block's
 samples (fixed orders too), the input gradient an outer product.
-Shared memory: a_s (a block transposed; for dW the same memory holds the layer's input
-row-major, h_s, then the groups' sums), w_s and dz_s, 80 KB at 128 samples and width 64:
-two programs of 4 warps fit an SM, as their registers (231 at the target, triton 3.6) do
-(bench/results/gluon_sm90.md). Layouts are computed by the launcher per width
-(`block_layout`, `gradient_layout`, `weight_layout`; a thread's 8 columns as two runs of
-4, so that the products' shared-memory loads have no bank conflicts). A thread reads back
-from the scratch only what it stored there (same layout both ways), so the scratch needs
-no barrier; shared memory does, around each product's stores.
+Shared memory: a_s (a block transposed; where blocks are 64 wide, padded every 4 rows so
+that storing one transposed has no bank conflicts: `a_padding`), w_s (for dW the same
+memory holds the layer's input row-major, h_s, then the groups' sums) and dz_s, 97 KB at
+128 samples and width 64: two programs of 4 warps fit an SM, as their registers (231 at
+the target, triton 3.6) do (bench/results/gluon_sm90.md). Layouts are computed by the
+launcher per width (`block_layout`, `gradient_layout`, `weight_layout`; a thread's 8
+columns as two runs of 4, so that the products' shared-memory loads have no bank
+conflicts). A thread reads back from the scratch only what it stored there (same layout
+both ways), so the scratch needs no barrier; shared memory does, around each product's
+stores.
 
 Under TRITON_INTERPRET=1 the launcher runs it with gluon_cpu.
 """
@@ -55,7 +57,7 @@ from gradserve.kernels.triton_fused import _width  # d(i): a constant where unpa
 MAX_WIDTH = 64
 BLOCK_N = 128
 NUM_WARPS = 4
-UNROLL = 4  # rank-1 updates per loop iteration (every padded width is a multiple of 16)
+UNROLL = 4  # rank-1 updates per loop iteration, a_s rows between paddings (a_padding)
 # Output layers this narrow skip the padded products (the layer is padded to 16 outputs,
 # whose forward product gives each thread 2x8 outputs: 2.5 bytes of shared memory per FMA):
 # each output unit is a row reduction forward and a column reduction and an outer product
@@ -167,16 +169,21 @@ def _scratch_block(z_prog, layer: gl.constexpr, WIDTHS: gl.constexpr, BLOCK_N: g
 
 
 @gluon.jit
-def _row_product(a_s, w_s, K: gl.constexpr, Q: gl.constexpr, LAYOUT: gl.constexpr,
-                 BLOCK_N: gl.constexpr, DP: gl.constexpr, UNROLL: gl.constexpr):  # fmt: skip
-    """[BLOCK_N, Q] = A @ B for A^T in a_s (row k: column k of A, over the samples) and B in
-    w_s (row k of B), K rank-1 updates, in LAYOUT."""
-    columns = _as_buffers(a_s, [DP, BLOCK_N, 1], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]))
+def _row_product(a_rows, w_s, K: gl.constexpr, Q: gl.constexpr, LAYOUT: gl.constexpr,
+                 COLUMN: gl.constexpr, BLOCK_N: gl.constexpr, DP: gl.constexpr,
+                 UNROLL: gl.constexpr):  # fmt: skip
+    """[BLOCK_N, Q] = A @ B for A^T in a_s (row k: column k of A, over the samples; a_rows:
+    its rows UNROLL at a time, the padding's period) and B in w_s (row k of B), K rank-1
+    updates, in LAYOUT. A row is loaded as [1, BLOCK_N, 1] in COLUMN, LAYOUT with a leading
+    dimension of 1 (a buffer's row is a slice there; index() would need a per-row layout),
+    and taken to LAYOUT, which moves no data."""
     rows = _as_buffers(w_s, [DP, 1, DP], ROW_MAJOR)
     acc = gl.zeros([BLOCK_N, Q], gl.float32, LAYOUT)
     for k0 in range(0, K, UNROLL):
+        a_quad = a_rows.index(k0 // UNROLL)
         for j in gl.static_range(UNROLL):
-            column = columns.index(k0 + j).load(LAYOUT)  # [BLOCK_N, 1]
+            column = gl.sum(a_quad.slice(j, 1).load(COLUMN), 0)  # [BLOCK_N, 1]
+            column = gl.convert_layout(column, LAYOUT)
             row = rows.index(k0 + j).slice(0, Q, dim=1).load(LAYOUT)  # [1, Q]
             acc += column * row
     return acc
@@ -337,6 +344,10 @@ def _fused_fp32_kernel(
     WANT_DX: gl.constexpr,
     WANT_Y: gl.constexpr,
     BLOCKS: gl.constexpr,  # per width i: the layout of a [BLOCK_N, P(i)] block
+    COLUMNS: gl.constexpr,  # per width i: BLOCKS[i] for a row of a_s ([1, BLOCK_N, 1])
+    A_SHARED: gl.constexpr,  # a_s's layout (padded every UNROLL rows) and as UNROLL-row
+    A_ROWS: gl.constexpr,  # buffers
+    W_H_ROWS: gl.constexpr,  # rows of the memory w_s and h_s share: max(DP, BLOCK_N)
     GRADS: gl.constexpr,  # per layer: the layout of its [G, P(i+1), P(i)] gradient sums
     GROUPS: gl.constexpr,  # per layer: G
     WEIGHTS: gl.constexpr,  # per layer: the layout its [P(i+1), P(i)] weight is loaded and
@@ -353,12 +364,16 @@ def _fused_fp32_kernel(
     z_prog = z_ptr + program * (L * BLOCK_N * DP)
     grad_prog = grad_ptr + program * GRAD_ROW
 
-    # a_s: a block transposed (row c: column c of the block, over its samples), or a layer's
-    # input row-major for dW (h_s, the same memory); w_s: W^T or W, row-major; dz_s: dz
-    # row-major, for dW.
-    a_s = gl.allocate_shared_memory(gl.float32, [DP, BLOCK_N], ROW_MAJOR)
-    h_s = _as_buffers(a_s, [BLOCK_N, DP], ROW_MAJOR)
-    w_s = gl.allocate_shared_memory(gl.float32, [DP, DP], ROW_MAJOR)
+    # a_s: a block transposed (row c: column c of the block, over its samples), padded
+    # every UNROLL rows so that the stores that transpose a block have no bank conflicts
+    # (a_shared_layout); w_s: W^T or W, row-major; h_s: a layer's input row-major, for dW,
+    # then the groups' sums, in w_s's memory (dW does not use w_s); dz_s: dz row-major, for
+    # dW.
+    a_s = gl.allocate_shared_memory(gl.float32, [DP, BLOCK_N], A_SHARED)
+    a_rows = _as_buffers(a_s, [DP // UNROLL, UNROLL, BLOCK_N, 1], A_ROWS)
+    w_h = gl.allocate_shared_memory(gl.float32, [W_H_ROWS, DP], ROW_MAJOR)
+    w_s = w_h.slice(0, DP)
+    h_s = w_h.slice(0, BLOCK_N)
     dz_s = gl.allocate_shared_memory(gl.float32, [BLOCK_N, DP], ROW_MAJOR)
 
     for blk in range(0, blocks_per_split):
@@ -380,8 +395,10 @@ def _fused_fp32_kernel(
                 w_t = w_s.slice(0, WIDTHS[layer]).slice(0, WIDTHS[layer + 1], dim=1)
                 w_t.permute((1, 0)).store(w)
                 _sync_threads()
-                z = _row_product(a_s, w_s, WIDTHS[layer], WIDTHS[layer + 1],
-                                 gl.constexpr(BLOCKS[layer + 1]), BLOCK_N, DP, UNROLL)  # fmt: skip
+                z = _row_product(a_rows, w_s, WIDTHS[layer], WIDTHS[layer + 1],
+                                 gl.constexpr(BLOCKS[layer + 1]),
+                                 gl.constexpr(COLUMNS[layer + 1]), BLOCK_N, DP,
+                                 UNROLL)  # fmt: skip
             z += _layer_bias(b_ptrs, m, sizes, layer, WIDTHS, EXACT,
                              gl.SliceLayout(0, BLOCKS[layer + 1]))[None, :]  # fmt: skip
             gl.store(_scratch_block(z_prog, layer, WIDTHS, BLOCK_N, DP,
@@ -452,8 +469,9 @@ def _fused_fp32_kernel(
                     a_s.slice(0, WIDTHS[layer + 1]).permute((1, 0)).store(dz)
                     w_s.slice(0, WIDTHS[layer + 1]).slice(0, WIDTHS[layer], dim=1).store(w)
                     _sync_threads()
-                    g = _row_product(a_s, w_s, WIDTHS[layer + 1], WIDTHS[layer],
-                                     gl.constexpr(BLOCKS[layer]), BLOCK_N, DP, UNROLL)  # fmt: skip
+                    g = _row_product(a_rows, w_s, WIDTHS[layer + 1], WIDTHS[layer],
+                                     gl.constexpr(BLOCKS[layer]), gl.constexpr(COLUMNS[layer]),
+                                     BLOCK_N, DP, UNROLL)  # fmt: skip
             if WANT_DX:
                 _store_input_gradient(dx_ptr, g, m, row0, N, sizes, WIDTHS, EXACT, BLOCK_N,
                                       gl.constexpr(BLOCKS[0]))  # fmt: skip
@@ -495,6 +513,51 @@ def _tile(rows: int, cols: int, threads: int) -> list[int]:
 def block_layout(block_n: int, width: int, warps: int = NUM_WARPS) -> gl.BlockedLayout:
     """The layout of a [block_n, width] block of samples' values (a product's outputs)."""
     return _blocked([block_n, width], _tile(block_n, width, 32 * warps), warps)
+
+
+def column_layout(block: gl.BlockedLayout) -> gl.BlockedLayout:
+    """`block` (a [block_n, width] block's layout) with a leading dimension of 1: the layout
+    a row of a_s is loaded in ([1, block_n, 1]), as the block's column k."""
+    return gl.BlockedLayout([1, *block.size_per_thread], [1, *block.threads_per_warp],
+                            [1, *block.warps_per_cta], [2, 1, 0])  # fmt: skip
+
+
+def a_padding(block_n: int, width: int, warps: int = NUM_WARPS) -> int:
+    """Floats of padding after every UNROLL rows of a_s (UNROLL = 4, a run of a thread's
+    columns), for blocks of `width` to be stored transposed without bank conflicts. A
+    block's threads hold runs of 4 columns, a warp's first lanes along the columns
+    (block_layout), so unpadded each quarter-warp's stores go to rows 4 apart, 4 x block_n
+    floats: on the same banks (Triton's gl.bank_conflicts at 128 samples and width 64: 7
+    per wavefront, 8-way). Padded by 32 / (lanes along the columns) floats, lane l's row
+    starts l x that many banks further: those lanes spread over the 32 banks, the lanes
+    along the samples (consecutive samples) fill the gaps between them.
+    Only where 8 lanes are along the columns (64 wide), the 8-way case: narrower blocks
+    stay unpadded (2- or 4-way), because triton 3.6 stores into a padded layout one float
+    at a time, leaving it to LLVM to merge them, and their addresses then cost registers
+    (at [5, 16, 3], 128 samples: 159 -> 177, two programs an SM instead of three; at the
+    target 231 either way). 0: unpadded."""
+    lanes = block_layout(block_n, width, warps).threads_per_warp[1]
+    return 32 // lanes if lanes == 8 else 0
+
+
+def a_shared_layout(block_n: int, dp: int):
+    """a_s's layout: [dp, block_n], row-major, padded every UNROLL rows by a_padding for
+    the widest layer."""
+    pad = a_padding(block_n, dp)
+    if not pad:
+        return ROW_MAJOR.value
+    return gl.PaddedSharedLayout.with_identity_for([[UNROLL * block_n, pad]], [dp, block_n],
+                                                   [1, 0])  # fmt: skip
+
+
+def a_rows_layout(block_n: int, dp: int):
+    """a_s as [dp / UNROLL] buffers of UNROLL rows ([UNROLL, block_n, 1] each), laid out
+    as a_shared_layout (the padding follows each buffer)."""
+    pad = a_padding(block_n, dp)
+    if not pad:
+        return gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    return gl.PaddedSharedLayout.with_identity_for([[UNROLL * block_n, pad]],
+                                                   [UNROLL, block_n, 1], [2, 1, 0])  # fmt: skip
 
 
 def gradient_layout(d_out: int, d_in: int, block_n: int, capacity: int,
@@ -593,6 +656,9 @@ def fused_mlp(weights, biases, x, targets, sample_weights, *, hidden_act, output
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
         WANT_DX=want_dx, WANT_Y=want_y,
         BLOCKS=tuple(block_layout(block_n, p) for p in widths),
+        COLUMNS=tuple(column_layout(block_layout(block_n, p)) for p in widths),
+        A_SHARED=a_shared_layout(block_n, dp), A_ROWS=a_rows_layout(block_n, dp),
+        W_H_ROWS=max(dp, block_n),
         GRADS=tuple(g[1] for g in gradients), GROUPS=tuple(g[0] for g in gradients),
         WEIGHTS=tuple(weight_layout(widths[i + 1], widths[i]) for i in range(num_layers)),
         WEIGHTS_T=tuple(transposed_weight_layout(widths[i + 1], widths[i])
