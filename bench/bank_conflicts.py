@@ -86,12 +86,11 @@ def modelled(
     shared memory where element (r, c) is the 4-byte word offset(r, c), for the layouts
     Triton's count refuses (padded ones: "padded shared encoding has no linear layout").
     A thread accesses up to `widest` elements consecutive along `contiguous` at once (4:
-    16 bytes);
-    a warp's accesses of v words are served 32 / v lanes at a time (a quarter-warp for 16
-    bytes), each in as many wavefronts as the most distinct words on one bank (one word
-    read by several lanes is one); the count is the most wavefronts any instruction takes
-    beyond one, as gl.bank_conflicts' (test_sm90_resources: the two agree on every block
-    layout and unpadded tile the fused kernel can have)."""
+    16 bytes); a warp's accesses of v words are served 32 / v lanes at a time (a
+    quarter-warp for 16 bytes), each in as many wavefronts as the most distinct words on
+    one bank (one word read by several lanes is one); the count is the most wavefronts any
+    instruction takes beyond one, as gl.bank_conflicts' (test_sm90_resources: the two
+    agree on every block layout and unpadded tile the fused kernel can have)."""
     spt, lanes, per_warp = layout.size_per_thread, layout.threads_per_warp, layout.warps_per_cta
     vector = min(widest, spt[contiguous])
     # a thread's registers repeat the layout's tile along each dimension it does not cover
