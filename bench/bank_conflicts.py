@@ -44,6 +44,10 @@ from gradserve.kernels import gluon_fused, gluon_matmul  # noqa: E402
 # one padding for every layer, as a_s is one allocation and Triton refuses a view of it
 # padded otherwise), 1 per wavefront where its own padding would give 0; once a block.
 KNOWN = {"h stored transposed (first layer)"}
+# The fused kernel's stores into its padded a_s, which `modelled` counts.
+PADDED = {"h stored transposed", "h stored transposed (first layer)", "dz stored transposed"}
+# The block sizes a fused launch can have (gluon_fused.fused_mlp: 16 to BLOCK_N samples).
+BLOCK_SIZES = (16, 32, 64, 128)
 
 
 @gluon.jit
@@ -128,7 +132,7 @@ def model_agreement() -> list:
     """(block_n, width, tile order, Triton's count, the model's) for every block layout the
     fused kernel can have, stored to an unpadded tile along either dimension."""
     rows = []
-    for block_n, width in itertools.product((16, 32, 64, 128), (16, 32, 64)):
+    for block_n, width in itertools.product(BLOCK_SIZES, (16, 32, 64)):
         layout = gluon_fused.block_layout(block_n, width)
         for order, contiguous in (([0, 1], 0), ([1, 0], 1)):
             row_major = contiguous == 1
@@ -208,7 +212,7 @@ def _scalar_conflicts() -> int:
 
 def _note(access: str) -> str:
     notes = []
-    if "transposed" in access and "tile" not in access:
+    if access in PADDED:
         notes.append("into a_s padded (counted by `modelled`)")
     if access in KNOWN:
         notes.append("left (KNOWN in the script)")

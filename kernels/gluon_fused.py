@@ -540,24 +540,24 @@ def a_padding(block_n: int, width: int, warps: int = NUM_WARPS) -> int:
     return 32 // lanes if lanes == 8 else 0
 
 
-def a_shared_layout(block_n: int, dp: int):
-    """a_s's layout: [dp, block_n], row-major, padded every UNROLL rows by a_padding for
-    the widest layer."""
-    pad = a_padding(block_n, dp)
+def _a_layout(block_n: int, dp: int, shape: list):
+    """a_s's memory viewed as `shape`, row-major, padded after every UNROLL rows of a_s by
+    a_padding for the widest layer (unpadded where that is 0)."""
+    pad, order = a_padding(block_n, dp), list(reversed(range(len(shape))))
     if not pad:
-        return ROW_MAJOR.value
-    return gl.PaddedSharedLayout.with_identity_for([[UNROLL * block_n, pad]], [dp, block_n],
-                                                   [1, 0])  # fmt: skip
+        return gl.SwizzledSharedLayout(1, 1, 1, order)
+    return gl.PaddedSharedLayout.with_identity_for([[UNROLL * block_n, pad]], shape, order)
+
+
+def a_shared_layout(block_n: int, dp: int):
+    """a_s's layout: [dp, block_n]."""
+    return _a_layout(block_n, dp, [dp, block_n])
 
 
 def a_rows_layout(block_n: int, dp: int):
-    """a_s as [dp / UNROLL] buffers of UNROLL rows ([UNROLL, block_n, 1] each), laid out
-    as a_shared_layout (the padding follows each buffer)."""
-    pad = a_padding(block_n, dp)
-    if not pad:
-        return gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    return gl.PaddedSharedLayout.with_identity_for([[UNROLL * block_n, pad]],
-                                                   [UNROLL, block_n, 1], [2, 1, 0])  # fmt: skip
+    """a_s as [dp / UNROLL] buffers of UNROLL rows ([UNROLL, block_n, 1] each; the padding
+    follows each buffer, as in a_shared_layout)."""
+    return _a_layout(block_n, dp, [UNROLL, block_n, 1])
 
 
 def gradient_layout(d_out: int, d_in: int, block_n: int, capacity: int,

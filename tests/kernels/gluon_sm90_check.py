@@ -36,6 +36,7 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run with the interpreter off"
 from triton.runtime import driver  # noqa: E402
 
 from bench.bank_conflicts import (  # noqa: E402
+    BLOCK_SIZES,
     KNOWN,
     a_offset,
     fused_accesses,
@@ -77,7 +78,7 @@ def main() -> int:
         )
         if triton_count != model_count:
             failures.append(("model", block_n, width, order, triton_count, model_count))
-    for block_n in (16, 32, 64, 128):  # every block a 64-wide job can have
+    for block_n in BLOCK_SIZES:  # every block a 64-wide job can have
         stored = modelled(gluon_fused.block_layout(block_n, 64), [block_n, 64], 0,
                           a_offset(block_n, 64), gluon_fused.NUM_WARPS)  # fmt: skip
         print(f"{block_n} x 64 stored transposed into a_s padded: bank conflicts {stored}")
