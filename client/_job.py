@@ -262,7 +262,7 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
         tensors = {name: float64_as_float32(value) for name, value in tensors.items()}
     descriptors, payloads = [], []
     for name, value in tensors.items():
-        dtype, shape, data = to_wire(value)
+        dtype, shape, data = to_wire(value, name)
         descriptors.append(pb.TensorDescriptor(name=name, dtype=dtype, shape=shape))
         payloads.append((name, data))
     header = pb.JobHeader(

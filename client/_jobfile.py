@@ -55,16 +55,28 @@ def load_job(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             raise ValueError(f"{path}: not an npz file (no zip archive)")
         try:
             with np.load(path, allow_pickle=False) as f:
-                tensors = {k: f[k] for k in f.files}
+                tensors = {k: _npz_array(path, f, k) for k in f.files}
         except zipfile.BadZipFile as e:
             raise ValueError(f"{path}: not an npz file ({e})") from None
         job = str(tensors.pop(JOB_KEY)) if JOB_KEY in tensors else "{}"
+        for name, a in tensors.items():
+            if a.dtype.kind not in "fiub":
+                raise ValueError(f"{path}: array {name!r} has dtype {a.dtype}; "
+                                 "job files hold real numbers")  # fmt: skip
     else:
         tensors, metadata = _safetensors.load(path)
         if not isinstance(metadata, dict):
             raise ValueError(f"{path}: the safetensors metadata is no JSON object")
         job = metadata.get(JOB_KEY, "{}")
     return tensors, _job_object(path, job)
+
+
+def _npz_array(path: str, npz, name: str) -> np.ndarray:
+    try:
+        return npz[name]
+    except ValueError:  # numpy's "Object arrays cannot be loaded when allow_pickle=False"
+        raise ValueError(f"{path}: array {name!r} holds Python objects; "
+                         "job files hold real numbers") from None  # fmt: skip
 
 
 def _job_object(path: str, text: str) -> dict[str, Any]:

@@ -41,12 +41,16 @@ def is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
-def to_wire(x: Any) -> tuple[int, tuple[int, ...], memoryview]:
-    """(wire dtype, shape, raw bytes) of a numpy array, torch tensor or nested list."""
+def to_wire(x: Any, name: str = "tensor") -> tuple[int, tuple[int, ...], memoryview]:
+    """(wire dtype, shape, raw bytes) of a numpy array, torch tensor or nested list. Values
+    that are no real numbers (complex, text, dates) are refused (TypeError naming the
+    tensor): converting them would drop the imaginary part or fail deep inside numpy."""
     if is_torch(x):
         import torch
 
         t = x.detach().cpu().contiguous()
+        if t.is_complex():
+            raise TypeError(f"{name}: complex tensors are not accepted (dtype {t.dtype})")
         if t.dtype == torch.bfloat16:
             return pb.DATA_TYPE_BFLOAT16, tuple(t.shape), raw_bytes(t.view(torch.int16).numpy())
         if t.dtype == torch.bool or not (
@@ -57,8 +61,15 @@ def to_wire(x: Any) -> tuple[int, tuple[int, ...], memoryview]:
     a = np.asarray(x)
     if a.dtype.kind in "iub":
         a = a.astype(np.int64, copy=False) if a.dtype not in WIRE_DTYPES else a
+    elif a.dtype.kind == "O":  # e.g. a list mixing numbers and 0-d tensors
+        try:
+            a = a.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}: holds values that are no numbers") from None
+    elif a.dtype.kind != "f":
+        raise TypeError(f"{name}: dtype {a.dtype} is not accepted; send real numbers")
     elif a.dtype not in WIRE_DTYPES:
-        a = a.astype(np.float64)
+        a = a.astype(np.float64)  # float128 and the like
     a = np.ascontiguousarray(a)
     if a.dtype.byteorder == ">":  # the wire is little-endian
         a = a.astype(a.dtype.newbyteorder("<"))

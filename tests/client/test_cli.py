@@ -403,6 +403,16 @@ def _safetensors_bytes(header) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _npz_bytes(inputs: np.ndarray) -> bytes:
+    """An npz job whose inputs are `inputs`, its other arrays fine."""
+    import io
+
+    f = io.BytesIO()
+    np.savez(f, inputs=inputs, targets=np.ones((2, 1), np.float32),
+             **{"layers.0.weight": np.ones((1, 1, 1), np.float32)})  # fmt: skip
+    return f.getvalue()
+
+
 @pytest.mark.parametrize(
     "name, content",
     [
@@ -417,6 +427,11 @@ def _safetensors_bytes(header) -> bytes:
          _safetensors_bytes({"__metadata__": {"gradserve.job": "[1]"}})),
         ("broken.npz", b"PK\x03\x04 not really a zip"),
         ("text.npz", b"inputs,targets\n1,2\n"),
+        # arrays that are no real numbers: a pickle numpy will not load, and values that
+        # converting would garble (an imaginary part dropped) or fail on deep in numpy
+        ("objects.npz", _npz_bytes(np.array([{"x": 1}, None], dtype=object))),
+        ("strings.npz", _npz_bytes(np.array([["1"], ["2"]]))),
+        ("complex.npz", _npz_bytes(np.ones((2, 1), np.complex64))),
     ],
 )  # fmt: skip
 def test_malformed_job_files_get_a_clear_error_not_a_traceback(tmp_path, name, content):

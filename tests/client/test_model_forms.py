@@ -505,6 +505,39 @@ def test_options_the_job_would_not_honour_are_refused_before_sending(options, me
 
 
 @pytest.mark.parametrize(
+    "field, value, message",
+    [
+        # casting would drop the imaginary part (numpy and torch only warn)
+        ("inputs", torch.randn(4, 3, dtype=torch.complex64), "inputs: complex tensors"),
+        ("targets", np.ones((4, 2), np.complex128), "targets: dtype complex128"),
+        ("inputs", [["1", "2", "3"]] * 4, "inputs: dtype <U1"),
+        ("targets", np.array([[{"x": 1}, 1.0]] * 4, dtype=object), "targets: holds values that"),
+        ("sample_weights", np.array(["2026-11-28"] * 4, "datetime64[D]"), "sample_weights"),
+    ],
+)
+def test_tensors_of_values_that_are_no_real_numbers_are_refused_before_sending(
+    field, value, message
+):
+    """No server listens at this address: the TypeError names the tensor, before a byte
+    is sent."""
+    net = make_net(3)
+    job = dict(inputs=torch.randn(4, 3), targets=torch.randn(4, 2), sample_weights=None)
+    job[field] = value
+    with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
+        with pytest.raises(TypeError, match=message):
+            dead.compute(net, **job)
+
+
+def test_a_list_of_numbers_and_zero_dim_tensors_is_still_sent_as_numbers(client):
+    net = make_net(3)
+    x = torch.randn(4, 3)
+    targets = [[torch.tensor(0.5), 1.0]] * 4  # numpy makes this an object array
+    expected = client.compute(net, x, torch.tensor([[0.5, 1.0]] * 4))
+    got = client.compute(net, x, targets)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
     "loss, targets, message",
     [
         # one-hot or probability targets, as torch's CrossEntropyLoss also takes
