@@ -53,6 +53,8 @@ def to_wire(x: Any, name: str = "tensor") -> tuple[int, tuple[int, ...], memoryv
             raise TypeError(f"{name}: complex tensors are not accepted (dtype {t.dtype})")
         if t.dtype == torch.bfloat16:
             return pb.DATA_TYPE_BFLOAT16, tuple(t.shape), raw_bytes(t.view(torch.int16).numpy())
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.float()  # float8 and the like, which numpy lacks: widened exactly
         if t.dtype == torch.bool or not (
             t.is_floating_point() or t.dtype in (torch.int32, torch.int64)
         ):

@@ -528,6 +528,16 @@ def test_tensors_of_values_that_are_no_real_numbers_are_refused_before_sending(
             dead.compute(net, **job)
 
 
+def test_float8_tensors_are_sent_as_the_float32_they_equal(client):
+    """numpy has no float8: such tensors are widened, exactly, before they are sent."""
+    net = make_net(3)
+    x = torch.randn(4, 3).to(torch.float8_e4m3fn)
+    y = torch.randn(4, 2).to(torch.float8_e5m2)
+    expected = client.compute(net, x.float(), y.float())
+    got = client.compute(net, x, y)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+
+
 def test_a_list_of_numbers_and_zero_dim_tensors_is_still_sent_as_numbers(client):
     net = make_net(3)
     x = torch.randn(4, 3)
