@@ -285,6 +285,17 @@ def test_fused_on_gluon_narrow_outputs_take_the_reductions(monkeypatch):
     assert any((reduced[name] != products[name]).any() for name in reduced)
 
 
+def _assert_covers_once(layout, shape):
+    """A layout of a program's threads over `shape` gives no thread copies: no dimension
+    is covered more than once, every lane and warp of the program is used."""
+    for d, size in enumerate(shape):
+        covered = (layout.size_per_thread[d] * layout.threads_per_warp[d]
+                   * layout.warps_per_cta[d])  # fmt: skip
+        assert covered <= size, (shape, layout)
+    assert math.prod(layout.threads_per_warp) == 32
+    assert math.prod(layout.warps_per_cta) == gluon_fused.NUM_WARPS
+
+
 @pytest.mark.parametrize("block_n", [16, 32, 64, 128])
 def test_weight_gradient_groups_fit_their_shared_memory_and_use_every_thread(block_n):
     """gradient_layout: more than one group's [Q, K] sums fit the layer input's shared
@@ -298,13 +309,7 @@ def test_weight_gradient_groups_fit_their_shared_memory_and_use_every_thread(blo
         groups, layout = gluon_fused.gradient_layout(q, k, block_n, dp * block_n)
         assert 1 <= groups <= block_n, (q, k, dp)
         assert groups == 1 or groups * q * k <= dp * block_n, (q, k, dp)
-        shape = [groups, q, k]
-        for d in range(3):
-            covered = (layout.size_per_thread[d] * layout.threads_per_warp[d]
-                       * layout.warps_per_cta[d])  # fmt: skip
-            assert covered <= shape[d], (q, k, dp, layout)
-        assert math.prod(layout.threads_per_warp) == 32
-        assert math.prod(layout.warps_per_cta) == gluon_fused.NUM_WARPS
+        _assert_covers_once(layout, [groups, q, k])
 
 
 def test_transposed_weight_layout_gives_every_weight_to_one_thread():
@@ -315,13 +320,7 @@ def test_transposed_weight_layout_gives_every_weight_to_one_thread():
         for d_in in [16, 32, 64]:
             if d_out * d_in < 4 * 32 * gluon_fused.NUM_WARPS:
                 continue
-            layout = gluon_fused.transposed_weight_layout(d_out, d_in)
-            for d, size in enumerate((d_out, d_in)):
-                covered = (layout.size_per_thread[d] * layout.threads_per_warp[d]
-                           * layout.warps_per_cta[d])  # fmt: skip
-                assert covered <= size, (d_out, d_in, layout)
-            assert math.prod(layout.threads_per_warp) == 32
-            assert math.prod(layout.warps_per_cta) == gluon_fused.NUM_WARPS
+            _assert_covers_once(gluon_fused.transposed_weight_layout(d_out, d_in), [d_out, d_in])
 
 
 @pytest.mark.parametrize("n", [1, 37, 300])
