@@ -8,6 +8,7 @@ import os
 import re
 import sys
 from dataclasses import fields
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from gradserve.client._client import GradientClient
 from gradserve.client._errors import GradserveError
 from gradserve.client._examples import ensemble_network, notebook_network
 from gradserve.client._job import JobOptions, is_parameter
-from gradserve.client._jobfile import load_job, save_job, save_results, strict_json
+from gradserve.client._jobfile import SUMMARY_KEY, load_job, save_job, save_results, strict_json
 from gradserve.client._progress import ProgressBar
 from gradserve.v1 import gradserve_pb2 as pb
 
@@ -74,6 +75,41 @@ def _check_layer_sizes(path: str, sizes, params: dict) -> None:
         raise ValueError(f"{path}: layer_sizes {sizes} disagree with the weights' {actual}")
 
 
+def _parameters_from(path: str, job_path: str, tensors: dict, training: bool) -> tuple[dict, Any]:
+    """The job's tensors with its parameters (and, when `training`, optimiser state)
+    replaced by those of an earlier training job's results file, and the steps that state
+    has taken (its summary's trained_steps; None where the summary does not say): the job's
+    start_step. Without state (trained without --return-optimizer-state, or a job that
+    does not train) that is 0, as with a fresh torch.optim optimiser."""
+    results, summary = load_job(path, SUMMARY_KEY)
+    params = {k: v for k, v in results.items() if is_parameter(k)}
+    if not params:
+        raise ValueError(
+            f"{path}: holds no parameters (layers.{{i}}.weight); give the results file of a "
+            "training job (--optimizer)"
+        )
+    own = {k: v for k, v in tensors.items() if is_parameter(k)}
+    differ = [
+        f"{k} {_shape(params.get(k))} vs {_shape(own.get(k))}"
+        for k in sorted(set(params) | set(own))
+        if k not in params or k not in own or params[k].shape != own[k].shape
+    ]
+    if differ:
+        raise ValueError(f"{path}: its parameters do not fit {job_path}'s: {', '.join(differ)}")
+    state = {k: v for k, v in results.items() if training and OPTIMIZER_STATE.fullmatch(k)}
+    steps = summary.get("trained_steps") if state else 0
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        steps = None
+    kept = {
+        k: v for k, v in tensors.items() if not is_parameter(k) and not OPTIMIZER_STATE.fullmatch(k)
+    }
+    return {**kept, **params, **state}, steps
+
+
+def _shape(a) -> str:
+    return "missing" if a is None else str(list(a.shape))
+
+
 def connect(args) -> GradientClient:
     return GradientClient(
         args.address.split(","), timeout=args.timeout, token=args.token or None,
@@ -86,6 +122,15 @@ def _compute(args) -> int:
     tensors, job = load_job(args.job)
     overrides = {k: v for k, v in vars(args).items() if k in OPTION_NAMES and v is not None}
     options = _checked_job_options(args.job, job)
+    if args.parameters_from:  # before the flags, so that --start-step still wins
+        training = bool(overrides.get("optimizer", options.get("optimizer")))
+        tensors, steps = _parameters_from(args.parameters_from, args.job, tensors, training)
+        if steps is None and args.start_step is None:
+            raise ValueError(
+                f"{args.parameters_from}: its summary ({SUMMARY_KEY}) does not say how many "
+                "steps its optimiser state has taken (trained_steps); give --start-step"
+            )
+        options["start_step"] = steps
     options.update(overrides)
     for key in ("hidden_activation", "output_activation"):
         if isinstance(options.get(key), list):  # ["leaky_relu", 0.2] from JSON
@@ -104,8 +149,10 @@ def _compute(args) -> int:
         options["optimizer_state"] = state
     if options.get("optimizer") and not args.json:
         models = next(iter(params.values())).shape[0]
+        first = options.get("start_step", 0)  # steps counted over the whole training
         options["on_step"] = lambda k, losses: print(
-            f"step {k}: mean loss {float(np.mean(losses)):.6g} over {models} models", flush=True
+            f"step {first + k}: mean loss {float(np.mean(losses)):.6g} over {models} models",
+            flush=True,
         )
     if "inputs" not in tensors or "targets" not in tensors:
         raise SystemExit(f"{args.job}: the job needs 'inputs' and 'targets' tensors")
@@ -133,6 +180,8 @@ def _compute(args) -> int:
         "loss": np.asarray(result.loss).tolist(),
         **result.summary,
     }
+    if result.losses is not None:  # what --parameters-from continues from
+        summary["trained_steps"] = options.get("start_step", 0) + len(result.losses)
     if args.out:
         out = {k: np.ascontiguousarray(v) for k, v in result.tensors.items()}
         bfloat16 = [name for name, d in result.wire_dtypes.items() if d == "bfloat16"]
@@ -410,14 +459,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--start-step",
         dest="start_step",
         type=int,
-        help="steps the job file's optimiser state has taken (to continue training)",
+        help="steps the job file's optimiser state has taken (to continue training; "
+        "--parameters-from reads it from the results' summary)",
     )
     c.add_argument(
         "--return-optimizer-state",
         dest="return_optimizer_state",
         action=on_off,
         default=None,
-        help="return the optimiser state too (a job file carrying it continues training)",
+        help="return the optimiser state too (--parameters-from the results continues training)",
+    )
+    c.add_argument(
+        "--parameters-from",
+        dest="parameters_from",
+        metavar="RESULTS",
+        help="take the parameters from an earlier training job's results file (and, when "
+        "training, its optimiser state and step count: training continues where it ended)",
     )
     c.set_defaults(run=_compute)
 
@@ -458,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     except GradserveError as e:
         print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `gradserve-client ... | head`: the reader has all it wants
+        # Python would report the unflushed stdout's EPIPE again on the way out.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,8 +45,9 @@ def save_job(path: str, tensors: dict[str, np.ndarray], job: dict[str, Any]) -> 
         _safetensors.save(tensors, path, {JOB_KEY: json.dumps(job)})
 
 
-def load_job(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors, job description); ValueError (or OSError) for a file that is none."""
+def load_job(path: str, key: str = JOB_KEY) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors, job description); ValueError (or OSError) for a file that is none. With
+    `key` SUMMARY_KEY it reads a results file: (tensors, summary)."""
     if path.endswith(".npz"):
         # np.load tries anything that is not a zip archive as a pickle (refused, with a
         # message about pickles); say what is wrong instead.
@@ -58,7 +59,7 @@ def load_job(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
                 tensors = {k: _npz_array(path, f, k) for k in f.files}
         except zipfile.BadZipFile as e:
             raise ValueError(f"{path}: not an npz file ({e})") from None
-        job = str(tensors.pop(JOB_KEY)) if JOB_KEY in tensors else "{}"
+        job = str(tensors.pop(key)) if key in tensors else "{}"
         for name, a in tensors.items():
             if a.dtype.kind not in "fiub":
                 raise ValueError(f"{path}: array {name!r} has dtype {a.dtype}; "
@@ -67,8 +68,8 @@ def load_job(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         tensors, metadata = _safetensors.load(path)
         if not isinstance(metadata, dict):
             raise ValueError(f"{path}: the safetensors metadata is no JSON object")
-        job = metadata.get(JOB_KEY, "{}")
-    return tensors, _job_object(path, job)
+        job = metadata.get(key, "{}")
+    return tensors, _job_object(path, job, key)
 
 
 def _npz_array(path: str, npz, name: str) -> np.ndarray:
@@ -79,13 +80,14 @@ def _npz_array(path: str, npz, name: str) -> np.ndarray:
                          "job files hold real numbers") from None  # fmt: skip
 
 
-def _job_object(path: str, text: str) -> dict[str, Any]:
+def _job_object(path: str, text: str, key: str) -> dict[str, Any]:
+    what = "job description" if key == JOB_KEY else "summary"
     try:
         job = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: the job description ({JOB_KEY}) is no JSON: {e}") from None
+        raise ValueError(f"{path}: the {what} ({key}) is no JSON: {e}") from None
     if not isinstance(job, dict):
-        raise ValueError(f"{path}: the job description ({JOB_KEY}) is no JSON object")
+        raise ValueError(f"{path}: the {what} ({key}) is no JSON object")
     return job
 
 

@@ -114,6 +114,94 @@ def test_training_flags_print_each_step_and_write_parameters(server, tmp_path):
     assert (results["losses"][-1] < results["losses"][0]).mean() > 0.9  # it trains
 
 
+def test_parameters_from_continues_training_where_it_ended(server, tmp_path):
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    adam = ["--address", server.address, "compute", job]
+    train = ["--optimizer", "adam", "--learning-rate", "0.01", "--return-optimizer-state"]
+    first, second, whole = (str(tmp_path / f"{n}.safetensors") for n in ("a", "b", "whole"))
+    cli(*adam, first, *train, "--steps", "3")
+    printed = cli(*adam, second, *train, "--steps", "2", "--parameters-from", first).stdout
+    assert [line.split(":")[0] for line in printed.splitlines()[:2]] == ["step 3", "step 4"]
+    cli(*adam, whole, *train, "--steps", "5")
+    continued, straight = safetensors.numpy.load_file(second), safetensors.numpy.load_file(whole)
+    assert set(continued) == set(straight)
+    for name in straight:  # 3 + 2 steps are the 5 steps, Adam's bias correction included
+        expected = straight[name][3:] if name == "losses" else straight[name]
+        assert np.array_equal(continued[name], expected), name
+    summaries = [results_summary(p) for p in (first, second, whole)]
+    assert [s["trained_steps"] for s in summaries] == [3, 5, 5]
+
+    # Without an optimiser, the trained parameters' loss and gradients: those of a job file
+    # that holds them.
+    trained = dict(safetensors.numpy.load_file(job))
+    trained.update({k: v for k, v in continued.items() if k.startswith("layers.") and
+                    k.count(".") == 2})  # fmt: skip
+    from gradserve.client._jobfile import load_job, save_job
+
+    save_job(str(tmp_path / "trained.safetensors"), trained, load_job(job)[1])
+    grads = [str(tmp_path / f"g{i}.npz") for i in range(2)]
+    cli(*adam, grads[0], "--parameters-from", second)
+    cli("--address", server.address, "compute", str(tmp_path / "trained.safetensors"), grads[1])
+    a, b = (dict(np.load(g)) for g in grads)
+    for name in a:
+        if name != "gradserve.summary":
+            assert np.array_equal(a[name], b[name]), name
+
+
+def test_a_reader_that_stops_early_ends_the_cli_quietly(server, tmp_path):
+    """`gradserve-client compute ... | head -1`: exit as a shell command ended by SIGPIPE
+    does, with no error message or traceback."""
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradserve.client", "--address", server.address, "compute", job,
+         "--optimizer", "sgd", "--learning-rate", "0.01", "--steps", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline().startswith("step 0:")
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == ""
+
+
+def results_summary(path: str) -> dict:
+    with safetensors.safe_open(path, "np") as f:
+        return json.loads(f.metadata()["gradserve.summary"])
+
+
+def test_parameters_from_files_that_cannot_continue_are_refused(server, tmp_path):
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    other = str(tmp_path / "notebook-2-2-1.safetensors")
+    base = ["--address", server.address, "compute", job]
+    adam = ["--optimizer", "adam", "--learning-rate", "0.01", "--steps", "2"]
+    grads, trained = str(tmp_path / "grads.safetensors"), str(tmp_path / "t.safetensors")
+    cli(*base, grads)
+    cli(*base, trained, *adam, "--return-optimizer-state")
+
+    refused = cli(*base, *adam, "--parameters-from", grads, check=False)
+    assert refused.returncode == 2 and "holds no parameters" in refused.stderr
+    refused = cli("--address", server.address, "compute", other, "--parameters-from", trained,
+                  check=False)  # fmt: skip
+    assert refused.returncode == 2
+    assert "do not fit" in refused.stderr and "layers.0.weight [64, 32, 16] vs [1, 2, 2]" in (
+        refused.stderr
+    )
+    # A results file whose summary lost the step count: its state cannot be continued
+    # without being told how far it got.
+    tensors = safetensors.numpy.load_file(trained)
+    bare = str(tmp_path / "bare.safetensors")
+    safetensors.numpy.save_file(tensors, bare)
+    refused = cli(*base, *adam, "--parameters-from", bare, check=False)
+    assert refused.returncode == 2 and "give --start-step" in refused.stderr
+    cli(*base, *adam, "--parameters-from", bare, "--start-step", "2")
+    # Trained without its state: training starts afresh from the trained parameters.
+    stateless = str(tmp_path / "stateless.safetensors")
+    cli(*base, stateless, *adam)
+    assert "step 0:" in cli(*base, *adam, "--parameters-from", stateless).stdout
+
+
 @pytest.mark.parametrize(
     "flags, options",
     [
