@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from dataclasses import fields
 from typing import Any
@@ -15,7 +14,7 @@ import numpy as np
 from gradserve.client._client import GradientClient
 from gradserve.client._errors import GradserveError
 from gradserve.client._examples import ensemble_network, notebook_network
-from gradserve.client._job import JobOptions, is_parameter
+from gradserve.client._job import JobOptions, is_optimizer_state, is_parameter
 from gradserve.client._jobfile import SUMMARY_KEY, load_job, save_job, save_results, strict_json
 from gradserve.client._progress import ProgressBar
 from gradserve.v1 import gradserve_pb2 as pb
@@ -38,8 +37,6 @@ OPTION_TYPES = {
 # them too) and the compute() options that are plain values.
 JOB_FILE_OPTIONS = OPTION_NAMES - {"optimizer_state", "on_step", "on_progress"}
 SAMPLE_TENSORS = ("inputs", "targets", "sample_weights")
-# Optimiser state a job file may carry to continue training (torch.optim's names).
-OPTIMIZER_STATE = re.compile(r"layers\.\d+\.(weight|bias)\.(exp_avg|exp_avg_sq|momentum_buffer)")
 
 
 def _checked_job_options(path: str, job: dict) -> dict:
@@ -96,13 +93,11 @@ def _parameters_from(path: str, job_path: str, tensors: dict, training: bool) ->
     ]
     if differ:
         raise ValueError(f"{path}: its parameters do not fit {job_path}'s: {', '.join(differ)}")
-    state = {k: v for k, v in results.items() if training and OPTIMIZER_STATE.fullmatch(k)}
+    state = {k: v for k, v in results.items() if training and is_optimizer_state(k)}
     steps = summary.get("trained_steps") if state else 0
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         steps = None
-    kept = {
-        k: v for k, v in tensors.items() if not is_parameter(k) and not OPTIMIZER_STATE.fullmatch(k)
-    }
+    kept = {k: v for k, v in tensors.items() if not is_parameter(k) and not is_optimizer_state(k)}
     return {**kept, **params, **state}, steps
 
 
@@ -137,7 +132,7 @@ def _compute(args) -> int:
             options[key] = tuple(options[key])
     # A job file may carry optimiser state ("layers.0.weight.exp_avg") to continue from.
     params = {k: v for k, v in tensors.items() if is_parameter(k)}
-    state = {k: v for k, v in tensors.items() if OPTIMIZER_STATE.fullmatch(k)}
+    state = {k: v for k, v in tensors.items() if is_optimizer_state(k)}
     unknown = sorted(set(tensors) - set(params) - set(state) - set(SAMPLE_TENSORS))
     if unknown:  # a misspelt "sample_weight" would otherwise be left out of the job
         raise ValueError(

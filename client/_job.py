@@ -226,12 +226,31 @@ def check_options(opts: JobOptions) -> None:
             raise ValueError(f"{', '.join(given)}: options of server-side training, which "
                              "needs optimizer ('sgd', 'adam' or 'adamw')")  # fmt: skip
         return
+    _check_optimizer_state(opts.optimizer_state)
     if opts.optimizer == "sgd":
         stray = [name for name in ADAM_ONLY if getattr(opts, name) is not None]
     else:
         stray = [name for name in SGD_ONLY if getattr(opts, name)]
     if stray:
         raise ValueError(f"{', '.join(stray)}: not options of optimizer {opts.optimizer!r}")
+
+
+def _check_optimizer_state(state) -> None:
+    """optimizer_state is an earlier result's, by wire name; anything else (torch.optim's
+    state_dict(), a key that would replace one of the job's own tensors) is refused here
+    with what it should be, not sent."""
+    if state is None:
+        return
+    what = "optimizer_state takes an earlier result's optimizer_state"
+    if not isinstance(state, dict):
+        raise TypeError(f"{what} (a dict), got {type(state).__name__}")
+    odd = next((key for key in state if not is_optimizer_state(key)), None)
+    if odd is not None:
+        torch_optim = odd in ("state", "param_groups")
+        raise ValueError(
+            f"{what}, keyed like 'layers.0.weight.exp_avg'; got key {odd!r}"
+            + (" (torch.optim's state_dict() is none)" if torch_optim else "")
+        )
 
 
 def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOptions) -> WireJob:
@@ -361,11 +380,18 @@ class ComputeResult:
 
 
 _PARAMETER = re.compile(r"layers\.\d+\.(weight|bias)")
+# Optimiser state by wire name, torch.optim's names after the parameter's.
+_OPTIMIZER_STATE = re.compile(r"layers\.\d+\.(weight|bias)\.(exp_avg|exp_avg_sq|momentum_buffer)")
 
 
 def is_parameter(name: str) -> bool:
     """A parameter's wire name ("layers.0.weight"), as opposed to its gradient or state."""
     return _PARAMETER.fullmatch(name) is not None
+
+
+def is_optimizer_state(name: str) -> bool:
+    """A piece of optimiser state's wire name ("layers.0.weight.exp_avg")."""
+    return isinstance(name, str) and _OPTIMIZER_STATE.fullmatch(name) is not None
 
 
 def result_from_tensors(ensemble: Ensemble, tensors: dict[str, Any], **meta) -> ComputeResult:

@@ -163,6 +163,32 @@ def test_bad_optimizer_options_are_refused(client, options, field):
     assert field in [f for f, _ in err.value.violations], err.value.details
 
 
+@pytest.mark.parametrize(
+    "state, error, message",
+    [
+        # torch.optim's own state_dict(): keyed by parameter index, not by wire name
+        (torch.optim.Adam(torch.nn.Linear(5, 8).parameters()).state_dict(), ValueError,
+         "got key 'state' (torch.optim's state_dict() is none)"),
+        # a key that would have replaced the job's own inputs
+        ({"inputs": np.ones((N, 5), np.float32)}, ValueError, "got key 'inputs'"),
+        ({"layers.0.weight.velocity": np.ones((M, 8, 5), np.float32)}, ValueError,
+         "got key 'layers.0.weight.velocity'"),
+        ([np.ones((M, 8, 5), np.float32)], TypeError, "(a dict), got list"),
+    ],
+)  # fmt: skip
+def test_optimizer_state_that_is_no_earlier_results_is_refused_before_sending(
+    client, state, error, message
+):
+    tensors = random_job(SIZES, M, N, seed=35)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    with pytest.raises(error) as err:
+        client.compute(params, tensors["inputs"].numpy(), tensors["targets"].numpy(),
+                       optimizer="adam", learning_rate=0.1, optimizer_state=state,
+                       start_step=1)  # fmt: skip
+    assert message in str(err.value)
+    assert "optimizer_state takes an earlier result's optimizer_state" in str(err.value)
+
+
 def test_too_many_steps_are_refused_with_resource_exhausted(client):
     tensors = random_job(SIZES, M, N, seed=34)
     params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
