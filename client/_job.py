@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import operator
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -69,7 +70,12 @@ def _choice(table: dict, value: str, what: str) -> int:
 
 
 def _activation(spec: str | tuple[str, float]) -> pb.Activation:
-    name, slope = (spec, 0.0) if isinstance(spec, str) else spec
+    if isinstance(spec, str):
+        name, slope = spec, 0.0
+    elif isinstance(spec, (tuple, list)) and len(spec) == 2 and _real_number(spec[1]):
+        name, slope = spec
+    else:
+        raise TypeError(f"an activation is a name or (name, negative_slope), got {spec!r}")
     if name == "leaky_relu" and slope == 0:
         # On the wire a slope of 0 means "the default, 0.01"; leaky_relu with slope 0 is relu
         # exactly (values, and the derivative 0 at 0), so it goes as relu.
@@ -197,10 +203,67 @@ SGD_ONLY = ("momentum", "dampening", "nesterov")
 ADAM_ONLY = ("betas", "eps")
 
 
+def whole_number(value) -> bool:
+    """An int or an integer-like (numpy's), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+# compute()'s options by the kind of value each takes (the rest are names, checked
+# against their tables, callbacks and optimizer_state), so that a wrong one is refused
+# naming itself rather than by protobuf's "'float' object cannot be interpreted as an
+# integer" as the header is filled.
+WHOLE_OPTIONS = ("steps", "start_step", "micro_batch_samples", "noise_seed")
+REAL_OPTIONS = ("huber_delta", "negative_slope", "clip_norm", "noise_multiplier",
+                "learning_rate", "momentum", "dampening", "weight_decay", "eps")  # fmt: skip
+SWITCHES = ("parameter_gradients", "input_gradients", "per_sample_losses",
+            "per_sample_gradient_norms", "forward_outputs", "allow_non_finite", "nesterov",
+            "return_optimizer_state")  # fmt: skip
+
+
+def _real_number(value) -> bool:
+    """A number that converts to a float (numpy's and 0-d tensors too), not text or a bool."""
+    if isinstance(value, (str, bytes, bool)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_option_types(opts: JobOptions) -> None:
+    for name in WHOLE_OPTIONS:
+        value = getattr(opts, name)
+        if value is None or name == "noise_seed" and whole_number(value):
+            continue  # a seed's range, [0, 2**64), is checked below
+        if not (whole_number(value) and -(2**63) <= value < 2**63):  # the wire's int64
+            raise TypeError(f"{name} must be a whole number, got {value!r}")
+    for name in REAL_OPTIONS:
+        value = getattr(opts, name)
+        if value is not None and not _real_number(value):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+    betas = opts.betas
+    if betas is not None and not (
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(map(_real_number, betas))
+    ):
+        raise TypeError(f"betas must be a pair of numbers (beta1, beta2), got {betas!r}")
+    for name in SWITCHES:
+        value = getattr(opts, name)
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_options(opts: JobOptions) -> None:
     """Refuse options that the wire would carry as something other than what they say: a
     huber_delta of 0 is the wire's "default 1.0", and options of a feature the job does not
     use (training options without an optimizer, momentum for adam) would be ignored."""
+    _check_option_types(opts)
     try:
         delta = float(opts.huber_delta)
     except (TypeError, ValueError):

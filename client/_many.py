@@ -7,12 +7,11 @@ Shared by the sync and asyncio clients.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gradserve.client._connection import call_timeout
-from gradserve.client._job import JobOptions, build_job
+from gradserve.client._job import JobOptions, build_job, whole_number
 from gradserve.client._models import normalize
 
 REQUIRED = ("model", "inputs", "targets")
@@ -21,17 +20,6 @@ REQUIRED = ("model", "inputs", "targets")
 def check_max_in_flight(max_in_flight: int) -> None:
     if not whole_number(max_in_flight) or max_in_flight < 1:
         raise ValueError(f"max_in_flight must be a whole number >= 1, got {max_in_flight!r}")
-
-
-def whole_number(value) -> bool:
-    """An int or an integer-like (numpy's), not a bool."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
 
 
 def checked_jobs(jobs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

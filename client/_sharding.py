@@ -12,8 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from gradserve.client._job import ComputeResult, JobOptions, WireJob, build_job, result_from_tensors
-from gradserve.client._many import whole_number
+from gradserve.client._job import (
+    ComputeResult,
+    JobOptions,
+    WireJob,
+    build_job,
+    result_from_tensors,
+    whole_number,
+)
 from gradserve.client._models import Ensemble, as_array, normalize
 from gradserve.client._tensors import is_torch
 

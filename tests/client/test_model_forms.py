@@ -1,6 +1,7 @@
 """The client accepts each ensemble form and returns results in the same form and kind."""
 
 import asyncio
+import re
 import time
 
 import grpc
@@ -502,6 +503,46 @@ def test_options_the_job_would_not_honour_are_refused_before_sending(options, me
     with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
         with pytest.raises(ValueError, match=message):
             dead.compute(net, torch.randn(4, 3), torch.randn(4, 2), **options)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(micro_batch_samples=2.5), "micro_batch_samples must be a whole number, got 2.5"),
+        (dict(optimizer="sgd", learning_rate=0.1, steps=2.0), "steps must be a whole number"),
+        (dict(optimizer="sgd", learning_rate=0.1, steps=True), "steps must be a whole number"),
+        (dict(optimizer="sgd", learning_rate=0.1, steps=1 << 63), "steps must be a whole"),
+        (dict(optimizer="sgd", learning_rate="0.1"), "learning_rate must be a number, got '0.1'"),
+        (dict(loss="huber", huber_delta="1"), "huber_delta must be a number"),
+        (dict(clip_norm=[1.0]), "clip_norm must be a number"),
+        (dict(clip_norm=1.0, noise_seed=7.0), "noise_seed must be a whole number"),
+        (dict(optimizer="adam", learning_rate=0.1, betas=0.9), "betas must be a pair"),
+        (dict(optimizer="adam", learning_rate=0.1, betas=(0.9, "0.99")), "betas must be a pair"),
+        (dict(input_gradients="yes"), "input_gradients must be True or False, got 'yes'"),
+        (dict(per_sample_losses=None), "per_sample_losses must be True or False"),
+        (dict(hidden_activation=("leaky_relu", "0.2")), "an activation is a name or"),
+        (dict(output_activation=["tanh"]), "an activation is a name or"),
+    ],
+)
+def test_options_of_the_wrong_kind_are_refused_naming_the_option(options, message):
+    """Not by protobuf's "'float' object cannot be interpreted as an integer" as the
+    header is filled; no server listens at this address."""
+    net = torch.func.stack_module_state([make_net(3)])[0]  # a dict: activations by option
+    with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            dead.compute(net, torch.randn(4, 3), torch.randn(4, 2), **options)
+
+
+def test_numbers_of_numpy_and_torch_kinds_are_taken_as_options(client):
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    expected = client.compute(net, x, y, optimizer="adam", learning_rate=0.5, steps=2,
+                              betas=(0.5, 0.75), return_optimizer_state=True)  # fmt: skip
+    got = client.compute(net, x, y, optimizer="adam", learning_rate=torch.tensor(0.5),
+                         steps=np.int64(2), betas=[np.float32(0.5), 0.75],
+                         return_optimizer_state=np.bool_(True))  # fmt: skip
+    for name in expected.parameters:
+        assert torch.equal(got.parameters[name], expected.parameters[name]), name
 
 
 @pytest.mark.parametrize(
