@@ -112,6 +112,15 @@ def _sequential_structure(seq) -> tuple[list, tuple | None, tuple | None]:
         acts_after[-1] = act
     if not linears:
         raise ValueError("the Sequential has no Linear layer")
+    # A layer's gradient is what comes back under its parameters' names; a parameter in
+    # two layers (a Linear used twice, tied weights) would get one use's gradient, not the
+    # sum over its uses that torch computes, and train as two copies.
+    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+    if len({id(p) for p in params}) < len(params):
+        raise ValueError(
+            "a parameter is used by more than one Linear layer (a Linear used twice, or tied "
+            "weights); each layer needs its own parameters"
+        )
     hidden = {a or ("identity", 0.01) for a in acts_after[:-1]}
     if len(hidden) > 1:
         raise ValueError(f"all hidden activations must be the same, got {sorted(hidden)}")

@@ -295,6 +295,23 @@ def test_unsupported_module_is_rejected_before_sending(client):
         client.compute(net, torch.randn(3, 2), torch.randn(3, 1))
 
 
+def test_a_layer_used_twice_is_refused_not_given_one_uses_gradient(client):
+    """torch sums a shared parameter's gradient over its uses; one Linear stands for one
+    layer here, so a Sequential that reuses one (or ties two layers' weights) is refused."""
+    shared = nn.Linear(4, 4)
+    reused = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(4, 2))
+    tied = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    tied[4].weight = tied[2].weight
+    for net in (reused, tied):
+        with pytest.raises(ValueError, match="used by more than one Linear layer"):
+            client.compute(net, torch.randn(5, 3), torch.randn(5, net[-1].out_features))
+    # The same network twice in an ensemble is two models, each with its own gradients.
+    net = make_net(5)
+    twice = client.compute([net, net], torch.randn(5, 3), torch.randn(5, 2))
+    for name in twice.gradients[0]:
+        assert torch.equal(twice.gradients[0][name], twice.gradients[1][name])
+
+
 def test_mixed_hidden_activations_are_rejected(client):
     net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
     with pytest.raises(ValueError, match="hidden activations"):
