@@ -91,6 +91,32 @@ def _flattened(seq) -> list:
     return modules
 
 
+def _check_plain_linear(lin) -> None:
+    """A Linear computes x @ W.T + b with W and b its own parameters, or it is refused:
+    a subclass with its own forward() (a scaled or low-rank adapter), or weights computed
+    from other parameters (weight_norm, spectral_norm, any parametrization) would be sent
+    as a plain Linear, and their gradients come back wrong or not at all."""
+    from torch import nn
+
+    name = type(lin).__name__
+    if type(lin).forward is not nn.Linear.forward:
+        raise ValueError(f"{name} has a forward() of its own; only nn.Linear's is supported")
+    own = dict(lin.named_parameters(recurse=False))
+    plain = (
+        own.get("weight") is lin.weight
+        and (lin.bias is None or own.get("bias") is lin.bias)
+        and not set(own) - {"weight", "bias"}
+        and not any(True for _ in lin.children())
+    )
+    if not plain:
+        raise ValueError(
+            f"{name}'s weight is computed from other parameters (weight_norm, spectral_norm, a "
+            "parametrization); only a Linear's own weight and bias are supported"
+        )
+    if isinstance(lin.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"{name} has no parameters until it has run once")
+
+
 def _sequential_structure(seq) -> tuple[list, tuple | None, tuple | None]:
     """Linear modules, hidden activation, output activation of an nn.Sequential (or of a
     lone nn.Linear: a one-layer network)."""
@@ -101,6 +127,7 @@ def _sequential_structure(seq) -> tuple[list, tuple | None, tuple | None]:
         if type(module) is nn.Identity:  # computes nothing, wherever it stands
             continue
         if isinstance(module, nn.Linear):
+            _check_plain_linear(module)
             linears.append(module)
             acts_after.append(None)
             continue

@@ -312,6 +312,45 @@ def test_a_layer_used_twice_is_refused_not_given_one_uses_gradient(client):
         assert torch.equal(twice.gradients[0][name], twice.gradients[1][name])
 
 
+class ScaledLinear(nn.Linear):
+    """An adapter-style Linear whose forward() computes something else."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "first_layer, message",
+    [
+        (lambda: ScaledLinear(3, 4), "ScaledLinear has a forward() of its own"),
+        (lambda: torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)),
+         "ParametrizedLinear's weight is computed from other parameters"),
+        (lambda: torch.nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)),
+         "ParametrizedLinear's weight is computed from other parameters"),
+        (lambda: torch.nn.utils.spectral_norm(nn.Linear(3, 4)),  # the older hook-based one
+         "Linear's weight is computed from other parameters"),
+        (lambda: nn.LazyLinear(4), "LazyLinear has no parameters until it has run once"),
+    ],
+)  # fmt: skip
+def test_linears_that_compute_something_else_are_refused_before_sending(first_layer, message):
+    """Sent as plain Linears, their gradients came back wrong (the subclass's own forward
+    ignored) or failed with a KeyError (a computed weight is no parameter of the module)."""
+    net = nn.Sequential(first_layer(), nn.Tanh(), nn.Linear(4, 2))
+    with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            dead.compute(net, torch.randn(5, 3), torch.randn(5, 2))
+
+
+def test_a_linear_subclass_that_computes_what_linear_does_is_taken(client):
+    """torch's own NonDynamicallyQuantizableLinear (nn.MultiheadAttention's out_proj)
+    keeps nn.Linear's forward()."""
+    net = nn.Sequential(nn.modules.linear.NonDynamicallyQuantizableLinear(3, 2))
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    result = client.compute(net, x, y)
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    assert torch.allclose(result.gradients["0.weight"], net[0].weight.grad, atol=1e-6)
+
+
 def test_mixed_hidden_activations_are_rejected(client):
     net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
     with pytest.raises(ValueError, match="hidden activations"):
