@@ -334,12 +334,12 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
     if opts.gradient_dtype is not None:
         grad_dtype = _choice(DATA_TYPE_BY_NAME, opts.gradient_dtype, "gradient_dtype")
     tensors = dict(ensemble.params)
-    tensors["inputs"] = as_array(inputs)
-    tensors["targets"] = as_array(targets)
+    tensors["inputs"] = as_array(inputs, "inputs")
+    tensors["targets"] = as_array(targets, "targets")
     if sample_weights is not None:
-        tensors["sample_weights"] = as_array(sample_weights)
+        tensors["sample_weights"] = as_array(sample_weights, "sample_weights")
     for name, value in (opts.optimizer_state or {}).items():
-        tensors[name] = as_array(value)
+        tensors[name] = as_array(value, name)
     if opts.precision != "float64":
         tensors = {name: float64_as_float32(value) for name, value in tensors.items()}
     descriptors, payloads = [], []

@@ -187,7 +187,7 @@ def _from_dict(state: dict) -> Ensemble:
         if not match:
             raise ValueError(f"parameter key {key!r} is not '<prefix><index>.weight|bias'")
         prefixes.add(match["prefix"])
-        layers.setdefault(int(match["index"]), {})[match["kind"]] = (key, as_array(value))
+        layers.setdefault(int(match["index"]), {})[match["kind"]] = (key, as_array(value, key))
     if len(prefixes) != 1:
         raise ValueError(f"parameter keys must share one prefix, got {sorted(prefixes)}")
     params, keys, without_bias = {}, {}, []
@@ -239,6 +239,12 @@ def normalize(model: Any) -> Ensemble:
     )
 
 
-def as_array(x: Any) -> Any:
-    """Leave torch tensors and numpy arrays alone; turn lists into numpy arrays."""
-    return x if is_torch(x) or isinstance(x, np.ndarray) else np.asarray(x)
+def as_array(x: Any, name: str) -> Any:
+    """Leave torch tensors and numpy arrays alone; turn lists into numpy arrays (a list of
+    rows of different lengths is refused, naming the tensor, not in numpy's words)."""
+    if is_torch(x) or isinstance(x, np.ndarray):
+        return x
+    try:
+        return np.asarray(x)
+    except ValueError:
+        raise ValueError(f"{name}: its rows differ in shape (a ragged list)") from None

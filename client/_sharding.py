@@ -17,6 +17,7 @@ from gradserve.client._job import (
     JobOptions,
     WireJob,
     build_job,
+    check_options,
     result_from_tensors,
     whole_number,
 )
@@ -30,6 +31,7 @@ def sharded_jobs(model, inputs, targets, sample_weights, shards: int,
     ensemble, for merge_results."""
     ensemble = normalize(model)
     opts = JobOptions(**options)
+    check_options(opts)  # before the options are sliced by shard
     bounds = shard_bounds(ensemble.params["layers.0.weight"].shape[0], shards)
     jobs = [build_job(*slice_job(ensemble, inputs, targets, sample_weights, opts.loss, a, b),
                       shard_options(opts, i, a, b))
@@ -61,8 +63,8 @@ def slice_job(ensemble: Ensemble, inputs, targets, sample_weights, loss: str,
               begin: int, end: int):  # fmt: skip
     """The models [begin, end) of a job: their parameters, and their rows of any per-model
     inputs, targets and sample weights (shared ones are sent whole)."""
-    inputs, targets = as_array(inputs), as_array(targets)
-    sample_weights = None if sample_weights is None else as_array(sample_weights)
+    inputs, targets = as_array(inputs, "inputs"), as_array(targets, "targets")
+    sample_weights = None if sample_weights is None else as_array(sample_weights, "sample_weights")
     target_dims = 2 if loss == "cross_entropy" else 3
     part = replace(
         ensemble, params={k: v[begin:end] for k, v in ensemble.params.items()}, form="dict"
@@ -85,7 +87,7 @@ def shard_options(opts, index: int, begin: int, end: int):
     changes = {}
     if opts.optimizer_state:
         changes["optimizer_state"] = {
-            k: as_array(v)[begin:end] for k, v in opts.optimizer_state.items()
+            k: as_array(v, k)[begin:end] for k, v in opts.optimizer_state.items()
         }
     if opts.noise_seed is not None:
         changes["noise_seed"] = (opts.noise_seed + index) % 2**64

@@ -561,6 +561,17 @@ def test_options_the_job_would_not_honour_are_refused_before_sending(options, me
             dead.compute(net, torch.randn(4, 3), torch.randn(4, 2), **options)
 
 
+@pytest.mark.parametrize("field", ["inputs", "targets", "sample_weights"])
+def test_a_ragged_list_is_refused_naming_the_tensor(field):
+    """Not in numpy's words ("setting an array element with a sequence"), which name
+    nothing; no server listens at this address."""
+    job = dict(inputs=torch.randn(4, 3), targets=torch.randn(4, 2), sample_weights=None)
+    job[field] = [[0.5] * 2, [0.5] * 3, [0.5], [0.5] * 2]
+    with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
+        with pytest.raises(ValueError, match=f"{field}: its rows differ in shape"):
+            dead.compute(make_net(3), **job)
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

@@ -1,6 +1,7 @@
 """One ensemble sharded across two real servers equals one server's result."""
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -90,6 +91,27 @@ def test_a_shard_count_below_one_is_refused(shards):
         with pytest.raises(ValueError, match="shards must be"):
             client.compute_sharded(params, np.ones((5, 3), np.float32),
                                    np.ones((5, 2), np.float32), shards=shards)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "job, error, message",
+    [
+        # slicing these by shard failed with an IndexError and an AttributeError
+        (dict(optimizer="adam", learning_rate=0.1, start_step=1,
+              optimizer_state=torch.optim.Adam(nn.Linear(3, 2).parameters()).state_dict()),
+         ValueError, "got key 'state'"),
+        (dict(optimizer="adam", learning_rate=0.1, start_step=1, optimizer_state=[1.0]),
+         TypeError, "(a dict), got list"),
+        (dict(inputs=[[1.0, 2.0, 3.0]] * 4 + [[1.0]]), ValueError, "inputs: its rows differ"),
+    ],
+)  # fmt: skip
+def test_sharded_jobs_are_checked_before_they_are_cut(job, error, message):
+    params = {"layers.0.weight": np.ones((4, 2, 3), np.float32),
+              "layers.0.bias": np.zeros((4, 2), np.float32)}  # fmt: skip
+    job = {"inputs": np.ones((5, 3), np.float32), "targets": np.ones((5, 2), np.float32), **job}
+    with GradientClient(["127.0.0.1:1", "127.0.0.1:2"]) as client:
+        with pytest.raises(error, match=re.escape(message)):
+            client.compute_sharded(params, **job)
 
 
 def test_sharded_training_equals_unsharded_and_continues_from_sharded_state(two_servers):
