@@ -240,7 +240,7 @@ def _real_number(value) -> bool:
 def _check_option_types(opts: JobOptions) -> None:
     for name in WHOLE_OPTIONS:
         value = getattr(opts, name)
-        if value is None or name == "noise_seed" and whole_number(value):
+        if value is None or (name == "noise_seed" and whole_number(value)):
             continue  # a seed's range, [0, 2**64), is checked below
         if not (whole_number(value) and -(2**63) <= value < 2**63):  # the wire's int64
             raise TypeError(f"{name} must be a whole number, got {value!r}")
