@@ -104,12 +104,14 @@ def _fused_variants():
     for precision in (PREC["float32"], TF32X3):
         padded = dict(x3, PRECISION=precision, NARROW_OUT=False)
         yield triton_fused._fused_mlp_kernel, padded, types
-    ce = dict(base, LOSS=LOSS["cross_entropy"], PRECISION=PREC["float32"], WANT_PARAM_GRADS=True,
-              WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
+    ce = dict(base, LOSS=LOSS["cross_entropy"], HIDDEN_ACT=ACT["tanh"], PRECISION=PREC["float32"],
+              WANT_PARAM_GRADS=True, WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
     yield triton_fused._fused_mlp_kernel, ce, {**types, "t_ptr": "*i64"}
     # norms and clipping of a network with layers without a bias
+    # (and the other activations and the logistic loss)
     bias_free = dict(base, PRECISION=PREC["bfloat16"], WANT_PARAM_GRADS=True, WANT_DX=True,
-                     NORMS=True, CLIP=True, BIASED=(0, 1, 0))  # fmt: skip
+                     NORMS=True, CLIP=True, BIASED=(0, 1, 0), HIDDEN_ACT=ACT["softplus"],
+                     LOSS=LOSS["bce_with_logits"])  # fmt: skip
     yield triton_fused._fused_mlp_kernel, bias_free, {**types, "w_ptrs": ("*bf16",) * base["L"]}
     # the benchmarks' profiling build (timers: inline PTX the interpreter cannot run)
     profiled = dict(base, PRECISION=PREC["tf32"], WANT_PARAM_GRADS=True, WANT_DX=True,
