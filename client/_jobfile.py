@@ -66,8 +66,6 @@ def load_job(path: str, key: str = JOB_KEY) -> tuple[dict[str, np.ndarray], dict
                                  "job files hold real numbers")  # fmt: skip
     else:
         tensors, metadata = _safetensors.load(path)
-        if not isinstance(metadata, dict):
-            raise ValueError(f"{path}: the safetensors metadata is no JSON object")
         job = metadata.get(key, "{}")
     return tensors, _job_object(path, job, key)
 

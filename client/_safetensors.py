@@ -7,6 +7,7 @@ data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw tensor by
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -76,24 +77,42 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (the header is no JSON object)")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: the safetensors metadata is no JSON object of strings")
     body = memoryview(data)[8 + length :]
     tensors = {}
     for name, info in header.items():
         try:
-            begin, end = (int(v) for v in info["data_offsets"])
+            begin, end = info["data_offsets"]
             code = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
+            shape = tuple(info["shape"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(
                 f"{path}: tensor {name!r} needs dtype, shape and two data_offsets"
             ) from None
-        if not 0 <= begin <= end <= len(body):
+        if not all(_natural(v) for v in (begin, end, *shape)):
+            raise ValueError(
+                f"{path}: tensor {name!r}: its shape and data_offsets must be whole numbers "
+                f">= 0, not {list(shape)} and {[begin, end]}"
+            )
+        if not begin <= end <= len(body):
             raise ValueError(f"{path}: tensor {name!r} lies outside the file")
+        if code != "BF16" and code not in _FROM_CODE:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {code}")
+        itemsize = 2 if code == "BF16" else _FROM_CODE[code].itemsize
+        if end - begin != math.prod(shape) * itemsize:
+            raise ValueError(
+                f"{path}: tensor {name!r}: shape {list(shape)} of {code} takes "
+                f"{math.prod(shape) * itemsize} bytes, its data_offsets hold {end - begin}"
+            )
         if code == "BF16":
             bits = np.frombuffer(body[begin:end], dtype="<u2").astype(np.uint32) << 16
             tensors[name] = bits.view(np.float32).reshape(shape)
             continue
-        if code not in _FROM_CODE:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {code}")
         tensors[name] = np.frombuffer(body[begin:end], dtype=_FROM_CODE[code]).reshape(shape)
     return tensors, metadata
+
+
+def _natural(value) -> bool:
+    """A JSON whole number >= 0 (not a bool, a float or text)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -13,6 +13,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from gradserve.client import _safetensors
 from tests.oracle import assert_close_per_model, oracle
 
 
@@ -484,12 +485,13 @@ def test_bench_that_only_failed_says_why_and_exits_nonzero():
     assert "first error: UNAVAILABLE: " in out.stderr
 
 
-def _safetensors_bytes(header) -> bytes:
+def _safetensors_bytes(header, data_bytes: int = 0) -> bytes:
+    """A safetensors file of `header` and `data_bytes` bytes of data (ones)."""
     import json
     import struct
 
     raw = json.dumps(header).encode()
-    return struct.pack("<Q", len(raw)) + raw
+    return struct.pack("<Q", len(raw)) + raw + b"\x01" * data_bytes
 
 
 def _npz_bytes(inputs: np.ndarray) -> bytes:
@@ -514,6 +516,13 @@ def _npz_bytes(inputs: np.ndarray) -> bytes:
             {"inputs": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})),
         ("jobnotobject.safetensors",
          _safetensors_bytes({"__metadata__": {"gradserve.job": "[1]"}})),
+        ("jobnottext.safetensors",
+         _safetensors_bytes({"__metadata__": {"gradserve.job": {"layer_sizes": [1, 1]}}})),
+        # shapes the bytes do not fit (numpy's "cannot reshape", naming nothing)
+        ("shapebytes.safetensors", _safetensors_bytes(
+            {"inputs": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8)),
+        ("bf16bytes.safetensors", _safetensors_bytes(
+            {"inputs": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 3]}}, 8)),
         ("broken.npz", b"PK\x03\x04 not really a zip"),
         ("text.npz", b"inputs,targets\n1,2\n"),
         # arrays that are no real numbers: a pickle numpy will not load, and values that
@@ -531,6 +540,16 @@ def test_malformed_job_files_get_a_clear_error_not_a_traceback(tmp_path, name, c
     assert "Traceback" not in out.stderr and str(path) in out.stderr + out.stdout
     # numpy's own message for a file that is no zip suggests loading it as a pickle
     assert "pickle" not in out.stderr
+
+
+@pytest.mark.parametrize("shape", [[-1, 2], [2.5], [True, 2], ["2"]])
+def test_safetensors_shapes_are_whole_numbers(tmp_path, shape):
+    """numpy would infer a -1 and int() truncate 2.5: the file is refused instead."""
+    path = tmp_path / "job.safetensors"
+    header = {"inputs": {"dtype": "F32", "shape": shape, "data_offsets": [0, 8]}}
+    path.write_bytes(_safetensors_bytes(header, 8))
+    with pytest.raises(ValueError, match="must be whole numbers >= 0"):
+        _safetensors.load(str(path))
 
 
 def test_an_output_path_in_a_missing_directory_is_refused_before_the_job_runs(tmp_path):
