@@ -66,6 +66,7 @@ from gradserve.kernels.triton_common import (
     matmul,
     nanosecond_timer,
     sm_id,
+    textbook_forms,
 )
 
 NEGATIVE_ZERO_BITS = tl.constexpr(-(2**31))  # -0.0 as an int32 bit pattern (0x80000000)
@@ -803,8 +804,9 @@ def fused_mlp(
         L=num_layers, DP=dp, WIDTHS=widths, EXACT=exact,
         BIASED=tuple(int(b) for b in biased) if biased else (1,) * num_layers,
         DW_AT=layout.weight_offsets,
-        DB_AT=layout.bias_offsets, GRAD_ROW=layout.row, BLOCK_N=block_n, HIDDEN_ACT=hidden_act,
-        OUTPUT_ACT=output_act, LOSS=loss, PRECISION=precision,
+        DB_AT=layout.bias_offsets, GRAD_ROW=layout.row, BLOCK_N=block_n,
+        HIDDEN_ACT=textbook_forms(hidden_act, precision),
+        OUTPUT_ACT=textbook_forms(output_act, precision), LOSS=loss, PRECISION=precision,
         HAS_WEIGHTS=sample_weights is not None, WANT_PARAM_GRADS=want_param_grads,
         WANT_DX=want_dx, WANT_Y=want_y, NORMS=want_norms, CLIP=clip is not None,
         PROFILE=profile is not None, RESIDENT=config.resident,

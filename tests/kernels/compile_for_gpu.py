@@ -27,7 +27,11 @@ from gradserve.kernels import triton_fused, triton_layered  # noqa: E402
 from gradserve.kernels.triton_common import ACTIVATION_CODES as ACT  # noqa: E402
 from gradserve.kernels.triton_common import LOSS_CODES as LOSS  # noqa: E402
 from gradserve.kernels.triton_common import PRECISION_CODES as PREC  # noqa: E402
-from gradserve.kernels.triton_common import TF32X3  # noqa: E402
+from gradserve.kernels.triton_common import (  # noqa: E402
+    TEXTBOOK_SOFTPLUS,
+    TEXTBOOK_TANH,
+    TF32X3,
+)
 
 FLOAT_ARGS = {"hidden_slope", "output_slope", "delta", "scale", "clip", "own_scale"}
 
@@ -108,14 +112,14 @@ def _fused_variants():
               WANT_PARAM_GRADS=True, WANT_DX=False, NORMS=True, CLIP=True)  # fmt: skip
     yield triton_fused._fused_mlp_kernel, ce, {**types, "t_ptr": "*i64"}
     # norms and clipping of a network with layers without a bias
-    # (and the other activations and the logistic loss)
+    # (and softplus's cheaper form, as bfloat16 jobs run it, and the logistic loss)
     bias_free = dict(base, PRECISION=PREC["bfloat16"], WANT_PARAM_GRADS=True, WANT_DX=True,
-                     NORMS=True, CLIP=True, BIASED=(0, 1, 0), HIDDEN_ACT=ACT["softplus"],
+                     NORMS=True, CLIP=True, BIASED=(0, 1, 0), HIDDEN_ACT=TEXTBOOK_SOFTPLUS,
                      LOSS=LOSS["bce_with_logits"])  # fmt: skip
     yield triton_fused._fused_mlp_kernel, bias_free, {**types, "w_ptrs": ("*bf16",) * base["L"]}
     # the benchmarks' profiling build (timers: inline PTX the interpreter cannot run)
     profiled = dict(base, PRECISION=PREC["tf32"], WANT_PARAM_GRADS=True, WANT_DX=True,
-                    NORMS=True, CLIP=False, PROFILE=True)  # fmt: skip
+                    NORMS=True, CLIP=False, PROFILE=True, HIDDEN_ACT=TEXTBOOK_TANH)  # fmt: skip
     yield triton_fused._fused_mlp_kernel, profiled, types
     # the fused kernel's partial gradients of three layers: weight and bias segments
     segments = dict(BLOCK=1024, STARTS=(*layout.weight_offsets, *layout.bias_offsets))

@@ -21,7 +21,16 @@ import triton.language as tl
 
 from gradserve import kernels
 from gradserve.kernels import functional, torch_engine, triton_engine
-from gradserve.kernels.triton_common import ACTIVATION_CODES, activate, activation_grad
+from gradserve.kernels.triton_common import (
+    ACTIVATION_CODES,
+    PRECISION_CODES,
+    TEXTBOOK_SOFTPLUS,
+    TEXTBOOK_TANH,
+    TF32X3,
+    activate,
+    activation_grad,
+    textbook_forms,
+)
 from tests.jobs import ensemble_job, random_job
 from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
 
@@ -41,7 +50,7 @@ def _pointwise_kernel(z_ptr, out_ptr, grad_ptr, ACT: tl.constexpr, BLOCK: tl.con
     tl.store(grad_ptr + offs, activation_grad(z, ACT, SLOPE))
 
 
-def kernel_values(z: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray]:
+def kernel_values(z: torch.Tensor, name: str, code: int | None = None):
     block = 128
     padded = torch.zeros(triton.cdiv(z.numel(), block) * block, device=DEVICE)
     padded[: z.numel()] = z
@@ -50,7 +59,7 @@ def kernel_values(z: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray]:
     # inf * 0 is NaN: the kernels count on both, as on GPUs
     with np.errstate(over="ignore", invalid="ignore"):
         _pointwise_kernel[(padded.numel() // block,)](
-            padded, out, grad, ACT=ACTIVATION_CODES[name], BLOCK=block
+            padded, out, grad, ACT=ACTIVATION_CODES[name] if code is None else code, BLOCK=block
         )
     return out[: z.numel()].cpu().numpy(), grad[: z.numel()].cpu().numpy()
 
@@ -108,6 +117,25 @@ def test_activations_and_derivatives_are_as_accurate_as_torchs(name):
             f"{name} {what} at z={z[worst].item()!r}: {got[worst]!r}, float64 {exact[worst]!r}, "
             f"torch float32 {reference[worst]!r}"
         )
+
+
+@pytest.mark.parametrize("name, code", [("tanh", TEXTBOOK_TANH), ("softplus", TEXTBOOK_SOFTPLUS)])
+def test_textbook_forms_err_by_an_ulp_of_one(name, code):
+    """The forms the fused kernel computes tanh and softplus with for tf32, bfloat16 and
+    float16 products (textbook_forms): off by a few float32 roundings of 1 (so digits lost
+    where the value is far below 1), their derivatives as accurate as the exact forms'."""
+    z = sweep().float()
+    truth = torch_values(z.double(), name)
+    torchs = torch_values(z, name)
+    got, grad = kernel_values(z, name, code)
+    assert np.abs(got - truth[0]).max() <= 4 * FLOAT32_EPS
+    exact_grad = kernel_values(z, name)[1]
+    np.testing.assert_allclose(grad, exact_grad, rtol=8 * FLOAT32_EPS, atol=4 * FLOAT32_EPS)
+    assert np.abs(grad - truth[1]).max() <= 2 * np.abs(torchs[1] - truth[1]).max() + 4 * FLOAT32_EPS
+    for precision in ("tf32", "bfloat16", "float16"):
+        assert textbook_forms(ACTIVATION_CODES[name], PRECISION_CODES[precision]) == code
+    for precision in (PRECISION_CODES["float32"], TF32X3):
+        assert textbook_forms(ACTIVATION_CODES[name], precision) == ACTIVATION_CODES[name]
 
 
 @pytest.mark.parametrize("name", kernels.ACTIVATIONS)

@@ -342,13 +342,14 @@ def test_widest_fused_width_128():
     check((128, 128, 2), tensors, path="fused", hidden="relu")
 
 
+@pytest.mark.parametrize("hidden", ["tanh", "softplus"])  # their textbook forms when fused
 @pytest.mark.parametrize("sizes", [ODD_SIZES, WIDE_SIZES])
 @pytest.mark.parametrize("precision", ["tf32", "bfloat16", "float16"])
-def test_reduced_precisions_within_their_tolerance(precision, sizes):
+def test_reduced_precisions_within_their_tolerance(precision, sizes, hidden):
     if precision not in triton_engine.precisions():
         pytest.skip("Triton's interpreter cannot compute bfloat16 dots; checked on GPU")
     tensors = random_job(sizes, 2, 40, seed=4)
-    check(sizes, tensors, precision=precision, hidden="tanh")
+    check(sizes, tensors, precision=precision, hidden=hidden)
 
 
 @pytest.mark.parametrize("sizes", [ODD_SIZES, WIDE_SIZES])
