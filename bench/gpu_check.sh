@@ -140,11 +140,13 @@ timeout 220 python3 bench/kernels_gpu.py --out "$OUT/kernels_gpu.md" 2>&1 | tail
 echo "== GPU tests"
 # test_gpu.py is all GPU-marked; test_tf32_rounding.py and test_tf32x3.py check tf32
 # rounding and the three-product float32 on the hardware, test_non_finite.py NaN handling,
-# test_layers_without_bias.py zero biases on the GPU's kernels.
+# test_layers_without_bias.py zero biases on the GPU's kernels, test_activation_accuracy.py
+# the activations and losses far from 1 (with the GPU's approximate exp and division).
 # -v logs each test as it ends, so a run cut off by the time limit still says which passed.
 timeout 270 python3 -m pytest -v -p no:cacheprovider -n 16 tests/kernels/test_gpu.py \
   tests/kernels/test_tf32_rounding.py tests/kernels/test_tf32x3.py \
-  tests/kernels/test_non_finite.py tests/kernels/test_layers_without_bias.py 2>&1 \
+  tests/kernels/test_non_finite.py tests/kernels/test_layers_without_bias.py \
+  tests/kernels/test_activation_accuracy.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -15
 tests_status=${PIPESTATUS[0]}
 # Random option combinations (odd widths, shared and per-model tensors, slopes, outputs)
