@@ -32,7 +32,7 @@ from gradserve.kernels.triton_common import (
     textbook_forms,
 )
 from tests.jobs import ensemble_job, random_job
-from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
+from tests.oracle import activation_module, assert_matches_oracle, engine_tensors, oracle_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SLOPE = 0.01
@@ -66,8 +66,6 @@ def kernel_values(z: torch.Tensor, name: str, code: int | None = None):
 
 def torch_values(z: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray]:
     """The activation and its autograd derivative, computed by torch in z's dtype."""
-    from tests.oracle import activation_module
-
     z = z.clone().requires_grad_(True)
     out = activation_module(name, SLOPE)(z)
     (grad,) = torch.autograd.grad(out.sum(), z)
