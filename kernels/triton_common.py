@@ -70,9 +70,10 @@ def _sigmoid(z):
 @triton.jit
 def _tanh(z):
     """tanh to float32's accuracy at every z, as torch.tanh: Eigen's 13/6-degree rational
-    interpolant (z P(z^2) / Q(z^2), within a couple of ulp on [-9, 9], +-1 beyond). No exp,
-    as cheap as 2 sigmoid(2z) - 1, which cancels where |z| is small (at 1e-3 it kept 3 of
-    float32's 7 digits, and the next layer's weight gradient was 1.5e-4 off)."""
+    interpolant (z P(z^2) / Q(z^2), within a couple of ulp on [-9, 9], +-1 beyond), without
+    an exp, in 8 more instructions than 2 sigmoid(2z) - 1 (TEXTBOOK_TANH), which cancels
+    where |z| is small (at 1e-3 it kept 3 of float32's 7 digits, and the next layer's weight
+    gradient was 1.5e-4 off)."""
     x = tl.clamp(z, -9.0, 9.0, propagate_nan=tl.PropagateNan.ALL)
     x2 = x * x
     p = -2.76076847742355e-16 * x2 + 2.00018790482477e-13
