@@ -4,7 +4,6 @@
 # Both install the wheel built in the first stage (never an editable install) and run as
 # an unprivileged user.
 
-ARG CUDA_TORCH_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- build the wheel ---------------------------------------------------------------
@@ -36,8 +35,15 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=20s \
   CMD ["gradserve-client", "--address", "127.0.0.1:50051", "health"]
 ENTRYPOINT ["gradserve-server"]
 
-# --- GPU server: CUDA PyTorch base -------------------------------------------------
-FROM ${CUDA_TORCH_IMAGE} AS gpu
+# --- GPU server: slim Python with a CUDA build of torch -----------------------------
+FROM ${PYTHON_IMAGE} AS gpu
+# torch 2.11.0 for CUDA 13.0 from PyTorch's wheel index, with the triton 3.6 it pins: what
+# the kernels are checked and timed with on GPUs (bench/results/kernels_gpu_h100.md; they
+# need a triton of 3.6 or newer). The CUDA libraries come in the wheels, the driver from the
+# host through the NVIDIA container runtime: CUDA 13 needs driver 580 or newer; for an older
+# one build with GPU_TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 (driver 570).
+ARG GPU_TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+ARG GPU_TORCH_SPEC="torch==2.11.0"
 # Triton's kernel cache in its own directory, owned by the server's user, so that a volume
 # mounted there (docker-compose.yml) keeps compiled kernels across restarts; the server
 # bounds it (--max-kernel-cache-bytes).
@@ -45,8 +51,9 @@ ENV TRITON_CACHE_DIR=/var/cache/gradserve/triton
 RUN useradd --create-home --uid 10001 gradserve \
  && mkdir -p "${TRITON_CACHE_DIR}" && chown -R gradserve /var/cache/gradserve
 COPY --from=wheel /wheels /wheels
-# torch comes with the base image and satisfies the server extra's requirement.
-RUN pip install --no-cache-dir "$(ls /wheels/gradserve-*.whl)[server]" && rm -rf /wheels
+RUN pip install --no-cache-dir --index-url "${GPU_TORCH_INDEX_URL}" "${GPU_TORCH_SPEC}" \
+ && pip install --no-cache-dir "$(ls /wheels/gradserve-*.whl)[server]" \
+ && rm -rf /wheels
 USER gradserve
 ENV GRADSERVE_HOST=0.0.0.0 GRADSERVE_PORT=50051 GRADSERVE_METRICS_PORT=9100 \
     GRADSERVE_DEVICE=auto

@@ -127,3 +127,19 @@ def test_the_gpu_server_keeps_its_kernel_cache_in_a_volume_of_its_own(compose):
     assert list(mounts) == ["kernel-cache"] and "kernel-cache" in compose["volumes"]
     assert cache_dir.startswith(mounts["kernel-cache"] + "/")
     assert named_volumes("gradserve-replica") == {}
+
+
+def test_the_gpu_image_installs_the_torch_the_kernels_were_timed_with():
+    """The GPU image's torch (and with it the triton it pins) is the one of the latest GPU
+    benchmark run, so that the image runs the kernels as checked and timed on the card."""
+    import re
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    gpu_stage = dockerfile[dockerfile.index("AS gpu") :]
+    version = re.search(r'ARG GPU_TORCH_SPEC="torch==([0-9.]+)"', gpu_stage)[1]
+    cuda = re.search(
+        r"ARG GPU_TORCH_INDEX_URL=https://download.pytorch.org/whl/(cu\d+)", gpu_stage
+    )[1]
+    results = (ROOT / "bench" / "results" / "kernels_gpu_h100.md").read_text()
+    latest = results[results.index("## Latest run") :].split("\n## ")[0]
+    assert f"torch {version}+{cuda}" in " ".join(latest.split())
