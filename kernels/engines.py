@@ -6,7 +6,12 @@ import torch
 
 from gradserve.kernels import torch_engine
 from gradserve.kernels.spec import EnsembleJob, EnsembleResult
-from gradserve.kernels.triton_engine import FLOAT32_MATMUL, FUSED_MAX_WIDTH, fits_int32_offsets
+from gradserve.kernels.triton_engine import (
+    FLOAT32_MATMUL,
+    FUSED_MAX_WIDTH,
+    MIN_TRITON,
+    fits_int32_offsets,
+)
 
 # Under `auto`, IEEE float32 jobs with a layer wider than this run on the torch engine: on
 # an H100 the Triton kernels (FMA units, no tensor cores) at best matched torch at widths
@@ -105,7 +110,8 @@ def select_engine(
     if backend not in engines:
         raise EngineUnavailable(
             f"engine {backend!r} is not available on this server (device {device.type}; "
-            f"it has {', '.join(sorted(engines))}; the triton engine needs CUDA and Triton)"
+            f"it has {', '.join(sorted(engines))}; the triton engine needs CUDA and Triton "
+            f"{'.'.join(map(str, MIN_TRITON))} or newer)"
         )
     if job_precision not in engines[backend]:
         raise EngineUnavailable(f"engine {backend!r} does not run precision {job_precision!r}")

@@ -55,6 +55,24 @@ def test_a_forced_engine_refuses_what_it_cannot_run(monkeypatch):
         select_engine("triton", "float32", CPU)
 
 
+@pytest.mark.parametrize("version, runs", [("3.1.0", False), ("3.5.1", False), ("3.6.0", True),
+                                           ("3.10.0", True), ("4.0.0+git1a2b", True)])  # fmt: skip
+def test_a_triton_older_than_the_kernels_need_leaves_every_job_to_torch(monkeypatch, version, runs):
+    """The kernels need triton 3.6 or newer (tuples of pointers as kernel arguments: 3.1's
+    interpreter failed on the fused kernel). An older one is no engine: `auto` takes torch,
+    and a job that asks for triton is told why."""
+    import triton
+
+    from gradserve.kernels import triton_engine
+
+    monkeypatch.setattr(triton, "__version__", version)
+    assert triton_engine.available() is runs
+    assert select_engine("auto", "float32", CUDA) == ("triton" if runs else "torch")
+    if not runs:
+        with pytest.raises(EngineUnavailable, match="needs CUDA and Triton 3.6 or newer"):
+            select_engine("triton", "float32", CUDA)
+
+
 def test_models_beyond_32_bit_offsets_leave_triton():
     """The Triton kernels index within a model in 32 bits (across models in 64): a model's
     [N, d] activations or [d(i+1), d(i)] weights of 2**31 elements or more go to torch."""
