@@ -220,6 +220,7 @@ def _info(args) -> int:
                 "device": e.device,
                 "precisions": _enum_names(pb.Precision, "PRECISION_", e.precisions),
                 "float32_matmul": e.float32_matmul,
+                "library": e.library,
             }
             for e in info.engines
         ],
@@ -235,8 +236,10 @@ def _info(args) -> int:
         return 0
     print(f"gradserve {data['version']}")
     for e in data["engines"]:
-        how = f" (float32 matmul: {e['float32_matmul']})" if e["float32_matmul"] else ""
-        print(f"engine {e['name']} on {e['device']}: {', '.join(e['precisions'])}{how}")
+        how = [e["library"]] if e["library"] else []
+        how += [f"float32 matmul: {e['float32_matmul']}"] if e["float32_matmul"] else []
+        how_text = f" ({'; '.join(how)})" if how else ""
+        print(f"engine {e['name']} on {e['device']}: {', '.join(e['precisions'])}{how_text}")
     for key in ("activations", "losses", "dtypes"):
         print(f"{key}: {', '.join(data[key])}")
     width = max(len(name) for key in ("limits", "batching", "stats") for name in data[key])

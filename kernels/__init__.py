@@ -3,6 +3,7 @@
 from gradserve.kernels.engines import (
     EngineUnavailable,
     available_engines,
+    engine_library,
     run,
     select_engine,
     warm_up,
@@ -40,6 +41,7 @@ __all__ = [
     "OutputRequest",
     "Privacy",
     "available_engines",
+    "engine_library",
     "flops",
     "run",
     "select_engine",

@@ -61,6 +61,13 @@ def available_engines(device: torch.device) -> dict[str, tuple[str, ...]]:
     return engines
 
 
+def engine_library(name: str) -> str:
+    """The library engine `name` computes with and its version ("triton 3.6.0")."""
+    import importlib
+
+    return f"{name} {importlib.import_module(name).__version__}"
+
+
 def select_engine(
     backend: str,
     job_precision: str,

@@ -185,6 +185,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 device=str(self.device),
                 precisions=[k for k, v in PRECISION_NAMES.items() if v in precisions and k != 0],
                 float32_matmul=engines.float32_matmul() if name == "triton" else "",
+                library=kernels.engine_library(name),
             )
             for name, precisions in kernels.available_engines(self.device).items()
         ]

@@ -315,12 +315,24 @@ def test_micro_batch_flag_streams_the_same_job(server, tmp_path):
         np.testing.assert_allclose(streamed[k], v, rtol=1e-4, atol=1e-7)
 
 
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 def test_info_json_lists_engines_and_limits(server):
     info = json.loads(cli("--address", server.address, "info", "--json").stdout)
     assert info["engines"][0]["name"] == "torch"
     # how each engine multiplies float32: the Triton engine's is the server's option
     matmuls = {e["name"]: e["float32_matmul"] for e in info["engines"]}
     assert matmuls == {"torch": "", "triton": "ieee"}  # triton: the interpreter's, in tests
+    # and the library versions they compute with (the server runs in this environment)
+    libraries = {e["name"]: e["library"] for e in info["engines"]}
+    assert libraries == {
+        "torch": f"torch {torch.__version__}",
+        "triton": f"triton {triton_version()}",
+    }
     assert "cross_entropy" in info["losses"] and "gelu" in info["activations"]
     assert info["limits"]["default_chunk_bytes"] == 1 << 20
     assert info["limits"]["max_optimizer_steps"] == 100_000
@@ -335,7 +347,9 @@ def test_info_text_is_for_people(server):
     lines = cli("--address", server.address, "info").stdout.splitlines()
     assert lines[0].startswith("gradserve ") and lines[1].startswith("engine torch on cpu: ")
     triton = [line for line in lines if line.startswith("engine triton ")]
-    assert len(triton) == 1 and triton[0].endswith(" (float32 matmul: ieee)")
+    assert len(triton) == 1
+    assert triton[0].endswith(f" (triton {triton_version()}; float32 matmul: ieee)")
+    assert lines[1].endswith(f" (torch {torch.__version__})")
     rows = {line.split()[0]: line for line in lines if line.startswith("  ")}
     assert rows["max_job_bytes"].split(None, 1)[1] == "2147483648 (2 GiB)"
     assert rows["max_delay_seconds"].split(None, 1)[1] == "2 ms"

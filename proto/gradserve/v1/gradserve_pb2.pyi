@@ -365,16 +365,18 @@ class ServerStats(_message.Message):
     def __init__(self, launches: _Optional[int] = ..., launched_jobs: _Optional[int] = ..., launched_models: _Optional[int] = ..., queued_jobs: _Optional[int] = ..., inflight_jobs: _Optional[int] = ..., inflight_bytes: _Optional[int] = ..., completed_jobs: _Optional[int] = ..., failed_jobs: _Optional[int] = ...) -> None: ...
 
 class EngineInfo(_message.Message):
-    __slots__ = ("name", "device", "precisions", "float32_matmul")
+    __slots__ = ("name", "device", "precisions", "float32_matmul", "library")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     FLOAT32_MATMUL_FIELD_NUMBER: _ClassVar[int]
+    LIBRARY_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     precisions: _containers.RepeatedScalarFieldContainer[Precision]
     float32_matmul: str
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precisions: _Optional[_Iterable[_Union[Precision, str]]] = ..., float32_matmul: _Optional[str] = ...) -> None: ...
+    library: str
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precisions: _Optional[_Iterable[_Union[Precision, str]]] = ..., float32_matmul: _Optional[str] = ..., library: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "engines", "activations", "losses", "dtypes", "limits", "batching", "stats")
