@@ -106,12 +106,22 @@ MIN_TRITON = (3, 6)
 def available() -> bool:
     """Triton importable and at least MIN_TRITON, and a GPU to run on (or the interpreter
     switched on). With an older Triton the torch engine runs every job."""
+    return why_unavailable() is None
+
+
+def why_unavailable() -> str | None:
+    """Why this engine cannot run here, in words; None where it can."""
     try:
         import triton
     except ImportError:
-        return False
+        return "Triton is not installed"
     major_minor = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-    return major_minor >= MIN_TRITON and (torch.cuda.is_available() or interpreted())
+    if major_minor < MIN_TRITON:
+        wanted = ".".join(map(str, MIN_TRITON))
+        return f"Triton {triton.__version__} is older than the {wanted} its kernels need"
+    if not (torch.cuda.is_available() or interpreted()):
+        return "no CUDA device"
+    return None
 
 
 # bf16/fp16 jobs hand the kernels narrow weights (and the per-layer path narrow inputs and

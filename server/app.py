@@ -10,6 +10,8 @@ import signal
 import grpc
 import torch
 
+from gradserve import kernels
+from gradserve.kernels import triton_engine
 from gradserve.server.config import ServerConfig
 from gradserve.server.memory import keep_message_memory
 from gradserve.server.ops import Health, enable_reflection
@@ -97,13 +99,17 @@ async def serve(config: ServerConfig) -> None:
     await server.start()
     await health.set_serving(True)
     log.info(
-        "serving on %s device=%s tls=%s auth=%s float32_matmul=%s",
+        "serving on %s device=%s engines=%s tls=%s auth=%s float32_matmul=%s",
         host_port(config.host, port),
         device,
+        ", ".join(kernels.engine_library(name) for name in kernels.available_engines(device)),
         credentials is not None,
         "token" if token else "none",
         config.float32_matmul,
     )
+    if device.type == "cuda" and not triton_engine.available():
+        log.warning("the triton engine is off (%s): the torch engine runs every job",
+                    triton_engine.why_unavailable())  # fmt: skip
     if config.port_file:
         with open(config.port_file + ".tmp", "w") as f:
             f.write(str(port))

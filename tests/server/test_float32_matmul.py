@@ -3,8 +3,11 @@
 server and client, and against a default ("ieee") server's results."""
 
 import pytest
+import torch
 
 pytest.importorskip("triton.experimental.gluon")
+
+import triton  # noqa: E402
 
 from tests.jobs import random_job  # noqa: E402
 from tests.server.test_parity_through_server import check  # noqa: E402
@@ -24,6 +27,10 @@ def test_a_gluon_server_matches_the_oracle_and_differs_from_ieee_in_its_last_bit
     for method in ("gluon", "ieee"):
         with run_server("--float32-matmul", method) as server:
             assert f"float32_matmul={method}" in "".join(server.log)
+            # and which libraries its engines compute with
+            assert f"engines=torch {torch.__version__}, triton {triton.__version__} " in "".join(
+                server.log
+            )
             with GradientClient(server.address, timeout=120) as client:
                 engines = {e.name: e for e in client.server_info().engines}
                 assert engines["triton"].float32_matmul == method
