@@ -99,11 +99,11 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             raise ValueError(f"{path}: tensor {name!r} lies outside the file")
         if code != "BF16" and code not in _FROM_CODE:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {code}")
-        itemsize = 2 if code == "BF16" else _FROM_CODE[code].itemsize
-        if end - begin != math.prod(shape) * itemsize:
+        nbytes = math.prod(shape) * (2 if code == "BF16" else _FROM_CODE[code].itemsize)
+        if end - begin != nbytes:
             raise ValueError(
-                f"{path}: tensor {name!r}: shape {list(shape)} of {code} takes "
-                f"{math.prod(shape) * itemsize} bytes, its data_offsets hold {end - begin}"
+                f"{path}: tensor {name!r}: shape {list(shape)} of {code} takes {nbytes} bytes, "
+                f"its data_offsets hold {end - begin}"
             )
         if code == "BF16":
             bits = np.frombuffer(body[begin:end], dtype="<u2").astype(np.uint32) << 16
