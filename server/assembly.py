@@ -31,12 +31,24 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+# The smallest magnitude that rounds to Inf in float16: halfway between its largest finite
+# value, 65504, and 65536, where the next would lie (a tie rounds to the even one, 65536).
+FLOAT16_OVERFLOW = 65520.0
+
+
+def _is_matmul_operand(name: str) -> bool:
+    """A tensor a bfloat16/float16 job rounds to that dtype: the weights and the inputs
+    (biases, targets and sample weights stay float32)."""
+    return name == "inputs" or (name.startswith("layers.") and name.endswith(".weight"))
+
+
 # Elements up to which per-call overhead, not memory bandwidth, dominates a check.
 SMALL_TENSOR = 1 << 16
 
 
 def check_values(tensors: dict[str, torch.Tensor], plan: JobPlan) -> None:
-    """No NaN/Inf (unless allowed), class indices in range."""
+    """No NaN/Inf (unless allowed), nor values that would become Inf in the engine's
+    dtypes, and class indices in range."""
     if not plan.allow_non_finite:
         for name, tensor in tensors.items():
             if tensor.is_floating_point() and not all_finite(tensor):
@@ -51,6 +63,16 @@ def check_values(tensors: dict[str, torch.Tensor], plan: JobPlan) -> None:
                     raise invalid(
                         f"tensor {name!r} holds values beyond float32's range, which a "
                         f"{plan.precision} job computes in (send precision float64, or set "
+                        "allow_non_finite)",
+                        f"tensors[{name}]",
+                    )
+            if plan.precision == "float16" and _is_matmul_operand(name):
+                low, high = torch.aminmax(tensor)
+                if max(-float(low), float(high)) >= FLOAT16_OVERFLOW:
+                    raise invalid(
+                        f"tensor {name!r} holds values beyond float16's range (65504), to "
+                        "which a float16 job rounds its weights and inputs (they would be "
+                        "Inf there; send precision bfloat16 or float32, or set "
                         "allow_non_finite)",
                         f"tensors[{name}]",
                     )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gradserve import kernels
-from gradserve.kernels import torch_engine
+from gradserve.kernels import linear_layer, torch_engine
 from tests.jobs import ensemble_job, random_job
 from tests.oracle import (
     assert_close_per_model,
@@ -116,6 +116,41 @@ def test_gradcheck_in_float64():
     names = ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "inputs"]
     leaves = [tensors[k].clone().requires_grad_() for k in names]
     assert torch.autograd.gradcheck(loss_of, leaves)
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 64])
+def test_gradcheck_with_weight_gradients_summed_in_chunks(monkeypatch, chunk):
+    """The weight gradient's sum over samples taken a few samples at a time (chunks of 2
+    and 3 of 7 samples, the last one short; 64: one product) is still the gradient."""
+    monkeypatch.setattr(linear_layer, "SAMPLE_CHUNK", chunk)
+    sizes = (3, 4, 2)
+    tensors = random_job(sizes, 2, 7, dtype=torch.float64, seed=12, sample_weights=True)
+    job = ensemble_job(tensors, sizes, hidden="softplus", precision="float64")
+
+    def loss_of(w0, b0, w1, b1, x):
+        loss, _, _ = torch_engine.forward_loss(
+            job, [w0, w1], [b0, b1], x, tensors["targets"], tensors["sample_weights"]
+        )
+        return loss
+
+    names = ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "inputs"]
+    leaves = [tensors[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(loss_of, leaves)
+
+
+def test_float32_weight_gradients_keep_their_accuracy_at_two_million_samples():
+    """A weight gradient sums N products; summed in one float32 GEMM its error grew as
+    sqrt(N), past the float32 tolerance here (2.0e-5 and 2.7e-5 for this job)."""
+    sizes, n = (8, 32, 32, 1), 1 << 21
+    tensors = random_job(sizes, 2, n, shared_inputs=True, seed=3)
+    job = ensemble_job(tensors, sizes, hidden="tanh", input_gradients=False,
+                       per_sample_losses=False, forward_outputs=False)  # fmt: skip
+    got = torch_engine.run(job)
+    ref = oracle_for(sizes, tensors, hidden="tanh")
+    assert_close_per_model("loss", got.loss, ref.loss, "float32")
+    for i, (w, b) in enumerate(zip(got.weight_grads, got.bias_grads, strict=True)):
+        assert_close_per_model(f"w{i}", w, ref.grads[f"layers.{i}.weight.grad"], "float32")
+        assert_close_per_model(f"b{i}", b, ref.grads[f"layers.{i}.bias.grad"], "float32")
 
 
 def test_skipping_parameter_gradients_returns_only_the_loss():

@@ -163,6 +163,48 @@ def test_gradients_beyond_the_transport_dtype_are_refused_not_sent_as_infinities
     assert np.isfinite(result.gradients["layers.0.weight"][1]).all()
 
 
+def test_float16_jobs_refuse_weights_and_inputs_that_float16_cannot_hold(client):
+    """A float16 job rounds its weights and inputs to float16, whose largest value is
+    65504: a finite 7e4 there would become Inf and that model's results NaN. Refused,
+    naming the tensor, unless the job allows non-finite values; bfloat16 (float32's range)
+    takes the same values, and so do biases and targets, which stay float32."""
+    import grpc
+
+    from gradserve.client import GradserveError
+
+    tensors = random_job(ODD_SIZES, 2, 9, seed=6)
+    params, inputs, targets = params_of(tensors), tensors["inputs"].numpy(), tensors["targets"]
+    big_input = inputs.copy()
+    big_input[1, 3, 0] = -7e4
+    big_weight = {**params, "layers.1.weight": params["layers.1.weight"].copy()}
+    big_weight["layers.1.weight"][0, 2, 4] = 7e4
+    for job_params, job_inputs, name in ((params, big_input, "inputs"),
+                                         (big_weight, inputs, "layers.1.weight")):  # fmt: skip
+        with pytest.raises(GradserveError) as err:
+            client.compute(job_params, job_inputs, targets.numpy(), precision="float16")
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"tensor {name!r} holds values beyond float16's range" in err.value.details
+        wide = client.compute(job_params, job_inputs, targets.numpy(), precision="bfloat16")
+        assert np.isfinite(wide.loss).all()
+        allowed = client.compute(job_params, job_inputs, targets.numpy(), precision="float16",
+                                 allow_non_finite=True)  # fmt: skip
+        assert not np.isfinite(allowed.loss).all()
+    at_the_edge = inputs.copy()
+    at_the_edge[0, 0, 0] = 65504.0  # float16's largest value
+    big_bias = {**params, "layers.0.bias": params["layers.0.bias"] * 1e5}
+    for job_params, job_inputs, job_targets in ((params, at_the_edge, targets),
+                                                (big_bias, inputs, targets * 1e5)):  # fmt: skip
+        result = client.compute(job_params, job_inputs, job_targets.numpy(), precision="float16")
+        assert np.isfinite(result.loss).all()
+    # a streamed job's samples are checked as each micro-batch is cut
+    shared = random_job(ODD_SIZES, 2, 9, shared_inputs=True, seed=6)
+    shared_inputs = shared["inputs"].numpy().copy()
+    shared_inputs[7, 1] = 1e6
+    with pytest.raises(GradserveError, match="'inputs' holds values beyond float16's range"):
+        client.compute(params_of(shared), shared_inputs, shared["targets"].numpy(),
+                       precision="float16", micro_batch_samples=4)  # fmt: skip
+
+
 def test_loss_only_job_sends_no_gradients(client):
     tensors = random_job(ODD_SIZES, 2, 5)
     result = client.compute(
