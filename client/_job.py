@@ -19,6 +19,7 @@ from gradserve.client._models import Ensemble, as_array
 from gradserve.client._tensors import (
     DATA_TYPE_BY_NAME,
     NUMPY_DTYPES,
+    accelerator_of,
     dtype_name,
     float64_as_float32,
     from_wire,
@@ -139,6 +140,8 @@ class WireJob:
     as_torch: bool
     on_step: Callable[[int, Any], None] | None = None
     on_progress: Callable[[str, int, int], None] | None = None
+    # Where torch results go: the caller's parameters' device when not the CPU.
+    device: Any = None
     # Optimiser steps already handed to on_step, over all attempts: a retried job trains
     # from its first step again, and on_step hears only of the steps past these.
     steps_handed: int = 0
@@ -384,7 +387,8 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
         _set_optimizer(header.optimizer, opts)
     header.micro_batch_samples = opts.micro_batch_samples
     as_torch = ensemble.as_torch or any(is_torch(v) for v in (inputs, targets))
-    return WireJob(header, payloads, ensemble, as_torch, opts.on_step, opts.on_progress)
+    device = accelerator_of(*ensemble.params.values(), inputs, targets)
+    return WireJob(header, payloads, ensemble, as_torch, opts.on_step, opts.on_progress, device)
 
 
 def _set_optimizer(o: pb.OptimizerOptions, opts: JobOptions) -> None:
@@ -574,6 +578,9 @@ class ResultAssembler:
             buffer[::PAGE_BYTES] = 0  # a write per page: the kernel zero-fills the rest
         self.untouched = []
 
+    def _on_device(self, tensor: Any) -> Any:
+        return tensor if self.job.device is None else tensor.to(self.job.device)
+
     def _report_steps(self) -> None:
         """Hand each newly complete row of "losses" (one optimiser step) to on_step."""
         d = self.descriptors["losses"]
@@ -583,7 +590,8 @@ class ResultAssembler:
             k = self.steps_reported
             if k >= self.job.steps_handed:
                 raw = self.buffers["losses"][k * row : (k + 1) * row]
-                losses = from_wire(raw.copy(), d.dtype, (models,), self.job.as_torch)
+                losses = self._on_device(from_wire(raw.copy(), d.dtype, (models,),
+                                                   self.job.as_torch))  # fmt: skip
                 self.job.on_step(k, self.job.ensemble.per_model(losses))
                 self.job.steps_handed = k + 1
             self.steps_reported += 1
@@ -596,7 +604,7 @@ class ResultAssembler:
             raise self._protocol_error(f"incomplete result tensors {short}")
         as_torch = self.job.as_torch
         tensors = {
-            name: from_wire(self.buffers[name], d.dtype, d.shape, as_torch)
+            name: self._on_device(from_wire(self.buffers[name], d.dtype, d.shape, as_torch))
             for name, d in self.descriptors.items()
         }
         s = self.summary

@@ -41,6 +41,15 @@ def is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
+def accelerator_of(*values: Any) -> Any:
+    """The device of the first torch tensor among `values` when it is not the CPU (a CUDA
+    caller's results go back there, as torch would give them), else None."""
+    for x in values:
+        if is_torch(x) and getattr(x, "device", None) is not None:
+            return None if x.device.type == "cpu" else x.device
+    return None
+
+
 def to_wire(x: Any, name: str = "tensor") -> tuple[int, tuple[int, ...], memoryview]:
     """(wire dtype, shape, raw bytes) of a numpy array, torch tensor or nested list. Values
     that are no real numbers (complex, text, dates) are refused (TypeError naming the
