@@ -4,8 +4,8 @@ The parameters arrive first and are kept whole. The sample tensors (inputs, targ
 sample_weights, shared by all models) then arrive interleaved; as soon as every one of them
 holds the next micro-batch's rows, those rows become an engine job of their own (sum
 reduction) and leave the buffers. The caller runs the micro-batch jobs and adds their
-losses and gradients (accumulate()); scale() then applies the job's reduction, which gives
-the one-shot result up to float rounding.
+losses and gradients in float64 (accumulate()); scale() then applies the job's reduction,
+which gives the one-shot result up to float rounding.
 """
 
 from __future__ import annotations
@@ -136,9 +136,17 @@ class SampleStream:
 
 
 def accumulate(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleResult:
-    """Add a micro-batch's summed loss and gradients into the running total (in place)."""
+    """Add a micro-batch's summed loss and gradients into the running total, kept in
+    float64 (in place): float32 running sums lose digits with every addition, their error
+    growing with the number of micro-batches (as one float32 sum over all samples grows
+    with N, kernels/linear_layer.py), and small micro-batches make many."""
     if total is None:
-        return part
+        total = part
+        total.loss = part.loss.double()
+        if part.weight_grads is not None:
+            total.weight_grads = [g.double() for g in part.weight_grads]
+            total.bias_grads = [g.double() for g in part.bias_grads]
+        return total
     total.loss += part.loss
     if part.weight_grads is not None:
         for t, p in zip(total.weight_grads + total.bias_grads,
@@ -153,13 +161,15 @@ def _count(plan: JobPlan) -> int:
 
 
 def scale(total: EnsembleResult, plan: JobPlan, device) -> EnsembleResult:
-    """Apply the job's reduction to the summed loss and gradients, then the DP noise (drawn
-    as for the one-shot job: the same seed gives the same noise)."""
-    if plan.loss.reduction == "mean":
-        count = _count(plan)
-        total.loss /= count
-        for t in (total.weight_grads or []) + (total.bias_grads or []):
-            t /= count
+    """Apply the job's reduction to the summed loss and gradients and round them to the
+    job's dtype, then add the DP noise (drawn as for the one-shot job: the same seed gives
+    the same noise)."""
+    divisor = _count(plan) if plan.loss.reduction == "mean" else 1
+    dtype = torch.float64 if plan.precision == "float64" else torch.float32
+    total.loss = (total.loss / divisor).to(dtype)
+    if total.weight_grads is not None:
+        total.weight_grads = [(t / divisor).to(dtype) for t in total.weight_grads]
+        total.bias_grads = [(t / divisor).to(dtype) for t in total.bias_grads]
     if plan.privacy is not None and total.weight_grads is not None:
         unit = plan.num_samples if plan.loss.reduction == "mean" else 1
         privacy.add_noise(total.weight_grads, total.bias_grads, plan.privacy, unit, device)
