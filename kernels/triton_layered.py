@@ -14,6 +14,8 @@ Torch twin: torch_engine.forward_loss (same math, autograd for the backward).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -201,6 +203,27 @@ def batched_matmul(
     return c
 
 
+class LossBlockShape(NamedTuple):
+    dp: int  # the output width padded to a power of two >= 16
+    block_n: int  # samples per program
+    num_warps: int
+
+
+# Most elements of a loss kernel's [BLOCK_N, DP] tile, 16 a thread at 4 warps.
+LOSS_TILE = 2048
+
+
+def loss_block_shape(d_out: int) -> LossBlockShape:
+    """The loss kernel's tile for `d_out` outputs: 32 samples a program while their rows
+    fit LOSS_TILE elements, fewer (down to one) for wider outputs, and 8 warps for rows
+    wider than 4096. A fixed 32 rows gave a 1024-wide output 8 to 27 KB of spills a thread
+    and 8192 outputs a 4-minute compile (mse; cross-entropy over 10) on sm_90 with triton
+    3.6; these tiles spill nothing there (tests/kernels/sm90_resources_check.py)."""
+    dp = max(16, triton.next_power_of_2(d_out))
+    block_n = max(1, min(32, LOSS_TILE // dp))
+    return LossBlockShape(dp, block_n, 4 if dp * block_n <= 2 * LOSS_TILE else 8)
+
+
 def column_sum(x: torch.Tensor) -> torch.Tensor:
     """[B, R, C] -> [B, C], rows added in a fixed order."""
     b, r, c = x.shape
@@ -281,13 +304,13 @@ def layered_mlp(
     shared_t = targets.dim() == (1 if loss == 4 else 2)
     sw = sample_weights if sample_weights is not None else per
     shared_w = sample_weights is not None and sample_weights.dim() == 1
-    block_n = 32
-    _loss_kernel[(m * triton.cdiv(n, block_n),)](
+    shape = loss_block_shape(d_out)
+    _loss_kernel[(m * triton.cdiv(n, shape.block_n),)](
         hs[-1], zs[-1], targets, sw, dz, per, n, d_out,
         0 if shared_t else targets.stride(0), targets.stride(-1 if loss == 4 else -2),
         0 if shared_w else n, output_slope, delta, scale,
         OUTPUT_ACT=output_act, LOSS=loss, HAS_WEIGHTS=sample_weights is not None,
-        DP=max(16, triton.next_power_of_2(d_out)), BLOCK_N=block_n, **LAUNCH_OPTIONS,
+        DP=shape.dp, BLOCK_N=shape.block_n, num_warps=shape.num_warps, **LAUNCH_OPTIONS,
     )  # fmt: skip
 
     dws, dbs, dx = [None] * num_layers, [None] * num_layers, None

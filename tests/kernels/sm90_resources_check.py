@@ -1,5 +1,6 @@
 """The fused kernel fits an H100's SM at the configurations it is launched with (no GPU
-needed): registers without heavy spills, and shared memory.
+needed): registers without heavy spills, and shared memory; and so does the per-layer
+path's loss kernel at every output width (check_loss_kernel).
 
 Spills: Triton lowers an IEEE float32 tl.dot to FMAs, and with a whole 128-long K in one
 dot ptxas gave the fused kernel 32 registers and ~55 KB of spill stores per thread (sm_90,
@@ -22,6 +23,7 @@ Usage: python -m tests.kernels.sm90_resources_check
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -34,6 +36,8 @@ from bench.compile_only import CompileOnlyDriver  # noqa: E402
 
 # Spill stores per thread allowed. With K-chunks: 0.2 KB (triton 3.6), 1.0 KB (3.9).
 MAX_SPILL_BYTES = 8192
+# The loss kernel's: none measured (triton 3.6 and 3.9); a fixed 32-row tile had 8 to 74 KB.
+MAX_LOSS_SPILL_BYTES = 256
 
 
 def main() -> int:
@@ -60,7 +64,48 @@ def main() -> int:
             shared = ptxas_report.compile_through_launcher(job, swept).metadata.shared
             print(f"tf32 {ptxas_report.TARGET_SIZES} at {swept}: {shared} B of shared memory")
             assert shared <= SM90_SHARED_BYTES, f"{swept}: {shared} B of shared memory"
+    check_loss_kernel()
     return 0
+
+
+def check_loss_kernel() -> None:
+    """The per-layer path's loss kernel at the tile loss_block_shape gives each output
+    width, up to the widest a job may have (8192): no heavy spills, compiled in seconds."""
+    import inspect
+    import time
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bench.ptxas_report import ptxas_usage
+    from gradserve.kernels import triton_layered
+    from gradserve.kernels.triton_common import ACTIVATION_CODES, LOSS_CODES
+
+    kernel = triton_layered._loss_kernel
+    names = list(inspect.signature(kernel.fn).parameters)
+    for loss, d_out in itertools.product(("mse", "cross_entropy"), (3, 128, 1000, 8192)):
+        shape = triton_layered.loss_block_shape(d_out)
+        constexprs = dict(OUTPUT_ACT=ACTIVATION_CODES["identity"], LOSS=LOSS_CODES[loss],
+                          HAS_WEIGHTS=True, DP=shape.dp, BLOCK_N=shape.block_n)  # fmt: skip
+        signature = {
+            name: "constexpr" if name in constexprs
+            else "*i64" if name == "t_ptr" and loss == "cross_entropy"
+            else "*fp32" if name.endswith("_ptr")
+            else "fp32" if name in ("slope", "delta", "scale")
+            else "i32"
+            for name in names
+        }  # fmt: skip
+        positions = {(names.index(k),): v for k, v in constexprs.items()}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=positions)
+        start = time.perf_counter()
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=shape.num_warps))  # fmt: skip
+        seconds = time.perf_counter() - start
+        registers, spills, _ = ptxas_usage(compiled.asm["ptx"])
+        print(f"loss kernel {loss}, {d_out} outputs at {shape}: {registers} registers, spill "
+              f"stores / loads {spills} B, compiled in {seconds:.1f} s")  # fmt: skip
+        assert int(spills.split(" / ")[0]) <= MAX_LOSS_SPILL_BYTES, (loss, d_out, spills)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The fused kernel fits an H100's SM: registers without heavy spills at width 128 in IEEE
-float32, shared memory with values kept in registers (see sm90_resources_check.py)."""
+float32, shared memory with values kept in registers; the per-layer path's loss kernel
+compiles in seconds without spills up to 8192 outputs (see sm90_resources_check.py)."""
 
 import pytest
 
@@ -11,6 +12,7 @@ def test_fused_kernel_fits_an_sm90_sm():
     done = run_module("tests.kernels.sm90_resources_check")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "registers" in done.stdout and "shared memory" in done.stdout
+    assert done.stdout.count("loss kernel") == 8, done.stdout
 
 
 @pytest.mark.timeout(600)

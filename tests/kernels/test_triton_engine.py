@@ -337,6 +337,19 @@ def test_per_layer_launches_fit_cuda_grid_limits(monkeypatch):
             assert grid[0] < 2**31 and all(axis <= 65535 for axis in grid[1:]), grid
 
 
+@pytest.mark.parametrize("loss", ["mse", "bce_with_logits", "cross_entropy"])
+@pytest.mark.parametrize("sizes", [(5, 7, 300), (3, 2100)], ids=["4_rows", "1_row"])
+def test_wide_output_layers_take_fewer_samples_per_loss_program(sizes, loss):
+    """The per-layer path's loss kernel takes 4 samples a program at 300 outputs (padded
+    512) and one at 2100 (padded 4096), where the others take 32 (loss_block_shape)."""
+    from gradserve.kernels.triton_layered import loss_block_shape
+
+    assert loss_block_shape(3).block_n == 32
+    assert loss_block_shape(sizes[-1]).block_n == (4 if sizes[-1] == 300 else 1)
+    tensors = random_job(sizes, 2, 19, loss=loss, sample_weights=True, seed=4)
+    check(sizes, tensors, hidden="tanh", loss=loss)
+
+
 def test_widest_fused_width_128():
     tensors = random_job((128, 128, 2), 1, 33, seed=2)
     check((128, 128, 2), tensors, path="fused", hidden="relu")
