@@ -11,6 +11,7 @@ from gradserve.kernels.triton_engine import (
     FUSED_MAX_WIDTH,
     MIN_TRITON,
     fits_int32_offsets,
+    fused_max_layers,
 )
 
 # Under `auto`, IEEE float32 jobs with a layer wider than this run on the torch engine: on
@@ -79,7 +80,9 @@ def select_engine(
 ) -> str:
     """Resolve `auto | torch | triton` to an engine name, or raise EngineUnavailable.
     `auto` runs Triton on CUDA except where torch was measured faster (IEEE float32 jobs
-    wider than AUTO_TRITON_MAX_FLOAT32_WIDTH) or Triton cannot run the job as asked.
+    wider than AUTO_TRITON_MAX_FLOAT32_WIDTH, or deeper than the fused kernel takes under
+    auto, triton_engine.fused_max_layers: on the per-layer GEMMs) or Triton cannot run the
+    job as asked.
     `per_sample_norms`: the job needs them (as outputs, or to clip gradients); the Triton
     engine computes them in its fused kernel, for widths up to 128. `non_finite`: the job
     accepts NaN and Inf inputs; `auto` then leaves tf32 jobs to torch, whose tf32 keeps NaN
@@ -90,11 +93,15 @@ def select_engine(
     engines = available_engines(device)
     if backend == "auto" and non_finite and job_precision == "tf32":
         return "torch"
+    # deeper than the fused kernel takes under auto (its compile time grows with the depth)
+    deep = bool(layer_sizes) and len(layer_sizes) - 1 > fused_max_layers(
+        job_precision, _float32_matmul
+    )
     if (
         backend == "auto"
         and job_precision == "float32"
         and layer_sizes
-        and max(layer_sizes) > AUTO_TRITON_MAX_FLOAT32_WIDTH
+        and (max(layer_sizes) > AUTO_TRITON_MAX_FLOAT32_WIDTH or deep)
     ):
         return "torch"
     if per_sample_norms and layer_sizes and max(layer_sizes) > FUSED_MAX_WIDTH:
@@ -104,6 +111,8 @@ def select_engine(
                 f"<= {FUSED_MAX_WIDTH}; use the torch engine"
             )
         backend = "torch" if backend == "auto" else backend
+    if backend == "auto" and per_sample_norms and deep:
+        return "torch"  # the fused kernel alone computes norms: a long compile
     if samples_at_once and layer_sizes and not fits_int32_offsets(samples_at_once, layer_sizes):
         if backend == "triton":
             raise EngineUnavailable(

@@ -53,6 +53,21 @@ PATHS: tuple[str, ...] = ("auto", "fused", "per_layer")
 # there, stay fused.
 AUTO_FUSED_MAX_WIDTH = 64
 HALF_PRECISIONS: tuple[str, ...] = ("bfloat16", "float16")
+# Deepest networks the fused kernel takes under "auto". Its body is unrolled over the
+# layers, so the first job of an architecture compiles a kernel whose compile time grows
+# faster than the depth: for sm_90a with triton 3.6 (the GPU image's), width 64, bfloat16
+# took 9.2 s at 16 layers, 35 s at 32 and 196 s at 64; IEEE float32, on the FMA units,
+# 13.5 s at 8, 30 s at 12 and 59 s at 16 (bench/results/compile_depth_sm90.md). Deeper
+# networks take the per-layer GEMMs, which compile once per precision and epilogue
+# whatever the depth (IEEE float32 ones go to torch: engines.select_engine).
+AUTO_FUSED_MAX_LAYERS = 16
+AUTO_FUSED_MAX_LAYERS_FMA = 8  # IEEE float32 ("ieee" and "gluon")
+
+
+def fused_max_layers(precision: str, float32_matmul: str = FLOAT32_MATMUL) -> int:
+    """The deepest network `auto` runs on the fused kernel (AUTO_FUSED_MAX_LAYERS)."""
+    on_fma = precision == "float32" and float32_matmul in ("ieee", "gluon")
+    return AUTO_FUSED_MAX_LAYERS_FMA if on_fma else AUTO_FUSED_MAX_LAYERS
 
 
 def takes_fused(
@@ -68,6 +83,8 @@ def takes_fused(
         return path == "fused"
     widest = max(layer_sizes)
     if widest > FUSED_MAX_WIDTH:
+        return False
+    if len(layer_sizes) - 1 > fused_max_layers(precision, float32_matmul) and not norms_needed:
         return False
     faster_per_layer = precision in HALF_PRECISIONS or (
         precision == "float32" and float32_matmul in ("ieee", "gluon")

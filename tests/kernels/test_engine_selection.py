@@ -35,6 +35,32 @@ def test_auto_leaves_wide_float32_jobs_to_torch():
     assert select_engine("triton", "float32", CUDA, layer_sizes=(64, 128, 8)) == "triton"
 
 
+def test_deep_networks_leave_the_fused_kernel_under_auto():
+    """The fused kernel's compile time grows faster than the depth (minutes at 32 to 64
+    layers): deeper networks take the per-layer GEMMs, or torch for IEEE float32 (which lost
+    to torch on the per-layer path) and for per-sample norms (the fused kernel's alone)."""
+    from gradserve.kernels import triton_engine
+
+    def sizes(layers):
+        return (8,) + (32,) * (layers - 1) + (1,)
+
+    for precision in ("tf32", "bfloat16", "float16"):
+        assert triton_engine.takes_fused(precision, sizes(16), False)
+        assert not triton_engine.takes_fused(precision, sizes(17), False)
+        assert triton_engine.takes_fused(precision, sizes(17), True)  # norms: fused only
+        assert triton_engine.takes_fused(precision, sizes(17), False, path="fused")
+        assert select_engine("auto", precision, CUDA, True, sizes(17)) == "torch"
+        if precision != "bfloat16":  # (a Triton precision where Triton is compiled)
+            assert select_engine("auto", precision, CUDA, layer_sizes=sizes(40)) == "triton"
+            assert select_engine("triton", precision, CUDA, True, sizes(17)) == "triton"
+    assert triton_engine.takes_fused("float32", sizes(8), False)
+    assert not triton_engine.takes_fused("float32", sizes(9), False)
+    assert triton_engine.takes_fused("float32", sizes(16), False, float32_matmul="tf32x3")
+    assert select_engine("auto", "float32", CUDA, layer_sizes=sizes(8)) == "triton"
+    assert select_engine("auto", "float32", CUDA, layer_sizes=sizes(9)) == "torch"
+    assert select_engine("triton", "float32", CUDA, layer_sizes=sizes(9)) == "triton"
+
+
 def test_per_sample_norms_of_wide_networks_leave_triton():
     assert select_engine("auto", "tf32", CUDA, True, (8, 200, 1)) == "torch"
     assert select_engine("auto", "tf32", CUDA, True, (8, 128, 1)) == "triton"

@@ -350,6 +350,15 @@ def test_wide_output_layers_take_fewer_samples_per_loss_program(sizes, loss):
     check(sizes, tensors, hidden="tanh", loss=loss)
 
 
+def test_deep_network_on_the_per_layer_path():
+    """20 layers: deeper than the fused kernel takes under auto (its compile time grows
+    with the depth), so the per-layer GEMMs run it."""
+    sizes = (3,) + (5,) * 19 + (2,)
+    assert not triton_engine.takes_fused("tf32", sizes, False)
+    tensors = random_job(sizes, 2, 11, seed=6)
+    check(sizes, tensors, hidden="tanh")
+
+
 def test_widest_fused_width_128():
     tensors = random_job((128, 128, 2), 1, 33, seed=2)
     check((128, 128, 2), tensors, path="fused", hidden="relu")
