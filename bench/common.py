@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -108,6 +109,33 @@ def write_table(name: str, title: str, header: list[str], rows: list[list], note
     with open(os.path.join(RESULTS, name), "w") as f:
         f.write(text)
     print(text)
+
+
+@contextlib.contextmanager
+def plain_autograd_layers():
+    """The torch engine with each layer one torch.baddbmm in the job's dtype (narrow for
+    bfloat16/float16), differentiated by autograd, as a PyTorch user writes it, in place
+    of kernels/linear_layer.py's hand-written backward: the GPU benchmarks' "torch eager
+    batched autograd" peer (what the torch engine computed before that layer) and
+    bench/linear_cpu.py's comparison."""
+    from unittest import mock
+
+    import torch
+
+    from gradserve.kernels import torch_engine
+    from gradserve.kernels.linear_layer import NARROW_DTYPES
+
+    class PlainLinear:
+        @staticmethod
+        def apply(h_t, weight, bias, precision):
+            narrow = NARROW_DTYPES.get(precision)
+            if narrow is None:
+                return torch.baddbmm(bias.unsqueeze(2), weight, h_t)
+            out = torch.baddbmm(bias.to(narrow).unsqueeze(2), weight.to(narrow), h_t.to(narrow))
+            return out.to(h_t.dtype)
+
+    with mock.patch.object(torch_engine, "BatchedLinear", PlainLinear):
+        yield
 
 
 def make_nets(m: int, sizes, activation=None) -> list:

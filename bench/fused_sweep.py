@@ -25,7 +25,7 @@ import triton
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench import sweep  # noqa: E402
-from bench.common import precision_and_method  # noqa: E402
+from bench.common import plain_autograd_layers, precision_and_method  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine, triton_fused  # noqa: E402
 
 TARGET = (1024, 256, (32, 64, 64, 64, 1))  # M, N, layer sizes: the benchmark target
@@ -163,7 +163,8 @@ def main():
         t_chosen = sweep.median_ms(
             lambda job=job, f=method: run_with(job, device, float32_matmul=f), device
         )
-        t_eager = sweep.median_ms(lambda job=job: torch_engine.run(job, device), device)
+        with plain_autograd_layers():
+            t_eager = sweep.median_ms(lambda job=job: torch_engine.run(job, device), device)
         if label == "float32":  # first, so that a run cut short still has it
             worst = max(worst, sweep.time_configurations(
                 f"float32 K-chunks of {OTHER_FMA_K_CHUNK}", [own_config],

@@ -1,6 +1,7 @@
 """Kernel benchmark on a GPU: the Triton engine vs what a PyTorch user would write.
 
-Peers, same inputs, same run: torch eager batched autograd (gradserve's torch engine),
+Peers, same inputs, same run: torch eager batched autograd (gradserve's torch engine with
+each layer a plain autograd baddbmm, bench.common.plain_autograd_layers),
 torch.func.vmap(grad(...)) over stacked parameters, and torch.compile of that vmap(grad).
 Each computes the loss and every parameter gradient of every model. Times are medians of
 triton.testing.do_bench; achieved TFLOP/s count 6 FLOPs per multiply-add per sample
@@ -32,7 +33,13 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import compile_in_parallel, precision_and_method, share, write_lines  # noqa: E402
+from bench.common import (  # noqa: E402
+    compile_in_parallel,
+    plain_autograd_layers,
+    precision_and_method,
+    share,
+    write_lines,
+)
 from bench.sweep import make_job  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.kernels import gluon_fused, torch_engine, triton_engine, triton_fused  # noqa: E402
@@ -158,7 +165,8 @@ def vmap_grad_fn(sizes, precision):
 def peer_times(job, sizes, precision, with_compile: bool) -> tuple[float, float, float]:
     """Median ms of torch eager, vmap(grad) and torch.compile(vmap(grad)) (nan if not
     asked) on the job."""
-    t_eager = bench(lambda: torch_engine.run(job, DEVICE))
+    with plain_autograd_layers():
+        t_eager = bench(lambda: torch_engine.run(job, DEVICE))
     params = {}
     for i in range(len(sizes) - 1):
         params[f"{2 * i}.weight"] = job.weights[i]

@@ -31,7 +31,7 @@ import triton
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench import sweep  # noqa: E402
-from bench.common import precision_and_method  # noqa: E402
+from bench.common import plain_autograd_layers, precision_and_method  # noqa: E402
 from gradserve.kernels import gluon_matmul, torch_engine, triton_engine, triton_layered  # noqa: E402
 
 TARGET = (16, 1024, (1024, 1024, 1024, 1))  # M, N, layer sizes: the width-1024 benchmark row
@@ -157,7 +157,8 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         fixed = run_with(job, device, FIXED, method)
         t_fixed = sweep.median_ms(lambda job=job, f=method: run_with(job, device, FIXED, f), device)
-        t_eager = sweep.median_ms(lambda job=job: torch_engine.run(job, device), device)
+        with plain_autograd_layers():
+            t_eager = sweep.median_ms(lambda job=job: torch_engine.run(job, device), device)
         worst = max(worst, sweep.time_configurations(
             label, configs_of(label),
             lambda config, job=job, f=method: run_with(job, device, config, f),

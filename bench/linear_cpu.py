@@ -15,14 +15,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from unittest import mock
-
-import torch
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import median_seconds, write_table  # noqa: E402
+from bench.common import median_seconds, plain_autograd_layers, write_table  # noqa: E402
 from gradserve.kernels import torch_engine  # noqa: E402
-from gradserve.kernels.linear_layer import NARROW_DTYPES  # noqa: E402
 from tests.jobs import ensemble_job, random_job  # noqa: E402
 from tests.oracle import engine_tensors, oracle_for, relative_errors  # noqa: E402
 
@@ -34,22 +30,6 @@ JOBS = [
     (64, 1024, (32, 64, 64, 1), "bfloat16"),
     (64, 1024, (32, 64, 64, 1), "float16"),
 ]
-
-
-class PlainLinear:
-    """torch.baddbmm in the job's dtype, differentiated by autograd."""
-
-    @staticmethod
-    def apply(h_t, weight, bias, precision):
-        narrow = NARROW_DTYPES.get(precision)
-        if narrow is None:
-            return torch.baddbmm(bias.unsqueeze(2), weight, h_t)
-        out = torch.baddbmm(bias.to(narrow).unsqueeze(2), weight.to(narrow), h_t.to(narrow))
-        return out.to(h_t.dtype)
-
-
-def plain_layer():
-    return mock.patch.object(torch_engine, "BatchedLinear", PlainLinear)
 
 
 def gradient_error(job, tensors, sizes) -> float:
@@ -72,12 +52,12 @@ def main() -> None:
         times = {}
         for _ in range(2):  # alternate, so that a slow phase of the machine hits both
             for name in ("gradserve", "plain"):
-                with plain_layer() if name == "plain" else contextlib.nullcontext():
+                with plain_autograd_layers() if name == "plain" else contextlib.nullcontext():
                     t = median_seconds(lambda job=job: torch_engine.run(job, "cpu"),
                                        repeats=repeats, warmup=1)  # fmt: skip
                 times[name] = times.get(name, 0.0) + t / 2
         error = gradient_error(job, tensors, sizes)
-        with plain_layer():
+        with plain_autograd_layers():
             plain_error = gradient_error(job, tensors, sizes)
         rows.append([f"M={m} N={n} {list(sizes)} {precision}",
                      f"{times['gradserve'] * 1e3:.1f}", f"{times['plain'] * 1e3:.1f}",
