@@ -101,11 +101,12 @@ def test_hidden_and_output_leaky_relus_keep_their_own_slopes():
     )  # fmt: skip
 
 
-def test_gradcheck_in_float64():
-    """Finite differences agree with autograd through the engine's own forward + loss."""
+def gradcheck_two_layers(n: int, seed: int, **options) -> bool:
+    """torch.autograd.gradcheck of the engine's own forward + loss on a float64 [3, 4, 2]
+    job of n samples, with respect to every parameter and the inputs."""
     sizes = (3, 4, 2)
-    tensors = random_job(sizes, 2, 5, dtype=torch.float64, seed=11, sample_weights=True)
-    job = ensemble_job(tensors, sizes, hidden="tanh", loss="huber", precision="float64")
+    tensors = random_job(sizes, 2, n, dtype=torch.float64, seed=seed, sample_weights=True)
+    job = ensemble_job(tensors, sizes, precision="float64", **options)
 
     def loss_of(w0, b0, w1, b1, x):
         loss, _, _ = torch_engine.forward_loss(
@@ -115,7 +116,12 @@ def test_gradcheck_in_float64():
 
     names = ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "inputs"]
     leaves = [tensors[k].clone().requires_grad_() for k in names]
-    assert torch.autograd.gradcheck(loss_of, leaves)
+    return torch.autograd.gradcheck(loss_of, leaves)
+
+
+def test_gradcheck_in_float64():
+    """Finite differences agree with autograd through the engine's own forward + loss."""
+    assert gradcheck_two_layers(5, 11, hidden="tanh", loss="huber")
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 64])
@@ -123,19 +129,7 @@ def test_gradcheck_with_weight_gradients_summed_in_chunks(monkeypatch, chunk):
     """The weight gradient's sum over samples taken a few samples at a time (chunks of 2
     and 3 of 7 samples, the last one short; 64: one product) is still the gradient."""
     monkeypatch.setattr(linear_layer, "SAMPLE_CHUNK", chunk)
-    sizes = (3, 4, 2)
-    tensors = random_job(sizes, 2, 7, dtype=torch.float64, seed=12, sample_weights=True)
-    job = ensemble_job(tensors, sizes, hidden="softplus", precision="float64")
-
-    def loss_of(w0, b0, w1, b1, x):
-        loss, _, _ = torch_engine.forward_loss(
-            job, [w0, w1], [b0, b1], x, tensors["targets"], tensors["sample_weights"]
-        )
-        return loss
-
-    names = ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "inputs"]
-    leaves = [tensors[k].clone().requires_grad_() for k in names]
-    assert torch.autograd.gradcheck(loss_of, leaves)
+    assert gradcheck_two_layers(7, 12, hidden="softplus")
 
 
 def test_float32_weight_gradients_keep_their_accuracy_at_two_million_samples():
