@@ -24,8 +24,11 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_SPEC="torch>=2.4"
 RUN useradd --create-home --uid 10001 gradserve
 COPY --from=wheel /wheels /wheels
+# The server extra's triton runs kernels on GPUs only (a CPU server's engine is torch), and
+# takes about 1 GB installed (triton 3.9): removed again.
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url ${TORCH_INDEX_URL}} "${TORCH_SPEC}" \
  && pip install --no-cache-dir "$(ls /wheels/gradserve-*.whl)[server]" \
+ && pip uninstall --yes triton \
  && rm -rf /wheels
 USER gradserve
 ENV GRADSERVE_HOST=0.0.0.0 GRADSERVE_PORT=50051 GRADSERVE_METRICS_PORT=9100 \

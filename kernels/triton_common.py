@@ -13,6 +13,8 @@ import os
 import triton
 import triton.language as tl
 
+from gradserve.kernels.precision_codes import PRECISION_CODES, TF32X3
+
 ACTIVATION_CODES = {
     "identity": 0,
     "relu": 1,
@@ -37,11 +39,6 @@ LOSS_CODES = {"mse": 0, "l1": 1, "huber": 2, "bce_with_logits": 3, "cross_entrop
 # explicitly: Triton has fused them by default, and says from 3.9 that the default turns off
 # in 3.10, which would change the kernels' last bits and speed with nothing here changing.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
-# Matmul operand precision: IEEE fp32, TF32, bf16 or fp16 operands; fp32 accumulation always.
-PRECISION_CODES = {"float32": 0, "tf32": 1, "bfloat16": 2, "float16": 3}
-# float32 to fp32 accuracy on tensor cores: three tf32 products per matmul (split_tf32)
-# instead of IEEE FMAs; triton_engine.run(..., float32_matmul="tf32x3") selects it.
-TF32X3 = 4
 # Kernels run under Triton's interpreter (read, as Triton reads it, when kernels are defined).
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 

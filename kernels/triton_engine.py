@@ -21,6 +21,7 @@ import re
 import torch
 
 from gradserve.kernels import privacy
+from gradserve.kernels.precision_codes import PRECISION_CODES, TF32X3
 from gradserve.kernels.spec import EnsembleJob, EnsembleResult
 
 PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16", "float16")
@@ -159,8 +160,6 @@ def gluon_available() -> bool:
 
 def precision_code(precision: str, float32_matmul: str = FLOAT32_MATMUL) -> int:
     """The kernels' PRECISION constant for a job's precision."""
-    from gradserve.kernels.triton_common import PRECISION_CODES, TF32X3
-
     if float32_matmul not in FLOAT32_MATMULS:
         raise ValueError(f"float32_matmul must be one of {FLOAT32_MATMULS}, not {float32_matmul!r}")
     if precision == "float32" and float32_matmul == "tf32x3":

@@ -1,5 +1,5 @@
 """The package as users get it, outside Docker: the wheel installed into a fresh virtual
-environment. With the server extra (the Dockerfile's install steps): `gradserve-server`
+environment. With the server extra (the CPU image's install steps): `gradserve-server`
 started from there, away from the repository, and a job run with that environment's
 `gradserve-client`. Alone (`pip install gradserve`): a thin client, without torch, whose
 CLI runs a job on a real server."""
@@ -47,6 +47,8 @@ def test_wheel_installs_and_serves_from_a_fresh_environment(wheel, tmp_path):
     # CPU torch first, as scripts/setup.sh does, so the extra pulls no CUDA build.
     run(*pip, os.environ.get("GRADSERVE_CPU_TORCH_SPEC", "torch==2.13.0"))
     run(*pip, f"{wheel}[server]")
+    # The CPU image removes triton again (GPUs only): the server runs without it.
+    run(str(venv / "bin" / "python"), "-m", "pip", "uninstall", "--yes", "--quiet", "triton")
 
     # Nothing of the repository on the path: a packaging mistake (a module left out of the
     # wheel, a wrong entry point) fails here.
