@@ -26,6 +26,18 @@ def median_seconds(fn, *, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def alternating_medians(fn, variants: dict, *, repeats: int, warmup: int = 3) -> dict:
+    """Median seconds of `fn` under each of `variants` (name -> a context manager factory),
+    timed twice in alternation and averaged, so that a slow phase of a shared machine hits
+    every variant alike."""
+    times = dict.fromkeys(variants, 0.0)
+    for _ in range(2):
+        for name, context in variants.items():
+            with context():
+                times[name] += median_seconds(fn, repeats=repeats, warmup=warmup) / 2
+    return times
+
+
 def run_isolated(script: str, case, timeout: float = 300) -> tuple[dict | None, str]:
     """Run `script --one <case as JSON>` in its own process (CUDA_LAUNCH_BLOCKING=1, so a
     fault names the launch that made it) and return (the JSON object it printed last, "")

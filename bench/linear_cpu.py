@@ -17,7 +17,7 @@ import contextlib
 import sys
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import median_seconds, plain_autograd_layers, write_table  # noqa: E402
+from bench.common import alternating_medians, plain_autograd_layers, write_table  # noqa: E402
 from gradserve.kernels import torch_engine  # noqa: E402
 from tests.jobs import ensemble_job, random_job  # noqa: E402
 from tests.oracle import engine_tensors, oracle_for, relative_errors  # noqa: E402
@@ -49,13 +49,11 @@ def main() -> None:
                            input_gradients=False, per_sample_losses=False,
                            forward_outputs=False)  # fmt: skip
         repeats = args.repeats if m * n <= 1 << 20 else max(2, args.repeats // 5)
-        times = {}
-        for _ in range(2):  # alternate, so that a slow phase of the machine hits both
-            for name in ("gradserve", "plain"):
-                with plain_autograd_layers() if name == "plain" else contextlib.nullcontext():
-                    t = median_seconds(lambda job=job: torch_engine.run(job, "cpu"),
-                                       repeats=repeats, warmup=1)  # fmt: skip
-                times[name] = times.get(name, 0.0) + t / 2
+        times = alternating_medians(
+            lambda job=job: torch_engine.run(job, "cpu"),
+            {"gradserve": contextlib.nullcontext, "plain": plain_autograd_layers},
+            repeats=repeats, warmup=1,
+        )  # fmt: skip
         error = gradient_error(job, tensors, sizes)
         with plain_autograd_layers():
             plain_error = gradient_error(job, tensors, sizes)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import median_seconds, write_table  # noqa: E402
+from bench.common import alternating_medians, write_table  # noqa: E402
 from gradserve.kernels import functional, torch_engine  # noqa: E402
 from tests.jobs import ensemble_job, random_job  # noqa: E402
 from tests.oracle import engine_tensors, oracle_for, relative_errors  # noqa: E402
@@ -81,13 +81,11 @@ def main() -> None:
         tensors = random_job(sizes, M, N, loss=loss, seed=1)
         job = ensemble_job(tensors, sizes, loss=loss, input_gradients=False,
                            per_sample_losses=False, forward_outputs=False)  # fmt: skip
-        times = {}
-        for _ in range(2):  # alternate, so that a slow phase of the machine hits both
-            for name in ("gradserve", "torch"):
-                with torchs_losses() if name == "torch" else contextlib.nullcontext():
-                    t = median_seconds(lambda job=job: torch_engine.run(job, "cpu"),
-                                       repeats=args.repeats)  # fmt: skip
-                times[name] = times.get(name, 0.0) + t / 2
+        times = alternating_medians(
+            lambda job=job: torch_engine.run(job, "cpu"),
+            {"gradserve": contextlib.nullcontext, "torch": torchs_losses},
+            repeats=args.repeats,
+        )  # fmt: skip
         with torchs_losses():
             torch_error = gradient_error(loss, outputs)
         rows.append([f"{loss}, {outputs} outputs, M={M} N={N} {list(sizes)}",
