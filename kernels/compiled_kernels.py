@@ -78,6 +78,7 @@ def evictions() -> int:
 
 # The Triton engine's kernel modules (gluon_*: Gluon kernels, cached alike).
 _MODULES = (
+    "gradserve.kernels.partial_sums",
     "gradserve.kernels.triton_fused",
     "gradserve.kernels.triton_layered",
     "gradserve.kernels.gluon_fused",

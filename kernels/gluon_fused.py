@@ -9,7 +9,7 @@ jobs without per-sample norms or clipping (those stay on the Triton kernel) and 
 widths up to 64. grid = (M, S); program (m, s) walks its slice of samples BLOCK_N at a
 time, keeps each layer's pre-activations in its scratch for the backward pass and adds its
 blocks' parameter gradients to its own row of partial gradients, which
-triton_fused.sum_partials adds in a fixed order: repeated runs give identical bits.
+partial_sums.sum_partials adds in a fixed order: repeated runs give identical bits.
 
 Each product is a sum of rank-1 updates read from shared memory:
 - forward z = h @ W^T and backward g = dz @ W: a block of BLOCK_N samples' outputs,
@@ -46,7 +46,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from gradserve.kernels import gluon_cpu, triton_fused
+from gradserve.kernels import gluon_cpu, partial_sums, triton_fused
 from gradserve.kernels.gluon_matmul import _sync_threads, operand_load
 from gradserve.kernels.triton_common import LAUNCH_OPTIONS, activate, activation_grad, loss_block
 from gradserve.kernels.triton_engine import interpreted
@@ -677,7 +677,7 @@ def fused_mlp(weights, biases, x, targets, sample_weights, *, hidden_act, output
         weight_at = [(at, d1 * d0) for at, (d1, d0) in zip(layout.weight_offsets, shapes,
                                                            strict=True)]  # fmt: skip
         bias_at = [(at, d1) for at, (d1, _) in zip(layout.bias_offsets, shapes, strict=True)]
-        summed = triton_fused.sum_partials(partials, weight_at + bias_at)
+        summed = partial_sums.sum_partials(partials, weight_at + bias_at)
         grads = (
             [summed[:, at : at + count].view(m, *shape)
              for (at, count), shape in zip(weight_at, shapes, strict=True)],

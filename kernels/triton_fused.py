@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gradserve.kernels.partial_sums import multiprocessors, sum_partials
 from gradserve.kernels.triton_common import (
     LAUNCH_OPTIONS,
     PRECISION_CODES,
@@ -536,47 +537,6 @@ def _fused_mlp_kernel(
         tl.store(profile + 2, nanosecond_timer())
 
 
-@triton.jit
-def _sum_partials_kernel(
-    partial_ptr,  # [R, S, C] fp32
-    out_ptr,  # [R, C] fp32
-    S,
-    C,
-    lengths,  # each segment's length (elements)
-    STARTS: tl.constexpr,  # each segment's first column
-    BLOCK: tl.constexpr,
-):
-    """out[r, c] = sum over s of partial[r, s, c], s ascending (a fixed-order reduction),
-    for the columns c in the segments [STARTS[i], STARTS[i] + lengths[i]); the columns
-    between them are neither read (programs never write them) nor written."""
-    # grid = (R, cdiv(C, BLOCK))
-    r = tl.program_id(0).to(tl.int64)  # 64-bit row bases, as the fused kernel's
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < 0  # all False
-    for i in tl.static_range(len(STARTS)):
-        mask = mask | ((offs >= STARTS[i]) & (offs < STARTS[i] + lengths[i]))
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(partial_ptr + (r * S + s) * C + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + r * C + offs, acc, mask=mask)
-
-
-def sum_partials(partial: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
-    """[R, S, C] -> [R, C] summed over S in a fixed order (no atomics), over the columns of
-    the (start, length) `segments` only: the other columns of the result are left unset."""
-    r, s, c = partial.shape
-    if s == 1:
-        return partial[:, 0]
-    out = torch.empty(r, c, device=partial.device, dtype=torch.float32)
-    starts, lengths = zip(*segments, strict=True)
-    assert all(0 <= start and start + length <= c for start, length in segments), segments
-    block = 1024
-    _sum_partials_kernel[(r, triton.cdiv(c, block))](
-        partial, out, s, c, lengths, STARTS=starts, BLOCK=block, **LAUNCH_OPTIONS
-    )
-    return out
-
-
 def padded_width(layer_sizes) -> int:
     """DP: the widest padded layer (the scratch's row stride)."""
     return max(padded_widths(layer_sizes))
@@ -670,11 +630,7 @@ def launch_config(
 def sample_splits(n: int, block_n: int, m: int, device: torch.device) -> tuple[int, int]:
     """(S, blocks_per_split): the N samples' blocks of BLOCK_N dealt to S programs per model."""
     blocks = triton.cdiv(n, block_n)
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = max(1, triton.cdiv(4 * sms, m))
-    else:
-        want = 1
+    want = max(1, triton.cdiv(4 * multiprocessors(device), m))
     per_split = triton.cdiv(blocks, min(blocks, want))
     return triton.cdiv(blocks, per_split), per_split
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from gradserve.kernels.gemm_common import batch_and_block, store_product
+from gradserve.kernels.partial_sums import multiprocessors, sum_partials
 from gradserve.kernels.triton_common import LAUNCH_OPTIONS, activation_grad, loss_block, matmul
 
 
@@ -34,6 +35,7 @@ def _batched_matmul_kernel(
     P,
     Q,
     K,
+    k_per_split,  # K itself, or (EPILOGUE 0) the K-range of one split (grid axis 1)
     stride_ab,
     stride_ap,
     stride_ak,
@@ -49,9 +51,20 @@ def _batched_matmul_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q),), a batch's tiles one after another
+    # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q), S), a batch's tiles one after
+    # another; split s adds the products of K-range [s * k_per_split, (s + 1) * k_per_split)
+    # into C's rows of batch b * S + s (S = 1: C itself)
     tiles_q = tl.cdiv(Q, BLOCK_Q)
     batch, tile = batch_and_block(tl.cdiv(P, BLOCK_P) * tiles_q)
+    if EPILOGUE == 0:  # (the epilogues' kernels, never split, compile as they did before)
+        split = tl.program_id(1)
+        k_start = split * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
+        out = batch * tl.num_programs(1) + split
+    else:
+        k_start = 0
+        k_end = K
+        out = batch
     tp = tile // tiles_q
     tq = tile % tiles_q
     rp = tp * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -60,16 +73,20 @@ def _batched_matmul_kernel(
     a_base = a_ptr + batch * stride_ab + rp[:, None] * stride_ap
     b_base = b_ptr + batch * stride_bb + rq[None, :] * stride_bq
     acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         a = tl.load(
-            a_base + kk[None, :] * stride_ak, mask=(rp[:, None] < P) & (kk[None, :] < K), other=0.0
+            a_base + kk[None, :] * stride_ak,
+            mask=(rp[:, None] < P) & (kk[None, :] < k_end),
+            other=0.0,
         )
         b = tl.load(
-            b_base + kk[:, None] * stride_bk, mask=(kk[:, None] < K) & (rq[None, :] < Q), other=0.0
+            b_base + kk[:, None] * stride_bk,
+            mask=(kk[:, None] < k_end) & (rq[None, :] < Q),
+            other=0.0,
         )
         acc += matmul(a, b, PRECISION, BLOCK_K)  # one chunk: the K-tile itself
-    store_product(acc, rp, rq, P, Q, batch, c_ptr, bias_ptr, aux_ptr, slope, EPILOGUE, ACT)
+    store_product(acc, rp, rq, P, Q, out, c_ptr, bias_ptr, aux_ptr, slope, EPILOGUE, ACT)
 
 
 @triton.jit
@@ -127,23 +144,28 @@ def _column_sum_kernel(
     out_ptr,  # [B, C]
     R,
     C,
+    r_per_split,  # R itself, or the rows of one split (grid axis 1)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # grid = (B * cdiv(C, BLOCK_C),); rows are added block by block, in order
+    # grid = (B * cdiv(C, BLOCK_C), S); rows are added block by block, in order; split s
+    # adds rows [s * r_per_split, (s + 1) * r_per_split) into out's row b * S + s
     batch, columns = batch_and_block(tl.cdiv(C, BLOCK_C))
+    split = tl.program_id(1)
+    r_start = split * r_per_split
+    r_end = tl.minimum(R, r_start + r_per_split)
     rc = columns * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     x_batch = x_ptr + batch * R * C
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(r_start, r_end, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         block = tl.load(
             x_batch + rr[:, None] * C + rc[None, :],
-            mask=(rr[:, None] < R) & (rc[None, :] < C),
+            mask=(rr[:, None] < r_end) & (rc[None, :] < C),
             other=0.0,
         )
         acc += tl.sum(block, 0)
-    tl.store(out_ptr + batch * C + rc, acc, mask=rc < C)
+    tl.store(out_ptr + (batch * tl.num_programs(1) + split) * C + rc, acc, mask=rc < C)
 
 
 # 128x128 tiles with 8 warps and 3 pipeline stages keep a GPU's tensor cores busy on large
@@ -159,6 +181,34 @@ SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, num_warps=4)
 # "gluon", the same GEMM with 8x8 outputs a thread (gluon_matmul.py: 1.00 byte per FMA, no
 # spills), which triton_engine.run(..., float32_matmul="gluon") selects.
 IEEE_GEMMS = ("tl.dot", "gluon")
+
+
+# A weight gradient's product sums over the N samples (K = N), and a bias gradient's
+# column sums over N rows. With few models and narrow layers their grids have few programs,
+# each adding all N samples: one model with a [256, 256] layer is four 128x128 tiles, four
+# programs that each loop over all of a million samples while a GPU of 132 SMs waits. Such
+# sums are split: each program adds a range of at least SPLIT_MIN_LENGTH samples, as many
+# ranges as take the grid to about SPLIT_PROGRAMS_PER_SM programs per SM, and the ranges'
+# partial sums are then added in a fixed order (partial_sums.sum_partials): the same bits on
+# every run on a device, as the fused kernel's sample splits give. Where the grid already
+# has a program per SM, or N is small, nothing is split (nor on the interpreter, nor on
+# the IEEE float32 GEMM on Gluon). Where split, each float32 running sum also adds fewer
+# samples (its error grows with their count; torch_engine.SAMPLE_CHUNK bounds the torch
+# engine's alike). Not yet timed on a GPU: bench/split_sums.py times split against unsplit.
+SPLIT_MIN_LENGTH = 4096
+SPLIT_PROGRAMS_PER_SM = 2
+
+
+def split_length(length: int, programs: int, sms: int) -> int:
+    """The samples (rows, K) each program of a grid of `programs` tiles adds, for a sum
+    over `length` of them on a device of `sms` SMs: `length` itself (no split), or ranges
+    of a multiple of 128 samples, at least SPLIT_MIN_LENGTH."""
+    if programs >= sms:
+        return length
+    splits = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, programs), length // SPLIT_MIN_LENGTH)
+    if splits <= 1:
+        return length
+    return triton.cdiv(triton.cdiv(length, splits), 128) * 128
 
 
 def takes_large_tiles(p: int, q: int) -> bool:
@@ -179,7 +229,8 @@ def batched_matmul(
     ieee_gemm: str = "tl.dot",
 ):  # fmt: skip
     """Launcher: C[i] = a[i] @ b[i] (+ epilogue). a [B|-, P, K], b [B|-, K, Q] (stride 0 over
-    a shared batch), C [B, P, Q] fp32 contiguous; IEEE float32 on the `ieee_gemm` kernel."""
+    a shared batch), C [B, P, Q] fp32 contiguous; IEEE float32 on the `ieee_gemm` kernel.
+    A plain product (epilogue 0) whose grid leaves SMs idle splits K (split_length)."""
     p, k = a.shape[-2], a.shape[-1]
     q = b.shape[-1]
     assert b.shape[-2] == k, (a.shape, b.shape)
@@ -191,15 +242,20 @@ def batched_matmul(
                             tiles=gluon_matmul.tiles_for(p, q, a.device))  # fmt: skip
         return c
     tiles = _tiles(p, q, a.device)
-    grid = (batch * triton.cdiv(p, tiles["BLOCK_P"]) * triton.cdiv(q, tiles["BLOCK_Q"]),)
-    _batched_matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, aux if aux is not None else c,
-        p, q, k,
+    programs = batch * triton.cdiv(p, tiles["BLOCK_P"]) * triton.cdiv(q, tiles["BLOCK_Q"])
+    k_per_split = split_length(k, programs, multiprocessors(a.device)) if epilogue == 0 else k
+    splits = triton.cdiv(k, k_per_split)
+    partial = c if splits == 1 else c.new_empty(batch, splits, p, q)
+    _batched_matmul_kernel[(programs, splits)](
+        a, b, partial, bias if bias is not None else c, aux if aux is not None else c,
+        p, q, k, k_per_split,
         a.stride(0) if a.dim() == 3 else 0, a.stride(-2), a.stride(-1),
         b.stride(0) if b.dim() == 3 else 0, b.stride(-2), b.stride(-1),
         slope,
         EPILOGUE=epilogue, ACT=act, PRECISION=precision, **tiles, **LAUNCH_OPTIONS,
     )  # fmt: skip
+    if splits > 1:
+        c.view(batch, p * q).copy_(sum_partials(partial.view(batch, splits, p * q), [(0, p * q)]))
     return c
 
 
@@ -225,13 +281,16 @@ def loss_block_shape(d_out: int) -> LossBlockShape:
 
 
 def column_sum(x: torch.Tensor) -> torch.Tensor:
-    """[B, R, C] -> [B, C], rows added in a fixed order."""
+    """[B, R, C] -> [B, C], rows added in a fixed order (split as split_length says)."""
     b, r, c = x.shape
-    out = torch.empty(b, c, device=x.device, dtype=torch.float32)
-    _column_sum_kernel[(b * triton.cdiv(c, 64),)](
-        x, out, r, c, BLOCK_R=32, BLOCK_C=64, **LAUNCH_OPTIONS
+    programs = b * triton.cdiv(c, 64)
+    rows_per_split = split_length(r, programs, multiprocessors(x.device))
+    splits = triton.cdiv(r, rows_per_split)
+    out = torch.empty(b, splits, c, device=x.device, dtype=torch.float32)
+    _column_sum_kernel[(programs, splits)](
+        x, out, r, c, rows_per_split, BLOCK_R=32, BLOCK_C=64, **LAUNCH_OPTIONS
     )
-    return out
+    return sum_partials(out, [(0, c)])
 
 
 def layered_mlp(

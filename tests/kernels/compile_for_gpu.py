@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from gradserve.kernels import triton_fused, triton_layered  # noqa: E402
+from gradserve.kernels import partial_sums, triton_fused, triton_layered  # noqa: E402
 from gradserve.kernels.triton_common import ACTIVATION_CODES as ACT  # noqa: E402
 from gradserve.kernels.triton_common import LOSS_CODES as LOSS  # noqa: E402
 from gradserve.kernels.triton_common import PRECISION_CODES as PREC  # noqa: E402
@@ -123,7 +123,7 @@ def _fused_variants():
     yield triton_fused._fused_mlp_kernel, profiled, types
     # the fused kernel's partial gradients of three layers: weight and bias segments
     segments = dict(BLOCK=1024, STARTS=(*layout.weight_offsets, *layout.bias_offsets))
-    yield triton_fused._sum_partials_kernel, segments, {"lengths": ("i32",) * 6}
+    yield partial_sums._sum_partials_kernel, segments, {"lengths": ("i32",) * 6}
 
 
 def layered_variants():

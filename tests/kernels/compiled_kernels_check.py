@@ -30,11 +30,17 @@ from bench.compile_only import CompileOnlyDriver  # noqa: E402
 def main() -> int:
     os.environ["TRITON_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="gradserve-triton-")
     driver.set_active(CompileOnlyDriver())
-    from gradserve.kernels import compiled_kernels, kernel_disk_cache, triton_fused, triton_layered
+    from gradserve.kernels import (
+        compiled_kernels,
+        kernel_disk_cache,
+        partial_sums,
+        triton_fused,
+        triton_layered,
+    )
 
     assert kernel_disk_cache.cache_dir() == Path(cache)
 
-    expected = [triton_fused._fused_mlp_kernel, triton_fused._sum_partials_kernel,
+    expected = [triton_fused._fused_mlp_kernel, partial_sums._sum_partials_kernel,
                 triton_layered._batched_matmul_kernel]  # fmt: skip
     if importlib.util.find_spec("triton.experimental.gluon"):  # Triton 3.6 and later
         from gradserve.kernels import gluon_matmul
@@ -46,7 +52,7 @@ def main() -> int:
     partial, out = torch.zeros(4, 2, 64), torch.zeros(4, 64)
 
     def compile_with(block: int) -> Path:  # one specialisation per BLOCK; its disk entry
-        compiled = triton_fused._sum_partials_kernel.run(
+        compiled = partial_sums._sum_partials_kernel.run(
             partial, out, 2, 64, (64,), STARTS=(0,), BLOCK=block, grid=(4, 1), warmup=True
         )
         return kernel_disk_cache.entry_of(compiled)

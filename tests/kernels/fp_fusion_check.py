@@ -31,7 +31,7 @@ GLUON = importlib.util.find_spec("triton.experimental.gluon") is not None  # Tri
 
 def main() -> int:
     driver.set_active(CompileOnlyDriver())
-    from gradserve.kernels import triton_engine, triton_fused
+    from gradserve.kernels import partial_sums, triton_engine
     from tests.jobs import ensemble_job, random_job
 
     compiled = {}
@@ -52,7 +52,7 @@ def main() -> int:
             for path in ("fused", "per_layer"):
                 triton_engine.run(job, "cpu", path=path, float32_matmul="gluon")
         # the sum of per-program partials, which a job on the CPU never splits for
-        triton_fused.sum_partials(torch.zeros(2, 3, 64), [(0, 64)])
+        partial_sums.sum_partials(torch.zeros(2, 3, 64), [(0, 64)])
     finally:
         JITFunction.run = launch
     expected = {"_fused_mlp_kernel", "_sum_partials_kernel", "_batched_matmul_kernel",

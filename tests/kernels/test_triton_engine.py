@@ -284,7 +284,7 @@ def test_partial_gradients_are_summed_in_order_over_the_gradients_only():
     that order) and only over the gradients' segments: the room between them, which no
     program writes, is never read (here +inf and -inf: under the interpreter, numpy warns
     of an invalid value when a sum adds them, and the warning is an error here)."""
-    from gradserve.kernels.triton_fused import sum_partials
+    from gradserve.kernels.partial_sums import sum_partials
 
     generator = torch.Generator().manual_seed(5)
     partial = torch.randn(3, 5, 1100, generator=generator) * 10.0 ** torch.randint(
@@ -335,6 +335,49 @@ def test_per_layer_launches_fit_cuda_grid_limits(monkeypatch):
     for grids in launched.values():
         for grid in grids:
             assert grid[0] < 2**31 and all(axis <= 65535 for axis in grid[1:]), grid
+
+
+def test_split_length_fills_idle_multiprocessors():
+    """The per-layer path splits a sum over the samples only where its tiles leave SMs idle,
+    into about two programs per SM, each adding at least SPLIT_MIN_LENGTH samples."""
+    from gradserve.kernels.triton_layered import SPLIT_MIN_LENGTH, split_length, triton
+
+    n = 2**20
+    assert split_length(n, 4, 0) == n  # no SMs to fill: the interpreter
+    assert split_length(n, 132, 132) == n  # a program per SM already
+    length = split_length(n, 4, 132)
+    assert length % 128 == 0 and triton.cdiv(n, length) == 66  # 4 x 66 programs: 2 per SM
+    assert split_length(n, 100, 132) == triton.cdiv(n, 3 * 128) * 128  # 3 x 100 programs
+    assert split_length(2 * SPLIT_MIN_LENGTH - 1, 4, 132) == 2 * SPLIT_MIN_LENGTH - 1
+    assert split_length(2 * SPLIT_MIN_LENGTH, 4, 132) == SPLIT_MIN_LENGTH
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+def test_per_layer_sums_split_across_programs_reduce_to_the_oracle(monkeypatch, shared):
+    """On a GPU the per-layer path splits the samples of its weight-gradient products and
+    bias sums across programs where its tiles leave SMs idle (the interpreter has none to
+    fill). Forced here (64 SMs, ranges of at least 100 samples): N = 300 in three ranges of
+    128, 128 and 44 samples, whose partial sums add up to the oracle's gradients, the same
+    bits on a second run."""
+    from gradserve.kernels import triton_layered
+
+    monkeypatch.setattr(triton_layered, "multiprocessors", lambda device: 64)
+    monkeypatch.setattr(triton_layered, "SPLIT_MIN_LENGTH", 100)
+    splits = []
+
+    def recorded(partial, segments):
+        splits.append(partial.shape[1])
+        return sum_partials(partial, segments)
+
+    sum_partials = triton_layered.sum_partials
+    monkeypatch.setattr(triton_layered, "sum_partials", recorded)
+    tensors = random_job(WIDE_SIZES, 2, 300, shared_inputs=shared, sample_weights=True, seed=4)
+    first = check(WIDE_SIZES, tensors, hidden="tanh", loss="mse")
+    # both layers' weight-gradient products and bias sums, in three ranges
+    assert splits == [3, 3, 3, 3], splits
+    second = check(WIDE_SIZES, tensors, hidden="tanh", loss="mse")
+    for a, b in zip(engine_tensors(first).values(), engine_tensors(second).values(), strict=True):
+        assert same_bits(a, b)
 
 
 @pytest.mark.parametrize("loss", ["mse", "bce_with_logits", "cross_entropy"])
