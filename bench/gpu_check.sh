@@ -21,6 +21,9 @@
 # `bash bench/gpu_check.sh sweep tf32,bfloat16` times only those precisions'
 # configurations and skips the phases. `bash bench/gpu_check.sh layered` times the per-layer
 # path's GEMM tile shapes at width 1024 (bench/layered_sweep.py: $OUT/layered_sweep.md).
+# `bash bench/gpu_check.sh splits` times the per-layer path's sums over the samples split
+# across programs against unsplit (bench/split_sums.py: $OUT/split_sums.md) and runs their
+# GPU tests.
 # `bash bench/gpu_check.sh gluon` checks the float32 kernels (float32_matmul="gluon",
 # kernels/gluon_*.py, and tl.dot's IEEE and three-tf32-product ones) against the oracle on
 # the GPU and times the benchmark's float32 rows on tl.dot and on Gluon, and the target on
@@ -107,6 +110,15 @@ fi
 if [ "${1:-}" = layered ]; then
   echo "== per-layer GEMM tile shapes at width 1024"
   timeout 300 python3 bench/layered_sweep.py --out "$OUT/layered_sweep.md" 2>&1 | tail -30
+  exit "${PIPESTATUS[0]}"
+fi
+
+if [ "${1:-}" = splits ]; then
+  echo "== per-layer path: sums over the samples split across programs or not"
+  timeout 300 python3 bench/split_sums.py --out "$OUT/split_sums.md" 2>&1 | tail -20
+  echo "== GPU tests of the split sums"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -k split_across_programs \
+    tests/kernels/test_gpu.py 2>&1 | tail -15
   exit "${PIPESTATUS[0]}"
 fi
 

@@ -234,6 +234,33 @@ def test_split_samples_reduce_in_fixed_order():
     check(triton_engine, sizes, tensors, "float32", hidden="tanh")
 
 
+@pytest.mark.parametrize("precision", triton_engine.PRECISIONS)
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+def test_per_layer_sums_split_across_programs(monkeypatch, shared, precision):
+    """One model with many samples on the per-layer path: its weight-gradient products
+    (four to six tiles) and bias sums split their samples across programs
+    (triton_layered.split_length), and the ranges' partial sums add up to the oracle's
+    gradients, the same bits twice."""
+    from gradserve.kernels import triton_layered
+
+    sizes = (3, 200, 300, 1)
+    tensors = random_job(sizes, 1, 50_000, shared_inputs=shared, sample_weights=True, seed=6)
+    ranges = []
+    sum_partials = triton_layered.sum_partials
+
+    def recorded(partial, segments):
+        ranges.append(partial.shape[1])
+        return sum_partials(partial, segments)
+
+    monkeypatch.setattr(triton_layered, "sum_partials", recorded)
+    check(triton_engine, sizes, tensors, precision, hidden="silu", loss="mse",
+          run_options={"path": "per_layer"})  # fmt: skip
+    assert len(ranges) == 6 and min(ranges) > 1, ranges  # three layers' weight and bias sums
+    job = ensemble_job({k: v.cuda() for k, v in tensors.items()}, sizes, hidden="silu",
+                       precision=precision)  # fmt: skip
+    assert_same_bits_twice(job, path="per_layer")
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_triton_norms_and_dp_clipping_match_the_torch_engine(precision):
     """The fused kernel's norm pass and in-kernel clipping at a realistic size, against the
