@@ -28,6 +28,7 @@ import dataclasses
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import (  # noqa: E402
@@ -95,8 +96,6 @@ def recorded_splits(ranges: list[int]):
 
 def gpu_milliseconds(fn) -> float:
     """Median ms of `fn` on the GPU."""
-    import triton
-
     return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
 
 
@@ -106,7 +105,7 @@ def timed_rows(out: str | None) -> None:
               "ms, unsplit", "unsplit / split", "eager / split", "gradient error, split",
               "gradient error, unsplit"]  # fmt: skip
     title = "Per-layer path: sums over the samples split across programs or not"
-    card = f"{torch.cuda.get_device_name()}, triton {triton_version()}, {machine()}"
+    card = f"{torch.cuda.get_device_name()}, triton {triton.__version__}, {machine()}"
     notes = (
         "Median ms (triton.testing.do_bench) of the job's loss and gradients, split, unsplit "
         "and torch eager batched autograd alternately, twice, averaged. Gradient error: the "
@@ -190,12 +189,6 @@ def main() -> None:
         summation_model()
     else:
         timed_rows(args.out)
-
-
-def triton_version() -> str:
-    import triton
-
-    return triton.__version__
 
 
 if __name__ == "__main__":
