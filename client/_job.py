@@ -20,6 +20,7 @@ from gradserve.client._tensors import (
     DATA_TYPE_BY_NAME,
     NUMPY_DTYPES,
     accelerator_of,
+    check_floating,
     dtype_name,
     float64_as_float32,
     from_wire,
@@ -343,6 +344,9 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
         tensors["sample_weights"] = as_array(sample_weights, "sample_weights")
     for name, value in (opts.optimizer_state or {}).items():
         tensors[name] = as_array(value, name)
+    for name, value in tensors.items():
+        if name != "targets":
+            check_floating(value, name)
     if opts.precision != "float64":
         tensors = {name: float64_as_float32(value) for name, value in tensors.items()}
     descriptors, payloads = [], []

@@ -87,6 +87,21 @@ def to_wire(x: Any, name: str = "tensor") -> tuple[int, tuple[int, ...], memoryv
     return WIRE_DTYPES[a.dtype], tuple(a.shape), raw_bytes(a)
 
 
+def check_floating(x: Any, name: str) -> None:
+    """Refuse a bool or integer array for a tensor the networks compute with (every tensor
+    but the targets, which may be class indices): TypeError naming the tensor and the
+    caller's dtype, as torch refuses such inputs to nn.Linear. Sent, a bool array would go
+    as int64 and the server's refusal would name INT64, a dtype the caller never used."""
+    if is_torch(x):
+        import torch
+
+        bad = x.dtype == torch.bool or not (x.is_floating_point() or x.is_complex())
+    else:
+        bad = isinstance(x, np.ndarray) and x.dtype.kind in "iub"
+    if bad:
+        raise TypeError(f"{name}: dtype {x.dtype} is not accepted; send floating-point numbers")
+
+
 # The largest finite float32; the server refuses a float64 value beyond it in a job that
 # computes in float32, naming the tensor (server/assembly.check_values).
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -621,6 +621,13 @@ def test_numbers_of_numpy_and_torch_kinds_are_taken_as_options(client):
         ("inputs", [["1", "2", "3"]] * 4, "inputs: dtype <U1"),
         ("targets", np.array([[{"x": 1}, 1.0]] * 4, dtype=object), "targets: holds values that"),
         ("sample_weights", np.array(["2026-11-28"] * 4, "datetime64[D]"), "sample_weights"),
+        # the networks compute in floating point (as torch's nn.Linear refuses these); the
+        # error names the caller's dtype, not the int64 a bool array would go as
+        ("inputs", torch.rand(4, 3) > 0.5, "inputs: dtype torch.bool"),
+        ("inputs", np.ones((4, 3), np.uint8), "inputs: dtype uint8"),
+        ("inputs", [[1, 2, 3]] * 4, "inputs: dtype int64"),
+        ("sample_weights", torch.ones(4, dtype=torch.int32), "sample_weights: dtype torch.int32"),
+        ("sample_weights", np.ones(4, bool), "sample_weights: dtype bool"),
     ],
 )
 def test_tensors_of_values_that_are_no_real_numbers_are_refused_before_sending(
@@ -634,6 +641,22 @@ def test_tensors_of_values_that_are_no_real_numbers_are_refused_before_sending(
     with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
         with pytest.raises(TypeError, match=message):
             dead.compute(net, **job)
+
+
+def test_integer_parameters_and_optimizer_state_are_refused_before_sending():
+    """Integer weights (a dict of numpy arrays) or optimiser state would be refused by the
+    server as INT64 after the upload: the client names the tensor and its dtype first."""
+    params = {"layers.0.weight": np.ones((1, 2, 3), np.int32), "layers.0.bias": np.ones((1, 2))}
+    x, y = np.random.rand(4, 3), np.random.rand(4, 2)
+    state = {"layers.0.weight.momentum_buffer": np.ones((1, 2, 3), np.int64),
+             "layers.0.bias.momentum_buffer": np.zeros((1, 2))}  # fmt: skip
+    with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
+        with pytest.raises(TypeError, match="layers.0.weight: dtype int32"):
+            dead.compute(params, x, y)
+        params["layers.0.weight"] = np.ones((1, 2, 3))
+        with pytest.raises(TypeError, match="momentum_buffer: dtype int64"):
+            dead.compute(params, x, y, optimizer="sgd", momentum=0.9, learning_rate=0.1,
+                         optimizer_state=state, start_step=1)  # fmt: skip
 
 
 def test_float8_tensors_are_sent_as_the_float32_they_equal(client):
