@@ -544,6 +544,10 @@ def _npz_bytes(inputs: np.ndarray) -> bytes:
         ("objects.npz", _npz_bytes(np.array([{"x": 1}, None], dtype=object))),
         ("strings.npz", _npz_bytes(np.array([["1"], ["2"]]))),
         ("complex.npz", _npz_bytes(np.ones((2, 1), np.complex64))),
+        # numbers, but no floating-point ones where the networks compute (only the targets
+        # may be integers: class indices)
+        ("bool.npz", _npz_bytes(np.ones((2, 1), bool))),
+        ("int.npz", _npz_bytes(np.ones((2, 1), np.int32))),
     ],
 )  # fmt: skip
 def test_malformed_job_files_get_a_clear_error_not_a_traceback(tmp_path, name, content):
