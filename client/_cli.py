@@ -17,7 +17,6 @@ from gradserve.client._examples import ensemble_network, notebook_network
 from gradserve.client._job import JobOptions, is_optimizer_state, is_parameter
 from gradserve.client._jobfile import SUMMARY_KEY, load_job, save_job, save_results, strict_json
 from gradserve.client._progress import ProgressBar
-from gradserve.client._tensors import check_floating
 from gradserve.v1 import gradserve_pb2 as pb
 
 DEFAULT_ADDRESS = os.environ.get("GRADSERVE_ADDRESS", "127.0.0.1:50051")
@@ -140,12 +139,6 @@ def _compute(args) -> int:
             f"{args.job}: unknown tensor(s) {', '.join(map(repr, unknown))}; a job file holds "
             "layers.{i}.weight / .bias, optimiser state, inputs, targets and sample_weights"
         )
-    for name, value in tensors.items():
-        if name != "targets":  # the client's refusal, as the file's error, not a traceback
-            try:
-                check_floating(value, name)
-            except TypeError as e:
-                raise ValueError(f"{args.job}: {e}") from None
     _check_layer_sizes(args.job, job.get("layer_sizes"), params)
     if state:
         options["optimizer_state"] = state
@@ -168,13 +161,16 @@ def _compute(args) -> int:
             sys.stderr, min_bytes=0 if args.progress else PROGRESS_MIN_BYTES
         )
     with connect(args) as client:
-        result = client.compute(
-            params,
-            tensors["inputs"],
-            tensors["targets"],
-            sample_weights=tensors.get("sample_weights"),
-            **options,
-        )
+        try:
+            result = client.compute(
+                params,
+                tensors["inputs"],
+                tensors["targets"],
+                sample_weights=tensors.get("sample_weights"),
+                **options,
+            )
+        except TypeError as e:  # the client's refusal of the file's values, before sending
+            raise ValueError(f"{args.job}: {e}") from None
     summary = {
         "job_id": result.job_id,
         "engine": result.engine,
