@@ -181,7 +181,7 @@ def _compute(args) -> int:
     if result.losses is not None:  # what --parameters-from continues from
         summary["trained_steps"] = options.get("start_step", 0) + len(result.losses)
     if args.out:
-        out = {k: np.ascontiguousarray(v) for k, v in result.tensors.items()}
+        out = {k: np.asarray(v, order="C") for k, v in result.tensors.items()}
         bfloat16 = [name for name, d in result.wire_dtypes.items() if d == "bfloat16"]
         save_results(args.out, out, summary, bfloat16)
         summary["out"] = args.out

@@ -35,7 +35,7 @@ def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | N
     offset = 0
     arrays = []
     for name, value in tensors.items():
-        a = np.ascontiguousarray(value)
+        a = np.asarray(value, order="C")  # 0-d stays 0-d (np.ascontiguousarray: [1])
         code = _TO_CODE.get(a.dtype)
         if name in bfloat16:
             if a.dtype != np.float32 or (a.view(np.uint32) & 0xFFFF).any():

@@ -81,7 +81,7 @@ def to_wire(x: Any, name: str = "tensor") -> tuple[int, tuple[int, ...], memoryv
         raise TypeError(f"{name}: dtype {a.dtype} is not accepted; send real numbers")
     elif a.dtype not in WIRE_DTYPES:
         a = a.astype(np.float64)  # float128 and the like
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")  # (np.ascontiguousarray would make a 0-d array [1])
     if a.dtype.byteorder == ">":  # the wire is little-endian
         a = a.astype(a.dtype.newbyteorder("<"))
     return WIRE_DTYPES[a.dtype], tuple(a.shape), raw_bytes(a)

@@ -383,15 +383,22 @@ def test_our_safetensors_files_are_read_by_the_reference_library(tmp_path):
 
     from gradserve.client import _safetensors
 
-    data = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], np.int64)}
+    data = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.array([1, 2], np.int64),
+        "loss": np.array(0.25, np.float32),  # 0-d: a single model's loss, stored as [] not [1]
+        "f": np.asfortranarray(np.arange(6.0).reshape(3, 2)),
+    }
     _safetensors.save(data, str(tmp_path / "x.safetensors"), {"k": "v"})
     back = safetensors.numpy.load_file(str(tmp_path / "x.safetensors"))
     for k, v in data.items():
-        np.testing.assert_array_equal(back[k], v)
-    safetensors.numpy.save_file(data, str(tmp_path / "y.safetensors"))
+        np.testing.assert_array_equal(back[k], v, strict=True)  # strict: shapes too
+    # (the reference library writes a Fortran-order array's memory as it lies: given C order)
+    c_order = {k: np.asarray(v, order="C") for k, v in data.items()}
+    safetensors.numpy.save_file(c_order, str(tmp_path / "y.safetensors"))
     ours, _ = _safetensors.load(str(tmp_path / "y.safetensors"))
     for k, v in data.items():
-        np.testing.assert_array_equal(ours[k], v)
+        np.testing.assert_array_equal(ours[k], v, strict=True)
     # float32 that holds bfloat16 values is stored as BF16; anything else is refused
     bf16 = {"g": torch.randn(3, 5).to(torch.bfloat16)}
     _safetensors.save({"g": bf16["g"].float().numpy()}, str(tmp_path / "z.safetensors"),

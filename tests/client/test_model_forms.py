@@ -679,6 +679,26 @@ def test_a_list_of_numbers_and_zero_dim_tensors_is_still_sent_as_numbers(client)
 
 
 @pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sample_weights", torch.tensor(2.0), "'sample_weights' has shape [], expected [1]"),
+        ("targets", torch.tensor(1), "'targets' has shape [], expected [1]"),
+        ("inputs", torch.tensor(1.0), "got [1, 4, 3] and []"),
+    ],
+)
+def test_zero_dim_tensors_are_sent_as_zero_dim_and_refused(client, field, value, message):
+    """A 0-d tensor for one sample is not the [1] the job takes (numpy's ascontiguousarray
+    made it [1] on its way to the wire, and the server took it)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    job = dict(inputs=torch.randn(1, 3), targets=torch.tensor([1]), sample_weights=None)
+    job[field] = value
+    with pytest.raises(GradserveError) as err:
+        client.compute(net, **job, loss="cross_entropy")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details
+
+
+@pytest.mark.parametrize(
     "loss, targets, message",
     [
         # one-hot or probability targets, as torch's CrossEntropyLoss also takes
