@@ -42,14 +42,16 @@ from bench.sweep import make_job  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine, triton_layered  # noqa: E402
 from tests.oracle import relative_errors  # noqa: E402
 
-# (M, N, layer sizes, precision): one or a few wide models with many samples, whose weight
-# gradients have 1 to 16 tiles; the last, the benchmark's width-1024 row, fills the GPU.
+# (M, N, layer sizes, precision, IEEE float32 GEMM): one or a few wide models with many
+# samples, whose weight gradients have 1 to 16 tiles; the last, the benchmark's width-1024
+# row, fills the GPU.
 GPU_JOBS = [
-    (1, 1 << 20, (3, 256, 256, 256, 1), "bfloat16"),
-    (1, 1 << 20, (3, 256, 256, 256, 1), "tf32"),
-    (1, 1 << 20, (3, 256, 256, 256, 1), "float32"),
-    (4, 1 << 18, (16, 512, 512, 8), "tf32"),
-    (16, 1024, (1024, 1024, 1024, 1), "tf32"),
+    (1, 1 << 20, (3, 256, 256, 256, 1), "bfloat16", "ieee"),
+    (1, 1 << 20, (3, 256, 256, 256, 1), "tf32", "ieee"),
+    (1, 1 << 20, (3, 256, 256, 256, 1), "float32", "ieee"),
+    (1, 1 << 20, (3, 256, 256, 256, 1), "float32", "gluon"),
+    (4, 1 << 18, (16, 512, 512, 8), "tf32", "ieee"),
+    (16, 1024, (1024, 1024, 1024, 1), "tf32", "ieee"),
 ]
 MODEL_SAMPLES = [1 << 16, 1 << 18, 1 << 20, 1 << 22]
 
@@ -113,9 +115,10 @@ def timed_rows(out: str | None) -> None:
         "float64 (torch engine, same GPU). Command: `python bench/split_sums.py --out "
         "$OUT/split_sums.md`."
     )
-    for m, n, sizes, precision in GPU_JOBS:
+    for m, n, sizes, precision, float32_matmul in GPU_JOBS:
         job = make_job(m, n, sizes, precision, "cuda")
-        run = lambda job=job: triton_engine.run(job, "cuda", path="per_layer")  # noqa: E731
+        options = dict(path="per_layer", float32_matmul=float32_matmul)
+        run = lambda job=job, o=options: triton_engine.run(job, "cuda", **o)  # noqa: E731
         reference = float64_reference(job, "cuda")
         ranges = [1]
         with recorded_splits(ranges):
@@ -132,7 +135,8 @@ def timed_rows(out: str | None) -> None:
             for name, (context, fn) in variants.items():
                 with context():
                     times[name] += gpu_milliseconds(fn) / 2
-        rows.append([f"M={m} N={n} {list(sizes)} {precision}", max(ranges),
+        gemm = " (Gluon GEMM)" if float32_matmul == "gluon" else ""
+        rows.append([f"M={m} N={n} {list(sizes)} {precision}{gemm}", max(ranges),
                      f"{times['split']:.3f}", f"{times['unsplit']:.3f}",
                      f"{times['unsplit'] / times['split']:.2f}x",
                      f"{times['eager'] / times['split']:.2f}x",

@@ -78,6 +78,7 @@ def _fp32_batched_matmul_kernel(
     P,
     Q,
     K,
+    k_per_split,  # K itself, or (EPILOGUE 0) the K-range of one split (grid axis 1)
     stride_ab,
     stride_ap,
     stride_ak,
@@ -95,9 +96,20 @@ def _fp32_batched_matmul_kernel(
     B_LOAD: gl.constexpr,  # and the tiles' (operand_load)
     BUFFERS: gl.constexpr,  # shared-memory copies of the operand tiles: 1 or 2
 ):
-    # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q),), a batch's tiles one after another
+    # grid = (B * cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q), S), a batch's tiles one after
+    # another; split s adds the products of K-range [s * k_per_split, (s + 1) * k_per_split)
+    # into C's rows of batch b * S + s (S = 1: C itself), as triton_layered's kernel
     tiles_q = gl.cdiv(Q, BLOCK_Q)
     batch, tile = batch_and_block(gl.cdiv(P, BLOCK_P) * tiles_q)
+    if EPILOGUE == 0:  # (the epilogues' kernels, never split, compile as they did before)
+        split = gl.program_id(1)
+        k_start = split * k_per_split
+        k_len = gl.minimum(K - k_start, k_per_split)  # this split's K, from k_start on
+        out = batch * gl.num_programs(1) + split
+    else:
+        k_start = 0
+        k_len = K
+        out = batch
     tp = tile // tiles_q
     tq = tile % tiles_q
 
@@ -107,6 +119,9 @@ def _fp32_batched_matmul_kernel(
     bq = tq * BLOCK_Q + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, B_LOAD))
     a_ptrs = a_ptr + batch * stride_ab + ap[:, None] * stride_ap + ak[None, :] * stride_ak
     b_ptrs = b_ptr + batch * stride_bb + bk[:, None] * stride_bk + bq[None, :] * stride_bq
+    if EPILOGUE == 0:
+        a_ptrs += k_start * stride_ak
+        b_ptrs += k_start * stride_bk
     a_rows = ap[:, None] < P
     b_cols = bq[None, :] < Q
 
@@ -133,22 +148,23 @@ def _fp32_batched_matmul_kernel(
     else:
         a_s1 = a_s0
         b_s1 = b_s0
-    a_s0.store(gl.load(a_ptrs, mask=a_rows & (ak[None, :] < K), other=0.0))
-    b_s0.store(gl.load(b_ptrs, mask=(bk[:, None] < K) & b_cols, other=0.0))
+    a_s0.store(gl.load(a_ptrs, mask=a_rows & (ak[None, :] < k_len), other=0.0))
+    b_s0.store(gl.load(b_ptrs, mask=(bk[:, None] < k_len) & b_cols, other=0.0))
     _sync_threads()  # the first tiles are in
     acc = gl.zeros([BLOCK_P, BLOCK_Q], gl.float32, ACC)
     # Two K steps an iteration, so that each copy has a fixed role in each.
-    for k0 in range(0, K, 2 * BLOCK_K):
+    for k0 in range(0, k_len, 2 * BLOCK_K):
         acc = _k_step(acc, a_s0, b_s0, a_s1, b_s1, a_ptrs, b_ptrs, a_rows, b_cols, ak, bk,
-                      k0 + BLOCK_K, K, stride_ak, stride_bk, ACC, BLOCK_K, BUFFERS)  # fmt: skip
-        if k0 + BLOCK_K < K:
+                      k0 + BLOCK_K, k_len, stride_ak, stride_bk, ACC, BLOCK_K,
+                      BUFFERS)  # fmt: skip
+        if k0 + BLOCK_K < k_len:
             acc = _k_step(acc, a_s1, b_s1, a_s0, b_s0, a_ptrs, b_ptrs, a_rows, b_cols, ak, bk,
-                          k0 + 2 * BLOCK_K, K, stride_ak, stride_bk, ACC, BLOCK_K,
+                          k0 + 2 * BLOCK_K, k_len, stride_ak, stride_bk, ACC, BLOCK_K,
                           BUFFERS)  # fmt: skip
 
     rp = tp * BLOCK_P + gl.arange(0, BLOCK_P, layout=gl.SliceLayout(1, ACC))
     rq = tq * BLOCK_Q + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, ACC))
-    store_product(acc, rp, rq, P, Q, batch, c_ptr, bias_ptr, aux_ptr, slope, EPILOGUE, ACT)
+    store_product(acc, rp, rq, P, Q, out, c_ptr, bias_ptr, aux_ptr, slope, EPILOGUE, ACT)
 
 
 def _accumulator(block_p: int, block_q: int, warps: int) -> gl.BlockedLayout:
@@ -200,11 +216,14 @@ SMALL_TILES = dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=2, buffers=2)
 
 
 def launch(a, b, c, bias, aux, batch: int, *, epilogue: int, act: int, slope: float,
-           tiles: dict) -> None:  # fmt: skip
+           tiles: dict, k_per_split: int | None = None) -> None:  # fmt: skip
     """C[i] = a[i] @ b[i] (+ epilogue), as triton_layered.batched_matmul describes, on the
     Gluon kernel. a [B|-, P, K], b [B|-, K, Q] fp32, any strides (stride 0 over a shared
-    batch); c [B, P, Q] fp32 contiguous."""
+    batch); c [B, P, Q] fp32 contiguous, or for a plain product (epilogue 0) split into
+    K-ranges of `k_per_split`, [B, S, P, Q]: each range's product, for the caller to add."""
     p, k = a.shape[-2], a.shape[-1]
+    k_per_split = k_per_split or k
+    assert epilogue == 0 or k_per_split == k, "only a plain product splits"
     q = b.shape[-1]
     bp, bq, bk, warps = tiles["BLOCK_P"], tiles["BLOCK_Q"], tiles["BLOCK_K"], tiles["num_warps"]
     strides_a = (a.stride(0) if a.dim() == 3 else 0, a.stride(-2), a.stride(-1))
@@ -214,9 +233,9 @@ def launch(a, b, c, bias, aux, batch: int, *, epilogue: int, act: int, slope: fl
         A_LOAD=operand_load(bp, bk, warps, 1 if strides_a[2] == 1 else 0, tile_contiguous=0),
         B_LOAD=operand_load(bk, bq, warps, 1 if strides_b[2] == 1 else 0, tile_contiguous=1),
     )
-    grid = (batch * triton.cdiv(p, bp) * triton.cdiv(q, bq),)
+    grid = (batch * triton.cdiv(p, bp) * triton.cdiv(q, bq), triton.cdiv(k, k_per_split))
     args = (a, b, c, bias if bias is not None else c, aux if aux is not None else c,
-            p, q, k, *strides_a, *strides_b, slope)  # fmt: skip
+            p, q, k, k_per_split, *strides_a, *strides_b, slope)  # fmt: skip
     meta = dict(EPILOGUE=epilogue, ACT=act, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=bk,
                 BUFFERS=tiles.get("buffers", 2), **layouts)  # fmt: skip
     if interpreted():

@@ -191,10 +191,11 @@ IEEE_GEMMS = ("tl.dot", "gluon")
 # ranges as take the grid to about SPLIT_PROGRAMS_PER_SM programs per SM, and the ranges'
 # partial sums are then added in a fixed order (partial_sums.sum_partials): the same bits on
 # every run on a device, as the fused kernel's sample splits give. Where the grid already
-# has a program per SM, or N is small, nothing is split (nor on the interpreter, nor on
-# the IEEE float32 GEMM on Gluon). Where split, each float32 running sum also adds fewer
-# samples (its error grows with their count; torch_engine.SAMPLE_CHUNK bounds the torch
-# engine's alike). Not yet timed on a GPU: bench/split_sums.py times split against unsplit.
+# has a program per SM, or N is small, nothing is split (nor on the interpreter, which has
+# no SMs to fill). The tl.dot GEMM and the IEEE float32 one on Gluon split alike. Where
+# split, each float32 running sum also adds fewer samples (its error grows with their
+# count; torch_engine.SAMPLE_CHUNK bounds the torch engine's alike). Not yet timed on a
+# GPU: bench/split_sums.py times split against unsplit.
 SPLIT_MIN_LENGTH = 4096
 SPLIT_PROGRAMS_PER_SM = 2
 
@@ -235,25 +236,29 @@ def batched_matmul(
     q = b.shape[-1]
     assert b.shape[-2] == k, (a.shape, b.shape)
     c = out if out is not None else torch.empty(batch, p, q, device=a.device, dtype=torch.float32)
-    if precision == 0 and ieee_gemm == "gluon":
+    gluon = precision == 0 and ieee_gemm == "gluon"
+    if gluon:
         from gradserve.kernels import gluon_matmul  # Gluon: Triton 3.6 and later
 
-        gluon_matmul.launch(a, b, c, bias, aux, batch, epilogue=epilogue, act=act, slope=slope,
-                            tiles=gluon_matmul.tiles_for(p, q, a.device))  # fmt: skip
-        return c
-    tiles = _tiles(p, q, a.device)
+        tiles = gluon_matmul.tiles_for(p, q, a.device)
+    else:
+        tiles = _tiles(p, q, a.device)
     programs = batch * triton.cdiv(p, tiles["BLOCK_P"]) * triton.cdiv(q, tiles["BLOCK_Q"])
     k_per_split = split_length(k, programs, multiprocessors(a.device)) if epilogue == 0 else k
     splits = triton.cdiv(k, k_per_split)
     partial = c if splits == 1 else c.new_empty(batch, splits, p, q)
-    _batched_matmul_kernel[(programs, splits)](
-        a, b, partial, bias if bias is not None else c, aux if aux is not None else c,
-        p, q, k, k_per_split,
-        a.stride(0) if a.dim() == 3 else 0, a.stride(-2), a.stride(-1),
-        b.stride(0) if b.dim() == 3 else 0, b.stride(-2), b.stride(-1),
-        slope,
-        EPILOGUE=epilogue, ACT=act, PRECISION=precision, **tiles, **LAUNCH_OPTIONS,
-    )  # fmt: skip
+    if gluon:
+        gluon_matmul.launch(a, b, partial, bias, aux, batch, epilogue=epilogue, act=act,
+                            slope=slope, tiles=tiles, k_per_split=k_per_split)  # fmt: skip
+    else:
+        _batched_matmul_kernel[(programs, splits)](
+            a, b, partial, bias if bias is not None else c, aux if aux is not None else c,
+            p, q, k, k_per_split,
+            a.stride(0) if a.dim() == 3 else 0, a.stride(-2), a.stride(-1),
+            b.stride(0) if b.dim() == 3 else 0, b.stride(-2), b.stride(-1),
+            slope,
+            EPILOGUE=epilogue, ACT=act, PRECISION=precision, **tiles, **LAUNCH_OPTIONS,
+        )  # fmt: skip
     if splits > 1:
         c.view(batch, p * q).copy_(sum_partials(partial.view(batch, splits, p * q), [(0, p * q)]))
     return c

@@ -150,6 +150,26 @@ def test_gemm_gives_the_same_bits_twice():
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("k_per_split", [128, 48])  # split_length's multiple of 128; 3 K steps
+@pytest.mark.parametrize("tiles", ["small", "large"])
+def test_gemm_split_into_k_ranges_adds_up_to_the_product(tiles, k_per_split):
+    """A plain product split along K (as split_length splits a weight gradient's samples
+    on a GPU whose SMs its tiles leave idle): range s of each batch's product goes to
+    c[b, s], and the ranges add up to the product; the last range is the rest of K."""
+    p, k, q, batch = 37, 300, 45, 2
+    a, b = operands(p, k, q, batch, "columns", "rows", seed=7)
+    splits = math.ceil(k / k_per_split)
+    c = torch.full((batch, splits, p, q), float("nan"))
+    gluon_matmul.launch(a, b, c, None, None, batch, epilogue=0, act=0, slope=0.0,
+                        tiles=TILES[tiles], k_per_split=k_per_split)  # fmt: skip
+    a64, b64 = a.double(), b.double()
+    for s in range(splits):
+        ks = slice(s * k_per_split, (s + 1) * k_per_split)
+        part_a, part_b = a64[..., ks], b64[..., ks, :]
+        length = part_a.shape[-1]
+        assert_within_fp32_bound(c[:, s], part_a @ part_b, length * (part_a.abs() @ part_b.abs()))
+
+
 WIDE_SIZES = (5, 150, 3)  # wider than the fused kernel's 128: the per-layer path
 
 
@@ -199,6 +219,31 @@ def test_per_layer_path_on_gluon_gives_the_same_bits_twice(gluon_gemm):
     tensors = random_job(sizes, 2, 19, seed=4)
     first = engine_tensors(_check(sizes, tensors, hidden="silu"))
     second = engine_tensors(_check(sizes, tensors, hidden="silu"))
+    assert_same_results(first, second, "float32", exact=True)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+def test_per_layer_sums_split_across_programs_on_gluon(gluon_gemm, monkeypatch, shared):
+    """The Gluon GEMM's weight-gradient products split over the samples as the tl.dot
+    GEMM's do (test_triton_engine's test of the split): forced here (64 SMs, ranges of at
+    least 100 samples), N = 300 in three ranges, against the oracle, the same bits twice."""
+    from gradserve.kernels import triton_layered
+
+    monkeypatch.setattr(triton_layered, "multiprocessors", lambda device: 64)
+    monkeypatch.setattr(triton_layered, "SPLIT_MIN_LENGTH", 100)
+    splits = []
+
+    def recorded(partial, segments):
+        splits.append(partial.shape[1])
+        return sum_partials(partial, segments)
+
+    sum_partials = triton_layered.sum_partials
+    monkeypatch.setattr(triton_layered, "sum_partials", recorded)
+    tensors = random_job(WIDE_SIZES, 2, 300, shared_inputs=shared, sample_weights=True, seed=5)
+    first = engine_tensors(_check(WIDE_SIZES, tensors, hidden="tanh"))
+    assert splits == [3, 3, 3, 3], splits  # both layers' dW products and bias sums
+    assert 0 in gluon_gemm  # the dW products on the Gluon GEMM
+    second = engine_tensors(_check(WIDE_SIZES, tensors, hidden="tanh"))
     assert_same_results(first, second, "float32", exact=True)
 
 

@@ -234,14 +234,21 @@ def test_split_samples_reduce_in_fixed_order():
     check(triton_engine, sizes, tensors, "float32", hidden="tanh")
 
 
-@pytest.mark.parametrize("precision", triton_engine.PRECISIONS)
+@pytest.mark.parametrize(
+    "precision, float32_matmul",
+    [(p, "ieee") for p in triton_engine.PRECISIONS] + [("float32", "gluon")],
+)
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
-def test_per_layer_sums_split_across_programs(monkeypatch, shared, precision):
+def test_per_layer_sums_split_across_programs(monkeypatch, shared, precision, float32_matmul):
     """One model with many samples on the per-layer path: its weight-gradient products
     (four to six tiles) and bias sums split their samples across programs
     (triton_layered.split_length), and the ranges' partial sums add up to the oracle's
-    gradients, the same bits twice."""
+    gradients, the same bits twice. "gluon": the IEEE float32 products on the Gluon GEMM."""
     from gradserve.kernels import triton_layered
+
+    if float32_matmul == "gluon":
+        pytest.importorskip("triton.experimental.gluon")
+    run_options = {"path": "per_layer", "float32_matmul": float32_matmul}
 
     sizes = (3, 200, 300, 1)
     tensors = random_job(sizes, 1, 50_000, shared_inputs=shared, sample_weights=True, seed=6)
@@ -254,11 +261,11 @@ def test_per_layer_sums_split_across_programs(monkeypatch, shared, precision):
 
     monkeypatch.setattr(triton_layered, "sum_partials", recorded)
     check(triton_engine, sizes, tensors, precision, hidden="silu", loss="mse",
-          run_options={"path": "per_layer"})  # fmt: skip
+          run_options=run_options)  # fmt: skip
     assert len(ranges) == 6 and min(ranges) > 1, ranges  # three layers' weight and bias sums
     job = ensemble_job({k: v.cuda() for k, v in tensors.items()}, sizes, hidden="silu",
                        precision=precision)  # fmt: skip
-    assert_same_bits_twice(job, path="per_layer")
+    assert_same_bits_twice(job, **run_options)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
