@@ -40,6 +40,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.sweep import make_job  # noqa: E402
 from gradserve.kernels import torch_engine, triton_engine, triton_layered  # noqa: E402
+from tests.kernels.gemm_checks import recorded_splits  # noqa: E402
 from tests.oracle import relative_errors  # noqa: E402
 
 # (M, N, layer sizes, precision, IEEE float32 GEMM): one or a few wide models with many
@@ -78,22 +79,6 @@ def float64_reference(job, device):
         job, weights=[w.double() for w in job.weights], biases=[b.double() for b in job.biases],
         inputs=job.inputs.double(), targets=job.targets.double(), precision="float64",
     ), device)  # fmt: skip
-
-
-@contextlib.contextmanager
-def recorded_splits(ranges: list[int]):
-    """Records into `ranges` how many ranges each split sum over the samples took."""
-    sum_partials = triton_layered.sum_partials
-
-    def recorded(partial, segments):
-        ranges.append(partial.shape[1])
-        return sum_partials(partial, segments)
-
-    triton_layered.sum_partials = recorded
-    try:
-        yield
-    finally:
-        triton_layered.sum_partials = sum_partials
 
 
 def gpu_milliseconds(fn) -> float:

@@ -1,7 +1,30 @@
 """Operands and the float32 error bound of the batched GEMM checks (tests/kernels/test_gluon.py
-on the CPU, tests/kernels/test_gpu.py on a GPU)."""
+on the CPU, tests/kernels/test_gpu.py on a GPU), and a record of how the per-layer path
+splits its sums over the samples (those tests, test_triton_engine.py's and
+bench/split_sums.py)."""
+
+import contextlib
 
 import torch
+
+
+@contextlib.contextmanager
+def recorded_splits(ranges: list[int]):
+    """Appends to `ranges`, for each per-layer sum over the samples split across programs
+    (triton_layered.split_length) while in the block, how many ranges it took."""
+    from gradserve.kernels import triton_layered
+
+    sum_partials = triton_layered.sum_partials
+
+    def recorded(partial, segments):
+        ranges.append(partial.shape[1])
+        return sum_partials(partial, segments)
+
+    triton_layered.sum_partials = recorded
+    try:
+        yield ranges
+    finally:
+        triton_layered.sum_partials = sum_partials
 
 
 def operands(p, k, q, batch, a_layout, b_layout, seed):

@@ -17,7 +17,11 @@ from gradserve import kernels  # noqa: E402
 from gradserve.kernels import gluon_cpu, gluon_fused, gluon_matmul, triton_engine  # noqa: E402
 from gradserve.kernels.triton_common import ACTIVATION_CODES  # noqa: E402
 from tests.jobs import ensemble_job, random_job  # noqa: E402
-from tests.kernels.gemm_checks import assert_within_fp32_bound, operands  # noqa: E402
+from tests.kernels.gemm_checks import (  # noqa: E402
+    assert_within_fp32_bound,
+    operands,
+    recorded_splits,
+)
 from tests.oracle import (  # noqa: E402
     activation_module,
     assert_close_per_model,
@@ -231,16 +235,9 @@ def test_per_layer_sums_split_across_programs_on_gluon(gluon_gemm, monkeypatch, 
 
     monkeypatch.setattr(triton_layered, "multiprocessors", lambda device: 64)
     monkeypatch.setattr(triton_layered, "SPLIT_MIN_LENGTH", 100)
-    splits = []
-
-    def recorded(partial, segments):
-        splits.append(partial.shape[1])
-        return sum_partials(partial, segments)
-
-    sum_partials = triton_layered.sum_partials
-    monkeypatch.setattr(triton_layered, "sum_partials", recorded)
     tensors = random_job(WIDE_SIZES, 2, 300, shared_inputs=shared, sample_weights=True, seed=5)
-    first = engine_tensors(_check(WIDE_SIZES, tensors, hidden="tanh"))
+    with recorded_splits([]) as splits:
+        first = engine_tensors(_check(WIDE_SIZES, tensors, hidden="tanh"))
     assert splits == [3, 3, 3, 3], splits  # both layers' dW products and bias sums
     assert 0 in gluon_gemm  # the dW products on the Gluon GEMM
     second = engine_tensors(_check(WIDE_SIZES, tensors, hidden="tanh"))

@@ -11,6 +11,7 @@ import torch
 from gradserve import kernels
 from gradserve.kernels import compiled_kernels, torch_engine, triton_engine
 from tests.jobs import ensemble_job, random_job
+from tests.kernels.gemm_checks import recorded_splits
 from tests.oracle import assert_matches_oracle, engine_tensors, oracle_for
 
 pytestmark = pytest.mark.gpu
@@ -239,29 +240,20 @@ def test_split_samples_reduce_in_fixed_order():
     [(p, "ieee") for p in triton_engine.PRECISIONS] + [("float32", "gluon")],
 )
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
-def test_per_layer_sums_split_across_programs(monkeypatch, shared, precision, float32_matmul):
+def test_per_layer_sums_split_across_programs(shared, precision, float32_matmul):
     """One model with many samples on the per-layer path: its weight-gradient products
     (four to six tiles) and bias sums split their samples across programs
     (triton_layered.split_length), and the ranges' partial sums add up to the oracle's
     gradients, the same bits twice. "gluon": the IEEE float32 products on the Gluon GEMM."""
-    from gradserve.kernels import triton_layered
-
     if float32_matmul == "gluon":
         pytest.importorskip("triton.experimental.gluon")
     run_options = {"path": "per_layer", "float32_matmul": float32_matmul}
 
     sizes = (3, 200, 300, 1)
     tensors = random_job(sizes, 1, 50_000, shared_inputs=shared, sample_weights=True, seed=6)
-    ranges = []
-    sum_partials = triton_layered.sum_partials
-
-    def recorded(partial, segments):
-        ranges.append(partial.shape[1])
-        return sum_partials(partial, segments)
-
-    monkeypatch.setattr(triton_layered, "sum_partials", recorded)
-    check(triton_engine, sizes, tensors, precision, hidden="silu", loss="mse",
-          run_options=run_options)  # fmt: skip
+    with recorded_splits([]) as ranges:
+        check(triton_engine, sizes, tensors, precision, hidden="silu", loss="mse",
+              run_options=run_options)  # fmt: skip
     assert len(ranges) == 6 and min(ranges) > 1, ranges  # three layers' weight and bias sums
     job = ensemble_job({k: v.cuda() for k, v in tensors.items()}, sizes, hidden="silu",
                        precision=precision)  # fmt: skip

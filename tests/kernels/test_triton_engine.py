@@ -13,6 +13,7 @@ from gradserve import kernels
 from gradserve.kernels import triton_engine
 from tests import per_sample
 from tests.jobs import ensemble_job, random_job
+from tests.kernels.gemm_checks import recorded_splits
 from tests.oracle import (
     assert_close_per_model,
     assert_matches_oracle,
@@ -363,16 +364,9 @@ def test_per_layer_sums_split_across_programs_reduce_to_the_oracle(monkeypatch, 
 
     monkeypatch.setattr(triton_layered, "multiprocessors", lambda device: 64)
     monkeypatch.setattr(triton_layered, "SPLIT_MIN_LENGTH", 100)
-    splits = []
-
-    def recorded(partial, segments):
-        splits.append(partial.shape[1])
-        return sum_partials(partial, segments)
-
-    sum_partials = triton_layered.sum_partials
-    monkeypatch.setattr(triton_layered, "sum_partials", recorded)
     tensors = random_job(WIDE_SIZES, 2, 300, shared_inputs=shared, sample_weights=True, seed=4)
-    first = check(WIDE_SIZES, tensors, hidden="tanh", loss="mse")
+    with recorded_splits([]) as splits:
+        first = check(WIDE_SIZES, tensors, hidden="tanh", loss="mse")
     # both layers' weight-gradient products and bias sums, in three ranges
     assert splits == [3, 3, 3, 3], splits
     second = check(WIDE_SIZES, tensors, hidden="tanh", loss="mse")
