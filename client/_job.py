@@ -21,6 +21,7 @@ from gradserve.client._tensors import (
     NUMPY_DTYPES,
     accelerator_of,
     check_floating,
+    counts_as_floats,
     dtype_name,
     float64_as_float32,
     from_wire,
@@ -341,7 +342,7 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
     tensors["inputs"] = as_array(inputs, "inputs")
     tensors["targets"] = as_array(targets, "targets")
     if sample_weights is not None:
-        tensors["sample_weights"] = as_array(sample_weights, "sample_weights")
+        tensors["sample_weights"] = counts_as_floats(as_array(sample_weights, "sample_weights"))
     for name, value in (opts.optimizer_state or {}).items():
         tensors[name] = as_array(value, name)
     for name, value in tensors.items():

@@ -87,10 +87,26 @@ def to_wire(x: Any, name: str = "tensor") -> tuple[int, tuple[int, ...], memoryv
     return WIRE_DTYPES[a.dtype], tuple(a.shape), raw_bytes(a)
 
 
+def counts_as_floats(x: Any) -> Any:
+    """An integer or bool array or tensor as float64, anything else as it is: sample
+    weights may be counts (a bootstrap's resampling) or a mask, which torch's type
+    promotion takes as floats in `loss * weights` (float64 is exact for them; a job in
+    float32 then rounds them to float32 as any float64 array, exact up to 2**24)."""
+    if is_torch(x):
+        import torch
+
+        whole = x.dtype == torch.bool or not (x.is_floating_point() or x.is_complex())
+        return x.double() if whole else x
+    if isinstance(x, np.ndarray) and x.dtype.kind in "iub":
+        return x.astype(np.float64)
+    return x
+
+
 def check_floating(x: Any, name: str) -> None:
     """Refuse a bool or integer array for a tensor the networks compute with (every tensor
-    but the targets, which may be class indices): TypeError naming the tensor and the
-    caller's dtype, as torch refuses such inputs to nn.Linear. Sent, a bool array would go
+    but the targets, which may be class indices, and the sample weights, counts_as_floats):
+    TypeError naming the tensor and the caller's dtype, as torch refuses such inputs to
+    nn.Linear. Sent, a bool array would go
     as int64 and the server's refusal would name INT64, a dtype the caller never used."""
     if is_torch(x):
         import torch

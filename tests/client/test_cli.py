@@ -629,7 +629,7 @@ def test_job_file_options_of_the_wrong_type_are_named(tmp_path, job):
         # of the right JSON type, but of a form the client refuses before sending
         ({"hidden_activation": ["leaky_relu", "x"]}, {}, "an activation is a name or"),
         ({"optimizer": "adam", "learning_rate": 0.1, "betas": [0.9]}, {}, "betas must be a pair"),
-        ({}, {"sample_weights": np.ones(3, np.int32)}, "sample_weights: dtype int32"),
+        ({}, {"layers.0.bias": np.ones((1, 1), np.int32)}, "layers.0.bias: dtype int32"),
     ],
 )
 def test_job_file_parts_the_job_would_drop_are_refused(tmp_path, job, extra, message):

@@ -626,8 +626,6 @@ def test_numbers_of_numpy_and_torch_kinds_are_taken_as_options(client):
         ("inputs", torch.rand(4, 3) > 0.5, "inputs: dtype torch.bool"),
         ("inputs", np.ones((4, 3), np.uint8), "inputs: dtype uint8"),
         ("inputs", [[1, 2, 3]] * 4, "inputs: dtype int64"),
-        ("sample_weights", torch.ones(4, dtype=torch.int32), "sample_weights: dtype torch.int32"),
-        ("sample_weights", np.ones(4, bool), "sample_weights: dtype bool"),
     ],
 )
 def test_tensors_of_values_that_are_no_real_numbers_are_refused_before_sending(
@@ -641,6 +639,26 @@ def test_tensors_of_values_that_are_no_real_numbers_are_refused_before_sending(
     with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
         with pytest.raises(TypeError, match=message):
             dead.compute(net, **job)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        torch.tensor([2, 0, 1, 3]),  # a bootstrap's counts
+        np.array([[2, 0, 1, 3], [1, 1, 1, 1]], np.int32),  # per model
+        np.array([True, False, True, True]),  # a mask
+    ],
+    ids=["torch_counts", "numpy_counts_per_model", "mask"],
+)
+def test_integer_and_bool_sample_weights_are_the_floats_they_equal(client, weights):
+    """As torch's loss * weights promotes them: the same results as float weights."""
+    nets = [make_net(3), make_net(4)]
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    expected = client.compute(nets, x, y, sample_weights=torch.as_tensor(weights).double())
+    got = client.compute(nets, x, y, sample_weights=weights)
+    for g, e in zip(got.gradients, expected.gradients, strict=True):
+        for name in e:
+            assert torch.equal(g[name], e[name]), name
 
 
 def test_integer_parameters_and_optimizer_state_are_refused_before_sending():
