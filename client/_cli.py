@@ -105,11 +105,18 @@ def _shape(a) -> str:
     return "missing" if a is None else str(list(a.shape))
 
 
+def tls_options(args) -> dict:
+    """The client's TLS options from the flags."""
+    if bool(args.cert) != bool(args.key):  # (the client's message would name its options)
+        raise ValueError("--cert and --key go together")
+    return dict(tls=args.tls, root_certificates=args.ca, client_certificate=args.cert,
+                client_key=args.key)  # fmt: skip
+
+
 def connect(args) -> GradientClient:
     return GradientClient(
         args.address.split(","), timeout=args.timeout, token=args.token or None,
-        tls=args.tls, root_certificates=args.ca, client_certificate=args.cert,
-        client_key=args.key,
+        **tls_options(args),
     )  # fmt: skip
 
 
@@ -290,10 +297,7 @@ def _bench(args) -> int:
             samples=args.samples,
             timeout=args.timeout or 60.0,
             token=args.token or None,
-            tls=args.tls,
-            root_certificates=args.ca,
-            client_certificate=args.cert,
-            client_key=args.key,
+            **tls_options(args),
         )
     )
     data = report.as_dict()

@@ -243,9 +243,15 @@ class Connection:
                 raise ValueError(
                     f"server address {a!r}: write an IPv6 address in brackets, as '[::1]:50051'"
                 )
+        if (client_certificate is None) != (client_key is None):
+            # gRPC aborts the whole process on a certificate without its key
+            raise ValueError("client_certificate and client_key go together")
         material = (root_certificates, client_certificate, client_key)
         use_tls = bool(tls) or any(m is not None for m in material)
-        return cls(addresses, token, use_tls, *(_read(m) for m in material))
+        return cls(addresses, token, use_tls,
+                   _read(root_certificates, "root_certificates", CERTIFICATE),
+                   _read(client_certificate, "client_certificate", CERTIFICATE),
+                   _read(client_key, "client_key", PRIVATE_KEY))  # fmt: skip
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -261,12 +267,26 @@ class Connection:
         return module.secure_channel(address, credentials, options=channel_options())
 
 
-def _read(material):
-    """PEM bytes as given, or read from a path."""
-    if material is None or isinstance(material, bytes):
-        return material
-    with open(material, "rb") as f:
-        return f.read()
+# What each kind of PEM material holds (a key's header names its type: "RSA PRIVATE KEY",
+# "EC PRIVATE KEY", "PRIVATE KEY").
+CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+PRIVATE_KEY = b"PRIVATE KEY-----"
+
+
+def _read(material, name: str, marker: bytes):
+    """PEM bytes as given, or read from a path; refused (ValueError naming it) where they
+    hold no PEM block of their kind: gRPC would only fail each handshake, in its log."""
+    if material is None:
+        return None
+    pem = material
+    if not isinstance(material, bytes):
+        with open(material, "rb") as f:
+            pem = f.read()
+    if marker not in pem:
+        source = "" if isinstance(material, bytes) else f" ({material})"
+        kind = "private key" if marker == PRIVATE_KEY else "certificate"
+        raise ValueError(f"{name}{source}: no PEM {kind} ({marker.decode()!r} not found)")
+    return pem
 
 
 def compute_callable(channel):

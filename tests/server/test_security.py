@@ -114,6 +114,48 @@ def test_tls_round_trip_with_client_certificates(certificates):
                 client.compute(*job_args())
 
 
+def test_a_client_certificate_without_its_key_is_refused_not_an_abort(certificates):
+    """gRPC's core aborts the whole process (a failed check, SIGABRT) when a channel gets
+    a client certificate without its private key: the client refuses it first. In child
+    processes, so that a regression ends them rather than the test run."""
+    cert, key = str(certificates / "client.pem"), str(certificates / "client.key")
+    for options in (f"client_certificate={cert!r}", f"client_key={key!r}"):
+        program = (
+            "from gradserve.client import GradientClient\n"
+            "try:\n"
+            f"    GradientClient('127.0.0.1:1', {options}).info()\n"
+            "except ValueError as e:\n"
+            "    print(e)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "client_certificate and client_key go together" in out.stdout
+    for flags in (["--cert", cert], ["--key", key]):
+        out = subprocess.run([sys.executable, "-m", "gradserve.client", *flags,
+                              "--address", "127.0.0.1:1", "info"],
+                             capture_output=True, text=True)  # fmt: skip
+        assert out.returncode == 2 and "--cert and --key go together" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "material, message",
+    [
+        ({"root_certificates": b"not a certificate"}, "root_certificates: no PEM certificate"),
+        ({"root_certificates": "client.key"}, r"root_certificates \(.*client.key\): no PEM cert"),
+        ({"client_certificate": "client.key", "client_key": "client.key"},
+         "client_certificate .*: no PEM certificate"),
+        ({"client_certificate": "client.pem", "client_key": "client.pem"},
+         "client_key .*: no PEM private key"),
+    ],
+)  # fmt: skip
+def test_tls_material_that_is_no_pem_of_its_kind_is_named(certificates, material, message):
+    """gRPC would only fail each handshake (UNAVAILABLE, the reason in its log); no server
+    listens at this address."""
+    paths = {k: v if isinstance(v, bytes) else str(certificates / v) for k, v in material.items()}
+    with pytest.raises(ValueError, match=message):
+        GradientClient("127.0.0.1:1", retry=NO_RETRIES, **paths)
+
+
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory):
     token_file = tmp_path_factory.mktemp("token") / "token"
