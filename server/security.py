@@ -9,6 +9,7 @@ health service stays open so that load balancers and orchestrators can probe it.
 from __future__ import annotations
 
 import hmac
+import ssl
 
 import grpc
 
@@ -38,22 +39,51 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not (config.tls_cert and config.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
 
-    def read(path: str, flag: str) -> bytes:
+    def read(path: str, flag: str, marker: bytes, kind: str) -> bytes:
         try:
             with open(path, "rb") as f:
                 pem = f.read()
         except OSError as e:
             raise SystemExit(f"{flag} {path}: {e.strerror}") from None
-        if b"-----BEGIN" not in pem:
-            raise SystemExit(f"{flag} {path}: not a PEM file")
+        if marker not in pem:
+            raise SystemExit(f"{flag} {path}: not a PEM {kind} ({marker.decode()!r} not found)")
         return pem
 
-    client_ca = read(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(read(config.tls_key, "--tls-key"), read(config.tls_cert, "--tls-cert"))],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+    certificate, key = b"-----BEGIN CERTIFICATE-----", b"PRIVATE KEY-----"
+    client_ca = (
+        read(config.tls_client_ca, "--tls-client-ca", certificate, "certificate")
+        if config.tls_client_ca
+        else None
     )
+    chain = (read(config.tls_key, "--tls-key", key, "private key"),
+             read(config.tls_cert, "--tls-cert", certificate, "certificate"))  # fmt: skip
+    check_tls_files(config)
+    return grpc.ssl_server_credentials(
+        [chain], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def check_tls_files(config: ServerConfig) -> None:
+    """Load the certificate, its key and the client CA as OpenSSL reads them: gRPC takes a
+    key that is not the certificate's, or a garbled PEM block, and then only fails to bind
+    the port, the reason in its log ("could not bind" would name the wrong fault)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # (an empty password: an encrypted key fails here, which gRPC cannot read either,
+        # rather than OpenSSL prompting on the terminal)
+        context.load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")
+    except ssl.SSLError as e:
+        raise SystemExit(
+            f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: unusable "
+            f"({e.reason or e}); the key must be the certificate's own, unencrypted"
+        ) from None
+    if config.tls_client_ca:
+        try:
+            context.load_verify_locations(config.tls_client_ca)
+        except ssl.SSLError as e:
+            raise SystemExit(
+                f"--tls-client-ca {config.tls_client_ca}: unusable ({e.reason or e})"
+            ) from None
 
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

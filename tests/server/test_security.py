@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -230,7 +231,7 @@ def test_a_port_in_use_ends_the_start_with_a_message(server):
     [
         (["--auth-token-file", "/nonexistent/token"], "--auth-token-file"),
         (["--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem"], "--tls-"),
-        (["--tls-cert", __file__, "--tls-key", __file__], "not a PEM file"),
+        (["--tls-cert", __file__, "--tls-key", __file__], "not a PEM"),
         (["--host", "999.1.1.1"], "could not bind"),
     ],
 )
@@ -241,6 +242,32 @@ def test_unusable_security_files_or_address_end_the_start_with_a_message(flags, 
     )  # fmt: skip
     assert done.returncode != 0
     assert named in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "files, named",
+    [
+        # another certificate's key: gRPC took it and then only failed to bind the port
+        (("server.pem", "client.key", None), "KEY_VALUES_MISMATCH"),
+        (("client.key", "server.key", None), "--tls-cert .*client.key: not a PEM certificate"),
+        (("server.pem", "server.pem", None), "--tls-key .*server.pem: not a PEM private key"),
+        (("server.pem", "server.key", "garbled.pem"), "--tls-client-ca .*garbled.pem: unusable"),
+    ],
+)
+def test_tls_files_that_do_not_fit_end_the_start_naming_them(certificates, files, named):
+    (certificates / "garbled.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
+    )
+    cert, key, client_ca = files
+    flags = ["--tls-cert", str(certificates / cert), "--tls-key", str(certificates / key)]
+    if client_ca:
+        flags += ["--tls-client-ca", str(certificates / client_ca)]
+    done = subprocess.run(
+        [sys.executable, "-m", "gradserve.server", "--port", "0", *flags],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(named, done.stderr) and "could not bind" not in done.stderr, done.stderr
 
 
 def test_an_ipv6_host_is_served():
