@@ -166,6 +166,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("port", "metrics_port"):
         if getattr(args, name) > MAX_PORT:
             parser.error(f"--{name.replace('_', '-')} must be at most {MAX_PORT}")
+    if not args.host.strip():  # gRPC would take ":PORT" and fail to bind, naming no flag
+        parser.error("--host must name an address to bind (0.0.0.0 or :: for all)")
     if args.chunk_bytes > args.max_chunk_bytes:
         parser.error("--chunk-bytes must not exceed --max-chunk-bytes")
     if not DEVICE.match(args.device):

@@ -49,6 +49,8 @@ def test_chunk_size_above_the_accepted_maximum_is_refused():
         ["--device", "cuda:x"],
         ["--log-level", "LOUD"],
         ["--float32-matmul", "fast"],
+        ["--host", ""],  # gRPC would fail to bind ":50051", naming no flag
+        ["--host", " "],
     ],
 )
 def test_option_values_no_server_can_work_with_are_refused(argv, capsys):
