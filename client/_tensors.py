@@ -106,8 +106,8 @@ def check_floating(x: Any, name: str) -> None:
     """Refuse a bool or integer array for a tensor the networks compute with (every tensor
     but the targets, which may be class indices, and the sample weights, counts_as_floats):
     TypeError naming the tensor and the caller's dtype, as torch refuses such inputs to
-    nn.Linear. Sent, a bool array would go
-    as int64 and the server's refusal would name INT64, a dtype the caller never used."""
+    nn.Linear. Sent, a bool array would go as int64 and the server's refusal would name
+    INT64, a dtype the caller never used."""
     if is_torch(x):
         import torch
 
