@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from gradserve.client import _tls
 from gradserve.v1 import wire
 
 # Every message stays under this: chunks default to 1 MiB, and a header of many descriptors
@@ -246,12 +247,14 @@ class Connection:
         if (client_certificate is None) != (client_key is None):
             # gRPC aborts the whole process on a certificate without its key
             raise ValueError("client_certificate and client_key go together")
-        material = (root_certificates, client_certificate, client_key)
-        use_tls = bool(tls) or any(m is not None for m in material)
-        return cls(addresses, token, use_tls,
-                   _read(root_certificates, "root_certificates", CERTIFICATE),
-                   _read(client_certificate, "client_certificate", CERTIFICATE),
-                   _read(client_key, "client_key", PRIVATE_KEY))  # fmt: skip
+        given = {"root_certificates": root_certificates,
+                 "client_certificate": client_certificate, "client_key": client_key}  # fmt: skip
+        use_tls = bool(tls) or any(m is not None for m in given.values())
+        pems = (_tls.read_pem(root_certificates, "root_certificates", _tls.CERTIFICATE),
+                _tls.read_pem(client_certificate, "client_certificate", _tls.CERTIFICATE),
+                _tls.read_pem(client_key, "client_key", _tls.PRIVATE_KEY))  # fmt: skip
+        _tls.check_usable(*pems, given)
+        return cls(addresses, token, use_tls, *pems)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -265,28 +268,6 @@ class Connection:
             self.root_certificates, self.client_key, self.client_certificate
         )
         return module.secure_channel(address, credentials, options=channel_options())
-
-
-# What each kind of PEM material holds (a key's header names its type: "RSA PRIVATE KEY",
-# "EC PRIVATE KEY", "PRIVATE KEY").
-CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
-PRIVATE_KEY = b"PRIVATE KEY-----"
-
-
-def _read(material, name: str, marker: bytes):
-    """PEM bytes as given, or read from a path; refused (ValueError naming it) where they
-    hold no PEM block of their kind: gRPC would only fail each handshake, in its log."""
-    if material is None:
-        return None
-    pem = material
-    if not isinstance(material, bytes):
-        with open(material, "rb") as f:
-            pem = f.read()
-    if marker not in pem:
-        source = "" if isinstance(material, bytes) else f" ({material})"
-        kind = "private key" if marker == PRIVATE_KEY else "certificate"
-        raise ValueError(f"{name}{source}: no PEM {kind} ({marker.decode()!r} not found)")
-    return pem
 
 
 def compute_callable(channel):

@@ -157,6 +157,49 @@ def test_tls_material_that_is_no_pem_of_its_kind_is_named(certificates, material
         GradientClient("127.0.0.1:1", retry=NO_RETRIES, **paths)
 
 
+GARBLED_CERTIFICATE = "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["paths", "bytes"])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        # another certificate's key
+        (("ca.pem", "client.pem", "server.key"), "client_certificate.* / client_key.*: unusable "
+                                                 r"\(KEY_VALUES_MISMATCH\)"),
+        (("ca.pem", "client.pem", "encrypted.key"), "client_key.*: unusable .*unencrypted"),
+        (("ca.pem", "garbled.pem", "client.key"), "client_certificate.*: unusable"),
+        (("garbled.pem", "client.pem", "client.key"), "root_certificates.*: unusable"),
+    ],
+)  # fmt: skip
+def test_client_tls_material_that_does_not_fit_is_refused_before_connecting(
+    certificates, files, message, as_bytes
+):
+    """gRPC took each of these and then failed every handshake with UNAVAILABLE (retried
+    as a server that is down), the reason only in its log. Keys given as bytes are checked
+    as well as paths (through an in-memory file)."""
+    d = certificates
+    (d / "garbled.pem").write_text(GARBLED_CERTIFICATE)
+    subprocess.run(["openssl", "pkey", "-in", "client.key", "-aes256", "-passout", "pass:x",
+                    "-out", "encrypted.key"], cwd=d, check=True, capture_output=True)  # fmt: skip
+    names = ("root_certificates", "client_certificate", "client_key")
+    material = {
+        name: (d / f).read_bytes() if as_bytes else str(d / f)
+        for name, f in zip(names, files, strict=True)
+    }
+    with pytest.raises(ValueError, match=message):
+        GradientClient("127.0.0.1:1", retry=NO_RETRIES, **material)
+    # The right pair, in either form, and a certificate followed by its chain, are taken.
+    right = dict(
+        material, client_certificate=str(d / "client.pem"), client_key=str(d / "client.key")
+    )
+    right["root_certificates"] = str(d / "ca.pem")
+    GradientClient("127.0.0.1:1", retry=NO_RETRIES, **right).close()
+    chain = (d / "client.pem").read_bytes() + (d / "ca.pem").read_bytes()
+    right.update(client_certificate=chain, client_key=(d / "client.key").read_bytes())
+    GradientClient("127.0.0.1:1", retry=NO_RETRIES, **right).close()
+
+
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory):
     token_file = tmp_path_factory.mktemp("token") / "token"
