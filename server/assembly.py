@@ -79,10 +79,19 @@ def check_values(tensors: dict[str, torch.Tensor], plan: JobPlan) -> None:
     if plan.loss.name == "cross_entropy" and "targets" in tensors:
         classes = plan.mlp.layer_sizes[-1]
         targets = tensors["targets"]
-        if int(targets.min()) < 0 or int(targets.max()) >= classes:
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= classes:
+            # torch's CrossEntropyLoss skips targets of -100 (its ignore_index) by default:
+            # say how to leave samples out here rather than only that -100 is no class.
+            hint = (
+                " (there is no ignore_index: leave such samples out, or give them "
+                "sample_weights 0, which a mean still counts in N)"
+                if low < 0
+                else ""
+            )
             raise invalid(
                 f"cross_entropy targets must be class indices in [0, {classes}); got "
-                f"values in [{int(targets.min())}, {int(targets.max())}]",
+                f"values in [{low}, {high}]{hint}",
                 "tensors[targets]",
             )
 

@@ -409,6 +409,15 @@ def test_malformed_job_gets_its_status_code(stub, case):
     assert err.value.details()
 
 
+def test_torch_ignore_index_targets_are_refused_saying_how_to_leave_samples_out(stub):
+    """torch's CrossEntropyLoss skips targets of -100 by default; here they are no class,
+    and the refusal says what to do instead."""
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Compute(iter(ce_targets(-100)), timeout=30))
+    assert err.value.code() == INVALID
+    assert "[-100, -100]" in err.value.details() and "ignore_index" in err.value.details()
+
+
 def test_header_then_silence_hits_the_upload_idle_timeout(stub):
     release = threading.Event()
 
