@@ -85,7 +85,10 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         try:
             begin, end = info["data_offsets"]
             code = info["dtype"]
-            shape = tuple(info["shape"])
+            shape = info["shape"]
+            if not isinstance(shape, list):
+                raise TypeError
+            shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
             raise ValueError(
                 f"{path}: tensor {name!r} needs dtype, shape and two data_offsets"
@@ -97,7 +100,7 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             )
         if not begin <= end <= len(body):
             raise ValueError(f"{path}: tensor {name!r} lies outside the file")
-        if code != "BF16" and code not in _FROM_CODE:
+        if not isinstance(code, str) or (code != "BF16" and code not in _FROM_CODE):
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {code}")
         nbytes = math.prod(shape) * (2 if code == "BF16" else _FROM_CODE[code].itemsize)
         if end - begin != nbytes:

@@ -544,6 +544,11 @@ def _npz_bytes(inputs: np.ndarray) -> bytes:
             {"inputs": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8)),
         ("bf16bytes.safetensors", _safetensors_bytes(
             {"inputs": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 3]}}, 8)),
+        # JSON values of the wrong kind where a dtype name or a shape list goes
+        ("dtypelist.safetensors", _safetensors_bytes(
+            {"inputs": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, 8)),
+        ("shapedict.safetensors", _safetensors_bytes(
+            {"inputs": {"dtype": "F32", "shape": {"2": 1}, "data_offsets": [0, 8]}}, 8)),
         ("broken.npz", b"PK\x03\x04 not really a zip"),
         ("text.npz", b"inputs,targets\n1,2\n"),
         # arrays that are no real numbers: a pickle numpy will not load, and values that
