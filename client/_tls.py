@@ -47,7 +47,7 @@ def check_usable(root_pem: bytes | None, cert_pem: bytes | None, key_pem: bytes 
             try:
                 context.load_verify_locations(cadata=pem.decode("latin-1"))
             except ssl.SSLError as e:
-                reason = e.reason or e
+                reason = f"a certificate that does not parse; OpenSSL: {e.reason or e}"
                 raise ValueError(f"{described(name, given[name])}: unusable ({reason})") from None
     if cert_pem is None or key_pem is None:
         return
