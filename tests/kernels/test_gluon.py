@@ -172,6 +172,8 @@ def test_gemm_split_into_k_ranges_adds_up_to_the_product(tiles, k_per_split):
         part_a, part_b = a64[..., ks], b64[..., ks, :]
         length = part_a.shape[-1]
         assert_within_fp32_bound(c[:, s], part_a @ part_b, length * (part_a.abs() @ part_b.abs()))
+    # and the ranges add up to the whole product, as sum_partials adds them
+    assert_within_fp32_bound(c.double().sum(1), a64 @ b64, k * (a64.abs() @ b64.abs()))
 
 
 WIDE_SIZES = (5, 150, 3)  # wider than the fused kernel's 128: the per-layer path
