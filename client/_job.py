@@ -129,8 +129,8 @@ class JobOptions:
     # Called as on_progress(phase, done_bytes, total_bytes) as tensor bytes are handed to
     # gRPC ("upload") and as result bytes arrive ("download"); a retried job starts again.
     on_progress: Callable[[str, int, int], None] | None = None
-    # > 0: stream the (shared) samples in micro-batches of this many, for N too large for the
-    # server to hold at once; the result equals the one-shot one up to float rounding.
+    # > 0: stream the samples in micro-batches of this many, for N too large for the server
+    # to hold at once; the result equals the one-shot one up to float rounding.
     micro_batch_samples: int = 0
 
 
@@ -151,19 +151,23 @@ class WireJob:
     def requests(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
         """Serialized request messages: the header, then each tensor in chunks of at most
         chunk_bytes (gradserve.v1.wire). Small chunks share a message, the first one with
-        the header, so a small job is a single message. on_progress hears of a message's
-        tensor bytes when gRPC asks for the next one (it has taken this one)."""
+        the header, so a small job is a single message; a message holds at most chunk_bytes
+        of encoded chunks (tiny chunks, a streamed job's rows, are mostly framing). on_progress
+        hears of a message's tensor bytes when gRPC asks for the next one (it has taken this
+        one)."""
         pending = [pb.ComputeRequest(header=self.header).SerializeToString()]
-        pending_bytes = sent = 0
+        pending_size = pending_bytes = sent = 0
         total = self.payload_bytes
         for name, offset, piece in self._pieces(chunk_bytes):
-            if pending and pending_bytes + len(piece) > chunk_bytes:
+            chunk = wire.encode_chunk(name, offset, piece)
+            if pending and pending_size + len(chunk) > chunk_bytes:
                 yield b"".join(pending) if len(pending) > 1 else pending[0]
                 sent += pending_bytes
                 if self.on_progress is not None:
                     self.on_progress("upload", sent, total)
-                pending, pending_bytes = [], 0
-            pending.append(wire.encode_chunk(name, offset, piece))
+                pending, pending_size, pending_bytes = [], 0, 0
+            pending.append(chunk)
+            pending_size += len(chunk)
             pending_bytes += len(piece)
         yield b"".join(pending) if len(pending) > 1 else pending[0]
         if self.on_progress is not None:
@@ -171,20 +175,33 @@ class WireJob:
 
     def _pieces(self, chunk_bytes: int) -> Iterator[tuple[str, int, memoryview]]:
         """(tensor, offset, bytes) in sending order: tensor after tensor, or for a streamed
-        job the parameters, then the sample tensors interleaved micro-batch by micro-batch."""
+        job the parameters, then the sample tensors interleaved micro-batch by micro-batch
+        (a per-model one's rows of each micro-batch model by model)."""
         batch = self.header.micro_batch_samples
         params = [(n, d) for n, d in self.payloads if n.startswith("layers.")]
         samples = [(n, d) for n, d in self.payloads if not n.startswith("layers.")]
         spans = [(n, d, 0, len(d)) for n, d in (self.payloads if not batch else params)]
         if batch:
-            total = next(d.shape[0] for d in self.header.tensors if d.name == "inputs")
+            shapes = {d.name: tuple(d.shape) for d in self.header.tensors}
+            total = shapes["inputs"][-2]
             for start in range(0, total, batch):
+                end = min(start + batch, total)
                 for name, data in samples:
-                    row = len(data) // total
-                    spans.append((name, data, start * row, min(start + batch, total) * row))
+                    lanes = self._lanes(name, shapes[name])
+                    lane_bytes = len(data) // lanes
+                    row = lane_bytes // total
+                    for first in range(0, len(data), lane_bytes):  # each model's first byte
+                        spans.append((name, data, first + start * row, first + end * row))
         for name, data, begin, end in spans:
             for offset in range(begin, end, chunk_bytes):
                 yield name, offset, data[offset : min(offset + chunk_bytes, end)]
+
+    def _lanes(self, name: str, shape: tuple) -> int:
+        """M for a sample tensor given per model ([M, N, ...]), 1 for a shared one."""
+        shared_dims = {"inputs": 2, "targets": 2, "sample_weights": 1}[name]
+        if name == "targets" and self.header.loss.kind == pb.LOSS_KIND_CROSS_ENTROPY:
+            shared_dims = 1
+        return shape[0] if len(shape) > shared_dims else 1
 
     @property
     def payload_bytes(self) -> int:

@@ -1,11 +1,13 @@
 """Streamed jobs: N beyond what the server should hold at once.
 
 The parameters arrive first and are kept whole. The sample tensors (inputs, targets,
-sample_weights, shared by all models) then arrive interleaved; as soon as every one of them
-holds the next micro-batch's rows, those rows become an engine job of their own (sum
-reduction) and leave the buffers. The caller runs the micro-batch jobs and adds their
-losses and gradients in float64 (accumulate()); scale() then applies the job's reduction,
-which gives the one-shot result up to float rounding.
+sample_weights) then arrive interleaved; as soon as every one of them holds the next
+micro-batch's rows, those rows become an engine job of their own (sum reduction) and leave
+the buffers. A sample tensor given per model ([M, N, ...]) is M runs of rows, one per model,
+each arriving in order like a tensor of its own ("lanes"; a shared tensor is one lane). The
+caller runs the micro-batch jobs and adds their losses and gradients in float64
+(accumulate()); scale() then applies the job's reduction, which gives the one-shot result up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -28,14 +30,21 @@ class SampleStream:
         self.plan = plan
         self.samples = plan.sample_tensors
         self.params = PayloadAssembler(plan, [n for n in plan.tensors if n not in self.samples])
-        self.row_bytes = {n: plan.tensors[n].nbytes // plan.num_samples for n in self.samples}
-        self.pending = {n: bytearray() for n in self.samples}
-        self.received = dict.fromkeys(self.samples, 0)
+        per_model = plan.per_model_samples
+        self.lanes = {n: plan.num_models if n in per_model else 1 for n in self.samples}
+        self.lane_bytes = {n: plan.tensors[n].nbytes // self.lanes[n] for n in self.samples}
+        self.row_bytes = {n: self.lane_bytes[n] // plan.num_samples for n in self.samples}
+        self.pending = {n: [bytearray() for _ in range(self.lanes[n])] for n in self.samples}
+        self.received = {n: [0] * self.lanes[n] for n in self.samples}
         batch = min(plan.micro_batch_samples, plan.num_samples)
-        # A sample tensor may run two micro-batches (and the chunk that crosses that mark)
-        # ahead of the others.
+        # Each lane may hold two micro-batches of rows beyond those cut: a shared tensor's
+        # plus the chunk that crosses that mark, a per-model tensor's with its chunks counted
+        # (its M lanes would otherwise hold M chunks more).
         self.limit = {n: 2 * batch * r for n, r in self.row_bytes.items()}
         self.next_sample = 0  # first sample of the next micro-batch
+        # Lanes holding the next micro-batch's rows: it is cut when all of them do.
+        self.filled = 0
+        self.total_lanes = sum(self.lanes.values())
         # Micro-batches cut from the buffers as soon as complete (one request message may
         # carry several), waiting to be launched.
         self.ready: collections.deque[EnsembleJob] = collections.deque()
@@ -52,31 +61,69 @@ class SampleStream:
                 f"byte; got a chunk of {name!r} while {self.params.missing()} are incomplete",
                 f"chunks[{name}]",
             )
-        size = self.plan.tensors[name].nbytes
-        if chunk.offset != self.received[name]:
-            raise invalid(
-                f"chunk of {name!r} at offset {chunk.offset}; expected offset "
-                f"{self.received[name]} (chunks of a tensor must be in order, without gaps)",
-                f"chunks[{name}].offset",
-            )
-        length = len(chunk.data)
-        if length == 0:
-            raise invalid(f"empty chunk for {name!r}", f"chunks[{name}].data")
-        if chunk.offset + length > size:
-            raise invalid(
-                f"chunk of {name!r} ends at byte {chunk.offset + length}, beyond its {size} bytes",
-                f"chunks[{name}].data",
-            )
-        if len(self.pending[name]) > self.limit[name]:
+        lane, length = self._lane_of(chunk), len(chunk.data)
+        pending = self.pending[name][lane]
+        per_model = self.lanes[name] > 1
+        ahead = len(pending) + (length if per_model else 0)
+        if ahead > self.limit[name]:
+            if per_model:
+                raise invalid(
+                    f"model {lane}'s rows of {name!r} would run more than two micro-batches "
+                    "ahead of the other models' and sample tensors' rows; send each "
+                    "micro-batch's rows model by model, in chunks of at most a micro-batch",
+                    f"chunks[{name}]",
+                )
             raise invalid(
                 f"{name!r} ran more than two micro-batches ahead of the other sample tensors; "
                 "interleave their chunks micro-batch by micro-batch",
                 f"chunks[{name}]",
             )
-        self.pending[name] += chunk.data
-        self.received[name] += length
+        need = self._need(name)
+        was_filled = len(pending) >= need
+        pending += chunk.data
+        self.received[name][lane] += length
+        if not was_filled and len(pending) >= need:
+            self.filled += 1
         while (micro := self._next_micro_batch()) is not None:
             self.ready.append(micro)
+
+    def _lane_of(self, chunk) -> int:
+        """The lane a chunk continues; refused (INVALID_ARGUMENT) where it does not start
+        where that lane's bytes left off, is empty, or runs beyond the lane."""
+        name, offset, length = chunk.name, chunk.offset, len(chunk.data)
+        span, lanes = self.lane_bytes[name], self.lanes[name]
+        lane = min(max(offset, 0) // span, lanes - 1)
+        start = lane * span
+        expected = start + self.received[name][lane]
+        if offset != expected:
+            rule = "(chunks of a tensor must be in order, without gaps)"
+            if lanes > 1:
+                rule = (f"where model {lane}'s rows go on (each model's rows of a per-model "
+                        "sample tensor arrive in order, without gaps)")  # fmt: skip
+            raise invalid(
+                f"chunk of {name!r} at offset {offset}; expected offset {expected} {rule}",
+                f"chunks[{name}].offset",
+            )
+        if length == 0:
+            raise invalid(f"empty chunk for {name!r}", f"chunks[{name}].data")
+        if offset + length > start + span:
+            beyond = f"beyond its {span} bytes"
+            if lanes > 1:
+                beyond = (f"beyond model {lane}'s rows (bytes {start} to {start + span}); a "
+                          "chunk of a per-model sample tensor holds one model's rows")  # fmt: skip
+            raise invalid(
+                f"chunk of {name!r} ends at byte {offset + length}, {beyond}",
+                f"chunks[{name}].data",
+            )
+        return lane
+
+    def _count(self) -> int:
+        """Samples in the next micro-batch."""
+        return min(self.plan.micro_batch_samples, self.plan.num_samples - self.next_sample)
+
+    def _need(self, name: str) -> int:
+        """Bytes each lane of `name` must hold for the next micro-batch to be cut."""
+        return max(self._count(), 1) * self.row_bytes[name]
 
     def parameters(self) -> dict[str, torch.Tensor]:
         if self._parameters is None:
@@ -86,19 +133,27 @@ class SampleStream:
     def _next_micro_batch(self) -> EnsembleJob | None:
         """The next micro-batch whose rows have all arrived, or None."""
         plan = self.plan
-        count = min(plan.micro_batch_samples, plan.num_samples - self.next_sample)
-        if count == 0 or any(len(self.pending[n]) < count * r for n, r in self.row_bytes.items()):
+        count = self._count()
+        if count == 0 or self.filled < self.total_lanes:
             return None
         rows = {}
         for name, row in self.row_bytes.items():
-            size = count * row
-            buffer = np.empty(size, dtype=np.uint8)
-            buffer[:] = memoryview(self.pending[name])[:size]
-            del self.pending[name][:size]
+            size, lanes = count * row, self.pending[name]
+            buffer = np.empty((len(lanes), size), dtype=np.uint8)
+            for lane, pending in enumerate(lanes):
+                buffer[lane] = memoryview(pending)[:size]
+                del pending[:size]
             spec = plan.tensors[name]
-            rows[name] = codec.tensor_from_bytes(buffer, spec.dtype, (count, *spec.shape[1:]))
+            if len(lanes) == 1:
+                shape = (count, *spec.shape[1:])
+            else:
+                shape = (len(lanes), count, *spec.shape[2:])
+            rows[name] = codec.tensor_from_bytes(buffer.reshape(-1), spec.dtype, shape)
         check_values(rows, plan)
         self.next_sample += count
+        self.filled = sum(
+            len(p) >= self._need(n) for n, lanes in self.pending.items() for p in lanes
+        )
         return engine_job(
             plan,
             {**self.parameters(), **rows},
@@ -120,9 +175,9 @@ class SampleStream:
     def missing(self) -> str:
         """What has not arrived, for the error when the request stream ends early."""
         incomplete = [
-            f"{n} ({got} of {self.plan.tensors[n].nbytes} bytes)"
+            f"{n} ({sum(got)} of {self.plan.tensors[n].nbytes} bytes)"
             for n, got in self.received.items()
-            if got != self.plan.tensors[n].nbytes
+            if sum(got) != self.plan.tensors[n].nbytes
         ]
         return ", ".join(self.params.missing() + incomplete)
 
@@ -131,8 +186,8 @@ class SampleStream:
         return self.next_sample == self.plan.num_samples
 
     def micro_batch_bytes(self) -> int:
-        return sum(min(self.plan.micro_batch_samples, self.plan.num_samples) * r
-                   for r in self.row_bytes.values())  # fmt: skip
+        batch = min(self.plan.micro_batch_samples, self.plan.num_samples)
+        return sum(batch * r * self.lanes[n] for n, r in self.row_bytes.items())
 
 
 def accumulate(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleResult:

@@ -112,6 +112,8 @@ class JobPlan:
     privacy: Privacy | None = None
     optimizer: Optimizer | None = None
     micro_batch_samples: int = 0  # > 0: a streamed job (see server.streaming)
+    # Sample tensors given per model ([M, N, ...]) rather than shared ([N, ...]).
+    per_model_samples: frozenset[str] = frozenset()
 
     @property
     def needs_per_sample_norms(self) -> bool:
@@ -342,20 +344,13 @@ STREAMED_EXCLUDES = (
 )
 
 
-def _micro_batch(header: pb.JobHeader, plan_outputs, tensors: dict, per_model: set) -> int:
-    """micro_batch_samples, checked; `per_model`: the sample tensors given per model."""
+def _micro_batch(header: pb.JobHeader, plan_outputs) -> int:
+    """micro_batch_samples, checked."""
     micro = header.micro_batch_samples
     if micro == 0:
         return 0
     if micro < 0:
         raise invalid("micro_batch_samples must be >= 0", "micro_batch_samples")
-    for name, spec in tensors.items():
-        if name in per_model:
-            raise invalid(
-                "a streamed job (micro_batch_samples) needs its sample tensors shared by all "
-                f"models ([N, ...]); {name!r} is {list(spec.shape)}",
-                f"tensors[{name}].shape",
-            )
     for name in STREAMED_EXCLUDES:
         if getattr(plan_outputs, name):
             raise invalid(
@@ -565,7 +560,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             per_model.add(name)
         tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
 
-    micro = _micro_batch(header, header.outputs, tensors, per_model)
+    micro = _micro_batch(header, header.outputs)
     if micro and optimizer is not None:
         raise unsupported("a streamed job (micro_batch_samples) cannot take optimizer steps")
     if m > config.max_models:
@@ -595,6 +590,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         privacy=privacy,
         optimizer=optimizer,
         micro_batch_samples=micro,
+        per_model_samples=frozenset(per_model),
     )
     payload = plan.held_bytes
     if payload > config.max_job_bytes:

@@ -303,9 +303,18 @@ def test_a_training_flag_without_optimizer_is_refused(server, tmp_path):
     assert refused.returncode == 2 and "needs optimizer" in refused.stderr, refused.stderr
 
 
-def test_micro_batch_flag_streams_the_same_job(server, tmp_path):
+@pytest.mark.parametrize("bootstrap", [False, True])
+def test_micro_batch_flag_streams_the_same_job(server, tmp_path, bootstrap):
+    """The example job as it is (shared samples), and with per-model bootstrap weights."""
     cli("example", str(tmp_path))
     job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    if bootstrap:
+        with safetensors.safe_open(job, "np") as f:
+            metadata = f.metadata()
+        tensors = safetensors.numpy.load_file(job)
+        counts = np.random.default_rng(5).poisson(1.0, size=(64, 128))
+        tensors["sample_weights"] = counts.astype(np.float32)
+        safetensors.numpy.save_file(tensors, job, metadata=metadata)
     base = ("--address", server.address, "compute", job)
     cli(*base, str(tmp_path / "whole.safetensors"))
     cli(*base, str(tmp_path / "streamed.safetensors"), "--micro-batch-samples", "50")

@@ -83,30 +83,79 @@ def test_non_finite_sample_mid_stream_is_refused(client):
     assert client.compute(params, x[:300], y[:300], micro_batch_samples=100).loss.shape == (2,)
 
 
-def test_streamed_job_refuses_per_model_samples_and_per_sample_outputs(client):
+def per_model_job(m, n, loss, *, shared_inputs, seed=41, dtype=torch.float32):
+    """Per-model targets and (bootstrap) sample weights, with shared or per-model inputs."""
+    t = random_job(SIZES, m, n, loss=loss, shared_inputs=shared_inputs, sample_weights=True,
+                   seed=seed, dtype=dtype)  # fmt: skip
+    params = {k: v.numpy() for k, v in t.items() if k.startswith("layers.")}
+    x, y, w = t["inputs"].numpy(), t["targets"].numpy(), t["sample_weights"].numpy()
+    if shared_inputs:  # each model its own targets and weights over the shared inputs
+        y = np.stack([np.roll(y, 7 * k, axis=0) for k in range(m)])
+        w = np.stack([np.roll(w, 3 * k) for k in range(m)])
+    return params, x, y, w
+
+
+@pytest.mark.parametrize(
+    "loss, reduction, shared_inputs, micro",
+    [
+        ("mse", "mean", True, 97),
+        ("cross_entropy", "sum", True, 1),
+        ("huber", "sum", False, 250),
+        ("cross_entropy", "mean", False, 1000),
+    ],
+)
+def test_streamed_per_model_samples_equal_one_shot(client, loss, reduction, shared_inputs, micro):
+    """Per-model sample tensors stream each model's rows micro-batch by micro-batch: in
+    float64 the result is the one-shot one to the last few bits, whatever the micro-batch."""
+    n = 37 if micro == 1 else 503
+    params, x, y, w = per_model_job(3, n, loss, shared_inputs=shared_inputs, dtype=torch.float64)
+    opts = dict(loss=loss, reduction=reduction, sample_weights=w, precision="float64")
+    whole = client.compute(params, x, y, **opts)
+    streamed = client.compute(params, x, y, micro_batch_samples=micro, **opts)
+    np.testing.assert_allclose(streamed.loss, whole.loss, rtol=1e-12)
+    for name, g in whole.gradients.items():
+        np.testing.assert_allclose(streamed.gradients[name], g, rtol=1e-10, atol=1e-14)
+    # and in float32, each model against its one-shot gradients (another grouping of sums)
+    f32 = {k: v.astype(np.float32) for k, v in params.items()}
+    x32, w32 = x.astype(np.float32), w.astype(np.float32)
+    y32 = y if loss == "cross_entropy" else y.astype(np.float32)
+    opts = dict(loss=loss, reduction=reduction, sample_weights=w32)
+    whole = client.compute(f32, x32, y32, **opts)
+    streamed = client.compute(f32, x32, y32, micro_batch_samples=micro, **opts)
+    np.testing.assert_allclose(streamed.loss, whole.loss, rtol=2e-6)
+    for name, g in whole.gradients.items():
+        for k in range(3):
+            err = np.linalg.norm(streamed.gradients[name][k] - g[k]) / np.linalg.norm(g[k])
+            assert err < 1e-5, (name, k, err)
+
+
+def test_streamed_per_model_samples_with_dp_sgd_on_the_triton_engine(client):
+    params, x, y, w = per_model_job(3, 300, "mse", shared_inputs=True)
+    opts = dict(sample_weights=w, backend="triton", clip_norm=0.05, noise_multiplier=0.5,
+                noise_seed=3)  # fmt: skip
+    whole = client.compute(params, x, y, **opts)
+    streamed = client.compute(params, x, y, micro_batch_samples=64, **opts)
+    assert streamed.engine == "triton"
+    for name, g in whole.gradients.items():
+        np.testing.assert_allclose(streamed.gradients[name], g, rtol=1e-4, atol=1e-7)
+
+
+def test_streamed_job_refuses_per_sample_outputs_and_optimizer_steps(client):
     params, x, y, _ = shared_job(3, 50, weights=False)
-    per_model = np.broadcast_to(x, (3, *x.shape)).copy()
-    per_model_y = np.broadcast_to(y, (3, *y.shape)).copy()
-    bootstrap = np.ones((3, 50), dtype=np.float32)
-    cases = [
-        ((params, per_model, y), {}, "tensors[inputs].shape"),
-        ((params, x, per_model_y), {}, "tensors[targets].shape"),
-        ((params, x, y), {"sample_weights": bootstrap}, "tensors[sample_weights].shape"),
-        ((params, x, y), {"per_sample_losses": True}, "outputs.per_sample_losses"),
-        ((params, x, y), {"input_gradients": True}, "outputs.input_gradients"),
-    ]
-    for args, kw, field in cases:
+    for option in ("per_sample_losses", "input_gradients"):
         with pytest.raises(GradserveError) as err:
-            client.compute(*args, micro_batch_samples=10, **kw)
+            client.compute(params, x, y, micro_batch_samples=10, **{option: True})
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert field in [f for f, _ in err.value.violations]
+        assert f"outputs.{option}" in [f for f, _ in err.value.violations]
     with pytest.raises(GradserveError) as err:
         client.compute(params, x, y, micro_batch_samples=10, optimizer="sgd", learning_rate=0.1)
     assert err.value.code == grpc.StatusCode.UNIMPLEMENTED
 
 
 def raw_stream(params, x, y, order):
-    """A streamed job's request messages with its chunks in the given order."""
+    """A streamed job's request messages (micro-batches of 10) with its chunks in the given
+    order: (name, first row, end row), or (name, first row, end row, model) for a per-model
+    sample tensor; a parameter's chunk is the whole of it."""
     tensors = {**params, "inputs": x, "targets": y}
     header = pb.JobHeader(
         architecture=pb.Architecture(layer_sizes=SIZES),
@@ -117,28 +166,55 @@ def raw_stream(params, x, y, order):
         ],
     )
     messages = [pb.ComputeRequest(header=header).SerializeToString()]
-    for name, start, end in order:
+    n = x.shape[-2]
+    for name, start, end, *model in order:
         data = memoryview(np.ascontiguousarray(tensors[name])).cast("B")
-        row = len(data) // (x.shape[0] if name in ("inputs", "targets") else 1)
+        lane = len(data) // (tensors[name].shape[0] if model else 1)
+        first, row = (model[0] * lane if model else 0), lane // n
         if name.startswith("layers."):
             start, end, row = 0, 1, len(data)
-        messages.append(wire.encode_chunk(name, start * row, data[start * row : end * row]))
+        span = data[first + start * row : first + end * row]
+        messages.append(wire.encode_chunk(name, first + start * row, span))
     return messages
 
 
+def per_model_order(params, lanes):
+    """The parameters, then the micro-batches of 10 rows, each model's rows of per-model
+    targets in the order `lanes` gives."""
+    order = [(k, 0, 1) for k in params]
+    for k in range(0, 100, 10):
+        order += [("inputs", k, k + 10)] + [("targets", k, k + 10, m) for m in lanes]
+    return order
+
+
 @pytest.mark.parametrize(
-    "case",
-    ["samples before parameters", "inputs far ahead of targets", "stream ends early"],
+    "case, why",
+    [
+        ("samples before parameters", "every parameter byte must arrive before"),
+        ("inputs far ahead of targets", "'inputs' ran more than two micro-batches ahead"),
+        ("stream ends early", "targets (600 of 1200 bytes)"),
+        ("a chunk runs into the next model's rows", "beyond model 0's rows (bytes 0 to 1200)"),
+        ("a model's rows skip a micro-batch", "expected offset 1200 where model 1's rows go on"),
+        ("one model's rows all at once", "model 1's rows of 'targets' would run more than two"),
+    ],
 )
-def test_malformed_streams_get_invalid_argument(server, case):
+def test_malformed_streams_get_invalid_argument(server, case, why):
     params, x, y, _ = shared_job(2, 100, weights=False)
     layers = [(k, 0, 1) for k in params]
+    per_model_y = np.stack([y, y[::-1]])
     if case == "samples before parameters":
         order = [("inputs", 0, 10)] + layers
     elif case == "inputs far ahead of targets":
         order = layers + [("inputs", k, k + 10) for k in range(0, 100, 10)] + [("targets", 0, 100)]
-    else:
+    elif case == "stream ends early":
         order = layers + [("inputs", 0, 50), ("targets", 0, 50)]
+    elif case == "a chunk runs into the next model's rows":
+        order = per_model_order(params, [0, 1])[:-2] + [("targets", 90, 101, 0)]
+    elif case == "a model's rows skip a micro-batch":
+        order = layers + [("inputs", 0, 10), ("targets", 0, 10, 0), ("targets", 10, 20, 1)]
+    else:
+        order = layers + [("inputs", 0, 10), ("targets", 0, 100, 1)]
+    y = per_model_y if "model" in case else y
     messages = raw_stream(params, x, y, order)
     with grpc.insecure_channel(server.address) as channel:
         compute = channel.stream_stream(
@@ -147,8 +223,14 @@ def test_malformed_streams_get_invalid_argument(server, case):
         with pytest.raises(grpc.RpcError) as err:
             list(compute(iter(messages), timeout=30))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert why in err.value.details()
         stub = pb_grpc.GradientServiceStub(channel)
         assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).version
+        # the same job in an order the rules allow runs
+        for lanes in ([0, 1], [1, 0]):  # each micro-batch's rows of the models in any order
+            messages = raw_stream(params, x, per_model_y, per_model_order(params, lanes))
+            responses = list(compute(iter(messages), timeout=30))
+            assert pb.ComputeResponse.FromString(responses[-1]).HasField("summary")
 
 
 def rss_kib(pid: int, field: str) -> int:
@@ -160,8 +242,9 @@ def rss_kib(pid: int, field: str) -> int:
 
 
 def test_four_million_samples_stream_through_bounded_server_memory():
-    """N = 4,000,000 (144 MB of samples): the server's peak RSS grows by well under the job's
-    input bytes, and the result equals the float64 oracle summed over pieces."""
+    """N = 4,000,000 (160 MB of samples: shared inputs, each model its own targets): the
+    server's peak RSS grows by well under the job's input bytes, and the result equals the
+    float64 oracle summed over pieces."""
     from gradserve.client import GradientClient
     from tests.oracle import oracle
     from tests.servers import run_server
@@ -175,7 +258,7 @@ def test_four_million_samples_stream_through_bounded_server_memory():
         "layers.1.bias": torch.randn(m, 1, generator=g) * 0.1,
     }
     x = torch.randn(n, 8, generator=g)
-    y = torch.sin(x.sum(dim=1, keepdim=True))
+    y = torch.stack([torch.sin(x.sum(dim=1, keepdim=True) * (1 + k / 2)) for k in range(m)])
     input_bytes = x.numel() * 4 + y.numel() * 4
 
     with run_server() as server, GradientClient(server.address, timeout=600) as client:
@@ -183,7 +266,7 @@ def test_four_million_samples_stream_through_bounded_server_memory():
         # A small streamed job first: the server's first job costs ~10-20 MiB of one-off
         # growth (thread arenas, buffers) whatever its size.
         client.compute({k: v.numpy() for k, v in params.items()}, x[:20_000].numpy(),
-                       y[:20_000].numpy(), micro_batch_samples=20_000)  # fmt: skip
+                       y[:, :20_000].numpy(), micro_batch_samples=20_000)  # fmt: skip
         before = rss_kib(pid, "VmRSS")
         with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")  # reset the peak (VmHWM) to the current RSS
@@ -202,9 +285,8 @@ def test_four_million_samples_stream_through_bounded_server_memory():
     loss = torch.zeros(m, dtype=torch.float64)
     grads = {k: torch.zeros_like(v) for k, v in wide.items()}
     for start in range(0, n, 250_000):
-        xs, ys = x[start : start + 250_000], y[start : start + 250_000]
-        piece = oracle(sizes, wide, xs.expand(m, *xs.shape), ys.expand(m, *ys.shape),
-                       hidden="tanh", reduction="sum")  # fmt: skip
+        xs, ys = x[start : start + 250_000], y[:, start : start + 250_000]
+        piece = oracle(sizes, wide, xs.expand(m, *xs.shape), ys, hidden="tanh", reduction="sum")
         loss += piece.loss
         for k in grads:
             grads[k] += piece.grads[k + ".grad"]
