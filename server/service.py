@@ -338,6 +338,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 launched, uploaded = await self._run_streamed(context, idle, plan, engine, first)
             else:
                 assembler = PayloadAssembler(plan, pool=self.buffers)
+                plan.check_chunk_count(len(first.chunks))
                 for chunk in first.chunks:
                     assembler.add(chunk)
                 if assembler.missing():  # a multi-message upload: acknowledge the header now
@@ -345,7 +346,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     accepted = b""
                 # else the job came in one message: its accepted message leaves with the
                 # first results, saving a stream operation (most of a small job's cost).
-                async for chunks in self._later_chunks(context, idle, plan):
+                async for chunks in self._later_chunks(context, idle, plan, first):
                     for chunk in chunks:
                         assembler.add(chunk)
                 job = await self._io(plan.payload_bytes, assembler.finish)
@@ -405,9 +406,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
             )
             info.update(bytes_in=plan.payload_bytes, bytes_out=sent)
 
-    async def _later_chunks(self, context, idle: IdleTimer, plan: JobPlan):
-        """The chunks of each request message after the first, message by message."""
-        messages = 1
+    async def _later_chunks(self, context, idle: IdleTimer, plan: JobPlan, first):
+        """The chunks of each request message after the first, message by message (the
+        number of chunks counted from the first message's on)."""
+        messages, chunks = 1, len(first.chunks)
         while (msg := await self._read(context, idle)) is not None:
             messages += 1
             if messages > plan.max_request_messages:
@@ -422,6 +424,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 raise invalid("a job has exactly one header")
             if not msg.chunks:
                 raise invalid("request message carries neither header nor chunks")
+            chunks += len(msg.chunks)
+            plan.check_chunk_count(chunks)
             yield msg.chunks
 
     async def _run_streamed(self, context, idle: IdleTimer, plan: JobPlan, engine: str, first):
@@ -452,10 +456,11 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
         try:
             with refusing_out_of_memory():
+                plan.check_chunk_count(len(first.chunks))
                 for chunk in first.chunks:
                     stream.add(chunk)
                 await launch_ready()
-                async for chunks in self._later_chunks(context, idle, plan):
+                async for chunks in self._later_chunks(context, idle, plan, first):
                     for chunk in chunks:
                         stream.add(chunk)
                     await launch_ready()

@@ -156,6 +156,28 @@ class JobPlan:
         )
 
     @property
+    def max_request_chunks(self) -> int:
+        """Most chunks the job's tensor bytes may come in: one per MIN_UPLOAD_CHUNK_BYTES,
+        plus one per tensor (per model for a per-model sample tensor) and micro-batch for
+        the short pieces that end them. Bounds the per-chunk work a job sent in tiny chunks
+        (a message may carry thousands) costs the event loop every job shares."""
+        batches = 1
+        if self.micro_batch_samples:
+            batches += -(-self.num_samples // self.micro_batch_samples)
+        runs = sum(self.num_models if n in self.per_model_samples else 1 for n in self.tensors)
+        return self.payload_bytes // MIN_UPLOAD_CHUNK_BYTES + runs * (batches + 1)
+
+    def check_chunk_count(self, chunks: int) -> None:
+        """Refuse (INVALID_ARGUMENT) a job whose chunks so far exceed max_request_chunks."""
+        if chunks > self.max_request_chunks:
+            raise invalid(
+                f"the job's {self.payload_bytes} tensor bytes came in more than "
+                f"{self.max_request_chunks} chunks; send chunks of at least "
+                f"{MIN_UPLOAD_CHUNK_BYTES} bytes (only a tensor's, or a micro-batch's, last "
+                "piece may be shorter)"
+            )
+
+    @property
     def sample_tensors(self) -> list[str]:
         return [name for name in self.tensors if not name.startswith("layers.")]
 

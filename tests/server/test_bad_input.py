@@ -105,6 +105,20 @@ def byte_by_byte():
     return [pb.ComputeRequest(header=header_for(t)), *messages]
 
 
+def byte_chunks(in_first_message: bool):
+    """A valid job whose tensors come one byte per chunk, all in one request message:
+    the header's, or the next."""
+    t = valid_tensors()
+    chunks = [
+        pb.TensorChunk(name=k, offset=i, data=v.tobytes()[i : i + 1])
+        for k, v in t.items()
+        for i in range(v.nbytes)
+    ]
+    if in_first_message:
+        return [pb.ComputeRequest(header=header_for(t), chunks=chunks)]
+    return [pb.ComputeRequest(header=header_for(t)), pb.ComputeRequest(chunks=chunks)]
+
+
 def with_header(mutate):
     stream = valid_stream()
     mutate(stream[0].header)
@@ -282,6 +296,8 @@ CASES = {
     "negative cross-entropy class": (ce_targets(-1), INVALID),
     "float cross-entropy targets": (ce_targets(1, np.float32), INVALID),
     "tensors one byte per message": (byte_by_byte(), INVALID),
+    "tensors one byte per chunk in the header's message": (byte_chunks(True), INVALID),
+    "tensors one byte per chunk in one message": (byte_chunks(False), INVALID),
     "results in chunks of a few bytes": (
         with_header(lambda h: setattr(h, "response_chunk_bytes", 16)),
         INVALID,
