@@ -140,6 +140,21 @@ def test_streamed_per_model_samples_with_dp_sgd_on_the_triton_engine(client):
         np.testing.assert_allclose(streamed.gradients[name], g, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("micro", [0, 1, 7])
+def test_smallest_client_chunks_stay_within_the_servers_chunk_and_message_limits(server, micro):
+    """The client at its smallest chunk_bytes (4096), streamed rows of a few bytes each
+    model included: inside the limits on chunks and messages a job may come in."""
+    from gradserve.client import GradientClient
+
+    params, x, y, w = per_model_job(3, 503 if micro != 1 else 60, "mse", shared_inputs=True)
+    with GradientClient(server.address, timeout=60, chunk_bytes=4096) as small:
+        got = small.compute(params, x, y, sample_weights=w, micro_batch_samples=micro)
+    with GradientClient(server.address, timeout=60) as default:
+        want = default.compute(params, x, y, sample_weights=w)
+    for name, g in want.gradients.items():
+        np.testing.assert_allclose(got.gradients[name], g, rtol=1e-4, atol=1e-7)
+
+
 def test_streamed_job_refuses_per_sample_outputs_and_optimizer_steps(client):
     params, x, y, _ = shared_job(3, 50, weights=False)
     for option in ("per_sample_losses", "input_gradients"):
