@@ -105,9 +105,20 @@ def _shape(a) -> str:
     return "missing" if a is None else str(list(a.shape))
 
 
+# The client's TLS options by the flags that set them: a CLI user knows the flags.
+TLS_FLAGS = {"root_certificates": "--ca", "client_certificate": "--cert", "client_key": "--key"}
+
+
+def in_flag_terms(message: str) -> str:
+    """An error message of the client's, its TLS options named by their flags."""
+    for option, flag in TLS_FLAGS.items():
+        message = message.replace(option, flag)
+    return message
+
+
 def tls_options(args) -> dict:
     """The client's TLS options from the flags."""
-    if bool(args.cert) != bool(args.key):  # (the client's message would name its options)
+    if bool(args.cert) != bool(args.key):
         raise ValueError("--cert and --key go together")
     return dict(tls=args.tls, root_certificates=args.ca, client_certificate=args.cert,
                 client_key=args.key)  # fmt: skip
@@ -525,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a shell reports a command ended by SIGPIPE
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_flag_terms(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the call is cancelled on the way out (no traceback)
         print("interrupted", file=sys.stderr)

@@ -189,6 +189,17 @@ def test_client_tls_material_that_does_not_fit_is_refused_before_connecting(
     }
     with pytest.raises(ValueError, match=message):
         GradientClient("127.0.0.1:1", retry=NO_RETRIES, **material)
+    if not as_bytes:  # the CLI names them by its flags
+        flags = [a for f, path in zip(("--ca", "--cert", "--key"), material.values(), strict=True)
+                 for a in (f, path)]  # fmt: skip
+        out = subprocess.run([sys.executable, "-m", "gradserve.client", *flags,
+                              "--address", "127.0.0.1:1", "info"],
+                             capture_output=True, text=True)  # fmt: skip
+        flag_message = message.replace("root_certificates", "--ca")
+        flag_message = flag_message.replace("client_certificate", "--cert")
+        flag_message = flag_message.replace("client_key", "--key")
+        assert out.returncode == 2, out.stderr
+        assert re.search(flag_message, out.stderr), out.stderr
     # The right pair, in either form, and a certificate followed by its chain, are taken.
     right = dict(
         material, client_certificate=str(d / "client.pem"), client_key=str(d / "client.key")
