@@ -22,6 +22,16 @@ def shared_job(m, n, loss="mse", seed=40, weights=True):
     return params, t["inputs"].numpy(), t["targets"].numpy(), kw
 
 
+def assert_float32_close(streamed, whole):
+    """A float32 streamed result against the one-shot one: float32 sums in another
+    grouping, so each model's gradients are compared by relative L2 error."""
+    np.testing.assert_allclose(streamed.loss, whole.loss, rtol=2e-6)
+    for name, g in whole.gradients.items():
+        for k in range(len(g)):
+            err = np.linalg.norm(streamed.gradients[name][k] - g[k]) / np.linalg.norm(g[k])
+            assert err < 1e-5, (name, k, err)
+
+
 @pytest.mark.parametrize(
     "loss, reduction, micro",
     [
@@ -37,12 +47,7 @@ def test_streamed_equals_one_shot(client, loss, reduction, micro):
     opts = dict(loss=loss, reduction=reduction, hidden_activation="softplus", **kw)
     whole = client.compute(params, x, y, **opts)
     streamed = client.compute(params, x, y, micro_batch_samples=micro, **opts)
-    np.testing.assert_allclose(streamed.loss, whole.loss, rtol=2e-6)
-    for name, g in whole.gradients.items():
-        # float32 sums in another grouping: compare per model by relative L2 error
-        for k in range(4):
-            err = np.linalg.norm(streamed.gradients[name][k] - g[k]) / np.linalg.norm(g[k])
-            assert err < 1e-5, (name, k, err)
+    assert_float32_close(streamed, whole)
 
 
 @pytest.mark.parametrize("loss, reduction", [("mse", "mean"), ("cross_entropy", "sum")])
@@ -115,18 +120,14 @@ def test_streamed_per_model_samples_equal_one_shot(client, loss, reduction, shar
     np.testing.assert_allclose(streamed.loss, whole.loss, rtol=1e-12)
     for name, g in whole.gradients.items():
         np.testing.assert_allclose(streamed.gradients[name], g, rtol=1e-10, atol=1e-14)
-    # and in float32, each model against its one-shot gradients (another grouping of sums)
+    # and in float32
     f32 = {k: v.astype(np.float32) for k, v in params.items()}
     x32, w32 = x.astype(np.float32), w.astype(np.float32)
     y32 = y if loss == "cross_entropy" else y.astype(np.float32)
     opts = dict(loss=loss, reduction=reduction, sample_weights=w32)
     whole = client.compute(f32, x32, y32, **opts)
     streamed = client.compute(f32, x32, y32, micro_batch_samples=micro, **opts)
-    np.testing.assert_allclose(streamed.loss, whole.loss, rtol=2e-6)
-    for name, g in whole.gradients.items():
-        for k in range(3):
-            err = np.linalg.norm(streamed.gradients[name][k] - g[k]) / np.linalg.norm(g[k])
-            assert err < 1e-5, (name, k, err)
+    assert_float32_close(streamed, whole)
 
 
 def test_streamed_per_model_samples_with_dp_sgd_on_the_triton_engine(client):
