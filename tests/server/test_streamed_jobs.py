@@ -1,6 +1,9 @@
 """Streamed (micro-batched) jobs through a real server: equal to the one-shot result, for
 N far beyond what the server holds at once, and refused cleanly when malformed."""
 
+import collections
+import random
+
 import grpc
 import numpy as np
 import pytest
@@ -247,6 +250,73 @@ def test_malformed_streams_get_invalid_argument(server, case, why):
             messages = raw_stream(params, x, per_model_y, per_model_order(params, lanes))
             responses = list(compute(iter(messages), timeout=30))
             assert pb.ComputeResponse.FromString(responses[-1]).HasField("summary")
+
+
+def _streamed_result(compute, header, pieces, per_message):
+    """("OK", result bytes by tensor name) or (status code name, details)."""
+    messages = [pb.ComputeRequest(header=header).SerializeToString()]
+    for i in range(0, len(pieces), per_message):
+        group = pieces[i : i + per_message]
+        messages.append(b"".join(wire.encode_chunk(n, o, d) for n, o, d in group))
+    try:
+        responses = list(compute(iter(messages), timeout=30))
+    except grpc.RpcError as e:
+        return e.code().name, e.details()
+    results = collections.defaultdict(bytes)
+    for message in responses:
+        for chunk in pb.ComputeResponse.FromString(message).chunks:
+            results[chunk.name] += chunk.data
+    return "OK", dict(results)
+
+
+def _mutated(rng: random.Random, pieces: list) -> list:
+    """One to three of: a chunk split in two, two neighbours swapped, a chunk dropped or
+    sent twice, its offset moved, its name changed."""
+    pieces = list(pieces)
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(pieces))
+        name, offset, data = pieces[i]
+        op = rng.choice(["split", "swap", "drop", "twice", "offset", "name"])
+        if op == "split" and len(data) > 1:
+            k = rng.randrange(1, len(data))
+            pieces[i : i + 1] = [(name, offset, data[:k]), (name, offset + k, data[k:])]
+        elif op == "swap" and i + 1 < len(pieces):
+            pieces[i], pieces[i + 1] = pieces[i + 1], pieces[i]
+        elif op == "drop":
+            del pieces[i]
+        elif op == "twice":
+            pieces.insert(i, pieces[i])
+        elif op == "offset":
+            pieces[i] = (name, offset + rng.choice([-4, -1, 1, 4, 10**9, -(10**9)]), data)
+        elif op == "name":
+            other = rng.choice(["inputs", "targets", "sample_weights", "layers.0.bias"])
+            pieces[i] = (other, offset, data)
+    return pieces
+
+
+def test_random_reorderings_of_a_per_model_stream_are_refused_or_change_nothing(server):
+    """A streamed job with per-model targets and weights, its chunks split, swapped, dropped,
+    repeated, moved or renamed at random: each such stream is refused (INVALID_ARGUMENT) or,
+    where the rules allow it (a split, models' rows in another order), gives the same bits."""
+    from gradserve.client._job import JobOptions, build_job
+    from gradserve.client._models import normalize
+
+    params, x, y, w = per_model_job(3, 100, "mse", shared_inputs=True)
+    job = build_job(normalize(params), x, y, w, JobOptions(micro_batch_samples=10))
+    pieces = [(n, o, bytes(d)) for n, o, d in job._pieces(1 << 20)]
+    rng, outcomes = random.Random(0), collections.Counter()
+    with grpc.insecure_channel(server.address) as channel:
+        compute = channel.stream_stream(wire.COMPUTE_METHOD)
+        code, want = _streamed_result(compute, job.header, pieces, 5)
+        assert code == "OK", want
+        for _ in range(150):
+            code, got = _streamed_result(compute, job.header, _mutated(rng, pieces),
+                                         rng.choice([1, 3, 50]))  # fmt: skip
+            outcomes[code] += 1
+            assert code in ("OK", "INVALID_ARGUMENT"), got
+            if code == "OK":
+                assert got == want
+    assert outcomes["OK"] and outcomes["INVALID_ARGUMENT"], outcomes
 
 
 def rss_kib(pid: int, field: str) -> int:
