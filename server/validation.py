@@ -158,8 +158,8 @@ class JobPlan:
     @property
     def max_request_chunks(self) -> int:
         """Most chunks the job's tensor bytes may come in: one per MIN_UPLOAD_CHUNK_BYTES,
-        plus one per tensor (per model for a per-model sample tensor) and micro-batch for
-        the short pieces that end them. Bounds the per-chunk work a job sent in tiny chunks
+        plus for each tensor (each model's rows of a per-model sample tensor) one per
+        micro-batch and two more, for the short pieces that end them. Bounds the per-chunk work a job sent in tiny chunks
         (a message may carry thousands) costs the event loop every job shares."""
         batches = 1
         if self.micro_batch_samples:
