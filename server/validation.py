@@ -159,8 +159,9 @@ class JobPlan:
     def max_request_chunks(self) -> int:
         """Most chunks the job's tensor bytes may come in: one per MIN_UPLOAD_CHUNK_BYTES,
         plus for each tensor (each model's rows of a per-model sample tensor) one per
-        micro-batch and two more, for the short pieces that end them. Bounds the per-chunk work a job sent in tiny chunks
-        (a message may carry thousands) costs the event loop every job shares."""
+        micro-batch and two more, for the short pieces that end them. Bounds the per-chunk
+        work a job sent in tiny chunks (a message may carry thousands) costs the event loop
+        every job shares."""
         batches = 1
         if self.micro_batch_samples:
             batches += -(-self.num_samples // self.micro_batch_samples)
