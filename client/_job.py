@@ -198,14 +198,19 @@ class WireJob:
 
     def _lanes(self, name: str, shape: tuple) -> int:
         """M for a sample tensor given per model ([M, N, ...]), 1 for a shared one."""
-        shared_dims = {"inputs": 2, "targets": 2, "sample_weights": 1}[name]
-        if name == "targets" and self.header.loss.kind == pb.LOSS_KIND_CROSS_ENTROPY:
-            shared_dims = 1
-        return shape[0] if len(shape) > shared_dims else 1
+        cross_entropy = self.header.loss.kind == pb.LOSS_KIND_CROSS_ENTROPY
+        return shape[0] if is_per_model(name, shape, cross_entropy) else 1
 
     @property
     def payload_bytes(self) -> int:
         return sum(len(d) for _, d in self.payloads)
+
+
+def is_per_model(name: str, shape, cross_entropy: bool) -> bool:
+    """Whether a sample tensor (inputs, targets, sample_weights) of this shape is given per
+    model ([M, N, ...]) rather than shared by all models ([N, ...]): one dimension more."""
+    shared_dims = {"inputs": 2, "targets": 1 if cross_entropy else 2, "sample_weights": 1}
+    return len(shape) == shared_dims[name] + 1
 
 
 def _agreeing_activation(given, inferred, what: str):

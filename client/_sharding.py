@@ -8,7 +8,6 @@ the same numbers as one server computing all of them.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from gradserve.client._job import (
     WireJob,
     build_job,
     check_options,
+    is_per_model,
     result_from_tensors,
     whole_number,
 )
@@ -55,25 +55,25 @@ def shard_bounds(num_models: int, shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def _per_model(value: Any, per_model_dims: int) -> bool:
-    return value is not None and len(value.shape) == per_model_dims
-
-
 def slice_job(ensemble: Ensemble, inputs, targets, sample_weights, loss: str,
               begin: int, end: int):  # fmt: skip
     """The models [begin, end) of a job: their parameters, and their rows of any per-model
     inputs, targets and sample weights (shared ones are sent whole)."""
     inputs, targets = as_array(inputs, "inputs"), as_array(targets, "targets")
     sample_weights = None if sample_weights is None else as_array(sample_weights, "sample_weights")
-    target_dims = 2 if loss == "cross_entropy" else 3
     part = replace(
         ensemble, params={k: v[begin:end] for k, v in ensemble.params.items()}, form="dict"
     )
+
+    def models(name: str, value):
+        per_model = value is not None and is_per_model(name, value.shape, loss == "cross_entropy")
+        return value[begin:end] if per_model else value
+
     return (
         part,
-        inputs[begin:end] if _per_model(inputs, 3) else inputs,
-        targets[begin:end] if _per_model(targets, target_dims) else targets,
-        sample_weights[begin:end] if _per_model(sample_weights, 2) else sample_weights,
+        models("inputs", inputs),
+        models("targets", targets),
+        models("sample_weights", sample_weights),
     )
 
 
