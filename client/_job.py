@@ -21,12 +21,12 @@ from gradserve.client._tensors import (
     NUMPY_DTYPES,
     accelerator_of,
     check_floating,
-    counts_as_floats,
     dtype_name,
     float64_as_float32,
     from_wire,
     is_torch,
     to_wire,
+    whole_as_floats,
 )
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import wire
@@ -363,8 +363,10 @@ def build_job(ensemble: Ensemble, inputs, targets, sample_weights, opts: JobOpti
     tensors = dict(ensemble.params)
     tensors["inputs"] = as_array(inputs, "inputs")
     tensors["targets"] = as_array(targets, "targets")
+    if opts.loss != "cross_entropy":  # class indices stay integers
+        tensors["targets"] = whole_as_floats(tensors["targets"])
     if sample_weights is not None:
-        tensors["sample_weights"] = counts_as_floats(as_array(sample_weights, "sample_weights"))
+        tensors["sample_weights"] = whole_as_floats(as_array(sample_weights, "sample_weights"))
     for name, value in (opts.optimizer_state or {}).items():
         tensors[name] = as_array(value, name)
     for name, value in tensors.items():

@@ -87,11 +87,12 @@ def to_wire(x: Any, name: str = "tensor") -> tuple[int, tuple[int, ...], memoryv
     return WIRE_DTYPES[a.dtype], tuple(a.shape), raw_bytes(a)
 
 
-def counts_as_floats(x: Any) -> Any:
-    """An integer or bool array or tensor as float64, anything else as it is: sample
-    weights may be counts (a bootstrap's resampling) or a mask, which torch's type
-    promotion takes as floats in `loss * weights` (float64 is exact for them; a job in
-    float32 then rounds them to float32 as any float64 array, exact up to 2**24)."""
+def whole_as_floats(x: Any) -> Any:
+    """An integer or bool array or tensor as float64, anything else as it is. Sample weights
+    may be counts (a bootstrap's resampling) or a mask, and the targets of a loss on real
+    values 0/1 labels or whole numbers: torch's type promotion takes them as floats
+    (`loss * weights`, `mse_loss`). float64 is exact for them; a job in float32 then rounds
+    them to float32 as any float64 array, exact up to 2**24."""
     if is_torch(x):
         import torch
 
@@ -104,7 +105,7 @@ def counts_as_floats(x: Any) -> Any:
 
 def check_floating(x: Any, name: str) -> None:
     """Refuse a bool or integer array for a tensor the networks compute with (every tensor
-    but the targets, which may be class indices, and the sample weights, counts_as_floats):
+    but the targets, which may be class indices, and the sample weights, whole_as_floats):
     TypeError naming the tensor and the caller's dtype, as torch refuses such inputs to
     nn.Linear. Sent, a bool array would go as int64 and the server's refusal would name
     INT64, a dtype the caller never used."""

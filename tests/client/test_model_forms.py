@@ -716,23 +716,46 @@ def test_zero_dim_tensors_are_sent_as_zero_dim_and_refused(client, field, value,
     assert message in err.value.details
 
 
-@pytest.mark.parametrize(
-    "loss, targets, message",
-    [
-        # one-hot or probability targets, as torch's CrossEntropyLoss also takes
-        ("cross_entropy", np.full((5, 4), 0.25, np.float32), "cross_entropy takes class indices"),
-        ("mse", np.arange(20).reshape(5, 4), "mse takes floating-point targets"),
-    ],
-)
-def test_targets_of_the_wrong_kind_for_the_loss_are_explained(client, loss, targets, message):
+def test_targets_of_the_wrong_kind_for_the_loss_are_explained(client):
+    """One-hot or probability targets, as torch's CrossEntropyLoss also takes."""
     params = {
         "layers.0.weight": np.ones((2, 4, 3), np.float32),
         "layers.0.bias": np.zeros((2, 4), np.float32),
     }
+    targets = np.full((5, 4), 0.25, np.float32)
     with pytest.raises(GradserveError) as err:
-        client.compute(params, np.ones((5, 3), np.float32), targets, loss=loss)
+        client.compute(params, np.ones((5, 3), np.float32), targets, loss="cross_entropy")
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in err.value.details and "allowed: DATA_TYPE_" in err.value.details
+    assert "cross_entropy takes class indices" in err.value.details
+    assert "allowed: DATA_TYPE_" in err.value.details
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1", "huber", "bce_with_logits"])
+@pytest.mark.parametrize(
+    "kind", ["numpy_int64", "numpy_bool_per_model", "torch_uint8", "list_of_ints"]
+)
+def test_whole_number_targets_of_a_loss_on_real_values_are_the_floats_they_equal(
+    client, loss, kind
+):
+    """0/1 labels for bce_with_logits or whole-number regression targets, as torch's
+    mse_loss promotes them (its bce and huber refuse them: the values are exact either way)
+    rather than an INT64 refusal naming a dtype a bool array never had."""
+    nets = [make_net(3), make_net(4)]
+    x = torch.randn(6, 3)
+    labels = np.random.default_rng(3).integers(0, 2, (2, 6, 2))
+    targets = {
+        "numpy_int64": labels[0],
+        "numpy_bool_per_model": labels.astype(bool),
+        "torch_uint8": torch.as_tensor(labels[1], dtype=torch.uint8),
+        "list_of_ints": labels[1].tolist(),
+    }[kind]
+    expected = client.compute(nets, x, torch.as_tensor(np.asarray(targets), dtype=torch.float32),
+                              loss=loss)  # fmt: skip
+    got = client.compute(nets, x, targets, loss=loss)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+    for g, e in zip(got.gradients, expected.gradients, strict=True):
+        for name in e:
+            assert torch.equal(g[name], e[name]), name
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])

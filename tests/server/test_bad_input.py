@@ -174,6 +174,14 @@ def ce_targets(values, dtype=np.int64):
     ]
 
 
+def integer_mse_targets():
+    """Whole-number targets for a loss on real values, as int64 on the wire: the Python
+    client sends them as floats, the wire takes floating-point targets only."""
+    t = valid_tensors()
+    t["targets"] = np.rint(t["targets"]).astype(np.int64)
+    return [pb.ComputeRequest(header=header_for(t)), *chunks_for(t)]
+
+
 def huge_declared_job():
     big = 2**40
     return with_header(
@@ -295,6 +303,7 @@ CASES = {
     "cross-entropy class out of range": (ce_targets(SIZES[-1]), INVALID),
     "negative cross-entropy class": (ce_targets(-1), INVALID),
     "float cross-entropy targets": (ce_targets(1, np.float32), INVALID),
+    "integer mse targets": (integer_mse_targets(), INVALID),
     "tensors one byte per message": (byte_by_byte(), INVALID),
     "tensors one byte per chunk in the header's message": (byte_chunks(True), INVALID),
     "tensors one byte per chunk in one message": (byte_chunks(False), INVALID),
