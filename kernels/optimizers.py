@@ -51,28 +51,68 @@ def _adam(opt: Optimizer, p, g, state: dict, step: int) -> None:
     p.addcdiv_(exp_avg, denom, value=-opt.learning_rate / correction1)
 
 
+class Steps:
+    """An ensemble's parameters and optimiser state as its optimiser's steps update them,
+    in the job's dtype on the device; take() applies one step's gradients."""
+
+    def __init__(self, opt: Optimizer, num_layers: int, weights, biases, state: dict, dtype,
+                 device):  # fmt: skip
+        self.opt = opt
+        self.weights = [w.to(device, dtype).clone() for w in weights]
+        self.biases = [b.to(device, dtype).clone() for b in biases]
+        self.names = parameter_names(num_layers)
+        self.params = dict(zip(self.names, self.weights + self.biases, strict=True))
+        self.state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.names}
+        for key, t in state.items():
+            name, kind = key.rsplit(".", 1)
+            self.state[name][kind] = t.to(device, dtype).clone()
+        self.dtype, self.device = dtype, device
+        self.losses = torch.empty(opt.steps, len(self.weights[0]), dtype=dtype, device=device)
+
+    def take(self, k: int, result: EnsembleResult) -> None:
+        """Step k (from 0) of this job: record its loss, update by its gradients."""
+        self.losses[k] = result.loss
+        grads = dict(zip(self.names, result.weight_grads + result.bias_grads, strict=True))
+        with torch.no_grad():
+            for name in self.names:
+                g = grads[name].to(self.device, self.dtype)
+                if self.opt.kind == "sgd":
+                    _sgd(self.opt, self.params[name], g, self.state[name])
+                else:
+                    _adam(self.opt, self.params[name], g, self.state[name],
+                          self.opt.start_step + k + 1)  # fmt: skip
+
+    def result(self) -> EnsembleResult:
+        out = EnsembleResult(
+            loss=self.losses[-1],
+            losses=self.losses,
+            weights=self.weights,
+            biases=self.biases,
+            device=str(self.device),
+        )
+        if self.opt.return_state:
+            out.optimizer_state = {
+                f"{name}.{kind}": self.state[name][kind]
+                for name in self.names
+                for kind in self.opt.state_names
+            }
+        return out
+
+
 def train(job: EnsembleJob, run_step: Callable[[EnsembleJob], EnsembleResult], device):
     """Run job.optimizer's steps; `run_step` computes one step's loss and gradients."""
     opt = job.optimizer
     dtype = torch.float64 if job.precision == "float64" else torch.float32
-    weights = [w.to(device, dtype).clone() for w in job.weights]
-    biases = [b.to(device, dtype).clone() for b in job.biases]
-    names = parameter_names(job.mlp.num_layers)
-    params = dict(zip(names, weights + biases, strict=True))
-    state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
-    for key, t in job.optimizer_state.items():
-        name, kind = key.rsplit(".", 1)
-        state[name][kind] = t.to(device, dtype).clone()
-
-    losses = torch.empty(opt.steps, job.num_models, dtype=dtype, device=device)
+    steps = Steps(opt, job.mlp.num_layers, job.weights, job.biases, job.optimizer_state, dtype,
+                  device)  # fmt: skip
     for k in range(opt.steps):
         privacy = job.privacy
         if privacy is not None:  # fresh noise at every step
             privacy = dataclasses.replace(privacy, noise_seed=(privacy.noise_seed + k) % 2**64)
         step_job = dataclasses.replace(
             job,
-            weights=weights,
-            biases=biases,
+            weights=steps.weights,
+            biases=steps.biases,
             outputs=OutputRequest(),
             privacy=privacy,
             optimizer=None,
@@ -80,23 +120,7 @@ def train(job: EnsembleJob, run_step: Callable[[EnsembleJob], EnsembleResult], d
             on_step=None,
         )
         result = run_step(step_job)
-        losses[k] = result.loss
         if job.on_step is not None:
             job.on_step(k, result.loss)
-        grads = dict(zip(names, result.weight_grads + result.bias_grads, strict=True))
-        with torch.no_grad():
-            for name in names:
-                g = grads[name].to(dtype)
-                if opt.kind == "sgd":
-                    _sgd(opt, params[name], g, state[name])
-                else:
-                    _adam(opt, params[name], g, state[name], opt.start_step + k + 1)
-
-    out = EnsembleResult(
-        loss=losses[-1], losses=losses, weights=weights, biases=biases, device=str(device)
-    )
-    if opt.return_state:
-        out.optimizer_state = {
-            f"{name}.{kind}": state[name][kind] for name in names for kind in opt.state_names
-        }
-    return out
+        steps.take(k, result)
+    return steps.result()

@@ -158,20 +158,33 @@ class PayloadAssembler:
         return engine_job(self.plan, self.tensors())
 
 
+def parameters(plan: JobPlan, t: dict[str, torch.Tensor]):
+    """(weights, biases) of a plan's tensors by wire name, a list each."""
+    num_layers, m = plan.mlp.num_layers, plan.num_models
+    sizes = plan.mlp.layer_sizes
+    weights = [t[f"layers.{i}.weight"] for i in range(num_layers)]
+    # a layer without a bias computes with a zero one (kernels.spec.MLPSpec)
+    biases = [
+        t[f"layers.{i}.bias"] if plan.mlp.has_bias(i) else torch.zeros(m, sizes[i + 1])
+        for i in range(num_layers)
+    ]  # fmt: skip
+    return weights, biases
+
+
+def optimizer_state(plan: JobPlan, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The optimiser state a job carries (none: its optimiser starts from scratch)."""
+    return {name: t[name] for name in plan.optimizer_state_names() if name in t}
+
+
 def engine_job(plan: JobPlan, t: dict[str, torch.Tensor], **overrides) -> EnsembleJob:
     """The engine job of a plan over its tensors by wire name; `overrides`: EnsembleJob
     fields that differ from the plan's."""
-    num_layers, m = plan.mlp.num_layers, plan.num_models
-    sizes = plan.mlp.layer_sizes
+    weights, biases = parameters(plan, t)
     fields = dict(
         mlp=plan.mlp,
         loss=plan.loss,
-        weights=[t[f"layers.{i}.weight"] for i in range(num_layers)],
-        # a layer without a bias computes with a zero one (kernels.spec.MLPSpec)
-        biases=[
-            t[f"layers.{i}.bias"] if plan.mlp.has_bias(i) else torch.zeros(m, sizes[i + 1])
-            for i in range(num_layers)
-        ],  # fmt: skip
+        weights=weights,
+        biases=biases,
         inputs=t["inputs"],
         targets=t["targets"],
         sample_weights=t.get("sample_weights"),
@@ -179,6 +192,6 @@ def engine_job(plan: JobPlan, t: dict[str, torch.Tensor], **overrides) -> Ensemb
         outputs=plan.outputs,
         privacy=plan.privacy,
         optimizer=plan.optimizer,
-        optimizer_state={name: t[name] for name in plan.optimizer_state_names() if name in t},
+        optimizer_state=optimizer_state(plan, t),
     )
     return EnsembleJob(**{**fields, **overrides})

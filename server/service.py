@@ -32,7 +32,7 @@ from gradserve.server.errors import (
 )
 from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
 from gradserve.server.metrics import Metrics
-from gradserve.server.streaming import SampleStream, accumulate, scale
+from gradserve.server.streaming import SampleStream, accumulate, finish
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
@@ -475,7 +475,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             if inflight is not None:
                 inflight.cancel()
         flops = kernels.flops(plan.mlp, plan.num_models, plan.num_samples)
-        result = await self.worker.call(scale, total, plan, self.device)
+        result = await self.worker.call(finish, total, plan, stream.parameters(), self.device)
         launched = Launched(result, 1, plan.num_models, flops, queued, computed)
         return launched, uploaded
 

@@ -6,8 +6,9 @@ micro-batch's rows, those rows become an engine job of their own (sum reduction)
 the buffers. A sample tensor given per model ([M, N, ...]) is M runs of rows, one per model,
 each arriving in order like a tensor of its own ("lanes"; a shared tensor is one lane). The
 caller runs the micro-batch jobs and adds their losses and gradients in float64
-(accumulate()); scale() then applies the job's reduction, which gives the one-shot result up
-to float rounding.
+(accumulate()); finish() then applies the job's reduction, which gives the one-shot result up
+to float rounding, and takes the job's optimiser step, if it has one: one step, as each
+further one would need every sample again.
 """
 
 from __future__ import annotations
@@ -18,9 +19,23 @@ import dataclasses
 import numpy as np
 import torch
 
-from gradserve.kernels import EnsembleJob, EnsembleResult, LossSpec, OutputRequest, Privacy, privacy
+from gradserve.kernels import (
+    EnsembleJob,
+    EnsembleResult,
+    LossSpec,
+    OutputRequest,
+    Privacy,
+    optimizers,
+    privacy,
+)
 from gradserve.server import codec
-from gradserve.server.assembly import PayloadAssembler, check_values, engine_job
+from gradserve.server.assembly import (
+    PayloadAssembler,
+    check_values,
+    engine_job,
+    optimizer_state,
+    parameters,
+)
 from gradserve.server.errors import invalid
 from gradserve.server.validation import JobPlan
 
@@ -154,12 +169,15 @@ class SampleStream:
         self.filled = sum(
             len(p) >= self._need(n) for n, lanes in self.pending.items() for p in lanes
         )
+        gradients = plan.outputs.parameter_gradients or plan.optimizer is not None
         return engine_job(
             plan,
             {**self.parameters(), **rows},
             loss=LossSpec(plan.loss.name, "sum", plan.loss.huber_delta),
-            outputs=OutputRequest(parameter_gradients=plan.outputs.parameter_gradients),
+            outputs=OutputRequest(parameter_gradients=gradients),
             privacy=self._micro_batch_privacy(),
+            optimizer=None,  # the job's one step comes after the last micro-batch (finish())
+            optimizer_state={},
         )
 
     def _micro_batch_privacy(self) -> Privacy | None:
@@ -213,6 +231,23 @@ def accumulate(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleRe
 def _count(plan: JobPlan) -> int:
     """What the mean reduction divides the summed loss by."""
     return plan.num_samples * (1 if plan.loss.name == "cross_entropy" else plan.mlp.layer_sizes[-1])
+
+
+def finish(total: EnsembleResult, plan: JobPlan, tensors: dict[str, torch.Tensor], device):
+    """The job's result from its micro-batches' sums: scale(), then for a job with an
+    optimiser its one step (the full-batch gradient over every sample, as a one-shot job's
+    first step) of the parameters and optimiser state in `tensors`, by wire name."""
+    result = scale(total, plan, device)
+    if plan.optimizer is None:
+        return result
+    dtype = torch.float64 if plan.precision == "float64" else torch.float32
+    weights, biases = parameters(plan, tensors)
+    steps = optimizers.Steps(plan.optimizer, plan.mlp.num_layers, weights, biases,
+                             optimizer_state(plan, tensors), dtype, device)  # fmt: skip
+    steps.take(0, result)
+    stepped = steps.result()
+    stepped.engine = result.engine
+    return stepped
 
 
 def scale(total: EnsembleResult, plan: JobPlan, device) -> EnsembleResult:

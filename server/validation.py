@@ -584,8 +584,13 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
         tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
 
     micro = _micro_batch(header, header.outputs)
-    if micro and optimizer is not None:
-        raise unsupported("a streamed job (micro_batch_samples) cannot take optimizer steps")
+    if micro and optimizer is not None and optimizer.steps > 1:
+        raise unsupported(
+            f"a streamed job (micro_batch_samples) takes one optimizer step, not "
+            f"{optimizer.steps}: each step needs every sample again (send the updated "
+            "parameters, and the optimizer state, as the next job)",
+            "optimizer.steps",
+        )
     if m > config.max_models:
         raise too_large(f"M={m} models exceed the limit of {config.max_models}")
     if n > config.max_samples:

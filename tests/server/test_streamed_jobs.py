@@ -159,16 +159,20 @@ def test_smallest_client_chunks_stay_within_the_servers_chunk_and_message_limits
         np.testing.assert_allclose(got.gradients[name], g, rtol=1e-4, atol=1e-7)
 
 
-def test_streamed_job_refuses_per_sample_outputs_and_optimizer_steps(client):
+def test_streamed_job_refuses_per_sample_outputs_and_several_optimizer_steps(client):
     params, x, y, _ = shared_job(3, 50, weights=False)
     for option in ("per_sample_losses", "input_gradients"):
         with pytest.raises(GradserveError) as err:
             client.compute(params, x, y, micro_batch_samples=10, **{option: True})
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert f"outputs.{option}" in [f for f, _ in err.value.violations]
+    # one optimiser step per streamed job (tests/server/test_training.py): each further one
+    # would need every sample again
     with pytest.raises(GradserveError) as err:
-        client.compute(params, x, y, micro_batch_samples=10, optimizer="sgd", learning_rate=0.1)
+        client.compute(params, x, y, micro_batch_samples=10, optimizer="sgd", learning_rate=0.1,
+                       steps=2)  # fmt: skip
     assert err.value.code == grpc.StatusCode.UNIMPLEMENTED
+    assert "optimizer.steps" in [f for f, _ in err.value.violations]
 
 
 def raw_stream(params, x, y, order):

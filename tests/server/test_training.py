@@ -14,8 +14,8 @@ SIZES = (5, 8, 3)
 M, N = 4, 16
 
 
-def nets_and_data(seed=31):
-    tensors = random_job(SIZES, M, N, shared_inputs=True, seed=seed)
+def nets_and_data(seed=31, n=N):
+    tensors = random_job(SIZES, M, n, shared_inputs=True, seed=seed)
     nets = []
     for k in range(M):
         net = nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 3))
@@ -93,6 +93,74 @@ def test_training_continues_from_returned_state(client):
     )
     for name, value in whole.parameters.items():
         np.testing.assert_allclose(second.parameters[name], value, rtol=1e-5, atol=1e-7)
+
+
+STREAMED_OPTIMIZERS = {
+    "sgd": (
+        dict(optimizer="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    ),
+    "adam": (
+        dict(optimizer="adam", learning_rate=0.02, betas=(0.8, 0.99)),
+        lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.99)),
+    ),
+    "adamw": (
+        dict(optimizer="adamw", learning_rate=0.02, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STREAMED_OPTIMIZERS))
+def test_streamed_jobs_of_one_step_each_chain_into_torch_optims_steps(client, kind):
+    """A streamed job (micro_batch_samples) takes one optimiser step over all its samples;
+    three such jobs, each continuing from the last one's parameters and state, are three
+    full-batch steps of torch.optim on each model by itself (float64 throughout)."""
+    import copy
+
+    options, make_opt = STREAMED_OPTIMIZERS[kind]
+    nets, x, y = nets_and_data(37, n=403)
+    ref_losses, ref_params = torch_optim_run([copy.deepcopy(n) for n in nets], x, y, 3, make_opt)
+    models = [nn.Sequential(*[m for m in net]).double() for net in nets]
+    state = None
+    for step in range(3):
+        result = client.compute(
+            models, x.double(), y.double(), precision="float64", micro_batch_samples=64,
+            steps=1, start_step=step, optimizer_state=state, return_optimizer_state=True,
+            **options,
+        )  # fmt: skip
+        assert result.losses.shape == (1, M) and result.gradients is None
+        np.testing.assert_allclose(result.losses[0].numpy(), ref_losses[step], rtol=1e-12)
+        state = result.optimizer_state
+        for k, model in enumerate(models):  # the next job starts from the updated parameters
+            model.load_state_dict(result.parameters[k])
+    for k in range(M):
+        for name, value in models[k].state_dict().items():
+            torch.testing.assert_close(value, ref_params[k][name], rtol=1e-11, atol=1e-14)
+
+
+def test_streamed_step_with_dp_sgd_and_a_layer_without_bias_equals_one_shot(client):
+    """Clipped per sample and noised once, as the one-shot job's step (same seed, same
+    noise); the layer without a bias gets none back. float32: compared by relative L2."""
+    tensors = random_job((7, 12, 5, 3), 3, 900, shared_inputs=True, sample_weights=True, seed=38)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    del params["layers.1.bias"]
+    args = (params, tensors["inputs"].numpy(), tensors["targets"].numpy())
+    options = dict(sample_weights=tensors["sample_weights"].numpy(), optimizer="adam",
+                   learning_rate=0.01, steps=1, clip_norm=0.05, noise_multiplier=0.7,
+                   noise_seed=11, hidden_activation="tanh",
+                   return_optimizer_state=True)  # fmt: skip
+    whole = client.compute(*args, **options)
+    streamed = client.compute(*args, micro_batch_samples=100, **options)
+    assert set(streamed.parameters) == set(params)
+    np.testing.assert_allclose(streamed.losses, whole.losses, rtol=2e-6)
+    for got, want in ((streamed.parameters, whole.parameters),
+                      (streamed.optimizer_state, whole.optimizer_state)):  # fmt: skip
+        assert set(got) == set(want)
+        for name, value in want.items():
+            for k in range(len(value)):
+                err = np.linalg.norm(got[name][k] - value[k]) / np.linalg.norm(value[k])
+                assert err < 1e-5, (name, k, err)
 
 
 @pytest.mark.parametrize(
