@@ -141,7 +141,8 @@ def test_streamed_jobs_of_one_step_each_chain_into_torch_optims_steps(client, ki
 
 def test_streamed_step_with_dp_sgd_and_a_layer_without_bias_equals_one_shot(client):
     """Clipped per sample and noised once, as the one-shot job's step (same seed, same
-    noise); the layer without a bias gets none back. float32: compared by relative L2."""
+    noise); the layer without a bias gets none back; on_step sees the one step.
+    float32: compared by relative L2."""
     tensors = random_job((7, 12, 5, 3), 3, 900, shared_inputs=True, sample_weights=True, seed=38)
     params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
     del params["layers.1.bias"]
@@ -151,7 +152,10 @@ def test_streamed_step_with_dp_sgd_and_a_layer_without_bias_equals_one_shot(clie
                    noise_seed=11, hidden_activation="tanh",
                    return_optimizer_state=True)  # fmt: skip
     whole = client.compute(*args, **options)
-    streamed = client.compute(*args, micro_batch_samples=100, **options)
+    seen = []
+    streamed = client.compute(*args, micro_batch_samples=100, on_step=lambda k, _: seen.append(k),
+                              **options)  # fmt: skip
+    assert seen == [0]  # the step's losses, once, as they come with the results
     assert set(streamed.parameters) == set(params)
     np.testing.assert_allclose(streamed.losses, whole.losses, rtol=2e-6)
     for got, want in ((streamed.parameters, whole.parameters),
