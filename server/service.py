@@ -367,6 +367,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                         accepted = b""
                         descriptors = [d for d in descriptors if d.name != "losses"]
                 del job
+            ready = time.perf_counter()  # results computed: sending them starts
             info.update(
                 jobs_in_launch=launched.jobs_in_launch,
                 queue_s=round(launched.queue_seconds, 4),
@@ -374,12 +375,13 @@ class GradientService(pb_grpc.GradientServiceServicer):
             )
 
             def summary(sent: int) -> pb.ComputeResponse:
-                waited = launched.queue_seconds + launched.compute_seconds
+                # A streamed job's queue and compute times overlap its upload: the download
+                # is timed from the moment the results were ready, not from the upload's end.
                 phases.update(
                     upload=uploaded - header_at,
                     queue=launched.queue_seconds,
                     compute=launched.compute_seconds,
-                    download=max(0.0, time.perf_counter() - uploaded - waited),
+                    download=time.perf_counter() - ready,
                 )
                 return pb.ComputeResponse(
                     summary=pb.JobSummary(
