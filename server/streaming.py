@@ -159,10 +159,10 @@ class SampleStream:
                 buffer[lane] = memoryview(pending)[:size]
                 del pending[:size]
             spec = plan.tensors[name]
-            if len(lanes) == 1:
-                shape = (count, *spec.shape[1:])
-            else:
+            if name in plan.per_model_samples:  # [M, N, ...]; M may be 1
                 shape = (len(lanes), count, *spec.shape[2:])
+            else:
+                shape = (count, *spec.shape[1:])
             rows[name] = codec.tensor_from_bytes(buffer.reshape(-1), spec.dtype, shape)
         check_values(rows, plan)
         self.next_sample += count

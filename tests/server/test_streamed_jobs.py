@@ -136,6 +136,18 @@ def test_streamed_per_model_samples_equal_one_shot(client, loss, reduction, shar
     assert_float32_close(streamed, whole)
 
 
+@pytest.mark.parametrize("shared_inputs", [True, False])
+def test_streamed_single_model_with_per_model_samples_equals_one_shot(client, shared_inputs):
+    """M = 1 with sample tensors [1, N, ...]: one lane each, yet per model (its micro-batches
+    were once shaped as shared rows, an INTERNAL error)."""
+    params, x, y, w = per_model_job(1, 203, "mse", shared_inputs=shared_inputs)
+    if shared_inputs:
+        assert y.shape[0] == 1 and w.shape == (1, 203)
+    whole = client.compute(params, x, y, sample_weights=w)
+    streamed = client.compute(params, x, y, sample_weights=w, micro_batch_samples=50)
+    assert_float32_close(streamed, whole)
+
+
 def test_streamed_per_model_samples_with_dp_sgd_on_the_triton_engine(client):
     params, x, y, w = per_model_job(3, 300, "mse", shared_inputs=True)
     opts = dict(sample_weights=w, backend="triton", clip_norm=0.05, noise_multiplier=0.5,
