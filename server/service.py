@@ -32,7 +32,7 @@ from gradserve.server.errors import (
 )
 from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
 from gradserve.server.metrics import Metrics
-from gradserve.server.streaming import SampleStream, accumulate, finish
+from gradserve.server.streaming import PER_SAMPLE, SampleStream, accumulate, finish
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
@@ -436,7 +436,12 @@ class GradientService(pb_grpc.GradientServiceServicer):
         Returns (launched, when the last sample byte arrived)."""
         stream = SampleStream(plan)
         total, inflight, queued, computed = None, None, 0.0, 0.0
-        grad_bytes = sum(plan.tensors[n].nbytes for n in plan.tensors if n.startswith("layers."))
+        # bytes a micro-batch's results add to the totals: its gradients and per-sample rows
+        results = plan.result_descriptors()
+        per_sample = sum(codec.nbytes(d.dtype, d.shape) for d in results if d.name in PER_SAMPLE)
+        added_bytes = sum(plan.tensors[n].nbytes for n in plan.tensors if n.startswith("layers."))
+        added_bytes += per_sample * plan.samples_at_once // plan.num_samples
+        start = 0  # first sample of the micro-batch in flight
 
         async def settle() -> None:
             nonlocal total, inflight, queued, computed
@@ -444,14 +449,15 @@ class GradientService(pb_grpc.GradientServiceServicer):
             inflight = None
             queued += done.queue_seconds
             computed += done.compute_seconds
-            total = await self._io(grad_bytes, accumulate, total, done.result)
+            total = await self._io(added_bytes, accumulate, total, done.result, start, plan)
 
         async def launch_ready() -> None:
-            nonlocal inflight
+            nonlocal inflight, start
             while stream.ready:
-                micro = stream.ready.popleft()
+                first_sample, micro = stream.ready.popleft()
                 if inflight is not None:
                     await settle()
+                start = first_sample
                 inflight = asyncio.ensure_future(
                     self.batcher.submit(micro, engine, stream.micro_batch_bytes())
                 )

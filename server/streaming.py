@@ -23,7 +23,6 @@ from gradserve.kernels import (
     EnsembleJob,
     EnsembleResult,
     LossSpec,
-    OutputRequest,
     Privacy,
     optimizers,
     privacy,
@@ -61,8 +60,8 @@ class SampleStream:
         self.filled = 0
         self.total_lanes = sum(self.lanes.values())
         # Micro-batches cut from the buffers as soon as complete (one request message may
-        # carry several), waiting to be launched.
-        self.ready: collections.deque[EnsembleJob] = collections.deque()
+        # carry several), waiting to be launched: (first sample, engine job).
+        self.ready: collections.deque[tuple[int, EnsembleJob]] = collections.deque()
         self._parameters: dict[str, torch.Tensor] | None = None
 
     def add(self, chunk) -> None:
@@ -145,8 +144,9 @@ class SampleStream:
             self._parameters = self.params.tensors()
         return self._parameters
 
-    def _next_micro_batch(self) -> EnsembleJob | None:
-        """The next micro-batch whose rows have all arrived, or None."""
+    def _next_micro_batch(self) -> tuple[int, EnsembleJob] | None:
+        """The next micro-batch whose rows have all arrived, (its first sample, its engine
+        job), or None."""
         plan = self.plan
         count = self._count()
         if count == 0 or self.filled < self.total_lanes:
@@ -165,16 +165,17 @@ class SampleStream:
                 shape = (count, *spec.shape[1:])
             rows[name] = codec.tensor_from_bytes(buffer.reshape(-1), spec.dtype, shape)
         check_values(rows, plan)
+        start = self.next_sample
         self.next_sample += count
         self.filled = sum(
             len(p) >= self._need(n) for n, lanes in self.pending.items() for p in lanes
         )
         gradients = plan.outputs.parameter_gradients or plan.optimizer is not None
-        return engine_job(
+        return start, engine_job(
             plan,
             {**self.parameters(), **rows},
             loss=LossSpec(plan.loss.name, "sum", plan.loss.huber_delta),
-            outputs=OutputRequest(parameter_gradients=gradients),
+            outputs=dataclasses.replace(plan.outputs, parameter_gradients=gradients),
             privacy=self._micro_batch_privacy(),
             optimizer=None,  # the job's one step comes after the last micro-batch (finish())
             optimizer_state={},
@@ -208,23 +209,40 @@ class SampleStream:
         return sum(batch * r * self.lanes[n] for n, r in self.row_bytes.items())
 
 
-def accumulate(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleResult:
+# Per-sample results ([M, n, ...] of a micro-batch's n samples), by EnsembleResult field,
+# and by wire name.
+PER_SAMPLE_RESULTS = ("per_sample_loss", "per_sample_grad_norm", "outputs", "input_grads")
+PER_SAMPLE = ("per_sample_loss", "per_sample_grad_norm", "outputs", "inputs.grad")
+
+
+def accumulate(
+    total: EnsembleResult | None, part: EnsembleResult, start: int, plan: JobPlan
+) -> EnsembleResult:
     """Add a micro-batch's summed loss and gradients into the running total, kept in
     float64 (in place): float32 running sums lose digits with every addition, their error
     growing with the number of micro-batches (as one float32 sum over all samples grows
-    with N, kernels/linear_layer.py), and small micro-batches make many."""
+    with N, kernels/linear_layer.py), and small micro-batches make many. Its per-sample
+    results, from sample `start` on, go into their place in the job's [M, N, ...] ones."""
     if total is None:
-        total = part
-        total.loss = part.loss.double()
+        total = dataclasses.replace(part, loss=part.loss.double())
         if part.weight_grads is not None:
             total.weight_grads = [g.double() for g in part.weight_grads]
             total.bias_grads = [g.double() for g in part.bias_grads]
-        return total
-    total.loss += part.loss
-    if part.weight_grads is not None:
-        for t, p in zip(total.weight_grads + total.bias_grads,
-                        part.weight_grads + part.bias_grads, strict=True):  # fmt: skip
-            t += p
+        for field in PER_SAMPLE_RESULTS:
+            rows = getattr(part, field)
+            if rows is not None:
+                whole = rows.new_empty((rows.shape[0], plan.num_samples, *rows.shape[2:]))
+                setattr(total, field, whole)
+    else:
+        total.loss += part.loss
+        if part.weight_grads is not None:
+            for t, p in zip(total.weight_grads + total.bias_grads,
+                            part.weight_grads + part.bias_grads, strict=True):  # fmt: skip
+                t += p
+    for field in PER_SAMPLE_RESULTS:
+        rows = getattr(part, field)
+        if rows is not None:
+            getattr(total, field)[:, start : start + rows.shape[1]] = rows
     return total
 
 
@@ -260,6 +278,11 @@ def scale(total: EnsembleResult, plan: JobPlan, device) -> EnsembleResult:
     if total.weight_grads is not None:
         total.weight_grads = [(t / divisor).to(dtype) for t in total.weight_grads]
         total.bias_grads = [(t / divisor).to(dtype) for t in total.bias_grads]
+    # a sample's gradients are of its contribution to the loss: reduced as the loss is (its
+    # loss and outputs are the same whatever the reduction)
+    for field in ("per_sample_grad_norm", "input_grads"):
+        if getattr(total, field) is not None:
+            getattr(total, field).div_(divisor)
     if plan.privacy is not None and total.weight_grads is not None:
         unit = plan.num_samples if plan.loss.reduction == "mean" else 1
         privacy.add_noise(total.weight_grads, total.bias_grads, plan.privacy, unit, device)

@@ -359,28 +359,11 @@ def _optimizer(header: pb.JobHeader, config: ServerConfig) -> Optimizer | None:
     return optimizer
 
 
-STREAMED_EXCLUDES = (
-    "input_gradients",
-    "per_sample_losses",
-    "per_sample_gradient_norms",
-    "forward_outputs",
-)
-
-
-def _micro_batch(header: pb.JobHeader, plan_outputs) -> int:
+def _micro_batch(header: pb.JobHeader) -> int:
     """micro_batch_samples, checked."""
     micro = header.micro_batch_samples
-    if micro == 0:
-        return 0
     if micro < 0:
         raise invalid("micro_batch_samples must be >= 0", "micro_batch_samples")
-    for name in STREAMED_EXCLUDES:
-        if getattr(plan_outputs, name):
-            raise invalid(
-                f"outputs.{name} is per sample; a streamed job returns the loss and parameter "
-                "gradients only",
-                f"outputs.{name}",
-            )
     return micro
 
 
@@ -583,7 +566,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             per_model.add(name)
         tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
 
-    micro = _micro_batch(header, header.outputs)
+    micro = _micro_batch(header)
     if micro and optimizer is not None and optimizer.steps > 1:
         raise unsupported(
             f"a streamed job (micro_batch_samples) takes one optimizer step, not "

@@ -3,8 +3,8 @@
 Each seed draws a whole job as a user might send it: odd widths, M, N, activations with
 their own leaky_relu slopes, loss, reduction, each of inputs, targets and sample weights
 shared or per model, numpy or torch, float64 parameters, int32 class indices, an engine,
-a gradient dtype, per-sample outputs, and (when every sample tensor is shared) streaming in
-micro-batches. What one-option-at-a-time tests miss is where the options meet.
+a gradient dtype, per-sample outputs, and streaming in micro-batches. What
+one-option-at-a-time tests miss is where the options meet.
 """
 
 import random
@@ -18,7 +18,6 @@ from tests.jobs import random_job
 from tests.oracle import assert_close_per_model, oracle
 
 WIDTHS = (1, 2, 3, 5, 7, 13, 16, 17, 31, 33)
-SHARED_DIMS = {"inputs": 2, "sample_weights": 1}
 
 
 def draw(seed: int):
@@ -43,16 +42,12 @@ def draw(seed: int):
     targets = tensors["targets"]
     if loss == "cross_entropy" and r.random() < 0.5:
         targets = targets.int()
-    shared_dims = {**SHARED_DIMS, "targets": 1 if loss == "cross_entropy" else 2}
-    all_shared = all(t.dim() == shared_dims[k] for k, t in tensors.items() if k in shared_dims)
-    micro = r.choice([0, 0, 2, 16]) if all_shared else 0
-    outputs = {}
-    if not micro:  # a streamed job returns the loss and parameter gradients only
-        outputs = dict(
-            input_gradients=r.random() < 0.4,
-            per_sample_losses=r.random() < 0.4,
-            forward_outputs=r.random() < 0.4,
-        )
+    micro = r.choice([0, 0, 2, 16])
+    outputs = dict(
+        input_gradients=r.random() < 0.4,
+        per_sample_losses=r.random() < 0.4,
+        forward_outputs=r.random() < 0.4,
+    )
     arguments = dict(
         model=params,
         inputs=kind(tensors["inputs"]),

@@ -174,13 +174,52 @@ def test_smallest_client_chunks_stay_within_the_servers_chunk_and_message_limits
         np.testing.assert_allclose(got.gradients[name], g, rtol=1e-4, atol=1e-7)
 
 
-def test_streamed_job_refuses_per_sample_outputs_and_several_optimizer_steps(client):
+PER_SAMPLE_OUTPUTS = dict(per_sample_losses=True, per_sample_gradient_norms=True,
+                          forward_outputs=True, input_gradients=True)  # fmt: skip
+PER_SAMPLE_RESULTS = ("per_sample_loss", "per_sample_grad_norm", "outputs", "inputs.grad")
+
+
+@pytest.mark.parametrize(
+    "loss, reduction, shared_inputs, micro",
+    [("cross_entropy", "mean", False, 97), ("huber", "sum", True, 1), ("mse", "mean", True, 250)],
+)
+def test_streamed_per_sample_outputs_equal_one_shot(client, loss, reduction, shared_inputs, micro):
+    """Each micro-batch's per-sample losses, gradient norms, outputs and input gradients go
+    to their place in the job's [M, N, ...] results (the norms and input gradients reduced
+    as the loss is): in float64 the one-shot results to the last few bits."""
+    n = 37 if micro == 1 else 503
+    params, x, y, w = per_model_job(3, n, loss, shared_inputs=shared_inputs, dtype=torch.float64)
+    opts = dict(loss=loss, reduction=reduction, sample_weights=w, precision="float64",
+                hidden_activation="tanh", **PER_SAMPLE_OUTPUTS)  # fmt: skip
+    whole = client.compute(params, x, y, **opts)
+    streamed = client.compute(params, x, y, micro_batch_samples=micro, **opts)
+    np.testing.assert_allclose(streamed.loss, whole.loss, rtol=1e-12)
+    for name in PER_SAMPLE_RESULTS:
+        assert streamed.tensors[name].shape == whole.tensors[name].shape, name
+        np.testing.assert_allclose(streamed.tensors[name], whole.tensors[name], rtol=1e-10,
+                                   atol=1e-15, err_msg=name)  # fmt: skip
+    for name, g in whole.gradients.items():
+        np.testing.assert_allclose(streamed.gradients[name], g, rtol=1e-10, atol=1e-14)
+
+
+def test_streamed_per_sample_outputs_with_dp_sgd_on_the_triton_engine(client):
+    """The per-sample gradient norms DP-SGD clips by, from the fused kernel, micro-batch by
+    micro-batch (float32: each model's result compared by relative L2 error)."""
+    params, x, y, w = per_model_job(3, 300, "bce_with_logits", shared_inputs=False)
+    opts = dict(loss="bce_with_logits", sample_weights=w, backend="triton", clip_norm=0.05,
+                noise_multiplier=0.5, noise_seed=3, **PER_SAMPLE_OUTPUTS)  # fmt: skip
+    whole = client.compute(params, x, y, **opts)
+    streamed = client.compute(params, x, y, micro_batch_samples=64, **opts)
+    assert streamed.engine == "triton"
+    for name in PER_SAMPLE_RESULTS:
+        for k in range(3):
+            want = whole.tensors[name][k]
+            err = np.linalg.norm(streamed.tensors[name][k] - want) / np.linalg.norm(want)
+            assert err < 1e-5, (name, k, err)
+
+
+def test_streamed_job_refuses_several_optimizer_steps(client):
     params, x, y, _ = shared_job(3, 50, weights=False)
-    for option in ("per_sample_losses", "input_gradients"):
-        with pytest.raises(GradserveError) as err:
-            client.compute(params, x, y, micro_batch_samples=10, **{option: True})
-        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert f"outputs.{option}" in [f for f, _ in err.value.violations]
     # one optimiser step per streamed job (tests/server/test_training.py): each further one
     # would need every sample again
     with pytest.raises(GradserveError) as err:
@@ -433,15 +472,15 @@ def test_micro_batch_sums_keep_their_digits_however_many():
     weights = torch.randn(parts, 2, 4, 3, generator=g) + 0.5
     biases = torch.randn(parts, 2, 4, generator=g) - 0.3
     losses = torch.rand(parts, 2, generator=g)
-    total = None
-    for k in range(parts):
-        part = EnsembleResult(loss=losses[k].clone(), weight_grads=[weights[k].clone()],
-                              bias_grads=[biases[k].clone()])  # fmt: skip
-        total = streaming.accumulate(total, part)
     count = 16 * parts
     plan = SimpleNamespace(loss=SimpleNamespace(name="mse", reduction="mean"), num_samples=count,
                            mlp=SimpleNamespace(layer_sizes=(3, 4, 1)), precision="float32",
                            privacy=None)  # fmt: skip
+    total = None
+    for k in range(parts):
+        part = EnsembleResult(loss=losses[k].clone(), weight_grads=[weights[k].clone()],
+                              bias_grads=[biases[k].clone()])  # fmt: skip
+        total = streaming.accumulate(total, part, 16 * k, plan)
     result = streaming.scale(total, plan, "cpu")
     for got, exact in ((result.loss, losses.double().sum(0) / count),
                        (result.weight_grads[0], weights.double().sum(0) / count),
