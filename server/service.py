@@ -32,7 +32,7 @@ from gradserve.server.errors import (
 )
 from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
 from gradserve.server.metrics import Metrics
-from gradserve.server.streaming import PER_SAMPLE, SampleStream, accumulate, finish
+from gradserve.server.streaming import PER_SAMPLE_RESULTS, SampleStream, accumulate, finish
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
@@ -437,8 +437,11 @@ class GradientService(pb_grpc.GradientServiceServicer):
         stream = SampleStream(plan)
         total, inflight, queued, computed = None, None, 0.0, 0.0
         # bytes a micro-batch's results add to the totals: its gradients and per-sample rows
-        results = plan.result_descriptors()
-        per_sample = sum(codec.nbytes(d.dtype, d.shape) for d in results if d.name in PER_SAMPLE)
+        per_sample = sum(
+            codec.nbytes(d.dtype, d.shape)
+            for d in plan.result_descriptors()
+            if d.name in PER_SAMPLE_RESULTS.values()
+        )
         added_bytes = sum(plan.tensors[n].nbytes for n in plan.tensors if n.startswith("layers."))
         added_bytes += per_sample * plan.samples_at_once // plan.num_samples
         start = 0  # first sample of the micro-batch in flight

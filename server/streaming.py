@@ -209,10 +209,14 @@ class SampleStream:
         return sum(batch * r * self.lanes[n] for n, r in self.row_bytes.items())
 
 
-# Per-sample results ([M, n, ...] of a micro-batch's n samples), by EnsembleResult field,
-# and by wire name.
-PER_SAMPLE_RESULTS = ("per_sample_loss", "per_sample_grad_norm", "outputs", "input_grads")
-PER_SAMPLE = ("per_sample_loss", "per_sample_grad_norm", "outputs", "inputs.grad")
+# Per-sample results ([M, n, ...] of a micro-batch's n samples): EnsembleResult field ->
+# wire name.
+PER_SAMPLE_RESULTS = {
+    "per_sample_loss": "per_sample_loss",
+    "per_sample_grad_norm": "per_sample_grad_norm",
+    "outputs": "outputs",
+    "input_grads": "inputs.grad",
+}
 
 
 def accumulate(
