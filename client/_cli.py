@@ -210,7 +210,7 @@ def _compute(args) -> int:
         shown = ", ".join(f"{v:.6g}" for v in losses[:8]) + (" ..." if len(losses) > 8 else "")
         print(f"job {result.job_id} on {result.engine}/{result.device}: loss [{shown}]")
         for name, value in result.tensors.items():
-            if name.endswith(".grad") or (result.losses is not None and name != "losses"):
+            if name not in ("loss", "losses"):  # shown above, or step by step
                 print(f"  {name:<24} {list(value.shape)}  norm {np.linalg.norm(value):.6g}")
         t = result.summary
         print(

@@ -78,6 +78,24 @@ def test_cli_flags_override_the_job_file(server, tmp_path):
     assert summary["loss"] != base["loss"]
 
 
+def test_streamed_per_sample_outputs_are_printed_and_written(server, tmp_path):
+    """Every result tensor gets a line of the text output (the per-sample ones had none),
+    and a streamed job's per-sample results are the one-shot job's."""
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    flags = ("--per-sample-losses", "--forward-outputs", "--per-sample-gradient-norms")
+    written = {}
+    for name, more in (("whole", ()), ("streamed", ("--micro-batch-samples", "50"))):
+        out = str(tmp_path / f"{name}.safetensors")
+        printed = cli("--address", server.address, "compute", job, out, *flags, *more).stdout
+        for tensor in ("per_sample_loss", "outputs", "per_sample_grad_norm", "layers.0.bias.grad"):
+            assert f"  {tensor} " in printed, (tensor, printed)
+        written[name] = safetensors.numpy.load_file(out)
+    for tensor in ("per_sample_loss", "outputs", "per_sample_grad_norm"):
+        np.testing.assert_allclose(written["streamed"][tensor], written["whole"][tensor],
+                                   rtol=1e-5, atol=1e-7)  # fmt: skip
+
+
 def test_dp_flags_clip_and_seed_the_noise(server, tmp_path):
     cli("example", str(tmp_path))
     job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
