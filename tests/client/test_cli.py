@@ -133,6 +133,29 @@ def test_training_flags_print_each_step_and_write_parameters(server, tmp_path):
     assert (results["losses"][-1] < results["losses"][0]).mean() > 0.9  # it trains
 
 
+def test_streamed_training_takes_a_step_a_run_continued_by_parameters_from(server, tmp_path):
+    """Two streamed runs (--micro-batch-samples), the second from the first's results, are
+    the two steps of one job: equal up to float32 sums in another grouping."""
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    adam = ["--address", server.address, "compute", job]
+    train = ["--optimizer", "adam", "--learning-rate", "0.01", "--return-optimizer-state"]
+    first, second, whole = (str(tmp_path / f"{n}.safetensors") for n in ("a", "b", "whole"))
+    streamed = ["--micro-batch-samples", "50"]
+    cli(*adam, first, *train, *streamed)
+    printed = cli(*adam, second, *train, *streamed, "--parameters-from", first).stdout
+    assert printed.splitlines()[0].startswith("step 1:")
+    cli(*adam, whole, *train, "--steps", "2")
+    continued, straight = safetensors.numpy.load_file(second), safetensors.numpy.load_file(whole)
+    assert set(continued) == set(straight)
+    np.testing.assert_allclose(continued["losses"][0], straight["losses"][1], rtol=1e-5)
+    for name, want in straight.items():  # parameters and Adam's state, by relative L2 error
+        if name != "losses":
+            error = np.linalg.norm(continued[name] - want) / np.linalg.norm(want)
+            assert error < 1e-5, (name, error)
+    assert results_summary(second)["trained_steps"] == 2
+
+
 def test_parameters_from_continues_training_where_it_ended(server, tmp_path):
     cli("example", str(tmp_path))
     job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
