@@ -27,7 +27,17 @@ def sample_loss(loss: str, y, t, w, count):
     return value * w / count
 
 
-def per_sample_gradients(tensors, sizes, hidden, loss, reduction) -> dict[str, torch.Tensor]:
+def per_sample_gradients(
+    tensors,
+    sizes,
+    hidden,
+    loss,
+    reduction,
+    *,
+    output="identity",
+    negative_slope=0.01,
+    output_slope=None,
+) -> dict[str, torch.Tensor]:
     """ "layers.{i}.weight" / "layers.{i}.bias" -> [M, N, ...]: each sample's gradient of its
     contribution to its model's loss (per-model inputs, targets and sample weights)."""
     m, n = tensors["layers.0.weight"].shape[0], tensors["inputs"].shape[-2]
@@ -41,7 +51,11 @@ def per_sample_gradients(tensors, sizes, hidden, loss, reduction) -> dict[str, t
         mods = []
         for i in range(layers):
             mods.append(nn.Linear(sizes[i], sizes[i + 1], bias=len(kinds[i]) == 2).double())
-            mods.append(activation_module(hidden if i < layers - 1 else "identity"))
+            if i < layers - 1:
+                mods.append(activation_module(hidden, negative_slope))
+            else:
+                slope = negative_slope if output_slope is None else output_slope
+                mods.append(activation_module(output, slope))
         net = nn.Sequential(*mods)
         params = {
             f"{2 * i}.{kind}": tensors[f"layers.{i}.{kind}"][k].double()

@@ -3,8 +3,9 @@
 Each seed draws a whole job as a user might send it: odd widths, M, N, activations with
 their own leaky_relu slopes, loss, reduction, each of inputs, targets and sample weights
 shared or per model, numpy or torch, float64 parameters, int32 class indices, an engine,
-a gradient dtype, per-sample outputs, and streaming in micro-batches. What
-one-option-at-a-time tests miss is where the options meet.
+a gradient dtype, per-sample outputs (gradient norms against torch.func's per-sample
+gradients), and streaming in micro-batches. What one-option-at-a-time tests miss is where
+the options meet.
 """
 
 import random
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from gradserve import kernels
+from tests import per_sample
 from tests.jobs import random_job
 from tests.oracle import assert_close_per_model, oracle
 
@@ -47,6 +49,7 @@ def draw(seed: int):
         input_gradients=r.random() < 0.4,
         per_sample_losses=r.random() < 0.4,
         forward_outputs=r.random() < 0.4,
+        per_sample_gradient_norms=r.random() < 0.4,
     )
     arguments = dict(
         model=params,
@@ -87,3 +90,17 @@ def test_random_jobs_through_the_server_match_the_oracle(client, seed):
         close("per_sample_loss", result.per_sample_loss, ref.per_sample_loss)
     if arguments.get("forward_outputs"):
         close("outputs", result.outputs, ref.outputs)
+    if arguments.get("per_sample_gradient_norms"):
+        # the per-sample reference takes every sample tensor per model ([M, N, ...])
+        m = tensors["layers.0.weight"].shape[0]
+        shared = {"inputs": 2, "sample_weights": 1,
+                  "targets": 1 if options["loss"] == "cross_entropy" else 2}  # fmt: skip
+        per_model = {k: v.expand(m, *v.shape) if shared.get(k) == v.dim() else v
+                     for k, v in tensors.items()}  # fmt: skip
+        grads = per_sample.per_sample_gradients(
+            per_model, sizes, options["hidden"], options["loss"], options["reduction"],
+            output=options["output"], negative_slope=options["negative_slope"],
+            output_slope=options["output_slope"],
+        )  # fmt: skip
+        close("per_sample_grad_norm", result.tensors["per_sample_grad_norm"],
+              per_sample.norms(grads))  # fmt: skip
