@@ -3,9 +3,9 @@
 Each seed draws a whole job as a user might send it: odd widths, M, N, activations with
 their own leaky_relu slopes, loss, reduction, each of inputs, targets and sample weights
 shared or per model, numpy or torch, float64 parameters, int32 class indices, an engine,
-a gradient dtype, per-sample outputs (gradient norms against torch.func's per-sample
-gradients), and streaming in micro-batches. What one-option-at-a-time tests miss is where
-the options meet.
+a gradient dtype, per-sample outputs and DP-SGD clipping (gradient norms and clipped sums
+against torch.func's per-sample gradients), and streaming in micro-batches. What
+one-option-at-a-time tests miss is where the options meet.
 """
 
 import random
@@ -69,21 +69,48 @@ def draw(seed: int):
         hidden=hidden, output=output, negative_slope=hidden_slope, output_slope=output_slope,
         loss=loss, reduction=reduction, sample_weights=tensors.get("sample_weights"),
     )  # fmt: skip
-    return sizes, tensors, arguments, options
+    clipped = r.random() < 0.25  # DP-SGD clipping (without noise, to compare)
+    return sizes, tensors, arguments, options, clipped
+
+
+def per_sample_reference(sizes, tensors, options) -> dict[str, torch.Tensor]:
+    """Each sample's gradients by torch.func in float64, every sample tensor per model."""
+    m = tensors["layers.0.weight"].shape[0]
+    shared = {"inputs": 2, "sample_weights": 1,
+              "targets": 1 if options["loss"] == "cross_entropy" else 2}  # fmt: skip
+    per_model = {k: v.expand(m, *v.shape) if shared.get(k) == v.dim() else v
+                 for k, v in tensors.items()}  # fmt: skip
+    return per_sample.per_sample_gradients(
+        per_model, sizes, options["hidden"], options["loss"], options["reduction"],
+        output=options["output"], negative_slope=options["negative_slope"],
+        output_slope=options["output_slope"],
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("seed", range(48))
 def test_random_jobs_through_the_server_match_the_oracle(client, seed):
-    sizes, tensors, arguments, options = draw(seed)
-    result = client.compute(**arguments)
+    sizes, tensors, arguments, options, clipped = draw(seed)
     ref = oracle(sizes, tensors, tensors["inputs"], tensors["targets"], **options)
+    want = {name[: -len(".grad")]: g for name, g in ref.grads.items()}
+    samples = None
+    if clipped or arguments.get("per_sample_gradient_norms"):
+        samples = per_sample_reference(sizes, tensors, options)
+    if clipped:
+        # each sample's own-loss gradient (its contribution times N under a mean) clipped
+        # at the median norm, so that about half are
+        own = tensors["inputs"].shape[-2] if options["reduction"] == "mean" else 1
+        clip = max(float((per_sample.norms(samples) * own).median()), 1e-6)
+        arguments["clip_norm"] = clip
+        want = per_sample.clipped_sums(samples, clip, own)
+    result = client.compute(**arguments)
 
     def close(name, got, expected):
         assert_close_per_model(name, torch.as_tensor(np.asarray(got)), expected, "float32")
 
     close("loss", result.loss, ref.loss)
+    assert sorted(result.gradients) == sorted(want)
     for name, grad in result.gradients.items():
-        close(name, grad, ref.grads[f"{name}.grad"])
+        close(name, grad, want[name])
     if arguments.get("input_gradients"):
         close("inputs.grad", result.input_gradients, ref.input_grads)
     if arguments.get("per_sample_losses"):
@@ -91,16 +118,5 @@ def test_random_jobs_through_the_server_match_the_oracle(client, seed):
     if arguments.get("forward_outputs"):
         close("outputs", result.outputs, ref.outputs)
     if arguments.get("per_sample_gradient_norms"):
-        # the per-sample reference takes every sample tensor per model ([M, N, ...])
-        m = tensors["layers.0.weight"].shape[0]
-        shared = {"inputs": 2, "sample_weights": 1,
-                  "targets": 1 if options["loss"] == "cross_entropy" else 2}  # fmt: skip
-        per_model = {k: v.expand(m, *v.shape) if shared.get(k) == v.dim() else v
-                     for k, v in tensors.items()}  # fmt: skip
-        grads = per_sample.per_sample_gradients(
-            per_model, sizes, options["hidden"], options["loss"], options["reduction"],
-            output=options["output"], negative_slope=options["negative_slope"],
-            output_slope=options["output_slope"],
-        )  # fmt: skip
         close("per_sample_grad_norm", result.tensors["per_sample_grad_norm"],
-              per_sample.norms(grads))  # fmt: skip
+              per_sample.norms(samples))  # fmt: skip
