@@ -262,10 +262,10 @@ def finish(total: EnsembleResult, plan: JobPlan, tensors: dict[str, torch.Tensor
     result = scale(total, plan, device)
     if plan.optimizer is None:
         return result
-    dtype = torch.float64 if plan.precision == "float64" else torch.float32
     weights, biases = parameters(plan, tensors)
     steps = optimizers.Steps(plan.optimizer, plan.mlp.num_layers, weights, biases,
-                             optimizer_state(plan, tensors), dtype, device)  # fmt: skip
+                             optimizer_state(plan, tensors), result.loss.dtype,
+                             device)  # fmt: skip
     steps.take(0, result)
     stepped = steps.result()
     stepped.engine = result.engine
