@@ -14,8 +14,9 @@ import numpy as np
 from gradserve.client._client import GradientClient
 from gradserve.client._errors import GradserveError
 from gradserve.client._examples import ensemble_network, notebook_network
-from gradserve.client._job import JobOptions, is_optimizer_state, is_parameter
+from gradserve.client._job import JobOptions, build_job, is_optimizer_state, is_parameter
 from gradserve.client._jobfile import SUMMARY_KEY, load_job, save_job, save_results, strict_json
+from gradserve.client._models import normalize
 from gradserve.client._progress import ProgressBar
 from gradserve.v1 import gradserve_pb2 as pb
 
@@ -178,17 +179,15 @@ def _compute(args) -> int:
         options["on_progress"] = ProgressBar(
             sys.stderr, min_bytes=0 if args.progress else PROGRESS_MIN_BYTES
         )
+    try:  # the client's own checks of the file's values; only these name the job file
+        wire_job = build_job(
+            normalize(params), tensors["inputs"], tensors["targets"],
+            tensors.get("sample_weights"), JobOptions(**options),
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{args.job}: {e}") from None
     with connect(args) as client:
-        try:
-            result = client.compute(
-                params,
-                tensors["inputs"],
-                tensors["targets"],
-                sample_weights=tensors.get("sample_weights"),
-                **options,
-            )
-        except TypeError as e:  # the client's refusal of the file's values, before sending
-            raise ValueError(f"{args.job}: {e}") from None
+        result = client._run(wire_job, None)  # what compute() does once it has built the job
     summary = {
         "job_id": result.job_id,
         "engine": result.engine,

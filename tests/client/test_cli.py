@@ -684,16 +684,19 @@ def test_job_file_options_of_the_wrong_type_are_named(tmp_path, job):
         # of the right JSON type, but of a form the client refuses before sending
         ({"hidden_activation": ["leaky_relu", "x"]}, {}, "an activation is a name or"),
         ({"optimizer": "adam", "learning_rate": 0.1, "betas": [0.9]}, {}, "betas must be a pair"),
+        ({"reduction": "avg"}, {}, "unknown reduction 'avg'"),
         ({}, {"layers.0.bias": np.ones((1, 1), np.int32)}, "layers.0.bias: dtype int32"),
     ],
 )
 def test_job_file_parts_the_job_would_drop_are_refused(tmp_path, job, extra, message):
     """A misspelt key or tensor, or layer sizes the weights contradict, would be left out of
-    the job that runs: refused before any connection (the address leads nowhere)."""
+    the job that runs: refused before any connection (the address leads nowhere), naming
+    the file."""
     path = tiny_job_file(tmp_path, job, extra)
     out = cli("--address", "127.0.0.1:1", "compute", str(path), check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert re.search(message, out.stderr), out.stderr
+    assert str(path) in out.stderr
     assert "UNAVAILABLE" not in out.stderr
 
 
