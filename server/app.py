@@ -70,6 +70,13 @@ async def serve(config: ServerConfig) -> None:
             ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", 2**31 - 1),  # gRPC's "unlimited"
         ]
+    if config.stream_window_bytes:
+        # A fixed window: without BDP probing gRPC keeps each stream's window at the
+        # lookahead (probing widens it whenever pings come back slower than data flows).
+        options += [
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", config.stream_window_bytes),
+        ]
     server = grpc.aio.server(
         interceptors=[BearerTokenAuth(token)] if token else None, options=options
     )

@@ -56,6 +56,11 @@ class ServerConfig:
     # Close client connections after this many seconds (0: never), so that clients using
     # DNS round-robin (a Kubernetes headless Service) re-resolve and find new replicas.
     max_connection_age_s: float = 0.0
+    # Bytes of a job's request stream gRPC may receive ahead of what the server has read
+    # (0: gRPC's adaptive window, sized from the round trips it times, which on a loaded
+    # host grew to tens of MiB per stream). A fixed window bounds that memory per job, and
+    # caps one job's upload rate at about the window per network round trip.
+    stream_window_bytes: int = 0
     # After SIGTERM/SIGINT: seconds admitted jobs get to finish before the server stops.
     drain_grace_s: float = 30.0
     # Prometheus metrics over HTTP on this port (0: a free port, -1: off).
@@ -113,6 +118,8 @@ HELP = {
     "heartbeat_s": "send an empty response after this many silent seconds of a waiting or "
     "computing job, for proxies' read timeouts (0: never)",
     "max_connection_age_s": "close client connections after this many seconds (0: never)",
+    "stream_window_bytes": "bytes of a job's request stream gRPC may receive ahead of the "
+    "server's reads (0: gRPC's adaptive window; else a fixed one, at least 65536)",
     "drain_grace_s": "after SIGTERM, seconds admitted jobs get to finish",
     "metrics_port": "Prometheus metrics HTTP port (0: a free port, -1: off)",
     "tls_cert": "TLS certificate chain (PEM); enables TLS with --tls-key",
@@ -142,12 +149,15 @@ AT_LEAST = {
     "metrics_port": -1,
     "batch_max_delay_ms": 0,
     "max_connection_age_s": 0,
+    "stream_window_bytes": 0,
     "drain_grace_s": 0,
     "heartbeat_s": 0,
     "reuse_buffer_bytes": 0,
     "max_kernel_cache_bytes": 0,
 }
 MAX_PORT = 65535
+# HTTP/2's default window and its largest.
+MIN_STREAM_WINDOW, MAX_STREAM_WINDOW = 65535, 2**31 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -168,6 +178,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"--{name.replace('_', '-')} must be at most {MAX_PORT}")
     if not args.host.strip():  # gRPC would take ":PORT" and fail to bind, naming no flag
         parser.error("--host must name an address to bind (0.0.0.0 or :: for all)")
+    window = args.stream_window_bytes
+    if window and not MIN_STREAM_WINDOW <= window <= MAX_STREAM_WINDOW:
+        parser.error(f"--stream-window-bytes must be 0 (gRPC's adaptive window) or from "
+                     f"{MIN_STREAM_WINDOW} to {MAX_STREAM_WINDOW}, got {window}")  # fmt: skip
     if args.chunk_bytes > args.max_chunk_bytes:
         parser.error("--chunk-bytes must not exceed --max-chunk-bytes")
     if not DEVICE.match(args.device):

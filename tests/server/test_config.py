@@ -1,5 +1,7 @@
 """Server configuration: flags, GRADSERVE_* variables, defaults."""
 
+from dataclasses import fields
+
 import pytest
 
 from gradserve.server.config import ServerConfig, env_name, parse_config
@@ -45,6 +47,9 @@ def test_chunk_size_above_the_accepted_maximum_is_refused():
         ["--drain-grace-s", "inf"],
         ["--max-compiled-kernels", "0"],
         ["--max-kernel-cache-bytes", "-1"],
+        ["--stream-window-bytes", "-1"],
+        ["--stream-window-bytes", "1024"],  # below HTTP/2's default window: a slow upload
+        ["--stream-window-bytes", str(2**31)],  # beyond HTTP/2's largest window
         ["--device", "foo"],
         ["--device", "cuda:x"],
         ["--log-level", "LOUD"],
@@ -76,6 +81,9 @@ def test_a_malformed_environment_variable_is_refused_by_name(capsys):
         ["--batch-max-delay-ms", "0"],
         ["--reuse-buffer-bytes", "0"],
         ["--max-connection-age-s", "0"],
+        ["--stream-window-bytes", "0"],
+        ["--stream-window-bytes", "65535"],
+        ["--stream-window-bytes", str(2**31 - 1)],
         ["--device", "cuda:1"],
         ["--log-level", "debug"],
         ["--float32-matmul", "tf32x3"],
@@ -93,3 +101,13 @@ def test_gluon_float32_matmul_needs_triton_with_gluon(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse_config([], environ={"GRADSERVE_FLOAT32_MATMUL": "gluon"})
     assert "--float32-matmul gluon needs Triton with Gluon" in capsys.readouterr().err
+
+
+def test_every_option_is_in_the_readmes_flag_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `--")]
+    for f in fields(ServerConfig):
+        flag = "`--" + f.name.replace("_", "-") + "`"
+        assert any(row.split(" | ")[0].count(flag) for row in rows), f"{flag} is not in the table"
