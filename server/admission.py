@@ -75,7 +75,8 @@ class Admission:
         # Only the event loop thread touches the counters, so no lock is needed.
         if nbytes > self.max_inflight_bytes:  # would not fit even into an idle server
             raise too_large(
-                f"job holds {nbytes} bytes (payload and results), more than the server's "
+                f"job holds {nbytes} bytes (payload and results; a streamed job's stream "
+                "window too), more than the server's "
                 f"limit on bytes in flight, {self.max_inflight_bytes}"
             )
         if self.inflight_jobs >= self.max_queued_jobs:

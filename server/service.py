@@ -325,7 +325,12 @@ class GradientService(pb_grpc.GradientServiceServicer):
         descriptors = plan.result_descriptors()
         result_bytes = sum(codec.nbytes(d.dtype, d.shape) for d in descriptors)
 
-        with self.admission.reserve(plan.held_bytes + result_bytes), self.batcher.holding():
+        # A streamed job stops reading two micro-batches ahead of its compute, and then a
+        # fixed stream window's worth of its bytes wait in gRPC on top of those it holds (a
+        # one-shot job is read as it arrives, its waiting bytes part of the payload counted).
+        read_ahead = self.config.stream_window_bytes if plan.micro_batch_samples else 0
+        held = plan.held_bytes + result_bytes + read_ahead
+        with self.admission.reserve(held), self.batcher.holding():
             accepted = pb.ComputeResponse(
                 accepted=pb.JobAccepted(
                     job_id=job_id, engine=engine, device=str(self.device), results=descriptors

@@ -12,10 +12,13 @@ import time
 
 import grpc
 import numpy as np
+import pytest
+import torch
 
 from gradserve.client import GradientClient
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import wire
+from tests.oracle import oracle
 from tests.servers import run_server
 
 SIZES = (8, 16, 1)
@@ -116,3 +119,35 @@ def test_a_fixed_stream_window_bounds_how_far_an_upload_runs_ahead():
     small, large = upload_lead(65536), upload_lead(16 * MiB)
     assert small < 4 * MICRO_BATCH * 36 + 1 * MiB, small
     assert large > 16 * MiB, large
+
+
+def test_a_streamed_jobs_fixed_window_counts_against_the_bytes_in_flight():
+    """A streamed job holds its parameters, about three micro-batches and its results, and
+    with a fixed window as many bytes more may wait in gRPC: admission counts them."""
+    from gradserve.client import GradserveError
+
+    header, tensors = streamed_job(100_000)
+    params = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    x, y = tensors["inputs"], tensors["targets"]
+    # held: 3 micro-batches of 36-byte samples and the parameters; results: the loss and
+    # the gradients
+    param_bytes = sum(p.nbytes for p in params.values())
+    held = 3 * MICRO_BATCH * 36 + param_bytes + (4 + param_bytes)
+    window = 1 * MiB
+    limit = held + window // 2
+    flags = ("--stream-window-bytes", str(window), "--max-inflight-bytes", str(limit))
+    with run_server(*flags) as server, GradientClient(server.address, timeout=60) as client:
+        with pytest.raises(GradserveError) as refused:
+            client.compute(params, x, y, micro_batch_samples=MICRO_BATCH)
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"job holds {held + window} bytes" in str(refused.value)
+        # a job the limit allows, window and all, runs on the same server
+        quarter = MICRO_BATCH // 4  # holds 3/4 of three micro-batches less: 663552 bytes
+        result = client.compute(params, x, y, micro_batch_samples=quarter)
+    wide = {k: torch.from_numpy(v).double() for k, v in params.items()}
+    x64, y64 = torch.from_numpy(x).double(), torch.from_numpy(y).double()
+    ref = oracle(SIZES, wide, x64.expand(1, *x64.shape), y64)
+    np.testing.assert_allclose(result.loss, ref.loss.numpy(), rtol=1e-5)
+    for name, g in ref.grads.items():
+        got = result.gradients[name.removesuffix(".grad")]
+        np.testing.assert_allclose(got, g.numpy(), rtol=1e-4, atol=1e-6)  # float32 sums
