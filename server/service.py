@@ -209,6 +209,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 max_optimizer_steps=c.max_optimizer_steps,
                 max_work_bytes=c.max_work_bytes,
                 upload_idle_timeout_seconds=c.upload_idle_timeout_s,
+                stream_window_bytes=c.stream_window_bytes,
             ),
             batching=pb.BatchingPolicy(
                 max_delay_seconds=policy.max_delay_s,
