@@ -64,9 +64,9 @@ def request_messages(header: pb.JobHeader, tensors: dict[str, np.ndarray], sent:
 
 
 def busy_engine_job(client: GradientClient, done: threading.Event) -> None:
-    """One job of about 2e11 FLOPs (seconds on a CPU): the engine's only thread is busy."""
+    """One job of about 3e11 FLOPs (seconds on a CPU): the engine's only thread is busy."""
     rng = np.random.default_rng(1)
-    sizes, n = (256, 2048, 2048, 1), 8000
+    sizes, n = (256, 2048, 2048, 1), 12_000
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         params[f"layers.{i}.weight"] = (rng.standard_normal((1, b, a)) / a**0.5).astype("f4")
@@ -96,9 +96,9 @@ def upload_lead(window: int) -> int:
                 call = channel.stream_stream(wire.COMPUTE_METHOD)(
                     request_messages(header, tensors, sent), timeout=120
                 )
-                # the lead once it has stopped growing for half a second
+                # the lead once it has stopped growing for a second
                 last, still_since = 0, time.monotonic()
-                while not last or time.monotonic() - still_since < 0.5:
+                while not last or time.monotonic() - still_since < 1.0:
                     time.sleep(0.05)
                     if sent[0] != last:
                         last, still_since = sent[0], time.monotonic()
