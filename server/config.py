@@ -119,7 +119,7 @@ HELP = {
     "computing job, for proxies' read timeouts (0: never)",
     "max_connection_age_s": "close client connections after this many seconds (0: never)",
     "stream_window_bytes": "bytes of a job's request stream gRPC may receive ahead of the "
-    "server's reads (0: gRPC's adaptive window; else a fixed one, at least 65536)",
+    "server's reads (0: gRPC's adaptive window; else a fixed one, at least 65535)",
     "drain_grace_s": "after SIGTERM, seconds admitted jobs get to finish",
     "metrics_port": "Prometheus metrics HTTP port (0: a free port, -1: off)",
     "tls_cert": "TLS certificate chain (PEM); enables TLS with --tls-key",
