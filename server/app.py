@@ -106,13 +106,14 @@ async def serve(config: ServerConfig) -> None:
     await server.start()
     await health.set_serving(True)
     log.info(
-        "serving on %s device=%s engines=%s tls=%s auth=%s float32_matmul=%s",
+        "serving on %s device=%s engines=%s tls=%s auth=%s float32_matmul=%s stream_window=%s",
         host_port(config.host, port),
         device,
         ", ".join(kernels.engine_library(name) for name in kernels.available_engines(device)),
         credentials is not None,
         "token" if token else "none",
         config.float32_matmul,
+        config.stream_window_bytes or "adaptive",
     )
     if device.type == "cuda" and not triton_engine.available():
         log.warning("the triton engine is off (%s): the torch engine runs every job",

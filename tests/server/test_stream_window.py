@@ -138,6 +138,7 @@ def test_a_streamed_jobs_fixed_window_counts_against_the_bytes_in_flight():
     flags = ("--stream-window-bytes", str(window), "--max-inflight-bytes", str(limit))
     with run_server(*flags) as server, GradientClient(server.address, timeout=60) as client:
         assert client.server_info().limits.stream_window_bytes == window
+        assert f"stream_window={window}" in "".join(server.log)  # the start's log line says so
         with pytest.raises(GradserveError) as refused:
             client.compute(params, x, y, micro_batch_samples=MICRO_BATCH)
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
