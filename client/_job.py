@@ -32,6 +32,9 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import wire
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+# Results with a row per sample ([M, N, ...]): a streamed job's come micro-batch by
+# micro-batch, each model's rows a run of their own.
+PER_SAMPLE_RESULTS = ("per_sample_loss", "per_sample_grad_norm", "outputs", "inputs.grad")
 
 ACTIVATIONS = {
     "identity": pb.ACTIVATION_KIND_IDENTITY,
@@ -558,11 +561,15 @@ class ResultAssembler:
         self.accepted: pb.JobAccepted | None = None
         self.descriptors: dict[str, pb.TensorDescriptor] = {}
         self.buffers: dict[str, np.ndarray] = {}  # uint8, filled chunk by chunk
-        self.received: dict[str, int] = {}
+        # bytes received of each run of a tensor: one run, or a streamed job's per-sample
+        # result's M runs (each model's rows, sent micro-batch by micro-batch)
+        self.received: dict[str, list[int]] = {}
+        self.run_bytes: dict[str, int] = {}
         self.summary: pb.JobSummary | None = None
         self.steps_reported = 0
         self.untouched: list[np.ndarray] = []  # large result buffers not yet paged in
         self.result_bytes = self.received_bytes = 0
+        self.streams_rows = False  # a streamed job's per-sample rows come during its upload
 
     def _protocol_error(self, message: str) -> GradserveError:
         return GradserveError(grpc.StatusCode.INTERNAL, f"malformed response stream: {message}")
@@ -576,25 +583,45 @@ class ResultAssembler:
                     size *= dim
                 self.descriptors[d.name] = d
                 self.buffers[d.name] = np.empty(size, dtype=np.uint8)  # no zero-fill
-                self.received[d.name] = 0
+                runs = d.shape[0] if self._sent_by_micro_batch(d.name) and size else 1
+                self.received[d.name] = [0] * runs
+                self.run_bytes[d.name] = size // runs
             self.result_bytes = sum(b.nbytes for b in self.buffers.values())
-            if not response.chunks:  # the server is still receiving the upload
+            # The server is still receiving the upload: page in the large buffers once it is
+            # sent. Not while a streamed job's per-sample rows come during the upload: the
+            # client must read them as they come (the server stops reading while its writes
+            # wait), and they fill their buffers then.
+            self.streams_rows = any(self._sent_by_micro_batch(name) for name in self.received)
+            if not response.chunks and not self.streams_rows:
                 self.untouched = [b for b in self.buffers.values() if b.nbytes >= PREFAULT_BYTES]
         for c in response.chunks:
-            if c.name not in self.buffers or c.offset != self.received[c.name]:
+            if c.name not in self.buffers:
+                raise self._protocol_error(f"unexpected chunk {c.name!r} at {c.offset}")
+            run_bytes, received = self.run_bytes[c.name], self.received[c.name]
+            run = min(max(c.offset, 0) // max(run_bytes, 1), len(received) - 1)
+            if c.offset != run * run_bytes + received[run]:
                 raise self._protocol_error(f"unexpected chunk {c.name!r} at {c.offset}")
             end = c.offset + len(c.data)
-            if end > len(self.buffers[c.name]):
+            if end > (run + 1) * run_bytes:
                 raise self._protocol_error(f"chunk of {c.name!r} past its end")
             memoryview(self.buffers[c.name])[c.offset : end] = c.data
-            self.received[c.name] = end
+            received[run] += len(c.data)
             self.received_bytes += len(c.data)
             if c.name == "losses" and self.job.on_step is not None:
                 self._report_steps()
-        if response.chunks and self.job.on_progress is not None:
+        # (the per-sample rows that come during a streamed job's upload are not reported:
+        # the upload's progress is, and the download's once the rest comes)
+        rows_only = self.streams_rows and all(
+            self._sent_by_micro_batch(c.name) for c in response.chunks
+        )
+        if response.chunks and self.job.on_progress is not None and not rows_only:
             self.job.on_progress("download", self.received_bytes, self.result_bytes)
         if response.HasField("summary"):
             self.summary = response.summary
+
+    def _sent_by_micro_batch(self, name: str) -> bool:
+        """A streamed job's per-sample result: its M models' rows come as M runs."""
+        return bool(self.job.header.micro_batch_samples) and name in PER_SAMPLE_RESULTS
 
     def prefault(self) -> None:
         """Page in the large result buffers before their chunks arrive, instead of faulting
@@ -615,7 +642,7 @@ class ResultAssembler:
         d = self.descriptors["losses"]
         models = d.shape[1]
         row = models * NUMPY_DTYPES[d.dtype].itemsize
-        while (self.steps_reported + 1) * row <= self.received["losses"]:
+        while (self.steps_reported + 1) * row <= self.received["losses"][0]:
             k = self.steps_reported
             if k >= self.job.steps_handed:
                 raw = self.buffers["losses"][k * row : (k + 1) * row]
@@ -628,7 +655,7 @@ class ResultAssembler:
     def result(self) -> ComputeResult:
         if self.accepted is None or self.summary is None:
             raise self._protocol_error("the stream ended before the job summary")
-        short = [n for n, b in self.buffers.items() if self.received[n] != len(b)]
+        short = [n for n, b in self.buffers.items() if sum(self.received[n]) != len(b)]
         if short:
             raise self._protocol_error(f"incomplete result tensors {short}")
         as_torch = self.job.as_torch

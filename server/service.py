@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
+from grpc._cython.cygrpc import ExecuteBatchError as StreamOperationFailed
 
 import gradserve
 from gradserve import kernels
@@ -32,11 +33,12 @@ from gradserve.server.errors import (
 )
 from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
 from gradserve.server.metrics import Metrics
-from gradserve.server.streaming import PER_SAMPLE_RESULTS, SampleStream, accumulate, finish
+from gradserve.server.streaming import SampleStream, accumulate, finish, per_sample_rows
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
     MIN_UPLOAD_CHUNK_BYTES,
+    PER_SAMPLE_RESULTS,
     PRECISION_NAMES,
     JobPlan,
     validate_header,
@@ -91,6 +93,20 @@ def result_tensors(plan: JobPlan, result: EnsembleResult) -> dict[str, torch.Ten
     if result.input_grads is not None:
         by_name["inputs.grad"] = result.input_grads
     return by_name
+
+
+def per_sample(plan: JobPlan, d: pb.TensorDescriptor) -> bool:
+    """A streamed job's per-sample result: sent micro-batch by micro-batch, never whole."""
+    return bool(plan.micro_batch_samples) and d.name in PER_SAMPLE_RESULTS.values()
+
+
+def held_result_bytes(plan: JobPlan, d: pb.TensorDescriptor) -> int:
+    """Bytes of a result the server holds at once: all of it, or of a streamed job's
+    per-sample result two micro-batches' rows (the engine's and their wire form)."""
+    nbytes = codec.nbytes(d.dtype, d.shape)
+    if per_sample(plan, d):
+        return 2 * nbytes * plan.samples_at_once // plan.num_samples
+    return nbytes
 
 
 def handlers(service: GradientService) -> grpc.GenericRpcHandler:
@@ -273,6 +289,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 trailers += (("grpc-retry-pushback-ms", str(e.retry_pushback_ms)),)
             await context.abort(e.code, e.message, trailing_metadata=trailers)
         except Exception as e:  # a fault of the server, never of the job's input
+            if isinstance(e, StreamOperationFailed):
+                # The client went away while a write of ours waited for it to read: the write
+                # fails before the call shows as cancelled. No fault, and no one to tell.
+                return
             outcome = "INTERNAL"
             log.exception("job=%s failed inside the server", job_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"server error: {type(e).__name__}")
@@ -324,7 +344,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             tag=plan.client_tag,
         )
         descriptors = plan.result_descriptors()
-        result_bytes = sum(codec.nbytes(d.dtype, d.shape) for d in descriptors)
+        result_bytes = sum(held_result_bytes(plan, d) for d in descriptors)
 
         # A streamed job stops reading two micro-batches ahead of its compute, and then a
         # fixed stream window's worth of its bytes wait in gRPC on top of those it holds (a
@@ -337,11 +357,16 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     job_id=job_id, engine=engine, device=str(self.device), results=descriptors
                 )
             ).SerializeToString()
-            streamed = 0  # result bytes sent while the job ran (losses of optimiser steps)
+            # result bytes sent while the job ran (losses of optimiser steps, a streamed job's
+            # per-sample rows)
+            streamed = 0
             if plan.micro_batch_samples:
                 await context.write(accepted)
                 accepted = b""
-                launched, uploaded = await self._run_streamed(context, idle, plan, engine, first)
+                launched, uploaded, streamed = await self._run_streamed(
+                    context, idle, plan, engine, first
+                )
+                descriptors = [d for d in descriptors if not per_sample(plan, d)]
             else:
                 assembler = PayloadAssembler(plan, pool=self.buffers)
                 plan.check_chunk_count(len(first.chunks))
@@ -438,27 +463,27 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
     async def _run_streamed(self, context, idle: IdleTimer, plan: JobPlan, engine: str, first):
         """A streamed job (server.streaming): each micro-batch launches as soon as its
-        samples are in, while the next one's bytes are read; at most one is in flight.
-        Returns (launched, when the last sample byte arrived)."""
+        samples are in, while the next one's bytes are read; at most one is in flight. Its
+        per-sample results are sent as soon as it is computed. Returns (launched, when the
+        last sample byte arrived, result bytes sent)."""
         stream = SampleStream(plan)
-        total, inflight, queued, computed = None, None, 0.0, 0.0
+        total, inflight, queued, computed, sent = None, None, 0.0, 0.0, 0
+        rows = [d for d in plan.result_descriptors() if per_sample(plan, d)]
         # bytes a micro-batch's results add to the totals: its gradients and per-sample rows
-        per_sample = sum(
-            codec.nbytes(d.dtype, d.shape)
-            for d in plan.result_descriptors()
-            if d.name in PER_SAMPLE_RESULTS.values()
-        )
         added_bytes = sum(plan.tensors[n].nbytes for n in plan.tensors if n.startswith("layers."))
-        added_bytes += per_sample * plan.samples_at_once // plan.num_samples
+        added_bytes += sum(held_result_bytes(plan, d) for d in rows) // 2
         start = 0  # first sample of the micro-batch in flight
 
-        async def settle() -> None:
-            nonlocal total, inflight, queued, computed
-            done = await inflight
+        async def settle(done=None) -> None:
+            nonlocal total, inflight, queued, computed, sent
+            if done is None:
+                done = await inflight
             inflight = None
             queued += done.queue_seconds
             computed += done.compute_seconds
-            total = await self._io(added_bytes, accumulate, total, done.result, start, plan)
+            total = await self._io(added_bytes, accumulate, total, done.result)
+            if rows:
+                sent += await self._send_rows(context, plan, rows, done.result, start)
 
         async def launch_ready() -> None:
             nonlocal inflight, start
@@ -486,15 +511,47 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     raise invalid(
                         f"request stream ended before all tensor bytes arrived: {stream.missing()}"
                     )
-                # the last micro-batch: no request bytes come any more, nor results yet
-                await awaited_with_heartbeats(settle(), context.write, self.config.heartbeat_s)
+                # the last micro-batch: no request bytes come any more, nor results yet (its
+                # rows are sent after the heartbeats stop: one write at a time)
+                done, _ = await awaited_with_heartbeats(
+                    inflight, context.write, self.config.heartbeat_s
+                )
+                await settle(done)
         finally:
             if inflight is not None:
                 inflight.cancel()
         flops = kernels.flops(plan.mlp, plan.num_models, plan.num_samples)
         result = await self.worker.call(finish, total, plan, stream.parameters(), self.device)
         launched = Launched(result, 1, plan.num_models, flops, queued, computed)
-        return launched, uploaded
+        return launched, uploaded, sent
+
+    async def _send_rows(self, context, plan: JobPlan, descriptors, part, start: int) -> int:
+        """Send a micro-batch's per-sample results (its samples from `start` on): of each
+        [M, N, ...] tensor, each model's rows where they go, a chunk per model and up to
+        the chunk size (each model's rows are a run of their own, arriving in order, as
+        in a streamed upload). Returns the bytes sent."""
+        tensors = per_sample_rows(part, plan)
+        budget, n = plan.response_chunk_bytes, plan.num_samples
+        pending, pending_bytes, sent = [], 0, 0
+        for d in descriptors:
+            tensor = tensors.pop(d.name)
+            data = await self._io(tensor.numel() * tensor.element_size(),
+                                  codec.tensor_to_bytes, tensor, d.dtype, d.name)  # fmt: skip
+            run = codec.nbytes(d.dtype, d.shape) // plan.num_models  # a model's N rows
+            count = len(data) // plan.num_models  # a model's rows of this micro-batch
+            for m in range(plan.num_models):
+                first = m * run + start * (run // n)
+                for offset in range(0, count, budget):
+                    piece = data[m * count + offset : m * count + min(offset + budget, count)]
+                    if pending and pending_bytes + len(piece) > budget:
+                        await context.write(b"".join(pending))
+                        pending, pending_bytes = [], 0
+                    pending.append(wire.encode_chunk(d.name, first + offset, piece))
+                    pending_bytes += len(piece)
+            sent += len(data)
+        if pending:
+            await context.write(b"".join(pending))
+        return sent
 
     async def _train(self, context, plan: JobPlan, job, engine: str, prefix: bytes, dtype: int):
         """Run a job's optimiser steps, streaming each step's losses (a row of "losses", of

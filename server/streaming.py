@@ -5,10 +5,11 @@ sample_weights) then arrive interleaved; as soon as every one of them holds the 
 micro-batch's rows, those rows become an engine job of their own (sum reduction) and leave
 the buffers. A sample tensor given per model ([M, N, ...]) is M runs of rows, one per model,
 each arriving in order like a tensor of its own ("lanes"; a shared tensor is one lane). The
-caller runs the micro-batch jobs and adds their losses and gradients in float64
-(accumulate()); finish() then applies the job's reduction, which gives the one-shot result up
-to float rounding, and takes the job's optimiser step, if it has one: one step, as each
-further one would need every sample again.
+caller runs the micro-batch jobs, adds their losses and gradients in float64 (accumulate())
+and sends their per-sample results as they come (per_sample_rows()); finish() then applies
+the job's reduction, which gives the one-shot result up to float rounding, and takes the
+job's optimiser step, if it has one: one step, as each further one would need every sample
+again.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from gradserve.server.assembly import (
     parameters,
 )
 from gradserve.server.errors import invalid
-from gradserve.server.validation import JobPlan
+from gradserve.server.validation import PER_SAMPLE_RESULTS, JobPlan
 
 
 class SampleStream:
@@ -209,45 +210,40 @@ class SampleStream:
         return sum(batch * r * self.lanes[n] for n, r in self.row_bytes.items())
 
 
-# Per-sample results ([M, n, ...] of a micro-batch's n samples): EnsembleResult field ->
-# wire name.
-PER_SAMPLE_RESULTS = {
-    "per_sample_loss": "per_sample_loss",
-    "per_sample_grad_norm": "per_sample_grad_norm",
-    "outputs": "outputs",
-    "input_grads": "inputs.grad",
-}
-
-
-def accumulate(
-    total: EnsembleResult | None, part: EnsembleResult, start: int, plan: JobPlan
-) -> EnsembleResult:
+def accumulate(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleResult:
     """Add a micro-batch's summed loss and gradients into the running total, kept in
     float64 (in place): float32 running sums lose digits with every addition, their error
     growing with the number of micro-batches (as one float32 sum over all samples grows
     with N, kernels/linear_layer.py), and small micro-batches make many. Its per-sample
-    results, from sample `start` on, go into their place in the job's [M, N, ...] ones."""
+    results are not kept: they leave as they are (per_sample_rows())."""
     if total is None:
         total = dataclasses.replace(part, loss=part.loss.double())
         if part.weight_grads is not None:
             total.weight_grads = [g.double() for g in part.weight_grads]
             total.bias_grads = [g.double() for g in part.bias_grads]
         for field in PER_SAMPLE_RESULTS:
-            rows = getattr(part, field)
-            if rows is not None:
-                whole = rows.new_empty((rows.shape[0], plan.num_samples, *rows.shape[2:]))
-                setattr(total, field, whole)
+            setattr(total, field, None)
     else:
         total.loss += part.loss
         if part.weight_grads is not None:
             for t, p in zip(total.weight_grads + total.bias_grads,
                             part.weight_grads + part.bias_grads, strict=True):  # fmt: skip
                 t += p
-    for field in PER_SAMPLE_RESULTS:
-        rows = getattr(part, field)
-        if rows is not None:
-            getattr(total, field)[:, start : start + rows.shape[1]] = rows
     return total
+
+
+def per_sample_rows(part: EnsembleResult, plan: JobPlan) -> dict[str, torch.Tensor]:
+    """A micro-batch's per-sample results ([M, n, ...]) by wire name, final: a sample's
+    gradients are of its contribution to the loss, so reduced as the loss is (its loss and
+    outputs are the same whatever the reduction)."""
+    divisor = _count(plan) if plan.loss.reduction == "mean" else 1
+    rows = {}
+    for field, name in PER_SAMPLE_RESULTS.items():
+        value = getattr(part, field)
+        if value is not None:
+            reduced = field in ("per_sample_grad_norm", "input_grads") and divisor != 1
+            rows[name] = value / divisor if reduced else value
+    return rows
 
 
 def _count(plan: JobPlan) -> int:
@@ -282,11 +278,6 @@ def scale(total: EnsembleResult, plan: JobPlan, device) -> EnsembleResult:
     if total.weight_grads is not None:
         total.weight_grads = [(t / divisor).to(dtype) for t in total.weight_grads]
         total.bias_grads = [(t / divisor).to(dtype) for t in total.bias_grads]
-    # a sample's gradients are of its contribution to the loss: reduced as the loss is (its
-    # loss and outputs are the same whatever the reduction)
-    for field in ("per_sample_grad_norm", "input_grads"):
-        if getattr(total, field) is not None:
-            getattr(total, field).div_(divisor)
     if plan.privacy is not None and total.weight_grads is not None:
         unit = plan.num_samples if plan.loss.reduction == "mean" else 1
         privacy.add_noise(total.weight_grads, total.bias_grads, plan.privacy, unit, device)

@@ -26,6 +26,13 @@ from gradserve.server.errors import invalid, too_large, unsupported
 from gradserve.v1 import gradserve_pb2 as pb
 
 MIN_RESPONSE_CHUNK_BYTES = 4096
+# Per-sample results ([M, N, ...]): EnsembleResult field -> wire name.
+PER_SAMPLE_RESULTS = {
+    "per_sample_loss": "per_sample_loss",
+    "per_sample_grad_norm": "per_sample_grad_norm",
+    "outputs": "outputs",
+    "input_grads": "inputs.grad",
+}
 MIN_UPLOAD_CHUNK_BYTES = 4096  # the chunk size request messages are expected to reach
 ACTIVATION_NAMES = {
     pb.ACTIVATION_KIND_UNSPECIFIED: "identity",
@@ -198,7 +205,9 @@ class JobPlan:
         return held
 
     def result_descriptors(self) -> list[pb.TensorDescriptor]:
-        """Result tensors in sending order: loss first, then gradients last layer first."""
+        """Result tensors in sending order: loss first, then gradients last layer first; a
+        streamed job's per-sample results before them all (sent micro-batch by
+        micro-batch, server.streaming)."""
         m, n = self.num_models, self.num_samples
         sizes = self.mlp.layer_sizes
         float_out = pb.DATA_TYPE_FLOAT64 if self.precision == "float64" else pb.DATA_TYPE_FLOAT32
@@ -220,6 +229,9 @@ class JobPlan:
                     out.append(codec.descriptor(f"layers.{i}.bias.grad", self.gradient_dtype, b))
         if self.outputs.input_gradients:
             out.append(codec.descriptor("inputs.grad", self.gradient_dtype, (m, n, sizes[0])))
+        if self.micro_batch_samples:  # a streamed job's per-sample rows go as computed
+            first = [d for d in out if d.name in PER_SAMPLE_RESULTS.values()]
+            out = first + [d for d in out if d.name not in PER_SAMPLE_RESULTS.values()]
         return out
 
     def _training_descriptors(self, dtype: int) -> list[pb.TensorDescriptor]:

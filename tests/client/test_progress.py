@@ -63,6 +63,24 @@ def test_async_client_reports_progress_alike(server):
     check_reports(reports, asyncio.run(run()), sent)
 
 
+def test_a_streamed_jobs_rows_coming_during_its_upload_keep_the_phases_apart(server):
+    """Per-sample outputs of a streamed job come back while its upload goes on: the reports
+    stay one phase after the other, the download's from the first result after the
+    upload's end."""
+    params, inputs, targets, _ = job()
+    n = 300_000  # 48 MB of shared inputs up, 192 MB of their gradients down: past the windows
+    inputs = np.random.default_rng(1).standard_normal((n, SIZES[0]), dtype=np.float32)
+    targets = np.resize(targets, (M, n, SIZES[-1]))
+    reports = []
+    with GradientClient(server.address, chunk_bytes=CHUNK) as client:
+        result = client.compute(params, inputs, targets, on_progress=lambda *r: reports.append(r),
+                                input_gradients=True, micro_batch_samples=20_000)  # fmt: skip
+    phases = [p for p, _, _ in reports]
+    assert phases == sorted(phases, key=("upload", "download").index), phases
+    received = sum(np.asarray(v).nbytes for v in result.tensors.values())
+    assert reports[-1] == ("download", received, received)
+
+
 def test_compute_sharded_refuses_a_progress_callback(server):
     params, inputs, targets, _ = job()
     with GradientClient([server.address, server.address]) as client:

@@ -175,6 +175,37 @@ def test_cancel_mid_download_leaks_nothing(server):
     wait_idle(server.address)
 
 
+@pytest.mark.parametrize("micro_batch_samples", [0, 8192])
+def test_a_client_that_stops_reading_then_cancels_is_no_server_fault(micro_batch_samples):
+    """The server's write of a result waits for a client that does not read (64 MB of input
+    gradients; a streamed job's while its upload goes on); the client cancels. The failed
+    write is the client's going: the job is logged CANCELLED, not a server fault."""
+    from tests.server.test_stream_window import request_messages, streamed_job
+
+    header, tensors = streamed_job(2_000_000)
+    header.micro_batch_samples = micro_batch_samples
+    header.outputs.input_gradients = True
+    with run_server() as server:
+        with grpc.insecure_channel(server.address) as channel:
+            call = channel.stream_stream(wire.COMPUTE_METHOD)(
+                request_messages(header, tensors, [0]), timeout=60
+            )
+            with GradientClient(server.address) as probe:
+                deadline = time.monotonic() + 30
+                while probe.server_info().stats.inflight_jobs < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            time.sleep(3)  # the upload and compute done, or the stream stalled: writes wait
+            call.cancel()
+        stats = wait_idle(server.address)
+        assert stats.failed_jobs == 1 and stats.completed_jobs == 0
+        log = "".join(server.log)
+        assert "failed inside the server" not in log, log
+        assert re.search(r"job=\S+ peer=\S* outcome=CANCELLED", log), log
+        with GradientClient(server.address) as client:  # and it serves on
+            assert client.server_info().version
+
+
 def _params(tensors):
     return {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
 

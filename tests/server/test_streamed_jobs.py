@@ -1,8 +1,10 @@
 """Streamed (micro-batched) jobs through a real server: equal to the one-shot result, for
 N far beyond what the server holds at once, and refused cleanly when malformed."""
 
+import asyncio
 import collections
 import random
+import threading
 
 import grpc
 import numpy as np
@@ -200,6 +202,100 @@ def test_streamed_per_sample_outputs_equal_one_shot(client, loss, reduction, sha
                                    atol=1e-15, err_msg=name)  # fmt: skip
     for name, g in whole.gradients.items():
         np.testing.assert_allclose(streamed.gradients[name], g, rtol=1e-10, atol=1e-14)
+
+
+def test_per_sample_results_beyond_the_servers_bytes_in_flight_stream_through(client):
+    """A streamed job's per-sample results leave micro-batch by micro-batch, so a server
+    holds two micro-batches' rows of them, not [M, N, ...]: input gradients 3x larger
+    than the server's limit on bytes in flight come back equal to the one-shot ones."""
+    from gradserve.client import GradientClient
+    from tests.servers import run_server
+
+    m, n, micro = 3, 60_000, 2000
+    params, x, y, w = per_model_job(m, n, "mse", shared_inputs=True)
+    grads_bytes = m * n * SIZES[0] * 4  # 5 MB
+    opts = dict(sample_weights=w, input_gradients=True, per_sample_losses=True)
+    whole = client.compute(params, x, y, **opts)
+    limit = str(grads_bytes // 3)
+    with run_server("--max-inflight-bytes", limit) as server, GradientClient(server.address) as c:
+        streamed = c.compute(params, x, y, micro_batch_samples=micro, **opts)
+        with pytest.raises(GradserveError) as refused:  # the same job one-shot
+            c.compute(params, x, y, **opts)
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_float32_close(streamed, whole)
+    for name in ("inputs.grad", "per_sample_loss"):
+        np.testing.assert_allclose(streamed.tensors[name], whole.tensors[name], rtol=1e-5,
+                                   atol=1e-8, err_msg=name)  # fmt: skip
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_per_sample_results_far_beyond_grpcs_windows_stream_back(server, asynchronous):
+    """100 MB of input gradients come back during a 100 MB upload: the clients read them as
+    they come (waiting for the upload's end first, the server's writes and so its reads
+    stalled once gRPC's windows were full, and the job hung)."""
+    from gradserve.client import AsyncGradientClient, GradientClient
+
+    rng = np.random.default_rng(5)
+    sizes, n = (64, 16, 1), 400_000
+    params = {
+        "layers.0.weight": rng.standard_normal((1, 16, 64), dtype=np.float32) / 8,
+        "layers.0.bias": rng.standard_normal((1, 16), dtype=np.float32),
+        "layers.1.weight": rng.standard_normal((1, 1, 16), dtype=np.float32) / 4,
+        "layers.1.bias": rng.standard_normal((1, 1), dtype=np.float32),
+    }
+    x = rng.standard_normal((n, sizes[0]), dtype=np.float32)
+    y = rng.standard_normal((1, n, 1), dtype=np.float32)
+    opts = dict(micro_batch_samples=8192, input_gradients=True, reduction="sum")
+    if asynchronous:
+
+        async def run():
+            async with AsyncGradientClient(server.address, timeout=60) as c:
+                return await c.compute(params, x, y, **opts)
+
+        streamed = asyncio.run(run())
+    else:
+        with GradientClient(server.address, timeout=60) as c:
+            streamed = c.compute(params, x, y, **opts)
+    with GradientClient(server.address, timeout=60) as c:
+        first = c.compute(params, x[:1000], y[:, :1000], input_gradients=True, reduction="sum")
+    # a sample's input gradient under the sum reduction is its own, whatever else is sent
+    np.testing.assert_allclose(streamed.tensors["inputs.grad"][:, :1000],
+                               first.tensors["inputs.grad"], rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert np.isfinite(streamed.tensors["inputs.grad"]).all()
+
+
+def test_per_sample_rows_come_back_before_the_upload_ends(server):
+    """The first micro-batch's per-sample losses, each model's where they go, arrive while
+    the rest of the samples are still to be sent (once the next micro-batch is in)."""
+    params, x, y, _ = shared_job(2, 100, weights=False)
+    per_model_y = np.stack([y, y[::-1]])
+    messages = raw_stream(params, x, per_model_y, per_model_order(params, [0, 1]))
+    header = pb.ComputeRequest.FromString(messages[0]).header
+    header.outputs.per_sample_losses = True
+    messages[0] = pb.ComputeRequest(header=header).SerializeToString()
+    first_rows = threading.Event()
+    sent_when_rows_came = []
+
+    def requests():
+        for i, message in enumerate(messages):
+            # the first two micro-batches sent (the server settles one when the next is in)
+            if i == len(params) + 1 + 2 * 3:
+                assert first_rows.wait(30), "no per-sample rows while the upload went on"
+                sent_when_rows_came.append(i)
+            yield message
+
+    rows = {}
+    with grpc.insecure_channel(server.address) as channel:
+        compute = channel.stream_stream(wire.COMPUTE_METHOD)
+        for raw in compute(requests(), timeout=60):
+            for chunk in pb.ComputeResponse.FromString(raw).chunks:
+                if chunk.name == "per_sample_loss":
+                    rows[chunk.offset] = np.frombuffer(chunk.data, np.float32)
+                    first_rows.set()
+    assert sent_when_rows_came, "the upload never waited for the rows"
+    # samples 0-9 of model 0 at byte 0, of model 1 at byte 400 (model 1's run), and so on
+    assert sorted(rows) == sorted(k * 400 + s * 4 for k in range(2) for s in range(0, 100, 10))
+    assert all(len(r) == 10 for r in rows.values())
 
 
 def test_streamed_per_sample_outputs_with_dp_sgd_on_the_triton_engine(client):
@@ -485,7 +581,7 @@ def test_micro_batch_sums_keep_their_digits_however_many():
     for k in range(parts):
         part = EnsembleResult(loss=losses[k].clone(), weight_grads=[weights[k].clone()],
                               bias_grads=[biases[k].clone()])  # fmt: skip
-        total = streaming.accumulate(total, part, 16 * k, plan)
+        total = streaming.accumulate(total, part)
     result = streaming.scale(total, plan, "cpu")
     for got, exact in ((result.loss, losses.double().sum(0) / count),
                        (result.weight_grads[0], weights.double().sum(0) / count),
