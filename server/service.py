@@ -291,7 +291,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
         except Exception as e:  # a fault of the server, never of the job's input
             if isinstance(e, StreamOperationFailed):
                 # The client went away while a write of ours waited for it to read: the write
-                # fails before the call shows as cancelled. No fault, and no one to tell.
+                # fails (grpcio's ExecuteBatchError, which its aio server catches too) before
+                # the call shows as cancelled. No fault, and no one to tell.
                 return
             outcome = "INTERNAL"
             log.exception("job=%s failed inside the server", job_id)

@@ -26,6 +26,7 @@ from gradserve.server.errors import invalid, too_large, unsupported
 from gradserve.v1 import gradserve_pb2 as pb
 
 MIN_RESPONSE_CHUNK_BYTES = 4096
+MIN_UPLOAD_CHUNK_BYTES = 4096  # the chunk size request messages are expected to reach
 # Per-sample results ([M, N, ...]): EnsembleResult field -> wire name.
 PER_SAMPLE_RESULTS = {
     "per_sample_loss": "per_sample_loss",
@@ -33,7 +34,6 @@ PER_SAMPLE_RESULTS = {
     "outputs": "outputs",
     "input_grads": "inputs.grad",
 }
-MIN_UPLOAD_CHUNK_BYTES = 4096  # the chunk size request messages are expected to reach
 ACTIVATION_NAMES = {
     pb.ACTIVATION_KIND_UNSPECIFIED: "identity",
     pb.ACTIVATION_KIND_IDENTITY: "identity",
