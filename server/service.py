@@ -95,6 +95,29 @@ def result_tensors(plan: JobPlan, result: EnsembleResult) -> dict[str, torch.Ten
     return by_name
 
 
+class ChunkPacker:
+    """Result chunks packed into response messages of up to `budget` data bytes each (small
+    tensors' chunks share a message); `prefix` (a deferred accepted message) goes first."""
+
+    def __init__(self, write, budget: int, prefix: bytes = b""):
+        self.write, self.budget = write, budget
+        self.pending, self.pending_bytes = [prefix] if prefix else [], 0
+
+    async def add(self, name: str, offset: int, piece) -> None:
+        if self.pending and self.pending_bytes + len(piece) > self.budget:
+            await self.flush()
+        self.pending.append(wire.encode_chunk(name, offset, piece))
+        self.pending_bytes += len(piece)
+
+    async def flush(self, last: bytes = b"") -> None:
+        """Write what is pending, `last` (the summary) with it."""
+        if last:
+            self.pending.append(last)
+        if self.pending:
+            await self.write(b"".join(self.pending) if len(self.pending) > 1 else self.pending[0])
+        self.pending, self.pending_bytes = [], 0
+
+
 def per_sample(plan: JobPlan, d: pb.TensorDescriptor) -> bool:
     """A streamed job's per-sample result: sent micro-batch by micro-batch, never whole."""
     return bool(plan.micro_batch_samples) and d.name in PER_SAMPLE_RESULTS.values()
@@ -472,7 +495,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
         rows = [d for d in plan.result_descriptors() if per_sample(plan, d)]
         # bytes a micro-batch's results add to the totals: its gradients and per-sample rows
         added_bytes = sum(plan.tensors[n].nbytes for n in plan.tensors if n.startswith("layers."))
-        added_bytes += sum(held_result_bytes(plan, d) for d in rows) // 2
+        per_sample_bytes = sum(codec.nbytes(d.dtype, d.shape) for d in rows)
+        added_bytes += per_sample_bytes * plan.samples_at_once // plan.num_samples
         start = 0  # first sample of the micro-batch in flight
 
         async def settle(done=None) -> None:
@@ -533,7 +557,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         in a streamed upload). Returns the bytes sent."""
         tensors = per_sample_rows(part, plan)
         budget, n = plan.response_chunk_bytes, plan.num_samples
-        pending, pending_bytes, sent = [], 0, 0
+        packer, sent = ChunkPacker(context.write, budget), 0
         for d in descriptors:
             tensor = tensors.pop(d.name)
             data = await self._io(tensor.numel() * tensor.element_size(),
@@ -544,14 +568,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 first = m * run + start * (run // n)
                 for offset in range(0, count, budget):
                     piece = data[m * count + offset : m * count + min(offset + budget, count)]
-                    if pending and pending_bytes + len(piece) > budget:
-                        await context.write(b"".join(pending))
-                        pending, pending_bytes = [], 0
-                    pending.append(wire.encode_chunk(d.name, first + offset, piece))
-                    pending_bytes += len(piece)
+                    await packer.add(d.name, first + offset, piece)
             sent += len(data)
-        if pending:
-            await context.write(b"".join(pending))
+        await packer.flush()
         return sent
 
     async def _train(self, context, plan: JobPlan, job, engine: str, prefix: bytes, dtype: int):
@@ -623,21 +642,15 @@ class GradientService(pb_grpc.GradientServiceServicer):
             nbytes = tensor.numel() * tensor.element_size()
             return self._io(nbytes, codec.tensor_to_bytes, tensor, d.dtype, d.name)
 
-        sent, pending, pending_bytes = 0, [prefix] if prefix else [], 0
+        sent, packer = 0, ChunkPacker(context.write, budget, prefix)
         upcoming = serialise(descriptors[0])
         for i, d in enumerate(descriptors):
             data = await upcoming
             if i + 1 < len(descriptors):
                 upcoming = serialise(descriptors[i + 1])
             for offset in range(0, len(data), budget):
-                piece = data[offset : offset + budget]
-                if pending and pending_bytes + len(piece) > budget:
-                    await context.write(b"".join(pending) if len(pending) > 1 else pending[0])
-                    pending, pending_bytes = [], 0
-                pending.append(wire.encode_chunk(d.name, offset, piece))
-                pending_bytes += len(piece)
+                await packer.add(d.name, offset, data[offset : offset + budget])
             sent += len(data)
             del data
-        pending.append(summary(streamed + sent).SerializeToString())
-        await context.write(b"".join(pending))
+        await packer.flush(summary(streamed + sent).SerializeToString())
         return sent
