@@ -118,6 +118,17 @@ class ChunkPacker:
         self.pending, self.pending_bytes = [], 0
 
 
+def one_write_at_a_time(write):
+    """`write` (a stream's) for writers that may overlap: gRPC takes one write at a time."""
+    lock = asyncio.Lock()
+
+    async def locked(message: bytes) -> None:
+        async with lock:
+            await write(message)
+
+    return locked
+
+
 def per_sample(plan: JobPlan, d: pb.TensorDescriptor) -> bool:
     """A streamed job's per-sample result: sent micro-batch by micro-batch, never whole."""
     return bool(plan.micro_batch_samples) and d.name in PER_SAMPLE_RESULTS.values()
@@ -159,8 +170,9 @@ class IdleTimer:
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
         self.task = asyncio.current_task()
-        self.handle: asyncio.TimerHandle | None = None
+        self.handle: asyncio.TimerHandle | None = None  # while a read waits
         self.fired = False
+        self.interrupted = False
 
     def arm(self) -> None:
         self.handle = asyncio.get_running_loop().call_later(self.timeout_s, self._fire)
@@ -168,6 +180,15 @@ class IdleTimer:
     def disarm(self) -> None:
         if self.handle is not None:
             self.handle.cancel()
+            self.handle = None
+
+    def interrupt(self) -> None:
+        """End the read that waits, if one does, the same way (for a failure beside it that
+        the client, waiting for results before it sends more, would otherwise never hear)."""
+        if self.handle is not None:
+            self.disarm()
+            self.interrupted = True
+            self.task.cancel()
 
     def _fire(self) -> None:
         self.fired = True
@@ -488,38 +509,49 @@ class GradientService(pb_grpc.GradientServiceServicer):
     async def _run_streamed(self, context, idle: IdleTimer, plan: JobPlan, engine: str, first):
         """A streamed job (server.streaming): each micro-batch launches as soon as its
         samples are in, while the next one's bytes are read; at most one is in flight. Its
-        per-sample results are sent as soon as it is computed. Returns (launched, when the
-        last sample byte arrived, result bytes sent)."""
+        per-sample results are sent as soon as it is computed (so a client may wait for them
+        before sending the next micro-batch). Returns (launched, when the last sample byte
+        arrived, result bytes sent)."""
         stream = SampleStream(plan)
-        total, inflight, queued, computed, sent = None, None, 0.0, 0.0, 0
+        total, queued, computed, sent = None, 0.0, 0.0, 0
         rows = [d for d in plan.result_descriptors() if per_sample(plan, d)]
         # bytes a micro-batch's results add to the totals: its gradients and per-sample rows
         added_bytes = sum(plan.tensors[n].nbytes for n in plan.tensors if n.startswith("layers."))
         per_sample_bytes = sum(codec.nbytes(d.dtype, d.shape) for d in rows)
         added_bytes += per_sample_bytes * plan.samples_at_once // plan.num_samples
-        start = 0  # first sample of the micro-batch in flight
+        # The micro-batch in flight as one task: computed, added to the totals, its rows sent.
+        settling: asyncio.Task | None = None
+        # Its row writes and the heartbeats while it is awaited share the stream.
+        write = one_write_at_a_time(context.write)
 
-        async def settle(done=None) -> None:
-            nonlocal total, inflight, queued, computed, sent
-            if done is None:
-                done = await inflight
-            inflight = None
+        async def settle(computing, start: int) -> None:
+            nonlocal total, queued, computed, sent
+            done = await computing
             queued += done.queue_seconds
             computed += done.compute_seconds
             total = await self._io(added_bytes, accumulate, total, done.result)
             if rows:
-                sent += await self._send_rows(context, plan, rows, done.result, start)
+                sent += await self._send_rows(write, plan, rows, done.result, start)
+
+        async def settled() -> None:
+            """Wait for the micro-batch in flight, heartbeats going out meanwhile: the upload
+            stalls while it waits in the queue, and a proxy ends a silent stream."""
+            if settling is not None:
+                await awaited_with_heartbeats(settling, write, self.config.heartbeat_s)
+
+        def interrupt_read_on_failure(task: asyncio.Task) -> None:
+            # A client may wait for a micro-batch's rows before sending the next one.
+            if not task.cancelled() and task.exception() is not None:
+                idle.interrupt()
 
         async def launch_ready() -> None:
-            nonlocal inflight, start
+            nonlocal settling
             while stream.ready:
                 first_sample, micro = stream.ready.popleft()
-                if inflight is not None:
-                    await settle()
-                start = first_sample
-                inflight = asyncio.ensure_future(
-                    self.batcher.submit(micro, engine, stream.micro_batch_bytes())
-                )
+                await settled()
+                computing = self.batcher.submit(micro, engine, stream.micro_batch_bytes())
+                settling = asyncio.ensure_future(settle(computing, first_sample))
+                settling.add_done_callback(interrupt_read_on_failure)
 
         try:
             with refusing_out_of_memory():
@@ -527,37 +559,39 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 for chunk in first.chunks:
                     stream.add(chunk)
                 await launch_ready()
-                async for chunks in self._later_chunks(context, idle, plan, first):
-                    for chunk in chunks:
-                        stream.add(chunk)
-                    await launch_ready()
+                try:
+                    async for chunks in self._later_chunks(context, idle, plan, first):
+                        for chunk in chunks:
+                            stream.add(chunk)
+                        await launch_ready()
+                except asyncio.CancelledError:
+                    if not idle.interrupted:
+                        raise
+                    raise settling.exception() from None  # the micro-batch's, not the client's
                 uploaded = time.perf_counter()
                 if not stream.done:
                     raise invalid(
                         f"request stream ended before all tensor bytes arrived: {stream.missing()}"
                     )
-                # the last micro-batch: no request bytes come any more, nor results yet (its
-                # rows are sent after the heartbeats stop: one write at a time)
-                done, _ = await awaited_with_heartbeats(
-                    inflight, context.write, self.config.heartbeat_s
-                )
-                await settle(done)
+                await settled()  # the last micro-batch
         finally:
-            if inflight is not None:
-                inflight.cancel()
+            if settling is not None:
+                settling.cancel()  # a no-op once done
+                if settling.done() and not settling.cancelled():
+                    settling.exception()  # its failure, if any, comes second to the one raised
         flops = kernels.flops(plan.mlp, plan.num_models, plan.num_samples)
         result = await self.worker.call(finish, total, plan, stream.parameters(), self.device)
         launched = Launched(result, 1, plan.num_models, flops, queued, computed)
         return launched, uploaded, sent
 
-    async def _send_rows(self, context, plan: JobPlan, descriptors, part, start: int) -> int:
+    async def _send_rows(self, write, plan: JobPlan, descriptors, part, start: int) -> int:
         """Send a micro-batch's per-sample results (its samples from `start` on): of each
         [M, N, ...] tensor, each model's rows where they go, a chunk per model and up to
         the chunk size (each model's rows are a run of their own, arriving in order, as
         in a streamed upload). Returns the bytes sent."""
         tensors = per_sample_rows(part, plan)
         budget, n = plan.response_chunk_bytes, plan.num_samples
-        packer, sent = ChunkPacker(context.write, budget), 0
+        packer, sent = ChunkPacker(write, budget), 0
         for d in descriptors:
             tensor = tensors.pop(d.name)
             data = await self._io(tensor.numel() * tensor.element_size(),

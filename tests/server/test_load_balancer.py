@@ -99,27 +99,37 @@ def test_killing_a_replica_during_a_stream_of_jobs_loses_none(tmp_path):
     assert second_jobs - served_by_second_before >= 40 - 15  # the rest went to the survivor
 
 
-@pytest.mark.parametrize("heartbeat_s", ["0", "0.5"])
-def test_a_job_queued_past_the_proxys_read_timeout_is_kept_by_heartbeats(tmp_path, heartbeat_s):
+@pytest.mark.parametrize("heartbeat_s, streamed", [("0", False), ("0.5", False), ("0.5", True)])
+def test_a_job_queued_past_the_proxys_read_timeout_is_kept_by_heartbeats(
+    tmp_path, heartbeat_s, streamed
+):
     """nginx ends a response stream silent for its grpc_read_timeout (2 s here, 300 s
     deployed), whatever pings cross it. A job queued behind a training job (one job per
     launch) hears nothing for seconds: without heartbeats nginx cuts it (504: UNAVAILABLE);
-    with them it completes."""
+    with them it completes. A streamed job's upload stalls while its first micro-batch
+    waits: it too hears heartbeats then, its per-sample results coming back after."""
     from gradserve.client import NO_RETRIES, GradserveError
     from tests.server.test_heartbeats import engine_occupied, job_args
 
     args = job_args(50)
+    options = dict(micro_batch_samples=64, per_sample_losses=True) if streamed else {}
     flags = ("--batch-max-jobs", "1", "--heartbeat-s", heartbeat_s)
     with run_server(*flags) as replica, nginx([replica.address], tmp_path, "2s") as address:
         # the training job goes to the replica directly: it streams its steps' losses
         with engine_occupied(replica.address, args, 6):
             with GradientClient(address, retry=NO_RETRIES, timeout=60) as client:
                 try:  # queued until the training job's 6 s deadline ends it
-                    result = client.compute(*args)
+                    result = client.compute(*args, **options)
                 except GradserveError as e:
                     result = e
+        with GradientClient(replica.address) as direct:
+            alone = direct.compute(*args, per_sample_losses=True)
     if heartbeat_s == "0":
         assert isinstance(result, GradserveError) and result.code == grpc.StatusCode.UNAVAILABLE
-    else:
-        assert not isinstance(result, GradserveError), result
-        assert result.summary["queue_seconds"] > 3 and result.loss.shape == (16,)
+        return
+    assert not isinstance(result, GradserveError), result
+    assert result.summary["queue_seconds"] > 3
+    np.testing.assert_allclose(result.loss, alone.loss, rtol=1e-5)
+    if streamed:
+        np.testing.assert_allclose(result.tensors["per_sample_loss"],
+                                   alone.tensors["per_sample_loss"], rtol=1e-6)  # fmt: skip

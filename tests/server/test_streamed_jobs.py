@@ -264,38 +264,108 @@ def test_per_sample_results_far_beyond_grpcs_windows_stream_back(server, asynchr
     assert np.isfinite(streamed.tensors["inputs.grad"]).all()
 
 
-def test_per_sample_rows_come_back_before_the_upload_ends(server):
-    """The first micro-batch's per-sample losses, each model's where they go, arrive while
-    the rest of the samples are still to be sent (once the next micro-batch is in)."""
+def test_each_micro_batchs_per_sample_rows_come_back_before_the_next_is_sent(server, client):
+    """A client may send the samples in lock step: a micro-batch's per-sample losses, each
+    model's where they go, arrive once it is computed, before any of the next micro-batch's
+    bytes are sent."""
     params, x, y, _ = shared_job(2, 100, weights=False)
     per_model_y = np.stack([y, y[::-1]])
     messages = raw_stream(params, x, per_model_y, per_model_order(params, [0, 1]))
     header = pb.ComputeRequest.FromString(messages[0]).header
     header.outputs.per_sample_losses = True
     messages[0] = pb.ComputeRequest(header=header).SerializeToString()
-    first_rows = threading.Event()
-    sent_when_rows_came = []
+    rows, arrived = {}, threading.Condition()
+    waits = []  # (micro-batch awaited, whether its rows came)
 
     def requests():
+        samples_from = len(params) + 1  # the header, a message per parameter, then samples
         for i, message in enumerate(messages):
-            # the first two micro-batches sent (the server settles one when the next is in)
-            if i == len(params) + 1 + 2 * 3:
-                assert first_rows.wait(30), "no per-sample rows while the upload went on"
-                sent_when_rows_came.append(i)
+            batch, first = divmod(i - samples_from, 3)  # 3 messages a micro-batch
+            if batch > 0 and first == 0:  # the previous micro-batch's rows, both models'
+                wanted = {k * 400 + (batch - 1) * 40 for k in range(2)}
+                with arrived:
+                    came = arrived.wait_for(lambda w=wanted: w <= rows.keys(), 30)
+                waits.append((batch - 1, came))
             yield message
 
-    rows = {}
     with grpc.insecure_channel(server.address) as channel:
         compute = channel.stream_stream(wire.COMPUTE_METHOD)
-        for raw in compute(requests(), timeout=60):
+        for raw in compute(requests(), timeout=120):
             for chunk in pb.ComputeResponse.FromString(raw).chunks:
                 if chunk.name == "per_sample_loss":
-                    rows[chunk.offset] = np.frombuffer(chunk.data, np.float32)
-                    first_rows.set()
-    assert sent_when_rows_came, "the upload never waited for the rows"
+                    with arrived:
+                        rows[chunk.offset] = np.frombuffer(chunk.data, np.float32)
+                        arrived.notify_all()
+    assert waits == [(k, True) for k in range(9)]
     # samples 0-9 of model 0 at byte 0, of model 1 at byte 400 (model 1's run), and so on
     assert sorted(rows) == sorted(k * 400 + s * 4 for k in range(2) for s in range(0, 100, 10))
     assert all(len(r) == 10 for r in rows.values())
+    losses = np.stack([np.concatenate([rows[k * 400 + s * 4] for s in range(0, 100, 10)])
+                       for k in range(2)])  # fmt: skip
+    # the raw header names no activation: the identity (the client would send relu)
+    whole = client.compute(params, x, per_model_y, per_sample_losses=True,
+                           hidden_activation="identity")  # fmt: skip
+    np.testing.assert_allclose(losses, whole.tensors["per_sample_loss"], rtol=1e-6)
+
+
+# A server whose engine runs out of memory on its launch of a job's sample 10 (stood in for
+# by an engine that refuses such launches), else computes.
+FAILING_ENGINE_SERVER = """
+import torch
+from gradserve.server import app, batching
+real_run = batching.kernels.run
+def run(job, engine, device):
+    if job.num_samples == 10 and job.inputs[0, 0].item() == SAMPLE_10_FIRST_INPUT:
+        raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+    return real_run(job, engine, device)
+batching.kernels.run = run
+app.main()
+"""
+
+
+def test_a_micro_batch_that_fails_ends_the_job_while_its_client_waits_for_its_rows():
+    """A client in lock step waits for a micro-batch's per-sample rows before sending more:
+    when that micro-batch fails, the job ends with its error then (RESOURCE_EXHAUSTED for an
+    engine out of memory), not at the client's deadline, and the server serves on."""
+    import sys
+    import time
+
+    from gradserve.client import GradientClient
+    from tests.servers import run_server
+
+    params, x, y, _ = shared_job(2, 100, weights=False)
+    messages = raw_stream(params, x, np.stack([y, y]), per_model_order(params, [0, 1]))
+    header = pb.ComputeRequest.FromString(messages[0]).header
+    header.outputs.per_sample_losses = True
+    messages[0] = pb.ComputeRequest(header=header).SerializeToString()
+    code = FAILING_ENGINE_SERVER.replace("SAMPLE_10_FIRST_INPUT", repr(float(x[10, 0])))
+    rows, arrived = set(), threading.Condition()
+    waits = []
+
+    def requests():
+        samples_from = len(params) + 1
+        for i, message in enumerate(messages):
+            batch, first = divmod(i - samples_from, 3)
+            if batch > 0 and first == 0:
+                with arrived:
+                    waits.append(arrived.wait_for(lambda b=batch: b - 1 in rows, 30))
+            yield message
+
+    with run_server(program=[sys.executable, "-c", code]) as server:
+        started = time.perf_counter()
+        with grpc.insecure_channel(server.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                for raw in channel.stream_stream(wire.COMPUTE_METHOD)(requests(), timeout=60):
+                    for chunk in pb.ComputeResponse.FromString(raw).chunks:
+                        with arrived:
+                            rows.add(chunk.offset % 400 // 40)  # the micro-batch
+                            arrived.notify_all()
+        waited = time.perf_counter() - started
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        assert waits == [True] and rows == {0}  # the second micro-batch failed
+        assert waited < 20  # ended by the failure, not by the 30 s wait nor the deadline
+        with GradientClient(server.address) as client:  # micro-batches the engine computes
+            assert client.compute(params, x, y, micro_batch_samples=25).loss.shape == (2,)
 
 
 def test_streamed_per_sample_outputs_with_dp_sgd_on_the_triton_engine(client):
@@ -575,7 +645,7 @@ def test_per_sample_results_stream_out_through_bounded_server_memory():
             first_and_last = (slice(0, 1000), slice(n - 1000, n))
             ends = [client.compute(params, x[k], y[:, k], **opts) for k in first_and_last]
     per_sample_bytes = sum(streamed.tensors[k].nbytes for k in ("inputs.grad", "per_sample_loss"))
-    # Measured here: 37-38 MiB idle, 34 with six busy processes; holding the results whole
+    # Measured here: 35-42 MiB idle, 34 with six busy processes; holding the results whole
     # until the end, as the server did before it sent rows as they came: 170-177 MiB.
     assert growth < per_sample_bytes / 2, f"server peak RSS grew {growth >> 20} MiB"
     for part, k in zip(ends, first_and_last, strict=True):
