@@ -6,8 +6,11 @@ data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw tensor by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
+import os
 import struct
 
 import numpy as np
@@ -54,19 +57,32 @@ def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | N
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for a in arrays:
-            f.write(raw_bytes(a))
+    # Written beside `path`, then renamed over it: no reader sees half a file, an interrupted
+    # save leaves the old one whole, and a file still mapped by load() (the parameters a run
+    # continues from, its results saved to the same path) keeps its bytes for its readers.
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for a in arrays:
+                f.write(raw_bytes(a))
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, metadata). bfloat16 tensors are widened to float32."""
+    """(tensors, metadata). The file is memory-mapped, not read: the tensors are read-only
+    views of it whose pages are read as they are used, so a job file larger than memory can
+    go out as a streamed job, its samples read from disk as they are sent. bfloat16 tensors
+    are widened to float32 (copies)."""
     with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path}: not a safetensors file (too short)")
+        if os.fstat(f.fileno()).st_size < 8:  # (an empty file cannot be mapped)
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     (length,) = struct.unpack("<Q", data[:8])
     if length > min(_MAX_HEADER, len(data) - 8):
         raise ValueError(f"{path}: not a safetensors file (bad header length)")
