@@ -3,8 +3,10 @@
 Accepted: an `nn.Sequential` of Linear + activation modules (M = 1; a lone `nn.Linear` is a
 one-layer network), a list of them (same architecture), or a dict of stacked parameters:
 gradserve's own `layers.{i}.weight` [M, ...] names or a `torch.func.stack_module_state` dict
-of a Sequential (`0.weight`, `2.weight`, ...). A layer without a bias (nn.Linear(...,
-bias=False), or no bias key in a dict) is sent without one (Architecture.layers_without_bias).
+of a Sequential (`0.weight`, `2.weight`, ...; with named or nested modules, `hidden.weight`,
+`out.weight`, the layers in the order of the keys, which is the modules' order). A layer
+without a bias (nn.Linear(..., bias=False), or no bias key in a dict) is sent without one
+(Architecture.layers_without_bias).
 """
 
 from __future__ import annotations
@@ -180,24 +182,17 @@ def _from_sequentials(seqs: list, form: str) -> Ensemble:
 
 
 def _from_dict(state: dict) -> Ensemble:
-    layers: dict[int, dict[str, tuple[str, Any]]] = {}
-    prefixes = set()
-    for key, value in state.items():
-        match = _KEY.match(key)
-        if not match:
-            raise ValueError(f"parameter key {key!r} is not '<prefix><index>.weight|bias'")
-        prefixes.add(match["prefix"])
-        layers.setdefault(int(match["index"]), {})[match["kind"]] = (key, as_array(value, key))
-    if len(prefixes) != 1:
-        raise ValueError(f"parameter keys must share one prefix, got {sorted(prefixes)}")
+    layers = _indexed_layers(state)
+    if layers is None:
+        layers = _layers_in_order(state)
     params, keys, without_bias = {}, {}, []
     for i, index in enumerate(sorted(layers)):
         if "weight" not in layers[index]:
-            raise ValueError(f"layer {index} has a bias but no weight")
+            raise ValueError(f"layer {layers[index]['bias'][0]!r} has a bias but no weight")
         if "bias" not in layers[index]:
             without_bias.append(i)  # as nn.Linear(..., bias=False)
         for kind, (key, value) in layers[index].items():
-            params[f"layers.{i}.{kind}"] = value
+            params[f"layers.{i}.{kind}"] = as_array(value, key)
             keys[f"layers.{i}.{kind}.grad"] = key
     num_layers = len(layers)
     w0 = params["layers.0.weight"]
@@ -208,6 +203,36 @@ def _from_dict(state: dict) -> Ensemble:
     ]
     as_torch = any(is_torch(v) for v in params.values())
     return Ensemble(params, sizes, None, None, "dict", keys, as_torch, tuple(without_bias))
+
+
+def _indexed_layers(state: dict) -> dict[int, dict[str, tuple[str, Any]]] | None:
+    """{layer index: {"weight"|"bias": (key, value)}} where every key is one prefix, a layer
+    index and the kind (`layers.0.weight`; a Sequential's `0.weight`, `2.weight`), else
+    None."""
+    layers: dict[int, dict[str, tuple[str, Any]]] = {}
+    prefixes = set()
+    for key in state:
+        match = _KEY.match(key)
+        if not match:
+            return None
+        prefixes.add(match["prefix"])
+        layers.setdefault(int(match["index"]), {})[match["kind"]] = (key, state[key])
+    return layers if len(prefixes) == 1 else None
+
+
+def _layers_in_order(state: dict) -> dict[int, dict[str, tuple[str, Any]]]:
+    """Layers by module name in the order the keys first name them, as stack_module_state
+    gives a Sequential's with named modules (`hidden.weight`, `out.weight`: module order)."""
+    layers: dict[str, dict[str, tuple[str, Any]]] = {}
+    for key, value in state.items():
+        module, _, kind = key.rpartition(".")
+        if not module or kind not in ("weight", "bias"):
+            raise ValueError(
+                f"parameter key {key!r} is not '<module>.weight' or '<module>.bias' "
+                "(layers.{i}.weight, or a Sequential's stack_module_state keys)"
+            )
+        layers.setdefault(module, {})[kind] = (key, value)
+    return dict(enumerate(layers.values()))
 
 
 def _is_network(x: Any) -> bool:

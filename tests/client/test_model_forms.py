@@ -3,6 +3,7 @@
 import asyncio
 import re
 import time
+from collections import OrderedDict
 
 import grpc
 import numpy as np
@@ -93,6 +94,43 @@ def test_stack_module_state_dict_round_trips_its_keys(client):
     for i, net in enumerate(nets):
         for k, g in torch_grads(net, x[i], y[i]).items():
             torch.testing.assert_close(result.gradients[k][i], g, rtol=1e-5, atol=1e-6)
+
+
+def named_net(seed: int) -> nn.Sequential:
+    """Named and nested modules: stack_module_state keys `hidden.0.weight`, `out.weight`."""
+    torch.manual_seed(seed)
+    hidden = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh())
+    return nn.Sequential(OrderedDict(hidden=hidden, out=nn.Linear(5, 2)))
+
+
+def test_stack_module_state_of_named_modules_round_trips_its_keys(client):
+    """Keys that are no one prefix and a layer index: the layers in the keys' order (the
+    modules' order, as stack_module_state gives them)."""
+    nets = [named_net(s) for s in range(3)]
+    params, _ = torch.func.stack_module_state(nets)
+    params = {k: v.detach() for k, v in params.items()}
+    assert list(params) == ["hidden.0.weight", "hidden.0.bias", "hidden.2.weight",
+                            "out.weight", "out.bias"]  # fmt: skip
+    x, y = torch.randn(3, 9, 3), torch.randn(3, 9, 2)
+    result = client.compute(params, x, y, hidden_activation="tanh")
+    assert set(result.gradients) == set(params)
+    for i, net in enumerate(nets):
+        for k, g in torch_grads(net, x[i], y[i]).items():
+            torch.testing.assert_close(result.gradients[k][i], g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (["hidden.weight", "hidden.scale"], "'hidden.scale' is not '<module>.weight' or"),
+        (["weight", "bias"], "'weight' is not '<module>.weight' or"),
+        (["hidden.weight", "out.bias"], "layer 'out.bias' has a bias but no weight"),
+    ],
+)
+def test_dict_keys_that_name_no_layers_are_refused(client, keys, message):
+    params = {k: torch.randn(2, 4, 4) if k.endswith("weight") else torch.randn(2, 4) for k in keys}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        client.compute(params, torch.randn(5, 4), torch.randn(5, 4))
 
 
 def test_numpy_in_numpy_out(client):
