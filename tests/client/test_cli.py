@@ -16,6 +16,7 @@ import torch
 
 from gradserve.client import _safetensors
 from tests.oracle import assert_close_per_model, oracle
+from tests.process_memory import memory_bytes
 
 
 def cli(*args, check=True):
@@ -244,7 +245,7 @@ def test_a_job_file_streams_from_disk_through_bounded_client_memory(server, tmp_
     peak = 0
     while proc.poll() is None:
         try:
-            peak = max(peak, rss_kib(proc.pid, "RssAnon") << 10)
+            peak = max(peak, memory_bytes(proc.pid, "RssAnon"))
         except (OSError, KeyError):
             pass  # it has just ended
         time.sleep(0.01)
@@ -254,14 +255,6 @@ def test_a_job_file_streams_from_disk_through_bounded_client_memory(server, tmp_
     np.testing.assert_allclose(summary["loss"], [expected_loss], rtol=1e-5)
     # Measured here: 29 MiB (the whole process); reading the file whole, as the CLI did: 260.
     assert peak < n * d * 4 / 2, f"the CLI's anonymous memory peaked at {peak >> 20} MiB"
-
-
-def rss_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def test_a_reader_that_stops_early_ends_the_cli_quietly(server, tmp_path):

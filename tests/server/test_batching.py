@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from gradserve.kernels import torch_engine
 from gradserve.server.batching import batch_key, merge, split
 from gradserve.v1 import gradserve_pb2 as pb
 from tests.jobs import ensemble_job, random_job
+from tests.process_memory import memory_bytes
 from tests.servers import run_server
 
 SIZES = (16, 32, 32, 1)
@@ -225,11 +225,6 @@ def test_flood_past_the_admission_bound_is_refused_and_the_rest_succeed():
         wait_until_idle(server.address)
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read())[1]) * 1024
-
-
 def test_slow_readers_do_not_grow_server_memory_with_the_job_count():
     # Each job: 16 MiB of weights up, 16 MiB of gradients down. 16 clients that never read
     # their results would pin 512 MiB without a bound; the admission bound allows ~3 jobs.
@@ -253,7 +248,7 @@ def test_slow_readers_do_not_grow_server_memory_with_the_job_count():
     with run_server("--max-inflight-bytes", str(100 << 20), "--batch-max-delay-ms", "0") as srv:
         from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
-        baseline = rss_bytes(srv.process.pid)
+        baseline = memory_bytes(srv.process.pid)
         channel = grpc.insecure_channel(srv.address)
         stub = pb_grpc.GradientServiceStub(channel)
         calls, refused = [], 0
@@ -269,7 +264,7 @@ def test_slow_readers_do_not_grow_server_memory_with_the_job_count():
         deadline = time.monotonic() + 30
         while stats(srv.address).launched_jobs < len(calls) and time.monotonic() < deadline:
             time.sleep(0.05)  # let the admitted jobs reach their (stalled) result streams
-        grown = rss_bytes(srv.process.pid) - baseline
+        grown = memory_bytes(srv.process.pid) - baseline
         for call in calls:
             call.cancel()
         channel.close()

@@ -18,13 +18,9 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.v1 import wire
 from tests.jobs import random_job
+from tests.process_memory import memory_bytes
 from tests.server.test_bad_input import CASES, LIMITED_SERVER_FLAGS, valid_stream
 from tests.servers import run_server
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read())[1]) / 1024
 
 
 def wait_idle(address: str, timeout: float = 30.0) -> pb.ServerStats:
@@ -50,13 +46,13 @@ def test_bad_input_battery_keeps_memory_bounded(hostile_server):
         codes = set()
         for round_ in range(4):
             if round_ == 1:
-                baseline = rss_mib(hostile_server.process.pid)
+                baseline = memory_bytes(hostile_server.process.pid) / 2**20
             for stream, expected in CASES.values():
                 with pytest.raises(grpc.RpcError) as err:
                     list(stub.Compute(iter(stream), timeout=30))
                 assert err.value.code() == expected
                 codes.add(err.value.code())
-        grown = rss_mib(hostile_server.process.pid) - baseline
+        grown = memory_bytes(hostile_server.process.pid) / 2**20 - baseline
         responses = list(stub.Compute(iter(valid_stream()), timeout=30))
     assert len(CASES) >= 25 and grpc.StatusCode.INTERNAL not in codes
     assert responses[-1].HasField("summary")

@@ -16,6 +16,7 @@ from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.v1 import wire
 from tests.jobs import random_job
+from tests.process_memory import memory_bytes
 
 SIZES = (7, 12, 5, 3)
 
@@ -543,14 +544,6 @@ def test_random_reorderings_of_a_per_model_stream_are_refused_or_change_nothing(
     assert outcomes["OK"] and outcomes["INVALID_ARGUMENT"], outcomes
 
 
-def rss_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def test_eight_million_samples_stream_through_bounded_server_memory():
     """N = 8,000,000 (320 MB of samples: shared inputs, each model its own targets): the
     server's peak RSS grows by well under the job's input bytes, and the result equals the
@@ -578,14 +571,14 @@ def test_eight_million_samples_stream_through_bounded_server_memory():
         # a one-micro-batch warm-up left up to ~75 MiB of that to the measured job.
         client.compute({k: v.numpy() for k, v in params.items()}, x[:400_000].numpy(),
                        y[:, :400_000].numpy(), micro_batch_samples=20_000)  # fmt: skip
-        before = rss_kib(pid, "VmRSS")
+        before = memory_bytes(pid, "VmRSS")
         with open(f"/proc/{pid}/clear_refs", "w") as f:
             f.write("5")  # reset the peak (VmHWM) to the current RSS
         result = client.compute(
             {k: v.numpy() for k, v in params.items()}, x.numpy(), y.numpy(),
             hidden_activation="tanh", micro_batch_samples=20_000,
         )  # fmt: skip
-        growth = (rss_kib(pid, "VmHWM") - before) * 1024
+        growth = memory_bytes(pid, "VmHWM") - before
     # Measured here for N = 4M (the growth does not follow N): 9-14 MiB on idle cores,
     # 14-35 MiB with two more busy processes, 15-63 MiB with six. What varies is gRPC's
     # read-ahead: the server reads a micro-batch only once the last one is computed, and
@@ -639,9 +632,9 @@ def test_per_sample_results_stream_out_through_bounded_server_memory():
         with GradientClient(server.address, timeout=300) as client:
             client.compute(params, x[:1000], y[:, :1000], **opts)  # warm-up
             pid = server.process.pid
-            before = rss_kib(pid, "VmHWM")
+            before = memory_bytes(pid, "VmHWM")
             streamed = client.compute(params, x, y, micro_batch_samples=20_000, **opts)
-            growth = (rss_kib(pid, "VmHWM") - before) * 1024
+            growth = memory_bytes(pid, "VmHWM") - before
             first_and_last = (slice(0, 1000), slice(n - 1000, n))
             ends = [client.compute(params, x[k], y[:, k], **opts) for k in first_and_last]
     per_sample_bytes = sum(streamed.tensors[k].nbytes for k in ("inputs.grad", "per_sample_loss"))
