@@ -4,6 +4,7 @@ test_load_balancer for nginx), its accepted message first."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 
@@ -83,3 +84,38 @@ def test_heartbeats_can_be_turned_off():
         with engine_occupied(server.address, args, 1):
             responses = queued_responses(server.address, args)
     assert len(responses) == 1 and responses[0].HasField("summary")
+
+
+def test_a_streamed_job_hears_heartbeats_while_its_first_micro_batch_waits():
+    """A streamed job's upload stalls while its first micro-batch waits in the queue: the
+    heartbeats go out then, before any of its per-sample rows, and the sync and async
+    clients skip them among the rows."""
+    from gradserve.client import AsyncGradientClient
+
+    args = job_args(53)
+    options = dict(micro_batch_samples=64, per_sample_losses=True)
+    with run_server("--batch-max-jobs", "1", "--heartbeat-s", "0.2") as server:
+        with engine_occupied(server.address, args, 2):
+            responses = queued_responses(server.address, args, **options)
+        with engine_occupied(server.address, args, 2):
+            with GradientClient(server.address) as client:
+                synced = client.compute(*args, **options)
+        with engine_occupied(server.address, args, 2):
+
+            async def run():
+                async with AsyncGradientClient(server.address) as client:
+                    return await client.compute(*args, **options)
+
+            awaited = asyncio.run(run())
+        with GradientClient(server.address) as client:
+            alone = client.compute(*args, per_sample_losses=True)
+    rows = [
+        i for i, r in enumerate(responses) if any(c.name == "per_sample_loss" for c in r.chunks)
+    ]
+    beats = [i for i, r in enumerate(responses) if r.ByteSize() == 0]
+    assert len([i for i in beats if i < rows[0]]) >= 3  # queued about 2 s at one per 0.2 s
+    for result in (synced, awaited):
+        assert result.summary["queue_seconds"] > 1
+        np.testing.assert_allclose(result.loss, alone.loss, rtol=1e-6)
+        np.testing.assert_allclose(result.tensors["per_sample_loss"],
+                                   alone.tensors["per_sample_loss"], rtol=1e-6)  # fmt: skip
