@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
-from grpc._cython.cygrpc import ExecuteBatchError as StreamOperationFailed
 
 import gradserve
 from gradserve import kernels
@@ -49,6 +48,15 @@ from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.v1 import wire
 
 log = logging.getLogger("gradserve.server")
+
+try:
+    # What grpcio raises where a write fails because the client went away (a private name).
+    from grpc._cython.cygrpc import ExecuteBatchError as StreamOperationFailed
+except ImportError:  # a grpcio that moved it: such a failure is logged as a fault again
+
+    class StreamOperationFailed(Exception):  # type: ignore[no-redef]
+        pass
+
 
 # Payload checks and result serialisation below this size run on the event loop: measured
 # with 64 concurrent small jobs, thread hops for them cost more than the work itself.
