@@ -183,6 +183,9 @@ class IdleTimer:
         self.interrupted = False
 
     def arm(self) -> None:
+        if self.interrupted:  # came while no read waited: this read ends at once
+            self.task.cancel()
+            return
         self.handle = asyncio.get_running_loop().call_later(self.timeout_s, self._fire)
 
     def disarm(self) -> None:
@@ -191,11 +194,12 @@ class IdleTimer:
             self.handle = None
 
     def interrupt(self) -> None:
-        """End the read that waits, if one does, the same way (for a failure beside it that
-        the client, waiting for results before it sends more, would otherwise never hear)."""
+        """End the read that waits, or else the next one, the same way (for a failure beside
+        the reads that a client waiting for results before it sends more would otherwise
+        never hear of)."""
+        self.interrupted = True
         if self.handle is not None:
             self.disarm()
-            self.interrupted = True
             self.task.cancel()
 
     def _fire(self) -> None:
@@ -300,8 +304,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
     async def _read(self, context, idle: IdleTimer) -> pb.ComputeRequest | None:
         """Next request message, None at the end of the stream."""
         idle.arm()
-        msg = await context.read()
-        idle.disarm()
+        try:
+            msg = await context.read()
+        finally:
+            idle.disarm()
         return None if msg is grpc.aio.EOF else msg
 
     def _io(self, nbytes: int, fn, *args) -> asyncio.Future:
