@@ -214,10 +214,12 @@ def test_a_run_continued_into_the_results_file_it_continues_from(server, tmp_pat
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
 
 
-def test_a_job_file_streams_from_disk_through_bounded_client_memory(server, tmp_path):
-    """A safetensors job file is mapped, not read: a streamed job of 240 MB of inputs goes
-    out with the CLI's own (anonymous) memory growing far less than that, its samples read
-    from the file as they are sent. The loss is that of every sample (float64 numpy)."""
+@pytest.mark.parametrize("fmt", ["safetensors", "npz"])
+def test_a_job_file_streams_from_disk_through_bounded_client_memory(server, tmp_path, fmt):
+    """A job file (safetensors, or npz as np.savez writes it) is mapped, not read: a
+    streamed job of 240 MB of inputs goes out with the CLI's own (anonymous) memory growing
+    far less than that, its samples read from the file as they are sent. The loss is that
+    of every sample (float64 numpy)."""
     n, d = 600_000, 100
     rng = np.random.default_rng(7)
     x = rng.standard_normal((n, d), dtype=np.float32)
@@ -230,7 +232,7 @@ def test_a_job_file_streams_from_disk_through_bounded_client_memory(server, tmp_
     }
     from gradserve.client._jobfile import save_job
 
-    job = str(tmp_path / "big.safetensors")
+    job = str(tmp_path / f"big.{fmt}")
     save_job(job, {**params, "inputs": x, "targets": y}, {"layer_sizes": [d, 8, 1]})
     h = np.maximum(x.astype(np.float64) @ params["layers.0.weight"][0].T.astype(np.float64)
                    + params["layers.0.bias"][0], 0)  # fmt: skip
@@ -253,8 +255,34 @@ def test_a_job_file_streams_from_disk_through_bounded_client_memory(server, tmp_
     assert proc.returncode == 0, stderr
     summary = json.loads(stdout)
     np.testing.assert_allclose(summary["loss"], [expected_loss], rtol=1e-5)
-    # Measured here: 29 MiB (the whole process); reading the file whole, as the CLI did: 260.
+    # Measured here: 29 MiB (the whole process), both formats; reading the file whole, as
+    # the CLI did: 260 (safetensors).
     assert peak < n * d * 4 / 2, f"the CLI's anonymous memory peaked at {peak >> 20} MiB"
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_job_files_load_as_written_mapped_or_not(tmp_path, save):
+    """np.savez's members (stored) are views of the mapped file, np.savez_compressed's read
+    whole: either way every array as written, Fortran order, 0-d and empty ones too."""
+    from gradserve.client._jobfile import load_job
+
+    rng = np.random.default_rng(5)
+    arrays = {
+        "layers.0.weight": rng.standard_normal((2, 3, 5), dtype=np.float32),
+        "inputs": np.asfortranarray(rng.standard_normal((7, 5))),
+        "targets": rng.integers(0, 3, 7),
+        "sample_weights": np.zeros((0,), np.float32),
+        "layers.0.bias": np.float32(1.5) * np.ones((), np.float32),
+    }
+    path = str(tmp_path / "job.npz")
+    save(path, **arrays, **{"gradserve.job": np.array(json.dumps({"loss": "cross_entropy"}))})
+    tensors, job = load_job(path)
+    assert job == {"loss": "cross_entropy"} and set(tensors) == set(arrays)
+    for name, a in arrays.items():
+        got = tensors[name]
+        assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a), name
+    mapped = not tensors["inputs"].flags.writeable  # a view of the read-only mapping
+    assert mapped == (save is np.savez)
 
 
 def test_a_reader_that_stops_early_ends_the_cli_quietly(server, tmp_path):
