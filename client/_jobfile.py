@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from gradserve.client import _safetensors
+from gradserve.client._files import replacing
 
 JOB_KEY = "gradserve.job"
 SUMMARY_KEY = "gradserve.summary"
@@ -44,7 +45,8 @@ def strict_json(value: Any) -> str:
 
 def save_job(path: str, tensors: dict[str, np.ndarray], job: dict[str, Any]) -> None:
     if path.endswith(".npz"):
-        np.savez(path, **tensors, **{JOB_KEY: np.array(json.dumps(job))})
+        with replacing(path) as f:
+            np.savez(f, **tensors, **{JOB_KEY: np.array(json.dumps(job))})
     else:
         _safetensors.save(tensors, path, {JOB_KEY: json.dumps(job)})
 
@@ -145,6 +147,7 @@ def save_results(
     tensors that came as bfloat16 (widened to float32 in numpy), stored as bfloat16 in
     safetensors; npz, which has no such dtype, keeps them float32."""
     if path.endswith(".npz"):
-        np.savez(path, **tensors, **{SUMMARY_KEY: np.array(strict_json(summary))})
+        with replacing(path) as f:
+            np.savez(f, **tensors, **{SUMMARY_KEY: np.array(strict_json(summary))})
     else:
         _safetensors.save(tensors, path, {SUMMARY_KEY: strict_json(summary)}, bfloat16)

@@ -6,7 +6,6 @@ data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw tensor by
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
@@ -15,6 +14,7 @@ import struct
 
 import numpy as np
 
+from gradserve.client._files import replacing
 from gradserve.client._tensors import raw_bytes
 
 _TO_CODE = {
@@ -57,21 +57,11 @@ def save(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | N
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-    # Written beside `path`, then renamed over it: no reader sees half a file, an interrupted
-    # save leaves the old one whole, and a file still mapped by load() (the parameters a run
-    # continues from, its results saved to the same path) keeps its bytes for its readers.
-    partial = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(partial, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for a in arrays:
-                f.write(raw_bytes(a))
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        raise
+    with replacing(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays:
+            f.write(raw_bytes(a))
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

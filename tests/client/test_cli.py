@@ -194,24 +194,38 @@ def test_parameters_from_continues_training_where_it_ended(server, tmp_path):
             assert np.array_equal(a[name], b[name]), name
 
 
-def test_a_run_continued_into_the_results_file_it_continues_from(server, tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "npz"])
+def test_a_run_continued_into_the_results_file_it_continues_from(server, tmp_path, fmt):
     """--parameters-from and the results path the same file: the job file's tensors are
     views of the mapped file, and the results go beside it, then over it."""
+    from gradserve.client._jobfile import SUMMARY_KEY, load_job
+
     cli("example", str(tmp_path))
     job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
     adam = ["--address", server.address, "compute", job]
     train = ["--optimizer", "adam", "--learning-rate", "0.01", "--return-optimizer-state"]
-    first, second, run = (str(tmp_path / f"{n}.safetensors") for n in ("a", "b", "run"))
+    first, second, run = (str(tmp_path / f"{n}.{fmt}") for n in ("a", "b", "run"))
     cli(*adam, first, *train, "--steps", "3")
     cli(*adam, second, *train, "--steps", "2", "--parameters-from", first)
     shutil.copyfile(first, run)
     cli(*adam, run, *train, "--steps", "2", "--parameters-from", run)
-    continued, expected = safetensors.numpy.load_file(run), safetensors.numpy.load_file(second)
+    (continued, summary), (expected, _) = load_job(run, SUMMARY_KEY), load_job(second, SUMMARY_KEY)
     assert set(continued) == set(expected)
     for name in expected:
         assert np.array_equal(continued[name], expected[name]), name
-    assert results_summary(run)["trained_steps"] == 5
+    assert summary["trained_steps"] == 5
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+
+
+def test_an_interrupted_save_leaves_the_old_file_whole(tmp_path):
+    from gradserve.client._files import replacing
+
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old results")
+    with pytest.raises(KeyboardInterrupt), replacing(str(path)) as f:
+        f.write(b"half of the new")
+        raise KeyboardInterrupt  # Ctrl-C while writing
+    assert path.read_bytes() == b"old results" and os.listdir(tmp_path) == ["out.safetensors"]
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
