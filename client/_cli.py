@@ -19,6 +19,7 @@ from gradserve.client._jobfile import SUMMARY_KEY, load_job, save_job, save_resu
 from gradserve.client._models import normalize
 from gradserve.client._progress import ProgressBar
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1.shapes import SAMPLE_TENSORS
 
 DEFAULT_ADDRESS = os.environ.get("GRADSERVE_ADDRESS", "127.0.0.1:50051")
 OPTION_NAMES = {f.name for f in fields(JobOptions)}
@@ -37,7 +38,6 @@ OPTION_TYPES = {
 # Keys of a job file's JSON description: the architecture's layer_sizes (the tensors say
 # them too) and the compute() options that are plain values.
 JOB_FILE_OPTIONS = OPTION_NAMES - {"optimizer_state", "on_step", "on_progress"}
-SAMPLE_TENSORS = ("inputs", "targets", "sample_weights")
 
 
 def _checked_job_options(path: str, job: dict) -> dict:

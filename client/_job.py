@@ -30,6 +30,7 @@ from gradserve.client._tensors import (
 )
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import wire
+from gradserve.v1.shapes import is_per_model
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Results with a row per sample ([M, N, ...]): a streamed job's come micro-batch by
@@ -207,13 +208,6 @@ class WireJob:
     @property
     def payload_bytes(self) -> int:
         return sum(len(d) for _, d in self.payloads)
-
-
-def is_per_model(name: str, shape, cross_entropy: bool) -> bool:
-    """Whether a sample tensor (inputs, targets, sample_weights) of this shape is given per
-    model ([M, N, ...]) rather than shared by all models ([N, ...]): one dimension more."""
-    shared_dims = {"inputs": 2, "targets": 1 if cross_entropy else 2, "sample_weights": 1}
-    return len(shape) == shared_dims[name] + 1
 
 
 def _agreeing_activation(given, inferred, what: str):

@@ -17,12 +17,12 @@ from gradserve.client._job import (
     WireJob,
     build_job,
     check_options,
-    is_per_model,
     result_from_tensors,
     whole_number,
 )
 from gradserve.client._models import Ensemble, as_array, normalize
 from gradserve.client._tensors import is_torch
+from gradserve.v1.shapes import is_per_model
 
 
 def sharded_jobs(model, inputs, targets, sample_weights, shards: int,

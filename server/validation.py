@@ -24,6 +24,7 @@ from gradserve.server import codec
 from gradserve.server.config import ServerConfig
 from gradserve.server.errors import invalid, too_large, unsupported
 from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1.shapes import SAMPLE_TENSORS, is_per_model
 
 MIN_RESPONSE_CHUNK_BYTES = 4096
 MIN_UPLOAD_CHUNK_BYTES = 4096  # the chunk size request messages are expected to reach
@@ -537,12 +538,6 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
                 f"tensors[{name}]",
             )
     tensors: dict[str, TensorSpec] = {}
-    # dimensions of each sample tensor when shared by all models ([N, ...])
-    shared_dims = {
-        "inputs": 2,
-        "targets": 1 if loss.name == "cross_entropy" else 2,
-        "sample_weights": 1,
-    }
     per_model = set()  # sample tensors given per model ([M, N, ...])
     for name, (dtypes, shape) in expected.items():
         if name not in declared:
@@ -574,7 +569,7 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
                 f"tensor {name!r} has shape {list(got_shape)}, expected {list(shape)}",
                 f"tensors[{name}].shape",
             )
-        if name in shared_dims and len(shape) > shared_dims[name]:
+        if name in SAMPLE_TENSORS and is_per_model(name, shape, loss.name == "cross_entropy"):
             per_model.add(name)
         tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
 
