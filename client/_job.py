@@ -30,12 +30,9 @@ from gradserve.client._tensors import (
 )
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import wire
-from gradserve.v1.shapes import is_per_model
+from gradserve.v1.shapes import PER_SAMPLE_RESULTS, is_per_model
 
 DEFAULT_CHUNK_BYTES = 1 << 20
-# Results with a row per sample ([M, N, ...]): a streamed job's come micro-batch by
-# micro-batch, each model's rows a run of their own.
-PER_SAMPLE_RESULTS = ("per_sample_loss", "per_sample_grad_norm", "outputs", "inputs.grad")
 
 ACTIVATIONS = {
     "identity": pb.ACTIVATION_KIND_IDENTITY,

@@ -37,7 +37,6 @@ from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
     MIN_UPLOAD_CHUNK_BYTES,
-    PER_SAMPLE_RESULTS,
     PRECISION_NAMES,
     JobPlan,
     validate_header,
@@ -46,6 +45,7 @@ from gradserve.server.worker import DeviceWorker
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.v1 import wire
+from gradserve.v1.shapes import PER_SAMPLE_RESULTS
 
 log = logging.getLogger("gradserve.server")
 
@@ -139,7 +139,7 @@ def one_write_at_a_time(write):
 
 def per_sample(plan: JobPlan, d: pb.TensorDescriptor) -> bool:
     """A streamed job's per-sample result: sent micro-batch by micro-batch, never whole."""
-    return bool(plan.micro_batch_samples) and d.name in PER_SAMPLE_RESULTS.values()
+    return bool(plan.micro_batch_samples) and d.name in PER_SAMPLE_RESULTS
 
 
 def held_result_bytes(plan: JobPlan, d: pb.TensorDescriptor) -> int:

@@ -37,7 +37,7 @@ from gradserve.server.assembly import (
     parameters,
 )
 from gradserve.server.errors import invalid
-from gradserve.server.validation import PER_SAMPLE_RESULTS, JobPlan
+from gradserve.server.validation import PER_SAMPLE_FIELDS, JobPlan
 
 
 class SampleStream:
@@ -221,7 +221,7 @@ def accumulate(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleRe
         if part.weight_grads is not None:
             total.weight_grads = [g.double() for g in part.weight_grads]
             total.bias_grads = [g.double() for g in part.bias_grads]
-        for field in PER_SAMPLE_RESULTS:
+        for field in PER_SAMPLE_FIELDS:
             setattr(total, field, None)
     else:
         total.loss += part.loss
@@ -238,7 +238,7 @@ def per_sample_rows(part: EnsembleResult, plan: JobPlan) -> dict[str, torch.Tens
     outputs are the same whatever the reduction)."""
     divisor = _count(plan) if plan.loss.reduction == "mean" else 1
     rows = {}
-    for field, name in PER_SAMPLE_RESULTS.items():
+    for field, name in PER_SAMPLE_FIELDS.items():
         value = getattr(part, field)
         if value is not None:
             reduced = field in ("per_sample_grad_norm", "input_grads") and divisor != 1

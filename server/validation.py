@@ -24,12 +24,12 @@ from gradserve.server import codec
 from gradserve.server.config import ServerConfig
 from gradserve.server.errors import invalid, too_large, unsupported
 from gradserve.v1 import gradserve_pb2 as pb
-from gradserve.v1.shapes import SAMPLE_TENSORS, is_per_model
+from gradserve.v1.shapes import PER_SAMPLE_RESULTS, SAMPLE_TENSORS, is_per_model
 
 MIN_RESPONSE_CHUNK_BYTES = 4096
 MIN_UPLOAD_CHUNK_BYTES = 4096  # the chunk size request messages are expected to reach
 # Per-sample results ([M, N, ...]): EnsembleResult field -> wire name.
-PER_SAMPLE_RESULTS = {
+PER_SAMPLE_FIELDS = {
     "per_sample_loss": "per_sample_loss",
     "per_sample_grad_norm": "per_sample_grad_norm",
     "outputs": "outputs",
@@ -231,8 +231,8 @@ class JobPlan:
         if self.outputs.input_gradients:
             out.append(codec.descriptor("inputs.grad", self.gradient_dtype, (m, n, sizes[0])))
         if self.micro_batch_samples:  # a streamed job's per-sample rows go as computed
-            first = [d for d in out if d.name in PER_SAMPLE_RESULTS.values()]
-            out = first + [d for d in out if d.name not in PER_SAMPLE_RESULTS.values()]
+            first = [d for d in out if d.name in PER_SAMPLE_RESULTS]
+            out = first + [d for d in out if d.name not in PER_SAMPLE_RESULTS]
         return out
 
     def _training_descriptors(self, dtype: int) -> list[pb.TensorDescriptor]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 SAMPLE_TENSORS = ("inputs", "targets", "sample_weights")
+# Results with a row per sample ([M, N, ...]): a streamed job's are sent micro-batch by
+# micro-batch, each model's rows a run of their own, before the other results.
+PER_SAMPLE_RESULTS = ("per_sample_loss", "per_sample_grad_norm", "outputs", "inputs.grad")
 
 
 def shared_dims(name: str, cross_entropy: bool) -> int:
