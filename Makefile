@@ -29,6 +29,7 @@ bench:
 	$(PY) bench/losses_cpu.py
 	$(PY) bench/linear_cpu.py
 	$(PY) bench/transfer.py
+	$(PY) bench/streamed.py
 	$(PY) bench/batching.py
 	$(PY) bench/privacy.py
 	$(PY) bench/overload.py

@@ -179,23 +179,25 @@ class WireJob:
         job the parameters, then the sample tensors interleaved micro-batch by micro-batch
         (a per-model one's rows of each micro-batch model by model)."""
         batch = self.header.micro_batch_samples
-        params = [(n, d) for n, d in self.payloads if n.startswith("layers.")]
-        samples = [(n, d) for n, d in self.payloads if not n.startswith("layers.")]
-        spans = [(n, d, 0, len(d)) for n, d in (self.payloads if not batch else params)]
-        if batch:
-            shapes = {d.name: tuple(d.shape) for d in self.header.tensors}
-            total = shapes["inputs"][-2]
-            for start in range(0, total, batch):
-                end = min(start + batch, total)
-                for name, data in samples:
-                    lanes = self._lanes(name, shapes[name])
-                    lane_bytes = len(data) // lanes
-                    row = lane_bytes // total
-                    for first in range(0, len(data), lane_bytes):  # each model's first byte
-                        spans.append((name, data, first + start * row, first + end * row))
-        for name, data, begin, end in spans:
-            for offset in range(begin, end, chunk_bytes):
-                yield name, offset, data[offset : min(offset + chunk_bytes, end)]
+        for name, data in self.payloads:
+            if not batch or name.startswith("layers."):
+                yield from _split(name, data, 0, len(data), chunk_bytes)
+        if not batch:
+            return
+        shapes = {d.name: tuple(d.shape) for d in self.header.tensors}
+        total = shapes["inputs"][-2]
+        samples = []  # (name, data, each lane's first byte, a row's bytes)
+        for name, data in self.payloads:
+            if not name.startswith("layers."):
+                lane_bytes = len(data) // self._lanes(name, shapes[name])
+                samples.append((name, data, range(0, len(data), lane_bytes), lane_bytes // total))
+        for start in range(0, total, batch):
+            end = min(start + batch, total)
+            for name, data, lane_starts, row in samples:
+                for first in lane_starts:
+                    yield from _split(
+                        name, data, first + start * row, first + end * row, chunk_bytes
+                    )
 
     def _lanes(self, name: str, shape: tuple) -> int:
         """M for a sample tensor given per model ([M, N, ...]), 1 for a shared one."""
@@ -205,6 +207,15 @@ class WireJob:
     @property
     def payload_bytes(self) -> int:
         return sum(len(d) for _, d in self.payloads)
+
+
+def _split(name: str, data: memoryview, begin: int, end: int, chunk_bytes: int):
+    """(name, offset, bytes) of data[begin:end] in pieces of at most chunk_bytes."""
+    if 0 < end - begin <= chunk_bytes:  # a streamed job's rows: mostly one piece
+        yield name, begin, data[begin:end]
+        return
+    for offset in range(begin, end, chunk_bytes):
+        yield name, offset, data[offset : min(offset + chunk_bytes, end)]
 
 
 def _agreeing_activation(given, inferred, what: str):

@@ -112,8 +112,17 @@ class ChunkPacker:
         self.pending, self.pending_bytes = [prefix] if prefix else [], 0
 
     async def add(self, name: str, offset: int, piece) -> None:
-        if self.pending and self.pending_bytes + len(piece) > self.budget:
+        if self.full(len(piece)):
             await self.flush()
+        self.put(name, offset, piece)
+
+    def full(self, size: int) -> bool:
+        """A piece of `size` bytes would take the pending message past its budget."""
+        return bool(self.pending) and self.pending_bytes + size > self.budget
+
+    def put(self, name: str, offset: int, piece) -> None:
+        """Add a piece to the pending message (add() without the flush, for callers adding
+        many small pieces, which flush when full())."""
         self.pending.append(wire.encode_chunk(name, offset, piece))
         self.pending_bytes += len(piece)
 
@@ -616,7 +625,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 first = m * run + start * (run // n)
                 for offset in range(0, count, budget):
                     piece = data[m * count + offset : m * count + min(offset + budget, count)]
-                    await packer.add(d.name, first + offset, piece)
+                    if packer.full(len(piece)):
+                        await packer.flush()
+                    packer.put(d.name, first + offset, piece)
             sent += len(data)
         await packer.flush()
         return sent

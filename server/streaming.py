@@ -57,8 +57,12 @@ class SampleStream:
         # (its M lanes would otherwise hold M chunks more).
         self.limit = {n: 2 * batch * r for n, r in self.row_bytes.items()}
         self.next_sample = 0  # first sample of the next micro-batch
+        # Bytes each lane of a tensor must hold for the next micro-batch to be cut.
+        self.need = self._need()
         # Lanes holding the next micro-batch's rows: it is cut when all of them do.
         self.filled = 0
+        # Every parameter byte is in (checked once it is, not for every sample chunk).
+        self.params_complete = False
         self.total_lanes = sum(self.lanes.values())
         # Micro-batches cut from the buffers as soon as complete (one request message may
         # carry several), waiting to be launched: (first sample, engine job).
@@ -70,13 +74,17 @@ class SampleStream:
         if name not in self.pending:
             self.params.add(chunk)  # parameters, or an undeclared name (INVALID_ARGUMENT)
             return
-        if self.params.missing():
-            raise invalid(
-                "in a streamed job every parameter byte must arrive before the first sample "
-                f"byte; got a chunk of {name!r} while {self.params.missing()} are incomplete",
-                f"chunks[{name}]",
-            )
-        lane, length = self._lane_of(chunk), len(chunk.data)
+        if not self.params_complete:
+            if self.params.missing():
+                raise invalid(
+                    "in a streamed job every parameter byte must arrive before the first "
+                    f"sample byte; got a chunk of {name!r} while {self.params.missing()} are "
+                    "incomplete",
+                    f"chunks[{name}]",
+                )
+            self.params_complete = True
+        data = chunk.data
+        lane, length = self._lane_of(name, chunk.offset, len(data)), len(data)
         pending = self.pending[name][lane]
         per_model = self.lanes[name] > 1
         ahead = len(pending) + (length if per_model else 0)
@@ -93,19 +101,18 @@ class SampleStream:
                 "interleave their chunks micro-batch by micro-batch",
                 f"chunks[{name}]",
             )
-        need = self._need(name)
+        need = self.need[name]
         was_filled = len(pending) >= need
-        pending += chunk.data
+        pending += data
         self.received[name][lane] += length
         if not was_filled and len(pending) >= need:
             self.filled += 1
-        while (micro := self._next_micro_batch()) is not None:
-            self.ready.append(micro)
+            while self.filled == self.total_lanes and self.next_sample < self.plan.num_samples:
+                self.ready.append(self._next_micro_batch())
 
-    def _lane_of(self, chunk) -> int:
+    def _lane_of(self, name: str, offset: int, length: int) -> int:
         """The lane a chunk continues; refused (INVALID_ARGUMENT) where it does not start
         where that lane's bytes left off, is empty, or runs beyond the lane."""
-        name, offset, length = chunk.name, chunk.offset, len(chunk.data)
         span, lanes = self.lane_bytes[name], self.lanes[name]
         lane = min(max(offset, 0) // span, lanes - 1)
         start = lane * span
@@ -136,22 +143,21 @@ class SampleStream:
         """Samples in the next micro-batch."""
         return min(self.plan.micro_batch_samples, self.plan.num_samples - self.next_sample)
 
-    def _need(self, name: str) -> int:
-        """Bytes each lane of `name` must hold for the next micro-batch to be cut."""
-        return max(self._count(), 1) * self.row_bytes[name]
+    def _need(self) -> dict[str, int]:
+        """Bytes each lane of a tensor must hold for the next micro-batch to be cut."""
+        count = max(self._count(), 1)
+        return {name: count * row for name, row in self.row_bytes.items()}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         if self._parameters is None:
             self._parameters = self.params.tensors()
         return self._parameters
 
-    def _next_micro_batch(self) -> tuple[int, EnsembleJob] | None:
-        """The next micro-batch whose rows have all arrived, (its first sample, its engine
-        job), or None."""
+    def _next_micro_batch(self) -> tuple[int, EnsembleJob]:
+        """The next micro-batch, all of whose rows have arrived, cut from the buffers: (its
+        first sample, its engine job)."""
         plan = self.plan
         count = self._count()
-        if count == 0 or self.filled < self.total_lanes:
-            return None
         rows = {}
         for name, row in self.row_bytes.items():
             size, lanes = count * row, self.pending[name]
@@ -168,8 +174,9 @@ class SampleStream:
         check_values(rows, plan)
         start = self.next_sample
         self.next_sample += count
+        self.need = self._need()
         self.filled = sum(
-            len(p) >= self._need(n) for n, lanes in self.pending.items() for p in lanes
+            len(p) >= self.need[n] for n, lanes in self.pending.items() for p in lanes
         )
         gradients = plan.outputs.parameter_gradients or plan.optimizer is not None
         return start, engine_job(

@@ -23,6 +23,7 @@ directions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -33,9 +34,15 @@ _CHUNK_TAG = 0x12  # field 2 (chunks), wire type 2 (length-delimited)
 _NAME_TAG = 0x0A  # TensorChunk.name: field 1, length-delimited
 _OFFSET_TAG = 0x10  # TensorChunk.offset: field 2, varint
 _DATA_TAG = 0x1A  # TensorChunk.data: field 3, length-delimited
+_CHUNK_KEY, _OFFSET_KEY, _DATA_KEY = bytes([_CHUNK_TAG]), bytes([_OFFSET_TAG]), bytes([_DATA_TAG])
+
+
+_ONE_BYTE_VARINTS = [bytes([value]) for value in range(0x80)]
 
 
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:  # most lengths of small chunks' fields
+        return _ONE_BYTE_VARINTS[value]
     value &= (1 << 64) - 1  # int64 fields encode negatives as 10-byte two's complement
     out = bytearray()
     while True:
@@ -61,20 +68,23 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+@functools.lru_cache(maxsize=1024)
+def _name_field(name: str) -> bytes:
+    """TensorChunk.name's encoding (a job's tensors are few, their chunks many)."""
+    name_bytes = name.encode()
+    return bytes([_NAME_TAG]) + _varint(len(name_bytes)) + name_bytes if name_bytes else b""
+
+
 def encode_chunk(name: str, offset: int, data) -> bytes:
     """Serialized ComputeRequest/ComputeResponse holding one TensorChunk (concatenate
     several, or append them to a serialized header, for a message holding them all)."""
-    name_bytes = name.encode()
-    inner_head = bytearray()
-    if name_bytes:
-        inner_head += bytes([_NAME_TAG]) + _varint(len(name_bytes)) + name_bytes
-    if offset:
-        inner_head += bytes([_OFFSET_TAG]) + _varint(offset)
     size = len(data)
-    if size:
-        inner_head += bytes([_DATA_TAG]) + _varint(size)
-    head = bytes([_CHUNK_TAG]) + _varint(len(inner_head) + size) + bytes(inner_head)
-    return b"".join((head, data))
+    inner_head = b"".join((
+        _name_field(name),
+        _OFFSET_KEY + _varint(offset) if offset else b"",
+        _DATA_KEY + _varint(size) if size else b"",
+    ))  # fmt: skip
+    return b"".join((_CHUNK_KEY, _varint(len(inner_head) + size), inner_head, data))
 
 
 @dataclass
