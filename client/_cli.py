@@ -14,7 +14,14 @@ import numpy as np
 from gradserve.client._client import GradientClient
 from gradserve.client._errors import GradserveError
 from gradserve.client._examples import ensemble_network, notebook_network
-from gradserve.client._job import JobOptions, build_job, is_optimizer_state, is_parameter
+from gradserve.client._job import (
+    ACTIVATIONS,
+    LOSSES,
+    JobOptions,
+    build_job,
+    is_optimizer_state,
+    is_parameter,
+)
 from gradserve.client._jobfile import SUMMARY_KEY, load_job, save_job, save_results, strict_json
 from gradserve.client._models import normalize
 from gradserve.client._progress import ProgressBar
@@ -408,11 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload and download progress on stderr (default: on a terminal, for "
         f"transfers of {PROGRESS_MIN_BYTES >> 20} MiB or more)",
     )
-    c.add_argument("--loss")
+    c.add_argument("--loss", help=f"one of {', '.join(LOSSES)} (default: the job file's, or mse)")
     c.add_argument("--reduction", choices=["mean", "sum"])
     c.add_argument("--huber-delta", dest="huber_delta", type=float, help="delta of loss huber")
-    c.add_argument("--hidden-activation", dest="hidden_activation")
-    c.add_argument("--output-activation", dest="output_activation")
+    activations = ", ".join(ACTIVATIONS)
+    c.add_argument(
+        "--hidden-activation",
+        dest="hidden_activation",
+        help=f"one of {activations} (default: the job file's, or relu)",
+    )
+    c.add_argument(
+        "--output-activation",
+        dest="output_activation",
+        help=f"one of {activations} (default: the job file's, or identity)",
+    )
     c.add_argument(
         "--negative-slope", dest="negative_slope", type=float, help="slope of leaky_relu"
     )
