@@ -95,7 +95,8 @@ def main() -> None:
         ],  # fmt: skip
         rows,
         f"Client wall time of `GradientClient.compute`, median of {args.repeats}, one server "
-        "process on loopback, torch engine. Command: `python bench/streamed.py`.",
+        "process on loopback, torch engine; CPU times are for comparison within this run "
+        "only. Command: `python bench/streamed.py`.",
     )
 
 
