@@ -519,6 +519,52 @@ def _mutated(rng: random.Random, pieces: list) -> list:
     return pieces
 
 
+@pytest.mark.parametrize("shared_inputs", [True, False])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 64])
+def test_the_clients_pieces_go_micro_batch_by_micro_batch_model_by_model(chunk_bytes,
+                                                                        shared_inputs):  # fmt: skip
+    """What the client sends for a streamed job, piece by piece: the parameters whole first,
+    then each micro-batch's rows of every sample tensor (a per-model one's model by model,
+    split where a model's rows exceed chunk_bytes), each tensor's bytes exactly once."""
+    from gradserve.client._job import JobOptions, build_job
+    from gradserve.client._models import normalize
+
+    m, n, micro = 3, 25, 10  # a last micro-batch of 5 samples
+    params, x, y, w = per_model_job(m, n, "mse", shared_inputs=shared_inputs)
+    lanes = {"inputs": 1 if shared_inputs else m, "targets": m, "sample_weights": m}
+    job = build_job(normalize(params), x, y, w, JobOptions(micro_batch_samples=micro))
+    pieces = list(job._pieces(chunk_bytes))
+    assert all(0 < len(d) <= chunk_bytes for _, _, d in pieces)
+    parameters = [p for p in pieces if p[0].startswith("layers.")]
+    assert pieces[: len(parameters)] == parameters  # none after the first sample byte
+    payloads = dict(job.payloads)
+    for name, data in payloads.items():  # each tensor's bytes exactly once
+        mine = sorted((o, bytes(d)) for t, o, d in pieces if t == name)
+        ends = [o + len(d) for o, d in mine]
+        assert [o for o, _ in mine] == [0, *ends[:-1]]
+        assert b"".join(d for _, d in mine) == bytes(data)
+
+    def place(name, offset):
+        """(micro-batch, tensor, model) of a sample tensor's byte."""
+        row = len(payloads[name]) // lanes[name] // n
+        model, sample = divmod(offset // row, n)
+        return sample // micro, name, model
+
+    # Each piece lies within one model's rows of one micro-batch, and those come in order:
+    # micro-batch after micro-batch, within one the tensors in turn, each model by model.
+    samples = pieces[len(parameters) :]
+    order = [place(name, offset) for name, offset, _ in samples]
+    assert order == [place(name, offset + len(d) - 1) for name, offset, d in samples]
+    batches = [b for b, _, _ in order]
+    assert batches == sorted(batches) and set(batches) == {0, 1, 2}
+    for b in range(3):
+        seen = [(t, k) for batch, t, k in order if batch == b]
+        runs = [key for i, key in enumerate(seen) if i == 0 or seen[i - 1] != key]
+        names = list(dict.fromkeys(t for t, _ in runs))
+        assert sorted(names) == sorted(lanes)
+        assert runs == [(t, k) for t in names for k in range(lanes[t])]
+
+
 def test_random_reorderings_of_a_per_model_stream_are_refused_or_change_nothing(server):
     """A streamed job with per-model targets and weights, its chunks split, swapped, dropped,
     repeated, moved or renamed at random: each such stream is refused (INVALID_ARGUMENT) or,
