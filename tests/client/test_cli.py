@@ -135,19 +135,27 @@ def test_training_flags_print_each_step_and_write_parameters(server, tmp_path):
     assert (results["losses"][-1] < results["losses"][0]).mean() > 0.9  # it trains
 
 
+# Adam options of the training runs that continue one another.
+TRAIN = ["--optimizer", "adam", "--learning-rate", "0.01", "--return-optimizer-state"]
+
+
+def example_job_on(server, tmp_path) -> tuple[str, list[str]]:
+    """The sample ensemble's job file, and the CLI words that compute it on `server`."""
+    cli("example", str(tmp_path))
+    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
+    return job, ["--address", server.address, "compute", job]
+
+
 def test_streamed_training_takes_a_step_a_run_continued_by_parameters_from(server, tmp_path):
     """Two streamed runs (--micro-batch-samples), the second from the first's results, are
     the two steps of one job: equal up to float32 sums in another grouping."""
-    cli("example", str(tmp_path))
-    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
-    adam = ["--address", server.address, "compute", job]
-    train = ["--optimizer", "adam", "--learning-rate", "0.01", "--return-optimizer-state"]
+    _, adam = example_job_on(server, tmp_path)
     first, second, whole = (str(tmp_path / f"{n}.safetensors") for n in ("a", "b", "whole"))
     streamed = ["--micro-batch-samples", "50"]
-    cli(*adam, first, *train, *streamed)
-    printed = cli(*adam, second, *train, *streamed, "--parameters-from", first).stdout
+    cli(*adam, first, *TRAIN, *streamed)
+    printed = cli(*adam, second, *TRAIN, *streamed, "--parameters-from", first).stdout
     assert printed.splitlines()[0].startswith("step 1:")
-    cli(*adam, whole, *train, "--steps", "2")
+    cli(*adam, whole, *TRAIN, "--steps", "2")
     continued, straight = safetensors.numpy.load_file(second), safetensors.numpy.load_file(whole)
     assert set(continued) == set(straight)
     np.testing.assert_allclose(continued["losses"][0], straight["losses"][1], rtol=1e-5)
@@ -159,15 +167,12 @@ def test_streamed_training_takes_a_step_a_run_continued_by_parameters_from(serve
 
 
 def test_parameters_from_continues_training_where_it_ended(server, tmp_path):
-    cli("example", str(tmp_path))
-    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
-    adam = ["--address", server.address, "compute", job]
-    train = ["--optimizer", "adam", "--learning-rate", "0.01", "--return-optimizer-state"]
+    job, adam = example_job_on(server, tmp_path)
     first, second, whole = (str(tmp_path / f"{n}.safetensors") for n in ("a", "b", "whole"))
-    cli(*adam, first, *train, "--steps", "3")
-    printed = cli(*adam, second, *train, "--steps", "2", "--parameters-from", first).stdout
+    cli(*adam, first, *TRAIN, "--steps", "3")
+    printed = cli(*adam, second, *TRAIN, "--steps", "2", "--parameters-from", first).stdout
     assert [line.split(":")[0] for line in printed.splitlines()[:2]] == ["step 3", "step 4"]
-    cli(*adam, whole, *train, "--steps", "5")
+    cli(*adam, whole, *TRAIN, "--steps", "5")
     continued, straight = safetensors.numpy.load_file(second), safetensors.numpy.load_file(whole)
     assert set(continued) == set(straight)
     for name in straight:  # 3 + 2 steps are the 5 steps, Adam's bias correction included
@@ -200,15 +205,12 @@ def test_a_run_continued_into_the_results_file_it_continues_from(server, tmp_pat
     views of the mapped file, and the results go beside it, then over it."""
     from gradserve.client._jobfile import SUMMARY_KEY, load_job
 
-    cli("example", str(tmp_path))
-    job = str(tmp_path / "ensemble-64x16-32-32-1.safetensors")
-    adam = ["--address", server.address, "compute", job]
-    train = ["--optimizer", "adam", "--learning-rate", "0.01", "--return-optimizer-state"]
+    _, adam = example_job_on(server, tmp_path)
     first, second, run = (str(tmp_path / f"{n}.{fmt}") for n in ("a", "b", "run"))
-    cli(*adam, first, *train, "--steps", "3")
-    cli(*adam, second, *train, "--steps", "2", "--parameters-from", first)
+    cli(*adam, first, *TRAIN, "--steps", "3")
+    cli(*adam, second, *TRAIN, "--steps", "2", "--parameters-from", first)
     shutil.copyfile(first, run)
-    cli(*adam, run, *train, "--steps", "2", "--parameters-from", run)
+    cli(*adam, run, *TRAIN, "--steps", "2", "--parameters-from", run)
     (continued, summary), (expected, _) = load_job(run, SUMMARY_KEY), load_job(second, SUMMARY_KEY)
     assert set(continued) == set(expected)
     for name in expected:

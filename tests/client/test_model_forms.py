@@ -84,16 +84,21 @@ def test_list_of_sequentials_returns_a_list_of_gradient_dicts(client):
             torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6)
 
 
+def assert_gradients_per_model(result, params, nets, x, y):
+    """A stack_module_state dict's gradients: its keys, each model's torch's own."""
+    assert set(result.gradients) == set(params)
+    for i, net in enumerate(nets):
+        for k, g in torch_grads(net, x[i], y[i]).items():
+            torch.testing.assert_close(result.gradients[k][i], g, rtol=1e-5, atol=1e-6)
+
+
 def test_stack_module_state_dict_round_trips_its_keys(client):
     nets = [make_net(s, nn.GELU) for s in range(4)]
     params, _ = torch.func.stack_module_state(nets)
     params = {k: v.detach() for k, v in params.items()}
     x, y = torch.randn(4, 7, 3), torch.randn(4, 7, 2)
     result = client.compute(params, x, y, hidden_activation="gelu")
-    assert set(result.gradients) == set(params)
-    for i, net in enumerate(nets):
-        for k, g in torch_grads(net, x[i], y[i]).items():
-            torch.testing.assert_close(result.gradients[k][i], g, rtol=1e-5, atol=1e-6)
+    assert_gradients_per_model(result, params, nets, x, y)
 
 
 def named_net(seed: int) -> nn.Sequential:
@@ -113,10 +118,7 @@ def test_stack_module_state_of_named_modules_round_trips_its_keys(client):
                             "out.weight", "out.bias"]  # fmt: skip
     x, y = torch.randn(3, 9, 3), torch.randn(3, 9, 2)
     result = client.compute(params, x, y, hidden_activation="tanh")
-    assert set(result.gradients) == set(params)
-    for i, net in enumerate(nets):
-        for k, g in torch_grads(net, x[i], y[i]).items():
-            torch.testing.assert_close(result.gradients[k][i], g, rtol=1e-5, atol=1e-6)
+    assert_gradients_per_model(result, params, nets, x, y)
 
 
 @pytest.mark.parametrize(
