@@ -56,7 +56,14 @@ class ServerBusy(JobError):
 
 
 class Admission:
-    def __init__(self, max_inflight_bytes: int, max_queued_jobs: int, retry_pushback_ms: int):
+    def __init__(
+        self,
+        max_inflight_bytes: int,
+        max_queued_jobs: int,
+        retry_pushback_ms: int,
+        on_idle: Callable[[], None] | None = None,
+    ):
+        self.on_idle = on_idle  # called when the last admitted job ends
         self.max_inflight_bytes = max_inflight_bytes
         self.max_queued_jobs = max_queued_jobs
         self.inflight_bytes = 0
@@ -97,5 +104,8 @@ class Admission:
         finally:
             self.inflight_bytes -= nbytes
             self.inflight_jobs -= 1
-            if self.inflight_jobs == 0 and self._idle is not None:
-                self._idle.set()
+            if self.inflight_jobs == 0:
+                if self._idle is not None:
+                    self._idle.set()
+                if self.on_idle is not None:
+                    self.on_idle()

@@ -13,7 +13,7 @@ import torch
 from gradserve import kernels
 from gradserve.kernels import triton_engine
 from gradserve.server.config import ServerConfig
-from gradserve.server.memory import keep_message_memory
+from gradserve.server.memory import keep_freed_memory
 from gradserve.server.ops import Health, enable_reflection
 from gradserve.server.security import BearerTokenAuth, load_token, server_credentials
 from gradserve.server.service import GradientService, handlers
@@ -42,7 +42,7 @@ def host_port(host: str, port: int) -> str:
 
 async def serve(config: ServerConfig) -> None:
     device = resolve_device(config.device)
-    keep_message_memory(config.chunk_bytes)
+    keep_freed_memory()
     token = load_token(config)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -31,6 +31,7 @@ from gradserve.server.errors import (
     unsupported,
 )
 from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
+from gradserve.server.memory import IdleRelease
 from gradserve.server.metrics import Metrics
 from gradserve.server.streaming import SampleStream, accumulate, finish, per_sample_rows
 from gradserve.server.validation import (
@@ -61,6 +62,10 @@ except ImportError:  # a grpcio that moved it: such a failure is logged as a fau
 # Payload checks and result serialisation below this size run on the event loop: measured
 # with 64 concurrent small jobs, thread hops for them cost more than the work itself.
 INLINE_IO_BYTES = 256 << 10
+# Idle seconds after which the heap's freed memory goes back to the system (memory.py): long
+# enough that a client's next job, sent after it has used the last one's results, finds the
+# memory still mapped.
+RELEASE_MEMORY_AFTER_IDLE_S = 1.0
 SAFE_LOG_TEXT = re.compile(r"[\w.:/@+,-]*", re.ASCII)
 
 
@@ -236,13 +241,21 @@ class GradientService(pb_grpc.GradientServiceServicer):
             ),
             on_launch=lambda *launch: self.metrics.launched(*launch),
         )
-        self.admission = Admission(
-            config.max_inflight_bytes, config.max_queued_jobs, config.retry_pushback_ms
-        )
-        self.buffers = BufferPool(config.reuse_buffer_bytes)
         # Payload checks and result serialisation: off the event loop, and off the device
         # thread so they never wait behind a launch.
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="payload-io")
+        self.memory_release = IdleRelease(
+            RELEASE_MEMORY_AFTER_IDLE_S,
+            busy=lambda: self.admission.inflight_jobs > 0,
+            run_in_thread=lambda fn: asyncio.get_running_loop().run_in_executor(self.io, fn),
+        )
+        self.admission = Admission(
+            config.max_inflight_bytes,
+            config.max_queued_jobs,
+            config.retry_pushback_ms,
+            on_idle=self.memory_release.idle,
+        )
+        self.buffers = BufferPool(config.reuse_buffer_bytes)
         self.completed_jobs = 0
         self.failed_jobs = 0
         self.metrics = Metrics(self)
@@ -255,6 +268,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         self.batcher.start()
 
     async def stop(self) -> None:
+        self.memory_release.cancel()
         await self.batcher.stop()
         self.worker.shutdown()
         self.io.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,122 @@
+"""The torch engine's compute time inside a server against the same engine in this process,
+same job, same run (CPU).
+
+The server reports each job's compute seconds (its engine launch, JobSummary); here the
+same EnsembleJob runs through kernels.run in this process. A ratio near 1 means the server
+adds nothing to the engine's own time; memory the server's allocator settings make the
+engine fault in afresh for every tensor shows as a ratio above 1 (server/memory.py). Also
+reported: the server's resident memory right after the jobs and once it has been idle.
+Usage: python bench/server_compute.py [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import median_seconds, write_table  # noqa: E402
+from bench.transfer import start  # noqa: E402
+from gradserve import kernels  # noqa: E402
+from gradserve.client import GradientClient  # noqa: E402
+from gradserve.server.service import RELEASE_MEMORY_AFTER_IDLE_S  # noqa: E402
+from tests.process_memory import memory_bytes  # noqa: E402
+
+SHAPES = [
+    # (M, N, layer_sizes): bench/engine_cpu.py's jobs, then one of 64 MiB activations.
+    (256, 64, (32, 64, 64, 1)),
+    (1024, 32, (16, 32, 32, 1)),
+    (64, 256, (64, 128, 128, 8)),
+    (64, 4096, (32, 64, 64, 1)),
+]
+
+
+def ensemble(rng: np.random.Generator, m: int, n: int, sizes) -> tuple[dict, np.ndarray, ...]:
+    params = {}
+    for i, (d_in, d_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        params[f"layers.{i}.weight"] = rng.standard_normal((m, d_out, d_in), np.float32) / d_in
+        params[f"layers.{i}.bias"] = rng.standard_normal((m, d_out), np.float32)
+    x = rng.standard_normal((m, n, sizes[0]), np.float32)
+    y = rng.standard_normal((m, n, sizes[-1]), np.float32)
+    return params, x, y
+
+
+def in_process_job(params: dict, x: np.ndarray, y: np.ndarray) -> kernels.EnsembleJob:
+    layers = len(params) // 2
+    sizes = [x.shape[-1]] + [params[f"layers.{i}.weight"].shape[1] for i in range(layers)]
+    return kernels.EnsembleJob(
+        mlp=kernels.MLPSpec(tuple(sizes), kernels.Activation("relu")),
+        loss=kernels.LossSpec("mse"),
+        weights=[torch.from_numpy(params[f"layers.{i}.weight"]) for i in range(layers)],
+        biases=[torch.from_numpy(params[f"layers.{i}.bias"]) for i in range(layers)],
+        inputs=torch.from_numpy(x),
+        targets=torch.from_numpy(y),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = os.path.join(tmp, "port")
+        server, address = start(
+            [sys.executable, "-m", "gradserve.server", "--port", "0", "--port-file", port_file,
+             "--device", "cpu"],
+            port_file,
+        )  # fmt: skip
+        try:
+            with GradientClient(address, timeout=300) as client:
+                for m, n, sizes in SHAPES:
+                    params, x, y = ensemble(rng, m, n, sizes)
+                    job = in_process_job(params, x, y)
+                    local = median_seconds(
+                        lambda job=job: kernels.run(job, "torch", torch.device("cpu")),
+                        repeats=args.repeats,
+                    )
+                    served = []
+                    for k in range(args.repeats + 3):
+                        result = client.compute(params, x, y, loss="mse")
+                        if k >= 3:  # the first ones warm up, as median_seconds' do
+                            served.append(result.summary["compute_seconds"])
+                    busy = memory_bytes(server.pid)
+                    time.sleep(RELEASE_MEMORY_AFTER_IDLE_S + 1.0)
+                    idle = memory_bytes(server.pid)
+                    remote = statistics.median(served)
+                    rows.append([
+                        f"M={m} N={n} {list(sizes)}", f"{local * 1e3:.2f}",
+                        f"{remote * 1e3:.2f}", f"{remote / local:.2f}x",
+                        busy >> 20, idle >> 20,
+                    ])  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait()
+    write_table(
+        "server_compute.md",
+        "Torch engine: compute time in a server vs in-process, same jobs (relu, mse, float32, CPU)",
+        [
+            "job",
+            "in-process ms",
+            "server ms",
+            "server / in-process",
+            "server RSS MiB after the jobs",
+            f"after {RELEASE_MEMORY_AFTER_IDLE_S + 1.0:g} s idle",
+        ],  # fmt: skip
+        rows,
+        f"Medians of {args.repeats} jobs each way, after three warm-ups; the server's time is "
+        "its reported compute seconds (one job per launch). CPU times are for comparison "
+        "within this run only. Command: `python bench/server_compute.py`.",
+    )
+
+
+if __name__ == "__main__":
+    main()
