@@ -26,6 +26,21 @@ def median_seconds(fn, *, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, *, repeats: int = 20, warmup: int = 3) -> dict:
+    """Median seconds of each of `fns` (name -> callable), timed one call of each in turn,
+    so that a slow phase of a shared machine hits them all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def alternating_medians(fn, variants: dict, *, repeats: int, warmup: int = 3) -> dict:
     """Median seconds of `fn` under each of `variants` (name -> a context manager factory),
     timed twice in alternation and averaged, so that a slow phase of a shared machine hits
