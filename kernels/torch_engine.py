@@ -1,7 +1,8 @@
 """The torch engine: the whole ensemble in one autograd graph of batched matmuls.
 
-Every layer is one `baddbmm` over the model axis M ([M, d_out, d_in] x [M, d_in, N]), so
-the cost is a handful of large kernels whatever M is, never a Python loop over models.
+Every layer is one `baddbmm` over the model axis M ([M, d_out, d_in] x [M, d_in, N]; on
+the CPU a layer of one input feature is one broadcast multiply-add, linear_layer), so the
+cost is a handful of large kernels whatever M is, never a Python loop over models.
 Runs on CPU or CUDA, in float32, tf32 (CUDA), bfloat16/float16 operands with float32
 accumulation, or float64. This is the fallback engine and the reference the Triton
 engine is tested against (besides the independent float64 oracle in the tests).

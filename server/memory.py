@@ -53,8 +53,8 @@ def _libc():
 
 def keep_freed_memory() -> bool:
     """Serve allocations up to HEAP_ALLOCATION_CEILING from the heap and keep as much freed
-    at its top. Returns whether the allocator took the setting (only
-    glibc has these knobs; elsewhere its own policy stays)."""
+    at its top. Returns whether the allocator took the setting (only glibc has these
+    knobs; elsewhere its own policy stays)."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         log.info("no glibc mallopt: allocator defaults for messages and working memory")
