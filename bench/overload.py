@@ -12,9 +12,7 @@ Usage: python bench/overload.py [--repeats R]
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import write_table  # noqa: E402
-from bench.transfer import start  # noqa: E402
+from bench.transfer import gradserve_server  # noqa: E402
 from gradserve.client import NO_RETRIES, GradientClient, GradserveError  # noqa: E402
 
 JOBS, MODELS, SAMPLES, SIZES = 12, 16, 40000, [64, 64, 1]
@@ -65,14 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     job = make_job()
     job_mb = sum(a.nbytes for a in (*job["model"].values(), job["inputs"], job["targets"])) / 1e6
-    port_file = os.path.join(tempfile.mkdtemp(), "port")
-    server, address = start(
-        [sys.executable, "-m", "gradserve.server", "--port", "0", "--port-file", port_file,
-         "--max-inflight-bytes", str(INFLIGHT_BYTES), "--log-level", "WARNING"],
-        port_file,
-    )  # fmt: skip
     rows = []
-    try:
+    flags = ("--max-inflight-bytes", str(INFLIGHT_BYTES), "--log-level", "WARNING")
+    with gradserve_server(*flags) as (_, address):
         burst_of = [job] * JOBS
         with GradientClient(address, timeout=600) as client:
             client.compute(**job)  # warm up
@@ -87,9 +80,6 @@ def main() -> None:
                 rows.append(
                     [repeat + 1, f"{burst / alone:.2f}x", f"{shared / alone:.2f}x", failed, refused]
                 )
-    finally:
-        server.terminate()
-        server.wait()
     write_table(
         "overload.md",
         f"A burst of {JOBS} jobs against a server that admits one at a time (CPU)",

@@ -12,10 +12,8 @@ Usage: python bench/server_compute.py [--repeats R]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -23,7 +21,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import median_seconds, write_table  # noqa: E402
-from bench.transfer import start  # noqa: E402
+from bench.transfer import gradserve_server  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.client import GradientClient  # noqa: E402
 from gradserve.server.service import RELEASE_MEMORY_AFTER_IDLE_S  # noqa: E402
@@ -67,39 +65,28 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        port_file = os.path.join(tmp, "port")
-        server, address = start(
-            [sys.executable, "-m", "gradserve.server", "--port", "0", "--port-file", port_file,
-             "--device", "cpu"],
-            port_file,
-        )  # fmt: skip
-        try:
-            with GradientClient(address, timeout=300) as client:
-                for m, n, sizes in SHAPES:
-                    params, x, y = ensemble(rng, m, n, sizes)
-                    job = in_process_job(params, x, y)
-                    local = median_seconds(
-                        lambda job=job: kernels.run(job, "torch", torch.device("cpu")),
-                        repeats=args.repeats,
-                    )
-                    served = []
-                    for k in range(args.repeats + 3):
-                        result = client.compute(params, x, y, loss="mse")
-                        if k >= 3:  # the first ones warm up, as median_seconds' do
-                            served.append(result.summary["compute_seconds"])
-                    busy = memory_bytes(server.pid)
-                    time.sleep(RELEASE_MEMORY_AFTER_IDLE_S + 1.0)
-                    idle = memory_bytes(server.pid)
-                    remote = statistics.median(served)
-                    rows.append([
-                        f"M={m} N={n} {list(sizes)}", f"{local * 1e3:.2f}",
-                        f"{remote * 1e3:.2f}", f"{remote / local:.2f}x",
-                        busy >> 20, idle >> 20,
-                    ])  # fmt: skip
-        finally:
-            server.terminate()
-            server.wait()
+    with gradserve_server("--device", "cpu") as (server, address):
+        with GradientClient(address, timeout=300) as client:
+            for m, n, sizes in SHAPES:
+                params, x, y = ensemble(rng, m, n, sizes)
+                job = in_process_job(params, x, y)
+                local = median_seconds(
+                    lambda job=job: kernels.run(job, "torch", torch.device("cpu")),
+                    repeats=args.repeats,
+                )
+                served = []
+                for k in range(args.repeats + 3):
+                    result = client.compute(params, x, y, loss="mse")
+                    if k >= 3:  # the first ones warm up, as median_seconds' do
+                        served.append(result.summary["compute_seconds"])
+                busy = memory_bytes(server.pid)
+                time.sleep(RELEASE_MEMORY_AFTER_IDLE_S + 1.0)
+                idle = memory_bytes(server.pid)
+                remote = statistics.median(served)
+                rows.append([
+                    f"M={m} N={n} {list(sizes)}", f"{local * 1e3:.2f}", f"{remote * 1e3:.2f}",
+                    f"{remote / local:.2f}x", busy >> 20, idle >> 20,
+                ])  # fmt: skip
     write_table(
         "server_compute.md",
         "Torch engine: compute time in a server vs in-process, same jobs (relu, mse, float32, CPU)",

@@ -12,17 +12,15 @@ Usage: python bench/streamed.py [--repeats R]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import write_table  # noqa: E402
-from bench.transfer import start  # noqa: E402
+from bench.transfer import gradserve_server  # noqa: E402
 from gradserve.client import GradientClient  # noqa: E402
 
 MODELS, SAMPLES, LAYER_SIZES = 200, 10_000, [8, 16, 1]
@@ -46,42 +44,31 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        port_file = os.path.join(tmp, "port")
-        server, address = start(
-            [sys.executable, "-m", "gradserve.server", "--port", "0", "--port-file", port_file],
-            port_file,
-        )
-        try:
-            with GradientClient(address) as client:
-                for per_model in (False, True):
-                    params, x, y = ensemble(rng, per_model)
-                    for per_sample_losses in (False, True):
-                        options = dict(
-                            hidden_activation="tanh", per_sample_losses=per_sample_losses
-                        )
+    with gradserve_server() as (_, address):
+        with GradientClient(address) as client:
+            for per_model in (False, True):
+                params, x, y = ensemble(rng, per_model)
+                for per_sample_losses in (False, True):
+                    options = dict(hidden_activation="tanh", per_sample_losses=per_sample_losses)
 
-                        def seconds(micro: int, job=(params, x, y), options=options) -> float:
-                            times = []
-                            for _ in range(args.repeats):
-                                began = time.perf_counter()
-                                client.compute(*job, micro_batch_samples=micro, **options)
-                                times.append(time.perf_counter() - began)
-                            return statistics.median(times)
+                    def seconds(micro: int, job=(params, x, y), options=options) -> float:
+                        times = []
+                        for _ in range(args.repeats):
+                            began = time.perf_counter()
+                            client.compute(*job, micro_batch_samples=micro, **options)
+                            times.append(time.perf_counter() - began)
+                        return statistics.median(times)
 
-                        seconds(0)  # warm-up
-                        whole = seconds(0)
-                        inputs = "per model" if per_model else "shared"
-                        psl = "yes" if per_sample_losses else "no"
-                        rows.append([inputs, psl, "whole", f"{whole * 1e3:.1f}", "1.00x", ""])
-                        for micro in MICRO_BATCHES:
-                            streamed = seconds(micro)
-                            beyond = (streamed - whole) / (SAMPLES // micro) * 1e3
-                            rows.append([inputs, psl, micro, f"{streamed * 1e3:.1f}",
-                                         f"{streamed / whole:.2f}x", f"{beyond:.3f}"])  # fmt: skip
-        finally:
-            server.terminate()
-            server.wait()
+                    seconds(0)  # warm-up
+                    whole = seconds(0)
+                    inputs = "per model" if per_model else "shared"
+                    psl = "yes" if per_sample_losses else "no"
+                    rows.append([inputs, psl, "whole", f"{whole * 1e3:.1f}", "1.00x", ""])
+                    for micro in MICRO_BATCHES:
+                        streamed = seconds(micro)
+                        beyond = (streamed - whole) / (SAMPLES // micro) * 1e3
+                        rows.append([inputs, psl, micro, f"{streamed * 1e3:.1f}",
+                                     f"{streamed / whole:.2f}x", f"{beyond:.3f}"])  # fmt: skip
     write_table(
         "streamed.md",
         f"Streamed jobs vs whole ones: M={MODELS}, N={SAMPLES}, {LAYER_SIZES} tanh, mse (CPU)",

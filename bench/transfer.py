@@ -10,12 +10,14 @@ Usage: python bench/transfer.py [--repeats R] [--stream-window-bytes W1,W2,...]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -25,6 +27,21 @@ from bench.common import write_table  # noqa: E402
 from gradserve.client import GradientClient  # noqa: E402
 
 CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def gradserve_server(*flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A `python -m gradserve.server` process on a free loopback port, with `flags`:
+    (process, address) while the block runs, terminated after it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = os.path.join(tmp, "port")
+        cmd = [sys.executable, "-m", "gradserve.server", "--port", "0", "--port-file", port_file]
+        server, address = start([*cmd, *flags], port_file)
+        try:
+            yield server, address
+        finally:
+            server.terminate()
+            server.wait()
 
 
 def start(cmd: list[str], port_file: str) -> tuple[subprocess.Popen, str]:
