@@ -42,7 +42,7 @@ def host_port(host: str, port: int) -> str:
 
 async def serve(config: ServerConfig) -> None:
     device = resolve_device(config.device)
-    keep_freed_memory()
+    keep_freed_memory(config.heap_ceiling_bytes)
     token = load_token(config)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, fields
 
 from gradserve.kernels.triton_engine import FLOAT32_MATMUL, FLOAT32_MATMULS, gluon_available
+from gradserve.server.memory import HEAP_ALLOCATION_CEILING
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -77,6 +78,10 @@ class ServerConfig:
     # Freed large payload buffers kept for later jobs of the same size (0: none kept);
     # saves the page faults of mapping fresh memory for each large job.
     reuse_buffer_bytes: int = 1 * GiB
+    # Allocations up to this size come from the heap and are reused once freed (messages,
+    # the engine's activations and gradients; server/memory.py): faster jobs on a CPU, more
+    # memory held while busy. 0 leaves glibc's own policy; at most glibc's 32 MiB.
+    heap_ceiling_bytes: int = HEAP_ALLOCATION_CEILING
     # Compiled Triton kernel specialisations kept in memory (kernels.compiled_kernels):
     # beyond it all are dropped, and reloaded from Triton's disk cache as jobs need them.
     max_compiled_kernels: int = 64
@@ -128,6 +133,8 @@ HELP = {
     "auth_token_file": "file holding the bearer token callers must present",
     "auth_token": "bearer token callers must present (prefer the file or the variable)",
     "reuse_buffer_bytes": "freed large payload buffers kept for later jobs (0: none)",
+    "heap_ceiling_bytes": "largest allocation served from the heap and reused once freed "
+    f"(0: glibc's own policy; at most {HEAP_ALLOCATION_CEILING})",
     "max_compiled_kernels": "most compiled Triton kernels kept in memory (beyond: all dropped)",
     "max_kernel_cache_bytes": "bytes of Triton's on-disk kernel cache kept (least recently "
     "used removed first)",
@@ -153,6 +160,7 @@ AT_LEAST = {
     "drain_grace_s": 0,
     "heartbeat_s": 0,
     "reuse_buffer_bytes": 0,
+    "heap_ceiling_bytes": 0,
     "max_kernel_cache_bytes": 0,
 }
 MAX_PORT = 65535
@@ -182,6 +190,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if window and not MIN_STREAM_WINDOW <= window <= MAX_STREAM_WINDOW:
         parser.error(f"--stream-window-bytes must be 0 (gRPC's adaptive window) or from "
                      f"{MIN_STREAM_WINDOW} to {MAX_STREAM_WINDOW}, got {window}")  # fmt: skip
+    if args.heap_ceiling_bytes > HEAP_ALLOCATION_CEILING:
+        parser.error(f"--heap-ceiling-bytes must be at most {HEAP_ALLOCATION_CEILING} "
+                     f"(glibc's largest), got {args.heap_ceiling_bytes}")  # fmt: skip
     if args.chunk_bytes > args.max_chunk_bytes:
         parser.error("--chunk-bytes must not exceed --max-chunk-bytes")
     if not DEVICE.match(args.device):

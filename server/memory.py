@@ -22,9 +22,13 @@ probe). Keeping 64 MiB made a streamed job's peak memory vary more (35-77 MiB of
 tests/server/test_streamed_jobs.py's per-sample results test; 37-45 MiB with 32 and with
 8). Larger allocations are still mapped per use (the big payload buffers come from
 server.buffers.BufferPool). What the heap holds freed goes back to the system once the
-server has been idle for a moment (IdleRelease): three jobs of 8 MiB activations left a CPU
-server ~140 MiB larger while idle (torch's huge pages hold whole 2 MiB pages of the heap),
-and the release took it back to within 10 MiB of where it was.
+server has been idle for a moment, and every few seconds while it is busy (HeapRelease):
+three jobs of 8 MiB activations left a CPU server ~140 MiB larger while idle (torch's huge
+pages hold whole 2 MiB pages of the heap), and the release took it back to within 10 MiB of
+where it was. The cost is memory while busy: three clients sending jobs of 40 shapes for
+90 s (bench/mixed_load.py) got 1.16x the jobs/s of a 2 MiB ceiling, and the server's
+memory peaked at 1.4 GB where with 2 MiB at 0.9 (--heap-ceiling-bytes sets the ceiling;
+glibc's own adaptive policy did as 32 MiB there).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("gradserve.server")
@@ -42,6 +47,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # glibc refuses a larger mmap threshold (half its 64 MiB thread-arena heaps on 64-bit).
 HEAP_ALLOCATION_CEILING = 32 << 20
+_MESSAGES_KEPT = 8 << 20  # freed top of the heap kept at least: eight 1 MiB messages
 
 
 def _libc():
@@ -51,17 +57,18 @@ def _libc():
         return None
 
 
-def keep_freed_memory() -> bool:
-    """Serve allocations up to HEAP_ALLOCATION_CEILING from the heap and keep as much freed
-    at its top. Returns whether the allocator took the setting (only glibc has these
-    knobs; elsewhere its own policy stays)."""
+def keep_freed_memory(ceiling: int = HEAP_ALLOCATION_CEILING) -> bool:
+    """Serve allocations up to `ceiling` bytes from the heap and keep as much freed at its
+    top, and at least eight default-size messages' worth. Returns whether the allocator took
+    the setting (only glibc has these knobs; elsewhere, or with a ceiling of 0, its own
+    policy stays)."""
     mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
-        log.info("no glibc mallopt: allocator defaults for messages and working memory")
+    if mallopt is None or not ceiling:
+        log.info("allocator defaults for messages and working memory")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_ALLOCATION_CEILING)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, HEAP_ALLOCATION_CEILING)
+    return bool(mallopt(_M_MMAP_THRESHOLD, ceiling)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, max(ceiling, _MESSAGES_KEPT))
     )
 
 
@@ -76,39 +83,56 @@ def release_freed_memory() -> bool:
     return True
 
 
-class IdleRelease:
-    """Calls `release` (in a thread, through `run_in_thread`) once the server has had no
-    job for `after_s` seconds: memory freed by a burst of jobs serves the jobs that follow
-    it closely, and goes back to the system when they stop."""
+class HeapRelease:
+    """Gives the heap's freed memory back to the system (`release`, run in a thread through
+    `run_in_thread`) once the server has been idle for `idle_s` after a job, and every
+    `busy_s` while jobs keep it busy: memory freed by one job serves the jobs that follow it
+    closely, and none piles up under a long load of jobs of many sizes. Checked every
+    `idle_s / 2` seconds between start() and stop()."""
 
     def __init__(
         self,
-        after_s: float,
+        idle_s: float,
+        busy_s: float,
         busy: Callable[[], bool],
         run_in_thread: Callable[[Callable[[], object]], object],
         release: Callable[[], object] = release_freed_memory,
+        clock: Callable[[], float] = time.monotonic,
     ):
-        self.after_s = after_s
+        self.idle_s, self.busy_s = idle_s, busy_s
         self.busy = busy
         self.run_in_thread = run_in_thread
         self.release = release
+        self.clock = clock
+        self.released_at = clock()
+        self.idle_since: float | None = None  # the last job's end, unless released since
         self.releases = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def idle(self) -> None:
-        """The last job in flight has ended: release after `after_s` unless one comes."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self.after_s, self._fire)
+        """The last job in flight has ended."""
+        self.idle_since = self.clock()
 
-    def _fire(self) -> None:
-        self._timer = None
-        if self.busy():  # a job came since; its end schedules the next release
-            return
-        self.releases += 1
-        self.run_in_thread(self.release)
+    def tick(self) -> None:
+        now = self.clock()
+        if self.busy():
+            due = now - self.released_at >= self.busy_s
+        else:
+            due = self.idle_since is not None and now - self.idle_since >= self.idle_s
+        if due:
+            self.idle_since = None
+            self.released_at = now
+            self.releases += 1
+            self.run_in_thread(self.release)
 
-    def cancel(self) -> None:
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self.idle_s / 2, self._tick)
+
+    def _tick(self) -> None:
+        self.tick()
+        self.start()
+
+    def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -31,7 +31,7 @@ from gradserve.server.errors import (
     unsupported,
 )
 from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
-from gradserve.server.memory import IdleRelease
+from gradserve.server.memory import HeapRelease
 from gradserve.server.metrics import Metrics
 from gradserve.server.streaming import SampleStream, accumulate, finish, per_sample_rows
 from gradserve.server.validation import (
@@ -64,8 +64,9 @@ except ImportError:  # a grpcio that moved it: such a failure is logged as a fau
 INLINE_IO_BYTES = 256 << 10
 # Idle seconds after which the heap's freed memory goes back to the system (memory.py): long
 # enough that a client's next job, sent after it has used the last one's results, finds the
-# memory still mapped.
+# memory still mapped. While jobs keep the server busy, it goes back every few seconds.
 RELEASE_MEMORY_AFTER_IDLE_S = 1.0
+RELEASE_MEMORY_WHILE_BUSY_S = 5.0
 SAFE_LOG_TEXT = re.compile(r"[\w.:/@+,-]*", re.ASCII)
 
 
@@ -244,8 +245,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
         # Payload checks and result serialisation: off the event loop, and off the device
         # thread so they never wait behind a launch.
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="payload-io")
-        self.memory_release = IdleRelease(
+        self.memory_release = HeapRelease(
             RELEASE_MEMORY_AFTER_IDLE_S,
+            RELEASE_MEMORY_WHILE_BUSY_S,
             busy=lambda: self.admission.inflight_jobs > 0,
             run_in_thread=lambda fn: asyncio.get_running_loop().run_in_executor(self.io, fn),
         )
@@ -266,9 +268,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
         # Engines warm up on the device thread that will run every launch.
         await self.worker.call(kernels.warm_up, self.device)
         self.batcher.start()
+        self.memory_release.start()
 
     async def stop(self) -> None:
-        self.memory_release.cancel()
+        self.memory_release.stop()
         await self.batcher.stop()
         self.worker.shutdown()
         self.io.shutdown(wait=False, cancel_futures=True)

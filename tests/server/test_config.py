@@ -50,6 +50,8 @@ def test_chunk_size_above_the_accepted_maximum_is_refused():
         ["--stream-window-bytes", "-1"],
         ["--stream-window-bytes", "1024"],  # below HTTP/2's default window: a slow upload
         ["--stream-window-bytes", str(2**31)],  # beyond HTTP/2's largest window
+        ["--heap-ceiling-bytes", str(2**25 + 1)],  # beyond glibc's largest mmap threshold
+        ["--heap-ceiling-bytes", "-1"],
         ["--device", "foo"],
         ["--device", "cuda:x"],
         ["--log-level", "LOUD"],

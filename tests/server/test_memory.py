@@ -75,30 +75,57 @@ def test_blocks_above_the_heap_ceiling_are_still_mapped_per_use():
     assert kept > 32 * (block // 4096), kept  # unmapped when freed: nothing held between uses
 
 
-def test_idle_release_waits_for_a_quiet_spell_and_skips_a_busy_server():
-    from gradserve.server.memory import IdleRelease
+def test_heap_release_after_an_idle_spell_and_every_few_seconds_while_busy():
+    from gradserve.server.memory import HeapRelease
+
+    now, busy, released = [0.0], [False], []
+    heap = HeapRelease(
+        1.0, 5.0, busy=lambda: busy[0], run_in_thread=lambda fn: fn(),
+        release=lambda: released.append(now[0]), clock=lambda: now[0],
+    )  # fmt: skip
+
+    def at(t):
+        now[0] = t
+        heap.tick()
+
+    at(3.0)
+    assert released == []  # no job yet: nothing freed to give back
+    busy[0] = True
+    at(4.0)
+    busy[0] = False
+    heap.idle()  # the job ended at 4.0
+    at(4.5)
+    assert released == []  # not idle long enough
+    at(5.0)
+    assert released == [5.0]
+    at(9.0)
+    assert released == [5.0]  # idle, nothing since: no further release
+    busy[0] = True  # from here a long run of jobs
+    at(9.5)
+    at(10.5)
+    assert released == [5.0, 10.5]  # busy for five seconds since the last release
+    at(12.0)
+    at(15.5)
+    assert released == [5.0, 10.5, 15.5] and heap.releases == 3
+
+
+def test_heap_release_ticks_between_start_and_stop():
+    from gradserve.server.memory import HeapRelease
 
     async def scenario():
-        busy, released = [False], []
-        release = IdleRelease(
-            0.05, busy=lambda: busy[0], run_in_thread=lambda fn: fn(),
-            release=lambda: released.append(time.monotonic()),
+        released = []
+        heap = HeapRelease(
+            0.02, 5.0, busy=lambda: False, run_in_thread=lambda fn: fn(),
+            release=lambda: released.append(1),
         )  # fmt: skip
-        release.idle()
-        await asyncio.sleep(0.03)
-        release.idle()  # another job ended: the quiet spell starts again
-        ended = time.monotonic()
+        heap.start()
+        heap.idle()
         await asyncio.sleep(0.1)
-        assert len(released) == 1 and released[0] - ended >= 0.05
-        busy[0] = True  # a job in flight when the spell would end: nothing released
-        release.idle()
+        assert released == [1]
+        heap.stop()
+        heap.idle()
         await asyncio.sleep(0.1)
-        assert len(released) == 1
-        busy[0] = False
-        release.idle()
-        release.cancel()  # the server stopping
-        await asyncio.sleep(0.1)
-        assert len(released) == 1 and release.releases == 1
+        assert released == [1]  # stopped: no more ticks
 
     asyncio.run(scenario())
 
@@ -119,7 +146,7 @@ def test_an_idle_server_gives_back_the_memory_its_jobs_freed():
         params[f"layers.{i}.bias"] = rng.standard_normal((m, b), dtype=np.float32)
     x = rng.standard_normal((m, n, sizes[0]), dtype=np.float32)
     y = rng.standard_normal((m, n, 1), dtype=np.float32)
-    quiet = RELEASE_MEMORY_AFTER_IDLE_S + 1.0
+    quiet = 2 * RELEASE_MEMORY_AFTER_IDLE_S + 0.5  # released between 1 and 1.5 idle spells
     with run_server() as server, GradientClient(server.address, timeout=60) as client:
         pid = server.process.pid
         client.compute(params, x, y)  # the first job's one-off growth (threads, arenas)
