@@ -27,6 +27,7 @@ lint:
 bench:
 	$(PY) bench/engine_cpu.py
 	$(PY) bench/server_compute.py
+	$(PY) bench/mixed_load.py
 	$(PY) bench/losses_cpu.py
 	$(PY) bench/linear_cpu.py
 	$(PY) bench/transfer.py

@@ -84,7 +84,9 @@ def run_load(jobs, seconds: float, *flags: str) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=90)
-    parser.add_argument("--heap-ceiling-bytes", default=str(HEAP_ALLOCATION_CEILING))
+    parser.add_argument(
+        "--heap-ceiling-bytes", default=f"{HEAP_ALLOCATION_CEILING},{2 << 20},0"
+    )  # the default, a ceiling at two messages, and glibc's own adaptive policy
     args = parser.parse_args()
     jobs = random_jobs()
     rows = []
@@ -100,7 +102,7 @@ def main() -> None:
         f"One server per row, in turn; RSS sampled every {SAMPLE_EVERY_S:g} s while the "
         f"clients ran; 'idle' {2 * RELEASE_MEMORY_AFTER_IDLE_S + 0.5:g} s after they stopped. "
         "CPU figures are for comparison within this run only. Command: `python "
-        "bench/mixed_load.py --heap-ceiling-bytes 33554432,2097152`.",
+        "bench/mixed_load.py`.",
     )  # fmt: skip
 
 
