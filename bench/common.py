@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
@@ -182,3 +184,17 @@ def make_nets(m: int, sizes, activation=None) -> list:
                 layers.append(activation())
         nets.append(nn.Sequential(*layers))
     return nets
+
+
+def numpy_ensemble(
+    rng: np.random.Generator, m: int, n: int, sizes
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """An ensemble job as numpy arrays: M networks of `sizes` (weights scaled by 1/d_in),
+    per-model inputs [M, N, d0] and targets [M, N, dL], all standard normal."""
+    params = {}
+    for i, (d_in, d_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        params[f"layers.{i}.weight"] = rng.standard_normal((m, d_out, d_in), np.float32) / d_in
+        params[f"layers.{i}.bias"] = rng.standard_normal((m, d_out), np.float32)
+    x = rng.standard_normal((m, n, sizes[0]), np.float32)
+    y = rng.standard_normal((m, n, sizes[-1]), np.float32)
+    return params, x, y

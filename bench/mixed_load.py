@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import write_table  # noqa: E402
+from bench.common import numpy_ensemble, write_table  # noqa: E402
 from bench.transfer import gradserve_server  # noqa: E402
 from gradserve.client import GradientClient  # noqa: E402
 from gradserve.server.memory import HEAP_ALLOCATION_CEILING  # noqa: E402
@@ -38,12 +38,7 @@ def random_jobs(seed: int = 1) -> list[tuple[dict, np.ndarray, np.ndarray]]:
         m, n = pick.choice([64, 128, 256, 512, 1024]), pick.choice([16, 32, 64, 128, 256])
         width = pick.choice([16, 32, 48, 64, 96, 128])
         sizes = (pick.choice([8, 16, 32]), width, width, pick.choice([1, 4]))
-        params = {}
-        for i, (d_in, d_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
-            params[f"layers.{i}.weight"] = rng.standard_normal((m, d_out, d_in), np.float32) / d_in
-            params[f"layers.{i}.bias"] = rng.standard_normal((m, d_out), np.float32)
-        x = rng.standard_normal((m, n, sizes[0]), np.float32)
-        y = rng.standard_normal((m, n, sizes[-1]), np.float32)
+        params, x, y = numpy_ensemble(rng, m, n, sizes)
         jobs.append((params, x, y))
     return jobs
 

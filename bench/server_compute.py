@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from bench.common import median_seconds, write_table  # noqa: E402
+from bench.common import median_seconds, numpy_ensemble, write_table  # noqa: E402
 from bench.transfer import gradserve_server  # noqa: E402
 from gradserve import kernels  # noqa: E402
 from gradserve.client import GradientClient  # noqa: E402
@@ -34,16 +34,6 @@ SHAPES = [
     (64, 256, (64, 128, 128, 8)),
     (64, 4096, (32, 64, 64, 1)),
 ]
-
-
-def ensemble(rng: np.random.Generator, m: int, n: int, sizes) -> tuple[dict, np.ndarray, ...]:
-    params = {}
-    for i, (d_in, d_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
-        params[f"layers.{i}.weight"] = rng.standard_normal((m, d_out, d_in), np.float32) / d_in
-        params[f"layers.{i}.bias"] = rng.standard_normal((m, d_out), np.float32)
-    x = rng.standard_normal((m, n, sizes[0]), np.float32)
-    y = rng.standard_normal((m, n, sizes[-1]), np.float32)
-    return params, x, y
 
 
 def in_process_job(params: dict, x: np.ndarray, y: np.ndarray) -> kernels.EnsembleJob:
@@ -68,7 +58,7 @@ def main() -> None:
     with gradserve_server("--device", "cpu") as (server, address):
         with GradientClient(address, timeout=300) as client:
             for m, n, sizes in SHAPES:
-                params, x, y = ensemble(rng, m, n, sizes)
+                params, x, y = numpy_ensemble(rng, m, n, sizes)
                 job = in_process_job(params, x, y)
                 local = median_seconds(
                     lambda job=job: kernels.run(job, "torch", torch.device("cpu")),
