@@ -13,22 +13,22 @@ compute of jobs of 4 to 8 MiB activations took 1.5x to 2.5x as long as with the 
 below (bench/server_compute.py, the two back to back, two runs) and 1.3x to 3.5x the
 engine's own time in a plain process.
 
-So allocations up to glibc's largest mmap threshold (32 MiB) come from the heap, where a
-freed block serves the next one of its size (a launch's backward pass reuses what its
-forward pass freed), and as much freed top of the heap stays mapped: eight default-size
-messages, or one block at that ceiling (with 8 MiB, an 8 MiB block freed at the top went
-back and was faulted in again: a third of them in tests/server/test_memory.py's sliding
-probe). Keeping 64 MiB made a streamed job's peak memory vary more (35-77 MiB of growth in
-tests/server/test_streamed_jobs.py's per-sample results test; 37-45 MiB with 32 and with
-8). Larger allocations are still mapped per use (the big payload buffers come from
-server.buffers.BufferPool). What the heap holds freed goes back to the system once the
-server has been idle for a moment, and every few seconds while it is busy (HeapRelease):
-three jobs of 8 MiB activations left a CPU server ~140 MiB larger while idle (torch's huge
-pages hold whole 2 MiB pages of the heap), and the release took it back to within 10 MiB of
-where it was. The cost is memory while busy: three clients sending jobs of 40 shapes for
-90 s (bench/mixed_load.py) got 1.16x the jobs/s of a 2 MiB ceiling, and the server's
-memory peaked at 1.4 GB where with 2 MiB at 0.9 (--heap-ceiling-bytes sets the ceiling;
-glibc's own adaptive policy did as 32 MiB there).
+So allocations up to glibc's largest mmap threshold (32 MiB, --heap-ceiling-bytes by
+default) come from the heap, where a freed block serves the next one of its size (a
+launch's backward pass reuses what its forward pass freed), and as much freed top of the
+heap stays mapped: eight default-size messages, or one block at that ceiling (with 8 MiB,
+an 8 MiB block freed at the top went back and was faulted in again: a third of them in
+tests/server/test_memory.py's sliding probe). Keeping 64 MiB made a streamed job's peak
+memory vary more (35-77 MiB of growth in tests/server/test_streamed_jobs.py's per-sample
+results test; 37-45 MiB with 32 and with 8). Larger allocations are still mapped per use
+(the big payload buffers come from server.buffers.BufferPool). What the heap holds freed
+goes back to the system once the server has been idle for a moment, and every few seconds
+while it is busy (HeapRelease): three jobs of 8 MiB activations left a CPU server ~140 MiB
+larger while idle (torch's huge pages hold whole 2 MiB pages of the heap), and the release
+took it back to within 10 MiB of where it was. The cost is memory while busy: three clients
+sending jobs of 40 shapes for 90 s (bench/mixed_load.py) got 1.16x the jobs/s of a 2 MiB
+ceiling, and the server's memory peaked at 1.4 GB where with 2 MiB at 0.9
+(--heap-ceiling-bytes sets the ceiling; glibc's own adaptive policy did as 32 MiB there).
 """
 
 from __future__ import annotations
