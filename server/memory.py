@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -50,7 +51,10 @@ HEAP_ALLOCATION_CEILING = 32 << 20
 _MESSAGES_KEPT = 8 << 20  # freed top of the heap kept at least: eight 1 MiB messages
 
 
+@functools.cache
 def _libc():
+    """The C library, found and loaded once (find_library runs ldconfig or a compiler, and
+    the release runs every few seconds while the server is busy)."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:

@@ -13,10 +13,10 @@ import pytest
 from tests.process_memory import memory_bytes
 
 # Allocate and fill 64 blocks and report the minor page faults the process took, with the
-# server's setting or glibc's defaults. "window": four at a time, then all
-# four freed (a stream's messages in flight); "sliding": each new block with the last three
-# still in use, the oldest freed (a launch's activations and gradients). With the setting
-# the same heap memory serves block after block.
+# server's setting or glibc's defaults. "window": four at a time, then all four freed (a
+# stream's messages in flight); "sliding": each new block with the last three still in
+# use, the oldest freed (a launch's activations and gradients). With the setting the same
+# heap memory serves block after block.
 PROBE = textwrap.dedent(
     """
     import resource, sys
