@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from gradserve import kernels
+from gradserve.kernels import torch_engine
 from tests.jobs import ensemble_job, random_job
 
 SIZES = (4, 7, 5, 2)
@@ -106,8 +107,14 @@ def params_of(result):
     return out
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "in_blocks"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_steps_equal_torch_optim(config):
+def test_steps_equal_torch_optim(config, blocks, monkeypatch):
+    """`in_blocks`: each step's job run two models at a time (torch_engine.models_per_block),
+    the steps taken on the joined gradients."""
+    if blocks:
+        monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
+        monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", 2 * N * max(SIZES) * 8)
     c = CONFIGS[config]
     tensors = random_job(SIZES, M, N, seed=21, dtype=torch.float64)
     losses, params, state = reference(tensors, c, K)

@@ -1,5 +1,7 @@
 """The torch engine against the independent float64 oracle."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -172,3 +174,60 @@ def test_skipping_parameter_gradients_returns_only_the_loss():
     got = torch_engine.run(job)
     assert got.weight_grads is None and got.input_grads is None
     assert got.loss.shape == (2,)
+
+
+def in_blocks_of(monkeypatch, models: int, layer_sizes, n: int, precision="float32") -> None:
+    """Make the CPU engine run every job of these shapes `models` models at a time."""
+    itemsize = 8 if precision == "float64" else 4
+    monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
+    monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", models * n * max(layer_sizes) * itemsize)
+
+
+def test_blocks_take_whole_jobs_up_to_their_bound_and_one_model_at_least():
+    sizes = (8, 64, 1)
+    per_model = 1000 * 64 * 4
+    whole = torch_engine.CPU_WHOLE_JOB_MAX_BYTES // per_model
+    big = ensemble_job(random_job(sizes, 1, 1000), sizes)
+    for m, expected in [(whole, whole), (whole + 1, torch_engine.CPU_BLOCK_BYTES // per_model)]:
+        big.weights = [torch.empty(m, *w.shape[1:]) for w in big.weights]
+        assert torch_engine.models_per_block(big) == expected
+    wide = ensemble_job(random_job(sizes, 2, 1 << 20, shared_inputs=True), sizes)
+    assert torch_engine.models_per_block(wide) == 1  # 256 MiB per model
+    wide.precision = "float64"
+    assert torch_engine.models_per_block(wide) == 1
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
+def test_a_job_run_in_blocks_of_models_matches_oracle(monkeypatch, shared, loss):
+    """Blocks of 2 of 5 models (the last one short): every result of every model, with
+    sample weights, shared or per-model inputs and targets."""
+    tensors = random_job(ODD_SIZES, 5, 37, loss=loss, shared_inputs=shared,
+                         sample_weights=True, seed=21)  # fmt: skip
+    job = ensemble_job(tensors, ODD_SIZES, hidden="tanh", loss=loss)
+    job.outputs = kernels.OutputRequest(True, True, True, True, per_sample_gradient_norms=True)
+    whole = torch_engine.run(job)
+    in_blocks_of(monkeypatch, 2, ODD_SIZES, 37)
+    assert torch_engine.models_per_block(job) == 2
+    got = torch_engine.run(job)
+    assert_matches_oracle(engine_tensors(got), oracle_for(ODD_SIZES, tensors, hidden="tanh",
+                                                          loss=loss), "float32")  # fmt: skip
+    torch.testing.assert_close(got.per_sample_grad_norm, whole.per_sample_grad_norm)
+
+
+def test_dp_noise_of_a_job_in_blocks_is_drawn_as_for_the_whole_job(monkeypatch):
+    """Clipping per block, the noise for the joined gradients: the same gradients as the
+    whole job's for one seed (spec.Privacy's documented order)."""
+    tensors = random_job(ODD_SIZES, 5, 23, seed=22)
+    job = ensemble_job(tensors, ODD_SIZES, input_gradients=False, per_sample_losses=False,
+                       forward_outputs=False)  # fmt: skip
+    job.privacy = kernels.Privacy(0.05, noise_multiplier=1.5, noise_seed=7)
+    whole = torch_engine.run(job)
+    in_blocks_of(monkeypatch, 2, ODD_SIZES, 23)
+    got = torch_engine.run(job)
+    for name, a, b in [("w", whole.weight_grads, got.weight_grads),
+                       ("b", whole.bias_grads, got.bias_grads)]:  # fmt: skip
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            torch.testing.assert_close(y, x, msg=f"{name}{i}")
+    clean = torch_engine.run(dataclasses.replace(job, privacy=kernels.Privacy(0.05)))
+    assert (got.weight_grads[0] - clean.weight_grads[0]).abs().max() > 1e-3  # noise added

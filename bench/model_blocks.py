@@ -1,0 +1,140 @@
+"""The CPU torch engine running a job whole against running it a block of models at a time
+(torch_engine.models_per_block), same jobs, same run.
+
+For each job: the median time of each side (one call of each in turn), and the memory one
+call of each side takes beyond what the process held before it (peak resident memory of a
+fresh process running that one call; the job's own tensors made before). The server's
+allocator setting (server/memory.py) on both sides.
+Usage: python bench/model_blocks.py [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+from bench.common import interleaved_medians, run_isolated, write_table  # noqa: E402
+from gradserve import kernels  # noqa: E402
+from gradserve.kernels import torch_engine  # noqa: E402
+from gradserve.server.memory import keep_freed_memory  # noqa: E402
+from tests.process_memory import memory_bytes  # noqa: E402
+
+SHAPES = [
+    # (M, N, layer_sizes, hidden activation), by the bytes of their widest activations.
+    (256, 64, (32, 64, 64, 1), "relu"),  # 4 MiB
+    (512, 128, (32, 64, 64, 1), "relu"),  # 16 MiB
+    (2048, 64, (16, 32, 32, 1), "relu"),  # 16 MiB
+    (32, 2048, (128, 128, 128, 1), "relu"),  # 32 MiB
+    (16, 1024, (256, 512, 512, 10), "relu"),  # 32 MiB
+    (96, 2048, (16, 64, 64, 4), "tanh"),  # 48 MiB
+    (1024, 256, (32, 64, 64, 64, 1), "relu"),  # 64 MiB, issue 3's GPU target shape
+    (8, 8192, (256, 256, 1), "relu"),  # 64 MiB
+    (200, 10000, (8, 16, 1), "tanh"),  # 122 MiB
+    (64, 4096, (64, 128, 128, 8), "relu"),  # 128 MiB
+]
+
+WHOLE = 1 << 62  # CPU_WHOLE_JOB_MAX_BYTES that keeps every job whole
+
+
+def make_job(m, n, sizes, hidden) -> kernels.EnsembleJob:
+    gen = torch.Generator().manual_seed(0)
+    pairs = list(zip(sizes, sizes[1:], strict=False))
+    return kernels.EnsembleJob(
+        mlp=kernels.MLPSpec(tuple(sizes), kernels.Activation(hidden)),
+        loss=kernels.LossSpec("mse"),
+        weights=[torch.randn(m, b, a, generator=gen) * a**-0.5 for a, b in pairs],
+        biases=[torch.randn(m, b, generator=gen) * 0.1 for _, b in pairs],
+        inputs=torch.randn(m, n, sizes[0], generator=gen),
+        targets=torch.randn(m, n, sizes[-1], generator=gen),
+    )
+
+
+def one_call_memory(case: dict) -> None:
+    """--one: run one call of one side in this fresh process; print the memory it took."""
+    keep_freed_memory()
+    job = make_job(*case["shape"])
+    if case["side"] == "whole":
+        torch_engine.CPU_WHOLE_JOB_MAX_BYTES = WHOLE
+    torch_engine._prime_cpu_math()  # its tiny jobs' memory is not the job's
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident memory (VmHWM) starts again from the resident now
+    before = memory_bytes(os.getpid())
+    torch_engine.run(job)
+    print(json.dumps({"bytes": memory_bytes(os.getpid(), "VmHWM") - before}))
+
+
+def memory_of(shape, side: str) -> str:
+    got, error = run_isolated(__file__, {"shape": shape, "side": side})
+    return f"{got['bytes'] / 2**20:.0f}" if got else f"failed: {error}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return one_call_memory(json.loads(args.one))
+    keep_freed_memory()  # as in the server
+    default_whole = torch_engine.CPU_WHOLE_JOB_MAX_BYTES
+    rows = []
+    for shape in SHAPES:
+        m, n, sizes, _ = shape
+        job = make_job(*shape)
+        block = torch_engine.models_per_block(job)
+
+        def side(whole_max, job=job):
+            def call():
+                torch_engine.CPU_WHOLE_JOB_MAX_BYTES = whole_max
+                torch_engine.run(job)
+
+            return call
+
+        t = interleaved_medians(
+            {"whole": side(WHOLE), "blocks": side(default_whole)}, repeats=args.repeats
+        )
+        torch_engine.CPU_WHOLE_JOB_MAX_BYTES = default_whole
+        rows.append(
+            [
+                f"M={m} N={n} {list(sizes)} {shape[3]}",
+                f"{m * n * max(sizes) * 4 / 2**20:.0f}",
+                f"{block}" if block < m else "all (whole)",
+                f"{t['whole'] * 1e3:.1f}",
+                f"{t['blocks'] * 1e3:.1f}",
+                f"{t['whole'] / t['blocks']:.2f}x",
+                memory_of(shape, "whole"),
+                memory_of(shape, "blocks"),
+            ]
+        )
+        print(rows[-1], flush=True)
+    write_table(
+        "model_blocks.md",
+        "CPU torch engine: jobs whole vs in blocks of models (mse, float32)",
+        [
+            "job",
+            "widest activations MiB",
+            "models per block",
+            "whole ms",
+            "in blocks ms",
+            "speed-up",
+            "whole: memory MiB",
+            "in blocks: memory MiB",
+        ],  # fmt: skip
+        rows,
+        "Median wall time of loss + all parameter gradients, one call of each side in turn; "
+        "memory: a fresh process's peak resident memory during one call beyond what it held "
+        "before. Blocks: torch_engine.models_per_block (jobs up to "
+        f"{default_whole >> 20} MiB of activations run whole, larger ones in blocks of "
+        f"{torch_engine.CPU_BLOCK_BYTES >> 20} MiB); where both sides run the job whole, "
+        "their ratio is the run's noise. Command: `python bench/model_blocks.py`. "
+        "CPU times are for comparison within this run only.",
+    )
+
+
+if __name__ == "__main__":
+    main()
