@@ -2,7 +2,8 @@
 
 Models of an ensemble are independent: the models [start, stop) of a job are a job of
 their own (the same samples, each model's own parameters and per-model tensors), and the
-results of consecutive blocks, joined along the model axis, are the whole job's.
+results of consecutive blocks, copied into one result along the model axis, are the
+whole job's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,32 @@ def models(job: EnsembleJob, start: int, stop: int) -> EnsembleJob:
     )
 
 
+def allocate_result(job: EnsembleJob, device) -> EnsembleResult:
+    """Room for every result `job` asks for (its losses, gradients and per-sample tensors,
+    in the job's compute dtype), allocated before any block runs: a job whose results the
+    machine cannot hold fails at once."""
+    dtype = torch.float64 if job.precision == "float64" else torch.float32
+    m, n = job.num_models, job.num_samples
+    sizes, want = job.mlp.layer_sizes, job.outputs
+
+    def empty(*shape):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    result = EnsembleResult(loss=empty(m), engine="torch", device=str(device))
+    if want.parameter_gradients:
+        result.weight_grads = [empty(*w.shape) for w in job.weights]
+        result.bias_grads = [empty(*b.shape) for b in job.biases]
+    if want.input_gradients:
+        result.input_grads = empty(m, n, sizes[0])
+    if want.per_sample_losses:
+        result.per_sample_loss = empty(m, n)
+    if want.per_sample_gradient_norms:
+        result.per_sample_grad_norm = empty(m, n)
+    if want.forward_outputs:
+        result.outputs = empty(m, n, sizes[-1])
+    return result
+
+
 # The results with a row per model: a tensor, or a list of them (one per layer).
 PER_MODEL_RESULTS = (
     "loss",
@@ -46,37 +73,13 @@ PER_MODEL_RESULTS = (
 )
 
 
-class JoinedResult:
-    """The results of consecutive blocks of models (gradients, losses and per-sample
-    tensors; not optimiser steps), copied into one result as they come, so that each
-    block's own tensors are freed before the next block runs."""
-
-    def __init__(self, num_models: int):
-        self.num_models = num_models
-        self.result: EnsembleResult | None = None
-        self.next_model = 0
-
-    def add(self, block: EnsembleResult) -> None:
-        if self.result is None:
-            self.result = EnsembleResult(
-                **{name: self._allocate(getattr(block, name)) for name in PER_MODEL_RESULTS},
-                engine=block.engine,
-                device=block.device,
-            )
-        start, stop = self.next_model, self.next_model + block.loss.shape[0]
-        for name in PER_MODEL_RESULTS:
-            joined = _tensors(getattr(self.result, name))
-            for whole, part in zip(joined, _tensors(getattr(block, name)), strict=True):
-                whole[start:stop].copy_(part)
-        self.next_model = stop
-
-    def _allocate(self, value):
-        """Room for every model's rows of a result like `value`."""
-        if value is None:
-            return None
-        if isinstance(value, list):
-            return [self._allocate(t) for t in value]
-        return value.new_empty(self.num_models, *value.shape[1:])
+def copy_models(result: EnsembleResult, block: EnsembleResult, start: int) -> None:
+    """Copy a block's results (models start, start + 1, ...) into the job's."""
+    stop = start + block.loss.shape[0]
+    for name in PER_MODEL_RESULTS:
+        whole, part = _tensors(getattr(result, name)), _tensors(getattr(block, name))
+        for w, p in zip(whole, part, strict=True):
+            w[start:stop].copy_(p)
 
 
 def _tensors(value) -> list[torch.Tensor]:

@@ -199,10 +199,11 @@ def _run_in_blocks(job: EnsembleJob, device: torch.device, block: int) -> Ensemb
         else dataclasses.replace(job, privacy=dataclasses.replace(dp, noise_multiplier=0.0))
     )
     m = job.num_models
-    joined = model_blocks.JoinedResult(m)
+    result = model_blocks.allocate_result(job, device)
     for start in range(0, m, block):
-        joined.add(_run(model_blocks.models(quiet, start, min(start + block, m)), device))
-    result = joined.result
+        part = _run(model_blocks.models(quiet, start, min(start + block, m)), device)
+        model_blocks.copy_models(result, part, start)
+        del part  # freed before the next block runs
     if dp is not None and result.weight_grads is not None:
         loss_unit = privacy.samples_per_loss_unit(job)
         privacy.add_noise(result.weight_grads, result.bias_grads, dp, loss_unit, device)
