@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from gradserve.kernels import model_blocks, privacy
+from gradserve.kernels import model_blocks, privacy, sample_blocks
 from gradserve.kernels.functional import activate, per_sample_loss, reduce_loss
 from gradserve.kernels.linear_layer import BatchedLinear, sum_over_samples
 from gradserve.kernels.spec import (
@@ -152,28 +152,43 @@ def _prime_cpu_math() -> None:
 
 
 # On the CPU, a job whose widest layer's activations (all models together) take more than
-# CPU_WHOLE_JOB_MAX_BYTES runs a block of models at a time, each block's activations at
-# most CPU_BLOCK_BYTES (one model at least). glibc maps every allocation above 32 MiB
-# afresh and faults it in at each use, and each elementwise pass over a tensor that large
-# (activation, its derivative, bias sums, the loss) streams it from memory; a block's
-# tensors come from the heap and stay in the caches from one pass to the next, and the
-# job's memory is that of one block's activations. Measured on 2 cores
-# (bench/results/model_blocks.md): jobs of 32-128 MiB activations 1.3x-2.7x faster in
-# blocks of 4 MiB, at 1/2 to 1/18 of the memory; blocks of 2 MiB were slower on some (a
-# [64, 128, 128, 8] job 1.2x against 1.7x), of 8 MiB on the largest (2.2x against 3x);
-# jobs of 16 MiB went anywhere from 0.65x to 1.3x in blocks, as far as the noise lets one
-# tell, so they run whole.
+# CPU_WHOLE_JOB_MAX_BYTES runs in blocks of at most CPU_BLOCK_BYTES of activations: blocks
+# of models, and where one model's are larger, that model a block of samples at a time.
+# glibc maps every allocation above 32 MiB afresh and faults it in at each use, and each
+# elementwise pass over a tensor that large (activation, its derivative, bias sums, the
+# loss) streams it from memory; a block's tensors come from the heap and stay in the caches
+# from one pass to the next, and the job's memory is that of one block's activations (and
+# its results). Measured on 2 cores (bench/results/model_blocks.md): jobs of 32-128 MiB
+# activations 1.3x-2.7x faster in blocks of 4 MiB, at 1/2 to 1/18 of the memory; blocks of
+# 2 MiB were slower on some (a [64, 128, 128, 8] job 1.2x against 1.7x), of 8 MiB on the
+# largest (2.2x against 3x); jobs of 16 MiB went anywhere from 0.65x to 1.3x in blocks, as
+# far as the noise lets one tell, so they run whole.
 CPU_WHOLE_JOB_MAX_BYTES = 16 << 20
 CPU_BLOCK_BYTES = 4 << 20
 
 
+def _activation_bytes(job: EnsembleJob, models: int, samples: int) -> int:
+    """Bytes of the widest layer's activations of `models` models' `samples` samples."""
+    return models * samples * max(job.mlp.layer_sizes) * compute_dtype(job.precision).itemsize
+
+
+def runs_whole(job: EnsembleJob) -> bool:
+    """Whether a CPU job runs whole: its activations at most CPU_WHOLE_JOB_MAX_BYTES."""
+    return _activation_bytes(job, job.num_models, job.num_samples) <= CPU_WHOLE_JOB_MAX_BYTES
+
+
 def models_per_block(job: EnsembleJob) -> int:
-    """How many models a CPU block takes: all of them for a job up to
-    CPU_WHOLE_JOB_MAX_BYTES of activations."""
-    per_model = job.num_samples * max(job.mlp.layer_sizes) * compute_dtype(job.precision).itemsize
-    if per_model * job.num_models <= CPU_WHOLE_JOB_MAX_BYTES:
-        return job.num_models
-    return max(1, CPU_BLOCK_BYTES // per_model)
+    """How many models a CPU block of a job that does not run whole takes: as many as
+    CPU_BLOCK_BYTES holds, one at least."""
+    return max(1, CPU_BLOCK_BYTES // _activation_bytes(job, 1, job.num_samples))
+
+
+def samples_per_block(job: EnsembleJob) -> int:
+    """How many samples a block of models (a job) takes: all of them where its activations
+    fit CPU_BLOCK_BYTES, else as many as fill that, one at least."""
+    if _activation_bytes(job, job.num_models, job.num_samples) <= CPU_BLOCK_BYTES:
+        return job.num_samples
+    return max(1, CPU_BLOCK_BYTES // _activation_bytes(job, job.num_models, 1))
 
 
 def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
@@ -183,10 +198,9 @@ def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
         return _run(job, device)
     if not _cpu_math_primed:
         _prime_cpu_math()
-    block = models_per_block(job)
-    if block >= job.num_models:
+    if runs_whole(job):
         return _run(job, device)
-    return _run_in_blocks(job, device, block)
+    return _run_in_blocks(job, device, models_per_block(job))
 
 
 def _run_in_blocks(job: EnsembleJob, device: torch.device, block: int) -> EnsembleResult:
@@ -201,12 +215,39 @@ def _run_in_blocks(job: EnsembleJob, device: torch.device, block: int) -> Ensemb
     m = job.num_models
     result = model_blocks.allocate_result(job, device)
     for start in range(0, m, block):
-        part = _run(model_blocks.models(quiet, start, min(start + block, m)), device)
+        part = _run_samples_in_blocks(model_blocks.models(quiet, start, min(start + block, m)),
+                                      device)  # fmt: skip
         model_blocks.copy_models(result, part, start)
         del part  # freed before the next block runs
     if dp is not None and result.weight_grads is not None:
         loss_unit = privacy.samples_per_loss_unit(job)
         privacy.add_noise(result.weight_grads, result.bias_grads, dp, loss_unit, device)
+    return result
+
+
+def _run_samples_in_blocks(job: EnsembleJob, device: torch.device) -> EnsembleResult:
+    """A block of models (one model, where its activations are larger than CPU_BLOCK_BYTES)
+    a block of samples at a time (samples_per_block, sample_blocks): the blocks' losses and
+    gradients added in float64 and reduced as the job's, their per-sample rows copied into
+    the job's. `job` has no DP noise to add (_run_in_blocks adds it)."""
+    n, block = job.num_samples, samples_per_block(job)
+    if block >= n:
+        return _run(job, device)
+    result = model_blocks.allocate_result(job, device)
+    total = None
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        part = _run(sample_blocks.samples(job, start, stop), device)
+        for name, rows in sample_blocks.rows(part, job).items():
+            getattr(result, name)[:, start:stop].copy_(rows)
+        total = sample_blocks.add(total, part)
+        del part  # freed before the next block runs
+    sums = sample_blocks.reduce(total, job, device)
+    result.loss, result.weight_grads, result.bias_grads = (
+        sums.loss,
+        sums.weight_grads,
+        sums.bias_grads,
+    )
     return result
 
 

@@ -16,7 +16,13 @@ import torch
 
 import gradserve
 from gradserve import kernels
-from gradserve.kernels import EngineUnavailable, EnsembleResult, compiled_kernels, engines
+from gradserve.kernels import (
+    EngineUnavailable,
+    EnsembleResult,
+    compiled_kernels,
+    engines,
+    sample_blocks,
+)
 from gradserve.server import codec
 from gradserve.server.admission import Admission
 from gradserve.server.assembly import PayloadAssembler
@@ -33,7 +39,7 @@ from gradserve.server.errors import (
 from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
 from gradserve.server.memory import HeapRelease
 from gradserve.server.metrics import Metrics
-from gradserve.server.streaming import SampleStream, accumulate, finish, per_sample_rows
+from gradserve.server.streaming import SampleStream, finish, per_sample_rows
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
@@ -569,7 +575,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             done = await computing
             queued += done.queue_seconds
             computed += done.compute_seconds
-            total = await self._io(added_bytes, accumulate, total, done.result)
+            total = await self._io(added_bytes, sample_blocks.add, total, done.result)
             if rows:
                 sent += await self._send_rows(write, plan, rows, done.result, start)
 

@@ -5,10 +5,11 @@ sample_weights) then arrive interleaved; as soon as every one of them holds the 
 micro-batch's rows, those rows become an engine job of their own (sum reduction) and leave
 the buffers. A sample tensor given per model ([M, N, ...]) is M runs of rows, one per model,
 each arriving in order like a tensor of its own ("lanes"; a shared tensor is one lane). The
-caller runs the micro-batch jobs, adds their losses and gradients in float64 (accumulate())
-and sends their per-sample results as they come (per_sample_rows()); finish() then applies
-the job's reduction, which gives the one-shot result up to float rounding, and takes the
-job's optimiser step, if it has one: one step, as each further one would need every sample
+micro-batches are blocks of samples as kernels/sample_blocks.py defines them: the caller
+runs their jobs, adds their losses and gradients in float64 (sample_blocks.add()) and sends
+their per-sample results as they come (per_sample_rows()); finish() then applies the job's
+reduction, which gives the one-shot result up to float rounding, and takes the job's
+optimiser step, if it has one: one step, as each further one would need every sample
 again.
 """
 
@@ -20,14 +21,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from gradserve.kernels import (
-    EnsembleJob,
-    EnsembleResult,
-    LossSpec,
-    Privacy,
-    optimizers,
-    privacy,
-)
+from gradserve.kernels import EnsembleJob, EnsembleResult, optimizers, sample_blocks
 from gradserve.server import codec
 from gradserve.server.assembly import (
     PayloadAssembler,
@@ -182,22 +176,12 @@ class SampleStream:
         return start, engine_job(
             plan,
             {**self.parameters(), **rows},
-            loss=LossSpec(plan.loss.name, "sum", plan.loss.huber_delta),
+            loss=sample_blocks.block_loss(plan),
             outputs=dataclasses.replace(plan.outputs, parameter_gradients=gradients),
-            privacy=self._micro_batch_privacy(),
+            privacy=sample_blocks.block_privacy(plan),
             optimizer=None,  # the job's one step comes after the last micro-batch (finish())
             optimizer_state={},
         )
-
-    def _micro_batch_privacy(self) -> Privacy | None:
-        """Clipping as the whole job would clip (a sample's own loss is its summed loss
-        divided by what the mean divides by beyond N); the noise comes once, in scale()."""
-        dp = self.plan.privacy
-        if dp is None:
-            return None
-        per_sample = _count(self.plan) // self.plan.num_samples
-        unit = 1.0 / per_sample if self.plan.loss.reduction == "mean" else 1.0
-        return dataclasses.replace(dp, noise_multiplier=0.0, own_loss_scale=unit)
 
     def missing(self) -> str:
         """What has not arrived, for the error when the request stream ends early."""
@@ -217,52 +201,17 @@ class SampleStream:
         return sum(batch * r * self.lanes[n] for n, r in self.row_bytes.items())
 
 
-def accumulate(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleResult:
-    """Add a micro-batch's summed loss and gradients into the running total, kept in
-    float64 (in place): float32 running sums lose digits with every addition, their error
-    growing with the number of micro-batches (as one float32 sum over all samples grows
-    with N, kernels/linear_layer.py), and small micro-batches make many. Its per-sample
-    results are not kept: they leave as they are (per_sample_rows())."""
-    if total is None:
-        total = dataclasses.replace(part, loss=part.loss.double())
-        if part.weight_grads is not None:
-            total.weight_grads = [g.double() for g in part.weight_grads]
-            total.bias_grads = [g.double() for g in part.bias_grads]
-        for field in PER_SAMPLE_FIELDS:
-            setattr(total, field, None)
-    else:
-        total.loss += part.loss
-        if part.weight_grads is not None:
-            for t, p in zip(total.weight_grads + total.bias_grads,
-                            part.weight_grads + part.bias_grads, strict=True):  # fmt: skip
-                t += p
-    return total
-
-
 def per_sample_rows(part: EnsembleResult, plan: JobPlan) -> dict[str, torch.Tensor]:
-    """A micro-batch's per-sample results ([M, n, ...]) by wire name, final: a sample's
-    gradients are of its contribution to the loss, so reduced as the loss is (its loss and
-    outputs are the same whatever the reduction)."""
-    divisor = _count(plan) if plan.loss.reduction == "mean" else 1
-    rows = {}
-    for field, name in PER_SAMPLE_FIELDS.items():
-        value = getattr(part, field)
-        if value is not None:
-            reduced = field in ("per_sample_grad_norm", "input_grads") and divisor != 1
-            rows[name] = value / divisor if reduced else value
-    return rows
-
-
-def _count(plan: JobPlan) -> int:
-    """What the mean reduction divides the summed loss by."""
-    return plan.num_samples * (1 if plan.loss.name == "cross_entropy" else plan.mlp.layer_sizes[-1])
+    """A micro-batch's per-sample results ([M, n, ...]) by wire name, final
+    (sample_blocks.rows())."""
+    return {PER_SAMPLE_FIELDS[name]: t for name, t in sample_blocks.rows(part, plan).items()}
 
 
 def finish(total: EnsembleResult, plan: JobPlan, tensors: dict[str, torch.Tensor], device):
-    """The job's result from its micro-batches' sums: scale(), then for a job with an
-    optimiser its one step (the full-batch gradient over every sample, as a one-shot job's
-    first step) of the parameters and optimiser state in `tensors`, by wire name."""
-    result = scale(total, plan, device)
+    """The job's result from its micro-batches' sums: sample_blocks.reduce(), then for a job
+    with an optimiser its one step (the full-batch gradient over every sample, as a one-shot
+    job's first step) of the parameters and optimiser state in `tensors`, by wire name."""
+    result = sample_blocks.reduce(total, plan, device)
     if plan.optimizer is None:
         return result
     weights, biases = parameters(plan, tensors)
@@ -273,19 +222,3 @@ def finish(total: EnsembleResult, plan: JobPlan, tensors: dict[str, torch.Tensor
     stepped = steps.result()
     stepped.engine = result.engine
     return stepped
-
-
-def scale(total: EnsembleResult, plan: JobPlan, device) -> EnsembleResult:
-    """Apply the job's reduction to the summed loss and gradients and round them to the
-    job's dtype, then add the DP noise (drawn as for the one-shot job: the same seed gives
-    the same noise)."""
-    divisor = _count(plan) if plan.loss.reduction == "mean" else 1
-    dtype = torch.float64 if plan.precision == "float64" else torch.float32
-    total.loss = (total.loss / divisor).to(dtype)
-    if total.weight_grads is not None:
-        total.weight_grads = [(t / divisor).to(dtype) for t in total.weight_grads]
-        total.bias_grads = [(t / divisor).to(dtype) for t in total.bias_grads]
-    if plan.privacy is not None and total.weight_grads is not None:
-        unit = plan.num_samples if plan.loss.reduction == "mean" else 1
-        privacy.add_noise(total.weight_grads, total.bias_grads, plan.privacy, unit, device)
-    return total

@@ -107,14 +107,14 @@ def params_of(result):
     return out
 
 
-@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "in_blocks"])
+@pytest.mark.parametrize("blocks", [0, 2 * N, 4], ids=["whole", "models", "samples"])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_steps_equal_torch_optim(config, blocks, monkeypatch):
-    """`in_blocks`: each step's job run two models at a time (torch_engine.models_per_block),
-    the steps taken on the joined gradients."""
+    """Each step's job run whole, or in torch_engine's blocks (of two models; of four
+    samples of one model), the steps taken on the joined gradients."""
     if blocks:
         monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
-        monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", 2 * N * max(SIZES) * 8)
+        monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", blocks * max(SIZES) * 8)
     c = CONFIGS[config]
     tensors = random_job(SIZES, M, N, seed=21, dtype=torch.float64)
     losses, params, state = reference(tensors, c, K)

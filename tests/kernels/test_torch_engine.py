@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradserve import kernels
-from gradserve.kernels import linear_layer, torch_engine
+from gradserve.kernels import linear_layer, model_blocks, torch_engine
 from tests.jobs import ensemble_job, random_job
 from tests.oracle import (
     assert_close_per_model,
@@ -176,58 +176,75 @@ def test_skipping_parameter_gradients_returns_only_the_loss():
     assert got.loss.shape == (2,)
 
 
-def in_blocks_of(monkeypatch, models: int, layer_sizes, n: int, precision="float32") -> None:
-    """Make the CPU engine run every job of these shapes `models` models at a time."""
+def in_blocks(monkeypatch, blocks: str, layer_sizes, n: int, precision="float32") -> None:
+    """Make the CPU engine run every job of these shapes in blocks: "models" two models at
+    a time, "samples" a model at a time, five samples at a time (torch_engine's blocks)."""
     itemsize = 8 if precision == "float64" else 4
+    samples = {"models": 2 * n, "samples": 5}[blocks]
     monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
-    monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", models * n * max(layer_sizes) * itemsize)
+    monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", samples * max(layer_sizes) * itemsize)
 
 
-def test_blocks_take_whole_jobs_up_to_their_bound_and_one_model_at_least():
+BLOCKS = ["models", "samples"]
+
+
+def test_jobs_run_whole_up_to_their_bound_then_in_blocks_of_models_then_of_samples():
     sizes = (8, 64, 1)
     per_model = 1000 * 64 * 4
     whole = torch_engine.CPU_WHOLE_JOB_MAX_BYTES // per_model
-    big = ensemble_job(random_job(sizes, 1, 1000), sizes)
-    for m, expected in [(whole, whole), (whole + 1, torch_engine.CPU_BLOCK_BYTES // per_model)]:
-        big.weights = [torch.empty(m, *w.shape[1:]) for w in big.weights]
-        assert torch_engine.models_per_block(big) == expected
+    job = ensemble_job(random_job(sizes, 1, 1000), sizes)
+    job.weights = [torch.empty(whole, *w.shape[1:]) for w in job.weights]
+    assert torch_engine.runs_whole(job)
+    job.weights = [torch.empty(whole + 1, *w.shape[1:]) for w in job.weights]
+    assert not torch_engine.runs_whole(job)
+    block = torch_engine.models_per_block(job)
+    assert block == torch_engine.CPU_BLOCK_BYTES // per_model
+    assert torch_engine.samples_per_block(model_blocks.models(job, 0, block)) == 1000
     wide = ensemble_job(random_job(sizes, 2, 1 << 20, shared_inputs=True), sizes)
-    assert torch_engine.models_per_block(wide) == 1  # 256 MiB per model
-    wide.precision = "float64"
-    assert torch_engine.models_per_block(wide) == 1
+    assert torch_engine.models_per_block(wide) == 1  # 256 MiB a model
+    one = model_blocks.models(wide, 0, 1)
+    assert torch_engine.samples_per_block(one) == torch_engine.CPU_BLOCK_BYTES // (64 * 4)
+    one.precision = "float64"
+    assert torch_engine.samples_per_block(one) == torch_engine.CPU_BLOCK_BYTES // (64 * 8)
 
 
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("reduction", kernels.REDUCTIONS)
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
-def test_a_job_run_in_blocks_of_models_matches_oracle(monkeypatch, shared, loss):
-    """Blocks of 2 of 5 models (the last one short): every result of every model, with
-    sample weights, shared or per-model inputs and targets."""
+def test_a_job_run_in_blocks_matches_oracle(monkeypatch, shared, loss, reduction, blocks):
+    """Blocks of 2 of 5 models, or of 5 of 37 samples (the last block short): every result
+    of every model, with sample weights, shared or per-model inputs and targets."""
     tensors = random_job(ODD_SIZES, 5, 37, loss=loss, shared_inputs=shared,
                          sample_weights=True, seed=21)  # fmt: skip
-    job = ensemble_job(tensors, ODD_SIZES, hidden="tanh", loss=loss)
+    options = dict(hidden="tanh", loss=loss, reduction=reduction)
+    job = ensemble_job(tensors, ODD_SIZES, **options)
     job.outputs = kernels.OutputRequest(True, True, True, True, per_sample_gradient_norms=True)
     whole = torch_engine.run(job)
-    in_blocks_of(monkeypatch, 2, ODD_SIZES, 37)
-    assert torch_engine.models_per_block(job) == 2
+    in_blocks(monkeypatch, blocks, ODD_SIZES, 37)
+    assert not torch_engine.runs_whole(job)
     got = torch_engine.run(job)
-    assert_matches_oracle(engine_tensors(got), oracle_for(ODD_SIZES, tensors, hidden="tanh",
-                                                          loss=loss), "float32")  # fmt: skip
+    ref = oracle_for(ODD_SIZES, tensors, **options)
+    assert_matches_oracle(engine_tensors(got), ref, "float32")
     torch.testing.assert_close(got.per_sample_grad_norm, whole.per_sample_grad_norm)
 
 
-def test_dp_noise_of_a_job_in_blocks_is_drawn_as_for_the_whole_job(monkeypatch):
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("reduction", kernels.REDUCTIONS)
+def test_dp_gradients_of_a_job_in_blocks_are_the_whole_jobs(monkeypatch, reduction, blocks):
     """Clipping per block, the noise for the joined gradients: the same gradients as the
-    whole job's for one seed (spec.Privacy's documented order)."""
-    tensors = random_job(ODD_SIZES, 5, 23, seed=22)
-    job = ensemble_job(tensors, ODD_SIZES, input_gradients=False, per_sample_losses=False,
+    whole job's for one seed (spec.Privacy's documented order), float64, three outputs."""
+    tensors = random_job(ODD_SIZES, 5, 23, seed=22, dtype=torch.float64)
+    job = ensemble_job(tensors, ODD_SIZES, reduction=reduction, precision="float64",
+                       input_gradients=False, per_sample_losses=False,
                        forward_outputs=False)  # fmt: skip
     job.privacy = kernels.Privacy(0.05, noise_multiplier=1.5, noise_seed=7)
     whole = torch_engine.run(job)
-    in_blocks_of(monkeypatch, 2, ODD_SIZES, 23)
+    in_blocks(monkeypatch, blocks, ODD_SIZES, 23, "float64")
     got = torch_engine.run(job)
     for name, a, b in [("w", whole.weight_grads, got.weight_grads),
                        ("b", whole.bias_grads, got.bias_grads)]:  # fmt: skip
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            torch.testing.assert_close(y, x, msg=f"{name}{i}")
+            torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-14, msg=f"{name}{i}")
     clean = torch_engine.run(dataclasses.replace(job, privacy=kernels.Privacy(0.05)))
     assert (got.weight_grads[0] - clean.weight_grads[0]).abs().max() > 1e-3  # noise added

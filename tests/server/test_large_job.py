@@ -10,6 +10,8 @@ import torch
 
 from gradserve.client import AsyncGradientClient, GradientClient, GradserveError
 from gradserve.kernels import torch_engine
+from gradserve.v1 import gradserve_pb2 as pb
+from gradserve.v1 import wire
 from tests.jobs import ensemble_job, random_job
 from tests.servers import run_server
 
@@ -92,27 +94,44 @@ def test_deadline_during_a_large_upload_ends_the_call(server, timeout):
 
 
 def test_a_job_larger_than_the_machine_gets_resource_exhausted_and_the_server_goes_on():
-    """Limits raised past what the machine holds (--max-work-bytes): the engine's first
-    activation (8192 x 2**24 float32, 550 GB: the CPU engine runs this job a model at a
-    time, torch_engine.models_per_block) cannot be allocated. That is the job's size, not a
-    server fault: RESOURCE_EXHAUSTED, and the next job is served."""
+    """Limits raised past what the machine holds (--max-work-bytes, --max-inflight-bytes):
+    the forward outputs the job asks for (16384 x 65536 x 32 float32, 137 GB) cannot be
+    allocated (the CPU engine allocates a large job's results before its first block). That
+    is the job's size, not a server fault: RESOURCE_EXHAUSTED, and the next job is served.
+    Sent by a raw gRPC client: the Python client would fail first, making room for them."""
     with open("/proc/sys/vm/overcommit_memory") as f:
         if f.read().strip() == "1":  # every allocation succeeds and the OOM killer decides
             pytest.skip("the kernel overcommits memory unconditionally here")
     rng = np.random.default_rng(0)
-    m, n, sizes = 2, 1 << 24, (1, 8192, 1)
-    params = {
-        "layers.0.weight": rng.standard_normal((m, 8192, 1), dtype=np.float32),
-        "layers.0.bias": rng.standard_normal((m, 8192), dtype=np.float32),
-        "layers.1.weight": rng.standard_normal((m, 1, 8192), dtype=np.float32),
-        "layers.1.bias": rng.standard_normal((m, 1), dtype=np.float32),
-    }
-    x = rng.standard_normal((n, sizes[0]), dtype=np.float32)
-    y = rng.standard_normal((n, sizes[-1]), dtype=np.float32)
-    with run_server("--max-work-bytes", str(10**14)) as server:
-        with GradientClient(server.address, timeout=120) as client:
-            with pytest.raises(GradserveError) as err:
-                client.compute(params, x, y, backend="torch")
-            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details
-            small = client.compute({k: v[:2] for k, v in params.items()}, x[:5], y[:5])
-            assert small.loss.shape == (2,)
+    m, n, sizes = 16384, 65536, (1, 8, 32)
+    tensors = {}
+    for i, (d_in, d_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        tensors[f"layers.{i}.weight"] = rng.standard_normal((m, d_out, d_in), dtype=np.float32)
+        tensors[f"layers.{i}.bias"] = rng.standard_normal((m, d_out), dtype=np.float32)
+    tensors["inputs"] = rng.standard_normal((n, sizes[0]), dtype=np.float32)
+    tensors["targets"] = rng.standard_normal((n, sizes[-1]), dtype=np.float32)
+    header = pb.JobHeader(
+        architecture=pb.Architecture(layer_sizes=sizes),
+        outputs=pb.Outputs(forward_outputs=True),
+        tensors=[pb.TensorDescriptor(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=v.shape)
+                 for k, v in tensors.items()],
+    )  # fmt: skip
+    messages = [pb.ComputeRequest(header=header).SerializeToString()]
+    for name, value in tensors.items():
+        data = memoryview(value).cast("B")
+        for offset in range(0, len(data), 1 << 20):
+            messages.append(wire.encode_chunk(name, offset, data[offset : offset + (1 << 20)]))
+    limits = ("--max-work-bytes", str(10**16), "--max-inflight-bytes", str(10**16))
+    with run_server(*limits) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            compute = channel.stream_stream(
+                wire.COMPUTE_METHOD, request_serializer=None, response_deserializer=None
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                list(compute(iter(messages), timeout=120))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert "ran out of memory" in err.value.details()
+        with GradientClient(server.address, timeout=60) as client:
+            small = {k: v[:2] for k, v in tensors.items() if k.startswith("layers.")}
+            result = client.compute(small, tensors["inputs"][:5], tensors["targets"][:5])
+            assert result.loss.shape == (2,)

@@ -713,8 +713,7 @@ def test_micro_batch_sums_keep_their_digits_however_many():
     with the number of parts."""
     from types import SimpleNamespace
 
-    from gradserve.kernels import EnsembleResult
-    from gradserve.server import streaming
+    from gradserve.kernels import EnsembleResult, sample_blocks
 
     g = torch.Generator().manual_seed(5)
     parts = 50_000
@@ -730,8 +729,8 @@ def test_micro_batch_sums_keep_their_digits_however_many():
     for k in range(parts):
         part = EnsembleResult(loss=losses[k].clone(), weight_grads=[weights[k].clone()],
                               bias_grads=[biases[k].clone()])  # fmt: skip
-        total = streaming.accumulate(total, part)
-    result = streaming.scale(total, plan, "cpu")
+        total = sample_blocks.add(total, part)
+    result = sample_blocks.reduce(total, plan, "cpu")
     for got, exact in ((result.loss, losses.double().sum(0) / count),
                        (result.weight_grads[0], weights.double().sum(0) / count),
                        (result.bias_grads[0], biases.double().sum(0) / count)):  # fmt: skip
