@@ -26,7 +26,7 @@ lint:
 
 bench:
 	$(PY) bench/engine_cpu.py
-	$(PY) bench/model_blocks.py
+	$(PY) bench/cpu_blocks.py
 	$(PY) bench/server_compute.py
 	$(PY) bench/mixed_load.py
 	$(PY) bench/losses_cpu.py

@@ -158,8 +158,8 @@ def _prime_cpu_math() -> None:
 # elementwise pass over a tensor that large (activation, its derivative, bias sums, the
 # loss) streams it from memory; a block's tensors come from the heap and stay in the caches
 # from one pass to the next, and the job's memory is that of one block's activations (and
-# its results). Measured on 2 cores (bench/results/model_blocks.md): jobs of 32-128 MiB
-# activations 1.3x-2.7x faster in blocks of 4 MiB, at 1/2 to 1/18 of the memory; blocks of
+# its results). Measured on 2 cores (bench/results/cpu_blocks.md): jobs of 32-256 MiB
+# activations 1.35x-2.65x faster in blocks of 4 MiB, at 1/3 to 1/19 of the memory; blocks of
 # 2 MiB were slower on some (a [64, 128, 128, 8] job 1.2x against 1.7x), of 8 MiB on the
 # largest (2.2x against 3x); jobs of 16 MiB went anywhere from 0.65x to 1.3x in blocks, as
 # far as the noise lets one tell, so they run whole.

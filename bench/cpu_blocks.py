@@ -1,11 +1,12 @@
-"""The CPU torch engine running a job whole against running it a block of models at a time
-(torch_engine.models_per_block), same jobs, same run.
+"""The CPU torch engine running a job whole against running it in blocks (of models, and
+of samples where one model's activations exceed a block: torch_engine.models_per_block,
+samples_per_block), same jobs, same run.
 
 For each job: the median time of each side (one call of each in turn), and the memory one
 call of each side takes beyond what the process held before it (peak resident memory of a
 fresh process running that one call; the job's own tensors made before). The server's
 allocator setting (server/memory.py) on both sides.
-Usage: python bench/model_blocks.py [--repeats R]
+Usage: python bench/cpu_blocks.py [--repeats R]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import interleaved_medians, run_isolated, write_table  # noqa: E402
 from gradserve import kernels  # noqa: E402
-from gradserve.kernels import torch_engine  # noqa: E402
+from gradserve.kernels import model_blocks, torch_engine  # noqa: E402
 from gradserve.server.memory import keep_freed_memory  # noqa: E402
 from tests.process_memory import memory_bytes  # noqa: E402
 
@@ -36,6 +37,10 @@ SHAPES = [
     (8, 8192, (256, 256, 1), "relu"),  # 64 MiB
     (200, 10000, (8, 16, 1), "tanh"),  # 122 MiB
     (64, 4096, (64, 128, 128, 8), "relu"),  # 128 MiB
+    # Blocks of samples of one model
+    (4, 65536, (32, 128, 128, 1), "relu"),  # 128 MiB
+    (2, 1 << 19, (16, 32, 32, 1), "tanh"),  # 128 MiB
+    (1, 1 << 20, (8, 64, 64, 1), "relu"),  # 256 MiB
 ]
 
 WHOLE = 1 << 62  # CPU_WHOLE_JOB_MAX_BYTES that keeps every job whole
@@ -73,6 +78,16 @@ def memory_of(shape, side: str) -> str:
     return f"{got['bytes'] / 2**20:.0f}" if got else f"failed: {error}"
 
 
+def blocks_of(job: kernels.EnsembleJob) -> str:
+    if torch_engine.runs_whole(job):
+        return "whole"
+    models = torch_engine.models_per_block(job)
+    samples = torch_engine.samples_per_block(model_blocks.models(job, 0, models))
+    if samples < job.num_samples:
+        return f"{models} model, {samples} samples"
+    return f"{models} models"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10)
@@ -86,7 +101,6 @@ def main() -> None:
     for shape in SHAPES:
         m, n, sizes, _ = shape
         job = make_job(*shape)
-        block = torch_engine.models_per_block(job)
 
         def side(whole_max, job=job):
             def call():
@@ -103,7 +117,7 @@ def main() -> None:
             [
                 f"M={m} N={n} {list(sizes)} {shape[3]}",
                 f"{m * n * max(sizes) * 4 / 2**20:.0f}",
-                f"{block}" if block < m else "all (whole)",
+                blocks_of(job),
                 f"{t['whole'] * 1e3:.1f}",
                 f"{t['blocks'] * 1e3:.1f}",
                 f"{t['whole'] / t['blocks']:.2f}x",
@@ -113,12 +127,12 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     write_table(
-        "model_blocks.md",
-        "CPU torch engine: jobs whole vs in blocks of models (mse, float32)",
+        "cpu_blocks.md",
+        "CPU torch engine: jobs whole vs in blocks (mse, float32)",
         [
             "job",
             "widest activations MiB",
-            "models per block",
+            "a block",
             "whole ms",
             "in blocks ms",
             "speed-up",
@@ -128,10 +142,10 @@ def main() -> None:
         rows,
         "Median wall time of loss + all parameter gradients, one call of each side in turn; "
         "memory: a fresh process's peak resident memory during one call beyond what it held "
-        "before. Blocks: torch_engine.models_per_block (jobs up to "
+        "before. Blocks: torch_engine.models_per_block and samples_per_block (jobs up to "
         f"{default_whole >> 20} MiB of activations run whole, larger ones in blocks of "
         f"{torch_engine.CPU_BLOCK_BYTES >> 20} MiB); where both sides run the job whole, "
-        "their ratio is the run's noise. Command: `python bench/model_blocks.py`. "
+        "their ratio is the run's noise. Command: `python bench/cpu_blocks.py`. "
         "CPU times are for comparison within this run only.",
     )
 
