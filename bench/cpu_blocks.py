@@ -1,6 +1,6 @@
 """The CPU torch engine running a job whole against running it in blocks (of models, and
-of samples where one model's activations exceed a block: torch_engine.models_per_block,
-samples_per_block), same jobs, same run.
+of samples where one model's activations exceed a block: torch_engine.block_shape), same
+jobs, same run.
 
 For each job: the median time of each side (one call of each in turn), and the memory one
 call of each side takes beyond what the process held before it (peak resident memory of a
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import interleaved_medians, run_isolated, write_table  # noqa: E402
 from gradserve import kernels  # noqa: E402
-from gradserve.kernels import model_blocks, torch_engine  # noqa: E402
+from gradserve.kernels import torch_engine  # noqa: E402
 from gradserve.server.memory import keep_freed_memory  # noqa: E402
 from tests.process_memory import memory_bytes  # noqa: E402
 
@@ -79,10 +79,10 @@ def memory_of(shape, side: str) -> str:
 
 
 def blocks_of(job: kernels.EnsembleJob) -> str:
-    if torch_engine.runs_whole(job):
+    shape = (job.num_models, job.num_samples, job.mlp.layer_sizes, job.precision)
+    models, samples = torch_engine.block_shape(*shape)
+    if (models, samples) == shape[:2]:
         return "whole"
-    models = torch_engine.models_per_block(job)
-    samples = torch_engine.samples_per_block(model_blocks.models(job, 0, models))
     if samples < job.num_samples:
         return f"{models} model, {samples} samples"
     return f"{models} models"
@@ -142,7 +142,7 @@ def main() -> None:
         rows,
         "Median wall time of loss + all parameter gradients, one call of each side in turn; "
         "memory: a fresh process's peak resident memory during one call beyond what it held "
-        "before. Blocks: torch_engine.models_per_block and samples_per_block (jobs up to "
+        "before. Blocks: torch_engine.block_shape (jobs up to "
         f"{default_whole >> 20} MiB of activations run whole, larger ones in blocks of "
         f"{torch_engine.CPU_BLOCK_BYTES >> 20} MiB); where both sides run the job whole, "
         "their ratio is the run's noise. Command: `python bench/cpu_blocks.py`. "

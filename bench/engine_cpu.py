@@ -28,7 +28,7 @@ SHAPES = [
     (1024, 32, (16, 32, 32, 1)),
     (64, 256, (64, 128, 128, 8)),
     # Jobs of 64 and 128 MiB activations, which the engine runs in blocks of models
-    # (torch_engine.models_per_block): bench/kernels_gpu.py's target, and a wider one.
+    # (torch_engine.block_shape): bench/kernels_gpu.py's target, and a wider one.
     (1024, 256, (32, 64, 64, 64, 1)),
     (64, 4096, (64, 128, 128, 8)),
 ]

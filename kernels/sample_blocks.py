@@ -10,7 +10,7 @@ would (block_privacy()); the noise is drawn once, for the reduced sums, as for t
 job (the same seed gives the same noise).
 
 The torch engine runs a CPU job whose one model's activations are large this way
-(torch_engine.samples_per_block), and the server a streamed job, whose micro-batches are
+(torch_engine.block_shape), and the server a streamed job, whose micro-batches are
 such blocks (server/streaming.py). `job` below is anything with a job's mlp, loss,
 num_samples, precision and privacy: an EnsembleJob, or the server's plan of one.
 """

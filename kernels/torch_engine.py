@@ -4,7 +4,7 @@ Every layer is one `baddbmm` over the model axis M ([M, d_out, d_in] x [M, d_in,
 the CPU a layer of one input feature is one broadcast multiply-add, linear_layer), so the
 cost is a handful of large kernels whatever M is, never a Python loop over models. On the
 CPU a job of large activations runs a block of models at a time, each block one such graph
-over activations of several MiB (models_per_block), small enough to stay in the caches,
+over activations of several MiB (block_shape), small enough to stay in the caches,
 large enough that each kernel's fixed cost stays small. Runs on CPU or CUDA, in float32,
 tf32 (CUDA), bfloat16/float16 operands with float32 accumulation, or float64. This is the
 fallback engine and the reference the Triton engine is tested against (besides the
@@ -167,28 +167,17 @@ CPU_WHOLE_JOB_MAX_BYTES = 16 << 20
 CPU_BLOCK_BYTES = 4 << 20
 
 
-def _activation_bytes(job: EnsembleJob, models: int, samples: int) -> int:
-    """Bytes of the widest layer's activations of `models` models' `samples` samples."""
-    return models * samples * max(job.mlp.layer_sizes) * compute_dtype(job.precision).itemsize
-
-
-def runs_whole(job: EnsembleJob) -> bool:
-    """Whether a CPU job runs whole: its activations at most CPU_WHOLE_JOB_MAX_BYTES."""
-    return _activation_bytes(job, job.num_models, job.num_samples) <= CPU_WHOLE_JOB_MAX_BYTES
-
-
-def models_per_block(job: EnsembleJob) -> int:
-    """How many models a CPU block of a job that does not run whole takes: as many as
-    CPU_BLOCK_BYTES holds, one at least."""
-    return max(1, CPU_BLOCK_BYTES // _activation_bytes(job, 1, job.num_samples))
-
-
-def samples_per_block(job: EnsembleJob) -> int:
-    """How many samples a block of models (a job) takes: all of them where its activations
-    fit CPU_BLOCK_BYTES, else as many as fill that, one at least."""
-    if _activation_bytes(job, job.num_models, job.num_samples) <= CPU_BLOCK_BYTES:
-        return job.num_samples
-    return max(1, CPU_BLOCK_BYTES // _activation_bytes(job, job.num_models, 1))
+def block_shape(num_models: int, num_samples: int, layer_sizes, precision: str) -> tuple[int, int]:
+    """(models, samples) of each block a CPU job of this shape runs in; (M, N) where it
+    runs whole. Blocks of models hold as many as CPU_BLOCK_BYTES does; a model larger than
+    that runs alone, as many samples at a time as fill it (one at least)."""
+    per_row = max(layer_sizes) * compute_dtype(precision).itemsize  # a model's sample
+    if num_models * num_samples * per_row <= CPU_WHOLE_JOB_MAX_BYTES:
+        return num_models, num_samples
+    models = CPU_BLOCK_BYTES // (num_samples * per_row)
+    if models >= 1:
+        return min(models, num_models), num_samples
+    return 1, min(num_samples, max(1, CPU_BLOCK_BYTES // per_row))
 
 
 def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
@@ -198,14 +187,17 @@ def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:
         return _run(job, device)
     if not _cpu_math_primed:
         _prime_cpu_math()
-    if runs_whole(job):
+    m, n = job.num_models, job.num_samples
+    models, samples = block_shape(m, n, job.mlp.layer_sizes, job.precision)
+    if (models, samples) == (m, n):
         return _run(job, device)
-    return _run_in_blocks(job, device, models_per_block(job))
+    return _run_in_blocks(job, device, models, samples)
 
 
-def _run_in_blocks(job: EnsembleJob, device: torch.device, block: int) -> EnsembleResult:
-    """The job's models `block` at a time, results joined. DP noise is added to the joined
-    gradients, so that it is drawn in the documented order whatever the blocks."""
+def _run_in_blocks(job: EnsembleJob, device: torch.device, models: int, samples: int):
+    """The job's models `models` at a time (each block `samples` samples at a time), into
+    the job's results. DP noise is added to the joined gradients, so that it is drawn in
+    the documented order whatever the blocks."""
     dp = job.privacy
     quiet = (
         job
@@ -214,9 +206,9 @@ def _run_in_blocks(job: EnsembleJob, device: torch.device, block: int) -> Ensemb
     )
     m = job.num_models
     result = model_blocks.allocate_result(job, device)
-    for start in range(0, m, block):
-        part = _run_samples_in_blocks(model_blocks.models(quiet, start, min(start + block, m)),
-                                      device)  # fmt: skip
+    for start in range(0, m, models):
+        block = model_blocks.models(quiet, start, min(start + models, m))
+        part = _run_samples_in_blocks(block, device, samples)
         model_blocks.copy_models(result, part, start)
         del part  # freed before the next block runs
     if dp is not None and result.weight_grads is not None:
@@ -225,12 +217,11 @@ def _run_in_blocks(job: EnsembleJob, device: torch.device, block: int) -> Ensemb
     return result
 
 
-def _run_samples_in_blocks(job: EnsembleJob, device: torch.device) -> EnsembleResult:
-    """A block of models (one model, where its activations are larger than CPU_BLOCK_BYTES)
-    a block of samples at a time (samples_per_block, sample_blocks): the blocks' losses and
+def _run_samples_in_blocks(job: EnsembleJob, device: torch.device, block: int):
+    """A block of models `block` samples at a time (sample_blocks): the blocks' losses and
     gradients added in float64 and reduced as the job's, their per-sample rows copied into
     the job's. `job` has no DP noise to add (_run_in_blocks adds it)."""
-    n, block = job.num_samples, samples_per_block(job)
+    n = job.num_samples
     if block >= n:
         return _run(job, device)
     result = model_blocks.allocate_result(job, device)

@@ -414,7 +414,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             raise invalid("request message is not a valid ComputeRequest")
         if not first.HasField("header"):
             raise invalid("the first request message must carry the job header")
-        plan = validate_header(first.header, self.config)
+        plan = validate_header(first.header, self.config, self.device.type)
         try:
             engine = kernels.select_engine(
                 plan.backend,

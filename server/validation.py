@@ -19,6 +19,7 @@ from gradserve.kernels import (
     Optimizer,
     OutputRequest,
     Privacy,
+    torch_engine,
 )
 from gradserve.server import codec
 from gradserve.server.config import ServerConfig
@@ -459,7 +460,9 @@ def _declared(header: pb.JobHeader) -> dict[str, pb.TensorDescriptor]:
     return declared
 
 
-def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
+def validate_header(header: pb.JobHeader, config: ServerConfig, device_type: str) -> JobPlan:
+    """The job a header describes, checked against the server's limits; `device_type`: the
+    server's device ("cpu", "cuda"), whose engine sets the working memory a job needs."""
     sizes = _layer_sizes(header.architecture, config)
     hidden = _activation(header.architecture.hidden_activation, "hidden_activation")
     output = _activation(header.architecture.output_activation, "output_activation")
@@ -618,8 +621,12 @@ def validate_header(header: pb.JobHeader, config: ServerConfig) -> JobPlan:
             + ("" if micro else " (micro_batch_samples streams large N)")
         )
     # Activations, their gradients and autograd's saved tensors: about four float64-sized
-    # copies of every layer's [M, n, d] activations, n the samples computed at once.
-    work = 4 * 8 * m * plan.samples_at_once * sum(sizes) + 2 * payload
+    # copies of every layer's [m, n, d] activations, m and n the models and samples computed
+    # at once: on a CPU, where the torch engine runs a large job in blocks, a block's.
+    models, samples = m, plan.samples_at_once
+    if device_type == "cpu":
+        models, samples = torch_engine.block_shape(models, samples, sizes, precision)
+    work = 4 * 8 * models * samples * sum(sizes) + 2 * payload
     if work > config.max_work_bytes:
         raise too_large(
             f"job needs about {work} bytes of working memory; the limit is {config.max_work_bytes}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradserve import kernels
-from gradserve.kernels import linear_layer, model_blocks, torch_engine
+from gradserve.kernels import linear_layer, torch_engine
 from tests.jobs import ensemble_job, random_job
 from tests.oracle import (
     assert_close_per_model,
@@ -189,23 +189,18 @@ BLOCKS = ["models", "samples"]
 
 
 def test_jobs_run_whole_up_to_their_bound_then_in_blocks_of_models_then_of_samples():
-    sizes = (8, 64, 1)
-    per_model = 1000 * 64 * 4
+    sizes, n = (8, 64, 1), 1000
+    per_model = n * 64 * 4
     whole = torch_engine.CPU_WHOLE_JOB_MAX_BYTES // per_model
-    job = ensemble_job(random_job(sizes, 1, 1000), sizes)
-    job.weights = [torch.empty(whole, *w.shape[1:]) for w in job.weights]
-    assert torch_engine.runs_whole(job)
-    job.weights = [torch.empty(whole + 1, *w.shape[1:]) for w in job.weights]
-    assert not torch_engine.runs_whole(job)
-    block = torch_engine.models_per_block(job)
-    assert block == torch_engine.CPU_BLOCK_BYTES // per_model
-    assert torch_engine.samples_per_block(model_blocks.models(job, 0, block)) == 1000
-    wide = ensemble_job(random_job(sizes, 2, 1 << 20, shared_inputs=True), sizes)
-    assert torch_engine.models_per_block(wide) == 1  # 256 MiB a model
-    one = model_blocks.models(wide, 0, 1)
-    assert torch_engine.samples_per_block(one) == torch_engine.CPU_BLOCK_BYTES // (64 * 4)
-    one.precision = "float64"
-    assert torch_engine.samples_per_block(one) == torch_engine.CPU_BLOCK_BYTES // (64 * 8)
+    block = torch_engine.CPU_BLOCK_BYTES // per_model
+    assert torch_engine.block_shape(whole, n, sizes, "float32") == (whole, n)
+    assert torch_engine.block_shape(whole + 1, n, sizes, "float32") == (block, n)
+    assert torch_engine.block_shape(whole + 1, n, sizes, "float64") == (block // 2, n)
+    one_model = torch_engine.CPU_BLOCK_BYTES // (64 * 4)
+    assert torch_engine.block_shape(2, 1 << 20, sizes, "float32") == (1, one_model)
+    assert torch_engine.block_shape(1, 1 << 20, sizes, "float64") == (1, one_model // 2)
+    # a sample wider than the block: one at a time
+    assert torch_engine.block_shape(1, 8, (1, 4 << 20, 1), "float32") == (1, 1)
 
 
 @pytest.mark.parametrize("blocks", BLOCKS)
@@ -222,7 +217,7 @@ def test_a_job_run_in_blocks_matches_oracle(monkeypatch, shared, loss, reduction
     job.outputs = kernels.OutputRequest(True, True, True, True, per_sample_gradient_norms=True)
     whole = torch_engine.run(job)
     in_blocks(monkeypatch, blocks, ODD_SIZES, 37)
-    assert not torch_engine.runs_whole(job)
+    assert torch_engine.block_shape(5, 37, ODD_SIZES, "float32") != (5, 37)
     got = torch_engine.run(job)
     ref = oracle_for(ODD_SIZES, tensors, **options)
     assert_matches_oracle(engine_tensors(got), ref, "float32")

@@ -135,3 +135,31 @@ def test_a_job_larger_than_the_machine_gets_resource_exhausted_and_the_server_go
             small = {k: v[:2] for k, v in tensors.items() if k.startswith("layers.")}
             result = client.compute(small, tensors["inputs"][:5], tensors["targets"][:5])
             assert result.loss.shape == (2,)
+
+
+def test_working_memory_is_estimated_for_the_blocks_a_cpu_server_computes():
+    """--max-work-bytes 200 MiB: one model of 262,144 samples through a layer of 64 (64 MiB
+    of activations, four copies of each layer's in float64 whole: 553 MB) runs, in blocks
+    of 16,384 samples (torch_engine.block_shape); a job of 128 MiB of weights (twice that
+    held while it runs) is refused with RESOURCE_EXHAUSTED."""
+    rng = np.random.default_rng(1)
+
+    def params(m, sizes):
+        out = {}
+        for i, (d_in, d_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+            out[f"layers.{i}.weight"] = rng.standard_normal((m, d_out, d_in), dtype=np.float32)
+            out[f"layers.{i}.bias"] = rng.standard_normal((m, d_out), dtype=np.float32)
+        return out
+
+    n = 1 << 18
+    x = rng.standard_normal((n, 1), dtype=np.float32)
+    y = rng.standard_normal((n, 1), dtype=np.float32)
+    with run_server("--max-work-bytes", str(200 << 20)) as server:
+        with GradientClient(server.address, timeout=120) as client:
+            result = client.compute(params(1, (1, 64, 1)), x, y)
+            assert np.isfinite(result.loss).all()
+            wide = params(4096, (8, 1024, 1))
+            with pytest.raises(GradserveError) as err:
+                client.compute(wide, rng.standard_normal((16, 8), dtype=np.float32), y[:16])
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "working memory" in err.value.details
