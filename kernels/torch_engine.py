@@ -224,22 +224,17 @@ def _run_samples_in_blocks(job: EnsembleJob, device: torch.device, block: int):
     n = job.num_samples
     if block >= n:
         return _run(job, device)
-    result = model_blocks.allocate_result(job, device)
-    total = None
+    total, rows = None, {}
     for start in range(0, n, block):
         stop = min(start + block, n)
         part = _run(sample_blocks.samples(job, start, stop), device)
-        for name, rows in sample_blocks.rows(part, job).items():
-            getattr(result, name)[:, start:stop].copy_(rows)
+        for name, value in sample_blocks.rows(part, job).items():
+            if name not in rows:
+                rows[name] = value.new_empty(value.shape[0], n, *value.shape[2:])
+            rows[name][:, start:stop].copy_(value)
         total = sample_blocks.add(total, part)
         del part  # freed before the next block runs
-    sums = sample_blocks.reduce(total, job, device)
-    result.loss, result.weight_grads, result.bias_grads = (
-        sums.loss,
-        sums.weight_grads,
-        sums.bias_grads,
-    )
-    return result
+    return dataclasses.replace(sample_blocks.reduce(total, job, device), **rows)
 
 
 def _run(job: EnsembleJob, device: torch.device) -> EnsembleResult:
