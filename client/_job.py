@@ -576,6 +576,20 @@ class ResultAssembler:
     def _protocol_error(self, message: str) -> GradserveError:
         return GradserveError(grpc.StatusCode.INTERNAL, f"malformed response stream: {message}")
 
+    def _buffer(self, size: int, results) -> np.ndarray:
+        """Room for a result's bytes (no zero-fill); a job whose results this process cannot
+        hold fails with RESOURCE_EXHAUSTED (and its call is cancelled), not MemoryError."""
+        try:
+            return np.empty(size, dtype=np.uint8)
+        except MemoryError:
+            self.buffers.clear()
+            shapes = ", ".join(f"{d.name} {list(d.shape)}" for d in results)
+            raise GradserveError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the job's results ({shapes}) do not fit in this process's memory; ask for "
+                "fewer (per-sample results take a row per model and sample)",
+            ) from None
+
     def add(self, response: pb.ComputeResponse) -> None:
         if response.HasField("accepted"):
             self.accepted = response.accepted
@@ -584,7 +598,7 @@ class ResultAssembler:
                 for dim in d.shape:
                     size *= dim
                 self.descriptors[d.name] = d
-                self.buffers[d.name] = np.empty(size, dtype=np.uint8)  # no zero-fill
+                self.buffers[d.name] = self._buffer(size, response.accepted.results)
                 runs = d.shape[0] if self._sent_by_micro_batch(d.name) and size else 1
                 self.received[d.name] = [0] * runs
                 self.run_bytes[d.name] = size // runs

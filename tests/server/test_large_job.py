@@ -93,15 +93,13 @@ def test_deadline_during_a_large_upload_ends_the_call(server, timeout):
     assert time.monotonic() - start < 10
 
 
-def test_a_job_larger_than_the_machine_gets_resource_exhausted_and_the_server_goes_on():
-    """Limits raised past what the machine holds (--max-work-bytes, --max-inflight-bytes):
-    the forward outputs the job asks for (16384 x 65536 x 32 float32, 137 GB) cannot be
-    allocated (the CPU engine allocates a large job's results before its first block). That
-    is the job's size, not a server fault: RESOURCE_EXHAUSTED, and the next job is served.
-    Sent by a raw gRPC client: the Python client would fail first, making room for them."""
-    with open("/proc/sys/vm/overcommit_memory") as f:
-        if f.read().strip() == "1":  # every allocation succeeds and the OOM killer decides
-            pytest.skip("the kernel overcommits memory unconditionally here")
+# Limits raised past what the machine holds, for jobs larger than it.
+UNLIMITED = ("--max-work-bytes", str(10**16), "--max-inflight-bytes", str(10**16))
+
+
+def outputs_larger_than_the_machine() -> dict[str, np.ndarray]:
+    """The tensors of a job whose forward outputs (16384 x 65536 x 32 float32, 137 GB)
+    no machine here holds, sent in 30 MB."""
     rng = np.random.default_rng(0)
     m, n, sizes = 16384, 65536, (1, 8, 32)
     tensors = {}
@@ -110,8 +108,31 @@ def test_a_job_larger_than_the_machine_gets_resource_exhausted_and_the_server_go
         tensors[f"layers.{i}.bias"] = rng.standard_normal((m, d_out), dtype=np.float32)
     tensors["inputs"] = rng.standard_normal((n, sizes[0]), dtype=np.float32)
     tensors["targets"] = rng.standard_normal((n, sizes[-1]), dtype=np.float32)
+    return tensors
+
+
+def skip_where_every_allocation_succeeds():
+    with open("/proc/sys/vm/overcommit_memory") as f:
+        if f.read().strip() == "1":  # every allocation succeeds and the OOM killer decides
+            pytest.skip("the kernel overcommits memory unconditionally here")
+
+
+def a_small_job_is_served(address: str, tensors) -> None:
+    with GradientClient(address, timeout=60) as client:
+        small = {k: v[:2] for k, v in tensors.items() if k.startswith("layers.")}
+        result = client.compute(small, tensors["inputs"][:5], tensors["targets"][:5])
+        assert result.loss.shape == (2,)
+
+
+def test_a_job_larger_than_the_machine_gets_resource_exhausted_and_the_server_goes_on():
+    """The forward outputs a job asks for cannot be allocated (the CPU engine allocates a
+    large job's results before its first block). That is the job's size, not a server
+    fault: RESOURCE_EXHAUSTED, and the next job is served. Sent by a raw gRPC client: the
+    Python client would fail first, making room for them (the next test)."""
+    skip_where_every_allocation_succeeds()
+    tensors = outputs_larger_than_the_machine()
     header = pb.JobHeader(
-        architecture=pb.Architecture(layer_sizes=sizes),
+        architecture=pb.Architecture(layer_sizes=(1, 8, 32)),
         outputs=pb.Outputs(forward_outputs=True),
         tensors=[pb.TensorDescriptor(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=v.shape)
                  for k, v in tensors.items()],
@@ -121,8 +142,7 @@ def test_a_job_larger_than_the_machine_gets_resource_exhausted_and_the_server_go
         data = memoryview(value).cast("B")
         for offset in range(0, len(data), 1 << 20):
             messages.append(wire.encode_chunk(name, offset, data[offset : offset + (1 << 20)]))
-    limits = ("--max-work-bytes", str(10**16), "--max-inflight-bytes", str(10**16))
-    with run_server(*limits) as server:
+    with run_server(*UNLIMITED) as server:
         with grpc.insecure_channel(server.address) as channel:
             compute = channel.stream_stream(
                 wire.COMPUTE_METHOD, request_serializer=None, response_deserializer=None
@@ -131,10 +151,24 @@ def test_a_job_larger_than_the_machine_gets_resource_exhausted_and_the_server_go
                 list(compute(iter(messages), timeout=120))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
             assert "ran out of memory" in err.value.details()
-        with GradientClient(server.address, timeout=60) as client:
-            small = {k: v[:2] for k, v in tensors.items() if k.startswith("layers.")}
-            result = client.compute(small, tensors["inputs"][:5], tensors["targets"][:5])
-            assert result.loss.shape == (2,)
+        a_small_job_is_served(server.address, tensors)
+
+
+def test_results_the_client_cannot_hold_get_resource_exhausted_and_the_server_goes_on():
+    """The Python client makes room for a job's results when the server accepts it: where
+    it cannot, RESOURCE_EXHAUSTED naming them (not numpy's MemoryError), the call cancelled,
+    and the server serves the next job."""
+    skip_where_every_allocation_succeeds()
+    tensors = outputs_larger_than_the_machine()
+    with run_server(*UNLIMITED) as server:
+        with GradientClient(server.address, timeout=120) as client:
+            with pytest.raises(GradserveError) as err:
+                client.compute({k: v for k, v in tensors.items() if k.startswith("layers.")},
+                               tensors["inputs"], tensors["targets"],
+                               forward_outputs=True)  # fmt: skip
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details
+        assert "outputs [16384, 65536, 32]" in err.value.details
+        a_small_job_is_served(server.address, tensors)
 
 
 def test_working_memory_is_estimated_for_the_blocks_a_cpu_server_computes():
