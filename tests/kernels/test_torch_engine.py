@@ -225,15 +225,18 @@ def test_a_job_run_in_blocks_matches_oracle(monkeypatch, shared, loss, reduction
 
 
 @pytest.mark.parametrize("blocks", BLOCKS)
-@pytest.mark.parametrize("reduction", kernels.REDUCTIONS)
+@pytest.mark.parametrize("reduction", [*kernels.REDUCTIONS, "micro-batch"])
 def test_dp_gradients_of_a_job_in_blocks_are_the_whole_jobs(monkeypatch, reduction, blocks):
     """Clipping per block, the noise for the joined gradients: the same gradients as the
-    whole job's for one seed (spec.Privacy's documented order), float64, three outputs."""
+    whole job's for one seed (spec.Privacy's documented order), float64, three outputs.
+    "micro-batch": a streamed job's micro-batch (sum reduction, the whole job's own-loss
+    scale: 1/3 under its mean)."""
     tensors = random_job(ODD_SIZES, 5, 23, seed=22, dtype=torch.float64)
-    job = ensemble_job(tensors, ODD_SIZES, reduction=reduction, precision="float64",
-                       input_gradients=False, per_sample_losses=False,
+    job = ensemble_job(tensors, ODD_SIZES, reduction=reduction.replace("micro-batch", "sum"),
+                       precision="float64", input_gradients=False, per_sample_losses=False,
                        forward_outputs=False)  # fmt: skip
-    job.privacy = kernels.Privacy(0.05, noise_multiplier=1.5, noise_seed=7)
+    scale = 1 / 3 if reduction == "micro-batch" else None
+    job.privacy = kernels.Privacy(0.05, noise_multiplier=1.5, noise_seed=7, own_loss_scale=scale)
     whole = torch_engine.run(job)
     in_blocks(monkeypatch, blocks, ODD_SIZES, 23, "float64")
     got = torch_engine.run(job)
@@ -241,5 +244,7 @@ def test_dp_gradients_of_a_job_in_blocks_are_the_whole_jobs(monkeypatch, reducti
                        ("b", whole.bias_grads, got.bias_grads)]:  # fmt: skip
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-14, msg=f"{name}{i}")
-    clean = torch_engine.run(dataclasses.replace(job, privacy=kernels.Privacy(0.05)))
+    clean = torch_engine.run(
+        dataclasses.replace(job, privacy=kernels.Privacy(0.05, own_loss_scale=scale))
+    )
     assert (got.weight_grads[0] - clean.weight_grads[0]).abs().max() > 1e-3  # noise added
