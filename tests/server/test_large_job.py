@@ -154,18 +154,29 @@ def test_a_job_larger_than_the_machine_gets_resource_exhausted_and_the_server_go
         a_small_job_is_served(server.address, tensors)
 
 
-def test_results_the_client_cannot_hold_get_resource_exhausted_and_the_server_goes_on():
-    """The Python client makes room for a job's results when the server accepts it: where
-    it cannot, RESOURCE_EXHAUSTED naming them (not numpy's MemoryError), the call cancelled,
-    and the server serves the next job."""
+@pytest.mark.parametrize("client_kind", ["sync", "asyncio"])
+def test_results_the_client_cannot_hold_get_resource_exhausted_and_the_server_goes_on(
+    client_kind,
+):
+    """The Python clients make room for a job's results when the server accepts it: where
+    they cannot, RESOURCE_EXHAUSTED naming them (not numpy's MemoryError), the call
+    cancelled, and the server serves the next job."""
     skip_where_every_allocation_succeeds()
     tensors = outputs_larger_than_the_machine()
+    params = {k: v for k, v in tensors.items() if k.startswith("layers.")}
+    job = (params, tensors["inputs"], tensors["targets"])
+
+    async def compute_async(address):
+        async with AsyncGradientClient(address, timeout=120) as client:
+            await client.compute(*job, forward_outputs=True)
+
     with run_server(*UNLIMITED) as server:
-        with GradientClient(server.address, timeout=120) as client:
-            with pytest.raises(GradserveError) as err:
-                client.compute({k: v for k, v in tensors.items() if k.startswith("layers.")},
-                               tensors["inputs"], tensors["targets"],
-                               forward_outputs=True)  # fmt: skip
+        with pytest.raises(GradserveError) as err:
+            if client_kind == "sync":
+                with GradientClient(server.address, timeout=120) as client:
+                    client.compute(*job, forward_outputs=True)
+            else:
+                asyncio.run(compute_async(server.address))
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details
         assert "outputs [16384, 65536, 32]" in err.value.details
         a_small_job_is_served(server.address, tensors)
