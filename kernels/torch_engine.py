@@ -3,12 +3,12 @@
 Every layer is one `baddbmm` over the model axis M ([M, d_out, d_in] x [M, d_in, N]; on
 the CPU a layer of one input feature is one broadcast multiply-add, linear_layer), so the
 cost is a handful of large kernels whatever M is, never a Python loop over models. On the
-CPU a job of large activations runs a block of models at a time, each block one such graph
-over activations of several MiB (block_shape), small enough to stay in the caches,
-large enough that each kernel's fixed cost stays small. Runs on CPU or CUDA, in float32,
-tf32 (CUDA), bfloat16/float16 operands with float32 accumulation, or float64. This is the
-fallback engine and the reference the Triton engine is tested against (besides the
-independent float64 oracle in the tests).
+CPU a job of large activations runs in blocks (of models; of one model's samples where
+that model alone is large), each block one such graph over activations of several MiB
+(block_shape), small enough to stay in the caches, large enough that each kernel's fixed
+cost stays small. Runs on CPU or CUDA, in float32, tf32 (CUDA), bfloat16/float16 operands
+with float32 accumulation, or float64. This is the fallback engine and the reference the
+Triton engine is tested against (besides the independent float64 oracle in the tests).
 """
 
 from __future__ import annotations
