@@ -178,9 +178,10 @@ def test_skipping_parameter_gradients_returns_only_the_loss():
 
 def in_blocks(monkeypatch, blocks: str, layer_sizes, n: int, precision="float32") -> None:
     """Make the CPU engine run every job of these shapes in blocks: "models" two models at
-    a time, "samples" a model at a time, five samples at a time (torch_engine's blocks)."""
+    a time, "samples" a model at a time, five samples at a time, "single samples" one
+    (torch_engine's blocks)."""
     itemsize = 8 if precision == "float64" else 4
-    samples = {"models": 2 * n, "samples": 5}[blocks]
+    samples = {"models": 2 * n, "samples": 5, "single samples": 1}[blocks]
     monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
     monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", samples * max(layer_sizes) * itemsize)
 
@@ -203,7 +204,7 @@ def test_jobs_run_whole_up_to_their_bound_then_in_blocks_of_models_then_of_sampl
     assert torch_engine.block_shape(1, 8, (1, 4 << 20, 1), "float32") == (1, 1)
 
 
-@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("blocks", [*BLOCKS, "single samples"])
 @pytest.mark.parametrize("reduction", kernels.REDUCTIONS)
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_model", "shared"])
