@@ -41,6 +41,10 @@ SHAPES = [
     (4, 65536, (32, 128, 128, 1), "relu"),  # 128 MiB
     (2, 1 << 19, (16, 32, 32, 1), "tanh"),  # 128 MiB
     (1, 1 << 20, (8, 64, 64, 1), "relu"),  # 256 MiB
+    # Wide layers: blocks of samples at least as large as the model's parameters
+    (1, 65536, (128, 2048, 1), "tanh"),  # 512 MiB, 1 MiB of parameters
+    (1, 32768, (1024, 1024, 1), "relu"),  # 128 MiB, 4 MiB of parameters
+    (2, 4096, (512, 4096, 4096, 8), "relu"),  # 128 MiB, 72 MiB of parameters
 ]
 
 WHOLE = 1 << 62  # CPU_WHOLE_JOB_MAX_BYTES that keeps every job whole

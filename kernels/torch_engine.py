@@ -165,19 +165,32 @@ def _prime_cpu_math() -> None:
 # far as the noise lets one tell, so they run whole.
 CPU_WHOLE_JOB_MAX_BYTES = 16 << 20
 CPU_BLOCK_BYTES = 4 << 20
+# A block of one model's samples holds at least this many times the model's parameter bytes
+# of activations (block_shape).
+CPU_SAMPLE_BLOCK_PARAMETER_MULTIPLE = 1
 
 
 def block_shape(num_models: int, num_samples: int, layer_sizes, precision: str) -> tuple[int, int]:
     """(models, samples) of each block a CPU job of this shape runs in; (M, N) where it
     runs whole. Blocks of models hold as many as CPU_BLOCK_BYTES does; a model larger than
-    that runs alone, as many samples at a time as fill it (one at least)."""
-    per_row = max(layer_sizes) * compute_dtype(precision).itemsize  # a model's sample
+    that runs alone, as many samples at a time as fill it (one at least), or as many as
+    its parameters' bytes fill, if more: each block of samples reads the model's weights
+    and adds their gradients into float64 sums, which must stay small against its work:
+    in blocks of CPU_BLOCK_BYTES (256 and 128 samples), an M=2 N=4096 [512, 4096, 4096, 8]
+    job took 1.5x its whole time and an M=1 N=2048 [8192, 8192, 1] one 2.4x (one run; with
+    this bound 0.98x and whole; bench/results/cpu_blocks.md has jobs of both kinds)."""
+    itemsize = compute_dtype(precision).itemsize
+    per_row = max(layer_sizes) * itemsize  # a model's sample
     if num_models * num_samples * per_row <= CPU_WHOLE_JOB_MAX_BYTES:
         return num_models, num_samples
     models = CPU_BLOCK_BYTES // (num_samples * per_row)
     if models >= 1:
         return min(models, num_models), num_samples
-    return 1, min(num_samples, max(1, CPU_BLOCK_BYTES // per_row))
+    pairs = zip(layer_sizes, layer_sizes[1:], strict=False)
+    parameter_bytes = sum((d_in + 1) * d_out for d_in, d_out in pairs) * itemsize
+    block_bytes = max(CPU_BLOCK_BYTES, CPU_SAMPLE_BLOCK_PARAMETER_MULTIPLE * parameter_bytes)
+    samples = block_bytes // per_row
+    return 1, min(num_samples, max(1, samples))
 
 
 def run(job: EnsembleJob, device: torch.device | str = "cpu") -> EnsembleResult:

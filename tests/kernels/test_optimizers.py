@@ -114,7 +114,10 @@ def test_steps_equal_torch_optim(config, blocks, monkeypatch):
     samples of one model), the steps taken on the joined gradients."""
     if blocks:
         monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
+        monkeypatch.setattr(torch_engine, "CPU_SAMPLE_BLOCK_PARAMETER_MULTIPLE", 0)
         monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", blocks * max(SIZES) * 8)
+        shape = (2, N) if blocks == 2 * N else (1, blocks)
+        assert torch_engine.block_shape(M, N, SIZES, "float64") == shape
     c = CONFIGS[config]
     tensors = random_job(SIZES, M, N, seed=21, dtype=torch.float64)
     losses, params, state = reference(tensors, c, K)

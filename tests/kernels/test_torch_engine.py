@@ -176,14 +176,16 @@ def test_skipping_parameter_gradients_returns_only_the_loss():
     assert got.loss.shape == (2,)
 
 
-def in_blocks(monkeypatch, blocks: str, layer_sizes, n: int, precision="float32") -> None:
+def in_blocks(monkeypatch, blocks: str, layer_sizes, n: int, precision="float32"):
     """Make the CPU engine run every job of these shapes in blocks: "models" two models at
     a time, "samples" a model at a time, five samples at a time, "single samples" one
-    (torch_engine's blocks)."""
+    (torch_engine's blocks). Returns that block shape (models, samples)."""
     itemsize = 8 if precision == "float64" else 4
     samples = {"models": 2 * n, "samples": 5, "single samples": 1}[blocks]
     monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
+    monkeypatch.setattr(torch_engine, "CPU_SAMPLE_BLOCK_PARAMETER_MULTIPLE", 0)
     monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", samples * max(layer_sizes) * itemsize)
+    return (2, n) if blocks == "models" else (1, samples)
 
 
 BLOCKS = ["models", "samples"]
@@ -200,8 +202,12 @@ def test_jobs_run_whole_up_to_their_bound_then_in_blocks_of_models_then_of_sampl
     one_model = torch_engine.CPU_BLOCK_BYTES // (64 * 4)
     assert torch_engine.block_shape(2, 1 << 20, sizes, "float32") == (1, one_model)
     assert torch_engine.block_shape(1, 1 << 20, sizes, "float64") == (1, one_model // 2)
-    # a sample wider than the block: one at a time
-    assert torch_engine.block_shape(1, 8, (1, 4 << 20, 1), "float32") == (1, 1)
+    # A model's parameters larger than the block: blocks of as many bytes as they take
+    # (a sample of 16 MiB, parameters of 48 MiB: three samples).
+    assert torch_engine.block_shape(1, 8, (1, 4 << 20, 1), "float32") == (1, 3)
+    wide = (1024, 2048, 1)
+    parameter_bytes = (1025 * 2048 + 2049) * 4
+    assert torch_engine.block_shape(1, 1 << 16, wide, "float32") == (1, parameter_bytes // 8192)
 
 
 @pytest.mark.parametrize("blocks", [*BLOCKS, "single samples"])
@@ -217,8 +223,8 @@ def test_a_job_run_in_blocks_matches_oracle(monkeypatch, shared, loss, reduction
     job = ensemble_job(tensors, ODD_SIZES, **options)
     job.outputs = kernels.OutputRequest(True, True, True, True, per_sample_gradient_norms=True)
     whole = torch_engine.run(job)
-    in_blocks(monkeypatch, blocks, ODD_SIZES, 37)
-    assert torch_engine.block_shape(5, 37, ODD_SIZES, "float32") != (5, 37)
+    shape = in_blocks(monkeypatch, blocks, ODD_SIZES, 37)
+    assert torch_engine.block_shape(5, 37, ODD_SIZES, "float32") == shape
     got = torch_engine.run(job)
     ref = oracle_for(ODD_SIZES, tensors, **options)
     assert_matches_oracle(engine_tensors(got), ref, "float32")
@@ -239,7 +245,8 @@ def test_dp_gradients_of_a_job_in_blocks_are_the_whole_jobs(monkeypatch, reducti
     scale = 1 / 3 if reduction == "micro-batch" else None
     job.privacy = kernels.Privacy(0.05, noise_multiplier=1.5, noise_seed=7, own_loss_scale=scale)
     whole = torch_engine.run(job)
-    in_blocks(monkeypatch, blocks, ODD_SIZES, 23, "float64")
+    shape = in_blocks(monkeypatch, blocks, ODD_SIZES, 23, "float64")
+    assert torch_engine.block_shape(5, 23, ODD_SIZES, "float64") == shape
     got = torch_engine.run(job)
     for name, a, b in [("w", whole.weight_grads, got.weight_grads),
                        ("b", whole.bias_grads, got.bias_grads)]:  # fmt: skip
