@@ -89,7 +89,7 @@ def blocks_of(job: kernels.EnsembleJob) -> str:
         return "whole"
     if samples < job.num_samples:
         return f"{models} model, {samples} samples"
-    return f"{models} models"
+    return f"{models} model{'s' if models > 1 else ''}"
 
 
 def main() -> None:

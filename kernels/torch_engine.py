@@ -152,14 +152,16 @@ def _prime_cpu_math() -> None:
 
 
 # On the CPU, a job whose widest layer's activations (all models together) take more than
-# CPU_WHOLE_JOB_MAX_BYTES runs in blocks of at most CPU_BLOCK_BYTES of activations: blocks
-# of models, and where one model's are larger, that model a block of samples at a time.
+# CPU_WHOLE_JOB_MAX_BYTES runs in blocks of CPU_BLOCK_BYTES of activations: blocks of
+# models, and where one model's are larger, that model a block of samples at a time (a
+# block at least as large as the model's parameters, block_shape).
 # glibc maps every allocation above 32 MiB afresh and faults it in at each use, and each
 # elementwise pass over a tensor that large (activation, its derivative, bias sums, the
 # loss) streams it from memory; a block's tensors come from the heap and stay in the caches
 # from one pass to the next, and the job's memory is that of one block's activations (and
-# its results). Measured on 2 cores (bench/results/cpu_blocks.md): jobs of 32-256 MiB
-# activations 1.35x-2.65x faster in blocks of 4 MiB, at 1/3 to 1/19 of the memory; blocks of
+# its results). Measured on 2 cores (bench/results/cpu_blocks.md): jobs of 32-512 MiB
+# activations 1.17x-2.62x faster in blocks of 4 MiB, at 1/2 to 1/51 of the memory (one of
+# 72 MiB of parameters, a model at a time, 0.99x, at 2/3 of the memory); blocks of
 # 2 MiB were slower on some (a [64, 128, 128, 8] job 1.2x against 1.7x), of 8 MiB on the
 # largest (2.2x against 3x); jobs of 16 MiB went anywhere from 0.65x to 1.3x in blocks, as
 # far as the noise lets one tell, so they run whole.
