@@ -12,26 +12,25 @@ import dataclasses
 
 import torch
 
-from gradserve.kernels.spec import EnsembleJob, EnsembleResult
-
-
-def _per_model(t: torch.Tensor, per_model_dims: int, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a tensor given per model; a shared one as it is."""
-    return t[start:stop] if t.dim() == per_model_dims else t
+from gradserve.kernels.spec import EnsembleJob, EnsembleResult, compute_dtype
+from gradserve.v1.shapes import SAMPLE_TENSORS, is_per_model
 
 
 def models(job: EnsembleJob, start: int, stop: int) -> EnsembleJob:
     """The job of models [start, stop) (views of the job's tensors, no copies)."""
-    target_dims = 2 if job.loss.name == "cross_entropy" else 3
+    cross_entropy = job.loss.name == "cross_entropy"
+
+    def rows(name: str) -> torch.Tensor | None:
+        t = getattr(job, name)
+        if t is None or not is_per_model(name, t.shape, cross_entropy):
+            return t  # shared by all models
+        return t[start:stop]
+
     return dataclasses.replace(
         job,
         weights=[w[start:stop] for w in job.weights],
         biases=[b[start:stop] for b in job.biases],
-        inputs=_per_model(job.inputs, 3, start, stop),
-        targets=_per_model(job.targets, target_dims, start, stop),
-        sample_weights=None
-        if job.sample_weights is None
-        else _per_model(job.sample_weights, 2, start, stop),
+        **{name: rows(name) for name in SAMPLE_TENSORS},
     )
 
 
@@ -39,7 +38,7 @@ def allocate_result(job: EnsembleJob, device) -> EnsembleResult:
     """Room for every result `job` asks for (its losses, gradients and per-sample tensors,
     in the job's compute dtype), allocated before any block runs: a job whose results the
     machine cannot hold fails at once."""
-    dtype = torch.float64 if job.precision == "float64" else torch.float32
+    dtype = compute_dtype(job.precision)
     m, n = job.num_models, job.num_samples
     sizes, want = job.mlp.layer_sizes, job.outputs
 

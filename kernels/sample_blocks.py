@@ -22,7 +22,8 @@ import dataclasses
 import torch
 
 from gradserve.kernels import privacy
-from gradserve.kernels.spec import EnsembleJob, EnsembleResult, LossSpec, Privacy
+from gradserve.kernels.spec import EnsembleJob, EnsembleResult, LossSpec, Privacy, compute_dtype
+from gradserve.v1.shapes import SAMPLE_TENSORS, is_per_model
 
 # Results with a row per sample ([M, N, ...]).
 PER_SAMPLE_RESULTS = ("per_sample_loss", "per_sample_grad_norm", "outputs", "input_grads")
@@ -54,22 +55,20 @@ def block_privacy(job) -> Privacy | None:
 
 def samples(job: EnsembleJob, start: int, stop: int) -> EnsembleJob:
     """The block of samples [start, stop) of `job` (views of its sample tensors)."""
-    target_dims = 2 if job.loss.name == "cross_entropy" else 3
+    cross_entropy = job.loss.name == "cross_entropy"
+
+    def rows(name: str) -> torch.Tensor | None:
+        t = getattr(job, name)
+        if t is None:
+            return None
+        return t[:, start:stop] if is_per_model(name, t.shape, cross_entropy) else t[start:stop]
+
     return dataclasses.replace(
         job,
-        inputs=_rows(job.inputs, 3, start, stop),
-        targets=_rows(job.targets, target_dims, start, stop),
-        sample_weights=None
-        if job.sample_weights is None
-        else _rows(job.sample_weights, 2, start, stop),
+        **{name: rows(name) for name in SAMPLE_TENSORS},
         loss=block_loss(job),
         privacy=block_privacy(job),
     )
-
-
-def _rows(t: torch.Tensor, per_model_dims: int, start: int, stop: int) -> torch.Tensor:
-    """Samples [start, stop) of a sample tensor given per model ([M, N, ...]) or shared."""
-    return t[:, start:stop] if t.dim() == per_model_dims else t[start:stop]
 
 
 def add(total: EnsembleResult | None, part: EnsembleResult) -> EnsembleResult:
@@ -98,7 +97,7 @@ def reduce(total: EnsembleResult, job, device) -> EnsembleResult:
     """Apply the job's reduction to the summed loss and gradients and round them to the
     job's dtype, then add the job's DP noise."""
     divisor = loss_divisor(job)
-    dtype = torch.float64 if job.precision == "float64" else torch.float32
+    dtype = compute_dtype(job.precision)
     total.loss = (total.loss / divisor).to(dtype)
     if total.weight_grads is not None:
         total.weight_grads = [(t / divisor).to(dtype) for t in total.weight_grads]

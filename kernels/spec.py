@@ -205,6 +205,11 @@ class EnsembleResult:
     device: str = ""
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """dtype of activations, losses and gradients (matmul operands may be narrower)."""
+    return torch.float64 if precision == "float64" else torch.float32
+
+
 def flops(mlp: MLPSpec, num_models: int, num_samples: int) -> int:
     """Multiply-add FLOPs of forward (2 per MAC) and backward (4 per MAC: dX and dW)."""
     macs = sum(a * b for a, b in zip(mlp.layer_sizes[:-1], mlp.layer_sizes[1:], strict=True))

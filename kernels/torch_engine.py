@@ -31,12 +31,8 @@ from gradserve.kernels.spec import (
     EnsembleResult,
     LossSpec,
     MLPSpec,
+    compute_dtype,
 )
-
-
-def compute_dtype(precision: str) -> torch.dtype:
-    """dtype of activations, losses and gradients (matmul operands may be narrower)."""
-    return torch.float64 if precision == "float64" else torch.float32
 
 
 @contextlib.contextmanager
