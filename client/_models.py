@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gradserve.client._tensors import is_torch
+from gradserve.client._tensors import is_torch, with_values
 
 _KEY = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)\.(?P<kind>weight|bias)$")
 
@@ -174,8 +174,9 @@ def _from_sequentials(seqs: list, form: str) -> Ensemble:
     params, keys = {}, {}
     for i, lin in enumerate(linears):
         for kind in ("weight", "bias") if i not in without_bias else ("weight",):
-            params[f"layers.{i}.{kind}"] = torch.stack(
-                [getattr(st[0][i], kind).detach() for st in structures]
+            params[f"layers.{i}.{kind}"] = as_array(
+                torch.stack([getattr(st[0][i], kind).detach() for st in structures]),
+                names[id(getattr(lin, kind))],
             )
             keys[f"layers.{i}.{kind}.grad"] = names[id(getattr(lin, kind))]
     return Ensemble(params, sizes, hidden, output, form, keys, True, without_bias)
@@ -194,13 +195,14 @@ def _from_dict(state: dict) -> Ensemble:
         for kind, (key, value) in layers[index].items():
             params[f"layers.{i}.{kind}"] = as_array(value, key)
             keys[f"layers.{i}.{kind}.grad"] = key
-    num_layers = len(layers)
-    w0 = params["layers.0.weight"]
-    if len(w0.shape) != 3:
-        raise ValueError("stacked weights must be [M, d_out, d_in]")
-    sizes = [int(w0.shape[2])] + [
-        int(params[f"layers.{i}.weight"].shape[1]) for i in range(num_layers)
-    ]
+        weight_key, weight = layers[index]["weight"][0], params[f"layers.{i}.weight"]
+        if len(weight.shape) != 3:
+            raise ValueError(
+                f"{weight_key}: stacked weights must be [M, d_out, d_in], got shape "
+                f"{list(weight.shape)}"
+            )
+    weights = [params[f"layers.{i}.weight"] for i in range(len(layers))]
+    sizes = [int(weights[0].shape[2])] + [int(w.shape[1]) for w in weights]
     as_torch = any(is_torch(v) for v in params.values())
     return Ensemble(params, sizes, None, None, "dict", keys, as_torch, tuple(without_bias))
 
@@ -265,9 +267,12 @@ def normalize(model: Any) -> Ensemble:
 
 
 def as_array(x: Any, name: str) -> Any:
-    """Leave torch tensors and numpy arrays alone; turn lists into numpy arrays (a list of
-    rows of different lengths is refused, naming the tensor, not in numpy's words)."""
-    if is_torch(x) or isinstance(x, np.ndarray):
+    """Leave numpy arrays and (dense) torch tensors alone; make sparse torch tensors dense
+    and refuse ones on the meta device (with_values); turn lists into numpy arrays (a list
+    of rows of different lengths is refused, naming the tensor, not in numpy's words)."""
+    if is_torch(x):
+        return with_values(x, name)
+    if isinstance(x, np.ndarray):
         return x
     try:
         return np.asarray(x)

@@ -87,6 +87,19 @@ def to_wire(x: Any, name: str = "tensor") -> tuple[int, tuple[int, ...], memoryv
     return WIRE_DTYPES[a.dtype], tuple(a.shape), raw_bytes(a)
 
 
+def with_values(x: Any, name: str) -> Any:
+    """A torch tensor as one holding its values in order: a sparse one (COO, CSR, ...) made
+    dense, as the wire carries every value; one on the meta device, which holds no values,
+    refused (TypeError naming the tensor). Anything else as it is."""
+    if not is_torch(x):
+        return x
+    import torch
+
+    if x.device.type == "meta":
+        raise TypeError(f"{name}: a tensor on the meta device holds no values to send")
+    return x if x.layout == torch.strided else x.to_dense()
+
+
 def whole_as_floats(x: Any) -> Any:
     """An integer or bool array or tensor as float64, anything else as it is. Sample weights
     may be counts (a bootstrap's resampling) or a mask, and the targets of a loss on real

@@ -3,6 +3,7 @@
 import asyncio
 import re
 import time
+import warnings
 from collections import OrderedDict
 
 import grpc
@@ -133,6 +134,60 @@ def test_dict_keys_that_name_no_layers_are_refused(client, keys, message):
     params = {k: torch.randn(2, 4, 4) if k.endswith("weight") else torch.randn(2, 4) for k in keys}
     with pytest.raises(ValueError, match=re.escape(message)):
         client.compute(params, torch.randn(5, 4), torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 4), (2, 1, 4, 1)])
+def test_a_dict_weight_that_is_not_stacked_matrices_is_refused_naming_its_key(shape):
+    """Any layer's weight, not only the first's (a later one's shape was read as if it had
+    three axes: IndexError); no server listens at this address."""
+    params = {"0.weight": torch.randn(2, 4, 3), "0.bias": torch.randn(2, 4),
+              "2.weight": torch.randn(*shape), "2.bias": torch.randn(2, 1)}  # fmt: skip
+    message = f"2.weight: stacked weights must be [M, d_out, d_in], got shape {list(shape)}"
+    with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            dead.compute(params, torch.randn(5, 3), torch.randn(5, 1))
+
+
+def test_a_network_on_the_meta_device_is_refused_naming_its_parameter():
+    net = nn.Sequential(nn.Linear(3, 2, device="meta"))
+    with GradientClient("127.0.0.1:1", retry=NO_RETRIES) as dead:
+        with pytest.raises(TypeError, match="0.weight: a tensor on the meta device"):
+            dead.compute(net, torch.randn(4, 3), torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_tensors_are_sent_as_the_values_they_hold(client, layout):
+    """Inputs, targets, sample weights and parameters given as sparse tensors (a third of
+    their values zero) give the results of their dense twins, bit for bit."""
+    nets = [make_net(3), make_net(4)]
+    params = {k: v.detach() for k, v in torch.func.stack_module_state(nets)[0].items()}
+    g = torch.Generator().manual_seed(9)
+
+    def thinned(t):
+        return t * (torch.rand(t.shape, generator=g) > 1 / 3)
+
+    x, y = thinned(torch.randn(7, 3, generator=g)), thinned(torch.randn(7, 2, generator=g))
+    w = thinned(torch.rand(7, generator=g))
+    params["2.weight"] = thinned(params["2.weight"])
+
+    def sparse(t):
+        if layout == "csr" and t.dim() == 2:  # CSR holds matrices only
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch: "CSR support is in beta state"
+                return t.to_sparse_csr()
+        return t.to_sparse()
+
+    expected = client.compute(params, x, y, sample_weights=w, hidden_activation="tanh")
+    params["2.weight"] = sparse(params["2.weight"])
+    x, y, w = sparse(x), sparse(y), sparse(w)
+    got = client.compute(params, x, y, sample_weights=w, hidden_activation="tanh")
+    # sharded: each shard's slice of the models cut from the (dense) parameters
+    shards = client.compute_sharded(params, x, y, sample_weights=w, hidden_activation="tanh",
+                                    shards=2)  # fmt: skip
+    for result in (got, shards):
+        assert torch.equal(result.loss, expected.loss)
+        for name, grad in expected.gradients.items():
+            assert torch.equal(result.gradients[name], grad), name
 
 
 def test_numpy_in_numpy_out(client):
@@ -666,6 +721,8 @@ def test_numbers_of_numpy_and_torch_kinds_are_taken_as_options(client):
         ("inputs", torch.rand(4, 3) > 0.5, "inputs: dtype torch.bool"),
         ("inputs", np.ones((4, 3), np.uint8), "inputs: dtype uint8"),
         ("inputs", [[1, 2, 3]] * 4, "inputs: dtype int64"),
+        # a tensor with a shape but no values (not numpy's "Cannot copy out of meta tensor")
+        ("inputs", torch.empty(4, 3, device="meta"), "inputs: a tensor on the meta device"),
     ],
 )
 def test_tensors_of_values_that_are_no_real_numbers_are_refused_before_sending(
