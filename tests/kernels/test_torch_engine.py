@@ -1,6 +1,7 @@
 """The torch engine against the independent float64 oracle."""
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -256,3 +257,72 @@ def test_dp_gradients_of_a_job_in_blocks_are_the_whole_jobs(monkeypatch, reducti
         dataclasses.replace(job, privacy=kernels.Privacy(0.05, own_loss_scale=scale))
     )
     assert (got.weight_grads[0] - clean.weight_grads[0]).abs().max() > 1e-3  # noise added
+
+
+def random_block_job(seed: int):
+    """A job whose every option is drawn: depth, odd widths, M, N, activations, loss,
+    reduction, which of inputs, targets and sample weights are per model, layers without
+    bias, the outputs asked for, DP clipping (with noise) or optimiser steps. float64, so
+    whole and blocks differ only by the float64 sums' grouping."""
+    r = random.Random(seed)
+    sizes = tuple(r.choice((1, 2, 3, 5, 8, 13)) for _ in range(r.randint(2, 4)))
+    loss = r.choice(kernels.LOSSES)
+    if loss == "cross_entropy":
+        sizes = (*sizes[:-1], max(2, sizes[-1]))
+    m, n = r.randint(1, 5), r.randint(1, 40)
+    tensors = random_job(sizes, m, n, loss=loss, sample_weights=r.random() < 0.5, seed=seed,
+                         dtype=torch.float64)  # fmt: skip
+    for name in ("inputs", "targets", "sample_weights"):
+        if name in tensors and r.random() < 0.5:
+            tensors[name] = tensors[name][0].clone()
+    job = ensemble_job(
+        tensors, sizes, hidden=r.choice(kernels.ACTIVATIONS), output=r.choice(kernels.ACTIVATIONS),
+        loss=loss, reduction=r.choice(kernels.REDUCTIONS), precision="float64",
+        negative_slope=0.2, huber_delta=0.5, input_gradients=r.random() < 0.5,
+        per_sample_losses=r.random() < 0.5, forward_outputs=r.random() < 0.5,
+    )  # fmt: skip
+    without_bias = tuple(i for i in range(len(sizes) - 1) if r.random() < 0.2)
+    for i in without_bias:
+        job.biases[i] = torch.zeros_like(job.biases[i])
+    job.mlp = dataclasses.replace(job.mlp, layers_without_bias=without_bias)
+    job.outputs = dataclasses.replace(job.outputs, per_sample_gradient_norms=r.random() < 0.4)
+    kind = r.random()
+    if kind < 0.25:
+        job.privacy = kernels.Privacy(r.choice((0.01, 0.5, 10.0)), 1.0, noise_seed=seed)
+    elif kind < 0.45:
+        job.outputs = kernels.OutputRequest()  # training returns losses and parameters
+        job.optimizer = kernels.Optimizer(r.choice(kernels.OPTIMIZERS), r.randint(1, 3), 0.05,
+                                          weight_decay=0.01, return_state=True)  # fmt: skip
+    return job, r.randint(1, 4 * n * max(sizes)) * 8  # the job, its block's bytes
+
+
+def result_tensors(result) -> dict[str, torch.Tensor]:
+    """Every tensor of an EnsembleResult, by field (and index or state name)."""
+    out = {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if isinstance(value, torch.Tensor):
+            out[f.name] = value
+        elif isinstance(value, list):
+            out.update({f"{f.name}[{i}]": t for i, t in enumerate(value)})
+        elif isinstance(value, dict):
+            out.update({f"{f.name}.{k}": t for k, t in value.items()})
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_jobs_in_blocks_give_the_whole_jobs_results(monkeypatch, seed):
+    """Where options meet (per-model targets with shared inputs, a layer without bias and
+    norms, DP noise, optimiser steps, ...), blocks of a drawn size give every result the
+    whole job gives, within float64's rounding."""
+    from gradserve.kernels import engines
+
+    job, block_bytes = random_block_job(seed)
+    whole = result_tensors(engines.run(job, "torch", torch.device("cpu")))
+    monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
+    monkeypatch.setattr(torch_engine, "CPU_SAMPLE_BLOCK_PARAMETER_MULTIPLE", 0)
+    monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", block_bytes)
+    got = result_tensors(engines.run(job, "torch", torch.device("cpu")))
+    assert got.keys() == whole.keys()
+    for name, value in whole.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-13, msg=name)
