@@ -693,6 +693,56 @@ def test_per_sample_results_stream_out_through_bounded_server_memory():
                                        rtol=1e-6, atol=1e-7, err_msg=name)  # fmt: skip
 
 
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "silu", "softplus")
+LOSSES = ("mse", "l1", "huber", "bce_with_logits", "cross_entropy")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_streamed_jobs_give_the_one_shot_results(client, seed):
+    """Where options meet, through the server: a drawn job (depth, odd widths, M, N, loss,
+    activations, which sample tensors are per model, layers without bias, per-sample
+    outputs, DP clipping with noise or an optimiser step) streamed in micro-batches of a drawn size
+    gives every result the one-shot job gives, in float64."""
+    r = random.Random(seed)
+    sizes = tuple(r.choice((1, 2, 3, 5, 8)) for _ in range(r.randint(2, 4)))
+    loss = r.choice(LOSSES)
+    if loss == "cross_entropy":
+        sizes = (*sizes[:-1], max(2, sizes[-1]))
+    m, n = r.randint(1, 4), r.randint(1, 60)
+    t = random_job(sizes, m, n, loss=loss, sample_weights=r.random() < 0.4, seed=seed,
+                   dtype=torch.float64)  # fmt: skip
+    for name in ("inputs", "targets", "sample_weights"):
+        if name in t and r.random() < 0.5:
+            t[name] = t[name][0].clone()
+    params = {k: v.numpy() for k, v in t.items() if k.startswith("layers.")}
+    for i in range(len(sizes) - 1):
+        if r.random() < 0.15:
+            del params[f"layers.{i}.bias"]
+    opts = dict(loss=loss, reduction=r.choice(("mean", "sum")), precision="float64",
+                huber_delta=0.5, hidden_activation=r.choice(ACTIVATIONS),
+                output_activation=r.choice(ACTIVATIONS))  # fmt: skip
+    if "sample_weights" in t:
+        opts["sample_weights"] = t["sample_weights"].numpy()
+    kind = r.random()
+    if kind < 0.25:
+        opts["optimizer"], opts["learning_rate"] = r.choice(("sgd", "adam", "adamw")), 0.05
+        opts["return_optimizer_state"] = True
+    else:
+        for output in ("input_gradients", "per_sample_losses", "forward_outputs",
+                       "per_sample_gradient_norms"):  # fmt: skip
+            opts[output] = r.random() < 0.5
+        if kind < 0.5:
+            opts.update(clip_norm=r.choice((0.01, 0.5, 10.0)), noise_multiplier=1.0,
+                        noise_seed=seed)  # fmt: skip
+    x, y = t["inputs"].numpy(), t["targets"].numpy()
+    whole = client.compute(params, x, y, **opts)
+    streamed = client.compute(params, x, y, micro_batch_samples=r.randint(1, n), **opts)
+    assert sorted(streamed.tensors) == sorted(whole.tensors)
+    for name, value in whole.tensors.items():
+        np.testing.assert_allclose(streamed.tensors[name], value, rtol=1e-10, atol=1e-13,
+                                   err_msg=name)  # fmt: skip
+
+
 def test_streamed_layers_without_bias_equal_one_shot(client):
     """Plain and DP-clipped gradients of a network whose first and last layers have no
     bias: the streamed job's equal the one-shot job's, and no such bias comes back."""
