@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 
@@ -37,6 +39,25 @@ def random_job(
         if v.is_floating_point():
             tensors[k] = v.to(dtype)
     return tensors
+
+
+def drawn_job(r: random.Random, seed: int, max_models: int, max_samples: int):
+    """(layer_sizes, loss, tensors) of a job drawn by `r`: depth, odd widths (cross_entropy
+    two classes at least), loss, M and N, sample weights or none, each of inputs, targets
+    and sample weights per model or shared; float64 values of random_job(seed)."""
+    from gradserve import kernels
+
+    sizes = tuple(r.choice((1, 2, 3, 5, 8, 13)) for _ in range(r.randint(2, 4)))
+    loss = r.choice(kernels.LOSSES)
+    if loss == "cross_entropy":
+        sizes = (*sizes[:-1], max(2, sizes[-1]))
+    m, n = r.randint(1, max_models), r.randint(1, max_samples)
+    tensors = random_job(sizes, m, n, loss=loss, sample_weights=r.random() < 0.5, seed=seed,
+                         dtype=torch.float64)  # fmt: skip
+    for name in ("inputs", "targets", "sample_weights"):
+        if name in tensors and r.random() < 0.5:
+            tensors[name] = tensors[name][0].clone()
+    return sizes, loss, tensors
 
 
 def ensemble_job(

@@ -8,7 +8,7 @@ import torch
 
 from gradserve import kernels
 from gradserve.kernels import linear_layer, torch_engine
-from tests.jobs import ensemble_job, random_job
+from tests.jobs import drawn_job, ensemble_job, random_job
 from tests.oracle import (
     assert_close_per_model,
     assert_matches_oracle,
@@ -265,16 +265,7 @@ def random_block_job(seed: int):
     bias, the outputs asked for, DP clipping (with noise) or optimiser steps. float64, so
     whole and blocks differ only by the float64 sums' grouping."""
     r = random.Random(seed)
-    sizes = tuple(r.choice((1, 2, 3, 5, 8, 13)) for _ in range(r.randint(2, 4)))
-    loss = r.choice(kernels.LOSSES)
-    if loss == "cross_entropy":
-        sizes = (*sizes[:-1], max(2, sizes[-1]))
-    m, n = r.randint(1, 5), r.randint(1, 40)
-    tensors = random_job(sizes, m, n, loss=loss, sample_weights=r.random() < 0.5, seed=seed,
-                         dtype=torch.float64)  # fmt: skip
-    for name in ("inputs", "targets", "sample_weights"):
-        if name in tensors and r.random() < 0.5:
-            tensors[name] = tensors[name][0].clone()
+    sizes, loss, tensors = drawn_job(r, seed, max_models=5, max_samples=40)
     job = ensemble_job(
         tensors, sizes, hidden=r.choice(kernels.ACTIVATIONS), output=r.choice(kernels.ACTIVATIONS),
         loss=loss, reduction=r.choice(kernels.REDUCTIONS), precision="float64",
@@ -293,7 +284,8 @@ def random_block_job(seed: int):
         job.outputs = kernels.OutputRequest()  # training returns losses and parameters
         job.optimizer = kernels.Optimizer(r.choice(kernels.OPTIMIZERS), r.randint(1, 3), 0.05,
                                           weight_decay=0.01, return_state=True)  # fmt: skip
-    return job, r.randint(1, 4 * n * max(sizes)) * 8  # the job, its block's bytes
+    block_bytes = r.randint(1, 4 * job.num_samples * max(sizes)) * 8
+    return job, block_bytes
 
 
 def result_tensors(result) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from gradserve.client import GradserveError
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 from gradserve.v1 import wire
-from tests.jobs import random_job
+from tests.jobs import drawn_job, random_job
 from tests.process_memory import memory_bytes
 
 SIZES = (7, 12, 5, 3)
@@ -694,7 +694,6 @@ def test_per_sample_results_stream_out_through_bounded_server_memory():
 
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "silu", "softplus")
-LOSSES = ("mse", "l1", "huber", "bce_with_logits", "cross_entropy")
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -704,16 +703,7 @@ def test_random_streamed_jobs_give_the_one_shot_results(client, seed):
     outputs, DP clipping with noise or an optimiser step) streamed in micro-batches of a drawn size
     gives every result the one-shot job gives, in float64."""
     r = random.Random(seed)
-    sizes = tuple(r.choice((1, 2, 3, 5, 8)) for _ in range(r.randint(2, 4)))
-    loss = r.choice(LOSSES)
-    if loss == "cross_entropy":
-        sizes = (*sizes[:-1], max(2, sizes[-1]))
-    m, n = r.randint(1, 4), r.randint(1, 60)
-    t = random_job(sizes, m, n, loss=loss, sample_weights=r.random() < 0.4, seed=seed,
-                   dtype=torch.float64)  # fmt: skip
-    for name in ("inputs", "targets", "sample_weights"):
-        if name in t and r.random() < 0.5:
-            t[name] = t[name][0].clone()
+    sizes, loss, t = drawn_job(r, seed, max_models=4, max_samples=60)
     params = {k: v.numpy() for k, v in t.items() if k.startswith("layers.")}
     for i in range(len(sizes) - 1):
         if r.random() < 0.15:
@@ -736,7 +726,8 @@ def test_random_streamed_jobs_give_the_one_shot_results(client, seed):
                         noise_seed=seed)  # fmt: skip
     x, y = t["inputs"].numpy(), t["targets"].numpy()
     whole = client.compute(params, x, y, **opts)
-    streamed = client.compute(params, x, y, micro_batch_samples=r.randint(1, n), **opts)
+    micro = r.randint(1, x.shape[-2])  # inputs [M, N, d0] or [N, d0]
+    streamed = client.compute(params, x, y, micro_batch_samples=micro, **opts)
     assert sorted(streamed.tensors) == sorted(whole.tensors)
     for name, value in whole.tensors.items():
         np.testing.assert_allclose(streamed.tensors[name], value, rtol=1e-10, atol=1e-13,
