@@ -147,21 +147,25 @@ def _prime_cpu_math() -> None:
         _cpu_math_primed = True
 
 
-# On the CPU, a job whose widest layer's activations (all models together) take more than
-# CPU_WHOLE_JOB_MAX_BYTES runs in blocks of CPU_BLOCK_BYTES of activations: blocks of
-# models, and where one model's are larger, that model a block of samples at a time (a
-# block at least as large as the model's parameters, block_shape).
+# On the CPU, a job whose widest layer's activations (all models together) take at least
+# CPU_BLOCKED_JOB_MIN_BYTES (two full blocks) runs in blocks of CPU_BLOCK_BYTES of
+# activations: blocks of models, and where one model's are larger, that model a block of
+# samples at a time (a block at least as large as the model's parameters, block_shape).
 # glibc maps every allocation above 32 MiB afresh and faults it in at each use, and each
 # elementwise pass over a tensor that large (activation, its derivative, bias sums, the
 # loss) streams it from memory; a block's tensors come from the heap and stay in the caches
 # from one pass to the next, and the job's memory is that of one block's activations (and
 # its results). Measured on 2 cores (bench/results/cpu_blocks.md): jobs of 32-512 MiB
-# activations 1.17x-2.62x faster in blocks of 4 MiB, at 1/2 to 1/51 of the memory (one of
-# 72 MiB of parameters, a model at a time, 0.99x, at 2/3 of the memory); blocks of
+# activations 1.18x-2.77x faster in blocks of 4 MiB, at 1/2.8 to 1/48 of the memory (one
+# of 72 MiB of parameters, a model at a time, 0.98x, at 2/3 of the memory); blocks of
 # 2 MiB were slower on some (a [64, 128, 128, 8] job 1.2x against 1.7x), of 8 MiB on the
-# largest (2.2x against 3x); jobs of 16 MiB went anywhere from 0.65x to 1.3x in blocks, as
-# far as the noise lets one tell, so they run whole.
-CPU_WHOLE_JOB_MAX_BYTES = 16 << 20
+# largest (2.2x against 3x). Jobs of 9-16 MiB: 1.20x-2.57x, at 1/1.6 to 1/2.9 of the
+# memory (one of little work per byte, [8, 32, 1], 5-12 ms whole, went 0.81x in an earlier
+# run: its four blocks' fixed costs). Jobs of 8 MiB: 1.01x-1.25x, at 1/1.35 to 1/1.9 of the
+# memory (bench/results/cpu_blocks_small.md; an earlier run 0.97x-1.37x); a job of less, a
+# block and a small rest, gains little cache and pays another engine call (5 MiB: 0.87x),
+# so it runs whole.
+CPU_BLOCKED_JOB_MIN_BYTES = 8 << 20
 CPU_BLOCK_BYTES = 4 << 20
 # A block of one model's samples holds at least this many times the model's parameter bytes
 # of activations (block_shape).
@@ -179,7 +183,7 @@ def block_shape(num_models: int, num_samples: int, layer_sizes, precision: str) 
     this bound 0.98x and whole; bench/results/cpu_blocks.md has jobs of both kinds)."""
     itemsize = compute_dtype(precision).itemsize
     per_row = max(layer_sizes) * itemsize  # a model's sample
-    if num_models * num_samples * per_row <= CPU_WHOLE_JOB_MAX_BYTES:
+    if num_models * num_samples * per_row < CPU_BLOCKED_JOB_MIN_BYTES:
         return num_models, num_samples
     models = CPU_BLOCK_BYTES // (num_samples * per_row)
     if models >= 1:

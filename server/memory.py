@@ -26,8 +26,8 @@ goes back to the system once the server has been idle for a moment, and every fe
 while it is busy (HeapRelease): three jobs of 8 MiB activations left a CPU server ~140 MiB
 larger while idle (torch's huge pages hold whole 2 MiB pages of the heap), and the release
 took it back to within 10 MiB of where it was. The cost is memory while busy: three clients
-sending jobs of 40 shapes for 90 s (bench/mixed_load.py) got 1.39x the jobs/s of a 2 MiB
-ceiling, and the server's memory peaked at 950 MiB where with 2 MiB at 769
+sending jobs of 40 shapes for 90 s (bench/mixed_load.py) got 1.40x the jobs/s of a 2 MiB
+ceiling, and the server's memory peaked at 948 MiB where with 2 MiB at 715
 (--heap-ceiling-bytes sets the ceiling; glibc's own adaptive policy did about as 32 MiB
 there).
 """

@@ -113,7 +113,7 @@ def test_steps_equal_torch_optim(config, blocks, monkeypatch):
     """Each step's job run whole, or in torch_engine's blocks (of two models; of four
     samples of one model), the steps taken on the joined gradients."""
     if blocks:
-        monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
+        monkeypatch.setattr(torch_engine, "CPU_BLOCKED_JOB_MIN_BYTES", 0)
         monkeypatch.setattr(torch_engine, "CPU_SAMPLE_BLOCK_PARAMETER_MULTIPLE", 0)
         monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", blocks * max(SIZES) * 8)
         shape = (2, N) if blocks == 2 * N else (1, blocks)

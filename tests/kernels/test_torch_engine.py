@@ -183,7 +183,7 @@ def in_blocks(monkeypatch, blocks: str, layer_sizes, n: int, precision="float32"
     (torch_engine's blocks). Returns that block shape (models, samples)."""
     itemsize = 8 if precision == "float64" else 4
     samples = {"models": 2 * n, "samples": 5, "single samples": 1}[blocks]
-    monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
+    monkeypatch.setattr(torch_engine, "CPU_BLOCKED_JOB_MIN_BYTES", 0)
     monkeypatch.setattr(torch_engine, "CPU_SAMPLE_BLOCK_PARAMETER_MULTIPLE", 0)
     monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", samples * max(layer_sizes) * itemsize)
     return (2, n) if blocks == "models" else (1, samples)
@@ -195,7 +195,7 @@ BLOCKS = ["models", "samples"]
 def test_jobs_run_whole_up_to_their_bound_then_in_blocks_of_models_then_of_samples():
     sizes, n = (8, 64, 1), 1000
     per_model = n * 64 * 4
-    whole = torch_engine.CPU_WHOLE_JOB_MAX_BYTES // per_model
+    whole = (torch_engine.CPU_BLOCKED_JOB_MIN_BYTES - 1) // per_model
     block = torch_engine.CPU_BLOCK_BYTES // per_model
     assert torch_engine.block_shape(whole, n, sizes, "float32") == (whole, n)
     assert torch_engine.block_shape(whole + 1, n, sizes, "float32") == (block, n)
@@ -311,7 +311,7 @@ def test_random_jobs_in_blocks_give_the_whole_jobs_results(monkeypatch, seed):
 
     job, block_bytes = random_block_job(seed)
     whole = result_tensors(engines.run(job, "torch", torch.device("cpu")))
-    monkeypatch.setattr(torch_engine, "CPU_WHOLE_JOB_MAX_BYTES", 0)
+    monkeypatch.setattr(torch_engine, "CPU_BLOCKED_JOB_MIN_BYTES", 0)
     monkeypatch.setattr(torch_engine, "CPU_SAMPLE_BLOCK_PARAMETER_MULTIPLE", 0)
     monkeypatch.setattr(torch_engine, "CPU_BLOCK_BYTES", block_bytes)
     got = result_tensors(engines.run(job, "torch", torch.device("cpu")))
