@@ -23,7 +23,7 @@ memory vary more (35-77 MiB of growth in tests/server/test_streamed_jobs.py's pe
 results test; 37-45 MiB with 32 and with 8). Larger allocations are still mapped per use
 (the big payload buffers come from server.buffers.BufferPool). What the heap holds freed
 goes back to the system once the server has been idle for a moment, and every few seconds
-while it is busy (HeapRelease): three jobs of 8 MiB activations left a CPU server ~140 MiB
+while it is busy (HeapRelease): three jobs of 8 MiB activations left a CPU server ~70 MiB
 larger while idle (torch's huge pages hold whole 2 MiB pages of the heap), and the release
 took it back to within 10 MiB of where it was. The cost is memory while busy: three clients
 sending jobs of 40 shapes for 90 s (bench/mixed_load.py) got 1.40x the jobs/s of a 2 MiB
