@@ -268,10 +268,16 @@ def normalize(model: Any) -> Ensemble:
 
 def as_array(x: Any, name: str) -> Any:
     """Leave numpy arrays and (dense) torch tensors alone; make sparse torch tensors dense
-    and refuse ones on the meta device (with_values); turn lists into numpy arrays (a list
-    of rows of different lengths is refused, naming the tensor, not in numpy's words)."""
+    and refuse ones on the meta device (with_values), and masked arrays with masked
+    entries; turn lists into numpy arrays (a list of rows of different lengths is refused,
+    naming the tensor, not in numpy's words)."""
     if is_torch(x):
         return with_values(x, name)
+    if isinstance(x, np.ma.MaskedArray):
+        if np.ma.getmaskarray(x).any():  # numpy would send what the masked entries hold
+            raise TypeError(f"{name}: a masked array with masked entries; fill them "
+                            "(.filled(value)) or leave those samples out")  # fmt: skip
+        return x.data
     if isinstance(x, np.ndarray):
         return x
     try:

@@ -190,6 +190,15 @@ def test_sparse_tensors_are_sent_as_the_values_they_hold(client, layout):
             assert torch.equal(result.gradients[name], grad), name
 
 
+def test_a_masked_array_without_masked_entries_is_its_values(client):
+    x, y = np.random.default_rng(3).random((2, 6, 3)), np.random.default_rng(4).random((6, 2))
+    params = {k: v.detach().numpy() for k, v in torch.func.stack_module_state(
+        [make_net(1), make_net(2)])[0].items()}  # fmt: skip
+    expected = client.compute(params, x, y, hidden_activation="tanh")
+    got = client.compute(params, np.ma.masked_array(x, mask=False), y, hidden_activation="tanh")
+    np.testing.assert_array_equal(got.loss, expected.loss)
+
+
 def test_numpy_in_numpy_out(client):
     rng = np.random.default_rng(0)
     params = {
@@ -723,6 +732,13 @@ def test_numbers_of_numpy_and_torch_kinds_are_taken_as_options(client):
         ("inputs", [[1, 2, 3]] * 4, "inputs: dtype int64"),
         # a tensor with a shape but no values (not numpy's "Cannot copy out of meta tensor")
         ("inputs", torch.empty(4, 3, device="meta"), "inputs: a tensor on the meta device"),
+        # numpy would send what the masked entries hold
+        (
+            "inputs",
+            np.ma.masked_array(np.ones((4, 3)), mask=[[0, 1, 0]] * 4),
+            "inputs: a masked array with masked entries",
+        ),
+        ("sample_weights", np.ma.masked_less(np.arange(4.0), 1), "sample_weights: a masked array"),
     ],
 )
 def test_tensors_of_values_that_are_no_real_numbers_are_refused_before_sending(
