@@ -116,7 +116,7 @@ def blocks_of(job: kernels.EnsembleJob, bound: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--small", action="store_true", help="jobs the engine runs whole")
+    parser.add_argument("--small", action="store_true", help="jobs of 4-8 MiB, forced into blocks")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -160,7 +160,7 @@ def main() -> None:
     else:
         rule = (
             f"torch_engine.block_shape (jobs of less than {default_bound >> 20} MiB of "
-            f"activations run whole, larger ones in blocks of "
+            f"activations run whole, others in blocks of "
             f"{torch_engine.CPU_BLOCK_BYTES >> 20} MiB); where both sides run the job whole, "
             "their ratio is the run's noise. Command: `python bench/cpu_blocks.py`."
         )
