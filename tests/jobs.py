@@ -60,6 +60,30 @@ def drawn_job(r: random.Random, seed: int, max_models: int, max_samples: int):
     return sizes, loss, tensors
 
 
+def drawn_engine_job(r: random.Random, seed: int, max_models: int, max_samples: int,
+                     without_bias: float):  # fmt: skip
+    """An engine job in float64 drawn by `r`: drawn_job's tensors, the activations (leaky
+    slope 0.2), reduction (Huber delta 0.5) and outputs asked for (per-sample gradient norms
+    among them), and each layer without bias at the chance `without_bias`."""
+    import dataclasses
+
+    from gradserve import kernels
+
+    sizes, loss, tensors = drawn_job(r, seed, max_models, max_samples)
+    job = ensemble_job(
+        tensors, sizes, hidden=r.choice(kernels.ACTIVATIONS), output=r.choice(kernels.ACTIVATIONS),
+        loss=loss, reduction=r.choice(kernels.REDUCTIONS), precision="float64",
+        negative_slope=0.2, huber_delta=0.5, input_gradients=r.random() < 0.5,
+        per_sample_losses=r.random() < 0.5, forward_outputs=r.random() < 0.5,
+    )  # fmt: skip
+    biasless = tuple(i for i in range(len(sizes) - 1) if r.random() < without_bias)
+    for i in biasless:
+        job.biases[i] = torch.zeros_like(job.biases[i])
+    job.mlp = dataclasses.replace(job.mlp, layers_without_bias=biasless)
+    job.outputs = dataclasses.replace(job.outputs, per_sample_gradient_norms=r.random() < 0.4)
+    return job
+
+
 def ensemble_job(
     tensors,
     layer_sizes,

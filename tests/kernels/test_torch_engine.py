@@ -8,7 +8,7 @@ import torch
 
 from gradserve import kernels
 from gradserve.kernels import linear_layer, torch_engine
-from tests.jobs import drawn_job, ensemble_job, random_job
+from tests.jobs import drawn_engine_job, ensemble_job, random_job
 from tests.oracle import (
     assert_close_per_model,
     assert_matches_oracle,
@@ -265,18 +265,7 @@ def random_block_job(seed: int):
     bias, the outputs asked for, DP clipping (with noise) or optimiser steps. float64, so
     whole and blocks differ only by the float64 sums' grouping."""
     r = random.Random(seed)
-    sizes, loss, tensors = drawn_job(r, seed, max_models=5, max_samples=40)
-    job = ensemble_job(
-        tensors, sizes, hidden=r.choice(kernels.ACTIVATIONS), output=r.choice(kernels.ACTIVATIONS),
-        loss=loss, reduction=r.choice(kernels.REDUCTIONS), precision="float64",
-        negative_slope=0.2, huber_delta=0.5, input_gradients=r.random() < 0.5,
-        per_sample_losses=r.random() < 0.5, forward_outputs=r.random() < 0.5,
-    )  # fmt: skip
-    without_bias = tuple(i for i in range(len(sizes) - 1) if r.random() < 0.2)
-    for i in without_bias:
-        job.biases[i] = torch.zeros_like(job.biases[i])
-    job.mlp = dataclasses.replace(job.mlp, layers_without_bias=without_bias)
-    job.outputs = dataclasses.replace(job.outputs, per_sample_gradient_norms=r.random() < 0.4)
+    job = drawn_engine_job(r, seed, max_models=5, max_samples=40, without_bias=0.2)
     kind = r.random()
     if kind < 0.25:
         job.privacy = kernels.Privacy(r.choice((0.01, 0.5, 10.0)), 1.0, noise_seed=seed)
@@ -284,7 +273,7 @@ def random_block_job(seed: int):
         job.outputs = kernels.OutputRequest()  # training returns losses and parameters
         job.optimizer = kernels.Optimizer(r.choice(kernels.OPTIMIZERS), r.randint(1, 3), 0.05,
                                           weight_decay=0.01, return_state=True)  # fmt: skip
-    block_bytes = r.randint(1, 4 * job.num_samples * max(sizes)) * 8
+    block_bytes = r.randint(1, 4 * job.num_samples * max(job.mlp.layer_sizes)) * 8
     return job, block_bytes
 
 
