@@ -693,15 +693,14 @@ def test_per_sample_results_stream_out_through_bounded_server_memory():
                                        rtol=1e-6, atol=1e-7, err_msg=name)  # fmt: skip
 
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "silu", "softplus")
-
-
 @pytest.mark.parametrize("seed", range(30))
 def test_random_streamed_jobs_give_the_one_shot_results(client, seed):
     """Where options meet, through the server: a drawn job (depth, odd widths, M, N, loss,
     activations, which sample tensors are per model, layers without bias, per-sample
-    outputs, DP clipping with noise or an optimiser step) streamed in micro-batches of a drawn size
-    gives every result the one-shot job gives, in float64."""
+    outputs, DP clipping with noise or an optimiser step) streamed in micro-batches of a
+    drawn size gives every result the one-shot job gives, in float64."""
+    from gradserve.kernels import ACTIVATIONS
+
     r = random.Random(seed)
     sizes, loss, t = drawn_job(r, seed, max_models=4, max_samples=60)
     params = {k: v.numpy() for k, v in t.items() if k.startswith("layers.")}
