@@ -9,9 +9,9 @@ afresh and unmaps it when freed, and returns the freed top of the heap to the sy
 it passes the trim threshold, so the next message or tensor page-faults the same memory in
 again. Both cost: with glibc's defaults a 64 MiB job's upload lagged raw gRPC streaming
 (bench/transfer.py), and with an mmap threshold of two messages (2 MiB) a CPU server's
-compute of jobs of 4 to 8 MiB activations took 1.5x to 2.5x as long as with the setting
-below (bench/server_compute.py, the two back to back, two runs) and 1.3x to 3.5x the
-engine's own time in a plain process.
+compute of jobs of 4 to 64 MiB activations (the largest in blocks of 4 MiB) took 1.97x to
+2.46x as long as with the setting below (bench/server_compute.py --compare-ceiling 2097152,
+two runs) and 1.88x to 2.86x the engine's own time in a plain process.
 
 So allocations up to glibc's largest mmap threshold (32 MiB, --heap-ceiling-bytes by
 default) come from the heap, where a freed block serves the next one of its size (a
