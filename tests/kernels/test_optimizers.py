@@ -1,13 +1,16 @@
 """K optimiser steps against torch.optim on one nn.Sequential per model (float64), on the
 torch engine and (through Triton's interpreter on the CPU) the Triton engine."""
 
+import dataclasses
+import random
+
 import pytest
 import torch
-from torch import nn
 
 from gradserve import kernels
 from gradserve.kernels import torch_engine
 from tests.jobs import ensemble_job, random_job
+from tests.oracle import assert_close_per_model, oracle
 
 SIZES = (4, 7, 5, 2)
 M, N, K = 3, 9, 5
@@ -44,42 +47,58 @@ def torch_optimizer(params, c):
     )
 
 
-def reference(tensors, c, steps, hidden="tanh"):
-    """Per model: losses [K], final parameters and optimiser state, by torch.optim."""
-    layers = len(SIZES) - 1
-    out = {"losses": [], "params": {}, "state": {}}
-    for k in range(M):
-        mods = []
-        for i in range(layers):
-            lin = nn.Linear(SIZES[i], SIZES[i + 1]).double()
-            with torch.no_grad():
-                lin.weight.copy_(tensors[f"layers.{i}.weight"][k])
-                lin.bias.copy_(tensors[f"layers.{i}.bias"][k])
-            mods += [lin, nn.Tanh()] if i < layers - 1 else [lin]
-        net = nn.Sequential(*mods)
-        opt = torch_optimizer(net.parameters(), c)
-        losses = []
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(
-                net(tensors["inputs"][k].double()), tensors["targets"][k].double()
-            )
-            loss.backward()
-            losses.append(loss.item())
-            opt.step()
-        out["losses"].append(losses)
-        for i in range(layers):
-            for kind in ("weight", "bias"):
-                p = net[2 * i].weight if kind == "weight" else net[2 * i].bias
-                name = f"layers.{i}.{kind}"
-                out["params"].setdefault(name, []).append(p.detach().clone())
-                for key, value in opt.state[p].items():
-                    if key != "step":
-                        out["state"].setdefault(f"{name}.{key}", []).append(value.clone())
+def reference(tensors, c, steps):
+    """Per model: losses [K], final parameters and optimiser state, by torch.optim, of the
+    fixed tanh/mse network these tests train."""
+    return optim_reference(optimizer_job(tensors, c, steps), c, steps)
+
+
+def optim_reference(job: kernels.EnsembleJob, c, steps):
+    """(losses [K, M], parameters and optimiser state by name, [M, ...]) of `steps` steps of
+    torch.optim (config `c`) on each of `job`'s models by itself, float64: each step's
+    gradients from the independent oracle (tests.oracle), given to one optimiser per model.
+    A layer without a bias has none here."""
+    mlp = job.mlp
+    params = {}
+    for i in range(mlp.num_layers):
+        params[f"layers.{i}.weight"] = job.weights[i]
+        if mlp.has_bias(i):
+            params[f"layers.{i}.bias"] = job.biases[i]
+    per_model = {
+        name: [p[k].double().clone().requires_grad_() for k in range(job.num_models)]
+        for name, p in params.items()
+    }
+    optims = [
+        torch_optimizer([ps[k] for ps in per_model.values()], c) for k in range(job.num_models)
+    ]
+    losses = []
+    for _ in range(steps):
+        stacked = {name: torch.stack([p.detach() for p in ps]) for name, ps in per_model.items()}
+        step = oracle(
+            mlp.layer_sizes, stacked, job.inputs, job.targets,
+            hidden=mlp.hidden_activation.name, output=mlp.output_activation.name,
+            negative_slope=mlp.hidden_activation.negative_slope,
+            output_slope=mlp.output_activation.negative_slope, loss=job.loss.name,
+            reduction=job.loss.reduction, huber_delta=job.loss.huber_delta,
+            sample_weights=job.sample_weights,
+        )  # fmt: skip
+        losses.append(step.loss)
+        for name, ps in per_model.items():
+            for k, p in enumerate(ps):
+                p.grad = step.grads[f"{name}.grad"][k].clone()
+        for optim in optims:
+            optim.step()
+    state = {}
+    for name, ps in per_model.items():
+        for key in optims[0].state[ps[0]]:  # after a step: each optimiser's state of p
+            if key != "step":
+                state[f"{name}.{key}"] = torch.stack(
+                    [optim.state[p][key] for optim, p in zip(optims, ps, strict=True)]
+                )
     return (
-        torch.tensor(out["losses"], dtype=torch.float64).T,
-        {k: torch.stack(v) for k, v in out["params"].items()},
-        {k: torch.stack(v) for k, v in out["state"].items()},
+        torch.stack(losses),
+        {name: torch.stack([p.detach() for p in ps]) for name, ps in per_model.items()},
+        state,
     )
 
 
@@ -93,11 +112,17 @@ def optimizer_job(tensors, c, steps, precision="float64", **kw):
         per_sample_losses=False,
         forward_outputs=False,
     )
+    job.optimizer = engine_optimizer(c, steps, return_state=True, **kw)
+    return job
+
+
+def engine_optimizer(c, steps, **kw) -> kernels.Optimizer:
+    """The engine's optimiser of config `c`, weight decay defaulting as torch.optim's (and
+    the server's) does: 0.01 for adamw."""
     opts = {**c}
     if opts["kind"] == "adamw" and "weight_decay" not in opts:
         opts["weight_decay"] = 0.01
-    job.optimizer = kernels.Optimizer(steps=steps, return_state=True, **opts, **kw)
-    return job
+    return kernels.Optimizer(steps=steps, **opts, **kw)
 
 
 def params_of(result):
@@ -196,3 +221,65 @@ def test_dp_sgd_steps_draw_fresh_noise_each_step():
             params[f"layers.{i}.bias"] = params[f"layers.{i}.bias"] - 0.1 * r.bias_grads[i]
     for name, p in params_of(got).items():
         torch.testing.assert_close(p, params[name], rtol=1e-12, atol=1e-14)
+
+
+def drawn_optimizer(r: random.Random) -> dict:
+    """An optimiser config (as CONFIGS') drawn by `r`: kind, learning rate, and each of
+    weight decay, momentum with dampening or Nesterov, betas, eps or its default."""
+    c = {"kind": r.choice(kernels.OPTIMIZERS), "learning_rate": r.choice((0.3, 0.05, 0.003))}
+    if r.random() < 0.5:
+        c["weight_decay"] = r.choice((0.01, 0.2))
+    if c["kind"] == "sgd" and r.random() < 0.75:
+        c["momentum"] = r.choice((0.5, 0.9))
+        variant = r.choice(("nesterov", "dampening", "plain"))  # torch: Nesterov undamped
+        if variant == "nesterov":
+            c["nesterov"] = True
+        elif variant == "dampening":
+            c["dampening"] = 0.3
+    elif c["kind"] != "sgd":
+        if r.random() < 0.5:
+            c["beta1"], c["beta2"] = r.choice(((0.5, 0.9), (0.0, 0.99)))
+        if r.random() < 0.3:
+            c["eps"] = 1e-3
+    return c
+
+
+@pytest.mark.parametrize(
+    "engine, precision, seeds", [("torch", "float64", range(80)), ("triton", "float32", range(16))]
+)
+def test_random_training_jobs_equal_torch_optim(engine, precision, seeds):
+    """Where optimiser steps meet the other options: jobs drawn by tests.jobs.drawn_engine_job
+    (depth, odd widths, every loss and activation, shared or per-model tensors, sample
+    weights, layers without bias) trained 1-4 steps by a drawn optimiser, against
+    optim_reference; each step's losses and the final parameters per model."""
+    from tests.jobs import drawn_engine_job
+
+    device = torch.device("cuda" if engine == "triton" and torch.cuda.is_available() else "cpu")
+    for seed in seeds:
+        r = random.Random(seed)
+        job = drawn_engine_job(r, seed, max_models=4, max_samples=12, without_bias=0.3)
+        job.outputs = kernels.OutputRequest()  # training returns the parameters
+        c, steps = drawn_optimizer(r), r.randint(1, 4)
+        if precision == "float32" and c["kind"] != "sgd":
+            # Adam divides each gradient by its own size (+ eps), so where a gradient is 0 in
+            # float64 (terms that cancel exactly, l1's +-1/N ones) float32's rounding noise
+            # moves the parameter by up to a learning rate whatever its size: seed 228's
+            # bias gradient, -3.7e-9 against 0, moved its bias by 0.014 (rel. err. 0.16)
+            # with eps 1e-8; with eps 1e-3 noise moves it by noise / eps learning rates (over 400
+            # seeds then, 7.1e-6 at most).
+            c["eps"] = 1e-3
+        job.optimizer = engine_optimizer(c, steps)
+        losses, params, _ = optim_reference(job, c, steps)
+        if precision == "float32":
+            job = dataclasses.replace(
+                job, precision=precision, weights=[w.float() for w in job.weights],
+                biases=[b.float() for b in job.biases], inputs=job.inputs.float(),
+            )  # fmt: skip
+        got = kernels.run(job, engine, device)
+        assert got.engine == engine
+        where = f"seed {seed}, {c}, {steps} steps"
+        assert_close_per_model(f"losses ({where})", got.losses.T.cpu(), losses.T, precision)
+        for name, p in params.items():
+            assert_close_per_model(f"{name} ({where})", params_of(got)[name].cpu(), p, precision)
+        for i in job.mlp.layers_without_bias:  # kept zero, as torch has none to update
+            assert not got.biases[i].any(), where
