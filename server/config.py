@@ -50,6 +50,10 @@ class ServerConfig:
     retry_pushback_ms: int = 100
     # A job whose request stream is silent this long is ended with DEADLINE_EXCEEDED.
     upload_idle_timeout_s: float = 60.0
+    # A job whose client reads none of its result messages this long is ended with
+    # DEADLINE_EXCEEDED (as nginx's send_timeout): a client that stops reading would hold
+    # its job's memory, and its share of max_inflight_bytes, for as long as it stayed.
+    download_idle_timeout_s: float = 60.0
     # While a job waits or computes, an empty response after this many seconds of silence
     # on its stream (0: never), so that proxies' read timeouts do not end it
     # (server.heartbeats; nginx's grpc_read_timeout is 300 s in deploy/nginx).
@@ -120,6 +124,7 @@ HELP = {
     "max_optimizer_steps": "most optimiser steps per job",
     "retry_pushback_ms": "least wait before a refused job's retry that the server suggests",
     "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
+    "download_idle_timeout_s": "end a job whose client reads no result message this long (seconds)",
     "heartbeat_s": "send an empty response after this many silent seconds of a waiting or "
     "computing job, for proxies' read timeouts (0: never)",
     "max_connection_age_s": "close client connections after this many seconds (0: never)",

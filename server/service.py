@@ -192,9 +192,9 @@ def handlers(service: GradientService) -> grpc.GenericRpcHandler:
 
 
 class IdleTimer:
-    """Ends a job whose request stream stays silent too long, by cancelling its handler
-    (a timer per read is far cheaper than wrapping every read in asyncio.wait_for, which
-    creates a task each time)."""
+    """Ends a job whose read of its request stream (or, in TimedWrites, write of its
+    response stream) waits too long, by cancelling its handler (a timer per read is far
+    cheaper than wrapping every read in asyncio.wait_for, which creates a task each time)."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
@@ -226,6 +226,28 @@ class IdleTimer:
     def _fire(self) -> None:
         self.fired = True
         self.task.cancel()
+
+
+class TimedWrites:
+    """A job's call context whose writes end the job (through `timer`, an IdleTimer) when
+    one waits longer than the timer's timeout for the client to read: a write waits while
+    the client leaves earlier messages unread (gRPC flow control), and a client that never
+    reads again would otherwise keep the job's results and its admitted bytes forever.
+    Everything else is the context's."""
+
+    def __init__(self, context, timer: IdleTimer):
+        self._context = context
+        self.timer = timer
+
+    async def write(self, message) -> None:
+        self.timer.arm()
+        try:
+            await self._context.write(message)
+        finally:
+            self.timer.disarm()
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
 
 
 class GradientService(pb_grpc.GradientServiceServicer):
@@ -313,6 +335,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 max_optimizer_steps=c.max_optimizer_steps,
                 max_work_bytes=c.max_work_bytes,
                 upload_idle_timeout_seconds=c.upload_idle_timeout_s,
+                download_idle_timeout_seconds=c.download_idle_timeout_s,
                 stream_window_bytes=c.stream_window_bytes,
             ),
             batching=pb.BatchingPolicy(
@@ -356,20 +379,23 @@ class GradientService(pb_grpc.GradientServiceServicer):
         started = time.perf_counter()
         outcome, info, phases = "CANCELLED", {}, {}
         idle = IdleTimer(self.config.upload_idle_timeout_s)
+        unread = IdleTimer(self.config.download_idle_timeout_s)
         try:
             try:
                 if self.draining:
                     raise JobError(
                         grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica"
                     )
-                await self._compute(job_id, context, info, idle, phases)
+                await self._compute(job_id, TimedWrites(context, unread), info, idle, phases)
             except asyncio.CancelledError:
-                if not idle.fired:
+                if idle.fired:
+                    message = f"no request message for {self.config.upload_idle_timeout_s} s"
+                elif unread.fired:
+                    message = (f"the client read no result message for "
+                               f"{self.config.download_idle_timeout_s} s")  # fmt: skip
+                else:
                     raise  # the client went away
-                raise JobError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"no request message for {self.config.upload_idle_timeout_s} s",
-                ) from None
+                raise JobError(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
             outcome = "ok"
         except JobError as e:
             outcome = e.code.name
