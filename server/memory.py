@@ -19,8 +19,9 @@ launch's backward pass reuses what its forward pass freed), and as much freed to
 heap stays mapped: eight default-size messages, or one block at that ceiling (with 8 MiB,
 an 8 MiB block freed at the top went back and was faulted in again: a third of them in
 tests/server/test_memory.py's sliding probe). Keeping 64 MiB made a streamed job's peak
-memory vary more (35-77 MiB of growth in tests/server/test_streamed_jobs.py's per-sample
-results test; 37-45 MiB with 32 and with 8). Larger allocations are still mapped per use
+memory vary more in a few runs (35-77 MiB of growth in tests/server/test_streamed_jobs.py's
+per-sample results test; 37-45 MiB with 32 and with 8), though over 46 runs with 32 it
+grew 75-81 MiB in three (34-45 in the rest). Larger allocations are still mapped per use
 (the big payload buffers come from server.buffers.BufferPool). What the heap holds freed
 goes back to the system once the server has been idle for a moment, and every few seconds
 while it is busy (HeapRelease): three jobs of 8 MiB activations left a CPU server ~70 MiB

