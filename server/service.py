@@ -380,6 +380,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         outcome, info, phases = "CANCELLED", {}, {}
         idle = IdleTimer(self.config.upload_idle_timeout_s)
         unread = IdleTimer(self.config.download_idle_timeout_s)
+        abort = None  # (code, message, trailers) that end the call once the job is counted
         try:
             try:
                 if self.draining:
@@ -403,7 +404,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             trailers = status_details(e)
             if e.retry_pushback_ms is not None:
                 trailers += (("grpc-retry-pushback-ms", str(e.retry_pushback_ms)),)
-            await context.abort(e.code, e.message, trailing_metadata=trailers)
+            abort = (e.code, e.message, trailers)
         except Exception as e:  # a fault of the server, never of the job's input
             if isinstance(e, StreamOperationFailed):
                 # The client went away while a write of ours waited for it to read: the write
@@ -412,7 +413,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 return
             outcome = "INTERNAL"
             log.exception("job=%s failed inside the server", job_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"server error: {type(e).__name__}")
+            abort = (grpc.StatusCode.INTERNAL, f"server error: {type(e).__name__}", ())
         finally:
             if outcome == "ok":
                 self.completed_jobs += 1
@@ -428,6 +429,12 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     time.perf_counter() - started,
                     " ".join(f"{k}={log_value(v)}" for k, v in info.items()),
                 )
+        if abort is not None:
+            # Counted and logged first: the status goes out after every message written before
+            # it, so for a client that stopped reading it waits until that client reads again
+            # or leaves, and the job is over either way.
+            code, message, trailers = abort
+            await context.abort(code, message, trailing_metadata=trailers)
 
     async def _compute(
         self, job_id: str, context, info: dict, idle: IdleTimer, phases: dict

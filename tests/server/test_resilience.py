@@ -206,18 +206,18 @@ def test_a_client_that_stops_reading_loses_its_job_after_the_download_idle_timeo
     """A raw client sends a job of 4 MiB of results, reads its accepted message and nothing
     more, with no deadline: gRPC's flow control holds the server's next write, and after
     --download-idle-timeout-s the job ends, its bytes freed (the server idle; without the
-    timeout it held them for as long as the client stayed). The client hears
-    DEADLINE_EXCEEDED once it reads again, and the server serves on."""
+    timeout it held them for as long as the client stayed) and counted as failed at once.
+    The client hears DEADLINE_EXCEEDED once it reads again, and the server serves on."""
     with run_server("--download-idle-timeout-s", "1") as server:
         with grpc.insecure_channel(server.address) as channel:
             call = channel.stream_stream(wire.COMPUTE_METHOD)(iter(big_job_stream()))
             next(call)  # accepted: the job holds its admitted bytes from here on
             stats = wait_idle(server.address, timeout=20)
+            assert (stats.completed_jobs, stats.failed_jobs) == (0, 1)
             with pytest.raises(grpc.RpcError) as err:
                 list(call)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "read no result message for 1.0 s" in err.value.details()
-        assert stats.completed_jobs == 0
         with GradientClient(server.address) as client:
             tensors = random_job([3, 4, 1], 2, 5, seed=2)
             client.compute(_params(tensors), tensors["inputs"].numpy(),
