@@ -9,6 +9,7 @@ sample weights are shared, and which outputs are requested. float32, so the stan
 tolerance applies; the seeds are fixed, so a failure names a job to rerun.
 """
 
+import dataclasses
 import random
 
 import pytest
@@ -144,17 +145,40 @@ def test_random_jobs_with_clipping_or_layers_without_bias_agree_across_engines(s
     tests.jobs.drawn_engine_job, clipped (without noise, whose draws are the device's) or with
     some layers without bias or both, on the Triton engine in float32 against the torch
     engine in float64 (itself checked against the oracle), every result per model."""
-    import dataclasses
-
-    import torch
-
-    from gradserve.kernels import engines
     from tests.jobs import drawn_engine_job
 
     r = random.Random(seed)
     job = drawn_engine_job(r, seed, max_models=4, max_samples=40, without_bias=0.3)
     if not job.mlp.layers_without_bias or r.random() < 0.5:
         job.privacy = kernels.Privacy(r.choice((0.01, 0.5, 10.0)))
+    assert_triton_float32_agrees_with_torch(job)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_jobs_on_the_per_layer_path_agree_across_engines(seed, monkeypatch):
+    """The Triton engine's per-layer path, which layers wider than 128 take, forced on the
+    small networks of tests.jobs.drawn_engine_job (layers without bias among them; no
+    per-sample norms, which only the fused kernel computes), against the torch engine."""
+    import functools
+
+    from tests.jobs import drawn_engine_job
+
+    r = random.Random(seed)
+    job = drawn_engine_job(r, seed, max_models=4, max_samples=40, without_bias=0.3)
+    job.outputs = dataclasses.replace(job.outputs, per_sample_gradient_norms=False)
+    monkeypatch.setattr(
+        triton_engine, "run", functools.partial(triton_engine.run, path="per_layer")
+    )
+    assert_triton_float32_agrees_with_torch(job)
+
+
+def assert_triton_float32_agrees_with_torch(job: kernels.EnsembleJob) -> None:
+    """`job` (float64) on the Triton engine in float32 against the torch engine in float64,
+    every result per model."""
+    import torch
+
+    from gradserve.kernels import engines
+
     device = "cuda" if triton_engine.available() and not triton_engine.interpreted() else "cpu"
     ref = engines.run(job, "torch", torch.device("cpu"))
 
@@ -170,10 +194,11 @@ def test_random_jobs_with_clipping_or_layers_without_bias_agree_across_engines(s
     # Looser than float32's 1e-5: these tiny networks' gradients are sums over a few dozen
     # samples whose terms (clipped ones especially) can nearly cancel, and float32's error
     # relative to such a sum grows as the terms' magnitudes over the sum's. Over 300 drawn
-    # jobs (150 of these seeds, 150 of an earlier way of drawing) the torch engine in float32
-    # was up to 1.4e-5 off its float64 results, the Triton engine up to 7.8e-5 (a clipped
-    # [2, 1] weight gradient of 21 samples, clip norm 0.01); a clipping or bias mistake is
-    # off by far more (a bias-free layer's bias counted in the norms: 9 of these 24 failed).
+    # jobs (150 of the clipping test's seeds, 150 of an earlier way of drawing) the torch
+    # engine in float32 was up to 1.4e-5 off its float64 results, the Triton engine up to
+    # 7.8e-5 (a clipped [2, 1] weight gradient of 21 samples, clip norm 0.01); its per-layer
+    # path up to 1.6e-5 over 200 (an l1 job's bias gradient); a clipping or bias mistake is
+    # off by far more (a bias-free layer's bias counted in the norms: 9 of 24 failed).
     tol = 2e-4
     expected = engine_tensors(ref)
     assert engine_tensors(got).keys() == expected.keys()
