@@ -133,7 +133,7 @@ class Optimizer:
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: torch.optim's default, 0.01 for adamw, else 0
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -143,6 +143,8 @@ class Optimizer:
     def __post_init__(self) -> None:
         if self.kind not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.kind!r}; expected one of {OPTIMIZERS}")
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", 0.01 if self.kind == "adamw" else 0.0)
 
     @property
     def state_names(self) -> tuple[str, ...]:

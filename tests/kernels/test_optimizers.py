@@ -113,17 +113,8 @@ def optimizer_job(tensors, c, steps, precision="float64", **kw):
         per_sample_losses=False,
         forward_outputs=False,
     )
-    job.optimizer = engine_optimizer(c, steps, return_state=True, **kw)
+    job.optimizer = kernels.Optimizer(steps=steps, return_state=True, **c, **kw)
     return job
-
-
-def engine_optimizer(c, steps, **kw) -> kernels.Optimizer:
-    """The engine's optimiser of config `c`, weight decay defaulting as torch.optim's (and
-    the server's) does: 0.01 for adamw."""
-    opts = {**c}
-    if opts["kind"] == "adamw" and "weight_decay" not in opts:
-        opts["weight_decay"] = 0.01
-    return kernels.Optimizer(steps=steps, **opts, **kw)
 
 
 def params_of(result):
@@ -201,6 +192,14 @@ def test_optimizer_options_are_checked():
         kernels.Optimizer(kind="lbfgs", steps=1, learning_rate=0.1)
 
 
+@pytest.mark.parametrize("kind", kernels.OPTIMIZERS)
+def test_weight_decay_defaults_as_torch_optims(kind):
+    """Unset, an optimiser's weight decay is torch.optim's default for it (AdamW's 0.01)."""
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    torch_default = cls([torch.zeros(1, requires_grad=True)], lr=0.1).defaults["weight_decay"]
+    assert kernels.Optimizer(kind, steps=1, learning_rate=0.1).weight_decay == torch_default
+
+
 def test_dp_sgd_steps_draw_fresh_noise_each_step():
     """Training with privacy: step k's gradient is the clipped, noised one with seed + k."""
     tensors = random_job(SIZES, M, N, seed=25, dtype=torch.float64)
@@ -269,7 +268,7 @@ def test_random_training_jobs_equal_torch_optim(engine, precision, seeds):
             # (relative error 0.16) with eps 1e-8. With eps 1e-3 noise moves a parameter by
             # noise / eps learning rates: those 400 seeds then agreed to 7.1e-6 at most.
             c["eps"] = 1e-3
-        job.optimizer = engine_optimizer(c, steps)
+        job.optimizer = kernels.Optimizer(steps=steps, **c)
         losses, params, _ = optim_reference(job, c, steps)
         if precision == "float32":
             job = dataclasses.replace(
