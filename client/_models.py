@@ -254,9 +254,17 @@ def normalize(model: Any) -> Ensemble:
         odd = next((m for m in model if not _is_network(m)), None)
         if odd is None:
             return _from_sequentials(list(model), "sequential_list")
+        # A list of dicts is what training returns for a list of Sequentials: parameters
+        # without the activations, which only the modules know.
+        hint = (
+            "; to continue from a result's parameters, load them into the models "
+            "(model.load_state_dict(result.parameters[k])) and pass the models"
+            if isinstance(odd, dict)
+            else ""
+        )
         raise TypeError(
             "a list of models must hold nn.Sequential (or nn.Linear) modules "
-            f"(got {type(odd).__name__})"
+            f"(got {type(odd).__name__}){hint}"
         )
     if _is_network(model):
         return _from_sequentials([model], "sequential")

@@ -376,6 +376,12 @@ def test_bfloat16_parameters_and_samples_cross_the_wire_as_their_values(client):
         ({}, ValueError, "parameter dict is empty"),
         ([nn.Linear(3, 2), "layer"], TypeError, "got str"),
         (nn.Conv1d(1, 1, 3), TypeError, "got Conv1d"),
+        # what training returns for a list of Sequentials: the models' state dicts
+        (
+            [dict(nn.Linear(3, 2).state_dict())],
+            TypeError,
+            r"got dict\); to continue from a result's parameters, load them into the models",
+        ),
     ],
 )
 def test_an_ensemble_that_is_empty_or_no_network_is_named_before_sending(
