@@ -14,7 +14,13 @@ from collections.abc import Callable
 
 import torch
 
-from gradserve.kernels.spec import EnsembleJob, EnsembleResult, Optimizer, OutputRequest
+from gradserve.kernels.spec import (
+    EnsembleJob,
+    EnsembleResult,
+    Optimizer,
+    OutputRequest,
+    compute_dtype,
+)
 
 
 def parameter_names(num_layers: int) -> list[str]:
@@ -102,7 +108,7 @@ class Steps:
 def train(job: EnsembleJob, run_step: Callable[[EnsembleJob], EnsembleResult], device):
     """Run job.optimizer's steps; `run_step` computes one step's loss and gradients."""
     opt = job.optimizer
-    dtype = torch.float64 if job.precision == "float64" else torch.float32
+    dtype = compute_dtype(job.precision)
     steps = Steps(opt, job.mlp.num_layers, job.weights, job.biases, job.optimizer_state, dtype,
                   device)  # fmt: skip
     for k in range(opt.steps):

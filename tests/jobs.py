@@ -119,3 +119,18 @@ def ensemble_job(
         precision=precision,
         outputs=k.OutputRequest(True, input_gradients, per_sample_losses, forward_outputs),
     )
+
+
+def float32_job(job):
+    """A float64 engine job in float32: its precision and floating-point tensors (class
+    indices stay integers)."""
+    import dataclasses
+
+    def narrow(t):
+        return t if t is None or not t.is_floating_point() else t.float()
+
+    return dataclasses.replace(
+        job, precision="float32", weights=[w.float() for w in job.weights],
+        biases=[b.float() for b in job.biases], inputs=job.inputs.float(),
+        targets=narrow(job.targets), sample_weights=narrow(job.sample_weights),
+    )  # fmt: skip

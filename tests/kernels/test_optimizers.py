@@ -2,7 +2,6 @@
 oracle's gradients (tests.oracle: an nn.Sequential per model), on the torch engine and
 (through Triton's interpreter on the CPU) the Triton engine."""
 
-import dataclasses
 import random
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from gradserve import kernels
 from gradserve.kernels import torch_engine
-from tests.jobs import ensemble_job, random_job
+from tests.jobs import drawn_engine_job, ensemble_job, float32_job, random_job
 from tests.oracle import assert_close_per_model, oracle
 
 SIZES = (4, 7, 5, 2)
@@ -252,8 +251,6 @@ def test_random_training_jobs_equal_torch_optim(engine, precision, seeds):
     (depth, odd widths, every loss and activation, shared or per-model tensors, sample
     weights, layers without bias) trained 1-4 steps by a drawn optimiser, against
     optim_reference; each step's losses and the final parameters per model."""
-    from tests.jobs import drawn_engine_job
-
     device = torch.device("cuda" if engine == "triton" and torch.cuda.is_available() else "cpu")
     for seed in seeds:
         r = random.Random(seed)
@@ -271,10 +268,7 @@ def test_random_training_jobs_equal_torch_optim(engine, precision, seeds):
         job.optimizer = kernels.Optimizer(steps=steps, **c)
         losses, params, _ = optim_reference(job, c, steps)
         if precision == "float32":
-            job = dataclasses.replace(
-                job, precision=precision, weights=[w.float() for w in job.weights],
-                biases=[b.float() for b in job.biases], inputs=job.inputs.float(),
-            )  # fmt: skip
+            job = float32_job(job)
         got = kernels.run(job, engine, device)
         assert got.engine == engine
         where = f"seed {seed}, {c}, {steps} steps"

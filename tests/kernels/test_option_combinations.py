@@ -16,7 +16,7 @@ import pytest
 
 from gradserve import kernels
 from gradserve.kernels import torch_engine, triton_engine
-from tests.jobs import random_job
+from tests.jobs import float32_job, random_job
 from tests.oracle import assert_close_per_model, assert_same_results, engine_tensors, oracle
 
 WIDTHS = (1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 64, 70)
@@ -182,15 +182,7 @@ def assert_triton_float32_agrees_with_torch(job: kernels.EnsembleJob) -> None:
     device = "cuda" if triton_engine.available() and not triton_engine.interpreted() else "cpu"
     ref = engines.run(job, "torch", torch.device("cpu"))
 
-    def wide(t):
-        return t if t is None or not t.is_floating_point() else t.float()
-
-    narrow = dataclasses.replace(
-        job, precision="float32", weights=[w.float() for w in job.weights],
-        biases=[b.float() for b in job.biases], inputs=job.inputs.float(),
-        targets=wide(job.targets), sample_weights=wide(job.sample_weights),
-    )  # fmt: skip
-    got = engines.run(narrow, "triton", torch.device(device))
+    got = engines.run(float32_job(job), "triton", torch.device(device))
     # Looser than float32's 1e-5: these tiny networks' gradients are sums over a few dozen
     # samples whose terms (clipped ones especially) can nearly cancel, and float32's error
     # relative to such a sum grows as the terms' magnitudes over the sum's. Over 300 drawn
