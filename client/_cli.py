@@ -281,6 +281,8 @@ def _readable(name: str, value) -> str:
     """A limit or counter as people read it: byte counts also in MiB/GiB, seconds in ms."""
     if name == "stream_window_bytes" and value == 0:
         return "0 (gRPC's adaptive window)"
+    if name == "min_upload_bytes_per_second":
+        return f"{value} ({value / 1024:g} KiB/s)" if value else "0 (no minimum)"
     if name.endswith("bytes") and value >= 1 << 20:
         unit, size = ("GiB", 1 << 30) if value >= 1 << 30 else ("MiB", 1 << 20)
         return f"{value} ({value / size:g} {unit})"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from gradserve.kernels.triton_engine import FLOAT32_MATMUL, FLOAT32_MATMULS, gluon_available
 from gradserve.server.memory import HEAP_ALLOCATION_CEILING
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -48,8 +49,16 @@ class ServerConfig:
     # The least wait before a refused job's retry that the server suggests (the pushback
     # trailer); more while many refused jobs wait (admission.RetryPacer).
     retry_pushback_ms: int = 100
-    # A job whose request stream is silent this long is ended with DEADLINE_EXCEEDED.
+    # A job whose request stream is silent this long is ended with DEADLINE_EXCEEDED (not
+    # counting while a streamed job's micro-batch computes: its client may wait for the
+    # micro-batch's rows before it sends more).
     upload_idle_timeout_s: float = 60.0
+    # A job whose upload comes slower than this many tensor bytes a second is ended with
+    # DEADLINE_EXCEEDED (0: no minimum; server.timers.UploadTimer): its reads may wait, in
+    # all, the idle timeout plus its bytes at this rate, so a client trickling a byte just
+    # inside each idle timeout cannot hold its admitted bytes for hours. Below one job's
+    # share of a 10 Mbit/s link among the 64 jobs the asyncio client keeps in flight.
+    min_upload_bytes_per_s: int = 16 * KiB
     # A job whose client reads none of its result messages this long is ended with
     # DEADLINE_EXCEEDED (as nginx's send_timeout): a client that stops reading would hold
     # its job's memory, and its share of max_inflight_bytes, for as long as it stayed.
@@ -124,6 +133,9 @@ HELP = {
     "max_optimizer_steps": "most optimiser steps per job",
     "retry_pushback_ms": "least wait before a refused job's retry that the server suggests",
     "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
+    "min_upload_bytes_per_s": "end a job whose upload comes slower than this many tensor bytes "
+    "a second, counted over the time the server waits for them beyond the idle timeout (0: no "
+    "minimum)",
     "download_idle_timeout_s": "end a job whose client reads no result message this long (seconds)",
     "heartbeat_s": "send an empty response after this many silent seconds of a waiting or "
     "computing job, for proxies' read timeouts (0: never)",
@@ -162,6 +174,7 @@ AT_LEAST = {
     "batch_max_delay_ms": 0,
     "max_connection_age_s": 0,
     "stream_window_bytes": 0,
+    "min_upload_bytes_per_s": 0,
     "drain_grace_s": 0,
     "heartbeat_s": 0,
     "reuse_buffer_bytes": 0,

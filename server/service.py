@@ -40,6 +40,7 @@ from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
 from gradserve.server.memory import HeapRelease
 from gradserve.server.metrics import Metrics
 from gradserve.server.streaming import SampleStream, finish, per_sample_rows
+from gradserve.server.timers import IdleTimer, TimedWrites, UploadTimer
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
     LOSS_NAMES,
@@ -191,65 +192,6 @@ def handlers(service: GradientService) -> grpc.GenericRpcHandler:
     )
 
 
-class IdleTimer:
-    """Ends a job whose read of its request stream (or, in TimedWrites, write of its
-    response stream) waits too long, by cancelling its handler (a timer per read is far
-    cheaper than wrapping every read in asyncio.wait_for, which creates a task each time)."""
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
-        self.task = asyncio.current_task()
-        self.handle: asyncio.TimerHandle | None = None  # while a read waits
-        self.fired = False
-        self.interrupted = False
-
-    def arm(self) -> None:
-        if self.interrupted:  # came while no read waited: this read ends at once
-            self.task.cancel()
-            return
-        self.handle = asyncio.get_running_loop().call_later(self.timeout_s, self._fire)
-
-    def disarm(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-    def interrupt(self) -> None:
-        """End the read that waits, or else the next one, the same way (for a failure beside
-        the reads that a client waiting for results before it sends more would otherwise
-        never hear of)."""
-        self.interrupted = True
-        if self.handle is not None:
-            self.disarm()
-            self.task.cancel()
-
-    def _fire(self) -> None:
-        self.fired = True
-        self.task.cancel()
-
-
-class TimedWrites:
-    """A job's call context whose writes end the job (through `timer`, an IdleTimer) when
-    one waits longer than the timer's timeout for the client to read: a write waits while
-    the client leaves earlier messages unread (gRPC flow control), and a client that never
-    reads again would otherwise keep the job's results and its admitted bytes forever.
-    Everything else is the context's."""
-
-    def __init__(self, context, timer: IdleTimer):
-        self._context = context
-        self.timer = timer
-
-    async def write(self, message) -> None:
-        self.timer.arm()
-        try:
-            await self._context.write(message)
-        finally:
-            self.timer.disarm()
-
-    def __getattr__(self, name: str):
-        return getattr(self._context, name)
-
-
 class GradientService(pb_grpc.GradientServiceServicer):
     def __init__(self, config: ServerConfig, device: torch.device):
         self.config = config
@@ -336,6 +278,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 max_work_bytes=c.max_work_bytes,
                 upload_idle_timeout_seconds=c.upload_idle_timeout_s,
                 download_idle_timeout_seconds=c.download_idle_timeout_s,
+                min_upload_bytes_per_second=c.min_upload_bytes_per_s,
                 stream_window_bytes=c.stream_window_bytes,
             ),
             batching=pb.BatchingPolicy(
@@ -356,14 +299,18 @@ class GradientService(pb_grpc.GradientServiceServicer):
             ),
         )
 
-    async def _read(self, context, idle: IdleTimer) -> pb.ComputeRequest | None:
-        """Next request message, None at the end of the stream."""
+    async def _read(self, context, idle: UploadTimer) -> pb.ComputeRequest | None:
+        """Next request message, None at the end of the stream (its tensor bytes counted
+        towards the upload's minimum rate)."""
         idle.arm()
         try:
             msg = await context.read()
         finally:
             idle.disarm()
-        return None if msg is grpc.aio.EOF else msg
+        if msg is grpc.aio.EOF:
+            return None
+        idle.received(sum(len(chunk.data) for chunk in msg.chunks))
+        return msg
 
     def _io(self, nbytes: int, fn, *args) -> asyncio.Future:
         """Run fn off the event loop, unless it touches so few bytes that the thread hop
@@ -378,7 +325,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
         job_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
         outcome, info, phases = "CANCELLED", {}, {}
-        idle = IdleTimer(self.config.upload_idle_timeout_s)
+        idle = UploadTimer(self.config.upload_idle_timeout_s, self.config.min_upload_bytes_per_s)
         unread = IdleTimer(self.config.download_idle_timeout_s)
         abort = None  # (code, message, trailers) that end the call once the job is counted
         try:
@@ -389,7 +336,13 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     )
                 await self._compute(job_id, TimedWrites(context, unread), info, idle, phases)
             except asyncio.CancelledError:
-                if idle.fired:
+                if idle.too_slow:
+                    message = (
+                        f"the upload came slower than the server's minimum of "
+                        f"{self.config.min_upload_bytes_per_s} bytes/s: {idle.received_bytes} "
+                        f"tensor bytes in {idle.waited_s:.1f} s of waiting for them"
+                    )
+                elif idle.fired:
                     message = f"no request message for {self.config.upload_idle_timeout_s} s"
                 elif unread.fired:
                     message = (f"the client read no result message for "
@@ -437,7 +390,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             await context.abort(code, message, trailing_metadata=trailers)
 
     async def _compute(
-        self, job_id: str, context, info: dict, idle: IdleTimer, phases: dict
+        self, job_id: str, context, info: dict, idle: UploadTimer, phases: dict
     ) -> None:
         header_at = time.perf_counter()
         first = await self._read(context, idle)
@@ -563,7 +516,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             )
             info.update(bytes_in=plan.payload_bytes, bytes_out=sent)
 
-    async def _later_chunks(self, context, idle: IdleTimer, plan: JobPlan, first):
+    async def _later_chunks(self, context, idle: UploadTimer, plan: JobPlan, first):
         """The chunks of each request message after the first, message by message (the
         number of chunks counted from the first message's on)."""
         messages, chunks = 1, len(first.chunks)
@@ -585,7 +538,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
             plan.check_chunk_count(chunks)
             yield msg.chunks
 
-    async def _run_streamed(self, context, idle: IdleTimer, plan: JobPlan, engine: str, first):
+    async def _run_streamed(self, context, idle: UploadTimer, plan: JobPlan, engine: str, first):
         """A streamed job (server.streaming): each micro-batch launches as soon as its
         samples are in, while the next one's bytes are read; at most one is in flight. Its
         per-sample results are sent as soon as it is computed (so a client may wait for them
@@ -630,6 +583,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 await settled()
                 computing = self.batcher.submit(micro, engine, stream.micro_batch_bytes())
                 settling = asyncio.ensure_future(settle(computing, first_sample))
+                idle.computing(True)  # the client may wait for its rows meanwhile
+                settling.add_done_callback(lambda _: idle.computing(False))
                 settling.add_done_callback(interrupt_read_on_failure)
 
         try:

@@ -498,6 +498,7 @@ def test_info_json_lists_engines_and_limits(server):
     # what a job may need beside its tensors, and how long its upload may stall
     assert info["limits"]["max_work_bytes"] == 8 << 30
     assert info["limits"]["upload_idle_timeout_seconds"] == 60
+    assert info["limits"]["min_upload_bytes_per_second"] == 16384
     assert info["limits"]["stream_window_bytes"] == 0  # gRPC's adaptive window
     assert info["batching"]["max_jobs"] == 256 and "float32" in info["dtypes"]
     assert info["stats"]["inflight_jobs"] == 0
@@ -514,6 +515,7 @@ def test_info_text_is_for_people(server):
     assert rows["max_job_bytes"].split(None, 1)[1] == "2147483648 (2 GiB)"
     assert rows["max_delay_seconds"].split(None, 1)[1] == "2 ms"
     assert rows["upload_idle_timeout_seconds"].split(None, 1)[1] == "60 s"
+    assert rows["min_upload_bytes_per_second"].split(None, 1)[1] == "16384 (16 KiB/s)"
     assert rows["stream_window_bytes"].split(None, 1)[1] == "0 (gRPC's adaptive window)"
     # every value in one column, past the longest name
     assert len({len(row) - len(row.split(None, 1)[1]) for row in rows.values()}) == 1

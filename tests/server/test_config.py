@@ -44,6 +44,7 @@ def test_chunk_size_above_the_accepted_maximum_is_refused():
         ["--batch-max-delay-ms", "-5"],
         ["--upload-idle-timeout-s", "0"],
         ["--upload-idle-timeout-s", "nan"],
+        ["--min-upload-bytes-per-s", "-1"],
         ["--drain-grace-s", "inf"],
         ["--max-compiled-kernels", "0"],
         ["--max-kernel-cache-bytes", "-1"],
@@ -84,6 +85,7 @@ def test_a_malformed_environment_variable_is_refused_by_name(capsys):
         ["--reuse-buffer-bytes", "0"],
         ["--max-connection-age-s", "0"],
         ["--stream-window-bytes", "0"],
+        ["--min-upload-bytes-per-s", "0"],  # no minimum
         ["--stream-window-bytes", "65535"],
         ["--stream-window-bytes", str(2**31 - 1)],
         ["--device", "cuda:1"],

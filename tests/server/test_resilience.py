@@ -122,8 +122,7 @@ def test_64_concurrent_clients_times_20_jobs_without_errors(server):
     assert len(report.latencies) == 1280
 
 
-def big_job_stream(chunk=1 << 20):
-    sizes = (1024, 1024, 1)
+def big_job_stream(chunk=1 << 20, sizes=(1024, 1024, 1)):
     tensors = random_job(sizes, 1, 4, seed=1)
     header = pb.JobHeader(
         architecture=pb.Architecture(layer_sizes=sizes),
@@ -237,6 +236,59 @@ def test_a_slow_reader_within_the_download_idle_timeout_gets_all_its_results():
                 time.sleep(0.6)
         assert len(messages) >= 5
         assert pb.ComputeResponse.FromString(messages[-1]).HasField("summary")
+
+
+def paced(messages: list[bytes], pause: float, stop: threading.Event):
+    """The messages of a job, the header at once and then one every `pause` seconds, until
+    the last or until `stop` is set."""
+    yield messages[0]
+    for message in messages[1:]:
+        if stop.wait(pause):
+            return
+        yield message
+
+
+def test_an_upload_trickling_below_the_minimum_rate_loses_its_job():
+    """A raw client sends the header of a 4 MiB job at once, then a 4 KiB chunk every
+    0.25 s (16 KiB/s; each read well inside the 1 s idle timeout), against a minimum of
+    64 KiB/s: its reads may wait 1 s plus 1/16 s per chunk, so after about 1.3 s the job
+    ends (its trickle would take over four minutes), its admitted bytes freed and the job
+    counted as failed while the client still sends, and the server serves on."""
+    stop = threading.Event()
+    flags = ("--upload-idle-timeout-s", "1", "--min-upload-bytes-per-s", "65536")
+    with run_server(*flags) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            call = channel.stream_stream(wire.COMPUTE_METHOD)(
+                paced(big_job_stream(chunk=4096), 0.25, stop), timeout=60
+            )
+            try:
+                assert pb.ComputeResponse.FromString(next(call)).HasField("accepted")
+                stats = wait_idle(server.address, timeout=20)
+                assert not stop.is_set()  # still trickling
+                with pytest.raises(grpc.RpcError) as err:
+                    list(call)
+            finally:
+                stop.set()
+        assert (stats.completed_jobs, stats.failed_jobs) == (0, 1)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "slower than the server's minimum of 65536 bytes/s" in err.value.details()
+        assert re.search(r"outcome=DEADLINE_EXCEEDED .*slower than", "".join(server.log))
+        with GradientClient(server.address) as client:
+            tensors = random_job([3, 4, 1], 2, 5, seed=2)
+            client.compute(_params(tensors), tensors["inputs"].numpy(),
+                           tensors["targets"].numpy())  # fmt: skip
+
+
+def test_an_upload_pausing_between_chunks_at_several_times_the_minimum_rate_runs():
+    """64 KiB every 0.15 s (427 KiB/s) against a minimum of 128 KiB/s and a 1 s idle
+    timeout: 2.4 s of waiting in all, each chunk earning 0.5 s."""
+    messages = big_job_stream(chunk=65536, sizes=(256, 1024, 1))
+    flags = ("--upload-idle-timeout-s", "1", "--min-upload-bytes-per-s", str(128 << 10))
+    with run_server(*flags) as server, grpc.insecure_channel(server.address) as channel:
+        responses = list(channel.stream_stream(wire.COMPUTE_METHOD)(
+            paced(messages, 0.15, threading.Event()), timeout=60))  # fmt: skip
+    assert len(messages) >= 17
+    assert pb.ComputeResponse.FromString(responses[-1]).HasField("summary")
 
 
 def _params(tensors):

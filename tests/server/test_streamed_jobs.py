@@ -369,6 +369,64 @@ def test_a_micro_batch_that_fails_ends_the_job_while_its_client_waits_for_its_ro
             assert client.compute(params, x, y, micro_batch_samples=25).loss.shape == (2,)
 
 
+# A server whose launches take 0.3 s longer, and that of a job's sample 10 1.5 s (a slow
+# compute, stood in for by sleeps).
+SLOW_ENGINE_SERVER = """
+import time
+from gradserve.server import app, batching
+real_run = batching.kernels.run
+def run(job, engine, device):
+    slow = job.num_samples == 10 and job.inputs[0, 0].item() == SAMPLE_10_FIRST_INPUT
+    time.sleep(1.5 if slow else 0.3)
+    return real_run(job, engine, device)
+batching.kernels.run = run
+app.main()
+"""
+
+
+def test_a_lock_step_client_waiting_on_slow_micro_batches_is_not_timed_out():
+    """The server's reads wait while a lock-step client waits for each micro-batch's rows:
+    ten micro-batches, one of 1.5 s and nine of 0.3 s, 4.2 s of waiting, against a 1 s
+    upload idle timeout and a minimum rate (100 MB/s) whose allowance is hardly more than
+    that timeout. Neither counts that waiting: it is the compute's, not the client's."""
+    import sys
+
+    from tests.servers import run_server
+
+    params, x, y, _ = shared_job(2, 100, weights=False)
+    messages = raw_stream(params, x, np.stack([y, y]), per_model_order(params, [0, 1]))
+    header = pb.ComputeRequest.FromString(messages[0]).header
+    header.outputs.per_sample_losses = True
+    messages[0] = pb.ComputeRequest(header=header).SerializeToString()
+    rows, arrived = set(), threading.Condition()
+    waits = []
+
+    def requests():
+        samples_from = len(params) + 1
+        for i, message in enumerate(messages):
+            batch, first = divmod(i - samples_from, 3)
+            if batch > 0 and first == 0:
+                with arrived:
+                    waits.append(arrived.wait_for(lambda b=batch: b - 1 in rows, 30))
+            yield message
+
+    code = SLOW_ENGINE_SERVER.replace("SAMPLE_10_FIRST_INPUT", repr(float(x[10, 0])))
+    flags = ("--upload-idle-timeout-s", "1", "--min-upload-bytes-per-s", str(10**8))
+    with run_server(*flags, program=[sys.executable, "-c", code]) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            for raw in channel.stream_stream(wire.COMPUTE_METHOD)(requests(), timeout=60):
+                message = pb.ComputeResponse.FromString(raw)
+                for chunk in message.chunks:
+                    if chunk.name != "per_sample_loss":
+                        continue
+                    with arrived:
+                        rows.add(chunk.offset % 400 // 40)  # the micro-batch
+                        arrived.notify_all()
+    assert waits == [True] * 9 and rows == set(range(10))
+    assert message.HasField("summary")
+    assert message.summary.timings.compute_seconds >= 4.2
+
+
 def test_streamed_per_sample_outputs_with_dp_sgd_on_the_triton_engine(client):
     """The per-sample gradient norms DP-SGD clips by, from the fused kernel, micro-batch by
     micro-batch (float32: each model's result compared by relative L2 error)."""

@@ -305,7 +305,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_job_bytes", "max_models", "max_samples", "max_width", "max_layers", "max_chunk_bytes", "default_chunk_bytes", "max_queued_jobs", "max_inflight_bytes", "max_optimizer_steps", "max_work_bytes", "upload_idle_timeout_seconds", "stream_window_bytes", "download_idle_timeout_seconds")
+    __slots__ = ("max_job_bytes", "max_models", "max_samples", "max_width", "max_layers", "max_chunk_bytes", "default_chunk_bytes", "max_queued_jobs", "max_inflight_bytes", "max_optimizer_steps", "max_work_bytes", "upload_idle_timeout_seconds", "stream_window_bytes", "download_idle_timeout_seconds", "min_upload_bytes_per_second")
     MAX_JOB_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +320,7 @@ class Limits(_message.Message):
     UPLOAD_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STREAM_WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_UPLOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     max_job_bytes: int
     max_models: int
     max_samples: int
@@ -334,7 +335,8 @@ class Limits(_message.Message):
     upload_idle_timeout_seconds: float
     stream_window_bytes: int
     download_idle_timeout_seconds: float
-    def __init__(self, max_job_bytes: _Optional[int] = ..., max_models: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_width: _Optional[int] = ..., max_layers: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ..., max_optimizer_steps: _Optional[int] = ..., max_work_bytes: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., stream_window_bytes: _Optional[int] = ..., download_idle_timeout_seconds: _Optional[float] = ...) -> None: ...
+    min_upload_bytes_per_second: int
+    def __init__(self, max_job_bytes: _Optional[int] = ..., max_models: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_width: _Optional[int] = ..., max_layers: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ..., max_optimizer_steps: _Optional[int] = ..., max_work_bytes: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., stream_window_bytes: _Optional[int] = ..., download_idle_timeout_seconds: _Optional[float] = ..., min_upload_bytes_per_second: _Optional[int] = ...) -> None: ...
 
 class BatchingPolicy(_message.Message):
     __slots__ = ("max_delay_seconds", "max_jobs", "max_models", "max_bytes")
