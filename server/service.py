@@ -312,6 +312,22 @@ class GradientService(pb_grpc.GradientServiceServicer):
         idle.received(sum(len(chunk.data) for chunk in msg.chunks))
         return msg
 
+    async def _read_after_first(self, context, idle: UploadTimer, missing):
+        """_read, telling a client that sent every tensor byte but keeps its request stream
+        open (waiting for results before it closes) what the timeout that ended it awaited."""
+        started = time.perf_counter()
+        try:
+            return await self._read(context, idle)
+        except asyncio.CancelledError:
+            if (idle.fired or idle.too_slow) and not missing():
+                raise JobError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"every tensor byte arrived, but the request stream was not half-closed "
+                    f"in the {time.perf_counter() - started:.1f} s the server waited: "
+                    f"half-close it after the last chunk",
+                ) from None
+            raise
+
     def _io(self, nbytes: int, fn, *args) -> asyncio.Future:
         """Run fn off the event loop, unless it touches so few bytes that the thread hop
         (and the GIL hand-over it costs the engine thread) would cost more than the work."""
@@ -454,7 +470,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     accepted = b""
                 # else the job came in one message: its accepted message leaves with the
                 # first results, saving a stream operation (most of a small job's cost).
-                async for chunks in self._later_chunks(context, idle, plan, first):
+                async for chunks in self._later_chunks(
+                    context, idle, plan, first, assembler.missing
+                ):
                     for chunk in chunks:
                         assembler.add(chunk)
                 job = await self._io(plan.payload_bytes, assembler.finish)
@@ -516,11 +534,12 @@ class GradientService(pb_grpc.GradientServiceServicer):
             )
             info.update(bytes_in=plan.payload_bytes, bytes_out=sent)
 
-    async def _later_chunks(self, context, idle: UploadTimer, plan: JobPlan, first):
+    async def _later_chunks(self, context, idle: UploadTimer, plan: JobPlan, first, missing):
         """The chunks of each request message after the first, message by message (the
-        number of chunks counted from the first message's on)."""
+        number of chunks counted from the first message's on). `missing()`: the tensor bytes
+        yet to come (empty once only the half-close is awaited)."""
         messages, chunks = 1, len(first.chunks)
-        while (msg := await self._read(context, idle)) is not None:
+        while (msg := await self._read_after_first(context, idle, missing)) is not None:
             messages += 1
             if messages > plan.max_request_messages:
                 raise invalid(
@@ -594,7 +613,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     stream.add(chunk)
                 await launch_ready()
                 try:
-                    async for chunks in self._later_chunks(context, idle, plan, first):
+                    async for chunks in self._later_chunks(
+                        context, idle, plan, first, stream.missing
+                    ):
                         for chunk in chunks:
                             stream.add(chunk)
                         await launch_ready()

@@ -458,6 +458,35 @@ def test_header_then_silence_hits_the_upload_idle_timeout(stub):
         release.set()
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_every_byte_sent_without_a_half_close_is_told_to_half_close(stub, streamed):
+    """A client that sends all of a job but keeps its request stream open, waiting for the
+    results first, hits the upload idle timeout (the server starts a job, or sends a
+    streamed job's summary, at the half-close); the error says what was awaited."""
+    release = threading.Event()
+    messages = valid_stream()
+    if streamed:  # ten micro-batches, per-model targets
+        from tests.server.test_streamed_jobs import per_model_order, raw_stream, shared_job
+
+        params, x, y, _ = shared_job(2, 100, weights=False)
+        raw = raw_stream(params, x, np.stack([y, y]), per_model_order(params, [0, 1]))
+        messages = [pb.ComputeRequest.FromString(message) for message in raw]
+
+    def stream():
+        yield from messages
+        release.wait(30)
+
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Compute(stream(), timeout=30))
+    finally:
+        release.set()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "every tensor byte arrived, but the request stream was not half-closed" in (
+        err.value.details()
+    )
+
+
 def test_nan_inputs_are_accepted_when_allowed(stub):
     stream = nan_inputs()
     stream[0].header.allow_non_finite = True
