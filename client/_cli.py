@@ -180,6 +180,10 @@ def _compute(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
     if out_dir and not os.path.isdir(out_dir):  # say so before the job runs, not after
         raise SystemExit(f"{args.out}: no such directory {out_dir!r}")
+    if args.out and os.path.isdir(args.out):
+        raise SystemExit(
+            f"{args.out}: is a directory; name a results file in it (.safetensors or .npz)"
+        )
     if args.out and os.path.exists(args.out) and os.path.samefile(args.out, args.job):
         raise SystemExit(f"{args.out}: the results would overwrite the job file")
     if args.progress or (args.progress is None and not args.json and sys.stderr.isatty()):

@@ -813,6 +813,14 @@ def test_job_file_parts_the_job_would_drop_are_refused(tmp_path, job, extra, mes
     assert "UNAVAILABLE" not in out.stderr
 
 
+def test_a_directory_as_the_output_path_is_refused_before_the_job_runs(tmp_path):
+    cli("example", str(tmp_path))
+    job = next(tmp_path.glob("notebook-*.safetensors"))
+    out = cli("--address", "127.0.0.1:1", "compute", str(job), str(tmp_path), check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"{tmp_path}: is a directory" in out.stderr and "UNAVAILABLE" not in out.stderr
+
+
 def test_results_are_not_written_over_the_job_file(tmp_path):
     cli("example", str(tmp_path))
     job = next(tmp_path.glob("notebook-*.safetensors"))
