@@ -309,6 +309,43 @@ def test_each_micro_batchs_per_sample_rows_come_back_before_the_next_is_sent(ser
     np.testing.assert_allclose(losses, whole.tensors["per_sample_loss"], rtol=1e-6)
 
 
+class LockStepClient:
+    """A raw client of a streamed job (two models, 100 samples in micro-batches of 10, each
+    with its per-sample losses) that waits for a micro-batch's rows before it sends the next
+    micro-batch's bytes."""
+
+    def __init__(self):
+        self.params, self.x, self.y, _ = shared_job(2, 100, weights=False)
+        order = per_model_order(self.params, [0, 1])
+        self.messages = raw_stream(self.params, self.x, np.stack([self.y, self.y]), order)
+        header = pb.ComputeRequest.FromString(self.messages[0]).header
+        header.outputs.per_sample_losses = True
+        self.messages[0] = pb.ComputeRequest(header=header).SerializeToString()
+        self.rows, self.arrived = set(), threading.Condition()  # micro-batches whose rows came
+        self.waits = []  # whether each wait for rows ended with them
+
+    def requests(self):
+        samples_from = len(self.params) + 1  # the header, a message per parameter, samples
+        for i, message in enumerate(self.messages):
+            batch, first = divmod(i - samples_from, 3)  # 3 messages a micro-batch
+            if batch > 0 and first == 0:
+                with self.arrived:
+                    came = self.arrived.wait_for(lambda b=batch: b - 1 in self.rows, 30)
+                self.waits.append(came)
+            yield message
+
+    def run(self, channel) -> pb.ComputeResponse:
+        """The job through `channel`: its last response message."""
+        for raw in channel.stream_stream(wire.COMPUTE_METHOD)(self.requests(), timeout=60):
+            message = pb.ComputeResponse.FromString(raw)
+            for chunk in message.chunks:
+                if chunk.name == "per_sample_loss":
+                    with self.arrived:
+                        self.rows.add(chunk.offset % 400 // 40)  # the micro-batch
+                        self.arrived.notify_all()
+        return message
+
+
 # A server whose engine runs out of memory on its launch of a job's sample 10 (stood in for
 # by an engine that refuses such launches), else computes.
 FAILING_ENGINE_SERVER = """
@@ -334,36 +371,18 @@ def test_a_micro_batch_that_fails_ends_the_job_while_its_client_waits_for_its_ro
     from gradserve.client import GradientClient
     from tests.servers import run_server
 
-    params, x, y, _ = shared_job(2, 100, weights=False)
-    messages = raw_stream(params, x, np.stack([y, y]), per_model_order(params, [0, 1]))
-    header = pb.ComputeRequest.FromString(messages[0]).header
-    header.outputs.per_sample_losses = True
-    messages[0] = pb.ComputeRequest(header=header).SerializeToString()
+    lock_step = LockStepClient()
+    params, x, y = lock_step.params, lock_step.x, lock_step.y
     code = FAILING_ENGINE_SERVER.replace("SAMPLE_10_FIRST_INPUT", repr(float(x[10, 0])))
-    rows, arrived = set(), threading.Condition()
-    waits = []
-
-    def requests():
-        samples_from = len(params) + 1
-        for i, message in enumerate(messages):
-            batch, first = divmod(i - samples_from, 3)
-            if batch > 0 and first == 0:
-                with arrived:
-                    waits.append(arrived.wait_for(lambda b=batch: b - 1 in rows, 30))
-            yield message
-
     with run_server(program=[sys.executable, "-c", code]) as server:
         started = time.perf_counter()
         with grpc.insecure_channel(server.address) as channel:
             with pytest.raises(grpc.RpcError) as err:
-                for raw in channel.stream_stream(wire.COMPUTE_METHOD)(requests(), timeout=60):
-                    for chunk in pb.ComputeResponse.FromString(raw).chunks:
-                        with arrived:
-                            rows.add(chunk.offset % 400 // 40)  # the micro-batch
-                            arrived.notify_all()
+                lock_step.run(channel)
         waited = time.perf_counter() - started
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
-        assert waits == [True] and rows == {0}  # the second micro-batch failed
+        # the second micro-batch failed
+        assert lock_step.waits == [True] and lock_step.rows == {0}
         assert waited < 20  # ended by the failure, not by the 30 s wait nor the deadline
         with GradientClient(server.address) as client:  # micro-batches the engine computes
             assert client.compute(params, x, y, micro_batch_samples=25).loss.shape == (2,)
@@ -393,36 +412,13 @@ def test_a_lock_step_client_waiting_on_slow_micro_batches_is_not_timed_out():
 
     from tests.servers import run_server
 
-    params, x, y, _ = shared_job(2, 100, weights=False)
-    messages = raw_stream(params, x, np.stack([y, y]), per_model_order(params, [0, 1]))
-    header = pb.ComputeRequest.FromString(messages[0]).header
-    header.outputs.per_sample_losses = True
-    messages[0] = pb.ComputeRequest(header=header).SerializeToString()
-    rows, arrived = set(), threading.Condition()
-    waits = []
-
-    def requests():
-        samples_from = len(params) + 1
-        for i, message in enumerate(messages):
-            batch, first = divmod(i - samples_from, 3)
-            if batch > 0 and first == 0:
-                with arrived:
-                    waits.append(arrived.wait_for(lambda b=batch: b - 1 in rows, 30))
-            yield message
-
-    code = SLOW_ENGINE_SERVER.replace("SAMPLE_10_FIRST_INPUT", repr(float(x[10, 0])))
+    lock_step = LockStepClient()
+    code = SLOW_ENGINE_SERVER.replace("SAMPLE_10_FIRST_INPUT", repr(float(lock_step.x[10, 0])))
     flags = ("--upload-idle-timeout-s", "1", "--min-upload-bytes-per-s", str(10**8))
     with run_server(*flags, program=[sys.executable, "-c", code]) as server:
         with grpc.insecure_channel(server.address) as channel:
-            for raw in channel.stream_stream(wire.COMPUTE_METHOD)(requests(), timeout=60):
-                message = pb.ComputeResponse.FromString(raw)
-                for chunk in message.chunks:
-                    if chunk.name != "per_sample_loss":
-                        continue
-                    with arrived:
-                        rows.add(chunk.offset % 400 // 40)  # the micro-batch
-                        arrived.notify_all()
-    assert waits == [True] * 9 and rows == set(range(10))
+            message = lock_step.run(channel)
+    assert lock_step.waits == [True] * 9 and lock_step.rows == set(range(10))
     assert message.HasField("summary")
     assert message.summary.timings.compute_seconds >= 4.2
 
