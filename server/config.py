@@ -134,7 +134,7 @@ HELP = {
     "retry_pushback_ms": "least wait before a refused job's retry that the server suggests",
     "upload_idle_timeout_s": "end a job whose request stream is silent this long (seconds)",
     "min_upload_bytes_per_s": "end a job whose upload comes slower than this many tensor bytes "
-    "a second, counted over the time the server waits for them beyond the idle timeout (0: no "
+    "a second: its reads may wait, in all, the idle timeout plus its bytes at this rate (0: no "
     "minimum)",
     "download_idle_timeout_s": "end a job whose client reads no result message this long (seconds)",
     "heartbeat_s": "send an empty response after this many silent seconds of a waiting or "

@@ -313,8 +313,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
         return msg
 
     async def _read_after_first(self, context, idle: UploadTimer, missing):
-        """_read, telling a client that sent every tensor byte but keeps its request stream
-        open (waiting for results before it closes) what the timeout that ended it awaited."""
+        """_read; a timeout that ends a client which sent every tensor byte but keeps its
+        request stream open (waiting for the results before it closes) says that the
+        half-close was awaited."""
         started = time.perf_counter()
         try:
             return await self._read(context, idle)

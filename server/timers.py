@@ -63,7 +63,6 @@ class UploadTimer(IdleTimer):
         self.waited_s = 0.0  # counted waiting so far
         self.too_slow = False
         self.paused = False
-        self.read_deadline = 0.0  # when the idle timeout of the read that waits ends it
         self.counted_from = 0.0  # where the waiting read's counted time starts
 
     def received(self, nbytes: int) -> None:
@@ -100,13 +99,11 @@ class UploadTimer(IdleTimer):
 
     def _start_clocks(self) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        self.read_deadline, self.counted_from = now + self.timeout_s, now
-        slow_at = now + self.allowance_s
-        if self.min_rate and slow_at < self.read_deadline:
-            self.handle = loop.call_at(slow_at, self._fire_slow)
+        self.counted_from = loop.time()
+        if self.min_rate and self.allowance_s < self.timeout_s:
+            self.handle = loop.call_later(self.allowance_s, self._fire_slow)
         else:
-            self.handle = loop.call_at(self.read_deadline, self._fire)
+            self.handle = loop.call_later(self.timeout_s, self._fire)
 
     def _count(self) -> None:
         waited = asyncio.get_running_loop().time() - self.counted_from
