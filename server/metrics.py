@@ -1,6 +1,9 @@
 """Prometheus metrics, named in the spirit of Triton Inference Server's nv_inference_*.
 
 gradserve_request_total{outcome}                 jobs by outcome ("ok" or a status code)
+gradserve_timed_out_total{timer}                 jobs a server timer ended (DEADLINE_EXCEEDED):
+                                                 upload_idle, upload_rate, half_close,
+                                                 download_idle
 gradserve_request_duration_seconds{phase}        upload, queue, compute, download per job
 gradserve_launch_total{engine,device}            engine launches
 gradserve_launch_jobs / gradserve_launch_models  jobs and models per launch (histograms)
@@ -36,6 +39,9 @@ class Metrics:
         self.enabled = True
         self._prom = prom
         self.requests = prom.Counter("gradserve_request", "Jobs by outcome", ["outcome"])
+        self.timed_out = prom.Counter(
+            "gradserve_timed_out", "Jobs a server timer ended, by timer", ["timer"]
+        )
         self.durations = prom.Histogram(
             "gradserve_request_duration_seconds", "Seconds per job phase", ["phase"],
             buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100),
@@ -72,10 +78,12 @@ class Metrics:
         # prometheus_client >= 0.20 returns (server, thread); older releases return None.
         return started[0].server_port if started else port
 
-    def job_done(self, outcome: str, phases: dict[str, float]) -> None:
+    def job_done(self, outcome: str, phases: dict[str, float], timer: str | None) -> None:
         if not self.enabled:
             return
         self.requests.labels(outcome).inc()
+        if timer is not None:
+            self.timed_out.labels(timer).inc()
         for phase, seconds in phases.items():
             self.durations.labels(phase).observe(seconds)
 

@@ -321,13 +321,32 @@ class GradientService(pb_grpc.GradientServiceServicer):
             return await self._read(context, idle)
         except asyncio.CancelledError:
             if (idle.fired or idle.too_slow) and not missing():
-                raise JobError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"every tensor byte arrived, but the request stream was not half-closed "
-                    f"in the {time.perf_counter() - started:.1f} s the server waited: "
-                    f"half-close it after the last chunk",
-                ) from None
+                idle.unclosed_s = time.perf_counter() - started
             raise
+
+    def _timed_out(self, idle: UploadTimer, unread: IdleTimer) -> tuple[str, str] | None:
+        """(the timer, the client's message) for a job one of its timers ended; None for
+        one whose client went away."""
+        c = self.config
+        if idle.unclosed_s is not None:
+            return "half_close", (
+                f"every tensor byte arrived, but the request stream was not half-closed in "
+                f"the {idle.unclosed_s:.1f} s the server waited: half-close it after the last "
+                f"chunk"
+            )
+        if idle.too_slow:
+            return "upload_rate", (
+                f"the upload came slower than the server's minimum of "
+                f"{c.min_upload_bytes_per_s} bytes/s: {idle.received_bytes} tensor bytes in "
+                f"{idle.waited_s:.1f} s of waiting for them"
+            )
+        if idle.fired:
+            return "upload_idle", f"no request message for {c.upload_idle_timeout_s} s"
+        if unread.fired:
+            return "download_idle", (
+                f"the client read no result message for {c.download_idle_timeout_s} s"
+            )
+        return None
 
     def _io(self, nbytes: int, fn, *args) -> asyncio.Future:
         """Run fn off the event loop, unless it touches so few bytes that the thread hop
@@ -353,19 +372,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
                     )
                 await self._compute(job_id, TimedWrites(context, unread), info, idle, phases)
             except asyncio.CancelledError:
-                if idle.too_slow:
-                    message = (
-                        f"the upload came slower than the server's minimum of "
-                        f"{self.config.min_upload_bytes_per_s} bytes/s: {idle.received_bytes} "
-                        f"tensor bytes in {idle.waited_s:.1f} s of waiting for them"
-                    )
-                elif idle.fired:
-                    message = f"no request message for {self.config.upload_idle_timeout_s} s"
-                elif unread.fired:
-                    message = (f"the client read no result message for "
-                               f"{self.config.download_idle_timeout_s} s")  # fmt: skip
-                else:
+                timed_out = self._timed_out(idle, unread)
+                if timed_out is None:
                     raise  # the client went away
+                info["timeout"], message = timed_out
                 raise JobError(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
             outcome = "ok"
         except JobError as e:
@@ -389,7 +399,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 self.completed_jobs += 1
             else:
                 self.failed_jobs += 1
-            self.metrics.job_done(outcome, phases)
+            self.metrics.job_done(outcome, phases, info.get("timeout"))
             if log.isEnabledFor(logging.INFO):
                 log.info(
                     "job=%s peer=%s outcome=%s seconds=%.4f %s",

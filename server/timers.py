@@ -53,7 +53,9 @@ class UploadTimer(IdleTimer):
     sending a byte just inside each idle timeout would hold its job's admitted bytes for
     as long as it liked. Neither clock runs while the job computes (`computing`): a
     streamed job's client may wait for a micro-batch's results before it sends the next
-    one, and a read's silence counts from the compute's end. min_rate 0: no minimum."""
+    one, and a read's silence counts from the compute's end. The rate's clock starts once
+    the first message is in (a client silent from the start is idle, not slow). min_rate 0:
+    no minimum."""
 
     def __init__(self, timeout_s: float, min_rate: float):
         super().__init__(timeout_s)
@@ -63,9 +65,14 @@ class UploadTimer(IdleTimer):
         self.waited_s = 0.0  # counted waiting so far
         self.too_slow = False
         self.paused = False
+        self.started = False  # a message is in: the rate's clock runs
         self.counted_from = 0.0  # where the waiting read's counted time starts
+        # Set where a timer ended a read that awaited only the half-close (every tensor byte
+        # in): how long it waited.
+        self.unclosed_s: float | None = None
 
     def received(self, nbytes: int) -> None:
+        self.started = True
         self.received_bytes += nbytes
         if self.min_rate:
             self.allowance_s += nbytes / self.min_rate
@@ -100,12 +107,14 @@ class UploadTimer(IdleTimer):
     def _start_clocks(self) -> None:
         loop = asyncio.get_running_loop()
         self.counted_from = loop.time()
-        if self.min_rate and self.allowance_s < self.timeout_s:
+        if self.min_rate and self.started and self.allowance_s < self.timeout_s:
             self.handle = loop.call_later(self.allowance_s, self._fire_slow)
         else:
             self.handle = loop.call_later(self.timeout_s, self._fire)
 
     def _count(self) -> None:
+        if not self.started:
+            return
         waited = asyncio.get_running_loop().time() - self.counted_from
         self.allowance_s -= waited
         self.waited_s += waited

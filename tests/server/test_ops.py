@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import signal
+import threading
 import time
 import urllib.request
 
@@ -55,7 +56,10 @@ def test_reflection_describes_the_service_from_the_server_alone(server):
 
 
 def test_metrics_are_scraped_and_parsed():
-    with run_server("--metrics-port", "0") as srv:
+    from gradserve.v1 import wire
+    from tests.server.test_resilience import big_job_stream
+
+    with run_server("--metrics-port", "0", "--upload-idle-timeout-s", "1") as srv:
         url = next(
             re.search(r"metrics on (\S+)", line)[1] for line in srv.log if "metrics on" in line
         )
@@ -64,6 +68,17 @@ def test_metrics_are_scraped_and_parsed():
             client.compute(
                 {"layers.0.weight": [[[1.0]]], "layers.0.bias": [[0.0]]}, [[1.0, 2.0]], [[0.0]]
             )  # inputs too wide: INVALID_ARGUMENT
+        released = threading.Event()
+
+        def header_then_silence():
+            yield big_job_stream()[0]
+            released.wait(30)
+
+        with grpc.insecure_channel(srv.address) as channel, pytest.raises(grpc.RpcError):
+            try:  # ended by the upload idle timeout
+                list(channel.stream_stream(wire.COMPUTE_METHOD)(header_then_silence()))
+            finally:
+                released.set()
         text = urllib.request.urlopen(url, timeout=10).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     requests = {
@@ -72,6 +87,13 @@ def test_metrics_are_scraped_and_parsed():
         if s.name == "gradserve_request_total"
     }
     assert requests["ok"] == 3 and requests["INVALID_ARGUMENT"] == 1
+    assert requests["DEADLINE_EXCEEDED"] == 1
+    timed_out = {
+        s.labels["timer"]: s.value
+        for s in families["gradserve_timed_out"].samples
+        if s.name == "gradserve_timed_out_total"
+    }
+    assert timed_out == {"upload_idle": 1}
     launches = [
         s.value for s in families["gradserve_launch"].samples if s.name == "gradserve_launch_total"
     ]

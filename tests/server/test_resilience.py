@@ -272,7 +272,8 @@ def test_an_upload_trickling_below_the_minimum_rate_loses_its_job():
         assert (stats.completed_jobs, stats.failed_jobs) == (0, 1)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "slower than the server's minimum of 65536 bytes/s" in err.value.details()
-        assert re.search(r"outcome=DEADLINE_EXCEEDED .*slower than", "".join(server.log))
+        log = "".join(server.log)
+        assert re.search(r"outcome=DEADLINE_EXCEEDED .* timeout=upload_rate .*slower than", log)
         with GradientClient(server.address) as client:
             tensors = random_job([3, 4, 1], 2, 5, seed=2)
             client.compute(_params(tensors), tensors["inputs"].numpy(),

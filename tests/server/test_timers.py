@@ -12,8 +12,10 @@ from gradserve.server.timers import UploadTimer
 
 
 async def reads(timer: UploadTimer, waits: list[float], nbytes: int, at_read: dict) -> int:
-    """Simulated reads that each wait `waits[i]` seconds and bring `nbytes`, calling
-    `at_read[i](timer)` as read i starts: how many were done before the timer ended them."""
+    """Simulated reads after the header's that each wait `waits[i]` seconds and bring
+    `nbytes`, calling `at_read[i](timer)` as read i starts: how many were done before the
+    timer ended them."""
+    timer.received(0)  # the header: the rate's clock starts
     done = 0
     try:
         for i, wait in enumerate(waits):
@@ -58,6 +60,23 @@ def test_an_upload_at_the_minimum_rate_or_faster_is_never_ended():
 def test_without_a_minimum_rate_only_the_idle_timeout_ends_reads():
     timer, done = run([0.2] * 8 + [0.8], nbytes=1, timeout_s=0.4, min_rate=0)
     assert done == 8 and timer.fired and not timer.too_slow
+
+
+def test_a_client_silent_after_its_header_is_idle_not_slow():
+    timer, done = run([0.6], 1, 0.4, 1e9)
+    assert done == 0 and timer.fired and not timer.too_slow
+
+
+def test_waiting_for_the_first_message_does_not_count_against_the_rate():
+    async def main():
+        timer = UploadTimer(0.5, 1e9)
+        timer.arm()
+        await asyncio.sleep(0.3)  # the header's read
+        timer.disarm()
+        return timer, await reads(timer, [0.3], 1, {})
+
+    timer, done = asyncio.run(main())
+    assert done == 1 and not timer.too_slow and timer.waited_s == pytest.approx(0.3, abs=0.1)
 
 
 def computes(timer: UploadTimer) -> None:
