@@ -19,6 +19,7 @@ from gradserve.kernels.spec import (
     EnsembleResult,
     Optimizer,
     OutputRequest,
+    Privacy,
     compute_dtype,
 )
 
@@ -105,6 +106,13 @@ class Steps:
         return out
 
 
+def step_privacy(privacy: Privacy | None, k: int) -> Privacy | None:
+    """DP-SGD's options for step k (from 0): fresh noise at every step, from the seed + k."""
+    if privacy is None:
+        return None
+    return dataclasses.replace(privacy, noise_seed=(privacy.noise_seed + k) % 2**64)
+
+
 def train(job: EnsembleJob, run_step: Callable[[EnsembleJob], EnsembleResult], device):
     """Run job.optimizer's steps; `run_step` computes one step's loss and gradients."""
     opt = job.optimizer
@@ -112,15 +120,12 @@ def train(job: EnsembleJob, run_step: Callable[[EnsembleJob], EnsembleResult], d
     steps = Steps(opt, job.mlp.num_layers, job.weights, job.biases, job.optimizer_state, dtype,
                   device)  # fmt: skip
     for k in range(opt.steps):
-        privacy = job.privacy
-        if privacy is not None:  # fresh noise at every step
-            privacy = dataclasses.replace(privacy, noise_seed=(privacy.noise_seed + k) % 2**64)
         step_job = dataclasses.replace(
             job,
             weights=steps.weights,
             biases=steps.biases,
             outputs=OutputRequest(),
-            privacy=privacy,
+            privacy=step_privacy(job.privacy, k),
             optimizer=None,
             optimizer_state={},
             on_step=None,

@@ -39,7 +39,7 @@ from gradserve.server.errors import (
 from gradserve.server.heartbeats import HEARTBEAT, awaited_with_heartbeats
 from gradserve.server.memory import HeapRelease
 from gradserve.server.metrics import Metrics
-from gradserve.server.streaming import SampleStream, finish, per_sample_rows
+from gradserve.server.streaming import MicroBatchSteps, SampleStream, finish, per_sample_rows
 from gradserve.server.timers import IdleTimer, TimedWrites, UploadTimer
 from gradserve.server.validation import (
     ACTIVATION_NAMES,
@@ -470,7 +470,13 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 launched, uploaded, streamed = await self._run_streamed(
                     context, idle, plan, engine, first
                 )
-                descriptors = [d for d in descriptors if not per_sample(plan, d)]
+                # sent as they came: per-sample rows, and the losses of steps per micro-batch
+                descriptors = [
+                    d
+                    for d in descriptors
+                    if not per_sample(plan, d)
+                    and not (plan.steps_per_micro_batch and d.name == "losses")
+                ]
             else:
                 assembler = PayloadAssembler(plan, pool=self.buffers)
                 plan.check_chunk_count(len(first.chunks))
@@ -529,7 +535,7 @@ class GradientService(pb_grpc.GradientServiceServicer):
                             download_seconds=phases["download"],
                         ),
                         flops=kernels.flops(plan.mlp, plan.num_models, plan.num_samples)
-                        * plan.steps,
+                        * plan.passes,
                         bytes_received=plan.payload_bytes,
                         bytes_sent=sent,
                         jobs_in_launch=launched.jobs_in_launch,
@@ -572,10 +578,13 @@ class GradientService(pb_grpc.GradientServiceServicer):
         """A streamed job (server.streaming): each micro-batch launches as soon as its
         samples are in, while the next one's bytes are read; at most one is in flight. Its
         per-sample results are sent as soon as it is computed (so a client may wait for them
-        before sending the next micro-batch). Returns (launched, when the last sample byte
-        arrived, result bytes sent)."""
+        before sending the next micro-batch), and so is its optimiser step's loss for a job
+        that takes a step on each. Returns (launched, when the last sample byte arrived,
+        result bytes sent)."""
         stream = SampleStream(plan)
         total, queued, computed, sent = None, 0.0, 0.0, 0
+        stepping: MicroBatchSteps | None = None  # a job taking a step on each micro-batch
+        losses_dtype = plan.result_descriptors()[0].dtype  # a training job's "losses" first
         rows = [d for d in plan.result_descriptors() if per_sample(plan, d)]
         # bytes a micro-batch's results add to the totals: its gradients and per-sample rows
         added_bytes = sum(plan.tensors[n].nbytes for n in plan.tensors if n.startswith("layers."))
@@ -591,6 +600,12 @@ class GradientService(pb_grpc.GradientServiceServicer):
             done = await computing
             queued += done.queue_seconds
             computed += done.compute_seconds
+            if stepping is not None:  # its step, and its losses sent
+                k = start // plan.micro_batch_samples
+                row = await self.worker.call(stepping.take, k, done.result, losses_dtype)
+                await write(wire.encode_chunk("losses", k * len(row), row))
+                sent += len(row)
+                return
             total = await self._io(added_bytes, sample_blocks.add, total, done.result)
             if rows:
                 sent += await self._send_rows(write, plan, rows, done.result, start)
@@ -607,10 +622,16 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 idle.interrupt()
 
         async def launch_ready() -> None:
-            nonlocal settling
+            nonlocal settling, stepping
             while stream.ready:
                 first_sample, micro = stream.ready.popleft()
                 await settled()
+                if plan.steps_per_micro_batch:  # on the parameters the last step left
+                    if stepping is None:
+                        stepping = await self.worker.call(
+                            MicroBatchSteps, plan, stream.parameters(), self.device
+                        )
+                    micro = stepping.job(micro, first_sample // plan.micro_batch_samples)
                 computing = self.batcher.submit(micro, engine, stream.micro_batch_bytes())
                 settling = asyncio.ensure_future(settle(computing, first_sample))
                 idle.computing(True)  # the client may wait for its rows meanwhile
@@ -646,7 +667,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 if settling.done() and not settling.cancelled():
                     settling.exception()  # its failure, if any, comes second to the one raised
         flops = kernels.flops(plan.mlp, plan.num_models, plan.num_samples)
-        result = await self.worker.call(finish, total, plan, stream.parameters(), self.device)
+        if stepping is not None:
+            result = stepping.result(engine)
+        else:
+            result = await self.worker.call(finish, total, plan, stream.parameters(), self.device)
         launched = Launched(result, 1, plan.num_models, flops, queued, computed)
         return launched, uploaded, sent
 

@@ -9,8 +9,9 @@ micro-batches are blocks of samples as kernels/sample_blocks.py defines them: th
 runs their jobs, adds their losses and gradients in float64 (sample_blocks.add()) and sends
 their per-sample results as they come (per_sample_rows()); finish() then applies the job's
 reduction, which gives the one-shot result up to float rounding, and takes the job's
-optimiser step, if it has one: one step, as each further one would need every sample
-again.
+optimiser step, if it has one: one step on all the samples, as each further one would need
+every sample again. A job may instead take a step on each micro-batch (MicroBatchSteps):
+then each micro-batch is a job of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from gradserve.kernels import EnsembleJob, EnsembleResult, optimizers, sample_blocks
+from gradserve.kernels.spec import compute_dtype
 from gradserve.server import codec
 from gradserve.server.assembly import (
     PayloadAssembler,
@@ -173,13 +175,17 @@ class SampleStream:
             len(p) >= self.need[n] for n, lanes in self.pending.items() for p in lanes
         )
         gradients = plan.outputs.parameter_gradients or plan.optimizer is not None
+        if plan.steps_per_micro_batch:  # a job of its own: MicroBatchSteps.job() completes it
+            loss, dp = plan.loss, None
+        else:  # a block of the job's sums
+            loss, dp = sample_blocks.block_loss(plan), sample_blocks.block_privacy(plan)
         return start, engine_job(
             plan,
             {**self.parameters(), **rows},
-            loss=sample_blocks.block_loss(plan),
+            loss=loss,
             outputs=dataclasses.replace(plan.outputs, parameter_gradients=gradients),
-            privacy=sample_blocks.block_privacy(plan),
-            optimizer=None,  # the job's one step comes after the last micro-batch (finish())
+            privacy=dp,
+            optimizer=None,  # the job's steps come after its micro-batches run
             optimizer_state={},
         )
 
@@ -199,6 +205,39 @@ class SampleStream:
     def micro_batch_bytes(self) -> int:
         batch = min(self.plan.micro_batch_samples, self.plan.num_samples)
         return sum(batch * r * self.lanes[n] for n, r in self.row_bytes.items())
+
+
+class MicroBatchSteps:
+    """The optimiser steps of a job that takes one on each micro-batch
+    (JobPlan.steps_per_micro_batch), as a torch training loop over a DataLoader would: a
+    micro-batch runs with the parameters the steps before it left, its loss and gradients
+    are its own samples' under the job's reduction (with DP-SGD, fresh noise at each step,
+    as a one-shot job's steps get), and they take the next step. Made, and stepped, on the
+    device's thread."""
+
+    def __init__(self, plan: JobPlan, tensors: dict[str, torch.Tensor], device):
+        weights, biases = parameters(plan, tensors)
+        self.plan = plan
+        self.steps = optimizers.Steps(plan.optimizer, plan.mlp.num_layers, weights, biases,
+                                      optimizer_state(plan, tensors),
+                                      compute_dtype(plan.precision), device)  # fmt: skip
+
+    def job(self, micro: EnsembleJob, k: int) -> EnsembleJob:
+        """Micro-batch k's engine job, on the parameters as steps 0..k-1 left them."""
+        privacy = optimizers.step_privacy(self.plan.privacy, k)
+        return dataclasses.replace(
+            micro, weights=self.steps.weights, biases=self.steps.biases, privacy=privacy
+        )
+
+    def take(self, k: int, result: EnsembleResult, dtype: int) -> bytes:
+        """Step k by micro-batch k's gradients; its losses [M] as wire bytes of `dtype`."""
+        self.steps.take(k, result)
+        return bytes(codec.tensor_to_bytes(result.loss, dtype))
+
+    def result(self, engine: str) -> EnsembleResult:
+        result = self.steps.result()
+        result.engine = engine
+        return result
 
 
 def per_sample_rows(part: EnsembleResult, plan: JobPlan) -> dict[str, torch.Tensor]:

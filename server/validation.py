@@ -23,7 +23,7 @@ from gradserve.kernels import (
 )
 from gradserve.server import codec
 from gradserve.server.config import ServerConfig
-from gradserve.server.errors import invalid, too_large, unsupported
+from gradserve.server.errors import invalid, too_large
 from gradserve.v1 import gradserve_pb2 as pb
 from gradserve.v1.shapes import PER_SAMPLE_RESULTS, SAMPLE_TENSORS, is_per_model
 
@@ -138,6 +138,17 @@ class JobPlan:
     @property
     def steps(self) -> int:
         return self.optimizer.steps if self.optimizer is not None else 1
+
+    @property
+    def steps_per_micro_batch(self) -> bool:
+        """A streamed job that takes an optimiser step on each of its micro-batches (more
+        than one), rather than one on all its samples (server.streaming.MicroBatchSteps)."""
+        return bool(self.micro_batch_samples) and self.steps > 1
+
+    @property
+    def passes(self) -> int:
+        """Forward and backward passes over all the samples."""
+        return 1 if self.steps_per_micro_batch else self.steps
 
     def optimizer_state_names(self) -> list[str]:
         """Names of the optimiser state tensors of every parameter (none without steps)."""
@@ -577,11 +588,13 @@ def validate_header(header: pb.JobHeader, config: ServerConfig, device_type: str
         tensors[name] = TensorSpec(name, got.dtype, got_shape, codec.nbytes(got.dtype, got_shape))
 
     micro = _micro_batch(header)
-    if micro and optimizer is not None and optimizer.steps > 1:
-        raise unsupported(
-            f"a streamed job (micro_batch_samples) takes one optimizer step, not "
-            f"{optimizer.steps}: each step needs every sample again (send the updated "
-            "parameters, and the optimizer state, as the next job)",
+    batches = -(-n // micro) if micro else 1
+    if micro and optimizer is not None and optimizer.steps not in (1, batches):
+        raise invalid(
+            f"a streamed job (micro_batch_samples) takes one optimizer step on all its "
+            f"samples, or one on each micro-batch ({batches} here), not {optimizer.steps}: "
+            "a further pass needs every sample again (send the updated parameters, and the "
+            "optimizer state, as the next job)",
             "optimizer.steps",
         )
     if m > config.max_models:

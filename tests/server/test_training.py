@@ -27,16 +27,20 @@ def nets_and_data(seed=31, n=N):
     return nets, tensors["inputs"], tensors["targets"]
 
 
-def torch_optim_run(nets, x, y, steps, make_opt):
-    """Reference: each model trained by itself with torch.optim, in float64."""
+def torch_optim_run(nets, x, y, steps, make_opt, batch=None):
+    """Reference: each model trained by itself with torch.optim, in float64: `steps`
+    full-batch steps, or with `batch` a step on each run of `batch` samples in turn (the
+    last one shorter), as a loop over a DataLoader would take them."""
     losses, params = [], []
+    starts = [0] * steps if batch is None else range(0, len(x), batch)
     for net in nets:
         net = nn.Sequential(*[m for m in net]).double()  # a float64 copy per model
         opt = make_opt(net.parameters())
         per = []
-        for _ in range(steps):
+        for start in starts:
+            end = len(x) if batch is None else start + batch
             opt.zero_grad()
-            loss = nn.functional.mse_loss(net(x.double()), y.double())
+            loss = nn.functional.mse_loss(net(x[start:end].double()), y[start:end].double())
             loss.backward()
             per.append(loss.item())
             opt.step()
@@ -137,6 +141,70 @@ def test_streamed_jobs_of_one_step_each_chain_into_torch_optims_steps(client, ki
     for k in range(M):
         for name, value in models[k].state_dict().items():
             torch.testing.assert_close(value, ref_params[k][name], rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", sorted(STREAMED_OPTIMIZERS))
+def test_a_streamed_job_stepping_on_each_micro_batch_equals_a_torch_optim_loop(client, kind):
+    """steps = the number of micro-batches (403 samples in 7 of 64, the last of 19): a step
+    on each micro-batch's samples alone, with the parameters the steps before left, as
+    torch.optim stepping over a DataLoader of batch 64 on each model (float64); each step's
+    losses stream as it is taken."""
+    import copy
+
+    options, make_opt = STREAMED_OPTIMIZERS[kind]
+    nets, x, y = nets_and_data(39, n=403)
+    ref_losses, ref_params = torch_optim_run(
+        [copy.deepcopy(n) for n in nets], x, y, 7, make_opt, batch=64
+    )
+    models = [nn.Sequential(*[m for m in net]).double() for net in nets]
+    seen = []
+    result = client.compute(
+        models, x.double(), y.double(), precision="float64", micro_batch_samples=64, steps=7,
+        on_step=lambda k, losses: seen.append((k, losses.clone())), **options,
+    )  # fmt: skip
+    assert result.losses.shape == (7, M) and result.gradients is None
+    np.testing.assert_allclose(result.losses.numpy(), ref_losses, rtol=1e-12)
+    assert [k for k, _ in seen] == list(range(7))
+    assert torch.equal(torch.stack([v for _, v in seen]), result.losses)
+    for k in range(M):
+        for name, value in result.parameters[k].items():
+            torch.testing.assert_close(value, ref_params[k][name], rtol=1e-11, atol=1e-14)
+    # every sample computed once, not once per step
+    assert result.summary["flops"] == 6 * (5 * 8 + 8 * 3) * M * 403
+
+
+def test_steps_on_each_micro_batch_with_dp_sgd_equal_one_shot_jobs_chained():
+    """DP-SGD stepping on each of three micro-batches (100, 100 and 50 samples; per-model
+    targets, sample weights, a layer without bias) equals three one-shot single-step jobs
+    on those samples, each continuing from the last one's parameters and state with the
+    next noise seed, as a one-shot job's own steps draw theirs. float32, compared by
+    relative L2 (the one-shot jobs' results went through float32 on the wire)."""
+    from gradserve.client import GradientClient
+    from tests.servers import run_server
+
+    tensors = random_job((7, 12, 5, 3), 3, 250, sample_weights=True, seed=41)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    del params["layers.1.bias"]
+    x, y, w = (tensors[k].numpy() for k in ("inputs", "targets", "sample_weights"))
+    options = dict(optimizer="adam", learning_rate=0.01, clip_norm=0.05, noise_multiplier=0.7,
+                   hidden_activation="tanh", return_optimizer_state=True)  # fmt: skip
+    with run_server("--batch-max-jobs", "1") as server, GradientClient(server.address) as client:
+        streamed = client.compute(params, x, y, sample_weights=w, micro_batch_samples=100,
+                                  steps=3, noise_seed=11, **options)  # fmt: skip
+        chained, state, losses = params, None, []
+        for k, (a, b) in enumerate(((0, 100), (100, 200), (200, 250))):
+            step = client.compute(chained, x[:, a:b], y[:, a:b], sample_weights=w[:, a:b],
+                                  steps=1, start_step=k, optimizer_state=state,
+                                  noise_seed=11 + k, **options)  # fmt: skip
+            chained, state = step.parameters, step.optimizer_state
+            losses.append(step.losses[0])
+    np.testing.assert_allclose(streamed.losses, np.stack(losses), rtol=1e-5)
+    for got, want in ((streamed.parameters, chained), (streamed.optimizer_state, state)):
+        assert set(got) == set(want)
+        for name, value in want.items():
+            for k in range(len(value)):
+                err = np.linalg.norm(got[name][k] - value[k]) / np.linalg.norm(value[k])
+                assert err < 1e-5, (name, k, err)
 
 
 def test_streamed_step_with_dp_sgd_and_a_layer_without_bias_equals_one_shot(client):
