@@ -173,31 +173,29 @@ def test_a_streamed_job_stepping_on_each_micro_batch_equals_a_torch_optim_loop(c
     assert result.summary["flops"] == 6 * (5 * 8 + 8 * 3) * M * 403
 
 
-def test_steps_on_each_micro_batch_with_dp_sgd_equal_one_shot_jobs_chained():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_steps_on_each_micro_batch_with_dp_sgd_equal_one_shot_jobs_chained(client, backend):
     """DP-SGD stepping on each of three micro-batches (100, 100 and 50 samples; per-model
     targets, sample weights, a layer without bias) equals three one-shot single-step jobs
     on those samples, each continuing from the last one's parameters and state with the
     next noise seed, as a one-shot job's own steps draw theirs. float32, compared by
     relative L2 (the one-shot jobs' results went through float32 on the wire)."""
-    from gradserve.client import GradientClient
-    from tests.servers import run_server
-
     tensors = random_job((7, 12, 5, 3), 3, 250, sample_weights=True, seed=41)
     params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
     del params["layers.1.bias"]
     x, y, w = (tensors[k].numpy() for k in ("inputs", "targets", "sample_weights"))
     options = dict(optimizer="adam", learning_rate=0.01, clip_norm=0.05, noise_multiplier=0.7,
-                   hidden_activation="tanh", return_optimizer_state=True)  # fmt: skip
-    with run_server("--batch-max-jobs", "1") as server, GradientClient(server.address) as client:
-        streamed = client.compute(params, x, y, sample_weights=w, micro_batch_samples=100,
-                                  steps=3, noise_seed=11, **options)  # fmt: skip
-        chained, state, losses = params, None, []
-        for k, (a, b) in enumerate(((0, 100), (100, 200), (200, 250))):
-            step = client.compute(chained, x[:, a:b], y[:, a:b], sample_weights=w[:, a:b],
-                                  steps=1, start_step=k, optimizer_state=state,
-                                  noise_seed=11 + k, **options)  # fmt: skip
-            chained, state = step.parameters, step.optimizer_state
-            losses.append(step.losses[0])
+                   hidden_activation="tanh", return_optimizer_state=True,
+                   backend=backend)  # fmt: skip
+    streamed = client.compute(params, x, y, sample_weights=w, micro_batch_samples=100, steps=3,
+                              noise_seed=11, **options)  # fmt: skip
+    chained, state, losses = params, None, []
+    for k, (a, b) in enumerate(((0, 100), (100, 200), (200, 250))):
+        step = client.compute(chained, x[:, a:b], y[:, a:b], sample_weights=w[:, a:b], steps=1,
+                              start_step=k, optimizer_state=state, noise_seed=11 + k,
+                              **options)  # fmt: skip
+        chained, state = step.parameters, step.optimizer_state
+        losses.append(step.losses[0])
     np.testing.assert_allclose(streamed.losses, np.stack(losses), rtol=1e-5)
     for got, want in ((streamed.parameters, chained), (streamed.optimizer_state, state)):
         assert set(got) == set(want)
