@@ -484,7 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--optimizer", choices=["sgd", "adam", "adamw"], help="train on the server instead"
     )
-    c.add_argument("--steps", type=int, help="optimiser steps")
+    c.add_argument(
+        "--steps",
+        type=int,
+        help="optimiser steps (with --micro-batch-samples: 1, "
+        "or the number of micro-batches for a step on each)",
+    )
     c.add_argument("--learning-rate", dest="learning_rate", type=float)
     c.add_argument("--momentum", type=float, help="sgd")
     c.add_argument("--dampening", type=float, help="sgd")

@@ -112,6 +112,8 @@ class JobOptions:
     noise_seed: int | None = None
     # Server-side training (gradserve.v1.OptimizerOptions): "sgd", "adam" or "adamw"...
     optimizer: str | None = None
+    # Full-batch steps; a streamed job (micro_batch_samples) takes 1, or one on each
+    # micro-batch when this is their number.
     steps: int = 1
     learning_rate: float | None = None
     momentum: float = 0.0
