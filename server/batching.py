@@ -88,6 +88,15 @@ def _per_model(t: torch.Tensor, m: int, per_model_dims: int) -> torch.Tensor:
     return t if t.dim() == per_model_dims else t.unsqueeze(0).expand(m, *t.shape)
 
 
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat on one device: a streamed job stepping on each micro-batch brings its
+    parameters on the engine's device, other jobs theirs from the wire, on the host."""
+    device = next((t.device for t in tensors if t.device.type != "cpu"), None)
+    if device is not None:
+        tensors = [t.to(device) for t in tensors]
+    return torch.cat(tensors)
+
+
 def merge(jobs: list[EnsembleJob]) -> EnsembleJob:
     """Concatenate jobs of one batch key along the model axis."""
     if len(jobs) == 1:
@@ -96,13 +105,14 @@ def merge(jobs: list[EnsembleJob]) -> EnsembleJob:
     target_dims = 2 if first.loss.name == "cross_entropy" else 3
 
     def cat(get, per_model_dims):
-        return torch.cat([_per_model(get(j), j.num_models, per_model_dims) for j in jobs])
+        return _cat([_per_model(get(j), j.num_models, per_model_dims) for j in jobs])
 
+    layers = range(first.mlp.num_layers)
     return EnsembleJob(
         mlp=first.mlp,
         loss=first.loss,
-        weights=[torch.cat([j.weights[i] for j in jobs]) for i in range(first.mlp.num_layers)],
-        biases=[torch.cat([j.biases[i] for j in jobs]) for i in range(first.mlp.num_layers)],
+        weights=[_cat([j.weights[i] for j in jobs]) for i in layers],
+        biases=[_cat([j.biases[i] for j in jobs]) for i in layers],
         inputs=cat(lambda j: j.inputs, 3),
         targets=cat(lambda j: j.targets, target_dims),
         sample_weights=None if first.sample_weights is None else cat(lambda j: j.sample_weights, 2),

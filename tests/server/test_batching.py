@@ -306,6 +306,33 @@ def test_jobs_sharing_different_sample_tensors_merge_correctly():
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
 
 
+def test_a_job_with_its_parameters_on_the_device_merges_with_jobs_from_the_host():
+    """A streamed job stepping on each micro-batch keeps its parameters on the engine's
+    device; merged with jobs whose tensors came from the wire, the merged parameters go
+    there ("meta" stands in for a GPU here: devices and shapes, no values)."""
+    jobs = [ensemble_job(random_job(SIZES, m, 9, seed=m), SIZES) for m in (2, 3)]
+    jobs[1].weights = [w.to("meta") for w in jobs[1].weights]
+    jobs[1].biases = [b.to("meta") for b in jobs[1].biases]
+    merged = merge(jobs)
+    for t in (*merged.weights, *merged.biases):
+        assert t.device.type == "meta" and t.shape[0] == 5
+    assert merged.inputs.device.type == "cpu"  # every job's samples on the host still
+
+
+@pytest.mark.gpu
+def test_a_job_with_its_parameters_on_the_gpu_merges_into_the_same_results():
+    jobs = [ensemble_job(random_job(SIZES, m, 9, seed=m), SIZES) for m in (2, 3)]
+    device = torch.device("cuda")
+    on_gpu = ensemble_job(random_job(SIZES, 3, 9, seed=3), SIZES)
+    on_gpu.weights = [w.to(device) for w in on_gpu.weights]
+    on_gpu.biases = [b.to(device) for b in on_gpu.biases]
+    parts = split(torch_engine.run(merge([jobs[0], on_gpu]), device), [2, 3])
+    alone = torch_engine.run(jobs[1], device)
+    torch.testing.assert_close(parts[1].loss, alone.loss)
+    for got, ref in zip(parts[1].weight_grads, alone.weight_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
 def _raw_call(client, tensors, requests=None):
     job = build_job(
         normalize(params_of(tensors)),
