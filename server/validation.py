@@ -340,8 +340,9 @@ def _optimizer(header: pb.JobHeader, config: ServerConfig) -> Optimizer | None:
     if o.steps < 1:
         raise invalid(f"optimizer.steps must be >= 1, got {o.steps}", "optimizer.steps")
     if o.steps > config.max_optimizer_steps:
+        hint = " (larger micro-batches take fewer steps)" if header.micro_batch_samples else ""
         raise too_large(
-            f"{o.steps} optimizer steps exceed the limit of {config.max_optimizer_steps}"
+            f"{o.steps} optimizer steps exceed the limit of {config.max_optimizer_steps}{hint}"
         )
     if o.start_step < 0:
         raise invalid("optimizer.start_step must be >= 0", "optimizer.start_step")

@@ -301,6 +301,27 @@ def test_bad_optimizer_options_are_refused(client, options, field):
     assert field in [f for f, _ in err.value.violations], err.value.details
 
 
+def test_steps_beyond_the_servers_limit_are_refused_as_too_large():
+    """--max-optimizer-steps 4: five full-batch steps, or a step on each of six
+    micro-batches, are over it (RESOURCE_EXHAUSTED, not to be retried); the streamed job is
+    told that larger micro-batches take fewer steps."""
+    from gradserve.client import GradientClient
+    from tests.servers import run_server
+
+    tensors = random_job(SIZES, M, N, seed=34)
+    params = {k: v.numpy() for k, v in tensors.items() if k.startswith("layers.")}
+    job = (params, tensors["inputs"].numpy(), tensors["targets"].numpy())
+    with run_server("--max-optimizer-steps", "4") as server:
+        with GradientClient(server.address) as client:
+            for micro, steps, hint in ((0, 5, False), (3, 6, True)):  # N=16: 6 micro-batches
+                with pytest.raises(GradserveError) as err:
+                    client.compute(*job, optimizer="sgd", learning_rate=0.1, steps=steps,
+                                   micro_batch_samples=micro)  # fmt: skip
+                assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "exceed the limit of 4" in err.value.details
+                assert ("larger micro-batches take fewer steps" in err.value.details) == hint
+
+
 @pytest.mark.parametrize(
     "state, error, message",
     [
