@@ -597,7 +597,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
         async def settle(computing, start: int) -> None:
             nonlocal total, queued, computed, sent
-            done = await computing
+            # Heartbeats while it waits and computes: its client may be waiting for its rows
+            # (the server then waits in a read), or the upload stalled behind it.
+            done, _ = await awaited_with_heartbeats(computing, write, self.config.heartbeat_s)
             queued += done.queue_seconds
             computed += done.compute_seconds
             if stepping is not None:  # its step, and its losses sent
@@ -611,10 +613,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
                 sent += await self._send_rows(write, plan, rows, done.result, start)
 
         async def settled() -> None:
-            """Wait for the micro-batch in flight, heartbeats going out meanwhile: the upload
-            stalls while it waits in the queue, and a proxy ends a silent stream."""
+            """Wait for the micro-batch in flight (the upload stalls meanwhile)."""
             if settling is not None:
-                await awaited_with_heartbeats(settling, write, self.config.heartbeat_s)
+                await settling
 
         def interrupt_read_on_failure(task: asyncio.Task) -> None:
             # A client may wait for a micro-batch's rows before sending the next one.

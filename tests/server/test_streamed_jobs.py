@@ -323,6 +323,7 @@ class LockStepClient:
         self.messages[0] = pb.ComputeRequest(header=header).SerializeToString()
         self.rows, self.arrived = set(), threading.Condition()  # micro-batches whose rows came
         self.waits = []  # whether each wait for rows ended with them
+        self.responses: list[pb.ComputeResponse] = []
 
     def requests(self):
         samples_from = len(self.params) + 1  # the header, a message per parameter, samples
@@ -338,6 +339,7 @@ class LockStepClient:
         """The job through `channel`: its last response message."""
         for raw in channel.stream_stream(wire.COMPUTE_METHOD)(self.requests(), timeout=60):
             message = pb.ComputeResponse.FromString(raw)
+            self.responses.append(message)
             for chunk in message.chunks:
                 if chunk.name == "per_sample_loss":
                     with self.arrived:
@@ -414,11 +416,20 @@ def test_a_lock_step_client_waiting_on_slow_micro_batches_is_not_timed_out():
 
     lock_step = LockStepClient()
     code = SLOW_ENGINE_SERVER.replace("SAMPLE_10_FIRST_INPUT", repr(float(lock_step.x[10, 0])))
-    flags = ("--upload-idle-timeout-s", "1", "--min-upload-bytes-per-s", str(10**8))
+    flags = ("--upload-idle-timeout-s", "1", "--min-upload-bytes-per-s", str(10**8),
+             "--heartbeat-s", "0.2")  # fmt: skip
     with run_server(*flags, program=[sys.executable, "-c", code]) as server:
         with grpc.insecure_channel(server.address) as channel:
             message = lock_step.run(channel)
     assert lock_step.waits == [True] * 9 and lock_step.rows == set(range(10))
+    # the 1.5 s micro-batch (the second): heartbeats while the client waits for its rows
+    def micro_batches(r: pb.ComputeResponse) -> set[int]:
+        return {c.offset % 400 // 40 for c in r.chunks if c.name == "per_sample_loss"}
+
+    first_rows = max(i for i, r in enumerate(lock_step.responses) if 0 in micro_batches(r))
+    second_rows = min(i for i, r in enumerate(lock_step.responses) if 1 in micro_batches(r))
+    between = lock_step.responses[first_rows:second_rows]
+    assert len([r for r in between if r.ByteSize() == 0]) >= 3
     assert message.HasField("summary")
     assert message.summary.timings.compute_seconds >= 4.2
 
