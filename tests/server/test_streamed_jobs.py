@@ -422,6 +422,7 @@ def test_a_lock_step_client_waiting_on_slow_micro_batches_is_not_timed_out():
         with grpc.insecure_channel(server.address) as channel:
             message = lock_step.run(channel)
     assert lock_step.waits == [True] * 9 and lock_step.rows == set(range(10))
+
     # the 1.5 s micro-batch (the second): heartbeats while the client waits for its rows
     def micro_batches(r: pb.ComputeResponse) -> set[int]:
         return {c.offset % 400 // 40 for c in r.chunks if c.name == "per_sample_loss"}

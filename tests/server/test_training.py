@@ -207,6 +207,28 @@ def test_steps_on_each_micro_batch_with_dp_sgd_equal_one_shot_jobs_chained(clien
                 assert err < 1e-5, (name, k, err)
 
 
+def test_epochs_of_steps_per_micro_batch_chain_through_parameters_and_state(client):
+    """Two epochs as two streamed jobs, the second continuing from the first's parameters
+    and Adam state (start_step = its 5 steps), equal one streamed job over the samples
+    twice over (10 steps), float64."""
+    nets, x, y = nets_and_data(43, n=80)
+    models = [nn.Sequential(*[m for m in net]).double() for net in nets]
+    options = dict(precision="float64", micro_batch_samples=16, optimizer="adam",
+                   learning_rate=0.01, return_optimizer_state=True)  # fmt: skip
+    x, y = x.double(), y.double()
+    once = client.compute(models, torch.cat([x, x]), torch.cat([y, y]), steps=10, **options)
+    first = client.compute(models, x, y, steps=5, **options)
+    for k, model in enumerate(models):
+        model.load_state_dict(first.parameters[k])
+    second = client.compute(models, x, y, steps=5, start_step=5,
+                            optimizer_state=first.optimizer_state, **options)  # fmt: skip
+    np.testing.assert_allclose(torch.cat([first.losses, second.losses]).numpy(),
+                               once.losses.numpy(), rtol=1e-12)  # fmt: skip
+    for k in range(M):
+        for name, value in once.parameters[k].items():
+            torch.testing.assert_close(second.parameters[k][name], value, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_drawn_jobs_stepping_on_each_micro_batch_equal_one_shot_steps_chained(client, seed):
     """Drawn jobs (every loss, reduction and activation, odd widths, shared or per-model
