@@ -20,6 +20,7 @@ from gradserve.v1 import wire
 from tests.jobs import random_job
 from tests.process_memory import memory_bytes
 from tests.server.test_bad_input import CASES, LIMITED_SERVER_FLAGS, valid_stream
+from tests.server.test_ops import job_log_lines
 from tests.servers import run_server
 
 
@@ -262,7 +263,7 @@ def test_an_upload_trickling_below_the_minimum_rate_loses_its_job():
                 paced(big_job_stream(chunk=4096), 0.25, stop), timeout=60
             )
             try:
-                assert pb.ComputeResponse.FromString(next(call)).HasField("accepted")
+                job_id = pb.ComputeResponse.FromString(next(call)).accepted.job_id
                 # idle within 20 s, where the trickle would run for over four minutes
                 stats = wait_idle(server.address, timeout=20)
                 with pytest.raises(grpc.RpcError) as err:
@@ -272,8 +273,8 @@ def test_an_upload_trickling_below_the_minimum_rate_loses_its_job():
         assert (stats.completed_jobs, stats.failed_jobs) == (0, 1)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "slower than the server's minimum of 65536 bytes/s" in err.value.details()
-        log = "".join(server.log)
-        assert re.search(r"outcome=DEADLINE_EXCEEDED .* timeout=upload_rate .*slower than", log)
+        (line,) = job_log_lines(server, job_id)
+        assert re.search(r"outcome=DEADLINE_EXCEEDED .* timeout=upload_rate .*slower than", line)
         with GradientClient(server.address) as client:
             tensors = random_job([3, 4, 1], 2, 5, seed=2)
             client.compute(_params(tensors), tensors["inputs"].numpy(),
