@@ -27,12 +27,15 @@ MODELS, SAMPLES, LAYER_SIZES = 200, 10_000, [8, 16, 1]
 MICRO_BATCHES = (1000, 100, 10)
 
 
-def ensemble(rng: np.random.Generator, per_model: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+def ensemble(
+    rng: np.random.Generator, per_model: bool, models: int = MODELS
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """`models` [8, 16, 1] networks and SAMPLES samples, shared or per model."""
     params = {}
     for i, (d_in, d_out) in enumerate(zip(LAYER_SIZES, LAYER_SIZES[1:], strict=False)):
-        params[f"layers.{i}.weight"] = rng.standard_normal((MODELS, d_out, d_in), np.float32)
-        params[f"layers.{i}.bias"] = rng.standard_normal((MODELS, d_out), np.float32)
-    lead = (MODELS, SAMPLES) if per_model else (SAMPLES,)
+        params[f"layers.{i}.weight"] = rng.standard_normal((models, d_out, d_in), np.float32)
+        params[f"layers.{i}.bias"] = rng.standard_normal((models, d_out), np.float32)
+    lead = (models, SAMPLES) if per_model else (SAMPLES,)
     x = rng.standard_normal((*lead, LAYER_SIZES[0]), np.float32)
     y = rng.standard_normal((*lead, LAYER_SIZES[-1]), np.float32)
     return params, x, y

@@ -21,22 +21,12 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from bench.common import write_table  # noqa: E402
+from bench.streamed import LAYER_SIZES, SAMPLES, ensemble  # noqa: E402
 from bench.transfer import gradserve_server  # noqa: E402
 from gradserve.client import GradientClient  # noqa: E402
 
-SAMPLES, LAYER_SIZES = 10_000, [8, 16, 1]
 CASES = ((200, 1000), (200, 100), (2000, 1000))  # (models, micro-batch)
 OPTIONS = dict(hidden_activation="tanh", optimizer="adam", learning_rate=0.01)
-
-
-def ensemble(rng: np.random.Generator, models: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    params = {}
-    for i, (d_in, d_out) in enumerate(zip(LAYER_SIZES, LAYER_SIZES[1:], strict=False)):
-        params[f"layers.{i}.weight"] = rng.standard_normal((models, d_out, d_in), np.float32)
-        params[f"layers.{i}.bias"] = rng.standard_normal((models, d_out), np.float32)
-    x = rng.standard_normal((SAMPLES, LAYER_SIZES[0]), np.float32)
-    y = rng.standard_normal((SAMPLES, LAYER_SIZES[-1]), np.float32)
-    return params, x, y
 
 
 def streamed(client: GradientClient, params, x, y, micro: int) -> dict:
@@ -65,7 +55,7 @@ def main() -> None:
     rows = []
     with gradserve_server() as (_, address), GradientClient(address) as client:
         for models, micro in CASES:
-            params, x, y = ensemble(rng, models)
+            params, x, y = ensemble(rng, False, models)
             times = {streamed: [], chained: []}
             ends = {}
             for _ in range(args.repeats + 1):  # the first round warms up
