@@ -584,8 +584,9 @@ class GradientService(pb_grpc.GradientServiceServicer):
         stream = SampleStream(plan)
         total, queued, computed, sent = None, 0.0, 0.0, 0
         stepping: MicroBatchSteps | None = None  # a job taking a step on each micro-batch
-        losses_dtype = plan.result_descriptors()[0].dtype  # a training job's "losses" first
-        rows = [d for d in plan.result_descriptors() if per_sample(plan, d)]
+        descriptors = plan.result_descriptors()
+        losses_dtype = descriptors[0].dtype  # a training job's "losses" come first
+        rows = [d for d in descriptors if per_sample(plan, d)]
         # bytes a micro-batch's results add to the totals: its gradients and per-sample rows
         added_bytes = sum(plan.tensors[n].nbytes for n in plan.tensors if n.startswith("layers."))
         per_sample_bytes = sum(codec.nbytes(d.dtype, d.shape) for d in rows)
